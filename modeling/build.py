@@ -1,0 +1,82 @@
+"""Hugging Face causal LMs and their tokenizers, from a local checkpoint or from scratch.
+
+Receives the model slice of the config as plain values (no training config objects), so it can be used
+by the trainer, the benchmarks and the tests alike.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+SPECIAL_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|endoftext|>", "pad_token": "<|pad|>",
+                  "unk_token": "<|unk|>"}
+
+
+def check_checkpoint_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model.pretrained={path}: no config.json there; point it at a directory "
+                                f"written by save_pretrained (hub downloads are not used)")
+    return path
+
+
+def byte_level_tokenizer() -> PreTrainedTokenizerFast:
+    """A 256-symbol byte-level BPE with no merges: every UTF-8 byte is one token. Needs no training."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = ByteLevel.alphabet()
+    vocab = {symbol: i for i, symbol in enumerate(sorted(alphabet))}
+    for token in SPECIAL_TOKENS.values():
+        vocab[token] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(SPECIAL_TOKENS.values()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE (GPT-2 style) trained with ``tokenizers`` on ``texts``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS.values()),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer at {path} has no eos_token; packing needs one between documents")
+    return tokenizer
+
+
+def build_model(*, pretrained: str | None, arch: str | None, config: dict, vocab_size: int | None,
+                seed: int, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32):
+    """A full (unsharded) HF causal LM: loaded from ``pretrained`` or initialised from ``seed``."""
+    if pretrained is not None:
+        path = check_checkpoint_dir(pretrained)
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+    fields = dict(config)
+    if vocab_size is not None:
+        fields.setdefault("vocab_size", vocab_size)
+    try:
+        hf_config = AutoConfig.for_model(arch, **fields)
+    except ValueError as exc:
+        raise ValueError(f"model.arch={arch!r}: {exc}") from None
+    if vocab_size is not None and hf_config.vocab_size < vocab_size:
+        raise ValueError(f"model.config.vocab_size={hf_config.vocab_size} is smaller than the tokenizer's "
+                         f"{vocab_size} tokens; remove it to use the tokenizer's size")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
+    return model.to(dtype)

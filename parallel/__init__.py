@@ -1,0 +1,8 @@
+"""Megatron-style model parallelism: process groups, collectives, TP layers, pipeline schedules.
+
+Depends on torch and the standard library only (see shared DESIGN.md, import directions).
+"""
+
+from parallel.groups import ProcessGroups, check_degrees, rank_grid
+
+__all__ = ["ProcessGroups", "check_degrees", "rank_grid"]

@@ -1,0 +1,57 @@
+"""colonnade entry point.
+
+    python train.py --config configs/quickstart.yaml [--set key=value ...]
+    torchrun --nproc_per_node 2 train.py --config ...
+    deepspeed --num_gpus 2 train.py --config ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import yaml
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Train a Hugging Face causal LM with DeepSpeed ZeRO.")
+    parser.add_argument("--config", required=True, help="YAML run config, e.g. configs/quickstart.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set optim.lr=3e-4 (repeatable)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the effective config and the generated DeepSpeed JSON, then exit")
+    parser.add_argument("--deepspeed_config", default=None, metavar="FILE",
+                        help="an existing DeepSpeed JSON; validated against the YAML")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help="set by the deepspeed launcher; the LOCAL_RANK environment variable is used")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from training.config import (ConfigError, deepspeed_config, load, load_user_deepspeed_config)
+
+    try:
+        cfg = load(args.config, args.overrides)
+        if args.print_config:
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            ds = (load_user_deepspeed_config(args.deepspeed_config, cfg, world) if args.deepspeed_config
+                  else deepspeed_config(cfg, world))
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            print(f"# DeepSpeed JSON (world size {world})")
+            print(json.dumps(ds, indent=2))
+            return 0
+        import training
+
+        training.run(cfg, args.deepspeed_config)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        rank = os.environ.get("RANK", "0")
+        print(f"colonnade: error (rank {rank}): {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

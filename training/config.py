@@ -1,0 +1,348 @@
+"""Typed run configuration: YAML file + dotted ``--set`` overrides -> a frozen, validated ``RunConfig``.
+
+Sections mirror the YAML. Every error names the dotted key, the bad value and the fix; an unknown key
+also names the nearest valid one (``optim.lrr`` -> "did you mean optim.lr?"). Precedence is
+CLI overrides > file > defaults. The DeepSpeed JSON is generated from this config
+(:func:`deepspeed_config`) or, when a user brings their own, checked against it
+(:func:`check_user_deepspeed_config`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error; the message says which key is wrong and how to fix it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    pretrained: str | None = Field(None, description="Local Hugging Face checkpoint directory to fine-tune.")
+    arch: str | None = Field(None, description="HF model_type for a from-scratch run, e.g. gpt2 or llama.")
+    config: dict[str, Any] = Field(default_factory=dict,
+                                   description="HF config fields for a from-scratch run (n_layer, ...).")
+    tokenizer: str | None = Field(None, description="'byte', 'bpe' (trained on data.train_files) or a "
+                                  "tokenizer directory; default: the checkpoint's own, else 'byte'.")
+    bpe_vocab_size: int = Field(8192, ge=260, description="Vocabulary size when tokenizer is 'bpe'.")
+    trust_remote_code: bool = Field(False, description="Allow code shipped inside the checkpoint to run.")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.pretrained is None) == (self.arch is None):
+            raise ValueError("set exactly one of model.pretrained (a local HF checkpoint dir) or "
+                             "model.arch (+ model.config) for a from-scratch run")
+        if self.pretrained is not None and self.config:
+            raise ValueError("model.config applies to from-scratch runs only; the checkpoint's "
+                             "config.json describes a pretrained model")
+        return self
+
+
+class DataConfig(_Section):
+    train_files: list[str] = Field(min_length=1, description="Text/jsonl/parquet files or globs; "
+                                   "'{stdlib}' expands to the Python standard library directory.")
+    valid_files: list[str] = Field(default_factory=list, description="Held-out files for eval.")
+    seq_len: int = Field(gt=1, description="Tokens per packed training block.")
+    text_field: str = Field("text", description="Column holding the text in jsonl/parquet files.")
+    cache_dir: str | None = Field(None, description="datasets cache; default ~/.cache/huggingface.")
+
+
+class TrainConfig(_Section):
+    steps: int = Field(gt=0, description="Optimizer steps to run.")
+    micro_batch_size: int = Field(1, gt=0, description="Sequences per micro-batch per data-parallel rank.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step.")
+    seed: int = Field(1234, description="Seeds weights (from scratch), dropout and the data order.")
+    output_dir: str = Field("runs/default", description="Metrics, checkpoints and the HF export.")
+    log_every: int = Field(1, gt=0, description="Steps between metric records.")
+    eval_every: int = Field(0, ge=0, description="Steps between evals; 0 = only at the end.")
+    eval_batches: int | None = Field(None, gt=0, description="Micro-batches per eval; None = all.")
+    save_every: int = Field(0, ge=0, description="Steps between checkpoints; 0 = only at the end.")
+    resume: str | None = Field(None, description="'auto' (latest in output_dir) or a checkpoint dir.")
+    export_hf: bool = Field(True, description="Write output_dir/hf (save_pretrained) at the end.")
+    progress: bool = Field(True, description="Progress bar on rank 0.")
+
+
+class OptimConfig(_Section):
+    lr: float = Field(3e-4, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps, then cosine decay.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine floor as a fraction of lr.")
+    grad_clip: float = Field(1.0, ge=0, description="Global gradient-norm clip; 0 disables.")
+
+
+class ParallelConfig(_Section):
+    tensor: int = Field(1, ge=1, description="Tensor-parallel degree.")
+    pipeline: int = Field(1, ge=1, description="Pipeline-parallel degree (stages).")
+    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage over the data-parallel group.")
+
+
+class WandbConfig(_Section):
+    mode: Literal["offline", "online", "disabled"] = Field("offline", description="offline needs no network.")
+    project: str = "colonnade"
+    name: str | None = None
+    group: str | None = None
+
+
+class LoggingConfig(_Section):
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+
+
+class RunConfig(_Section):
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision.")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        if self.optim.warmup_steps > self.train.steps:
+            raise ValueError(f"optim.warmup_steps={self.optim.warmup_steps} exceeds train.steps="
+                             f"{self.train.steps}: lower the warm-up or train longer")
+        for key, degree in (("parallel.tensor", self.parallel.tensor),
+                            ("parallel.pipeline", self.parallel.pipeline)):
+            if degree > 1:
+                raise ValueError(f"{key}={degree}: tensor and pipeline parallelism are not available in "
+                                 f"this version; set {key}=1 (ZeRO data parallelism uses every process)")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+def _fields_at(path: tuple) -> list[str] | None:
+    """Valid keys of the section reached by ``path`` (None if the path leaves the schema)."""
+    cls: Any = RunConfig
+    for part in path:
+        field = cls.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return None
+        cls = field.annotation
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
+            return None
+    return list(cls.model_fields)
+
+
+def _dotted(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def _describe(error: dict) -> str:
+    loc = tuple(p for p in error["loc"])
+    key = _dotted(loc)
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        valid = _fields_at(loc[:-1]) or []
+        near = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        prefix = _dotted(loc[:-1])
+        hint = (f"did you mean {prefix + '.' if prefix else ''}{near[0]}?" if near
+                else f"valid keys here: {', '.join(valid)}")
+        return f"{key}: unknown key; {hint}"
+    if kind == "missing":
+        return f"{key}: required key is missing; add it to the YAML or pass --set {key}=..."
+    if not loc:  # a model_validator on the whole run
+        return error["msg"].removeprefix("Value error, ")
+    value = error.get("input")
+    return f"{key}={value!r}: {error['msg'].removeprefix('Value error, ')}"
+
+
+def validate(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    """Validate a nested dict into a ``RunConfig``; raise ``ConfigError`` listing every problem."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections (model, data, train, ...), "
+                          f"got {type(raw).__name__}")
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "\n".join(f"  - {_describe(e)}" for e in exc.errors())
+        raise ConfigError(f"invalid configuration ({source}):\n{problems}") from None
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``'optim.lr=3e-4'`` -> (['optim', 'lr'], 0.0003). The value is read as YAML (numbers, lists, null)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. --set optim.lr=3e-4")
+    value = yaml.safe_load(text) if text.strip() else ""
+    if isinstance(value, str):  # YAML 1.1 reads '3e-4' as a string; users mean a number
+        try:
+            value = float(value) if any(c in value for c in "eE.") and value.lower() != "e" else value
+        except ValueError:
+            pass
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    merged = json.loads(json.dumps(raw))  # deep copy of plain YAML data
+    for item in overrides:
+        path, value = parse_override(item)
+        node = merged
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {part} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return merged
+
+
+def load(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read ``path`` (YAML), apply ``overrides`` and validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass --config with a YAML file "
+                              f"(see configs/quickstart.yaml)")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return validate(apply_overrides(raw, list(overrides)), source=str(path or "--set"))
+
+
+# ----------------------------------------------------------------------------------- DeepSpeed JSON
+
+def data_parallel_size(cfg: RunConfig, world_size: int) -> int:
+    model_parallel = cfg.parallel.tensor * cfg.parallel.pipeline
+    if world_size % model_parallel:
+        raise ConfigError(f"parallel.tensor={cfg.parallel.tensor} x parallel.pipeline={cfg.parallel.pipeline}"
+                          f" = {model_parallel} does not divide the world size {world_size}: launch a "
+                          f"multiple of {model_parallel} processes or change the degrees")
+    return world_size // model_parallel
+
+
+def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON for this run. The optimizer and LR schedule are built by colonnade from
+    ``optim.*`` and handed to ``deepspeed.initialize``, so they are not in the JSON."""
+    dp = data_parallel_size(cfg, world_size)
+    micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum
+    zero: dict[str, Any] = {"stage": cfg.parallel.zero_stage}
+    if cfg.parallel.zero_stage == 3:
+        # Export and eval need full weights; gather them on save rather than keeping a 16-bit copy.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_batch_size": micro * accum * dp,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # torch.optim.AdamW, built by us
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "fp16": {"enabled": cfg.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+# DeepSpeed's documented top-level keys; it silently ignores anything else, we do not.
+DEEPSPEED_TOP_LEVEL_KEYS = frozenset("""
+train_batch_size train_micro_batch_size_per_gpu gradient_accumulation_steps optimizer scheduler fp16 bf16
+amp torch_autocast gradient_clipping prescale_gradients gradient_predivide_factor gradient_allreduce_op
+sparse_gradients zero_optimization zero_allow_untested_optimizer zero_force_ds_cpu_optimizer steps_per_print
+wall_clock_breakdown dump_state flops_profiler activation_checkpointing sparse_attention data_efficiency
+curriculum_learning aio tensorboard wandb csv_monitor comet comms_logger communication_data_type
+seq_parallel_communication_data_type elasticity checkpoint data_types compression_training autotuning
+pipeline memory_breakdown disable_allgather eigenvalue progressive_layer_drop quantize_training nebula
+dataloader_drop_last timers graph_harvesting use_data_before_expert_parallelism zero_quantized_weights
+zero_quantized_gradients hybrid_engine weight_quantization check_overflow managed_gradient_accumulation
+disable_python_gc log_level
+""".split())
+
+
+def check_user_deepspeed_config(user: dict[str, Any], cfg: RunConfig, world_size: int,
+                                source: str = "--deepspeed_config") -> dict[str, Any]:
+    """Validate a user's DeepSpeed JSON against DeepSpeed's rules and the YAML; return the JSON to use.
+
+    Raises ``ConfigError`` for unknown top-level keys, a violated batch rule (with the equation and world
+    size) and every setting that disagrees with the YAML."""
+    unknown = sorted(set(user) - DEEPSPEED_TOP_LEVEL_KEYS)
+    if unknown:
+        hints = []
+        for key in unknown:
+            near = difflib.get_close_matches(key, DEEPSPEED_TOP_LEVEL_KEYS, n=1, cutoff=0.6)
+            hints.append(f"{key}" + (f" (did you mean {near[0]}?)" if near else ""))
+        raise ConfigError(f"{source}: unknown top-level DeepSpeed keys: {', '.join(hints)}. DeepSpeed would "
+                          f"silently ignore them; remove or rename them.")
+    dp = data_parallel_size(cfg, world_size)
+    total = user.get("train_batch_size")
+    micro = user.get("train_micro_batch_size_per_gpu")
+    accum = user.get("gradient_accumulation_steps")
+    if total is not None and micro is not None and accum is not None and total != micro * accum * dp:
+        raise ConfigError(
+            f"{source}: DeepSpeed batch rule violated: train_batch_size ({total}) must equal "
+            f"train_micro_batch_size_per_gpu ({micro}) x gradient_accumulation_steps ({accum}) x "
+            f"data-parallel size ({dp}) = {micro * accum * dp}, with world size {world_size} = "
+            f"tensor {cfg.parallel.tensor} x pipeline {cfg.parallel.pipeline} x data {dp}")
+    if total is not None and (micro is None or accum is None):
+        known = micro if micro is not None else accum
+        if known is not None and total % (known * dp):
+            raise ConfigError(f"{source}: train_batch_size ({total}) is not divisible by "
+                              f"{'train_micro_batch_size_per_gpu' if micro is not None else 'gradient_accumulation_steps'}"
+                              f" ({known}) x data-parallel size ({dp}) (world size {world_size})")
+        if known is not None:
+            other = total // (known * dp)
+            micro, accum = (known, other) if micro is not None else (other, known)
+    ours = deepspeed_config(cfg, world_size)
+    mismatches = []
+
+    def compare(ds_key: str, theirs: Any, yaml_key: str, mine: Any) -> None:
+        if theirs is not None and theirs != mine:
+            mismatches.append(f"{ds_key}={theirs!r} (DeepSpeed JSON) vs {yaml_key}={mine!r} (YAML)")
+
+    compare("train_batch_size", total, "train.micro_batch_size x train.grad_accum x dp", ours["train_batch_size"])
+    compare("train_micro_batch_size_per_gpu", micro, "train.micro_batch_size", cfg.train.micro_batch_size)
+    compare("gradient_accumulation_steps", accum, "train.grad_accum", cfg.train.grad_accum)
+    compare("gradient_clipping", user.get("gradient_clipping"), "optim.grad_clip", cfg.optim.grad_clip)
+    compare("zero_optimization.stage", (user.get("zero_optimization") or {}).get("stage"),
+            "parallel.zero_stage", cfg.parallel.zero_stage)
+    for name in ("bf16", "fp16"):
+        enabled = (user.get(name) or {}).get("enabled")
+        compare(f"{name}.enabled", enabled, "precision", cfg.precision == name) if enabled is not None else None
+    params = (user.get("optimizer") or {}).get("params") or {}
+    for key in ("lr", "eps", "weight_decay"):
+        compare(f"optimizer.params.{key}", params.get(key), f"optim.{key}", getattr(cfg.optim, key))
+    if "betas" in params:
+        compare("optimizer.params.betas", tuple(params["betas"]), "optim.betas", cfg.optim.betas)
+    if "optimizer" in user and str(user["optimizer"].get("type", "")).lower() not in ("adam", "adamw"):
+        mismatches.append(f"optimizer.type={user['optimizer'].get('type')!r} (DeepSpeed JSON) vs AdamW "
+                          f"(colonnade builds AdamW from optim.*)")
+    if mismatches:
+        raise ConfigError(f"{source} disagrees with the YAML config; make them agree (edit the JSON or "
+                          f"use --set):\n" + "\n".join(f"  - {m}" for m in mismatches))
+    merged = {k: v for k, v in user.items() if k not in ("optimizer", "scheduler")}
+    merged.update({k: ours[k] for k in ("train_batch_size", "train_micro_batch_size_per_gpu",
+                                        "gradient_accumulation_steps", "zero_allow_untested_optimizer")})
+    merged.setdefault("gradient_clipping", ours["gradient_clipping"])
+    merged.setdefault("zero_optimization", ours["zero_optimization"])
+    merged.setdefault("steps_per_print", ours["steps_per_print"])
+    return merged
+
+
+def load_user_deepspeed_config(path: str | Path, cfg: RunConfig, world_size: int) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--deepspeed_config {path}: file does not exist")
+    try:
+        user = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--deepspeed_config {path}: not valid JSON: {exc}") from None
+    if not isinstance(user, dict):
+        raise ConfigError(f"--deepspeed_config {path}: expected a JSON object")
+    return check_user_deepspeed_config(user, cfg, world_size, source=f"--deepspeed_config {path}")

@@ -1,0 +1,148 @@
+"""Local text / jsonl / parquet files -> tokens (cached by ``datasets``) -> packed ``seq_len`` blocks,
+and the deterministic, data-parallel-sharded order in which training reads them.
+
+The order depends only on the seed and the global sample index: sample ``g`` of the run is block
+``permutation(seed, epoch = g // N)[g % N]``. Step ``s`` consumes global samples
+``[s * B, (s + 1) * B)`` with ``B = micro * accum * dp``; micro-batch ``k`` of data-parallel rank ``r``
+takes ``micro`` consecutive ones starting at ``s * B + (k * dp + r) * micro``. Resuming at step ``s``
+therefore needs nothing but ``s``, and any split of ``B`` over (dp, accum) sees the same samples.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sysconfig
+from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
+
+import torch
+
+FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def expand_files(patterns: list[str], key: str) -> list[str]:
+    """Expand globs, ``~``, ``$VARS`` and ``{stdlib}``; every pattern must match at least one file."""
+    files: list[str] = []
+    stdlib = sysconfig.get_paths()["stdlib"]
+    for pattern in patterns:
+        expanded = os.path.expanduser(os.path.expandvars(pattern.replace("{stdlib}", stdlib)))
+        matches = sorted(p for p in glob.glob(expanded, recursive=True) if os.path.isfile(p))
+        if not matches:
+            raise FileNotFoundError(f"{key}: {pattern!r} matches no file (expanded to {expanded!r}); "
+                                    f"check the path or glob")
+        files.extend(matches)
+    return files
+
+
+def file_format(files: list[str], key: str) -> str:
+    kinds = {FORMATS.get(Path(f).suffix.lower(), "text") for f in files}
+    if len(kinds) > 1:
+        raise ValueError(f"{key}: mixes file formats {sorted(kinds)}; use one of text, jsonl or parquet "
+                         f"per list")
+    return kinds.pop()
+
+
+def load_texts(files: list[str], key: str, text_field: str, cache_dir: str | None):
+    """A ``datasets.Dataset`` with one column ``text``: one row per text file, or per jsonl/parquet record."""
+    import datasets
+
+    kind = file_format(files, key)
+    extra = {"sample_by": "document"} if kind == "text" else {}
+    ds = datasets.load_dataset(kind, data_files=files, split="train", cache_dir=cache_dir, **extra)
+    if kind != "text":
+        if text_field not in ds.column_names:
+            raise ValueError(f"{key}: the files have no column {text_field!r} (columns: {ds.column_names}); "
+                             f"set data.text_field to the column holding the text")
+        ds = ds.select_columns([text_field]).rename_column(text_field, "text") if text_field != "text" \
+            else ds.select_columns(["text"])
+    return ds
+
+
+def tokenize_and_pack(texts, tokenizer, seq_len: int, key: str):
+    """Tokenize (EOS after every document), concatenate and cut into ``seq_len`` blocks (remainder of
+    each map batch dropped, as in the transformers examples). Both maps are cached by ``datasets``."""
+    eos = tokenizer.eos_token_id
+
+    def tokenize(batch):
+        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+        return {"input_ids": [doc + [eos] for doc in ids]}
+
+    def pack(batch):
+        flat = list(chain.from_iterable(batch["input_ids"]))
+        usable = len(flat) // seq_len * seq_len
+        return {"input_ids": [flat[i:i + seq_len] for i in range(0, usable, seq_len)]}
+
+    tokens = texts.map(tokenize, batched=True, remove_columns=texts.column_names, desc=f"tokenize {key}")
+    blocks = tokens.map(pack, batched=True, batch_size=1000, desc=f"pack {key} into {seq_len}-token blocks")
+    if len(blocks) == 0:
+        total = sum(len(x) for x in tokens["input_ids"])
+        raise ValueError(f"{key}: the files hold {total} tokens, fewer than one block of data.seq_len="
+                         f"{seq_len}; add data or lower data.seq_len")
+    return blocks.with_format("torch")
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Where each micro-batch of each step comes from in the global sample order."""
+
+    micro_batch_size: int
+    grad_accum: int
+    dp_size: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch_size * self.grad_accum * self.dp_size
+
+    def positions(self, step: int, micro_index: int, dp_rank: int) -> range:
+        start = step * self.global_batch + (micro_index * self.dp_size + dp_rank) * self.micro_batch_size
+        return range(start, start + self.micro_batch_size)
+
+
+class GlobalOrder:
+    """Global sample index -> block index: a fresh seeded permutation of all blocks every epoch."""
+
+    def __init__(self, num_blocks: int, seed: int):
+        self.num_blocks = num_blocks
+        self.seed = seed
+        self._epoch = -1
+        self._perm = torch.empty(0, dtype=torch.long)
+
+    def __getitem__(self, position: int) -> int:
+        epoch, offset = divmod(position, self.num_blocks)
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = torch.randperm(self.num_blocks, generator=gen)
+            self._epoch = epoch
+        return int(self._perm[offset])
+
+
+class TrainBatches:
+    """Micro-batches for one data-parallel rank: ``batch(step, micro_index)`` -> {input_ids, labels}."""
+
+    def __init__(self, blocks, plan: BatchPlan, dp_rank: int, seed: int):
+        self.blocks = blocks
+        self.plan = plan
+        self.dp_rank = dp_rank
+        self.order = GlobalOrder(len(blocks), seed)
+
+    def batch(self, step: int, micro_index: int) -> dict[str, torch.Tensor]:
+        idx = [self.order[p] for p in self.plan.positions(step, micro_index, self.dp_rank)]
+        input_ids = self.blocks[idx]["input_ids"]
+        return {"input_ids": input_ids, "labels": input_ids.clone()}
+
+
+def eval_batches(blocks, micro_batch_size: int, dp_rank: int, dp_size: int, limit: int | None):
+    """Deterministic eval micro-batches for one rank, in file order. Every rank yields the same number of
+    batches (ZeRO-3 forwards are collective); padding rows carry ``weight`` 0."""
+    per_round = micro_batch_size * dp_size
+    rounds = -(-len(blocks) // per_round)
+    if limit is not None:
+        rounds = min(rounds, limit)
+    for r in range(rounds):
+        start = r * per_round + dp_rank * micro_batch_size
+        positions = list(range(start, start + micro_batch_size))
+        weight = torch.tensor([1.0 if p < len(blocks) else 0.0 for p in positions])
+        input_ids = blocks[[p if p < len(blocks) else 0 for p in positions]]["input_ids"]
+        yield {"input_ids": input_ids, "labels": input_ids.clone()}, weight

@@ -1,0 +1,247 @@
+"""``run(cfg)``: set up the process groups, tokenizer, data, model and DeepSpeed engine, then the step
+loop with eval, logging, checkpoints and the final Hugging Face export."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from modeling.build import build_model, byte_level_tokenizer, load_tokenizer, train_bpe_tokenizer
+from parallel.groups import ProcessGroups
+from training import checkpoint, data, engine as engine_lib
+from training.config import ConfigError, RunConfig, deepspeed_config, load_user_deepspeed_config
+from training.metrics import MetricsSink, perplexity, sum_over
+
+
+@dataclass
+class RunResult:
+    """What a finished run returns to its caller (tests, benchmarks): every logged record."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    output_dir: Path | None = None
+
+    @property
+    def losses(self) -> list[float]:
+        return [r["loss"] for r in self.history if "loss" in r]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed() -> None:
+    """Join the process group the launcher describes (torchrun / deepspeed set RANK, WORLD_SIZE, ...);
+    a plain ``python train.py`` becomes a world of one. gloo on CPU, NCCL on CUDA."""
+    if dist.is_initialized():
+        return
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    accel = get_accelerator()
+    if accel.device_name() == "cuda":
+        accel.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False)
+
+
+def rank0_first(fn: Callable[[], Any], what: str) -> Any:
+    """Run ``fn`` on rank 0 (which fills caches), then on the other ranks. If rank 0 fails, every rank
+    raises rank 0's error instead of waiting forever at a barrier."""
+    error = None
+    result = None
+    if dist.get_rank() == 0:
+        try:
+            result = fn()
+        except Exception as exc:  # re-raised below, on every rank
+            error = exc
+    message = [f"{type(error).__name__}: {error}" if error else None]
+    dist.broadcast_object_list(message, src=0)
+    if error is not None:
+        raise error
+    if message[0] is not None:
+        raise RuntimeError(f"{what} failed on rank 0: {message[0]}")
+    return fn() if dist.get_rank() != 0 else result
+
+
+def build_tokenizer(cfg: RunConfig, train_files: list[str]):
+    """The run's tokenizer, saved in ``output_dir/tokenizer`` so a resumed run reuses exactly it."""
+    saved = Path(cfg.train.output_dir) / "tokenizer"
+    choice = cfg.model.tokenizer or (cfg.model.pretrained if cfg.model.pretrained else "byte")
+
+    def make():
+        if (saved / "tokenizer_config.json").is_file():
+            return load_tokenizer(saved)
+        if choice == "byte":
+            tok = byte_level_tokenizer()
+        elif choice == "bpe":
+            texts = data.load_texts(train_files, "data.train_files", cfg.data.text_field, cfg.data.cache_dir)
+            tok = train_bpe_tokenizer((row["text"] for row in texts), cfg.model.bpe_vocab_size)
+        else:
+            if not Path(choice).is_dir():
+                raise FileNotFoundError(f"model.tokenizer={choice}: not 'byte', 'bpe' or a tokenizer directory")
+            tok = load_tokenizer(choice, cfg.model.trust_remote_code)
+        if dist.get_rank() == 0:
+            tok.save_pretrained(str(saved))
+        return tok
+
+    tok = rank0_first(make, "building the tokenizer")
+    return tok if dist.get_rank() == 0 else load_tokenizer(saved)
+
+
+def build_data(cfg: RunConfig, tokenizer, train_files: list[str], valid_files: list[str]):
+    def make():
+        blocks = {}
+        for key, files in (("data.train_files", train_files), ("data.valid_files", valid_files)):
+            if files:
+                texts = data.load_texts(files, key, cfg.data.text_field, cfg.data.cache_dir)
+                blocks[key] = data.tokenize_and_pack(texts, tokenizer, cfg.data.seq_len, key)
+        return blocks
+
+    blocks = rank0_first(make, "tokenizing the data")
+    return blocks["data.train_files"], blocks.get("data.valid_files")
+
+
+def token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL per sequence, shape (batch,)."""
+    shift_logits = logits[:, :-1].float()
+    targets = input_ids[:, 1:]
+    nll = torch.nn.functional.cross_entropy(shift_logits.transpose(1, 2), targets, reduction="none")
+    return nll.sum(dim=1)
+
+
+@torch.no_grad()
+def evaluate(model_engine, blocks, cfg: RunConfig, groups: ProcessGroups) -> dict[str, float]:
+    """Token-weighted mean NLL over the validation blocks, sharded over data-parallel ranks."""
+    model_engine.eval()
+    total_nll, total_tokens = 0.0, 0.0
+    device = model_engine.device
+    for batch, weight in data.eval_batches(blocks, cfg.train.micro_batch_size, groups.dp_rank, groups.data,
+                                           cfg.train.eval_batches):
+        input_ids = batch["input_ids"].to(device)
+        logits = model_engine(input_ids=input_ids).logits
+        total_nll += float((token_nll(logits, input_ids).cpu() * weight).sum())
+        total_tokens += float(weight.sum()) * (input_ids.shape[1] - 1)
+    model_engine.train()
+    total_nll, total_tokens = sum_over(groups.dp_group, total_nll, total_tokens)
+    mean = total_nll / max(total_tokens, 1.0)
+    return {"eval_loss": mean, "perplexity": perplexity(mean)}
+
+
+def _grad_norm(model_engine, groups: ProcessGroups) -> float | None:
+    norm = model_engine.get_global_grad_norm()
+    if norm is None:  # ZeRO-0 in fp32 clips inside DeepSpeed without keeping the norm
+        from deepspeed.runtime.utils import get_grad_norm
+
+        norm = get_grad_norm(model_engine.module.parameters(), mpu=groups)
+    return float(norm)
+
+
+def _save_run_files(cfg: RunConfig, ds_config: dict[str, Any]) -> None:
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    (out / "deepspeed.json").write_text(json.dumps(ds_config, indent=2))
+
+
+def run(cfg: RunConfig, deepspeed_config_file: str | None = None) -> RunResult:
+    """Train according to ``cfg``; collective over all ranks of the launched job."""
+    init_distributed()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    # Everything that can be wrong with the input is checked here, identically on every rank.
+    ds_config = (load_user_deepspeed_config(deepspeed_config_file, cfg, world) if deepspeed_config_file
+                 else deepspeed_config(cfg, world))
+    engine_lib.check_precision(cfg.precision)
+    train_files = data.expand_files(cfg.data.train_files, "data.train_files")
+    valid_files = data.expand_files(cfg.data.valid_files, "data.valid_files") if cfg.data.valid_files else []
+    resume_from = checkpoint.resolve_resume(cfg.train.resume, cfg.train.output_dir)
+    groups = ProcessGroups.from_degrees(cfg.parallel.tensor, cfg.parallel.pipeline)
+    if rank == 0:
+        _save_run_files(cfg, ds_config)
+
+    torch.manual_seed(cfg.train.seed)
+    tokenizer = build_tokenizer(cfg, train_files)
+    train_blocks, valid_blocks = build_data(cfg, tokenizer, train_files, valid_files)
+    special = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+               if getattr(tokenizer, k) is not None}
+    model = build_model(pretrained=cfg.model.pretrained, arch=cfg.model.arch,
+                        config={**special, **cfg.model.config} if cfg.model.arch else {},
+                        vocab_size=len(tokenizer) if cfg.model.arch else None, seed=cfg.train.seed,
+                        trust_remote_code=cfg.model.trust_remote_code)
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        raise ConfigError(f"model.pretrained={cfg.model.pretrained}: the tokenizer has {len(tokenizer)} tokens "
+                          f"but the model only {model.get_input_embeddings().num_embeddings} embeddings")
+    model_engine = engine_lib.build(model, cfg.optim, cfg.train.steps, ds_config, groups)
+
+    start_step = 0
+    if resume_from is not None:
+        start_step = checkpoint.load(model_engine, *resume_from)["step"]
+    plan = data.BatchPlan(cfg.train.micro_batch_size, cfg.train.grad_accum, groups.data)
+    batches = data.TrainBatches(train_blocks, plan, groups.dp_rank, cfg.train.seed)
+    sink = MetricsSink(cfg.train.output_dir, rank == 0, cfg.logging.wandb, cfg.to_dict())
+    result = RunResult(output_dir=Path(cfg.train.output_dir))
+    tokens_per_step = plan.global_batch * cfg.data.seq_len
+    try:
+        _train(cfg, model_engine, batches, valid_blocks, groups, sink, result, start_step, tokens_per_step)
+        if cfg.train.export_hf:
+            checkpoint.export_hf(model_engine, tokenizer, Path(cfg.train.output_dir) / "hf")
+    finally:
+        sink.close()
+    return result
+
+
+def _train(cfg, model_engine, batches, valid_blocks, groups, sink, result, start_step, tokens_per_step):
+    from tqdm import tqdm
+
+    progress = tqdm(total=cfg.train.steps, initial=start_step, unit="step", dynamic_ncols=True,
+                    disable=dist.get_rank() != 0 or not cfg.train.progress)
+    device = model_engine.device
+    last_saved = start_step
+    for step in range(start_step, cfg.train.steps):
+        started = time.perf_counter()
+        lr = model_engine.get_lr()[0]
+        micro_losses = []
+        for micro_index in range(cfg.train.grad_accum):
+            batch = {k: v.to(device) for k, v in batches.batch(step, micro_index).items()}
+            loss = model_engine(**batch).loss
+            model_engine.backward(loss)
+            if micro_index == cfg.train.grad_accum - 1:
+                grad_norm = _grad_norm(model_engine, groups) if model_engine.zero_optimization_stage() == 0 \
+                    else None
+            model_engine.step()
+            micro_losses.append(float(loss.detach()))
+        if grad_norm is None:
+            grad_norm = _grad_norm(model_engine, groups)
+        (loss_sum,) = sum_over(groups.dp_group, sum(micro_losses) / len(micro_losses))
+        elapsed = time.perf_counter() - started
+        record = {"step": step + 1, "loss": loss_sum / groups.data, "lr": lr, "grad_norm": grad_norm,
+                  "tokens_per_s": tokens_per_step / elapsed, "step_time_s": elapsed}
+        if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
+            sink.log(record)
+            result.history.append(record)
+        progress.update(1)
+        progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        done = step + 1 == cfg.train.steps
+        if valid_blocks is not None and (done or (cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0)):
+            metrics = {"step": step + 1, **evaluate(model_engine, valid_blocks, cfg, groups)}
+            sink.log(metrics)
+            result.history.append(metrics)
+            progress.write(f"step {step + 1}: eval_loss {metrics['eval_loss']:.4f} "
+                           f"perplexity {metrics['perplexity']:.2f}")
+        if done or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
+            checkpoint.save(model_engine, cfg.train.output_dir, step + 1, {"config": cfg.to_dict()})
+            last_saved = step + 1
+    progress.close()
+    return last_saved
