@@ -143,9 +143,10 @@ def evaluate(model_engine, blocks, cfg: RunConfig, groups: ProcessGroups) -> dic
 def _grad_norm(model_engine, groups: ProcessGroups) -> float | None:
     norm = model_engine.get_global_grad_norm()
     if norm is None:  # ZeRO-0 in fp32 clips inside DeepSpeed without keeping the norm
-        from deepspeed.runtime.utils import get_grad_norm
+        from deepspeed.runtime.utils import get_global_norm_of_tensors
 
-        norm = get_grad_norm(model_engine.module.parameters(), mpu=groups)
+        grads = [p.grad for p in model_engine.module.parameters() if p.grad is not None]
+        norm = get_global_norm_of_tensors(grads, mpu=groups)
     return float(norm)
 
 
@@ -238,8 +239,9 @@ def _train(cfg, model_engine, batches, valid_blocks, groups, sink, result, start
             metrics = {"step": step + 1, **evaluate(model_engine, valid_blocks, cfg, groups)}
             sink.log(metrics)
             result.history.append(metrics)
-            progress.write(f"step {step + 1}: eval_loss {metrics['eval_loss']:.4f} "
-                           f"perplexity {metrics['perplexity']:.2f}")
+            if dist.get_rank() == 0:
+                progress.write(f"step {step + 1}: eval_loss {metrics['eval_loss']:.4f} "
+                               f"perplexity {metrics['perplexity']:.2f}")
         if done or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
             checkpoint.save(model_engine, cfg.train.output_dir, step + 1, {"config": cfg.to_dict()})
             last_saved = step + 1
