@@ -168,9 +168,10 @@ def run(cfg: RunConfig, deepspeed_config_file: str | None = None) -> RunResult:
     train_files = data.expand_files(cfg.data.train_files, "data.train_files")
     valid_files = data.expand_files(cfg.data.valid_files, "data.valid_files") if cfg.data.valid_files else []
     resume_from = checkpoint.resolve_resume(cfg.train.resume, cfg.train.output_dir)
+    if resume_from is None and (checkpoint.checkpoint_root(cfg.train.output_dir) / "latest").is_file():
+        raise ConfigError(f"train.output_dir={cfg.train.output_dir} already holds checkpoints of another run: "
+                          f"set train.resume=auto to continue it, or choose a new train.output_dir")
     groups = ProcessGroups.from_degrees(cfg.parallel.tensor, cfg.parallel.pipeline)
-    if rank == 0:
-        _save_run_files(cfg, ds_config)
 
     torch.manual_seed(cfg.train.seed)
     tokenizer = build_tokenizer(cfg, train_files)
@@ -185,13 +186,16 @@ def run(cfg: RunConfig, deepspeed_config_file: str | None = None) -> RunResult:
         raise ConfigError(f"model.pretrained={cfg.model.pretrained}: the tokenizer has {len(tokenizer)} tokens "
                           f"but the model only {model.get_input_embeddings().num_embeddings} embeddings")
     model_engine = engine_lib.build(model, cfg.optim, cfg.train.steps, ds_config, groups)
+    if rank == 0:
+        _save_run_files(cfg, ds_config)
 
     start_step = 0
     if resume_from is not None:
         start_step = checkpoint.load(model_engine, *resume_from)["step"]
     plan = data.BatchPlan(cfg.train.micro_batch_size, cfg.train.grad_accum, groups.data)
     batches = data.TrainBatches(train_blocks, plan, groups.dp_rank, cfg.train.seed)
-    sink = MetricsSink(cfg.train.output_dir, rank == 0, cfg.logging.wandb, cfg.to_dict())
+    sink = MetricsSink(cfg.train.output_dir, rank == 0, cfg.logging.wandb, cfg.to_dict(),
+                       append=resume_from is not None)
     result = RunResult(output_dir=Path(cfg.train.output_dir))
     tokens_per_step = plan.global_batch * cfg.data.seq_len
     try:

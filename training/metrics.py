@@ -31,7 +31,8 @@ class MetricsSink:
     """Rank 0 writes ``metrics.jsonl`` (one object per record) and mirrors records to W&B; other ranks
     write nothing. W&B mode 'disabled' never imports wandb."""
 
-    def __init__(self, output_dir: str | Path, is_writer: bool, wandb_cfg, run_config: dict[str, Any]):
+    def __init__(self, output_dir: str | Path, is_writer: bool, wandb_cfg, run_config: dict[str, Any],
+                 append: bool = False):
         self.is_writer = is_writer
         self.path = Path(output_dir) / "metrics.jsonl"
         self._file = None
@@ -39,7 +40,7 @@ class MetricsSink:
         if not is_writer:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("a")
+        self._file = self.path.open("a" if append else "w")
         if wandb_cfg.mode != "disabled":
             import wandb
 

@@ -1,0 +1,76 @@
+"""Bad input fails on every rank with a clear message, before the first step, without hanging."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.dist import run_ranks
+from tests.helpers import tiny_config, write_corpus
+
+
+def _errors_on_every_rank(cases):
+    """Run each (config, deepspeed_json) and return the error text each one raised on this rank."""
+    from training import run
+
+    messages = []
+    for cfg, ds_file in cases:
+        try:
+            run(cfg, ds_file)
+            messages.append(None)
+        except Exception as exc:  # the message is what the user sees
+            messages.append(f"{type(exc).__name__}: {exc}")
+    return messages
+
+
+def _degrees():
+    from parallel.groups import ProcessGroups
+    from training.loop import init_distributed
+
+    init_distributed()
+    try:
+        ProcessGroups.from_degrees(tensor=3, pipeline=1)
+    except ValueError as exc:
+        return str(exc)
+
+
+def test_bad_input_errors_on_every_rank_before_training(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("tiny")
+    ds_file = tmp_path / "ds.json"
+    ds_file.write_text(json.dumps({"train_batch_size": 3, "train_micro_batch_size_per_gpu": 2,
+                                   "gradient_accumulation_steps": 1}))
+    cases = [
+        (tiny_config(tmp_path / "a", corpus, data__train_files=[str(tmp_path / "missing*.txt")]), None),
+        (tiny_config(tmp_path / "b", corpus, data__train_files=[str(empty)]), None),
+        (tiny_config(tmp_path / "c", corpus), str(ds_file)),
+    ]
+    per_rank = run_ranks(_errors_on_every_rank, 2, cases, timeout=300)
+    for messages in per_rank:
+        missing, too_small, batch_rule = messages
+        assert "data.train_files" in missing and "missing*.txt" in missing and "matches no file" in missing
+        assert "data.train_files" in too_small and "fewer than one block of data.seq_len=32" in too_small
+        assert "train_batch_size (3) must equal" in batch_rule and "world size 2" in batch_rule
+    for name in "abc":  # nothing trained, nothing written
+        assert not (tmp_path / name / "run" / "metrics.jsonl").exists()
+
+
+def test_degrees_that_do_not_fit_the_world_size():
+    for message in run_ranks(_degrees, 2, timeout=120):
+        assert message and "parallel.tensor=3 x parallel.pipeline=1 = 3 does not divide the world size 2" in message
+
+
+def test_existing_run_directory_is_not_overwritten(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    root = tmp_path / "r" / "run" / "checkpoints"
+    root.mkdir(parents=True)
+    (root / "latest").write_text("step_0000004")
+    cfg = tiny_config(tmp_path / "r", corpus)
+    (message,) = run_ranks(_errors_on_every_rank, 1, [(cfg, None)])[0]
+    assert "already holds checkpoints" in message and "train.resume=auto" in message
+    with pytest.raises(FileNotFoundError):
+        from training.checkpoint import resolve_resume
+
+        resolve_resume(str(tmp_path / "nowhere"), tmp_path)

@@ -1,0 +1,101 @@
+"""Typed config: strict keys with suggestions, types, overrides and precedence, DeepSpeed JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from training.config import (ConfigError, check_user_deepspeed_config, deepspeed_config, load, validate)
+
+ROOT = Path(__file__).resolve().parents[1]
+MINIMAL = {"model": {"arch": "gpt2"}, "data": {"train_files": ["x.txt"], "seq_len": 16}, "train": {"steps": 5}}
+
+
+def write(tmp_path, raw) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_unknown_key_names_dotted_key_and_nearest(tmp_path):
+    with pytest.raises(ConfigError, match=r"optim\.lrr: unknown key; did you mean optim\.lr\?"):
+        load(write(tmp_path, {**MINIMAL, "optim": {"lrr": 1e-3}}))
+    with pytest.raises(ConfigError, match=r"optimm: unknown key; did you mean optim\?"):
+        load(write(tmp_path, {**MINIMAL, "optimm": {}}))
+
+
+def test_wrong_type_and_impossible_values(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load(write(tmp_path, MINIMAL), ["train.steps=abc", "train.micro_batch_size=0", "precision=fp8",
+                                        "parallel.zero_stage=4"])
+    text = str(err.value)
+    for key in ("train.steps='abc'", "train.micro_batch_size=0", "precision='fp8'", "parallel.zero_stage=4"):
+        assert key in text
+    with pytest.raises(ConfigError, match="data.seq_len: required key is missing"):
+        validate({**MINIMAL, "data": {"train_files": ["x"]}})
+    with pytest.raises(ConfigError, match="exactly one of model.pretrained"):
+        validate({**MINIMAL, "model": {"arch": "gpt2", "pretrained": "/ckpt"}})
+    with pytest.raises(ConfigError, match="parallel.tensor=2: tensor and pipeline parallelism are not"):
+        validate({**MINIMAL, "parallel": {"tensor": 2}})
+
+
+def test_overrides_take_precedence_over_file_over_defaults(tmp_path):
+    path = write(tmp_path, {**MINIMAL, "optim": {"lr": 1e-3}})
+    assert load(path).optim.lr == 1e-3                       # file beats default (3e-4)
+    assert load(path).optim.weight_decay == 0.0              # default where the file is silent
+    cfg = load(path, ["optim.lr=3e-4", "train.steps=50", "optim.betas=[0.8, 0.9]"])
+    assert (cfg.optim.lr, cfg.train.steps, cfg.optim.betas) == (3e-4, 50, (0.8, 0.9))
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load(path, ["optim.lr"])
+
+
+def test_config_is_frozen():
+    cfg = validate(MINIMAL)
+    with pytest.raises(Exception):
+        cfg.train.steps = 3
+
+
+def test_generated_deepspeed_json():
+    cfg = validate({**MINIMAL, "train": {"steps": 5, "micro_batch_size": 4, "grad_accum": 3},
+                    "parallel": {"zero_stage": 2}, "precision": "bf16"})
+    ds = deepspeed_config(cfg, world_size=4)
+    assert ds["train_batch_size"] == 4 * 3 * 4
+    assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+
+
+def test_user_deepspeed_json_batch_rule_unknown_keys_and_mismatches():
+    cfg = validate({**MINIMAL, "train": {"steps": 5, "micro_batch_size": 2, "grad_accum": 2}})
+    good = {"train_batch_size": 8, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
+            "zero_optimization": {"stage": 0, "reduce_bucket_size": 1000}}
+    assert check_user_deepspeed_config(good, cfg, 2)["zero_optimization"]["reduce_bucket_size"] == 1000
+    with pytest.raises(ConfigError, match=r"train_batch_size \(6\) must equal .* \(2\) x .* \(2\) x "
+                                          r"data-parallel size \(2\) = 8, with world size 2"):
+        check_user_deepspeed_config({**good, "train_batch_size": 6}, cfg, 2)
+    with pytest.raises(ConfigError, match=r"unknown top-level DeepSpeed keys: zero_optimisation "
+                                          r"\(did you mean zero_optimization\?\)"):
+        check_user_deepspeed_config({**good, "zero_optimisation": {}}, cfg, 2)
+    bad = {"train_batch_size": 12, "train_micro_batch_size_per_gpu": 3, "gradient_accumulation_steps": 2,
+           "zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW", "params": {"lr": 0.1}}}
+    with pytest.raises(ConfigError) as err:
+        check_user_deepspeed_config(bad, cfg, 2)
+    for line in ("train_micro_batch_size_per_gpu=3 (DeepSpeed JSON) vs train.micro_batch_size=2",
+                 "zero_optimization.stage=2 (DeepSpeed JSON) vs parallel.zero_stage=0",
+                 "optimizer.params.lr=0.1 (DeepSpeed JSON) vs optim.lr=0.0003"):
+        assert line in str(err.value)
+
+
+def test_print_config_cli(tmp_path):
+    out = subprocess.run([sys.executable, "train.py", "--config", "configs/quickstart.yaml", "--print-config",
+                          "--set", "optim.lr=5e-4"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    effective, _, ds_text = out.stdout.partition("# DeepSpeed JSON (world size 1)")
+    assert yaml.safe_load(effective)["optim"]["lr"] == 5e-4
+    assert json.loads(ds_text)["train_batch_size"] == 8
+    bad = subprocess.run([sys.executable, "train.py", "--config", "configs/quickstart.yaml", "--print-config",
+                          "--set", "optim.lrr=1"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "did you mean optim.lr?" in bad.stderr

@@ -1,0 +1,52 @@
+"""Fine-tuning starts from a local save_pretrained checkpoint and its own tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.dist import run_ranks
+from tests.helpers import TINY_GPT2, tiny_config, write_corpus
+
+
+def _run(cfg):
+    from training import run
+
+    return run(cfg).history
+
+
+def test_finetune_from_local_checkpoint_starts_from_its_loss(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from modeling.build import byte_level_tokenizer
+    from training import data
+
+    tok = byte_level_tokenizer()
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), eos_token_id=tok.eos_token_id, **TINY_GPT2))
+    ckpt = tmp_path / "ckpt"
+    model.save_pretrained(ckpt)  # safetensors by default
+    tok.save_pretrained(ckpt)
+    assert (ckpt / "model.safetensors").is_file()
+
+    corpus = write_corpus(tmp_path / "corpus")
+    cfg = tiny_config(tmp_path / "ft", corpus, model__arch=None, model__config={}, model__tokenizer=None,
+                      model__pretrained=str(ckpt), train__steps=2)
+    first = [r for r in run_ranks(_run, 1, cfg)[0] if "loss" in r][0]
+
+    files = data.expand_files(cfg.data.train_files, "t")
+    blocks = data.tokenize_and_pack(data.load_texts(files, "t", "text", None), tok, cfg.data.seq_len, "t")
+    order = data.GlobalOrder(len(blocks), cfg.train.seed)
+    ids = blocks[[order[p] for p in range(cfg.train.micro_batch_size)]]["input_ids"]
+    with torch.no_grad():
+        expected = float(model(input_ids=ids, labels=ids).loss)
+    # Identical weights and batch in one process: only fp32 kernel-order noise.
+    assert first["loss"] == pytest.approx(expected, rel=1e-6)
+    assert (tmp_path / "ft" / "run" / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    from modeling.build import build_model
+
+    with pytest.raises(FileNotFoundError, match="model.pretrained=.*no config.json"):
+        build_model(pretrained=str(tmp_path), arch=None, config={}, vocab_size=None, seed=0)
