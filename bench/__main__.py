@@ -1,0 +1,22 @@
+"""python -m bench <command> [--help]"""
+
+from __future__ import annotations
+
+import sys
+
+COMMANDS = {"overhead": "bench.overhead"}
+
+
+def main() -> int:
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        print(__doc__)
+        print("commands:", ", ".join(COMMANDS))
+        return 2
+    import importlib
+
+    importlib.import_module(COMMANDS[sys.argv[1]]).main(sys.argv[2:])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
