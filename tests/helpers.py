@@ -41,7 +41,10 @@ def tiny_config(tmp: Path, corpus: Path, **sections):
     }
     for dotted, value in sections.items():
         section, _, key = dotted.partition("__")
-        raw.setdefault(section, {})[key] = value
+        if key:
+            raw.setdefault(section, {})[key] = value
+        else:
+            raw[section] = value
     return validate(raw)
 
 

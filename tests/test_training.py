@@ -97,3 +97,46 @@ def test_zero3_export_and_llama(tmp_path):
     assert model.config.model_type == "llama"
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert _steps(history)[-1]["loss"] < _steps(history)[0]["loss"]
+
+
+def _run_without_wandb(cfg):
+    import sys
+
+    sys.modules["wandb"] = None  # any `import wandb` now raises ImportError
+    from training import run
+
+    return run(cfg).history
+
+
+def test_wandb_disabled_needs_no_wandb(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    cfg = tiny_config(tmp_path / "nowandb", corpus, train__steps=2)
+    assert len(_steps(run_ranks(_run_without_wandb, 1, cfg)[0])) == 2
+
+
+def _precision_error(cfg):
+    from training import run
+
+    try:
+        run(cfg)
+    except Exception as exc:
+        return str(exc)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA supports fp16")
+def test_fp16_on_cpu_is_a_clear_error(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    cfg = tiny_config(tmp_path / "fp16", corpus, precision="fp16")
+    for message in run_ranks(_precision_error, 2, cfg):
+        assert message and "precision=fp16 is not supported on this cpu accelerator" in message
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_on_gpu(tmp_path, precision):
+    corpus = write_corpus(tmp_path / "corpus")
+    cfg = tiny_config(tmp_path / precision, corpus, precision=precision, parallel__zero_stage=2, train__steps=20)
+    steps = _steps(run_ranks(_run, 1, cfg)[0])
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
+    assert steps[-1]["loss"] < steps[0]["loss"]
