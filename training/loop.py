@@ -210,7 +210,7 @@ def run(cfg: RunConfig, deepspeed_config_file: str | None = None) -> RunResult:
 def _train(cfg, model_engine, batches, valid_blocks, groups, sink, result, start_step, tokens_per_step):
     from tqdm import tqdm
 
-    progress = tqdm(total=cfg.train.steps, initial=start_step, unit="step", dynamic_ncols=True,
+    progress = tqdm(total=cfg.train.steps, initial=start_step, unit="step", dynamic_ncols=True, mininterval=1.0,
                     disable=dist.get_rank() != 0 or not cfg.train.progress)
     device = model_engine.device
     last_saved = start_step
