@@ -60,6 +60,16 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     return tokenizer
 
 
+def hf_config(*, pretrained: str | None, arch: str | None, config: dict, trust_remote_code: bool = False):
+    """The HF config a run will build, without building the model (for validation)."""
+    if pretrained is not None:
+        return AutoConfig.from_pretrained(str(check_checkpoint_dir(pretrained)), trust_remote_code=trust_remote_code)
+    try:
+        return AutoConfig.for_model(arch, **config)
+    except ValueError as exc:
+        raise ValueError(f"model.arch={arch!r}: {exc}") from None
+
+
 def build_model(*, pretrained: str | None, arch: str | None, config: dict, vocab_size: int | None,
                 seed: int, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32):
     """A full (unsharded) HF causal LM: loaded from ``pretrained`` or initialised from ``seed``."""

@@ -40,8 +40,12 @@ def test_wrong_type_and_impossible_values(tmp_path):
         validate({**MINIMAL, "data": {"train_files": ["x"]}})
     with pytest.raises(ConfigError, match="exactly one of model.pretrained"):
         validate({**MINIMAL, "model": {"arch": "gpt2", "pretrained": "/ckpt"}})
-    with pytest.raises(ConfigError, match="parallel.tensor=2: tensor and pipeline parallelism are not"):
-        validate({**MINIMAL, "parallel": {"tensor": 2}})
+    with pytest.raises(ConfigError, match="parallel.zero_stage=3 with parallel.tensor>1 is not supported"):
+        validate({**MINIMAL, "parallel": {"tensor": 2, "zero_stage": 3}})
+    with pytest.raises(ConfigError, match="parallel.pipeline=2: pipeline parallelism is not available"):
+        validate({**MINIMAL, "parallel": {"pipeline": 2}})
+    with pytest.raises(ConfigError, match="sequence_parallel=true needs parallel.tensor > 1"):
+        validate({**MINIMAL, "parallel": {"sequence_parallel": True}})
 
 
 def test_overrides_take_precedence_over_file_over_defaults(tmp_path):

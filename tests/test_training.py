@@ -70,7 +70,7 @@ def test_resume_matches_uninterrupted_run_and_export_reloads(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out / "hf")
     assert (out / "hf" / "model.safetensors").is_file()
     from training import data
-    from training.loop import token_nll
+    from modeling.parallelize import next_token_losses
     from modeling.build import load_tokenizer
 
     tok = load_tokenizer(out / "hf")
@@ -78,7 +78,7 @@ def test_resume_matches_uninterrupted_run_and_export_reloads(tmp_path):
     blocks = data.tokenize_and_pack(data.load_texts(files, "v", "text", None), tok, full.data.seq_len, "v")
     with torch.no_grad():
         ids = blocks[:]["input_ids"]
-        nll = token_nll(model(input_ids=ids).logits, ids).sum() / (ids.numel() - ids.shape[0])
+        nll = next_token_losses(model, model(input_ids=ids).logits, ids, None).sum() / (ids.numel() - ids.shape[0])
     # Same weights, same blocks; only the summation order of the eval batches differs.
     assert float(nll) == pytest.approx(final_eval["eval_loss"], rel=1e-5)
 

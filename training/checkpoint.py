@@ -9,6 +9,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from modeling.parallelize import full_state_dict as merge_tensor_parallel
+
 
 def checkpoint_root(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
@@ -53,19 +55,20 @@ def load(engine, load_dir: Path, tag: str) -> dict[str, Any]:
     return client_state
 
 
-def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
-    """The unsharded model weights on global rank 0 (None elsewhere). Collective under ZeRO-3."""
+def full_state_dict(engine, tp_group) -> dict[str, torch.Tensor] | None:
+    """The unsharded model weights on global rank 0 (None elsewhere): ZeRO-3 partitions gathered,
+    tensor-parallel shards merged. Collective."""
     if engine.zero_optimization_stage() == 3:
         state = engine._zero3_consolidated_16bit_state_dict()  # gathers params in their own dtype
     else:
-        state = engine.module.state_dict()
+        state = merge_tensor_parallel(engine.module, tp_group)
     return state if dist.get_rank() == 0 else None
 
 
-def export_hf(engine, tokenizer, out_dir: str | Path) -> Path | None:
+def export_hf(engine, tokenizer, out_dir: str | Path, tp_group=None) -> Path | None:
     """Write a ``from_pretrained``-loadable directory (safetensors + config + tokenizer), atomically."""
     out_dir = Path(out_dir)
-    state = full_state_dict(engine)
+    state = full_state_dict(engine, tp_group)
     if dist.get_rank() == 0:
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)

@@ -85,6 +85,9 @@ class ParallelConfig(_Section):
     tensor: int = Field(1, ge=1, description="Tensor-parallel degree.")
     pipeline: int = Field(1, ge=1, description="Pipeline-parallel degree (stages).")
     zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage over the data-parallel group.")
+    sequence_parallel: bool = Field(False, description="Megatron sequence parallelism (needs tensor > 1): "
+                                    "norms and dropout work on a sequence shard; all-gather/reduce-scatter "
+                                    "replace the all-reduces.")
 
 
 class WandbConfig(_Section):
@@ -112,11 +115,20 @@ class RunConfig(_Section):
         if self.optim.warmup_steps > self.train.steps:
             raise ValueError(f"optim.warmup_steps={self.optim.warmup_steps} exceeds train.steps="
                              f"{self.train.steps}: lower the warm-up or train longer")
-        for key, degree in (("parallel.tensor", self.parallel.tensor),
-                            ("parallel.pipeline", self.parallel.pipeline)):
-            if degree > 1:
-                raise ValueError(f"{key}={degree}: tensor and pipeline parallelism are not available in "
-                                 f"this version; set {key}=1 (ZeRO data parallelism uses every process)")
+        if self.parallel.pipeline > 1:
+            raise ValueError(f"parallel.pipeline={self.parallel.pipeline}: pipeline parallelism is not "
+                             f"available in this version; set parallel.pipeline=1")
+        if self.parallel.tensor > 1 and self.parallel.zero_stage == 3:
+            raise ValueError("parallel.zero_stage=3 with parallel.tensor>1 is not supported: ZeRO-3 gathers "
+                             "each parameter over the data-parallel group around every module call, and our "
+                             "tensor-parallel layers (and the tied, sharded vocabulary weight) are not "
+                             "registered with its partitioner; use zero_stage 1 or 2 (tensor parallelism "
+                             "already shards the weights) or parallel.tensor=1")
+        if self.parallel.sequence_parallel and self.parallel.tensor == 1:
+            raise ValueError("parallel.sequence_parallel=true needs parallel.tensor > 1")
+        if self.parallel.sequence_parallel and self.data.seq_len % self.parallel.tensor:
+            raise ValueError(f"parallel.sequence_parallel: data.seq_len={self.data.seq_len} must be divisible "
+                             f"by parallel.tensor={self.parallel.tensor}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

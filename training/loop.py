@@ -15,7 +15,10 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from modeling.build import build_model, byte_level_tokenizer, load_tokenizer, train_bpe_tokenizer
+from modeling.build import build_model, byte_level_tokenizer, hf_config, load_tokenizer, train_bpe_tokenizer
+from modeling.parallelize import lm_loss, next_token_losses, tensor_parallelize
+from modeling.tp_plans import check_tensor_parallel_fits
+from parallel.grad_norm import global_grad_norm
 from parallel.groups import ProcessGroups
 from training import checkpoint, data, engine as engine_lib
 from training.config import ConfigError, RunConfig, deepspeed_config, load_user_deepspeed_config
@@ -28,6 +31,8 @@ class RunResult:
 
     history: list[dict[str, Any]] = field(default_factory=list)
     output_dir: Path | None = None
+    engine: Any = None  # the DeepSpeed engine, for in-process callers that inspect the trained model
+    groups: ProcessGroups | None = None
 
     @property
     def losses(self) -> list[float]:
@@ -114,14 +119,6 @@ def build_data(cfg: RunConfig, tokenizer, train_files: list[str], valid_files: l
     return blocks["data.train_files"], blocks.get("data.valid_files")
 
 
-def token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Summed next-token NLL per sequence, shape (batch,)."""
-    shift_logits = logits[:, :-1].float()
-    targets = input_ids[:, 1:]
-    nll = torch.nn.functional.cross_entropy(shift_logits.transpose(1, 2), targets, reduction="none")
-    return nll.sum(dim=1)
-
-
 @torch.no_grad()
 def evaluate(model_engine, blocks, cfg: RunConfig, groups: ProcessGroups) -> dict[str, float]:
     """Token-weighted mean NLL over the validation blocks, sharded over data-parallel ranks."""
@@ -132,7 +129,8 @@ def evaluate(model_engine, blocks, cfg: RunConfig, groups: ProcessGroups) -> dic
                                            cfg.train.eval_batches):
         input_ids = batch["input_ids"].to(device)
         logits = model_engine(input_ids=input_ids).logits
-        total_nll += float((token_nll(logits, input_ids).cpu() * weight).sum())
+        nll = next_token_losses(model_engine.module, logits, input_ids, groups.tp_group).sum(dim=1)
+        total_nll += float((nll.cpu() * weight).sum())
         total_tokens += float(weight.sum()) * (input_ids.shape[1] - 1)
     model_engine.train()
     total_nll, total_tokens = sum_over(groups.dp_group, total_nll, total_tokens)
@@ -143,10 +141,7 @@ def evaluate(model_engine, blocks, cfg: RunConfig, groups: ProcessGroups) -> dic
 def _grad_norm(model_engine, groups: ProcessGroups) -> float | None:
     norm = model_engine.get_global_grad_norm()
     if norm is None:  # ZeRO-0 in fp32 clips inside DeepSpeed without keeping the norm
-        from deepspeed.runtime.utils import get_global_norm_of_tensors
-
-        grads = [p.grad for p in model_engine.module.parameters() if p.grad is not None]
-        norm = get_global_norm_of_tensors(grads, mpu=groups)
+        norm = global_grad_norm(model_engine.module.parameters(), groups.mp_group, groups.get_model_parallel_rank())
     return float(norm)
 
 
@@ -167,6 +162,9 @@ def run(cfg: RunConfig, deepspeed_config_file: str | None = None) -> RunResult:
     engine_lib.check_precision(cfg.precision)
     train_files = data.expand_files(cfg.data.train_files, "data.train_files")
     valid_files = data.expand_files(cfg.data.valid_files, "data.valid_files") if cfg.data.valid_files else []
+    check_tensor_parallel_fits(hf_config(pretrained=cfg.model.pretrained, arch=cfg.model.arch,
+                                         config=cfg.model.config, trust_remote_code=cfg.model.trust_remote_code),
+                               cfg.parallel.tensor)
     resume_from = checkpoint.resolve_resume(cfg.train.resume, cfg.train.output_dir)
     if resume_from is None and (checkpoint.checkpoint_root(cfg.train.output_dir) / "latest").is_file():
         raise ConfigError(f"train.output_dir={cfg.train.output_dir} already holds checkpoints of another run: "
@@ -185,6 +183,7 @@ def run(cfg: RunConfig, deepspeed_config_file: str | None = None) -> RunResult:
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         raise ConfigError(f"model.pretrained={cfg.model.pretrained}: the tokenizer has {len(tokenizer)} tokens "
                           f"but the model only {model.get_input_embeddings().num_embeddings} embeddings")
+    model = tensor_parallelize(model, groups.tp_group, cfg.parallel.sequence_parallel)
     model_engine = engine_lib.build(model, cfg.optim, cfg.train.steps, ds_config, groups)
     if rank == 0:
         _save_run_files(cfg, ds_config)
@@ -196,12 +195,12 @@ def run(cfg: RunConfig, deepspeed_config_file: str | None = None) -> RunResult:
     batches = data.TrainBatches(train_blocks, plan, groups.dp_rank, cfg.train.seed)
     sink = MetricsSink(cfg.train.output_dir, rank == 0, cfg.logging.wandb, cfg.to_dict(),
                        append=resume_from is not None)
-    result = RunResult(output_dir=Path(cfg.train.output_dir))
+    result = RunResult(output_dir=Path(cfg.train.output_dir), engine=model_engine, groups=groups)
     tokens_per_step = plan.global_batch * cfg.data.seq_len
     try:
         _train(cfg, model_engine, batches, valid_blocks, groups, sink, result, start_step, tokens_per_step)
         if cfg.train.export_hf:
-            checkpoint.export_hf(model_engine, tokenizer, Path(cfg.train.output_dir) / "hf")
+            checkpoint.export_hf(model_engine, tokenizer, Path(cfg.train.output_dir) / "hf", groups.tp_group)
     finally:
         sink.close()
     return result
@@ -220,7 +219,8 @@ def _train(cfg, model_engine, batches, valid_blocks, groups, sink, result, start
         micro_losses = []
         for micro_index in range(cfg.train.grad_accum):
             batch = {k: v.to(device) for k, v in batches.batch(step, micro_index).items()}
-            loss = model_engine(**batch).loss
+            logits = model_engine(input_ids=batch["input_ids"]).logits
+            loss = lm_loss(model_engine.module, logits, batch["labels"], groups.tp_group)
             model_engine.backward(loss)
             if micro_index == cfg.train.grad_accum - 1:
                 grad_norm = _grad_norm(model_engine, groups) if model_engine.zero_optimization_stage() == 0 \

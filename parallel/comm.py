@@ -1,0 +1,168 @@
+"""Tensor-parallel communication as autograd functions (after Megatron-LM ``tensor_parallel/mappings.py``).
+
+Three tiers: private collectives on a group; private ``autograd.Function`` s pairing each forward with its
+dual in backward; the public functions below, each documented "forward: X, backward: Y". Every function is
+the identity when the group has a single rank, so TP=1 costs nothing and issues no collective.
+
+Tensors are Hugging Face layout ``(batch, seq, hidden)``: "last dim" is the hidden / vocab dim that tensor
+parallelism splits; the sequence-parallel functions split the sequence dim (1).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+SEQ_DIM = 1
+
+
+def _world(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    if _world(group) == 1:
+        return x
+    x = x.contiguous()
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def _split(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    world = _world(group)
+    if world == 1:
+        return x
+    if x.shape[dim] % world:
+        raise ValueError(f"dimension {dim} of size {x.shape[dim]} is not divisible by the group size {world}")
+    return x.chunk(world, dim=dim)[dist.get_rank(group)].contiguous()
+
+
+def _gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    world = _world(group)
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    world = _world(group)
+    if world == 1:
+        return x
+    if x.shape[dim] % world:
+        raise ValueError(f"dimension {dim} of size {x.shape[dim]} is not divisible by the group size {world}")
+    parts = [p.contiguous() for p in x.chunk(world, dim=dim)]
+    out = torch.empty_like(parts[0])
+    dist.reduce_scatter(out, parts, group=group)
+    return out
+
+
+class _CopyToRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad, ctx.group), None
+
+
+class _ReduceFromRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _ScatterToRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _split(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather(grad, ctx.dim, ctx.group), None, None
+
+
+class _GatherFromRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return _gather(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _split(grad, ctx.dim, ctx.group), None, None
+
+
+class _GatherFromSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _gather(x, SEQ_DIM, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter(grad, SEQ_DIM, ctx.group), None
+
+
+class _ReduceScatterToSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter(x, SEQ_DIM, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _gather(grad, SEQ_DIM, ctx.group), None
+
+
+def _skip(group) -> bool:
+    return _world(group) == 1
+
+
+def copy_to_tensor_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
+    """Forward: identity. Backward: all-reduce (sum) over ``group``."""
+    return x if _skip(group) else _CopyToRegion.apply(x, group)
+
+
+def reduce_from_tensor_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
+    """Forward: all-reduce (sum) over ``group``. Backward: identity."""
+    return x if _skip(group) else _ReduceFromRegion.apply(x, group)
+
+
+def scatter_to_tensor_parallel_region(x: torch.Tensor, group, dim: int = -1) -> torch.Tensor:
+    """Forward: keep this rank's chunk of ``dim``. Backward: all-gather along ``dim``."""
+    return x if _skip(group) else _ScatterToRegion.apply(x, group, dim)
+
+
+def gather_from_tensor_parallel_region(x: torch.Tensor, group, dim: int = -1) -> torch.Tensor:
+    """Forward: all-gather along ``dim``. Backward: keep this rank's chunk."""
+    return x if _skip(group) else _GatherFromRegion.apply(x, group, dim)
+
+
+def scatter_to_sequence_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
+    """Forward: keep this rank's chunk of the sequence. Backward: all-gather the sequence."""
+    return x if _skip(group) else _ScatterToRegion.apply(x, group, SEQ_DIM)
+
+
+def gather_from_sequence_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
+    """Forward: all-gather the sequence. Backward: reduce-scatter the sequence."""
+    return x if _skip(group) else _GatherFromSequence.apply(x, group)
+
+
+def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
+    """Forward: reduce-scatter the sequence (sum partial results, keep this rank's chunk).
+    Backward: all-gather the sequence."""
+    return x if _skip(group) else _ReduceScatterToSequence.apply(x, group)
+
+
+def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
+    """Plain (non-autograd) in-place sum over ``group``; used for gradients of sequence-parallel norms."""
+    return _all_reduce(x, group)

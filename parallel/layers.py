@@ -1,0 +1,190 @@
+"""Megatron-style tensor-parallel layers.
+
+Each layer is built from the full (dense) weight by slicing this rank's part (``from_dense``), so TP=N
+starts from exactly TP=1's weights. Sharded parameters carry ``tensor_model_parallel = True`` and
+``partition_dim`` (read by DeepSpeed's gradient-norm code: a replicated parameter is counted on tensor
+rank 0 only), plus what is needed to merge the shards back (``tp_fused_chunks``, ``tp_full_size``).
+Weights use the ``nn.Linear`` layout ``(out_features, in_features)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from parallel.comm import (copy_to_tensor_parallel_region, gather_from_sequence_parallel_region,
+                           gather_from_tensor_parallel_region, reduce_from_tensor_parallel_region,
+                           reduce_scatter_to_sequence_parallel_region)
+
+
+def _rank_world(group) -> tuple[int, int]:
+    return (0, 1) if group is None else (dist.get_rank(group), dist.get_world_size(group))
+
+
+def mark_sharded(param: nn.Parameter, partition_dim: int, full_size: int, fused_chunks: int = 1) -> None:
+    param.tensor_model_parallel = True
+    param.partition_dim = partition_dim
+    param.partition_stride = 1
+    param.tp_full_size = full_size
+    param.tp_fused_chunks = fused_chunks
+
+
+def shard_rows(full: torch.Tensor, group, chunks: int = 1, padded_rows: int | None = None) -> torch.Tensor:
+    """This rank's rows of ``full`` (dim 0). A fused tensor of ``chunks`` equal blocks (q|k|v) is split
+    per block so every rank holds matching rows of each; ``padded_rows`` pads with zeros first."""
+    rank, world = _rank_world(group)
+    if padded_rows is not None and padded_rows > full.shape[0]:
+        full = torch.cat([full, full.new_zeros(padded_rows - full.shape[0], *full.shape[1:])])
+    blocks = full.chunk(chunks, dim=0)
+    return torch.cat([b.chunk(world, dim=0)[rank] for b in blocks]).clone()
+
+
+class ColumnParallelLinear(nn.Module):
+    """Y = XA + b with A split by columns, A = [A_1, ..., A_p]: rank i computes Y_i = X A_i + b_i.
+
+    Input: replicated over the group. ``enter_region=True`` applies copy-to-region (identity forward,
+    all-reduce of dX backward) here; set it False where the parent module already entered the region
+    (one all-reduce for q, k and v together). With ``sequence_parallel`` the entry is an all-gather of
+    the sequence instead. Output: Y_i (this rank's columns), or the full Y with ``gather_output``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, group, bias: bool = True,
+                 gather_output: bool = False, enter_region: bool = True, sequence_parallel: bool = False,
+                 fused_chunks: int = 1, dtype=None):
+        super().__init__()
+        rank, world = _rank_world(group)
+        if out_features % (world * fused_chunks):
+            raise ValueError(f"out_features={out_features} is not divisible by {fused_chunks} x tensor size {world}")
+        self.group, self.gather_output, self.enter_region = group, gather_output, enter_region
+        self.sequence_parallel = sequence_parallel
+        self.in_features, self.out_features = in_features, out_features
+        local = out_features // world
+        self.weight = nn.Parameter(torch.empty(local, in_features, dtype=dtype))
+        mark_sharded(self.weight, 0, out_features, fused_chunks)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(local, dtype=dtype))
+            mark_sharded(self.bias, 0, out_features, fused_chunks)
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None, *, group, fused_chunks: int = 1,
+                   **kwargs) -> "ColumnParallelLinear":
+        out_features, in_features = weight.shape
+        layer = cls(in_features, out_features, group=group, bias=bias is not None, fused_chunks=fused_chunks,
+                    dtype=weight.dtype, **kwargs)
+        with torch.no_grad():
+            layer.weight.copy_(shard_rows(weight, group, fused_chunks))
+            if bias is not None:
+                layer.bias.copy_(shard_rows(bias, group, fused_chunks))
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.enter_region:
+            x = (gather_from_sequence_parallel_region(x, self.group) if self.sequence_parallel
+                 else copy_to_tensor_parallel_region(x, self.group))
+        y = F.linear(x, self.weight, self.bias)
+        return gather_from_tensor_parallel_region(y, self.group) if self.gather_output else y
+
+
+class RowParallelLinear(nn.Module):
+    """Y = XA + b with A split by rows, A = [A_1; ...; A_p] and X = [X_1, ..., X_p] split by columns:
+    rank i computes X_i A_i; the partial sums are all-reduced (reduce-scattered over the sequence with
+    ``sequence_parallel``), then b (replicated) is added once.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, group, bias: bool = True,
+                 sequence_parallel: bool = False, dtype=None):
+        super().__init__()
+        rank, world = _rank_world(group)
+        if in_features % world:
+            raise ValueError(f"in_features={in_features} is not divisible by tensor size {world}")
+        self.group, self.sequence_parallel = group, sequence_parallel
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features // world, dtype=dtype))
+        mark_sharded(self.weight, 1, in_features)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None, *, group, **kwargs) -> "RowParallelLinear":
+        out_features, in_features = weight.shape
+        layer = cls(in_features, out_features, group=group, bias=bias is not None, dtype=weight.dtype, **kwargs)
+        with torch.no_grad():
+            layer.weight.copy_(shard_rows(weight.t(), group).t())
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        partial = F.linear(x, self.weight)
+        y = (reduce_scatter_to_sequence_parallel_region(partial, self.group) if self.sequence_parallel
+             else reduce_from_tensor_parallel_region(partial, self.group))
+        return y if self.bias is None else y + self.bias
+
+
+def padded_vocab_size(vocab_size: int, world: int) -> int:
+    return -(-vocab_size // world) * world
+
+
+class VocabParallelEmbedding(nn.Module):
+    """E = onehot(ids) W with W split by rows (vocabulary): rank i holds rows [start_i, end_i), looks up
+    the ids it owns, zeros the others, and the partial embeddings are all-reduced. A vocabulary that does
+    not divide the group size is padded with zero rows that no id reaches."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, group, dtype=None):
+        super().__init__()
+        rank, world = _rank_world(group)
+        self.group, self.num_embeddings, self.embedding_dim = group, num_embeddings, embedding_dim
+        self.padded_num_embeddings = padded_vocab_size(num_embeddings, world)
+        self.per_rank = self.padded_num_embeddings // world
+        self.vocab_start = rank * self.per_rank
+        self.vocab_end = self.vocab_start + self.per_rank
+        self.valid_rows = max(0, min(self.vocab_end, num_embeddings) - self.vocab_start)
+        self.weight = nn.Parameter(torch.empty(self.per_rank, embedding_dim, dtype=dtype))
+        mark_sharded(self.weight, 0, num_embeddings)
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, *, group) -> "VocabParallelEmbedding":
+        layer = cls(weight.shape[0], weight.shape[1], group=group, dtype=weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(shard_rows(weight, group, padded_rows=layer.padded_num_embeddings))
+        return layer
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
+        local = (ids - self.vocab_start).masked_fill(outside, 0)
+        out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_tensor_parallel_region(out, self.group)
+
+
+class VocabParallelHead(ColumnParallelLinear):
+    """The output projection over a vocabulary split like ``VocabParallelEmbedding`` (same padding), so
+    tied input/output embeddings share one sharded weight. Produces this rank's logits only; the loss is
+    ``parallel.cross_entropy.vocab_parallel_cross_entropy`` and never gathers the full vocabulary."""
+
+    def __init__(self, in_features: int, vocab_size: int, *, group, bias: bool = False, dtype=None, **kwargs):
+        rank, world = _rank_world(group)
+        padded = padded_vocab_size(vocab_size, world)
+        super().__init__(in_features, padded, group=group, bias=bias, dtype=dtype, **kwargs)
+        self.vocab_size = vocab_size
+        self.vocab_start = rank * (padded // world)
+        self.valid_rows = max(0, min(self.vocab_start + padded // world, vocab_size) - self.vocab_start)
+        self.weight.tp_full_size = vocab_size
+        if self.bias is not None:
+            self.bias.tp_full_size = vocab_size
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None, *, group, **kwargs) -> "VocabParallelHead":
+        layer = cls(weight.shape[1], weight.shape[0], group=group, bias=bias is not None, dtype=weight.dtype,
+                    **kwargs)
+        padded = layer.out_features
+        with torch.no_grad():
+            layer.weight.copy_(shard_rows(weight, group, padded_rows=padded))
+            if bias is not None:
+                layer.bias.copy_(shard_rows(bias, group, padded_rows=padded))
+        return layer

@@ -1,0 +1,177 @@
+"""Apply a tensor-parallel plan to a module tree.
+
+A plan is data: module-path patterns (``*`` = one path component) mapped to a style:
+
+- ``colwise`` / ``colwise_fused3``: ``ColumnParallelLinear`` (fused: q|k|v blocks split per block)
+- ``rowwise``: ``RowParallelLinear``
+- ``vocab_embedding`` / ``vocab_head``: vocabulary-parallel embedding and output projection
+- ``region``: the module's input enters the tensor-parallel region once (copy-to-region, or the
+  sequence all-gather with sequence parallelism), so the column layers inside need no entry of their own
+- ``replicate``: parameters kept whole on every rank
+
+plus per-module attributes to divide by the tensor size (e.g. GPT-2's ``split_size``) and the path of the
+block list. With sequence parallelism the hidden states are split over the sequence at the input of the
+first block and gathered at the output of the last; norms and biases inside the blocks then see a
+sequence shard, so their gradients are summed over the tensor group. ``apply_tp_plan``
+swaps the modules, slicing the dense weights (``nn.Linear`` or transformers' ``Conv1D`` layout), and fails
+on any parameter the plan does not cover.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from parallel.comm import (all_reduce_sum, copy_to_tensor_parallel_region, gather_from_sequence_parallel_region,
+                           scatter_to_sequence_parallel_region)
+from parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead
+
+STYLES = {"colwise", "colwise_fused3", "rowwise", "vocab_embedding", "vocab_head", "region", "replicate"}
+
+
+@dataclass(frozen=True)
+class TPPlan:
+    """Module-path pattern -> style; module-path pattern -> attributes divided by the TP size; the path
+    of the ``nn.ModuleList`` of transformer blocks."""
+
+    styles: dict[str, str]
+    blocks: str
+    divide_attributes: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        unknown = {s for s in self.styles.values() if s not in STYLES}
+        if unknown:
+            raise ValueError(f"unknown TP styles {sorted(unknown)}; known: {sorted(STYLES)}")
+
+
+def _regex(pattern: str) -> re.Pattern:
+    return re.compile("^" + re.escape(pattern).replace(r"\*", r"[^.]+") + "$")
+
+
+def _matches(plan_map: dict, name: str) -> list:
+    return [value for pattern, value in plan_map.items() if _regex(pattern).match(name)]
+
+
+def _dense_linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    """(weight in nn.Linear layout, bias, was_conv1d). transformers' Conv1D stores (in, out)."""
+    if type(module).__name__ == "Conv1D":
+        return module.weight.detach().t(), (None if module.bias is None else module.bias.detach()), True
+    if isinstance(module, nn.Linear):
+        return module.weight.detach(), (None if module.bias is None else module.bias.detach()), False
+    raise TypeError(f"cannot shard {type(module).__name__}: expected nn.Linear or Conv1D")
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+
+
+def _replace_hidden_states(args, kwargs, fn):
+    if "hidden_states" in kwargs:
+        kwargs = dict(kwargs, hidden_states=fn(kwargs["hidden_states"]))
+    else:
+        args = (fn(args[0]),) + tuple(args[1:])
+    return args, kwargs
+
+
+def _region_entry_hook(group, sequence_parallel: bool):
+    enter = ((lambda h: gather_from_sequence_parallel_region(h, group)) if sequence_parallel
+             else (lambda h: copy_to_tensor_parallel_region(h, group)))
+    return lambda module, args, kwargs: _replace_hidden_states(args, kwargs, enter)
+
+
+def _sequence_scatter_hook(group):
+    return lambda module, args, kwargs: _replace_hidden_states(
+        args, kwargs, lambda h: scatter_to_sequence_parallel_region(h, group))
+
+
+def _sequence_gather_hook(group):
+    def hook(module, args, output):
+        if isinstance(output, tuple):
+            return (gather_from_sequence_parallel_region(output[0], group),) + output[1:]
+        return gather_from_sequence_parallel_region(output, group)
+
+    return hook
+
+
+def apply_tp_plan(model: nn.Module, plan: TPPlan, group, sequence_parallel: bool = False) -> nn.Module:
+    """Shard ``model`` in place for this rank of ``group``; returns it. Every parameter afterwards is
+    either sharded (``tensor_model_parallel``) or declared replicated by the plan, else ValueError."""
+    world = 1 if group is None else dist.get_world_size(group)
+    tied = {}
+    swaps = []
+    for name, module in model.named_modules():
+        styles = _matches(plan.styles, name)
+        if len(styles) > 1:
+            raise ValueError(f"module {name} matches several TP styles: {styles}")
+        style = styles[0] if styles else None
+        for attrs in _matches(plan.divide_attributes, name):
+            for attr in attrs:
+                value = getattr(module, attr)
+                if value % world:
+                    raise ValueError(f"{name}.{attr}={value} is not divisible by the tensor-parallel size {world}")
+                setattr(module, attr, value // world)
+        if style in ("colwise", "colwise_fused3", "rowwise", "vocab_head"):
+            weight, bias, was_conv1d = _dense_linear(module)
+            if style == "rowwise":
+                new = RowParallelLinear.from_dense(weight, bias, group=group, sequence_parallel=sequence_parallel)
+            elif style == "vocab_head":
+                new = VocabParallelHead.from_dense(weight, bias, group=group, sequence_parallel=sequence_parallel)
+                tied[name] = module.weight
+            else:
+                new = ColumnParallelLinear.from_dense(weight, bias, group=group, enter_region=False,
+                                                      fused_chunks=3 if style == "colwise_fused3" else 1)
+            new.hf_conv1d = was_conv1d  # export transposes back to transformers' Conv1D layout
+            swaps.append((name, new))
+        elif style == "vocab_embedding":
+            new = VocabParallelEmbedding.from_dense(module.weight.detach(), group=group)
+            tied[name] = module.weight
+            swaps.append((name, new))
+        elif style == "region":
+            module.register_forward_pre_hook(_region_entry_hook(group, sequence_parallel), with_kwargs=True)
+    for name, new in swaps:
+        _set_submodule(model, name, new)
+    _retie(model, tied)
+    _check_covered(model, plan)
+    if sequence_parallel:
+        blocks = model.get_submodule(plan.blocks)
+        blocks[0].register_forward_pre_hook(_sequence_scatter_hook(group), with_kwargs=True)
+        blocks[-1].register_forward_hook(_sequence_gather_hook(group))
+        for name, param in blocks.named_parameters():
+            if not getattr(param, "tensor_model_parallel", False):
+                param.sequence_parallel = True
+                param.register_hook(lambda grad: all_reduce_sum(grad.clone(), group))
+    return model
+
+
+def _retie(model: nn.Module, dense_weights: dict[str, nn.Parameter]) -> None:
+    """Input and output embeddings that shared one dense weight share one sharded weight again."""
+    names = list(dense_weights)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if dense_weights[a] is dense_weights[b]:
+                model.get_submodule(b).weight = model.get_submodule(a).weight
+
+
+def _owner(name: str) -> str:
+    return name.rpartition(".")[0]
+
+
+def _check_covered(model: nn.Module, plan: TPPlan) -> None:
+    replicated = {p for p, s in plan.styles.items() if s == "replicate"}
+    missing = []
+    for name, param in model.named_parameters():
+        if getattr(param, "tensor_model_parallel", False):
+            continue
+        if _owner(name) and _matches({p: True for p in replicated}, _owner(name)):
+            continue
+        if isinstance(model.get_submodule(_owner(name)) if _owner(name) else model, RowParallelLinear):
+            continue  # its bias is added after the reduction: replicated by construction
+        missing.append(name)
+    if missing:
+        raise ValueError(f"TP plan covers neither sharding nor replication for parameters {missing}; add a "
+                         f"style for their modules to the plan")
