@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from parallel.comm import (all_reduce_sum, copy_to_tensor_parallel_region, gather_from_sequence_parallel_region,
+from parallel.comm import (SEQ_DIM, all_reduce_sum, copy_to_tensor_parallel_region,
+                           gather_from_sequence_parallel_region, gather_from_tensor_parallel_region,
                            scatter_to_sequence_parallel_region)
 from parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead
 
@@ -90,10 +91,13 @@ def _sequence_scatter_hook(group):
 
 
 def _sequence_gather_hook(group):
+    """After the last block the sequence is gathered for the replicated final norm and the head (which
+    enters the region itself): backward keeps this rank's chunk, since every rank holds the full gradient."""
+    def gather(h):
+        return gather_from_tensor_parallel_region(h, group, dim=SEQ_DIM)
+
     def hook(module, args, output):
-        if isinstance(output, tuple):
-            return (gather_from_sequence_parallel_region(output[0], group),) + output[1:]
-        return gather_from_sequence_parallel_region(output, group)
+        return (gather(output[0]),) + output[1:] if isinstance(output, tuple) else gather(output)
 
     return hook
 
@@ -120,7 +124,7 @@ def apply_tp_plan(model: nn.Module, plan: TPPlan, group, sequence_parallel: bool
             if style == "rowwise":
                 new = RowParallelLinear.from_dense(weight, bias, group=group, sequence_parallel=sequence_parallel)
             elif style == "vocab_head":
-                new = VocabParallelHead.from_dense(weight, bias, group=group, sequence_parallel=sequence_parallel)
+                new = VocabParallelHead.from_dense(weight, bias, group=group)  # input: full sequence
                 tied[name] = module.weight
             else:
                 new = ColumnParallelLinear.from_dense(weight, bias, group=group, enter_region=False,

@@ -1,0 +1,117 @@
+"""Each tensor-parallel layer and the vocabulary-parallel cross entropy against its dense torch
+counterpart built from the same full tensors, at tensor sizes 2 and 4: outputs and input / weight /
+bias gradients. fp32; the only differences are summation order in the all-reduces, so 1e-5 (relative to
+values of order 1) is ~100x the observed error and far below any slicing mistake (order 1)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.dist import run_ranks
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def _init():
+    import torch.distributed as dist
+
+    from training.loop import init_distributed
+
+    init_distributed()
+    return dist.group.WORLD, dist.get_rank(), dist.get_world_size()
+
+
+def _close(a, b, what):
+    torch.testing.assert_close(a, b, **TOL, msg=lambda m: f"{what}: {m}")
+
+
+def _layers_match_dense(perturb: bool = False):
+    from parallel.comm import scatter_to_sequence_parallel_region, scatter_to_tensor_parallel_region
+    from parallel.cross_entropy import vocab_parallel_cross_entropy
+    from parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                                 VocabParallelHead)
+
+    group, rank, world = _init()
+    gen = torch.Generator().manual_seed(0)
+    x_full = torch.randn(3, 8, 16, generator=gen)
+    # --- column parallel (gather_output) -------------------------------------------------------
+    dense = torch.nn.Linear(16, 24)
+    dense.weight.data = torch.randn(24, 16, generator=gen)
+    dense.bias.data = torch.randn(24, generator=gen)
+    upstream = torch.randn(3, 8, 24, generator=gen)
+    col = ColumnParallelLinear.from_dense(dense.weight.data, dense.bias.data, group=group, gather_output=True)
+    if perturb and rank == world - 1:
+        col.weight.data[0, 0] += 1e-2
+    xd, xt = x_full.clone().requires_grad_(), x_full.clone().requires_grad_()
+    (dense(xd) * upstream).sum().backward()
+    yt = col(xt)
+    (yt * upstream).sum().backward()
+    _close(yt, dense(x_full), "column output")
+    _close(xt.grad, xd.grad, "column dX")
+    _close(col.weight.grad, dense.weight.grad.chunk(world)[rank], "column dW")
+    _close(col.bias.grad, dense.bias.grad.chunk(world)[rank], "column db")
+    # --- row parallel (input split by columns) ---------------------------------------------------
+    dense = torch.nn.Linear(24, 16)
+    dense.weight.data = torch.randn(16, 24, generator=gen)
+    dense.bias.data = torch.randn(16, generator=gen)
+    x24 = torch.randn(3, 8, 24, generator=gen)
+    up16 = torch.randn(3, 8, 16, generator=gen)
+    row = RowParallelLinear.from_dense(dense.weight.data, dense.bias.data, group=group)
+    xd, xt = x24.clone().requires_grad_(), x24.clone().requires_grad_()
+    (dense(xd) * up16).sum().backward()
+    yt = row(scatter_to_tensor_parallel_region(xt, group))
+    (yt * up16).sum().backward()
+    _close(yt, dense(x24), "row output")
+    _close(xt.grad, xd.grad, "row dX")
+    _close(row.weight.grad, dense.weight.grad.chunk(world, dim=1)[rank], "row dW")
+    _close(row.bias.grad, dense.bias.grad, "row db")
+    # --- sequence parallel: column with all-gather entry, row with reduce-scatter exit -------------
+    col_sp = ColumnParallelLinear.from_dense(dense.weight.data.t().contiguous(), None, group=group,
+                                             sequence_parallel=True)
+    row_sp = RowParallelLinear.from_dense(dense.weight.data, dense.bias.data, group=group, sequence_parallel=True)
+    xd, xt = x_full.clone().requires_grad_(), x_full.clone().requires_grad_()
+    ref = torch.nn.functional.linear(torch.nn.functional.linear(xd, dense.weight.t()), dense.weight, dense.bias)
+    (ref * torch.ones_like(ref)).sum().backward()
+    y_shard = row_sp(col_sp(scatter_to_sequence_parallel_region(xt, group)))
+    assert y_shard.shape[1] == 8 // world
+    y_shard.sum().backward()
+    _close(y_shard, ref.detach().chunk(world, dim=1)[rank], "sequence-parallel output shard")
+    _close(xt.grad, xd.grad, "sequence-parallel dX")
+    # --- vocabulary-parallel embedding (vocab 11: padded for 2 and 4 ranks) ------------------------
+    table = torch.randn(11, 16, generator=gen)
+    ids = torch.randint(0, 11, (3, 8), generator=gen)
+    emb_up = torch.randn(3, 8, 16, generator=gen)
+    dense_emb = torch.nn.Embedding.from_pretrained(table.clone(), freeze=False)
+    (dense_emb(ids) * emb_up).sum().backward()
+    emb = VocabParallelEmbedding.from_dense(table, group=group)
+    out = emb(ids)
+    (out * emb_up).sum().backward()
+    _close(out, table[ids], "embedding output")
+    full_grad = torch.cat([dense_emb.weight.grad, torch.zeros(emb.padded_num_embeddings - 11, 16)])
+    _close(emb.weight.grad, full_grad.chunk(world)[rank], "embedding dW")
+    # --- vocabulary-parallel head + cross entropy (never gathers the vocabulary) --------------------
+    head_w = torch.randn(11, 16, generator=gen)
+    targets = torch.randint(0, 11, (3, 8), generator=gen)
+    hd, ht = x_full.clone().requires_grad_(), x_full.clone().requires_grad_()
+    ref_loss = torch.nn.functional.cross_entropy((hd @ head_w.t()).transpose(1, 2), targets, reduction="none")
+    ref_loss.mean().backward()
+    head = VocabParallelHead.from_dense(head_w, None, group=group)
+    local_logits = head(ht)
+    assert local_logits.shape[-1] == head.out_features // world
+    loss = vocab_parallel_cross_entropy(local_logits, targets, group, head.vocab_start, head.valid_rows)
+    loss.mean().backward()
+    _close(loss, ref_loss.detach(), "cross entropy per token")
+    _close(ht.grad, hd.grad, "cross entropy dX")
+    return True
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_layers_and_cross_entropy_match_dense(world):
+    assert all(run_ranks(_layers_match_dense, world, timeout=300))
+
+
+def test_layer_test_can_fail():
+    """A 1e-2 perturbation of one weight on one rank must fail the comparison."""
+    with pytest.raises(RuntimeError, match="column output"):
+        run_ranks(_layers_match_dense, 2, True, timeout=300)
