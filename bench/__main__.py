@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-COMMANDS = {"overhead": "bench.overhead"}
+COMMANDS = {"overhead": "bench.overhead", "tp": "bench.tp"}
 
 
 def main() -> int:

@@ -66,6 +66,7 @@ class TrainConfig(_Section):
     eval_every: int = Field(0, ge=0, description="Steps between evals; 0 = only at the end.")
     eval_batches: int | None = Field(None, gt=0, description="Micro-batches per eval; None = all.")
     save_every: int = Field(0, ge=0, description="Steps between checkpoints; 0 = only at the end.")
+    save_final: bool = Field(True, description="Write a checkpoint at the end (benchmarks turn it off).")
     resume: str | None = Field(None, description="'auto' (latest in output_dir) or a checkpoint dir.")
     export_hf: bool = Field(True, description="Write output_dir/hf (save_pretrained) at the end.")
     progress: bool = Field(True, description="Progress bar on rank 0.")

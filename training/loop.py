@@ -246,7 +246,7 @@ def _train(cfg, model_engine, batches, valid_blocks, groups, sink, result, start
             if dist.get_rank() == 0:
                 progress.write(f"step {step + 1}: eval_loss {metrics['eval_loss']:.4f} "
                                f"perplexity {metrics['perplexity']:.2f}")
-        if done or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
+        if (done and cfg.train.save_final) or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
             checkpoint.save(model_engine, cfg.train.output_dir, step + 1, {"config": cfg.to_dict()})
             last_saved = step + 1
     progress.close()
