@@ -25,16 +25,17 @@ def _steps(history):
     return [r for r in history if "loss" in r]
 
 
-def test_tp2_dp2_zero1_zero2_match_single_process(tmp_path):
+def test_tp2_dp2_zero0_1_2_match_single_process(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
     common = dict(parallel__tensor=2, model__config=dict(TINY_GPT2, n_head=4))
-    cfgs = [tiny_config(tmp_path / "z1", corpus, parallel__zero_stage=1, **common),
+    cfgs = [tiny_config(tmp_path / "z0", corpus, parallel__zero_stage=0, **common),
+            tiny_config(tmp_path / "z1", corpus, parallel__zero_stage=1, **common),
             tiny_config(tmp_path / "z2", corpus, parallel__zero_stage=2, **common),
             tiny_config(tmp_path / "z1sp", corpus, parallel__zero_stage=1, parallel__sequence_parallel=True,
                         **common)]
     ref_loss, ref_norm = reference_losses(cfgs[0], global_batch=2 * 1 * 2)  # micro 2 x accum 1 x dp 2
     assert max(ref_norm) > cfgs[0].optim.grad_clip, "clipping must be active"
-    for name, history in zip(("ZeRO-1", "ZeRO-2", "ZeRO-1 + sequence parallel"),
+    for name, history in zip(("ZeRO-0", "ZeRO-1", "ZeRO-2", "ZeRO-1 + sequence parallel"),
                              run_ranks(_run_sequence, 4, cfgs, timeout=600)[0]):
         steps = _steps(history)
         assert len(steps) == 10
