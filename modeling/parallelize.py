@@ -22,12 +22,17 @@ def tensor_parallelize(model: nn.Module, tp_group, sequence_parallel: bool = Fal
     return apply_tp_plan(model, PLANS[model.config.model_type], tp_group, sequence_parallel)
 
 
+def vocab_slice(head: nn.Module) -> tuple[int, int | None]:
+    """(first vocabulary row, number of real rows) of this rank's logits; (0, None) when unsharded."""
+    if isinstance(head, VocabParallelHead):
+        return head.vocab_start, head.valid_rows
+    return 0, None
+
+
 def lm_loss(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor, tp_group) -> torch.Tensor:
     """Mean next-token loss from the model's (possibly vocabulary-sharded) logits."""
-    head = model.get_output_embeddings()
-    if isinstance(head, VocabParallelHead):
-        return causal_lm_loss(logits, labels, tp_group, head.vocab_start, head.valid_rows)
-    return causal_lm_loss(logits, labels)
+    start, valid = vocab_slice(model.get_output_embeddings())
+    return causal_lm_loss(logits, labels, tp_group if valid is not None else None, start, valid)
 
 
 def next_token_losses(model: nn.Module, logits: torch.Tensor, input_ids: torch.Tensor, tp_group) -> torch.Tensor:

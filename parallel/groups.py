@@ -49,6 +49,7 @@ class ProcessGroups:
     pp_ranks: list[int] = field(default_factory=list)
     dp_ranks: list[int] = field(default_factory=list)
     mp_ranks: list[int] = field(default_factory=list)
+    embed_group: dist.ProcessGroup | None = field(default=None, repr=False)  # first + last stage, for tied embeddings
 
     @classmethod
     def from_degrees(cls, tensor: int = 1, pipeline: int = 1, data: int | None = None) -> "ProcessGroups":
@@ -66,6 +67,8 @@ class ProcessGroups:
             "dp": [grid[p, :, t].tolist() for p in range(pipeline) for t in range(tensor)],
             "pp": [grid[:, d, t].tolist() for d in range(dp) for t in range(tensor)],
             "mp": [grid[:, d, :].flatten().tolist() for d in range(dp)],
+            "embed": ([[grid[0, d, t].item(), grid[-1, d, t].item()] for d in range(dp) for t in range(tensor)]
+                      if pipeline > 1 else []),
         }
         for kind, rank_lists in candidates.items():
             for ranks in rank_lists:
@@ -75,7 +78,7 @@ class ProcessGroups:
         return cls(tensor=tensor, pipeline=pipeline, data=dp, rank=rank,
                    tp_group=mine["tp"][0], pp_group=mine["pp"][0], dp_group=mine["dp"][0],
                    mp_group=mine["mp"][0], tp_ranks=mine["tp"][1], pp_ranks=mine["pp"][1],
-                   dp_ranks=mine["dp"][1], mp_ranks=mine["mp"][1])
+                   dp_ranks=mine["dp"][1], mp_ranks=mine["mp"][1], embed_group=mine.get("embed", (None,))[0])
 
     # --- coordinates -------------------------------------------------------------------------------
     @property

@@ -55,24 +55,42 @@ def load(engine, load_dir: Path, tag: str) -> dict[str, Any]:
     return client_state
 
 
-def full_state_dict(engine, tp_group) -> dict[str, torch.Tensor] | None:
+def full_state_dict(engine, model, groups) -> dict[str, torch.Tensor] | None:
     """The unsharded model weights on global rank 0 (None elsewhere): ZeRO-3 partitions gathered,
-    tensor-parallel shards merged. Collective."""
+    tensor-parallel shards merged, pipeline stages collected. Collective over all ranks."""
     if engine.zero_optimization_stage() == 3:
         state = engine._zero3_consolidated_16bit_state_dict()  # gathers params in their own dtype
-    else:
-        state = merge_tensor_parallel(engine.module, tp_group)
-    return state if dist.get_rank() == 0 else None
+        return state if dist.get_rank() == 0 else None
+    if groups.pipeline == 1:
+        state = merge_tensor_parallel(model, groups.tp_group)
+        return state if dist.get_rank() == 0 else None
+    full_names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    mine = {full_names[id(p)]: p.detach() for p in engine.module.parameters()}
+    for name, p in model.named_parameters(remove_duplicate=False):  # a tied twin under its other name
+        if id(p) in {id(q) for q in engine.module.parameters()}:
+            mine[name] = p.detach()
+    merged = merge_tensor_parallel(model, groups.tp_group, mine)
+    stages = [None] * groups.pipeline if groups.is_first_stage else None
+    dist.gather_object(merged, stages, dst=groups.pp_ranks[0], group=groups.pp_group)
+    if dist.get_rank() != 0:
+        return None
+    state = {name: tensor for stage in stages for name, tensor in stage.items()}
+    param_names = set(full_names.values())
+    missing = param_names - set(state)
+    if missing:
+        raise RuntimeError(f"pipeline export: no stage holds {sorted(missing)}")
+    buffers = {k: v for k, v in model.state_dict().items() if k not in param_names}  # same on every stage
+    return {**buffers, **state}
 
 
-def export_hf(engine, tokenizer, out_dir: str | Path, tp_group=None) -> Path | None:
+def export_hf(engine, model, tokenizer, out_dir: str | Path, groups) -> Path | None:
     """Write a ``from_pretrained``-loadable directory (safetensors + config + tokenizer), atomically."""
     out_dir = Path(out_dir)
-    state = full_state_dict(engine, tp_group)
+    state = full_state_dict(engine, model, groups)
     if dist.get_rank() == 0:
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        engine.module.save_pretrained(str(tmp), state_dict={k: v.detach().cpu().contiguous()
+        model.save_pretrained(str(tmp), state_dict={k: v.detach().cpu().contiguous()
                                                             for k, v in state.items()},
                                       safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))

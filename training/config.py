@@ -17,6 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from parallel.schedules import check_schedule
+
 
 class ConfigError(ValueError):
     """A user-facing configuration error; the message says which key is wrong and how to fix it."""
@@ -86,6 +88,11 @@ class ParallelConfig(_Section):
     tensor: int = Field(1, ge=1, description="Tensor-parallel degree.")
     pipeline: int = Field(1, ge=1, description="Pipeline-parallel degree (stages).")
     zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage over the data-parallel group.")
+    schedule: Literal["gpipe", "1f1b", "interleaved"] = Field("1f1b", description="Pipeline schedule.")
+    virtual_stages: int = Field(1, ge=1, description="Model chunks per pipeline rank (interleaved schedule).")
+    partition: str = Field("uniform", description="'uniform', 'parameters' (balanced by parameter count) or a "
+                           "layout string such as 'E,t,t|t,t,L' (E embedding, t block, L head + loss).")
+    p2p_timeout_s: float = Field(600.0, gt=0, description="A pipeline receive waiting longer fails the job.")
     sequence_parallel: bool = Field(False, description="Megatron sequence parallelism (needs tensor > 1): "
                                     "norms and dropout work on a sequence shard; all-gather/reduce-scatter "
                                     "replace the all-reduces.")
@@ -116,9 +123,27 @@ class RunConfig(_Section):
         if self.optim.warmup_steps > self.train.steps:
             raise ValueError(f"optim.warmup_steps={self.optim.warmup_steps} exceeds train.steps="
                              f"{self.train.steps}: lower the warm-up or train longer")
-        if self.parallel.pipeline > 1:
-            raise ValueError(f"parallel.pipeline={self.parallel.pipeline}: pipeline parallelism is not "
-                             f"available in this version; set parallel.pipeline=1")
+        par = self.parallel
+        if par.pipeline > 1 and par.zero_stage not in (1, 2):
+            raise ValueError(f"parallel.zero_stage={par.zero_stage} with parallel.pipeline={par.pipeline}: "
+                             f"pipelines run with ZeRO 1 or 2. ZeRO-3 would gather every stage's parameters "
+                             f"around each micro-batch's forward and backward, re-fetching them p times per "
+                             f"step for no memory gain over ZeRO-2 (each stage already holds only its layers); "
+                             f"ZeRO-0 is not wired to the pipeline's deferred gradient reduction. Set "
+                             f"parallel.zero_stage=1 or 2")
+        if par.pipeline > 1 and self.precision == "fp16":
+            raise ValueError("precision=fp16 with parallel.pipeline>1 is not supported (loss scaling across "
+                             "stages); use bf16 or fp32")
+        if par.pipeline > 1 and par.sequence_parallel:
+            raise ValueError("parallel.sequence_parallel with parallel.pipeline>1 is not supported yet; "
+                             "turn one of them off")
+        if par.pipeline == 1 and (par.virtual_stages != 1 or par.schedule == "interleaved"):
+            raise ValueError("parallel.virtual_stages / parallel.schedule=interleaved need parallel.pipeline > 1")
+        if par.pipeline > 1:
+            try:
+                check_schedule(par.schedule, par.pipeline, self.train.grad_accum, par.virtual_stages)
+            except ValueError as exc:
+                raise ValueError(str(exc)) from None
         if self.parallel.tensor > 1 and self.parallel.zero_stage == 3:
             raise ValueError("parallel.zero_stage=3 with parallel.tensor>1 is not supported: ZeRO-3 gathers "
                              "each parameter over the data-parallel group around every module call, and our "
@@ -261,6 +286,8 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
                  "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        # Pipelines call backward once per micro-batch and chunk, then step() once: reduce there.
+        **({"managed_gradient_accumulation": False} if cfg.parallel.pipeline > 1 else {}),
     }
 
 
@@ -345,6 +372,8 @@ def check_user_deepspeed_config(user: dict[str, Any], cfg: RunConfig, world_size
     merged.setdefault("gradient_clipping", ours["gradient_clipping"])
     merged.setdefault("zero_optimization", ours["zero_optimization"])
     merged.setdefault("steps_per_print", ours["steps_per_print"])
+    if "managed_gradient_accumulation" in ours:
+        merged["managed_gradient_accumulation"] = False
     return merged
 
 

@@ -17,10 +17,12 @@ import yaml
 
 from modeling.build import build_model, byte_level_tokenizer, hf_config, load_tokenizer, train_bpe_tokenizer
 from modeling.parallelize import lm_loss, next_token_losses, tensor_parallelize
+from modeling.pipeline import check_pipeline_fits
 from modeling.tp_plans import check_tensor_parallel_fits
 from parallel.grad_norm import global_grad_norm
 from parallel.groups import ProcessGroups
 from training import checkpoint, data, engine as engine_lib
+from training.pipeline import PipelineRunner, build_chunks
 from training.config import ConfigError, RunConfig, deepspeed_config, load_user_deepspeed_config
 from training.metrics import MetricsSink, perplexity, sum_over
 
@@ -33,6 +35,8 @@ class RunResult:
     output_dir: Path | None = None
     engine: Any = None  # the DeepSpeed engine, for in-process callers that inspect the trained model
     groups: ProcessGroups | None = None
+    model: Any = None  # the full HF model object (holding this rank's trained shards / stage)
+    runner: Any = None  # the PipelineRunner when parallel.pipeline > 1
 
     @property
     def losses(self) -> list[float]:
@@ -120,13 +124,17 @@ def build_data(cfg: RunConfig, tokenizer, train_files: list[str], valid_files: l
 
 
 @torch.no_grad()
-def evaluate(model_engine, blocks, cfg: RunConfig, groups: ProcessGroups) -> dict[str, float]:
+def evaluate(model_engine, runner, blocks, cfg: RunConfig, groups: ProcessGroups) -> dict[str, float]:
     """Token-weighted mean NLL over the validation blocks, sharded over data-parallel ranks."""
     model_engine.eval()
     total_nll, total_tokens = 0.0, 0.0
     device = model_engine.device
-    for batch, weight in data.eval_batches(blocks, cfg.train.micro_batch_size, groups.dp_rank, groups.data,
-                                           cfg.train.eval_batches):
+    batches = data.eval_batches(blocks, cfg.train.micro_batch_size, groups.dp_rank, groups.data,
+                                cfg.train.eval_batches)
+    if runner is not None:
+        total_nll, total_tokens = runner.eval_sums(batches)
+        batches = []
+    for batch, weight in batches:
         input_ids = batch["input_ids"].to(device)
         logits = model_engine(input_ids=input_ids).logits
         nll = next_token_losses(model_engine.module, logits, input_ids, groups.tp_group).sum(dim=1)
@@ -141,7 +149,7 @@ def evaluate(model_engine, blocks, cfg: RunConfig, groups: ProcessGroups) -> dic
 def _grad_norm(model_engine, groups: ProcessGroups) -> float | None:
     norm = model_engine.get_global_grad_norm()
     if norm is None:  # ZeRO-0 in fp32 clips inside DeepSpeed without keeping the norm
-        norm = global_grad_norm(model_engine.module.parameters(), groups.mp_group, groups.get_model_parallel_rank())
+        norm = global_grad_norm(model_engine.module.parameters(), groups.mp_group, groups.tp_rank)
     return float(norm)
 
 
@@ -162,9 +170,10 @@ def run(cfg: RunConfig, deepspeed_config_file: str | None = None) -> RunResult:
     engine_lib.check_precision(cfg.precision)
     train_files = data.expand_files(cfg.data.train_files, "data.train_files")
     valid_files = data.expand_files(cfg.data.valid_files, "data.valid_files") if cfg.data.valid_files else []
-    check_tensor_parallel_fits(hf_config(pretrained=cfg.model.pretrained, arch=cfg.model.arch,
-                                         config=cfg.model.config, trust_remote_code=cfg.model.trust_remote_code),
-                               cfg.parallel.tensor)
+    model_config = hf_config(pretrained=cfg.model.pretrained, arch=cfg.model.arch, config=cfg.model.config,
+                             trust_remote_code=cfg.model.trust_remote_code)
+    check_tensor_parallel_fits(model_config, cfg.parallel.tensor)
+    check_pipeline_fits(model_config, cfg.parallel.pipeline, cfg.parallel.virtual_stages, cfg.parallel.partition)
     resume_from = checkpoint.resolve_resume(cfg.train.resume, cfg.train.output_dir)
     if resume_from is None and (checkpoint.checkpoint_root(cfg.train.output_dir) / "latest").is_file():
         raise ConfigError(f"train.output_dir={cfg.train.output_dir} already holds checkpoints of another run: "
@@ -184,7 +193,13 @@ def run(cfg: RunConfig, deepspeed_config_file: str | None = None) -> RunResult:
         raise ConfigError(f"model.pretrained={cfg.model.pretrained}: the tokenizer has {len(tokenizer)} tokens "
                           f"but the model only {model.get_input_embeddings().num_embeddings} embeddings")
     model = tensor_parallelize(model, groups.tp_group, cfg.parallel.sequence_parallel)
-    model_engine = engine_lib.build(model, cfg.optim, cfg.train.steps, ds_config, groups)
+    runner = None
+    if groups.pipeline > 1:
+        chunks, tied_weight = build_chunks(model, cfg, groups)
+        model_engine = engine_lib.build(chunks, cfg.optim, cfg.train.steps, ds_config, groups)
+        runner = PipelineRunner(model_engine, cfg, groups, tied_weight, model.config.hidden_size)
+    else:
+        model_engine = engine_lib.build(model, cfg.optim, cfg.train.steps, ds_config, groups)
     if rank == 0:
         _save_run_files(cfg, ds_config)
 
@@ -195,18 +210,38 @@ def run(cfg: RunConfig, deepspeed_config_file: str | None = None) -> RunResult:
     batches = data.TrainBatches(train_blocks, plan, groups.dp_rank, cfg.train.seed)
     sink = MetricsSink(cfg.train.output_dir, rank == 0, cfg.logging.wandb, cfg.to_dict(),
                        append=resume_from is not None)
-    result = RunResult(output_dir=Path(cfg.train.output_dir), engine=model_engine, groups=groups)
+    result = RunResult(output_dir=Path(cfg.train.output_dir), engine=model_engine, groups=groups, model=model,
+                       runner=runner)
     tokens_per_step = plan.global_batch * cfg.data.seq_len
     try:
-        _train(cfg, model_engine, batches, valid_blocks, groups, sink, result, start_step, tokens_per_step)
+        _train(cfg, model_engine, runner, batches, valid_blocks, groups, sink, result, start_step, tokens_per_step)
         if cfg.train.export_hf:
-            checkpoint.export_hf(model_engine, tokenizer, Path(cfg.train.output_dir) / "hf", groups.tp_group)
+            checkpoint.export_hf(model_engine, model, tokenizer, Path(cfg.train.output_dir) / "hf", groups)
     finally:
         sink.close()
     return result
 
 
-def _train(cfg, model_engine, batches, valid_blocks, groups, sink, result, start_step, tokens_per_step):
+def _data_parallel_step(cfg, model_engine, batches, groups, step: int, device) -> tuple[float, float]:
+    """One optimizer step without a pipeline: ``grad_accum`` forward/backward passes; DeepSpeed reduces and
+    steps at the accumulation boundary. Returns (mean loss over the global batch, global grad norm)."""
+    micro_losses, grad_norm = [], None
+    for micro_index in range(cfg.train.grad_accum):
+        batch = {k: v.to(device) for k, v in batches.batch(step, micro_index).items()}
+        logits = model_engine(input_ids=batch["input_ids"]).logits
+        loss = lm_loss(model_engine.module, logits, batch["labels"], groups.tp_group)
+        model_engine.backward(loss)
+        if micro_index == cfg.train.grad_accum - 1 and model_engine.zero_optimization_stage() == 0:
+            grad_norm = _grad_norm(model_engine, groups)  # before step() clips in place
+        model_engine.step()
+        micro_losses.append(float(loss.detach()))
+    if grad_norm is None:
+        grad_norm = _grad_norm(model_engine, groups)
+    (loss_sum,) = sum_over(groups.dp_group, sum(micro_losses) / len(micro_losses))
+    return loss_sum / groups.data, grad_norm
+
+
+def _train(cfg, model_engine, runner, batches, valid_blocks, groups, sink, result, start_step, tokens_per_step):
     from tqdm import tqdm
 
     progress = tqdm(total=cfg.train.steps, initial=start_step, unit="step", dynamic_ncols=True, mininterval=1.0,
@@ -216,22 +251,13 @@ def _train(cfg, model_engine, batches, valid_blocks, groups, sink, result, start
     for step in range(start_step, cfg.train.steps):
         started = time.perf_counter()
         lr = model_engine.get_lr()[0]
-        micro_losses = []
-        for micro_index in range(cfg.train.grad_accum):
-            batch = {k: v.to(device) for k, v in batches.batch(step, micro_index).items()}
-            logits = model_engine(input_ids=batch["input_ids"]).logits
-            loss = lm_loss(model_engine.module, logits, batch["labels"], groups.tp_group)
-            model_engine.backward(loss)
-            if micro_index == cfg.train.grad_accum - 1:
-                grad_norm = _grad_norm(model_engine, groups) if model_engine.zero_optimization_stage() == 0 \
-                    else None
-            model_engine.step()
-            micro_losses.append(float(loss.detach()))
-        if grad_norm is None:
+        if runner is not None:
+            mean_loss = runner.train_step(batches, step)
             grad_norm = _grad_norm(model_engine, groups)
-        (loss_sum,) = sum_over(groups.dp_group, sum(micro_losses) / len(micro_losses))
+        else:
+            mean_loss, grad_norm = _data_parallel_step(cfg, model_engine, batches, groups, step, device)
         elapsed = time.perf_counter() - started
-        record = {"step": step + 1, "loss": loss_sum / groups.data, "lr": lr, "grad_norm": grad_norm,
+        record = {"step": step + 1, "loss": mean_loss, "lr": lr, "grad_norm": grad_norm,
                   "tokens_per_s": tokens_per_step / elapsed, "step_time_s": elapsed}
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
             sink.log(record)
@@ -240,7 +266,7 @@ def _train(cfg, model_engine, batches, valid_blocks, groups, sink, result, start
         progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         done = step + 1 == cfg.train.steps
         if valid_blocks is not None and (done or (cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0)):
-            metrics = {"step": step + 1, **evaluate(model_engine, valid_blocks, cfg, groups)}
+            metrics = {"step": step + 1, **evaluate(model_engine, runner, valid_blocks, cfg, groups)}
             sink.log(metrics)
             result.history.append(metrics)
             if dist.get_rank() == 0:

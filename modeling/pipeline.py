@@ -1,0 +1,126 @@
+"""Split an HF decoder into pipeline chunks: the first embeds, the middle ones run a range of blocks, the
+last applies the final norm and the head. Positions, the causal mask and rotary embeddings are rebuilt on
+every chunk from the (known) sequence length, so nothing but hidden states crosses a stage boundary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.masking_utils import create_causal_mask
+
+from parallel.partition import StageSpec
+
+
+@dataclass(frozen=True)
+class DecoderLayout:
+    """Where an architecture keeps its parts (module paths in the HF model)."""
+
+    embed: tuple[str, ...]
+    blocks: str
+    head: tuple[str, ...]
+    rotary: str | None = None
+
+
+LAYOUTS = {
+    "gpt2": DecoderLayout(embed=("transformer.wte", "transformer.wpe", "transformer.drop"), blocks="transformer.h",
+                          head=("transformer.ln_f", "lm_head")),
+    "llama": DecoderLayout(embed=("model.embed_tokens",), blocks="model.layers", head=("model.norm", "lm_head"),
+                           rotary="model.rotary_emb"),
+}
+LAYOUTS["mistral"] = LAYOUTS["qwen2"] = LAYOUTS["llama"]
+
+
+def layout_of(model: nn.Module) -> DecoderLayout:
+    model_type = model.config.model_type
+    if model_type not in LAYOUTS:
+        raise ValueError(f"parallel.pipeline: no pipeline layout for model_type {model_type!r} (have "
+                         f"{sorted(LAYOUTS)}); add one to modeling/pipeline.py")
+    return LAYOUTS[model_type]
+
+
+def num_blocks(model: nn.Module) -> int:
+    return len(model.get_submodule(layout_of(model).blocks))
+
+
+class PipelineChunk(nn.Module):
+    """One model chunk. ``forward(x)``: token ids on the first chunk, hidden states elsewhere; returns
+    hidden states, or the (vocabulary-sharded) logits on the last chunk."""
+
+    def __init__(self, model: nn.Module, spec: StageSpec, seq_len: int):
+        super().__init__()
+        layout = layout_of(model)
+        self.spec, self.seq_len, self.model_type = spec, seq_len, model.config.model_type
+        self.config = model.config
+        self.parts = nn.ModuleDict()
+        if spec.embed:
+            for path in layout.embed:
+                self.parts[path.rsplit(".", 1)[-1]] = model.get_submodule(path)
+        all_blocks = model.get_submodule(layout.blocks)
+        self.blocks = nn.ModuleList(all_blocks[i] for i in spec.blocks)
+        if spec.head:
+            for path in layout.head:
+                self.parts[path.rsplit(".", 1)[-1]] = model.get_submodule(path)
+        self.rotary = model.get_submodule(layout.rotary) if layout.rotary else None
+
+    @property
+    def head(self) -> nn.Module | None:
+        return self.parts["lm_head"] if self.spec.head else None
+
+    def _context(self, batch: int, device, dtype) -> dict:
+        positions = torch.arange(self.seq_len, device=device).unsqueeze(0)
+        shape_probe = torch.empty(batch, self.seq_len, 1, device=device, dtype=dtype)
+        mask = create_causal_mask(config=self.config, inputs_embeds=shape_probe, attention_mask=None,
+                                  past_key_values=None, position_ids=positions)
+        context = {"position_ids": positions, "mask": mask}
+        if self.rotary is not None:
+            context["rope"] = self.rotary(shape_probe, position_ids=positions)
+        return context
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[0]
+        dtype = next(self.parameters()).dtype
+        context = self._context(batch, x.device, dtype)
+        if self.spec.embed:
+            if self.model_type == "gpt2":
+                x = self.parts["drop"](self.parts["wte"](x) + self.parts["wpe"](context["position_ids"]))
+            else:
+                x = self.parts["embed_tokens"](x)
+        for block in self.blocks:
+            if self.model_type == "gpt2":
+                x = block(x, None, context["mask"], position_ids=context["position_ids"])
+            else:
+                x = block(x, attention_mask=context["mask"], position_embeddings=context["rope"],
+                          position_ids=context["position_ids"])
+            x = x[0] if isinstance(x, tuple) else x
+        if self.spec.head:
+            norm = self.parts["ln_f"] if self.model_type == "gpt2" else self.parts["norm"]
+            x = self.parts["lm_head"](norm(x))
+        return x
+
+
+def split_chunks(model: nn.Module, specs: list[StageSpec], seq_len: int) -> nn.ModuleList:
+    """This rank's chunks (in local order) as one module, ready to be wrapped by DeepSpeed."""
+    return nn.ModuleList(PipelineChunk(model, spec, seq_len) for spec in specs)
+
+
+def block_parameter_counts(model: nn.Module) -> list[int]:
+    return [sum(p.numel() for p in block.parameters()) for block in model.get_submodule(layout_of(model).blocks)]
+
+
+def check_pipeline_fits(hf_config, pipeline: int, virtual_stages: int, partition: str) -> None:
+    """Raise ValueError for a pipeline layout the model cannot take (before any model is built)."""
+    if pipeline == 1:
+        return
+    if hf_config.model_type not in LAYOUTS:
+        raise ValueError(f"parallel.pipeline={pipeline}: no pipeline layout for model_type "
+                         f"{hf_config.model_type!r} (have {sorted(LAYOUTS)})")
+    layers = hf_config.num_hidden_layers
+    chunks = pipeline * virtual_stages
+    if virtual_stages > 1 and layers % chunks:
+        raise ValueError(f"parallel.virtual_stages={virtual_stages} x parallel.pipeline={pipeline} = {chunks} "
+                         f"chunks do not divide the model's {layers} layers")
+    from parallel.partition import stage_specs
+
+    stage_specs(layers, pipeline, virtual_stages, partition if partition != "parameters" else "uniform")

@@ -1,0 +1,169 @@
+"""Pipeline schedules: GPipe, 1F1B and interleaved 1F1B.
+
+A schedule is a per-rank list of operations (forward or backward of one micro-batch on one local model
+chunk), produced by a pure function; ``run_schedule`` executes such a list with a ``forward_step`` and a
+``backward_step`` callback and a ``PipeComm``. Schedules know nothing of data or loss: the callbacks do.
+``simulate`` plays the same lists on a clock to show each rank's timeline and the bubble.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class Op:
+    kind: str  # "F" or "B"
+    chunk: int  # local model chunk (virtual stage) on this rank
+    microbatch: int
+
+
+def gpipe_order(p: int, m: int, rank: int, v: int = 1) -> list[Op]:
+    """All forwards, then all backwards: every micro-batch's activations are alive at once."""
+    return [Op("F", 0, k) for k in range(m)] + [Op("B", 0, k) for k in range(m)]
+
+
+def one_f_one_b_order(p: int, m: int, rank: int, v: int = 1) -> list[Op]:
+    """Warm-up forwards, then one forward / one backward in turn, then the remaining backwards."""
+    warmup = min(p - rank - 1, m)
+    ops = [Op("F", 0, k) for k in range(warmup)]
+    for k in range(m - warmup):
+        ops += [Op("F", 0, warmup + k), Op("B", 0, k)]
+    return ops + [Op("B", 0, k) for k in range(m - warmup, m)]
+
+
+def interleaved_order(p: int, m: int, rank: int, v: int = 2) -> list[Op]:
+    """Megatron's interleaved 1F1B: ``v`` model chunks per rank, micro-batches in groups of ``p``."""
+    if m % p:
+        raise ValueError(f"interleaved schedule needs micro-batches ({m}) divisible by pipeline stages ({p})")
+    total = m * v
+
+    def op(kind: str, k: int) -> Op:
+        chunk = (k % (p * v)) // p
+        return Op(kind, v - 1 - chunk if kind == "B" else chunk, (k // (p * v)) * p + k % p)
+
+    warmup = min((p - rank - 1) * 2 + (v - 1) * p, total)
+    ops = [op("F", k) for k in range(warmup)]
+    for k in range(total - warmup):
+        ops += [op("F", warmup + k), op("B", k)]
+    return ops + [op("B", k) for k in range(total - warmup, total)]
+
+
+ORDERS = {"gpipe": gpipe_order, "1f1b": one_f_one_b_order, "interleaved": interleaved_order}
+
+
+def check_schedule(schedule: str, p: int, m: int, v: int) -> None:
+    """Raise ValueError for a combination the schedule cannot run."""
+    if schedule not in ORDERS:
+        raise ValueError(f"parallel.schedule={schedule!r}: choose one of {sorted(ORDERS)}")
+    if schedule == "interleaved":
+        if v < 2:
+            raise ValueError("parallel.schedule=interleaved needs parallel.virtual_stages >= 2")
+        if m % p:
+            raise ValueError(f"parallel.schedule=interleaved needs train.grad_accum (micro-batches, {m}) to be "
+                             f"a multiple of parallel.pipeline ({p})")
+    elif v != 1:
+        raise ValueError(f"parallel.virtual_stages={v} needs parallel.schedule=interleaved")
+
+
+@dataclass
+class ScheduleStats:
+    max_in_flight: int = 0  # micro-batch activations held at once on this rank (all chunks)
+
+
+def run_schedule(ops: list[Op], *, p: int, v: int, rank: int, comm,
+                 forward_step: Callable[[int, int, torch.Tensor | None], torch.Tensor],
+                 backward_step: Callable[[torch.Tensor, torch.Tensor | None], None] | None,
+                 forward_only: bool = False) -> ScheduleStats:
+    """Execute ``ops`` on this pipeline rank.
+
+    ``forward_step(chunk, microbatch, input)`` returns the chunk's output; on the model's last chunk that
+    is the (scaled) loss. ``input`` is None on the model's first chunk. ``backward_step(output, grad)``
+    back-propagates (``grad`` is None for the loss). Inputs and outputs are released as soon as their
+    backward is done (at once with ``forward_only``, for eval)."""
+    last = p * v - 1
+    in_flight: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
+    stats = ScheduleStats()
+    for op in ops:
+        global_chunk = op.chunk * p + rank
+        key = (op.chunk, op.microbatch)
+        if op.kind == "F":
+            x = None
+            if global_chunk > 0:
+                x = comm.recv_forward(global_chunk, op.microbatch)
+                x = x if forward_only else x.requires_grad_()
+            y = forward_step(op.chunk, op.microbatch, x)
+            if global_chunk < last:
+                comm.send_forward(y, global_chunk, op.microbatch)
+            if forward_only:
+                continue
+            in_flight[key] = (x, y)
+            stats.max_in_flight = max(stats.max_in_flight, len(in_flight))
+        else:
+            x, y = in_flight.pop(key)
+            grad = None if global_chunk == last else comm.recv_backward(global_chunk, op.microbatch)
+            backward_step(y, grad)
+            if global_chunk > 0:
+                comm.send_backward(x.grad, global_chunk, op.microbatch)
+            del x, y
+    comm.flush()
+    assert not in_flight, f"schedule left activations of {sorted(in_flight)} without a backward"
+    return stats
+
+
+def simulate(schedule: str, p: int, m: int, v: int = 1, forward_time: float = 1.0,
+             backward_time: float = 1.0) -> dict:
+    """Play each rank's op list on a clock: an op starts when its rank is free and its input exists (the
+    previous chunk's forward, or the next chunk's backward). Chunk times are the stage times divided by
+    ``v``. Returns the per-rank timelines, the makespan and the bubble share (idle / total rank-time)."""
+    orders = [ORDERS[schedule](p, m, r, v) for r in range(p)]
+    duration = {"F": forward_time / v, "B": backward_time / v}
+    done: dict[tuple[str, int, int], float] = {}  # (kind, global chunk, microbatch) -> finish time
+    clock = [0.0] * p
+    position = [0] * p
+    timelines: list[list[tuple[float, float, Op]]] = [[] for _ in range(p)]
+    last = p * v - 1
+    while any(position[r] < len(orders[r]) for r in range(p)):
+        progressed = False
+        for r in range(p):
+            if position[r] == len(orders[r]):
+                continue
+            op = orders[r][position[r]]
+            g = op.chunk * p + r
+            if op.kind == "F":
+                needs = [("F", g - 1, op.microbatch)] if g > 0 else []
+            else:
+                needs = [("F", g, op.microbatch)] + ([("B", g + 1, op.microbatch)] if g < last else [])
+            if any(n not in done for n in needs):
+                continue
+            start = max([clock[r]] + [done[n] for n in needs])
+            end = start + duration[op.kind]
+            done[(op.kind, g, op.microbatch)] = end
+            clock[r] = end
+            timelines[r].append((start, end, op))
+            position[r] += 1
+            progressed = True
+        if not progressed:
+            raise RuntimeError(f"schedule {schedule} deadlocks for p={p}, m={m}, v={v}")
+    makespan = max(clock)
+    busy = sum(end - start for line in timelines for start, end, _ in line)
+    return {"timelines": timelines, "makespan": makespan, "bubble": 1 - busy / (p * makespan)}
+
+
+def render(sim: dict, columns_per_unit: int = 2) -> str:
+    """Text chart: one row per rank; F/B letters with the micro-batch number, '.' idle."""
+    rows = []
+    width = int(round(sim["makespan"] * columns_per_unit))
+    for r, line in enumerate(sim["timelines"]):
+        cells = ["."] * width
+        for start, end, op in line:
+            a, b = int(round(start * columns_per_unit)), int(round(end * columns_per_unit))
+            label = f"{op.kind if op.chunk == 0 else op.kind.lower()}{op.microbatch}"
+            for i in range(a, b):
+                cells[i] = label[(i - a) % len(label)] if b - a >= len(label) else op.kind
+        rows.append(f"rank {r}: " + "".join(cells))
+    rows.append(f"bubble: {sim['bubble']:.3f}")
+    return "\n".join(rows)

@@ -1,0 +1,103 @@
+"""Pipeline-parallel training and eval steps: our schedules driving this rank's chunks inside one
+DeepSpeed engine (ZeRO 1/2 over the data-parallel group, unmanaged gradient accumulation so that one
+``engine.step()`` reduces and applies the gradients of all micro-batches)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from modeling.parallelize import vocab_slice
+from modeling.pipeline import block_parameter_counts, num_blocks, split_chunks
+from parallel.cross_entropy import causal_lm_loss, vocab_parallel_cross_entropy
+from parallel.p2p import PipeComm
+from parallel.partition import chunks_of_rank, stage_specs
+from parallel.schedules import ORDERS, Op, run_schedule
+
+
+def build_chunks(model, cfg, groups):
+    """This rank's model chunks, with tied input/output embeddings prepared for the embedding group."""
+    specs = stage_specs(num_blocks(model), cfg.parallel.pipeline, cfg.parallel.virtual_stages,
+                        cfg.parallel.partition,
+                        block_parameter_counts(model) if cfg.parallel.partition == "parameters" else None)
+    tied = model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    chunks = split_chunks(model, chunks_of_rank(specs, groups.pipeline, groups.pp_rank), cfg.data.seq_len)
+    tied_weight = None
+    if tied and groups.pipeline > 1 and (groups.is_first_stage or groups.is_last_stage):
+        tied_weight = model.get_input_embeddings().weight
+        if groups.is_last_stage:
+            tied_weight.ds_pipe_replicated = True  # counted once (on the first stage) in the global norm
+    return chunks, tied_weight
+
+
+class PipelineRunner:
+    def __init__(self, engine, cfg, groups, tied_weight, hidden_size: int):
+        self.engine, self.cfg, self.groups, self.tied_weight = engine, cfg, groups, tied_weight
+        self.p, self.v = groups.pipeline, cfg.parallel.virtual_stages
+        self.shape = (cfg.train.micro_batch_size, cfg.data.seq_len, hidden_size)
+        self.dtype = next(engine.module.parameters()).dtype
+        self.last_stats = None
+
+    def _comm(self, microbatches: int) -> PipeComm:
+        return PipeComm(self.groups.pp_ranks, self.groups.pp_rank, microbatches, self.shape, self.dtype,
+                        self.engine.device, timeout_s=self.cfg.parallel.p2p_timeout_s)
+
+    def train_step(self, batches, step: int) -> float:
+        """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss (on every rank)."""
+        m, device, chunks = self.cfg.train.grad_accum, self.engine.device, self.engine.module
+        losses = []
+
+        def forward_step(chunk: int, microbatch: int, x):
+            module = chunks[chunk]
+            batch = batches.batch(step, microbatch) if (module.spec.embed or module.spec.head) else None
+            out = module(batch["input_ids"].to(device) if module.spec.embed else x)
+            if not module.spec.head:
+                return out
+            start, valid = vocab_slice(module.head)
+            loss = causal_lm_loss(out, batch["labels"].to(device), self.groups.tp_group, start, valid)
+            losses.append(float(loss.detach()))
+            return loss / m  # the gradient of the mean over micro-batches
+
+        def backward_step(output, grad):
+            self.engine.backward(output if grad is None else (output * grad).sum(), scale_wrt_gas=False)
+
+        ops = ORDERS[self.cfg.parallel.schedule](self.p, m, self.groups.pp_rank, self.v)
+        self.last_stats = run_schedule(ops, p=self.p, v=self.v, rank=self.groups.pp_rank, comm=self._comm(m),
+                                       forward_step=forward_step, backward_step=backward_step)
+        if self.tied_weight is not None and self.tied_weight.grad is not None:
+            dist.all_reduce(self.tied_weight.grad, group=self.groups.embed_group)
+        self.engine.step()
+        return self._mean_over_pipeline(sum(losses), float(len(losses)))
+
+    def _mean_over_pipeline(self, total: float, count: float) -> float:
+        values = torch.tensor([total, count], dtype=torch.float64)
+        dist.all_reduce(values, group=self.groups.dp_group)
+        dist.all_reduce(values, group=self.groups.pp_group)  # only the last stage contributes
+        return float(values[0] / values[1])
+
+    @torch.no_grad()
+    def eval_sums(self, eval_batches) -> tuple[float, float]:
+        """Forward-only pipeline over ``eval_batches`` [(batch, weight)]: summed NLL and token count of
+        this data-parallel rank (reduced over the pipeline)."""
+        batches = list(eval_batches)
+        m, device, chunks = len(batches), self.engine.device, self.engine.module
+        sums = [0.0, 0.0]
+
+        def forward_step(chunk: int, microbatch: int, x):
+            module = chunks[chunk]
+            batch, weight = batches[microbatch]
+            out = module(batch["input_ids"].to(device) if module.spec.embed else x)
+            if module.spec.head:
+                start, valid = vocab_slice(module.head)
+                ids = batch["input_ids"].to(device)
+                nll = vocab_parallel_cross_entropy(out[:, :-1], ids[:, 1:], self.groups.tp_group, start, valid)
+                sums[0] += float((nll.sum(dim=1).cpu() * weight).sum())
+                sums[1] += float(weight.sum()) * (ids.shape[1] - 1)
+            return out
+
+        ops = [Op("F", c, k) for c in range(self.v) for k in range(m)]
+        run_schedule(ops, p=self.p, v=self.v, rank=self.groups.pp_rank, comm=self._comm(m),
+                     forward_step=forward_step, backward_step=None, forward_only=True)
+        values = torch.tensor(sums, dtype=torch.float64)
+        dist.all_reduce(values, group=self.groups.pp_group)
+        return float(values[0]), float(values[1])
