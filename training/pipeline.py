@@ -37,6 +37,22 @@ class PipelineRunner:
         self.shape = (cfg.train.micro_batch_size, cfg.data.seq_len, hidden_size)
         self.dtype = next(engine.module.parameters()).dtype
         self.last_stats = None
+        self._tied_grad = None  # this stage's gradient of the tied embedding, summed over the step
+        if tied_weight is not None:
+            tied_weight.register_hook(self._accumulate_tied)
+
+    def _accumulate_tied(self, grad):
+        self._tied_grad = grad.detach().clone() if self._tied_grad is None else self._tied_grad + grad
+        return grad
+
+    def _sync_tied_embeddings(self) -> None:
+        """Megatron's embedding all-reduce, done through autograd so it works whatever ZeRO stage holds
+        the gradients: each end adds the other end's contribution with one extra backward of
+        (w * other).sum(), whose gradient with respect to w is exactly ``other``."""
+        local = self._tied_grad if self._tied_grad is not None else torch.zeros_like(self.tied_weight)
+        total = local.clone()
+        dist.all_reduce(total, group=self.groups.embed_group)
+        self.engine.backward((self.tied_weight * (total - local)).sum(), scale_wrt_gas=False)
 
     def _comm(self, microbatches: int) -> PipeComm:
         return PipeComm(self.groups.pp_ranks, self.groups.pp_rank, microbatches, self.shape, self.dtype,
@@ -62,10 +78,11 @@ class PipelineRunner:
             self.engine.backward(output if grad is None else (output * grad).sum(), scale_wrt_gas=False)
 
         ops = ORDERS[self.cfg.parallel.schedule](self.p, m, self.groups.pp_rank, self.v)
+        self._tied_grad = None
         self.last_stats = run_schedule(ops, p=self.p, v=self.v, rank=self.groups.pp_rank, comm=self._comm(m),
                                        forward_step=forward_step, backward_step=backward_step)
-        if self.tied_weight is not None and self.tied_weight.grad is not None:
-            dist.all_reduce(self.tied_weight.grad, group=self.groups.embed_group)
+        if self.tied_weight is not None:
+            self._sync_tied_embeddings()
         self.engine.step()
         return self._mean_over_pipeline(sum(losses), float(len(losses)))
 
