@@ -155,3 +155,18 @@ def test_failed_rank_is_an_error_not_a_hang():
     rank0, rank1 = run_ranks(_fail_mid_schedule, 2, timeout=120)
     assert rank1 == "error: injected failure on rank 1"
     assert rank0.startswith("timeout: pipeline rank 0: no gradient from global rank 1 within 5s")
+
+
+def test_impossible_pipeline_layouts_are_rejected():
+    from transformers import GPT2Config
+
+    from modeling.pipeline import check_pipeline_fits
+
+    config = GPT2Config(n_layer=4)
+    with pytest.raises(ValueError, match="exceed the 4 layers"):
+        check_pipeline_fits(config, 8, 1, "uniform")
+    with pytest.raises(ValueError, match="virtual_stages=3 x parallel.pipeline=2 = 6 chunks do not divide"):
+        check_pipeline_fits(config, 2, 3, "uniform")
+    with pytest.raises(ValueError, match="E \\(embedding\\) must open the first stage"):
+        check_pipeline_fits(config, 2, 1, "t,E,t|t,t,L")
+    check_pipeline_fits(config, 2, 1, "E,t|t,t,t,L")

@@ -1,0 +1,27 @@
+"""Tick-level pipeline schedule simulator: each rank's timeline and the bubble share vs theory."""
+
+from __future__ import annotations
+
+import argparse
+
+from parallel.schedules import render, simulate
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m bench schedule", description=__doc__)
+    parser.add_argument("--schedule", default="1f1b", choices=["gpipe", "1f1b", "interleaved"])
+    parser.add_argument("-p", "--stages", type=int, default=4)
+    parser.add_argument("-m", "--microbatches", type=int, default=8)
+    parser.add_argument("-v", "--virtual-stages", type=int, default=1)
+    parser.add_argument("--backward-time", type=float, default=2.0, help="backward time / forward time")
+    args = parser.parse_args(argv)
+    sim = simulate(args.schedule, args.stages, args.microbatches, args.virtual_stages,
+                   backward_time=args.backward_time)
+    print(render(sim, columns_per_unit=2 * args.virtual_stages))
+    p, m, v = args.stages, args.microbatches, args.virtual_stages
+    print(f"theory (p-1)/(v*m+p-1) = {(p - 1) / (v * m + p - 1):.3f}")
+    return sim
+
+
+if __name__ == "__main__":
+    main()
