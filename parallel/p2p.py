@@ -68,6 +68,17 @@ class PipeComm:
         """Receive the gradient of global chunk ``chunk``'s output from the next chunk's rank."""
         return self._recv(self._peer(+1), self._tag(chunk, microbatch, True), "gradient")
 
+    def send_forward_recv_backward(self, activation: torch.Tensor, chunk: int, microbatch: int) -> torch.Tensor:
+        """1F1B steady state: pass the activation on and wait for the gradient of the same micro-batch."""
+        self.send_forward(activation, chunk, microbatch)
+        return self.recv_backward(chunk, microbatch)
+
+    def send_backward_recv_forward(self, grad: torch.Tensor, chunk: int, microbatch: int,
+                                   next_microbatch: int) -> torch.Tensor:
+        """1F1B steady state on the receiving side: return a gradient, wait for the next activation."""
+        self.send_backward(grad, chunk, microbatch)
+        return self.recv_forward(chunk, next_microbatch)
+
     def flush(self) -> None:
         """Wait until every send of this step has completed."""
         for work, _ in self._pending:

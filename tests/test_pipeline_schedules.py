@@ -43,7 +43,7 @@ def test_schedule_validation():
         check_schedule("1f1b", 2, 4, 2)
 
 
-GPT2 = dict(n_layer=4, n_head=2, n_embd=32, n_positions=16, vocab_size=97, resid_pdrop=0.0, embd_pdrop=0.0,
+GPT2 = dict(n_layer=8, n_head=2, n_embd=32, n_positions=16, vocab_size=97, resid_pdrop=0.0, embd_pdrop=0.0,
             attn_pdrop=0.0)
 
 
@@ -71,7 +71,7 @@ def _pipeline_grads(cases):
         ref_loss.backward()
         model = copy.deepcopy(dense)
         names = {id(prm): n for n, prm in model.named_parameters(remove_duplicate=False)}
-        chunks = split_chunks(model, chunks_of_rank(stage_specs(4, p, v), p, rank), 16)
+        chunks = split_chunks(model, chunks_of_rank(stage_specs(8, p, v), p, rank), 16)
         losses = []
 
         def forward_step(chunk, k, x, chunks=chunks, ids=ids, m=m, losses=losses):
@@ -111,8 +111,7 @@ def _pipeline_grads(cases):
 @pytest.mark.parametrize("p", [2, 4])
 def test_schedules_match_single_process_gradients(p):
     cases = [(s, m, 1) for s in ("gpipe", "1f1b") for m in (1, p, 2 * p)]
-    if p == 2:  # 4 blocks: 2 ranks x 2 virtual stages of one block each
-        cases += [("interleaved", m, 2) for m in (p, 2 * p)]
+    cases += [("interleaved", m, 2) for m in (p, 2 * p)]  # needs m % p == 0 (validated), so no m = 1
     per_rank = run_ranks(_pipeline_grads, p, cases, timeout=400)
     stage0 = {(s, m, v): peak for s, m, v, peak in per_rank[0]}
     for (schedule, m, v), peak in stage0.items():
@@ -170,3 +169,29 @@ def test_impossible_pipeline_layouts_are_rejected():
     with pytest.raises(ValueError, match="E \\(embedding\\) must open the first stage"):
         check_pipeline_fits(config, 2, 1, "t,E,t|t,t,L")
     check_pipeline_fits(config, 2, 1, "E,t|t,t,t,L")
+
+
+def _combined_send_recv():
+    import torch.distributed as dist
+
+    from parallel.p2p import PipeComm
+    from training.loop import init_distributed
+
+    init_distributed()
+    rank = dist.get_rank()
+    comm = PipeComm([0, 1], rank, 2, (3,), torch.float32, "cpu", timeout_s=30)
+    if rank == 0:  # chunk 0 sends activation of mb 0, gets its gradient back
+        grad = comm.send_forward_recv_backward(torch.full((3,), 1.0), 0, 0)
+        comm.send_forward(torch.full((3,), 2.0), 0, 1)
+        out = grad.tolist()
+    else:  # chunk 1 receives mb 0, returns its gradient while receiving mb 1
+        first = comm.recv_forward(1, 0)
+        second = comm.send_backward_recv_forward(first * 10, 1, 0, next_microbatch=1)
+        out = [first.tolist(), second.tolist()]
+    comm.flush()
+    return out
+
+
+def test_combined_send_recv():
+    rank0, rank1 = run_ranks(_combined_send_recv, 2, timeout=120)
+    assert rank0 == [10.0] * 3 and rank1 == [[1.0] * 3, [2.0] * 3]
