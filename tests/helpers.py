@@ -77,3 +77,19 @@ def reference_losses(cfg, global_batch: int) -> tuple[list[float], list[float]]:
         opt.zero_grad()
         losses.append(float(loss.detach()))
     return losses, norms
+
+
+def run_config(cfg):
+    """Rank function: train ``cfg``; every logged record."""
+    from training import run
+
+    return run(cfg).history
+
+
+def run_configs(cfgs):
+    """Rank function: train several configs one after another in the same process group."""
+    return [run_config(cfg) for cfg in cfgs]
+
+
+def step_records(history):
+    return [r for r in history if "loss" in r]

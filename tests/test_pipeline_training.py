@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tests.dist import run_ranks
-from tests.helpers import TINY_GPT2, reference_losses, tiny_config, write_corpus
+from tests.helpers import run_configs, step_records, TINY_GPT2, reference_losses, tiny_config, write_corpus
 
 # fp32 as in test_zero_parity / test_tp_training: ~1e-6 relative observed over 10 steps.
 LOSS_TOL = 1e-4
@@ -14,19 +14,11 @@ NORM_TOL = 1e-4
 FOUR_LAYERS = dict(TINY_GPT2, n_layer=4, n_head=4)
 
 
-def _run_sequence(cfgs):
-    from training import run
-
-    return [run(cfg).history for cfg in cfgs]
-
-
-def _steps(history):
-    return [r for r in history if "loss" in r]
 
 
 def _check(histories, names, ref_loss, ref_norm):
     for name, history in zip(names, histories):
-        steps = _steps(history)
+        steps = step_records(history)
         assert len(steps) == 10, name
         assert [r["loss"] for r in steps] == pytest.approx(ref_loss, rel=LOSS_TOL), name
         assert [r["grad_norm"] for r in steps] == pytest.approx(ref_norm, rel=NORM_TOL), name
@@ -41,7 +33,7 @@ def test_pp2_dp2_zero2_and_schedules_match_single_process(tmp_path):
                         parallel__virtual_stages=2, **common)]
     ref_loss, ref_norm = reference_losses(cfgs[0], global_batch=2 * 4 * 2)  # micro 2 x 4 micro-batches x dp 2
     assert max(ref_norm) > cfgs[0].optim.grad_clip
-    histories = run_ranks(_run_sequence, 4, cfgs, timeout=600)[0]
+    histories = run_ranks(run_configs, 4, cfgs, timeout=600)[0]
     _check(histories, ["PP2xDP2 ZeRO-2 1F1B", "PP2xDP2 ZeRO-1 GPipe", "PP2xDP2 ZeRO-1 interleaved"],
            ref_loss, ref_norm)
 
@@ -51,13 +43,11 @@ def test_3d_tp2_pp2_dp2_zero1_matches_single_process(tmp_path):
     cfg = tiny_config(tmp_path / "3d", corpus, parallel__tensor=2, parallel__pipeline=2, parallel__zero_stage=1,
                       model__config=FOUR_LAYERS, train__grad_accum=2)
     ref_loss, ref_norm = reference_losses(cfg, global_batch=2 * 2 * 2)
-    histories = run_ranks(_run_sequence, 8, [cfg], timeout=900)[0]
+    histories = run_ranks(run_configs, 8, [cfg], timeout=900)[0]
     _check(histories, ["TP2xPP2xDP2 ZeRO-1"], ref_loss, ref_norm)
 
 
 def _tied_weights(cfg):
-    import torch.distributed as dist
-
     from training import run
 
     result = run(cfg)

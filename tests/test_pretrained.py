@@ -6,13 +6,8 @@ import pytest
 import torch
 
 from tests.dist import run_ranks
-from tests.helpers import TINY_GPT2, tiny_config, write_corpus
+from tests.helpers import run_config, TINY_GPT2, tiny_config, write_corpus
 
-
-def _run(cfg):
-    from training import run
-
-    return run(cfg).history
 
 
 def test_finetune_from_local_checkpoint_starts_from_its_loss(tmp_path):
@@ -32,7 +27,7 @@ def test_finetune_from_local_checkpoint_starts_from_its_loss(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
     cfg = tiny_config(tmp_path / "ft", corpus, model__arch=None, model__config={}, model__tokenizer=None,
                       model__pretrained=str(ckpt), train__steps=2)
-    first = [r for r in run_ranks(_run, 1, cfg)[0] if "loss" in r][0]
+    first = [r for r in run_ranks(run_config, 1, cfg)[0] if "loss" in r][0]
 
     files = data.expand_files(cfg.data.train_files, "t")
     blocks = data.tokenize_and_pack(data.load_texts(files, "t", "text", None), tok, cfg.data.seq_len, "t")

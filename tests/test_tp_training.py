@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.dist import run_ranks
-from tests.helpers import TINY_GPT2, reference_losses, tiny_config, write_corpus
+from tests.helpers import run_configs, step_records, TINY_GPT2, reference_losses, tiny_config, write_corpus
 
 # As in test_zero_parity: fp32, the reference's one mean over the batch vs sharded matmuls and a DP
 # average; observed ~1e-6 relative over 10 steps. A missing TP all-reduce or a replicated parameter
@@ -15,14 +15,6 @@ LOSS_TOL = 1e-4
 NORM_TOL = 1e-4
 
 
-def _run_sequence(cfgs):
-    from training import run
-
-    return [run(cfg).history for cfg in cfgs]
-
-
-def _steps(history):
-    return [r for r in history if "loss" in r]
 
 
 def test_tp2_dp2_zero0_1_2_match_single_process(tmp_path):
@@ -36,8 +28,8 @@ def test_tp2_dp2_zero0_1_2_match_single_process(tmp_path):
     ref_loss, ref_norm = reference_losses(cfgs[0], global_batch=2 * 1 * 2)  # micro 2 x accum 1 x dp 2
     assert max(ref_norm) > cfgs[0].optim.grad_clip, "clipping must be active"
     for name, history in zip(("ZeRO-0", "ZeRO-1", "ZeRO-2", "ZeRO-1 + sequence parallel"),
-                             run_ranks(_run_sequence, 4, cfgs, timeout=600)[0]):
-        steps = _steps(history)
+                             run_ranks(run_configs, 4, cfgs, timeout=600)[0]):
+        steps = step_records(history)
         assert len(steps) == 10
         assert [r["loss"] for r in steps] == pytest.approx(ref_loss, rel=LOSS_TOL), name
         assert [r["grad_norm"] for r in steps] == pytest.approx(ref_norm, rel=NORM_TOL), name
@@ -54,7 +46,7 @@ def _train_and_probe(cfg, probe_ids):
     with torch.no_grad():
         logits = module(input_ids=probe_ids).logits
         logits = gather_from_tensor_parallel_region(logits, result.groups.tp_group)
-    return _steps(result.history), logits[..., :module.config.vocab_size].numpy()  # tensors don't cross a Queue
+    return step_records(result.history), logits[..., :module.config.vocab_size].numpy()  # tensors don't cross a Queue
 
 
 def test_tp2_export_loads_with_from_pretrained_and_gives_same_logits(tmp_path):
@@ -77,7 +69,7 @@ def test_tp2_export_loads_with_from_pretrained_and_gives_same_logits(tmp_path):
 def _first_loss(cfg):
     from training import run
 
-    return _steps(run(cfg).history)[0]["loss"]
+    return step_records(run(cfg).history)[0]["loss"]
 
 
 def test_finetune_from_pretrained_tp2_starts_from_tp1_loss(tmp_path):

@@ -9,23 +9,10 @@ import pytest
 import torch
 
 from tests.dist import run_ranks
-from tests.helpers import tiny_config, write_corpus
+from tests.helpers import run_config, run_configs, step_records, tiny_config, write_corpus
 
 
-def _run(cfg):
-    from training import run
 
-    return run(cfg).history
-
-
-def _run_sequence(cfgs):
-    from training import run
-
-    return [run(cfg).history for cfg in cfgs]
-
-
-def _steps(history):
-    return [r for r in history if "loss" in r]
 
 
 def test_dp2_equals_dp1_with_accumulation(tmp_path):
@@ -33,8 +20,8 @@ def test_dp2_equals_dp1_with_accumulation(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
     dp2 = tiny_config(tmp_path / "dp2", corpus, parallel__zero_stage=1)
     dp1 = tiny_config(tmp_path / "dp1", corpus, parallel__zero_stage=1, train__grad_accum=2)
-    two = _steps(run_ranks(_run, 2, dp2)[0])
-    one = _steps(run_ranks(_run, 1, dp1)[0])
+    two = step_records(run_ranks(run_config, 2, dp2)[0])
+    one = step_records(run_ranks(run_config, 1, dp1)[0])
     # Same fp32 math split differently (two ranks' mean vs two accumulated halves): ~1e-7 relative seen.
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=2e-5)
     assert [r["grad_norm"] for r in two] == pytest.approx([r["grad_norm"] for r in one], rel=1e-4)
@@ -52,8 +39,8 @@ def test_resume_matches_uninterrupted_run_and_export_reloads(tmp_path):
                        logging__wandb={"mode": "offline"})
     resumed = tiny_config(tmp_path / "resumed", corpus, parallel__zero_stage=2, train__steps=8,
                           train__resume=str(tmp_path / "full" / "run" / "checkpoints" / "step_0000004"))
-    full_hist, resumed_hist = run_ranks(_run_sequence, 2, [full, resumed])[0]
-    a, b = _steps(full_hist), _steps(resumed_hist)
+    full_hist, resumed_hist = run_ranks(run_configs, 2, [full, resumed])[0]
+    a, b = step_records(full_hist), step_records(resumed_hist)
     assert [r["step"] for r in b] == [5, 6, 7, 8]
     # Resume restores weights, Adam moments, LR schedule and data position exactly: identical floats.
     assert [r["loss"] for r in b] == [r["loss"] for r in a[4:]]
@@ -92,11 +79,11 @@ def test_zero3_export_and_llama(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
     cfg = tiny_config(tmp_path / "llama", corpus, parallel__zero_stage=3, train__steps=3, train__export_hf=True,
                       model__arch="llama", model__config=dict(TINY_LLAMA))
-    history = run_ranks(_run, 2, cfg)[0]
+    history = run_ranks(run_config, 2, cfg)[0]
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "llama" / "run" / "hf")
     assert model.config.model_type == "llama"
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert _steps(history)[-1]["loss"] < _steps(history)[0]["loss"]
+    assert step_records(history)[-1]["loss"] < step_records(history)[0]["loss"]
 
 
 def _run_without_wandb(cfg):
@@ -111,7 +98,7 @@ def _run_without_wandb(cfg):
 def test_wandb_disabled_needs_no_wandb(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
     cfg = tiny_config(tmp_path / "nowandb", corpus, train__steps=2)
-    assert len(_steps(run_ranks(_run_without_wandb, 1, cfg)[0])) == 2
+    assert len(step_records(run_ranks(_run_without_wandb, 1, cfg)[0])) == 2
 
 
 def _precision_error(cfg):
@@ -137,6 +124,6 @@ def test_fp16_on_cpu_is_a_clear_error(tmp_path):
 def test_mixed_precision_on_gpu(tmp_path, precision):
     corpus = write_corpus(tmp_path / "corpus")
     cfg = tiny_config(tmp_path / precision, corpus, precision=precision, parallel__zero_stage=2, train__steps=20)
-    steps = _steps(run_ranks(_run, 1, cfg)[0])
+    steps = step_records(run_ranks(run_config, 1, cfg)[0])
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
     assert steps[-1]["loss"] < steps[0]["loss"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.dist import run_ranks
-from tests.helpers import reference_losses, tiny_config, write_corpus
+from tests.helpers import run_configs, reference_losses, tiny_config, write_corpus
 
 # fp32 throughout. The DP runs average two half-batch gradients where the reference takes one mean over
 # the whole batch, so sums are ordered differently: ~1e-7 relative per step. Over 10 Adam steps with the
@@ -16,18 +16,12 @@ LOSS_TOL = 2e-5
 NORM_TOL = 1e-4
 
 
-def _train_all_stages(cfgs):
-    from training import run
-
-    return [run(cfg).history for cfg in cfgs]
-
-
 def test_zero_stages_match_single_process_reference(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
     cfgs = [tiny_config(tmp_path / f"z{stage}", corpus, parallel__zero_stage=stage,
                         train__eval_batches=None) for stage in (0, 1, 2, 3)]
     ref_loss, ref_norm = reference_losses(cfgs[0], global_batch=2 * 2)
-    histories = run_ranks(_train_all_stages, 2, cfgs)[0]
+    histories = run_ranks(run_configs, 2, cfgs)[0]
     for stage, history in zip((0, 1, 2, 3), histories):
         steps = [r for r in history if "loss" in r]
         assert len(steps) == 10
