@@ -1,0 +1,119 @@
+"""Tables and PNG plots for sweep results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+LAYOUT_KEYS = ("parallel.tensor", "parallel.pipeline", "data", "parallel.zero_stage", "parallel.schedule")
+
+
+def layout_label(r: dict) -> str:
+    return " ".join(f"{k.split('.')[-1]}={r[k]}" for k in LAYOUT_KEYS if k in r)
+
+
+def _fmt(value, digits=3) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def report_markdown(records: list[dict], spec: dict, machine: dict, figures: list[str]) -> str:
+    lines = [f"# Sweep `{spec['name']}`", "",
+             f"Machine: {machine.get('gpu') or machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, "
+             f"{machine['date']}. Base config `{spec['base']}`; {spec.get('warmup_steps', 2)} warm-up + "
+             f"{spec.get('timed_steps', 4)} timed steps per point (medians; the slowest rank's step).", "",
+             "| point | procs | status | tokens/s | step s | fwd s | bwd s | opt s | comm TP s | comm DP s | comm PP s | "
+             "comm share | scaling eff. | bubble meas./theory | opt-state bytes / formula | peak RSS MiB |",
+             "|" + "---|" * 16]
+    for r in records:
+        if r.get("status") != "ok":
+            lines.append(f"| {layout_label(r)} | {r['nproc']} | failed: {r.get('error', '')[:160]} |" + " |" * 13)
+            continue
+        bubble = (f"{r['bubble_measured']:.3f} / {r['bubble_theory']:.3f}" if "bubble_theory" in r else "—")
+        lines.append(
+            f"| {layout_label(r)} | {r['nproc']} | ok | {r['tokens_per_s']:.0f} | {r['step_s']:.3f} | "
+            f"{r['forward']:.3f} | {r['backward']:.3f} | {r['optimizer']:.3f} | {r['comm_tp_s']:.3f} | "
+            f"{r['comm_dp_s']:.3f} | {r['comm_pp_s']:.3f} | {r['comm_share']:.1%} | {_fmt(r.get('scaling_efficiency'))} | "
+            f"{bubble} | {r['optimizer_state_vs_formula']:.3f} | {r['peak_rss_bytes_max'] / 2**20:.0f} |")
+    predicted = [r for r in records if r.get("comm_predicted_s") is not None]
+    if predicted:
+        lines += ["", "Communication time predicted from the `bench comm` fit vs measured (TP + DP, per step):", "",
+                  "| point | predicted s | measured s | ratio |", "|---|---|---|---|"]
+        for r in predicted:
+            ratio = r["comm_predicted_s"] / r["comm_measured_s"] if r["comm_measured_s"] else float("nan")
+            lines.append(f"| {layout_label(r)} | {r['comm_predicted_s']:.4f} | {r['comm_measured_s']:.4f} | {ratio:.2f} |")
+    lines += ["", "Forward / backward / optimizer include the communication issued inside them; the comm columns "
+              "break that out per group.", ""]
+    lines += [f"![{Path(f).stem}]({Path(f).name})" for f in figures]
+    return "\n".join(lines) + "\n"
+
+
+def plots(records: list[dict], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in records if r.get("status") == "ok"]
+    figures = []
+    if not ok:
+        return figures
+
+    def save(fig, name):
+        path = out / name
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        figures.append(str(path))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    by_layout: dict[str, list] = {}
+    for r in ok:
+        key = " ".join(f"{k.split('.')[-1]}={r[k]}" for k in LAYOUT_KEYS if k in r and k != "data")
+        by_layout.setdefault(key, []).append((r["nproc"], r["tokens_per_s"]))
+    for key, pts in by_layout.items():
+        pts.sort()
+        ax.plot([p for p, _ in pts], [t for _, t in pts], marker="o", label=key or "all")
+    ax.set_xlabel("processes")
+    ax.set_ylabel("tokens/s")
+    ax.set_title("Throughput vs processes")
+    ax.legend(fontsize=7)
+    save(fig, "throughput.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    labels = [layout_label(r) for r in ok]
+    bottom = [0.0] * len(ok)
+    for group in ("comm_tp_s", "comm_dp_s", "comm_pp_s"):
+        share = [r[group] / r["step_s"] for r in ok]
+        ax.bar(range(len(ok)), share, bottom=bottom, label=group.split("_")[1].upper())
+        bottom = [b + s for b, s in zip(bottom, share)]
+    ax.set_xticks(range(len(ok)), labels, rotation=60, ha="right", fontsize=6)
+    ax.set_ylabel("share of step time")
+    ax.set_title("Communication share per group")
+    ax.legend()
+    save(fig, "comm_share.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x = range(len(ok))
+    ax.bar([i - 0.2 for i in x], [r["optimizer_state_bytes_rank0"] / 2**20 for r in ok], width=0.4, label="measured")
+    ax.bar([i + 0.2 for i in x], [r["formula_optimizer_state_bytes"] / 2**20 for r in ok], width=0.4, label="formula")
+    ax.set_xticks(list(x), labels, rotation=60, ha="right", fontsize=6)
+    ax.set_ylabel("optimizer state per rank (MiB)")
+    ax.set_title("Memory per rank by ZeRO stage vs formula")
+    ax.legend()
+    save(fig, "memory.png")
+
+    piped = [r for r in ok if "bubble_theory" in r]
+    if piped:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        x = range(len(piped))
+        ax.bar([i - 0.2 for i in x], [r["bubble_measured"] for r in piped], width=0.4, label="measured")
+        ax.bar([i + 0.2 for i in x], [r["bubble_theory"] for r in piped], width=0.4, label="(p-1)/(vm+p-1)")
+        ax.set_xticks(list(x), [layout_label(r) for r in piped], rotation=60, ha="right", fontsize=6)
+        ax.set_ylabel("bubble share")
+        ax.set_title("Pipeline bubble: measured vs theory")
+        ax.legend()
+        save(fig, "bubble.png")
+    return figures

@@ -1,0 +1,311 @@
+"""Layout sweeps: every point of a grid trains for real under torchrun, measured from inside.
+
+    python -m bench sweep configs/sweeps/cpu.yaml --out bench/results/sweep-cpu
+
+A sweep file names a base run config, overrides for all points, the timed/warm-up steps and a grid of
+dotted config keys (plus ``data``: the data-parallel degree; processes = tensor x pipeline x data).
+Per point: tokens/s, step time split into forward / backward / optimizer, communication seconds, bytes and
+calls per group (tp, dp, pp), pipeline bubble (measured and theory), parameter and optimizer-state bytes per
+rank next to the ZeRO formula, peak RSS (CPU) or peak allocated memory (GPU), MFU / HFU on GPU; derived:
+scaling efficiency against the one-process point, communication share, predicted communication time from a
+``bench comm`` fit. A point that fails or times out is recorded with its error and the sweep goes on.
+Outputs in ``--out``: results.jsonl, results.csv, report.md, PNG plots, and a W&B run per point (offline
+by default) grouped by sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
+
+
+def load_sweep(path: str | Path) -> dict:
+    spec = yaml.safe_load(Path(path).read_text())
+    unknown = set(spec) - {"name", "base", "set", "grid", "warmup_steps", "timed_steps", "timeout_s", "comm_fit",
+                           "wandb"}
+    if unknown:
+        raise ValueError(f"{path}: unknown sweep keys {sorted(unknown)}")
+    for key in ("name", "base", "grid"):
+        if key not in spec:
+            raise ValueError(f"{path}: sweep file needs '{key}'")
+    return spec
+
+
+def points(spec: dict) -> list[dict]:
+    """Cartesian product of the grid; each point a dict of dotted key -> value (``data`` = DP degree)."""
+    keys = list(spec["grid"])
+    return [dict(zip(keys, values)) for values in itertools.product(*(spec["grid"][k] for k in keys))]
+
+
+def point_overrides(spec: dict, point: dict) -> tuple[list[str], int]:
+    warmup, timed = spec.get("warmup_steps", 2), spec.get("timed_steps", 4)
+    sets = {**spec.get("set", {}), "train.steps": warmup + timed, "train.progress": False,
+            "train.export_hf": False, "train.save_final": False, "logging.wandb.mode": "disabled"}
+    sets.update({k: v for k, v in point.items() if k != "data"})
+    tensor, pipeline = int(sets.get("parallel.tensor", 1)), int(sets.get("parallel.pipeline", 1))
+    nproc = tensor * pipeline * int(point.get("data", 1))
+    return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in sets.items()], nproc
+
+
+def zero_formula_bytes(params: int, zero_stage: int, dp: int) -> dict:
+    """Per-rank model-state bytes for pure fp32 AdamW (shared DESIGN.md section 5): parameters 4Ψ (4Ψ/N under
+    ZeRO-3), optimizer state (exp_avg + exp_avg_sq) 8Ψ, or 8Ψ/N from ZeRO-1 on."""
+    return {"param_bytes": 4 * params / (dp if zero_stage == 3 else 1),
+            "optimizer_state_bytes": 8 * params / (dp if zero_stage >= 1 else 1)}
+
+
+def _optimizer_state_bytes(optimizer) -> int:
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return sum(t.numel() * t.element_size() for state in inner.state.values() for t in state.values()
+               if hasattr(t, "numel") and t.dim() > 0)
+
+
+def worker(args) -> None:
+    import torch
+    import torch.distributed as dist
+
+    import training.loop as loop
+    from bench.instrument import StepProbe, install
+    from training.config import load
+    from training.pipeline import PipelineRunner
+
+    cfg = load(args.config, args.set)
+    loop.init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    probe = StepProbe(cfg.parallel.tensor, cfg.parallel.pipeline, world, rank)
+    install(probe)
+    per_step = []
+
+    def measured(fn):
+        def wrapper(*a, **k):
+            before = probe.snapshot()
+            started = time.perf_counter()
+            out = fn(*a, **k)
+            per_step.append({"wall_s": time.perf_counter() - started, **StepProbe.since(before, probe.snapshot())})
+            return out
+        return wrapper
+
+    loop._data_parallel_step = measured(loop._data_parallel_step)
+    PipelineRunner.train_step = measured(PipelineRunner.train_step)
+    result = loop.run(cfg)
+    engine = result.engine
+    local_params = sum(p.numel() for p in engine.module.parameters())
+    if cfg.parallel.zero_stage == 3:
+        local_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+    timed = per_step[args.warmup:]
+    summary = {
+        "rank": rank,
+        "step_s": statistics.median(s["wall_s"] for s in timed),
+        **{f"{k}_s": statistics.median(s["seconds"].get(k, 0.0) for s in timed)
+           for k in ("forward", "backward", "optimizer", "comm_tp", "comm_dp", "comm_pp", "comm_other")},
+        **{f"{k}_bytes": statistics.median(s["bytes"].get(k, 0) for s in timed)
+           for k in ("comm_tp", "comm_dp", "comm_pp")},
+        **{f"{k}_calls": statistics.median(s["calls"].get(k, 0) for s in timed)
+           for k in ("comm_tp", "comm_dp", "comm_pp")},
+        "model_params_local": local_params,
+        "param_bytes": sum(p.numel() * p.element_size() for p in engine.module.parameters()),
+        "optimizer_state_bytes": _optimizer_state_bytes(engine.optimizer),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+    }
+    gathered = [None] * world
+    dist.all_gather_object(gathered, summary)
+    if rank == 0:
+        Path(args.out_file).write_text(json.dumps({"ranks": gathered, "history": result.history}))
+
+
+def _full_params(config_path: str, sets: list[str]) -> tuple[int, dict]:
+    from modeling.build import hf_config
+    from training.config import load
+
+    cfg = load(config_path, sets)
+    model_cfg = hf_config(pretrained=cfg.model.pretrained, arch=cfg.model.arch, config=cfg.model.config)
+    h, layers = model_cfg.hidden_size, model_cfg.num_hidden_layers
+    vocab = getattr(model_cfg, "vocab_size", 0) or 0
+    ffn = getattr(model_cfg, "intermediate_size", None) or getattr(model_cfg, "n_inner", None) or 4 * h
+    params = layers * (4 * h * h + 2 * h * ffn) + vocab * h  # blocks + embedding (tied head): PaLM-style N
+    return params, {"cfg": cfg, "layers": layers, "hidden": h}
+
+
+def summarize(point: dict, nproc: int, raw: dict, config_path: str, sets: list[str], comm_fit: dict | None) -> dict:
+    ranks = raw["ranks"]
+    params, info = _full_params(config_path, sets)
+    cfg = info["cfg"]
+    tokens = cfg.train.micro_batch_size * cfg.train.grad_accum * (nproc // (cfg.parallel.tensor * cfg.parallel.pipeline)) \
+        * cfg.data.seq_len
+    step_s = max(r["step_s"] for r in ranks)
+    comm = {k: max(r[f"{k}_s"] for r in ranks) for k in ("comm_tp", "comm_dp", "comm_pp")}
+    record = {**point, "nproc": nproc, "status": "ok", "tokens_per_step": tokens, "step_s": step_s,
+              "tokens_per_s": tokens / step_s,
+              **{k: statistics.mean(r[f"{k}_s"] for r in ranks) for k in ("forward", "backward", "optimizer")},
+              **{f"{k}_s": v for k, v in comm.items()},
+              **{f"{k}_bytes": max(r[f"{k}_bytes"] for r in ranks) for k in ("comm_tp", "comm_dp", "comm_pp")},
+              "comm_share": sum(comm.values()) / step_s,
+              "param_bytes_rank0": ranks[0]["param_bytes"], "optimizer_state_bytes_rank0": ranks[0]["optimizer_state_bytes"],
+              "peak_rss_bytes_max": max(r["peak_rss_bytes"] for r in ranks), "model_params": params}
+    dp = nproc // (cfg.parallel.tensor * cfg.parallel.pipeline)
+    local = ranks[0]["model_params_local"] if cfg.parallel.zero_stage != 3 else sum(r["model_params_local"] for r in ranks) // nproc * dp
+    formula = zero_formula_bytes(local, cfg.parallel.zero_stage, dp)
+    record.update({f"formula_{k}": v for k, v in formula.items()})
+    record["optimizer_state_vs_formula"] = record["optimizer_state_bytes_rank0"] / formula["optimizer_state_bytes"]
+    p, m, v = cfg.parallel.pipeline, cfg.train.grad_accum, cfg.parallel.virtual_stages
+    if p > 1:
+        busy = statistics.mean(r["forward_s"] + r["backward_s"] for r in ranks)
+        record["bubble_measured"] = max(0.0, 1 - busy / step_s)
+        record["bubble_theory"] = (p - 1) / (v * m + p - 1)
+    if comm_fit:
+        from bench.comm import predict_seconds
+
+        calls = {k: max(r[f"{k}_calls"] for r in ranks) for k in ("comm_tp", "comm_dp")}
+        predicted = 0.0
+        for k in ("comm_tp", "comm_dp"):
+            if calls[k]:
+                per_call = record[f"{k}_bytes"] / calls[k]
+                predicted += calls[k] * predict_seconds(comm_fit["all_reduce"], per_call)
+        record["comm_predicted_s"] = predicted
+        record["comm_measured_s"] = comm["comm_tp"] + comm["comm_dp"]
+    import torch
+
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0)
+        peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+        if peak:
+            flops_token = 6 * params + 12 * info["layers"] * info["hidden"] * cfg.data.seq_len
+            record["mfu"] = record["tokens_per_s"] * flops_token / (peak * 1e12 * nproc)
+            record["hfu"] = record["mfu"]  # no activation recomputation, so hardware FLOPs = model FLOPs
+    return record
+
+
+def run_point(spec: dict, point: dict, out: Path, index: int, comm_fit: dict | None) -> dict:
+    sets, nproc = point_overrides(spec, point)
+    out_file = out / "points" / f"point{index:03d}.json"
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    sets = sets + [f"train.output_dir={out / 'points' / f'run{index:03d}'}"]
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(nproc), "--master_port",
+           str(29500 + 17 * (index % 200) + 7), "-m", "bench.sweep", "--worker", "--config", spec["base"],
+           "--out-file", str(out_file), "--warmup", str(spec.get("warmup_steps", 2))]
+    for item in sets:
+        cmd += ["--set", item]
+    threads = max(1, (os.cpu_count() or 1) // nproc)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), WANDB_SILENT="true", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=spec.get("timeout_s", 900))
+    except subprocess.TimeoutExpired:
+        return {**point, "nproc": nproc, "status": "failed", "error": f"timed out after {spec.get('timeout_s', 900)}s"}
+    if proc.returncode != 0 or not out_file.is_file():
+        log = (proc.stderr or "") + (proc.stdout or "")
+        return {**point, "nproc": nproc, "status": "failed", "error": first_error(log), "log_tail": log[-2000:]}
+    return summarize(point, nproc, json.loads(out_file.read_text()), spec["base"], sets, comm_fit)
+
+
+def first_error(log: str) -> str:
+    """The worker's own exception line (not torchrun's summary of it)."""
+    import re
+
+    lines = [re.sub(r"^\[rank\d+\]:\s*", "", line.strip()) for line in log.splitlines()]
+    lines = [line for line in lines
+             if re.match(r"^[\w.]*(Error|Exception|Timeout)\b.*:", line) and "ChildFailedError" not in line]
+    return lines[0] if lines else log.strip().splitlines()[-1] if log.strip() else "failed without output"
+
+
+def derive(records: list[dict]) -> None:
+    """Scaling efficiency against the one-process point: tokens/s / (processes x one-process tokens/s)."""
+    base = next((r for r in records if r.get("status") == "ok" and r["nproc"] == 1), None)
+    for r in records:
+        if base and r.get("status") == "ok":
+            r["scaling_efficiency"] = r["tokens_per_s"] / (r["nproc"] * base["tokens_per_s"])
+
+
+def write_outputs(records: list[dict], out: Path, spec: dict, machine: dict) -> None:
+    from bench.report import plots, report_markdown
+
+    with (out / "results.jsonl").open("w") as f:
+        for r in records:
+            f.write(json.dumps({**r, "machine": machine, "sweep": spec["name"]}) + "\n")
+    columns = sorted({k for r in records for k in r})
+    with (out / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(records)
+    figures = plots(records, out)
+    (out / "report.md").write_text(report_markdown(records, spec, machine, figures))
+
+
+def log_wandb(records: list[dict], out: Path, spec: dict) -> None:
+    mode = spec.get("wandb", {}).get("mode", "offline")
+    if mode == "disabled":
+        return
+    import wandb
+
+    for r in records:
+        run = wandb.init(project=spec.get("wandb", {}).get("project", "colonnade-sweeps"), group=spec["name"],
+                         name=" ".join(f"{k}={v}" for k, v in r.items() if k in spec["grid"]), mode=mode,
+                         dir=str(out), config={k: r[k] for k in spec["grid"] if k in r}, reinit="finish_previous")
+        run.summary.update({k: v for k, v in r.items() if isinstance(v, (int, float, str))})
+        run.finish()
+    run = wandb.init(project=spec.get("wandb", {}).get("project", "colonnade-sweeps"), group=spec["name"],
+                     name=f"{spec['name']}-summary", mode=mode, dir=str(out), reinit="finish_previous")
+    columns = sorted({k for r in records for k in r if k != "error"})
+    run.log({"results": wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in records])})
+    artifact = wandb.Artifact(f"{spec['name']}-report", type="report")
+    for path in [out / "report.md", *out.glob("*.png")]:
+        artifact.add_file(str(path))
+    run.log_artifact(artifact)
+    run.finish()
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(prog="python -m bench sweep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep", nargs="?", help="sweep YAML (configs/sweeps/*.yaml)")
+    parser.add_argument("--out", default="bench/results/sweep")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    parser.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
+    parser.add_argument("--out-file", help=argparse.SUPPRESS)
+    parser.add_argument("--warmup", type=int, default=2, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return []
+    if not args.sweep:
+        parser.error("give a sweep YAML")
+    from tqdm import tqdm
+
+    from bench.machine import describe
+
+    spec = load_sweep(args.sweep)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    comm_fit = json.loads(Path(spec["comm_fit"]).read_text())["fit"] if spec.get("comm_fit") else None
+    grid = points(spec)
+    records = []
+    with tqdm(total=len(grid), unit="point", desc=spec["name"]) as bar:
+        for index, point in enumerate(grid):
+            bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in point.items()))
+            records.append(run_point(spec, point, out, index, comm_fit))
+            bar.update(1)
+    derive(records)
+    machine = describe()
+    write_outputs(records, out, spec, machine)
+    log_wandb(records, out, spec)
+    failed = [r for r in records if r["status"] != "ok"]
+    print(f"{len(records) - len(failed)} points ok, {len(failed)} failed; report: {out / 'report.md'}")
+    return records
+
+
+if __name__ == "__main__":
+    main()

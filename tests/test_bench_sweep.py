@@ -1,0 +1,48 @@
+"""bench sweep on a 2-point grid: every output file with its fields, and a failing point recorded, not fatal."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import yaml
+
+from bench.sweep import main, points, zero_formula_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_zero_formula():
+    assert zero_formula_bytes(1000, 0, 4) == {"param_bytes": 4000, "optimizer_state_bytes": 8000}
+    assert zero_formula_bytes(1000, 2, 4) == {"param_bytes": 4000, "optimizer_state_bytes": 2000}
+    assert zero_formula_bytes(1000, 3, 4) == {"param_bytes": 1000, "optimizer_state_bytes": 2000}
+
+
+def test_sweep_two_points_one_failing(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    spec = yaml.safe_load((ROOT / "configs/sweeps/tiny.yaml").read_text())
+    spec["grid"] = {"parallel.tensor": [1, 3]}  # 3 does not divide the 4 heads: that point must fail
+    spec["wandb"] = {"mode": "offline"}
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(yaml.safe_dump(spec))
+    assert len(points(spec)) == 2
+    records = main([str(sweep_file), "--out", str(tmp_path / "out")])
+    ok, failed = records
+    assert ok["status"] == "ok" and failed["status"] == "failed"
+    assert "does not divide the model's attention heads" in failed["error"]
+    for field in ("tokens_per_s", "step_s", "forward", "backward", "optimizer", "comm_tp_s", "comm_dp_s",
+                  "comm_pp_s", "comm_share", "param_bytes_rank0", "optimizer_state_bytes_rank0",
+                  "formula_optimizer_state_bytes", "peak_rss_bytes_max", "scaling_efficiency"):
+        assert field in ok, field
+    # ZeRO-1 at one process keeps the whole AdamW state: 8 bytes per parameter, as the formula says
+    assert abs(ok["optimizer_state_vs_formula"] - 1.0) < 0.05
+    out = tmp_path / "out"
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in lines] == ["ok", "failed"] and "machine" in lines[0]
+    assert len(list(csv.DictReader((out / "results.csv").open()))) == 2
+    report = (out / "report.md").read_text()
+    assert "| tensor=1" in report and "failed" in report
+    for png in ("throughput.png", "comm_share.png", "memory.png"):
+        assert (out / png).stat().st_size > 1000
+    assert list((out / "wandb").glob("offline-run-*")), "a W&B run per point, offline"
