@@ -26,7 +26,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="an existing DeepSpeed JSON; validated against the YAML")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help="set by the deepspeed launcher; the LOCAL_RANK environment variable is used")
-    return parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    args.overrides += wandb_agent_overrides(unknown, parser)
+    return args
+
+
+def wandb_agent_overrides(unknown: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """``wandb agent`` passes sweep parameters as ``--key=value``; dotted keys become ``--set key=value``."""
+    overrides, rest = [], list(unknown)
+    while rest:
+        item = rest.pop(0)
+        key, sep, value = item[2:].partition("=") if item.startswith("--") else ("", "", "")
+        if "." not in key:
+            parser.error(f"unrecognized argument {item!r} (config keys go as --set key=value or --key.sub=value)")
+        if not sep:
+            if not rest:
+                parser.error(f"{item} needs a value")
+            value = rest.pop(0)
+        overrides.append(f"{key}={value}")
+    return overrides
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,3 +46,16 @@ def test_sweep_two_points_one_failing(tmp_path, monkeypatch):
     for png in ("throughput.png", "comm_share.png", "memory.png"):
         assert (out / png).stat().st_size > 1000
     assert list((out / "wandb").glob("offline-run-*")), "a W&B run per point, offline"
+
+
+def test_wandb_agent_parameters_map_onto_config_keys():
+    import train
+    from training.config import load
+
+    spec = yaml.safe_load((ROOT / "configs/sweeps/wandb_agent.yaml").read_text())
+    agent_args = [f"--{key}={values['values'][-1]}" for key, values in spec["parameters"].items()]
+    args = train.parse_args(["--config", str(ROOT / "configs/quickstart.yaml")] + agent_args)
+    cfg = load(args.config, args.overrides)
+    assert cfg.optim.lr == 3e-4 and cfg.parallel.zero_stage == 2 and cfg.train.micro_batch_size == 8
+    args = train.parse_args(["--config", "x.yaml", "--optim.lr", "0.01"])
+    assert args.overrides == ["optim.lr=0.01"]
