@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         import training
 
         training.run(cfg, args.deepspeed_config)
+        from training.loop import shutdown_distributed
+
+        shutdown_distributed()
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         rank = os.environ.get("RANK", "0")
         print(f"colonnade: error (rank {rank}): {exc}", file=sys.stderr)

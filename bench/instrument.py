@@ -17,10 +17,22 @@ COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_gather_into_te
                "broadcast")
 
 
-class StepProbe:
-    """Accumulates seconds and bytes by category; ``snapshot`` / ``since`` give per-step deltas."""
+# the ``bench comm`` fit each wrapped function is predicted with, and the factor from the bytes of the
+# tensor the probe sees (args[0]) to the message size the fit was measured in
+FIT_OF = {"all_reduce": ("all_reduce", 1), "all_gather": ("all_gather", 1), "all_gather_into_tensor": ("all_gather", 1),
+          "reduce_scatter": ("reduce_scatter", "world"), "reduce_scatter_tensor": ("reduce_scatter", "world"),
+          "broadcast": ("broadcast", 1)}
 
-    def __init__(self, tensor: int, pipeline: int, world: int, rank: int):
+
+class StepProbe:
+    """Accumulates, per category (tp / dp / pp / other, forward / backward / optimizer): seconds, bytes, calls,
+    the seconds predicted by a ``bench comm`` latency + bandwidth fit, and (when ``barrier`` is on) the
+    seconds spent waiting for the group's slowest rank before a collective. ``snapshot`` / ``since`` give
+    per-step deltas."""
+
+    KINDS = ("seconds", "bytes", "calls", "predicted", "wait")
+
+    def __init__(self, tensor: int, pipeline: int, world: int, rank: int, fits: dict | None = None):
         import torch.distributed as dist
 
         from parallel.groups import rank_grid
@@ -32,12 +44,14 @@ class StepProbe:
                      "pp": frozenset(grid[:, d, t].tolist()),
                      "pp_embed": frozenset({grid[0, d, t].item(), grid[-1, d, t].item()})}
         self.dist = dist
-        self.seconds: dict[str, float] = defaultdict(float)
-        self.bytes: dict[str, int] = defaultdict(int)
-        self.calls: dict[str, int] = defaultdict(int)
+        self.fits = fits or {}
+        self.barrier = False  # separate waiting for the slowest rank from the transfer (Megatron's barrier timers)
+        self.totals: dict[str, dict[str, float]] = {kind: defaultdict(float) for kind in self.KINDS}
 
-    def classify(self, group) -> str:
-        ranks = frozenset(self.dist.get_process_group_ranks(group if group is not None else self.dist.group.WORLD))
+    def ranks_of(self, group) -> frozenset:
+        return frozenset(self.dist.get_process_group_ranks(group if group is not None else self.dist.group.WORLD))
+
+    def classify(self, ranks: frozenset) -> str:
         if len(ranks) == 1:
             return "local"
         for name in ("tp", "dp", "pp", "pp_embed"):
@@ -45,13 +59,20 @@ class StepProbe:
                 return "pp" if name == "pp_embed" else name
         return "other"
 
-    def add(self, category: str, seconds: float, nbytes: int = 0) -> None:
-        self.seconds[category] += seconds
-        self.bytes[category] += nbytes
-        self.calls[category] += 1
+    def predict(self, function: str, nbytes: int, group_size: int) -> float:
+        op, factor = FIT_OF.get(function, (function, 1))
+        if op not in self.fits:
+            return 0.0
+        from bench.comm import predict_seconds
+
+        return predict_seconds(self.fits[op], nbytes * (group_size if factor == "world" else factor))
+
+    def add(self, category: str, seconds: float, nbytes: int = 0, predicted: float = 0.0, wait: float = 0.0) -> None:
+        for kind, value in zip(self.KINDS, (seconds, nbytes, 1, predicted, wait)):
+            self.totals[kind][category] += value
 
     def snapshot(self) -> dict:
-        return {"seconds": dict(self.seconds), "bytes": dict(self.bytes), "calls": dict(self.calls)}
+        return {kind: dict(values) for kind, values in self.totals.items()}
 
     @staticmethod
     def since(before: dict, after: dict) -> dict:
@@ -75,11 +96,19 @@ def install(probe: StepProbe) -> None:
     for name in COLLECTIVES:
         original = getattr(dist, name)
 
-        def timed(*args, _original=original, **kwargs):
+        def timed(*args, _original=original, _name=name, **kwargs):
+            group = kwargs.get("group")
+            ranks = probe.ranks_of(group)
+            category = "comm_" + probe.classify(ranks)
+            nbytes = _nbytes(args[0]) if args else 0
+            wait = 0.0
+            if probe.barrier and len(ranks) > 1 and not kwargs.get("async_op"):
+                started = time.perf_counter()
+                dist.barrier(group=group)
+                wait = time.perf_counter() - started
             started = time.perf_counter()
             out = _original(*args, **kwargs)
-            probe.add("comm_" + probe.classify(kwargs.get("group")), time.perf_counter() - started,
-                      _nbytes(args[0]) if args else 0)
+            probe.add(category, time.perf_counter() - started, nbytes, probe.predict(_name, nbytes, len(ranks)), wait)
             return out
 
         setattr(dist, name, timed)
@@ -95,7 +124,16 @@ def install(probe: StepProbe) -> None:
 
         setattr(cls, method, timed)
 
-    wrap(PipeComm, "_recv", "comm_pp")
+    original_recv = PipeComm._recv
+
+    def timed_recv(self, *args, **kwargs):
+        started = time.perf_counter()
+        out = original_recv(self, *args, **kwargs)
+        nbytes = out.numel() * out.element_size()
+        probe.add("comm_pp", time.perf_counter() - started, nbytes, probe.predict("send_recv", nbytes, 2))
+        return out
+
+    PipeComm._recv = timed_recv
     wrap(PipeComm, "flush", "comm_pp")
     wrap(DeepSpeedEngine, "forward", "forward")
     wrap(PipelineChunk, "forward", "forward")

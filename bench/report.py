@@ -20,6 +20,8 @@ def _fmt(value, digits=3) -> str:
 
 
 def report_markdown(records: list[dict], spec: dict, machine: dict, figures: list[str]) -> str:
+    baselines = [r for r in records if "baseline" in r]
+    records = [r for r in records if "baseline" not in r]
     lines = [f"# Sweep `{spec['name']}`", "",
              f"Machine: {machine.get('gpu') or machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, "
              f"{machine['date']}. Base config `{spec['base']}`; {spec.get('warmup_steps', 2)} warm-up + "
@@ -37,13 +39,27 @@ def report_markdown(records: list[dict], spec: dict, machine: dict, figures: lis
             f"{r['forward']:.3f} | {r['backward']:.3f} | {r['optimizer']:.3f} | {r['comm_tp_s']:.3f} | "
             f"{r['comm_dp_s']:.3f} | {r['comm_pp_s']:.3f} | {r['comm_share']:.1%} | {_fmt(r.get('scaling_efficiency'))} | "
             f"{bubble} | {r['optimizer_state_vs_formula']:.3f} | {r['peak_rss_bytes_max'] / 2**20:.0f} |")
-    predicted = [r for r in records if r.get("comm_predicted_s") is not None]
+    if baselines:
+        lines += ["", "Baselines on the same model, data, batch and steps, run in the same sweep "
+                  "(colonnade tokens/s ÷ baseline tokens/s):", "",
+                  "| baseline | point | procs | status | baseline tokens/s | colonnade tokens/s | colonnade / baseline |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in baselines:
+            if r.get("status") != "ok":
+                lines.append(f"| {r['baseline']} | {layout_label(r)} | {r['nproc']} | failed: {r.get('error', '')[:160]} | | | |")
+                continue
+            lines.append(f"| {r['baseline']} | {layout_label(r)} | {r['nproc']} | ok | {r['tokens_per_s']:.0f} | "
+                         f"{_fmt(r.get('colonnade_tokens_per_s'), 4)} | {_fmt(r.get('colonnade_vs_baseline'))} |")
+    predicted = [r for r in records if r.get("comm_measured_s")]
     if predicted:
-        lines += ["", "Communication time predicted from the `bench comm` fit vs measured (TP + DP, per step):", "",
-                  "| point | predicted s | measured s | ratio |", "|---|---|---|---|"]
+        lines += ["", "TP + DP communication per step: predicted call by call from the `bench comm` latency + bandwidth "
+                  "fit, vs the measured transfer time of the same calls (a barrier before each collective separates "
+                  "the wait for the group's slowest rank, shown apart):", "",
+                  "| point | procs | predicted s | measured transfer s | predicted / measured | wait s |",
+                  "|---|---|---|---|---|---|"]
         for r in predicted:
-            ratio = r["comm_predicted_s"] / r["comm_measured_s"] if r["comm_measured_s"] else float("nan")
-            lines.append(f"| {layout_label(r)} | {r['comm_predicted_s']:.4f} | {r['comm_measured_s']:.4f} | {ratio:.2f} |")
+            lines.append(f"| {layout_label(r)} | {r['nproc']} | {r['comm_predicted_s']:.4f} | {r['comm_measured_s']:.4f} | "
+                         f"{r['comm_predicted_s'] / r['comm_measured_s']:.2f} | {r['comm_wait_s']:.4f} |")
     lines += ["", "Forward / backward / optimizer include the communication issued inside them; the comm columns "
               "break that out per group.", ""]
     lines += [f"![{Path(f).stem}]({Path(f).name})" for f in figures]
@@ -56,7 +72,7 @@ def plots(records: list[dict], out: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in records if r.get("status") == "ok"]
+    ok = [r for r in records if r.get("status") == "ok" and "baseline" not in r]
     figures = []
     if not ok:
         return figures

@@ -34,8 +34,8 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
 
 def load_sweep(path: str | Path) -> dict:
     spec = yaml.safe_load(Path(path).read_text())
-    unknown = set(spec) - {"name", "base", "set", "grid", "warmup_steps", "timed_steps", "timeout_s", "comm_fit",
-                           "wandb"}
+    unknown = set(spec) - {"name", "base", "set", "grid", "warmup_steps", "timed_steps", "comm_probe_steps",
+                           "timeout_s", "comm_fit", "wandb", "baselines"}
     if unknown:
         raise ValueError(f"{path}: unknown sweep keys {sorted(unknown)}")
     for key in ("name", "base", "grid"):
@@ -51,8 +51,8 @@ def points(spec: dict) -> list[dict]:
 
 
 def point_overrides(spec: dict, point: dict) -> tuple[list[str], int]:
-    warmup, timed = spec.get("warmup_steps", 2), spec.get("timed_steps", 4)
-    sets = {**spec.get("set", {}), "train.steps": warmup + timed, "train.progress": False,
+    steps = spec.get("warmup_steps", 2) + spec.get("timed_steps", 4) + spec.get("comm_probe_steps", 2)
+    sets = {**spec.get("set", {}), "train.steps": steps, "train.progress": False,
             "train.export_hf": False, "train.save_final": False, "logging.wandb.mode": "disabled"}
     sets.update({k: v for k, v in point.items() if k != "data"})
     tensor, pipeline = int(sets.get("parallel.tensor", 1)), int(sets.get("parallel.pipeline", 1))
@@ -85,12 +85,16 @@ def worker(args) -> None:
     cfg = load(args.config, args.set)
     loop.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
-    probe = StepProbe(cfg.parallel.tensor, cfg.parallel.pipeline, world, rank)
+    fits = json.loads(Path(args.comm_fit).read_text())["fit"] if args.comm_fit else None
+    probe = StepProbe(cfg.parallel.tensor, cfg.parallel.pipeline, world, rank, fits)
     install(probe)
     per_step = []
 
     def measured(fn):
         def wrapper(*a, **k):
+            # the steps after the timed ones put a barrier before each collective, to split the time spent
+            # waiting for the slowest rank from the transfer itself
+            probe.barrier = len(per_step) >= args.warmup + args.timed
             before = probe.snapshot()
             started = time.perf_counter()
             out = fn(*a, **k)
@@ -105,7 +109,9 @@ def worker(args) -> None:
     local_params = sum(p.numel() for p in engine.module.parameters())
     if cfg.parallel.zero_stage == 3:
         local_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
-    timed = per_step[args.warmup:]
+    timed = per_step[args.warmup:args.warmup + args.timed]
+    probed = per_step[args.warmup + args.timed:] or timed
+    groups = ("comm_tp", "comm_dp", "comm_pp")
     summary = {
         "rank": rank,
         "step_s": statistics.median(s["wall_s"] for s in timed),
@@ -113,8 +119,10 @@ def worker(args) -> None:
            for k in ("forward", "backward", "optimizer", "comm_tp", "comm_dp", "comm_pp", "comm_other")},
         **{f"{k}_bytes": statistics.median(s["bytes"].get(k, 0) for s in timed)
            for k in ("comm_tp", "comm_dp", "comm_pp")},
-        **{f"{k}_calls": statistics.median(s["calls"].get(k, 0) for s in timed)
-           for k in ("comm_tp", "comm_dp", "comm_pp")},
+        **{f"{k}_calls": statistics.median(s["calls"].get(k, 0) for s in timed) for k in groups},
+        **{f"{k}_transfer_s": statistics.median(s["seconds"].get(k, 0.0) for s in probed) for k in groups},
+        **{f"{k}_wait_s": statistics.median(s["wait"].get(k, 0.0) for s in probed) for k in groups},
+        **{f"{k}_predicted_s": statistics.median(s["predicted"].get(k, 0.0) for s in probed) for k in groups},
         "model_params_local": local_params,
         "param_bytes": sum(p.numel() * p.element_size() for p in engine.module.parameters()),
         "optimizer_state_bytes": _optimizer_state_bytes(engine.optimizer),
@@ -125,6 +133,7 @@ def worker(args) -> None:
     dist.all_gather_object(gathered, summary)
     if rank == 0:
         Path(args.out_file).write_text(json.dumps({"ranks": gathered, "history": result.history}))
+    loop.shutdown_distributed()
 
 
 def _full_params(config_path: str, sets: list[str]) -> tuple[int, dict]:
@@ -140,7 +149,7 @@ def _full_params(config_path: str, sets: list[str]) -> tuple[int, dict]:
     return params, {"cfg": cfg, "layers": layers, "hidden": h}
 
 
-def summarize(point: dict, nproc: int, raw: dict, config_path: str, sets: list[str], comm_fit: dict | None) -> dict:
+def summarize(point: dict, nproc: int, raw: dict, config_path: str, sets: list[str]) -> dict:
     ranks = raw["ranks"]
     params, info = _full_params(config_path, sets)
     cfg = info["cfg"]
@@ -166,17 +175,14 @@ def summarize(point: dict, nproc: int, raw: dict, config_path: str, sets: list[s
         busy = statistics.mean(r["forward_s"] + r["backward_s"] for r in ranks)
         record["bubble_measured"] = max(0.0, 1 - busy / step_s)
         record["bubble_theory"] = (p - 1) / (v * m + p - 1)
-    if comm_fit:
-        from bench.comm import predict_seconds
-
-        calls = {k: max(r[f"{k}_calls"] for r in ranks) for k in ("comm_tp", "comm_dp")}
-        predicted = 0.0
-        for k in ("comm_tp", "comm_dp"):
-            if calls[k]:
-                per_call = record[f"{k}_bytes"] / calls[k]
-                predicted += calls[k] * predict_seconds(comm_fit["all_reduce"], per_call)
-        record["comm_predicted_s"] = predicted
-        record["comm_measured_s"] = comm["comm_tp"] + comm["comm_dp"]
+    # predicted vs measured: the per-call latency + bandwidth prediction against the barrier-separated
+    # transfer time of the same calls (TP and DP collectives; pipeline receives also wait for the sender's
+    # compute, so they are not a transfer time)
+    if any(r.get("comm_tp_predicted_s") or r.get("comm_dp_predicted_s") for r in ranks):
+        slowest = max(ranks, key=lambda r: r["comm_tp_transfer_s"] + r["comm_dp_transfer_s"])
+        record["comm_predicted_s"] = slowest["comm_tp_predicted_s"] + slowest["comm_dp_predicted_s"]
+        record["comm_measured_s"] = slowest["comm_tp_transfer_s"] + slowest["comm_dp_transfer_s"]
+        record["comm_wait_s"] = slowest["comm_tp_wait_s"] + slowest["comm_dp_wait_s"]
     import torch
 
     if torch.cuda.is_available():
@@ -189,26 +195,56 @@ def summarize(point: dict, nproc: int, raw: dict, config_path: str, sets: list[s
     return record
 
 
-def run_point(spec: dict, point: dict, out: Path, index: int, comm_fit: dict | None) -> dict:
+def run_point(spec: dict, point: dict, out: Path, index: int) -> dict:
     sets, nproc = point_overrides(spec, point)
     out_file = out / "points" / f"point{index:03d}.json"
     out_file.parent.mkdir(parents=True, exist_ok=True)
     sets = sets + [f"train.output_dir={out / 'points' / f'run{index:03d}'}"]
+    extra = ["--worker", "--out-file", str(out_file)] + (["--comm-fit", spec["comm_fit"]] if spec.get("comm_fit") else [])
+    proc = _launch(spec, nproc, index, extra, sets)
+    if isinstance(proc, str):
+        return {**point, "nproc": nproc, "status": "failed", "error": proc}
+    if proc.returncode != 0 or not out_file.is_file():
+        log = (proc.stderr or "") + (proc.stdout or "")
+        return {**point, "nproc": nproc, "status": "failed", "error": first_error(log), "log_tail": log[-2000:]}
+    return summarize(point, nproc, json.loads(out_file.read_text()), spec["base"], sets)
+
+
+def _launch(spec: dict, nproc: int, index: int, extra: list[str], sets: list[str]) -> subprocess.CompletedProcess | str:
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(nproc), "--master_port",
-           str(29500 + 17 * (index % 200) + 7), "-m", "bench.sweep", "--worker", "--config", spec["base"],
-           "--out-file", str(out_file), "--warmup", str(spec.get("warmup_steps", 2))]
+           str(29500 + 17 * (index % 200) + 7), "-m", "bench.sweep", "--config", spec["base"],
+           "--warmup", str(spec.get("warmup_steps", 2)), "--timed", str(spec.get("timed_steps", 4)), *extra]
     for item in sets:
         cmd += ["--set", item]
     threads = max(1, (os.cpu_count() or 1) // nproc)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), WANDB_SILENT="true", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
     try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=spec.get("timeout_s", 900))
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=spec.get("timeout_s", 900))
     except subprocess.TimeoutExpired:
-        return {**point, "nproc": nproc, "status": "failed", "error": f"timed out after {spec.get('timeout_s', 900)}s"}
-    if proc.returncode != 0 or not out_file.is_file():
-        log = (proc.stderr or "") + (proc.stdout or "")
-        return {**point, "nproc": nproc, "status": "failed", "error": first_error(log), "log_tail": log[-2000:]}
-    return summarize(point, nproc, json.loads(out_file.read_text()), spec["base"], sets, comm_fit)
+        return f"timed out after {spec.get('timeout_s', 900)}s"
+
+
+def run_baseline(spec: dict, entry: dict, out: Path, index: int, records: list[dict]) -> dict:
+    """A baseline on the settings of its ``compare`` point, reported as colonnade's tokens/s over its own."""
+    kind, compare = entry["kind"], entry["compare"]
+    sets, nproc = point_overrides(spec, compare)
+    out_file = out / "points" / f"baseline{index:03d}-{kind}.json"
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    record = {"baseline": kind, **compare, "nproc": nproc}
+    proc = _launch(spec, nproc, 100 + index, ["--baseline", kind, "--out-file", str(out_file)], sets)
+    if isinstance(proc, str) or proc.returncode != 0 or not out_file.is_file():
+        log = proc if isinstance(proc, str) else (proc.stderr or "") + (proc.stdout or "")
+        return {**record, "status": "failed", "error": first_error(log), "log_tail": log[-2000:]}
+    cfg = _full_params(spec["base"], sets)[1]["cfg"]
+    tokens = cfg.train.micro_batch_size * cfg.train.grad_accum * (nproc // (cfg.parallel.tensor * cfg.parallel.pipeline)) \
+        * cfg.data.seq_len
+    step_s = json.loads(out_file.read_text())["step_s"]
+    record.update(status="ok", step_s=step_s, tokens_per_s=tokens / step_s)
+    ours = next((r for r in records if r.get("status") == "ok" and all(r.get(k) == v for k, v in compare.items())), None)
+    if ours:
+        record["colonnade_tokens_per_s"] = ours["tokens_per_s"]
+        record["colonnade_vs_baseline"] = ours["tokens_per_s"] / record["tokens_per_s"]
+    return record
 
 
 def first_error(log: str) -> str:
@@ -252,7 +288,8 @@ def log_wandb(records: list[dict], out: Path, spec: dict) -> None:
 
     for r in records:
         run = wandb.init(project=spec.get("wandb", {}).get("project", "colonnade-sweeps"), group=spec["name"],
-                         name=" ".join(f"{k}={v}" for k, v in r.items() if k in spec["grid"]), mode=mode,
+                         name=" ".join([r.get("baseline", "colonnade")] + [f"{k}={v}" for k, v in r.items()
+                                                                           if k in spec["grid"]]), mode=mode,
                          dir=str(out), config={k: r[k] for k in spec["grid"] if k in r}, reinit="finish_previous")
         run.summary.update({k: v for k, v in r.items() if isinstance(v, (int, float, str))})
         run.finish()
@@ -277,9 +314,17 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
     parser.add_argument("--out-file", help=argparse.SUPPRESS)
     parser.add_argument("--warmup", type=int, default=2, help=argparse.SUPPRESS)
+    parser.add_argument("--timed", type=int, default=4, help=argparse.SUPPRESS)
+    parser.add_argument("--comm-fit", help=argparse.SUPPRESS)
+    parser.add_argument("--baseline", choices=["plain", "ddp", "deepspeed", "pipelining"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker(args)
+        return []
+    if args.baseline:
+        from bench.baselines import worker as baseline_worker
+
+        baseline_worker(args)
         return []
     if not args.sweep:
         parser.error("give a sweep YAML")
@@ -290,15 +335,20 @@ def main(argv=None) -> list[dict]:
     spec = load_sweep(args.sweep)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    comm_fit = json.loads(Path(spec["comm_fit"]).read_text())["fit"] if spec.get("comm_fit") else None
     grid = points(spec)
-    records = []
-    with tqdm(total=len(grid), unit="point", desc=spec["name"]) as bar:
+    baselines = spec.get("baselines", [])
+    records, baseline_records = [], []
+    with tqdm(total=len(grid) + len(baselines), unit="point", desc=spec["name"]) as bar:
         for index, point in enumerate(grid):
             bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in point.items()))
-            records.append(run_point(spec, point, out, index, comm_fit))
+            records.append(run_point(spec, point, out, index))
+            bar.update(1)
+        for index, entry in enumerate(baselines):
+            bar.set_postfix_str(f"baseline {entry['kind']}")
+            baseline_records.append(run_baseline(spec, entry, out, index, records))
             bar.update(1)
     derive(records)
+    records += baseline_records
     machine = describe()
     write_outputs(records, out, spec, machine)
     log_wandb(records, out, spec)

@@ -41,9 +41,11 @@ def _gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     world = _world(group)
     if world == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=dim)
+    stacked = torch.empty((world * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.all_gather_into_tensor(stacked, x.contiguous(), group=group)
+    if dim == 0:
+        return stacked
+    return torch.cat(stacked.chunk(world), dim=dim)
 
 
 def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
@@ -52,9 +54,9 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
         return x
     if x.shape[dim] % world:
         raise ValueError(f"dimension {dim} of size {x.shape[dim]} is not divisible by the group size {world}")
-    parts = [p.contiguous() for p in x.chunk(world, dim=dim)]
-    out = torch.empty_like(parts[0])
-    dist.reduce_scatter(out, parts, group=group)
+    stacked = x.contiguous() if dim == 0 else torch.cat(x.chunk(world, dim=dim), dim=0)
+    out = torch.empty((stacked.shape[0] // world, *stacked.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.reduce_scatter_tensor(out, stacked, group=group)
     return out
 
 

@@ -1,4 +1,4 @@
-"""bench sweep on a 2-point grid: every output file with its fields, and a failing point recorded, not fatal."""
+"""bench sweep on a small grid: every output file with its fields, and a failing point recorded, not fatal."""
 
 from __future__ import annotations
 
@@ -20,16 +20,26 @@ def test_zero_formula():
 
 
 def test_sweep_two_points_one_failing(tmp_path, monkeypatch):
+    """Also runs every baseline once (plain, DDP, DeepSpeed alone, torch.distributed.pipelining) and the
+    predicted-vs-measured communication of the TP point, using the committed CPU `bench comm` fit."""
     monkeypatch.chdir(ROOT)
     spec = yaml.safe_load((ROOT / "configs/sweeps/tiny.yaml").read_text())
-    spec["grid"] = {"parallel.tensor": [1, 3]}  # 3 does not divide the 4 heads: that point must fail
+    spec["grid"] = {"parallel.tensor": [1, 2, 3]}  # 3 does not divide the 4 heads: that point must fail
     spec["wandb"] = {"mode": "offline"}
+    spec["baselines"] = [{"kind": "plain", "compare": {"parallel.tensor": 1}},
+                         {"kind": "ddp", "compare": {"data": 2}},
+                         {"kind": "deepspeed", "compare": {"data": 2, "parallel.zero_stage": 2}},
+                         {"kind": "pipelining", "compare": {"parallel.pipeline": 2}}]
     sweep_file = tmp_path / "sweep.yaml"
     sweep_file.write_text(yaml.safe_dump(spec))
-    assert len(points(spec)) == 2
+    assert len(points(spec)) == 3
     records = main([str(sweep_file), "--out", str(tmp_path / "out")])
-    ok, failed = records
-    assert ok["status"] == "ok" and failed["status"] == "failed"
+    one, ok, failed, *baselines = records
+    assert one["status"] == ok["status"] == "ok" and failed["status"] == "failed"
+    assert [b["baseline"] for b in baselines] == ["plain", "ddp", "deepspeed", "pipelining"]
+    for b in baselines:
+        assert b["status"] == "ok" and b["tokens_per_s"] > 0, b
+    assert ok["comm_tp_bytes"] > 0 and ok["comm_predicted_s"] > 0 and ok["comm_measured_s"] > 0
     assert "does not divide the model's attention heads" in failed["error"]
     for field in ("tokens_per_s", "step_s", "forward", "backward", "optimizer", "comm_tp_s", "comm_dp_s",
                   "comm_pp_s", "comm_share", "param_bytes_rank0", "optimizer_state_bytes_rank0",
@@ -39,10 +49,11 @@ def test_sweep_two_points_one_failing(tmp_path, monkeypatch):
     assert abs(ok["optimizer_state_vs_formula"] - 1.0) < 0.05
     out = tmp_path / "out"
     lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert [r["status"] for r in lines] == ["ok", "failed"] and "machine" in lines[0]
-    assert len(list(csv.DictReader((out / "results.csv").open()))) == 2
+    assert [r["status"] for r in lines][:3] == ["ok", "ok", "failed"] and "machine" in lines[0]
+    assert len(list(csv.DictReader((out / "results.csv").open()))) == 7
     report = (out / "report.md").read_text()
-    assert "| tensor=1" in report and "failed" in report
+    assert "| tensor=2" in report and "failed" in report and "| pipelining |" in report
+    assert "predicted / measured" in report
     for png in ("throughput.png", "comm_share.png", "memory.png"):
         assert (out / png).stat().st_size > 1000
     assert list((out / "wandb").glob("offline-run-*")), "a W&B run per point, offline"

@@ -115,5 +115,5 @@ def test_collectives_per_block():
     forward, backward = run_ranks(_count_block_collectives, 2, False, timeout=300)[0]
     assert forward == {"all_reduce": 2} and backward == {"all_reduce": 2}
     forward, backward = run_ranks(_count_block_collectives, 2, True, timeout=300)[0]
-    assert forward == {"all_gather": 2, "reduce_scatter": 2}
-    assert backward == {"all_gather": 2, "reduce_scatter": 2, "all_reduce": 6}
+    assert forward == {"all_gather_into_tensor": 2, "reduce_scatter_tensor": 2}
+    assert backward == {"all_gather_into_tensor": 2, "reduce_scatter_tensor": 2, "all_reduce": 6}

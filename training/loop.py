@@ -66,6 +66,14 @@ def init_distributed() -> None:
     deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False)
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group once every rank is done; exiting with gloo's threads still running can abort
+    a process ("terminate called without an active exception") after the work finished."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def rank0_first(fn: Callable[[], Any], what: str) -> Any:
     """Run ``fn`` on rank 0 (which fills caches), then on the other ranks. If rank 0 fails, every rank
     raises rank 0's error instead of waiting forever at a barrier."""
