@@ -175,10 +175,15 @@ def report(rows: list[dict]) -> tuple[str, dict]:
         lines.append(f"| {r['op']} | {r['bytes']} | {r['raw_s'] * 1e6:.1f} | {r['raw_algbw_GBps']:.3f} | "
                      f"{r['raw_busbw_GBps']:.3f} | {ours} | {ratio} | "
                      f"{predict_seconds(fits[r['op']], r['bytes']) * 1e6:.1f} |")
-    lines += ["", "Per collective: colonnade busbw / raw busbw, median over 1-16 MiB messages (the sizes training "
-              "here moves) and over >= 64 MiB, and the latency + bandwidth fit of the raw times.", "",
-              "| op | ours / raw, 1-16 MiB | ours / raw, >= 64 MiB | fit latency (us) | fit bandwidth (GB/s) |",
-              "|---|---|---|---|---|"]
+    return "\n".join(lines + ["", summary(rows, fits)]), fits
+
+
+def summary(rows: list[dict], fits: dict) -> str:
+    """Per collective: colonnade / raw bus bandwidth in two size ranges, and the fit."""
+    lines = ["Per collective: colonnade busbw / raw busbw, median over 1-16 MiB messages and over >= 64 MiB, and "
+             "the latency + bandwidth fit of the raw times.", "",
+             "| op | ours / raw, 1-16 MiB | ours / raw, >= 64 MiB | fit latency (us) | fit bandwidth (GB/s) |",
+             "|---|---|---|---|---|"]
 
     def median_ratio(op, lo, hi):
         ratios = [r["colonnade_busbw_GBps"] / r["raw_busbw_GBps"] for r in rows
@@ -188,7 +193,7 @@ def report(rows: list[dict]) -> tuple[str, dict]:
     for op, fit in fits.items():
         lines.append(f"| {op} | {median_ratio(op, 2**20, 2**24)} | {median_ratio(op, 2**26, float('inf'))} | "
                      f"{fit['alpha_s'] * 1e6:.0f} | {fit['bandwidth_Bps'] / 1e9:.2f} |")
-    return "\n".join(lines), fits
+    return "\n".join(lines)
 
 
 def main(argv=None) -> dict:

@@ -79,6 +79,10 @@ class StepProbe:
         return {kind: {k: after[kind].get(k, 0) - before[kind].get(k, 0) for k in after[kind]} for kind in after}
 
 
+# DeepSpeed's torch backend passes the tensors by keyword; the first of these present is the message
+TENSOR_KWARGS = ("tensor", "output_tensor", "output", "tensor_list", "output_tensor_list")
+
+
 def _nbytes(obj) -> int:
     if isinstance(obj, (list, tuple)):
         return sum(_nbytes(o) for o in obj)
@@ -100,7 +104,7 @@ def install(probe: StepProbe) -> None:
             group = kwargs.get("group")
             ranks = probe.ranks_of(group)
             category = "comm_" + probe.classify(ranks)
-            nbytes = _nbytes(args[0]) if args else 0
+            nbytes = _nbytes(args[0] if args else next((kwargs[k] for k in TENSOR_KWARGS if k in kwargs), None))
             wait = 0.0
             if probe.barrier and len(ranks) > 1 and not kwargs.get("async_op"):
                 started = time.perf_counter()

@@ -60,6 +60,14 @@ def report_markdown(records: list[dict], spec: dict, machine: dict, figures: lis
         for r in predicted:
             lines.append(f"| {layout_label(r)} | {r['nproc']} | {r['comm_predicted_s']:.4f} | {r['comm_measured_s']:.4f} | "
                          f"{r['comm_predicted_s'] / r['comm_measured_s']:.2f} | {r['comm_wait_s']:.4f} |")
+    if spec.get("comm_fit") and Path(spec["comm_fit"]).is_file():
+        import json
+
+        from bench.comm import summary
+
+        comm = json.loads(Path(spec["comm_fit"]).read_text())
+        lines += ["", f"Collectives, raw `torch.distributed` vs colonnade's layer (`{spec['comm_fit']}`, "
+                  f"{comm['nproc']} processes, {comm['machine']['date']}). " + summary(comm["rows"], comm["fit"])]
     lines += ["", "Forward / backward / optimizer include the communication issued inside them; the comm columns "
               "break that out per group.", ""]
     lines += [f"![{Path(f).stem}]({Path(f).name})" for f in figures]

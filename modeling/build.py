@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer,
+                          PreTrainedTokenizerFast)
 
 SPECIAL_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|endoftext|>", "pad_token": "<|pad|>",
                   "unk_token": "<|unk|>"}
@@ -70,12 +71,18 @@ def hf_config(*, pretrained: str | None, arch: str | None, config: dict, trust_r
         raise ValueError(f"model.arch={arch!r}: {exc}") from None
 
 
+def auto_class(config):
+    """The HF auto class of a config: sequence-to-sequence LM for encoder-decoder models, else causal LM."""
+    return AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+
+
 def build_model(*, pretrained: str | None, arch: str | None, config: dict, vocab_size: int | None,
                 seed: int, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32):
-    """A full (unsharded) HF causal LM: loaded from ``pretrained`` or initialised from ``seed``."""
+    """A full (unsharded) HF causal or sequence-to-sequence LM: loaded from ``pretrained`` or initialised from ``seed``."""
     if pretrained is not None:
         path = check_checkpoint_dir(pretrained)
-        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        return auto_class(config).from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
     fields = dict(config)
     if vocab_size is not None:
         fields.setdefault("vocab_size", vocab_size)
@@ -88,5 +95,5 @@ def build_model(*, pretrained: str | None, arch: str | None, config: dict, vocab
                          f"{vocab_size} tokens; remove it to use the tokenizer's size")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
+        model = auto_class(hf_config).from_config(hf_config, trust_remote_code=trust_remote_code)
     return model.to(dtype)

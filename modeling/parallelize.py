@@ -8,7 +8,8 @@ import torch.distributed as dist
 from torch import nn
 
 from modeling.tp_plans import PLANS, check_tensor_parallel_fits
-from parallel.cross_entropy import causal_lm_loss, vocab_parallel_cross_entropy
+from parallel.comm import gather_from_tensor_parallel_region
+from parallel.cross_entropy import causal_lm_loss, token_loss, vocab_parallel_cross_entropy
 from parallel.layers import VocabParallelHead
 from parallel.tp_plan import apply_tp_plan
 
@@ -35,6 +36,36 @@ def lm_loss(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor, tp_gro
     return causal_lm_loss(logits, labels, tp_group if valid is not None else None, start, valid)
 
 
+def seq2seq_loss(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor, tp_group) -> torch.Tensor:
+    """Mean loss of the decoder's labels (no shift; -100 = padding) from (possibly sharded) logits."""
+    start, valid = vocab_slice(model.get_output_embeddings())
+    return token_loss(logits, labels, tp_group if valid is not None else None, start, valid)
+
+
+def full_logits(model: nn.Module, logits: torch.Tensor, tp_group) -> torch.Tensor:
+    """The logits over the whole vocabulary on every rank (gathered from the shards, padding dropped)."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, VocabParallelHead):
+        return logits
+    return gather_from_tensor_parallel_region(logits, tp_group)[..., :head.vocab_size]
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tp_group, **kwargs) -> torch.Tensor:
+    """``model.generate(**kwargs)`` through a tensor-parallel model: its logits are gathered after the
+    forward (after any vocabulary bias), so every rank scores the whole vocabulary and picks the same
+    tokens, greedy or beam search. Collective over ``tp_group``."""
+    def gather(module, args, output):
+        output["logits"] = full_logits(model, output["logits"], tp_group)
+        return output
+
+    handle = model.register_forward_hook(gather)
+    try:
+        return model.generate(**kwargs)
+    finally:
+        handle.remove()
+
+
 def next_token_losses(model: nn.Module, logits: torch.Tensor, input_ids: torch.Tensor, tp_group) -> torch.Tensor:
     """Per-token NLL of ``input_ids[:, 1:]`` given the logits before them, shape (batch, seq - 1)."""
     head = model.get_output_embeddings()
@@ -55,7 +86,7 @@ def full_state_dict(model: nn.Module, tp_group, state: dict[str, torch.Tensor] |
     """The model's weights with every tensor-parallel shard gathered and merged, in the HF layout
     (Conv1D weights transposed back). Collective over ``tp_group``."""
     state = model.state_dict() if state is None else state
-    params = dict(model.named_parameters(remove_duplicate=False))
+    params = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers())}
     world = 1 if tp_group is None else dist.get_world_size(tp_group)
     merged = {}
     for name, tensor in state.items():

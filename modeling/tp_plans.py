@@ -43,7 +43,53 @@ LLAMA = TPPlan(
     },
 )
 
-PLANS = {"gpt2": GPT2, "llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA}
+_T5_ATTENTION = {"": "region", ".q": "colwise", ".k": "colwise", ".v": "colwise", ".o": "rowwise"}
+T5 = TPPlan(
+    blocks=("encoder.block", "decoder.block"),
+    styles={
+        "shared": "vocab_embedding",
+        "encoder.embed_tokens": "vocab_embedding",  # tied to ``shared``: retied after sharding
+        "decoder.embed_tokens": "vocab_embedding",
+        "lm_head": "vocab_head",
+        **{f"*.block.*.layer.*.SelfAttention{k}": v for k, v in _T5_ATTENTION.items()},
+        "*.block.*.layer.*.SelfAttention.relative_attention_bias": "heads_embedding",
+        **{f"*.block.*.layer.*.EncDecAttention{k}": v for k, v in _T5_ATTENTION.items()},
+        "*.block.*.layer.*.DenseReluDense": "region",
+        "*.block.*.layer.*.DenseReluDense.wi": "colwise",  # ReLU FFN (t5 v1.0)
+        "*.block.*.layer.*.DenseReluDense.wi_0": "colwise",  # gated FFN (t5 v1.1, flan-t5)
+        "*.block.*.layer.*.DenseReluDense.wi_1": "colwise",
+        "*.block.*.layer.*.DenseReluDense.wo": "rowwise",
+        "*.block.*.layer.*.layer_norm": "replicate",
+        "*.final_layer_norm": "replicate",
+    },
+    divide_attributes={"*.block.*.layer.*.SelfAttention": ("n_heads", "inner_dim"),
+                       "*.block.*.layer.*.EncDecAttention": ("n_heads", "inner_dim")},
+)
+
+_BART_ATTENTION = {"": "region", ".q_proj": "colwise", ".k_proj": "colwise", ".v_proj": "colwise",
+                   ".out_proj": "rowwise"}
+BART = TPPlan(  # Marian and BART: the same module names; positions sinusoidal (Marian) or learned (BART)
+    blocks=("model.encoder.layers", "model.decoder.layers"),
+    styles={
+        "model.shared": "vocab_embedding",
+        "model.encoder.embed_tokens": "vocab_embedding",
+        "model.decoder.embed_tokens": "vocab_embedding",
+        "lm_head": "vocab_head",
+        "model.*.embed_positions": "replicate",
+        "model.*.layernorm_embedding": "replicate",
+        "model.*.layer_norm": "replicate",
+        **{f"model.*.layers.*.self_attn{k}": v for k, v in _BART_ATTENTION.items()},
+        **{f"model.*.layers.*.encoder_attn{k}": v for k, v in _BART_ATTENTION.items()},
+        "model.*.layers.*.fc1": "colwise_enter",
+        "model.*.layers.*.fc2": "rowwise",
+        "model.*.layers.*.self_attn_layer_norm": "replicate",
+        "model.*.layers.*.encoder_attn_layer_norm": "replicate",
+        "model.*.layers.*.final_layer_norm": "replicate",
+    },
+    vocab_buffers=("final_logits_bias",),
+)
+
+PLANS = {"gpt2": GPT2, "llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "t5": T5, "marian": BART, "bart": BART}
 
 # What must divide by the tensor-parallel size, per architecture: (config field, what it is).
 DIVISIBLE = {
@@ -52,6 +98,10 @@ DIVISIBLE = {
               ("intermediate_size", "MLP width")],
 }
 DIVISIBLE["mistral"] = DIVISIBLE["qwen2"] = DIVISIBLE["llama"]
+DIVISIBLE["t5"] = [("num_heads", "attention heads"), ("d_ff", "feed-forward width")]
+DIVISIBLE["marian"] = DIVISIBLE["bart"] = [
+    ("encoder_attention_heads", "encoder attention heads"), ("decoder_attention_heads", "decoder attention heads"),
+    ("encoder_ffn_dim", "encoder feed-forward width"), ("decoder_ffn_dim", "decoder feed-forward width")]
 
 
 def check_tensor_parallel_fits(hf_config, tensor: int) -> None:

@@ -63,11 +63,17 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, gro
     return _VocabParallelCrossEntropy.apply(logits, target, group, vocab_start, valid)
 
 
+def token_loss(logits: torch.Tensor, labels: torch.Tensor, group=None, vocab_start: int = 0,
+               valid: int | None = None, ignore_index: int = -100) -> torch.Tensor:
+    """Mean loss of ``labels`` under the logits at the same positions (sequence-to-sequence decoders);
+    labels equal to ``ignore_index`` (padding) do not count."""
+    keep = labels != ignore_index
+    losses = vocab_parallel_cross_entropy(logits, labels.masked_fill(~keep, 0), group, vocab_start, valid)
+    return (losses * keep).sum() / keep.sum().clamp(min=1)
+
+
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, group=None, vocab_start: int = 0,
                    valid: int | None = None, ignore_index: int = -100) -> torch.Tensor:
     """Mean next-token loss: logits at position t predict labels at t + 1 (as transformers computes it);
     labels equal to ``ignore_index`` do not count."""
-    logits, targets = logits[:, :-1], labels[:, 1:]
-    keep = targets != ignore_index
-    losses = vocab_parallel_cross_entropy(logits, targets.masked_fill(~keep, 0), group, vocab_start, valid)
-    return (losses * keep).sum() / keep.sum().clamp(min=1)
+    return token_loss(logits[:, :-1], labels[:, 1:], group, vocab_start, valid, ignore_index)

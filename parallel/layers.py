@@ -136,10 +136,11 @@ class VocabParallelEmbedding(nn.Module):
     the ids it owns, zeros the others, and the partial embeddings are all-reduced. A vocabulary that does
     not divide the group size is padded with zero rows that no id reaches."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, *, group, dtype=None):
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, group, dtype=None, padding_idx: int | None = None):
         super().__init__()
         rank, world = _rank_world(group)
         self.group, self.num_embeddings, self.embedding_dim = group, num_embeddings, embedding_dim
+        self.padding_idx = padding_idx  # as nn.Embedding: that row gets no gradient
         self.padded_num_embeddings = padded_vocab_size(num_embeddings, world)
         self.per_rank = self.padded_num_embeddings // world
         self.vocab_start = rank * self.per_rank
@@ -149,8 +150,8 @@ class VocabParallelEmbedding(nn.Module):
         mark_sharded(self.weight, 0, num_embeddings)
 
     @classmethod
-    def from_dense(cls, weight: torch.Tensor, *, group) -> "VocabParallelEmbedding":
-        layer = cls(weight.shape[0], weight.shape[1], group=group, dtype=weight.dtype)
+    def from_dense(cls, weight: torch.Tensor, *, group, padding_idx: int | None = None) -> "VocabParallelEmbedding":
+        layer = cls(weight.shape[0], weight.shape[1], group=group, dtype=weight.dtype, padding_idx=padding_idx)
         with torch.no_grad():
             layer.weight.copy_(shard_rows(weight, group, padded_rows=layer.padded_num_embeddings))
         return layer
@@ -158,7 +159,9 @@ class VocabParallelEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
         local = (ids - self.vocab_start).masked_fill(outside, 0)
-        out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        owns_padding = self.padding_idx is not None and self.vocab_start <= self.padding_idx < self.vocab_end
+        local_padding = self.padding_idx - self.vocab_start if owns_padding else None
+        out = F.embedding(local, self.weight, padding_idx=local_padding).masked_fill(outside.unsqueeze(-1), 0.0)
         return reduce_from_tensor_parallel_region(out, self.group)
 
 

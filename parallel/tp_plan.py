@@ -2,11 +2,14 @@
 
 A plan is data: module-path patterns (``*`` = one path component) mapped to a style:
 
-- ``colwise`` / ``colwise_fused3``: ``ColumnParallelLinear`` (fused: q|k|v blocks split per block)
+- ``colwise`` / ``colwise_fused3``: ``ColumnParallelLinear`` (fused: q|k|v blocks split per block) inside a
+  region; ``colwise_enter``: one that enters the region itself (an MLP whose layers have no parent module)
 - ``rowwise``: ``RowParallelLinear``
 - ``vocab_embedding`` / ``vocab_head``: vocabulary-parallel embedding and output projection
 - ``region``: the module's input enters the tensor-parallel region once (copy-to-region, or the
   sequence all-gather with sequence parallelism), so the column layers inside need no entry of their own
+- ``heads_embedding``: an ``nn.Embedding`` whose embedding dimension indexes attention heads (T5's relative
+  attention bias): each rank keeps the columns of its heads
 - ``replicate``: parameters kept whole on every rank
 
 plus per-module attributes to divide by the tensor size (e.g. GPT-2's ``split_size``) and the path of the
@@ -29,19 +32,23 @@ from torch import nn
 from parallel.comm import (SEQ_DIM, all_reduce_sum, copy_to_tensor_parallel_region,
                            gather_from_sequence_parallel_region, gather_from_tensor_parallel_region,
                            scatter_to_sequence_parallel_region)
-from parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead
+from parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead,
+                             mark_sharded)
 
-STYLES = {"colwise", "colwise_fused3", "rowwise", "vocab_embedding", "vocab_head", "region", "replicate"}
+STYLES = {"colwise", "colwise_enter", "colwise_fused3", "rowwise", "vocab_embedding", "vocab_head", "region", "heads_embedding",
+          "replicate"}
 
 
 @dataclass(frozen=True)
 class TPPlan:
     """Module-path pattern -> style; module-path pattern -> attributes divided by the TP size; the path
-    of the ``nn.ModuleList`` of transformer blocks."""
+    of the ``nn.ModuleList`` of transformer blocks (a tuple of paths for encoder-decoder models); buffers
+    whose last dimension is the vocabulary (Marian's ``final_logits_bias``), sliced like the output head."""
 
     styles: dict[str, str]
-    blocks: str
+    blocks: str | tuple[str, ...]
     divide_attributes: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    vocab_buffers: tuple[str, ...] = ()
 
     def __post_init__(self):
         unknown = {s for s in self.styles.values() if s not in STYLES}
@@ -71,11 +78,23 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
 
 
+def _aliases(model: nn.Module) -> dict[int, list[str]]:
+    """Every path of each module object: encoder-decoder models reach one shared embedding by several."""
+    paths: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(module), []).append(name)
+    return paths
+
+
 def _replace_hidden_states(args, kwargs, fn):
+    """Apply ``fn`` to the hidden states a module is called with, and to the encoder states a
+    cross-attention is called with (``key_value_states``), whose gradient is partial on each rank too."""
     if "hidden_states" in kwargs:
         kwargs = dict(kwargs, hidden_states=fn(kwargs["hidden_states"]))
     else:
         args = (fn(args[0]),) + tuple(args[1:])
+    if isinstance(kwargs.get("key_value_states"), torch.Tensor):
+        kwargs = dict(kwargs, key_value_states=fn(kwargs["key_value_states"]))
     return args, kwargs
 
 
@@ -108,6 +127,7 @@ def apply_tp_plan(model: nn.Module, plan: TPPlan, group, sequence_parallel: bool
     world = 1 if group is None else dist.get_world_size(group)
     tied = {}
     swaps = []
+    aliases = _aliases(model)
     for name, module in model.named_modules():
         styles = _matches(plan.styles, name)
         if len(styles) > 1:
@@ -119,7 +139,7 @@ def apply_tp_plan(model: nn.Module, plan: TPPlan, group, sequence_parallel: bool
                 if value % world:
                     raise ValueError(f"{name}.{attr}={value} is not divisible by the tensor-parallel size {world}")
                 setattr(module, attr, value // world)
-        if style in ("colwise", "colwise_fused3", "rowwise", "vocab_head"):
+        if style in ("colwise", "colwise_enter", "colwise_fused3", "rowwise", "vocab_head"):
             weight, bias, was_conv1d = _dense_linear(module)
             if style == "rowwise":
                 new = RowParallelLinear.from_dense(weight, bias, group=group, sequence_parallel=sequence_parallel)
@@ -127,21 +147,29 @@ def apply_tp_plan(model: nn.Module, plan: TPPlan, group, sequence_parallel: bool
                 new = VocabParallelHead.from_dense(weight, bias, group=group)  # input: full sequence
                 tied[name] = module.weight
             else:
-                new = ColumnParallelLinear.from_dense(weight, bias, group=group, enter_region=False,
+                new = ColumnParallelLinear.from_dense(weight, bias, group=group, enter_region=style == "colwise_enter",
                                                       fused_chunks=3 if style == "colwise_fused3" else 1)
             new.hf_conv1d = was_conv1d  # export transposes back to transformers' Conv1D layout
-            swaps.append((name, new))
+            swaps.append((aliases[id(module)], new))
         elif style == "vocab_embedding":
-            new = VocabParallelEmbedding.from_dense(module.weight.detach(), group=group)
+            new = VocabParallelEmbedding.from_dense(module.weight.detach(), group=group,
+                                                    padding_idx=getattr(module, "padding_idx", None))
             tied[name] = module.weight
-            swaps.append((name, new))
+            swaps.append((aliases[id(module)], new))
         elif style == "region":
             module.register_forward_pre_hook(_region_entry_hook(group, sequence_parallel), with_kwargs=True)
-    for name, new in swaps:
-        _set_submodule(model, name, new)
+        elif style == "heads_embedding":
+            _shard_heads_embedding(module, group)
+    for names, new in swaps:
+        for name in names:
+            _set_submodule(model, name, new)
     _retie(model, tied)
+    for name in plan.vocab_buffers:
+        _shard_vocab_buffer(model, name, model.get_output_embeddings())
     _check_covered(model, plan)
     if sequence_parallel:
+        if not isinstance(plan.blocks, str):
+            raise ValueError("sequence parallelism is implemented for decoder-only models")
         blocks = model.get_submodule(plan.blocks)
         blocks[0].register_forward_pre_hook(_sequence_scatter_hook(group), with_kwargs=True)
         blocks[-1].register_forward_hook(_sequence_gather_hook(group))
@@ -150,6 +178,27 @@ def apply_tp_plan(model: nn.Module, plan: TPPlan, group, sequence_parallel: bool
                 param.sequence_parallel = True
                 param.register_hook(lambda grad: all_reduce_sum(grad.clone(), group))
     return model
+
+
+def _shard_heads_embedding(module: nn.Embedding, group) -> None:
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    full = module.weight.detach()
+    if full.shape[1] % world:
+        raise ValueError(f"an embedding over {full.shape[1]} attention heads does not split {world} ways")
+    module.weight = nn.Parameter(full.chunk(world, dim=1)[rank].clone())
+    module.embedding_dim = module.weight.shape[1]
+    mark_sharded(module.weight, 1, full.shape[1])
+
+
+def _shard_vocab_buffer(model: nn.Module, name: str, head: VocabParallelHead) -> None:
+    """Slice a (..., vocab) buffer to the head's rows (zeros on padding rows); marked for export."""
+    owner_name, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    full = getattr(owner, attr)
+    local = full.new_zeros(*full.shape[:-1], head.weight.shape[0])
+    local[..., :head.valid_rows] = full[..., head.vocab_start:head.vocab_start + head.valid_rows]
+    setattr(owner, attr, local)
+    mark_sharded(local, local.dim() - 1, full.shape[-1])
 
 
 def _retie(model: nn.Module, dense_weights: dict[str, nn.Parameter]) -> None:

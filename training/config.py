@@ -53,8 +53,13 @@ class DataConfig(_Section):
     train_files: list[str] = Field(min_length=1, description="Text/jsonl/parquet files or globs; "
                                    "'{stdlib}' expands to the Python standard library directory.")
     valid_files: list[str] = Field(default_factory=list, description="Held-out files for eval.")
-    seq_len: int = Field(gt=1, description="Tokens per packed training block.")
+    seq_len: int = Field(gt=1, description="Tokens per packed training block (decoder-only models); the "
+                         "longest source, in tokens, for encoder-decoder models (longer ones are truncated).")
     text_field: str = Field("text", description="Column holding the text in jsonl/parquet files.")
+    source_field: str | None = Field(None, description="Encoder-decoder models: column of the source text "
+                                     "(jsonl/csv/parquet); setting it makes the run sequence-to-sequence.")
+    target_field: str | None = Field(None, description="Encoder-decoder models: column of the target text.")
+    max_target_len: int = Field(128, gt=1, description="Longest target, in tokens (longer are truncated).")
     cache_dir: str | None = Field(None, description="datasets cache; default ~/.cache/huggingface.")
 
 
@@ -82,6 +87,14 @@ class OptimConfig(_Section):
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps, then cosine decay.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine floor as a fraction of lr.")
     grad_clip: float = Field(1.0, ge=0, description="Global gradient-norm clip; 0 disables.")
+
+
+class EvalConfig(_Section):
+    bleu: bool = Field(True, description="Encoder-decoder runs: generate for the validation sources and score "
+                       "sacreBLEU against the targets at every eval.")
+    num_beams: int = Field(1, ge=1, description="1 = greedy decoding; more = beam search.")
+    max_new_tokens: int = Field(64, gt=0, description="Longest generated target.")
+    bleu_samples: int | None = Field(None, gt=0, description="Validation examples to translate; None = all.")
 
 
 class ParallelConfig(_Section):
@@ -115,6 +128,7 @@ class RunConfig(_Section):
     train: TrainConfig
     optim: OptimConfig = Field(default_factory=OptimConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
@@ -150,6 +164,17 @@ class RunConfig(_Section):
                              "tensor-parallel layers (and the tied, sharded vocabulary weight) are not "
                              "registered with its partitioner; use zero_stage 1 or 2 (tensor parallelism "
                              "already shards the weights) or parallel.tensor=1")
+        if (self.data.source_field is None) != (self.data.target_field is None):
+            raise ValueError("set both data.source_field and data.target_field (encoder-decoder runs) or neither")
+        if self.data.source_field is not None and par.pipeline > 1:
+            raise ValueError(f"parallel.pipeline={par.pipeline} with an encoder-decoder run (data.source_field "
+                             f"set): pipeline parallelism is implemented for decoder-only models. Every decoder "
+                             f"layer attends to the encoder's output, so a stage split would have to carry it "
+                             f"(and its gradient) through every later stage; use parallel.tensor and data "
+                             f"parallelism (ZeRO) for encoder-decoder models")
+        if self.data.source_field is not None and par.sequence_parallel:
+            raise ValueError("parallel.sequence_parallel is implemented for decoder-only models; turn it off "
+                             "for encoder-decoder runs (data.source_field is set)")
         if self.parallel.sequence_parallel and self.parallel.tensor == 1:
             raise ValueError("parallel.sequence_parallel=true needs parallel.tensor > 1")
         if self.parallel.sequence_parallel and self.data.seq_len % self.parallel.tensor:

@@ -83,6 +83,55 @@ def tokenize_and_pack(texts, tokenizer, seq_len: int, key: str):
     return blocks.with_format("torch")
 
 
+def load_pairs(files: list[str], key: str, source_field: str, target_field: str, cache_dir: str | None):
+    """A ``datasets.Dataset`` with columns ``source`` and ``target`` from jsonl / csv / parquet records."""
+    import datasets
+
+    kind = file_format(files, key)
+    if kind == "text":
+        raise ValueError(f"{key}: encoder-decoder runs read records (jsonl, csv or parquet) with the columns "
+                         f"data.source_field={source_field!r} and data.target_field={target_field!r}; "
+                         f"got plain text files")
+    ds = datasets.load_dataset(kind, data_files=files, split="train", cache_dir=cache_dir)
+    for field_key, name in (("data.source_field", source_field), ("data.target_field", target_field)):
+        if name not in ds.column_names:
+            raise ValueError(f"{key}: the files have no column {name!r} (columns: {ds.column_names}); set "
+                             f"{field_key} to the column holding that text")
+    return ds.map(lambda b: {"source": b[source_field], "target": b[target_field]}, batched=True,
+                  remove_columns=ds.column_names, desc=f"read {key}")
+
+
+def tokenize_pairs(pairs, tokenizer, max_source_len: int, max_target_len: int, key: str):
+    """Source -> ``input_ids``, target -> ``labels`` (each truncated, then EOS), texts kept for BLEU."""
+    eos = tokenizer.eos_token_id
+    if eos is None or tokenizer.pad_token_id is None:
+        raise ValueError(f"{key}: the tokenizer needs an EOS and a padding token for encoder-decoder training")
+
+    def tokenize(batch):
+        source = tokenizer(batch["source"], add_special_tokens=False)["input_ids"]
+        target = tokenizer(text_target=batch["target"], add_special_tokens=False)["input_ids"]
+        return {"input_ids": [s[:max_source_len - 1] + [eos] for s in source],
+                "labels": [t[:max_target_len - 1] + [eos] for t in target]}
+
+    examples = pairs.map(tokenize, batched=True, desc=f"tokenize {key}")
+    if len(examples) == 0:
+        raise ValueError(f"{key}: no records")
+    return examples
+
+
+def pad_pairs(rows: dict[str, list], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad a micro-batch to its longest source and target: attention mask 0 and labels -100 at padding."""
+    sources, targets = rows["input_ids"], rows["labels"]
+    input_ids = torch.full((len(sources), max(map(len, sources))), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    labels = torch.full((len(targets), max(map(len, targets))), -100, dtype=torch.long)
+    for i, (source, target) in enumerate(zip(sources, targets)):
+        input_ids[i, :len(source)] = torch.tensor(source)
+        attention_mask[i, :len(source)] = 1
+        labels[i, :len(target)] = torch.tensor(target)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
 @dataclass(frozen=True)
 class BatchPlan:
     """Where each micro-batch of each step comes from in the global sample order."""
@@ -119,16 +168,20 @@ class GlobalOrder:
 
 
 class TrainBatches:
-    """Micro-batches for one data-parallel rank: ``batch(step, micro_index)`` -> {input_ids, labels}."""
+    """Micro-batches for one data-parallel rank: ``batch(step, micro_index)`` -> {input_ids, labels} (packed
+    blocks), or with ``pad_id`` the padded {input_ids, attention_mask, labels} of source/target pairs."""
 
-    def __init__(self, blocks, plan: BatchPlan, dp_rank: int, seed: int):
+    def __init__(self, blocks, plan: BatchPlan, dp_rank: int, seed: int, pad_id: int | None = None):
         self.blocks = blocks
         self.plan = plan
         self.dp_rank = dp_rank
         self.order = GlobalOrder(len(blocks), seed)
+        self.pad_id = pad_id
 
     def batch(self, step: int, micro_index: int) -> dict[str, torch.Tensor]:
         idx = [self.order[p] for p in self.plan.positions(step, micro_index, self.dp_rank)]
+        if self.pad_id is not None:
+            return pad_pairs(self.blocks.select(idx)[:], self.pad_id)
         input_ids = self.blocks[idx]["input_ids"]
         return {"input_ids": input_ids, "labels": input_ids.clone()}
 

@@ -21,7 +21,7 @@ from modeling.pipeline import check_pipeline_fits
 from modeling.tp_plans import check_tensor_parallel_fits
 from parallel.grad_norm import global_grad_norm
 from parallel.groups import ProcessGroups
-from training import checkpoint, data, engine as engine_lib
+from training import checkpoint, data, engine as engine_lib, seq2seq
 from training.pipeline import PipelineRunner, build_chunks
 from training.config import ConfigError, RunConfig, deepspeed_config, load_user_deepspeed_config
 from training.metrics import MetricsSink, perplexity, sum_over
@@ -66,6 +66,18 @@ def init_distributed() -> None:
     deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False)
 
 
+def check_task_fits(cfg: RunConfig, model_config) -> None:
+    """Sequence-to-sequence data needs an encoder-decoder model and the other way round."""
+    encoder_decoder = bool(getattr(model_config, "is_encoder_decoder", False))
+    if cfg.data.source_field and not encoder_decoder:
+        raise ConfigError(f"data.source_field={cfg.data.source_field!r} makes this a sequence-to-sequence run, "
+                          f"but model_type {model_config.model_type!r} is decoder-only; use an encoder-decoder "
+                          f"model (t5, marian, bart) or remove data.source_field / data.target_field")
+    if encoder_decoder and not cfg.data.source_field:
+        raise ConfigError(f"model_type {model_config.model_type!r} is an encoder-decoder model: set "
+                          f"data.source_field and data.target_field to the columns of the source and target text")
+
+
 def shutdown_distributed() -> None:
     """Leave the process group once every rank is done; exiting with gloo's threads still running can abort
     a process ("terminate called without an active exception") after the work finished."""
@@ -103,6 +115,11 @@ def build_tokenizer(cfg: RunConfig, train_files: list[str]):
             return load_tokenizer(saved)
         if choice == "byte":
             tok = byte_level_tokenizer()
+        elif choice == "bpe" and cfg.data.source_field:
+            pairs = data.load_pairs(train_files, "data.train_files", cfg.data.source_field, cfg.data.target_field,
+                                    cfg.data.cache_dir)
+            tok = train_bpe_tokenizer((text for row in pairs for text in (row["source"], row["target"])),
+                                      cfg.model.bpe_vocab_size)
         elif choice == "bpe":
             texts = data.load_texts(train_files, "data.train_files", cfg.data.text_field, cfg.data.cache_dir)
             tok = train_bpe_tokenizer((row["text"] for row in texts), cfg.model.bpe_vocab_size)
@@ -122,7 +139,10 @@ def build_data(cfg: RunConfig, tokenizer, train_files: list[str], valid_files: l
     def make():
         blocks = {}
         for key, files in (("data.train_files", train_files), ("data.valid_files", valid_files)):
-            if files:
+            if files and cfg.data.source_field:
+                pairs = data.load_pairs(files, key, cfg.data.source_field, cfg.data.target_field, cfg.data.cache_dir)
+                blocks[key] = data.tokenize_pairs(pairs, tokenizer, cfg.data.seq_len, cfg.data.max_target_len, key)
+            elif files:
                 texts = data.load_texts(files, key, cfg.data.text_field, cfg.data.cache_dir)
                 blocks[key] = data.tokenize_and_pack(texts, tokenizer, cfg.data.seq_len, key)
         return blocks
@@ -180,6 +200,7 @@ def run(cfg: RunConfig, deepspeed_config_file: str | None = None) -> RunResult:
     valid_files = data.expand_files(cfg.data.valid_files, "data.valid_files") if cfg.data.valid_files else []
     model_config = hf_config(pretrained=cfg.model.pretrained, arch=cfg.model.arch, config=cfg.model.config,
                              trust_remote_code=cfg.model.trust_remote_code)
+    check_task_fits(cfg, model_config)
     check_tensor_parallel_fits(model_config, cfg.parallel.tensor)
     check_pipeline_fits(model_config, cfg.parallel.pipeline, cfg.parallel.virtual_stages, cfg.parallel.partition)
     resume_from = checkpoint.resolve_resume(cfg.train.resume, cfg.train.output_dir)
@@ -193,6 +214,8 @@ def run(cfg: RunConfig, deepspeed_config_file: str | None = None) -> RunResult:
     train_blocks, valid_blocks = build_data(cfg, tokenizer, train_files, valid_files)
     special = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                if getattr(tokenizer, k) is not None}
+    if cfg.data.source_field and tokenizer.pad_token_id is not None:
+        special["decoder_start_token_id"] = tokenizer.pad_token_id  # T5 / Marian convention
     model = build_model(pretrained=cfg.model.pretrained, arch=cfg.model.arch,
                         config={**special, **cfg.model.config} if cfg.model.arch else {},
                         vocab_size=len(tokenizer) if cfg.model.arch else None, seed=cfg.train.seed,
@@ -215,14 +238,16 @@ def run(cfg: RunConfig, deepspeed_config_file: str | None = None) -> RunResult:
     if resume_from is not None:
         start_step = checkpoint.load(model_engine, *resume_from)["step"]
     plan = data.BatchPlan(cfg.train.micro_batch_size, cfg.train.grad_accum, groups.data)
-    batches = data.TrainBatches(train_blocks, plan, groups.dp_rank, cfg.train.seed)
+    batches = data.TrainBatches(train_blocks, plan, groups.dp_rank, cfg.train.seed,
+                                pad_id=tokenizer.pad_token_id if cfg.data.source_field else None)
     sink = MetricsSink(cfg.train.output_dir, rank == 0, cfg.logging.wandb, cfg.to_dict(),
                        append=resume_from is not None)
     result = RunResult(output_dir=Path(cfg.train.output_dir), engine=model_engine, groups=groups, model=model,
                        runner=runner)
-    tokens_per_step = plan.global_batch * cfg.data.seq_len
+    tokens_per_step = None if cfg.data.source_field else plan.global_batch * cfg.data.seq_len
     try:
-        _train(cfg, model_engine, runner, batches, valid_blocks, groups, sink, result, start_step, tokens_per_step)
+        _train(cfg, model_engine, runner, batches, valid_blocks, groups, sink, result, start_step, tokens_per_step,
+               tokenizer)
         if cfg.train.export_hf:
             checkpoint.export_hf(model_engine, model, tokenizer, Path(cfg.train.output_dir) / "hf", groups)
     finally:
@@ -236,8 +261,11 @@ def _data_parallel_step(cfg, model_engine, batches, groups, step: int, device) -
     micro_losses, grad_norm = [], None
     for micro_index in range(cfg.train.grad_accum):
         batch = {k: v.to(device) for k, v in batches.batch(step, micro_index).items()}
-        logits = model_engine(input_ids=batch["input_ids"]).logits
-        loss = lm_loss(model_engine.module, logits, batch["labels"], groups.tp_group)
+        if cfg.data.source_field:
+            loss = seq2seq.step_loss(model_engine, batch, groups)
+        else:
+            logits = model_engine(input_ids=batch["input_ids"]).logits
+            loss = lm_loss(model_engine.module, logits, batch["labels"], groups.tp_group)
         model_engine.backward(loss)
         if micro_index == cfg.train.grad_accum - 1 and model_engine.zero_optimization_stage() == 0:
             grad_norm = _grad_norm(model_engine, groups)  # before step() clips in place
@@ -249,7 +277,8 @@ def _data_parallel_step(cfg, model_engine, batches, groups, step: int, device) -
     return loss_sum / groups.data, grad_norm
 
 
-def _train(cfg, model_engine, runner, batches, valid_blocks, groups, sink, result, start_step, tokens_per_step):
+def _train(cfg, model_engine, runner, batches, valid_blocks, groups, sink, result, start_step, tokens_per_step,
+           tokenizer):
     from tqdm import tqdm
 
     progress = tqdm(total=cfg.train.steps, initial=start_step, unit="step", dynamic_ncols=True, mininterval=1.0,
@@ -265,21 +294,28 @@ def _train(cfg, model_engine, runner, batches, valid_blocks, groups, sink, resul
         else:
             mean_loss, grad_norm = _data_parallel_step(cfg, model_engine, batches, groups, step, device)
         elapsed = time.perf_counter() - started
-        record = {"step": step + 1, "loss": mean_loss, "lr": lr, "grad_norm": grad_norm,
-                  "tokens_per_s": tokens_per_step / elapsed, "step_time_s": elapsed}
+        record = {"step": step + 1, "loss": mean_loss, "lr": lr, "grad_norm": grad_norm, "step_time_s": elapsed}
+        if tokens_per_step is not None:
+            record["tokens_per_s"] = tokens_per_step / elapsed
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
             sink.log(record)
             result.history.append(record)
         progress.update(1)
-        progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        progress.set_postfix(loss=f"{record['loss']:.4f}", step_s=f"{elapsed:.2f}")
         done = step + 1 == cfg.train.steps
         if valid_blocks is not None and (done or (cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0)):
-            metrics = {"step": step + 1, **evaluate(model_engine, runner, valid_blocks, cfg, groups)}
+            signature = None
+            if cfg.data.source_field:
+                scores, signature = seq2seq.evaluate(model_engine, valid_blocks, cfg, groups, tokenizer)
+            else:
+                scores = evaluate(model_engine, runner, valid_blocks, cfg, groups)
+            metrics = {"step": step + 1, **scores}
             sink.log(metrics)
             result.history.append(metrics)
             if dist.get_rank() == 0:
+                bleu = f" BLEU {metrics['bleu']:.2f} ({signature})" if "bleu" in metrics else ""
                 progress.write(f"step {step + 1}: eval_loss {metrics['eval_loss']:.4f} "
-                               f"perplexity {metrics['perplexity']:.2f}")
+                               f"perplexity {metrics['perplexity']:.2f}{bleu}")
         if (done and cfg.train.save_final) or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
             checkpoint.save(model_engine, cfg.train.output_dir, step + 1, {"config": cfg.to_dict()})
             last_saved = step + 1
