@@ -192,6 +192,7 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     from training.config import load
+    from training.loop import shutdown_distributed
 
     cfg = load(args.config, args.set)
     times = run(args.baseline, cfg, cfg.train.steps)
@@ -200,4 +201,4 @@ def worker(args) -> None:
     dist.all_gather_object(gathered, step_s)
     if dist.get_rank() == 0:
         Path(args.out_file).write_text(json.dumps({"step_s": max(gathered)}))
-    dist.destroy_process_group()
+    shutdown_distributed()

@@ -37,11 +37,14 @@ def report_markdown(records: list[dict], spec: dict, machine: dict, figures: lis
         lines.append(
             f"| {layout_label(r)} | {r['nproc']} | ok | {r['tokens_per_s']:.0f} | {r['step_s']:.3f} | "
             f"{r['forward']:.3f} | {r['backward']:.3f} | {r['optimizer']:.3f} | {r['comm_tp_s']:.3f} | "
-            f"{r['comm_dp_s']:.3f} | {r['comm_pp_s']:.3f} | {r['comm_share']:.1%} | {_fmt(r.get('scaling_efficiency'))} | "
+            f"{r['comm_dp_s']:.3f} | {r['comm_pp_s']:.3f} | {r['comm_share']:.1%} | {_fmt(r.get('scaling_efficiency'))} {r.get('scaling', '')} | "
             f"{bubble} | {r['optimizer_state_vs_formula']:.3f} | {r['peak_rss_bytes_max'] / 2**20:.0f} |")
     if baselines:
+        rounds = spec.get("baseline_rounds", 1)
+        how = (f"{rounds} alternating rounds of the baseline and a fresh run of the colonnade point (ABBA), "
+               f"medians" if rounds > 1 else "the colonnade number is the grid point's")
         lines += ["", "Baselines on the same model, data, batch and steps, run in the same sweep "
-                  "(colonnade tokens/s ÷ baseline tokens/s):", "",
+                  f"(colonnade tokens/s ÷ baseline tokens/s; {how}):", "",
                   "| baseline | point | procs | status | baseline tokens/s | colonnade tokens/s | colonnade / baseline |",
                   "|---|---|---|---|---|---|---|"]
         for r in baselines:

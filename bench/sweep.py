@@ -35,7 +35,7 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
 def load_sweep(path: str | Path) -> dict:
     spec = yaml.safe_load(Path(path).read_text())
     unknown = set(spec) - {"name", "base", "set", "grid", "warmup_steps", "timed_steps", "comm_probe_steps",
-                           "timeout_s", "comm_fit", "wandb", "baselines"}
+                           "timeout_s", "comm_fit", "wandb", "baselines", "baseline_rounds"}
     if unknown:
         raise ValueError(f"{path}: unknown sweep keys {sorted(unknown)}")
     for key in ("name", "base", "grid"):
@@ -224,26 +224,50 @@ def _launch(spec: dict, nproc: int, index: int, extra: list[str], sets: list[str
         return f"timed out after {spec.get('timeout_s', 900)}s"
 
 
+def _baseline_step_s(spec: dict, kind: str, sets: list[str], nproc: int, out_file: Path, port_index: int):
+    """The baseline's median step seconds, or (None, error, log tail)."""
+    proc = _launch(spec, nproc, port_index, ["--baseline", kind, "--out-file", str(out_file)], sets)
+    if isinstance(proc, str) or proc.returncode != 0 or not out_file.is_file():
+        log = proc if isinstance(proc, str) else (proc.stderr or "") + (proc.stdout or "")
+        return None, first_error(log), log[-2000:]
+    return json.loads(out_file.read_text())["step_s"], None, None
+
+
 def run_baseline(spec: dict, entry: dict, out: Path, index: int, records: list[dict]) -> dict:
-    """A baseline on the settings of its ``compare`` point, reported as colonnade's tokens/s over its own."""
+    """A baseline on the settings of its ``compare`` point, reported as colonnade's tokens/s over its own.
+    With ``baseline_rounds`` >= 2 the baseline and a fresh run of the colonnade point alternate (ABBA) and
+    each side's median step is compared, so drift of the machine falls on both; with 1 the grid point's
+    own measurement is used."""
     kind, compare = entry["kind"], entry["compare"]
     sets, nproc = point_overrides(spec, compare)
     out_file = out / "points" / f"baseline{index:03d}-{kind}.json"
     out_file.parent.mkdir(parents=True, exist_ok=True)
     record = {"baseline": kind, **compare, "nproc": nproc}
-    proc = _launch(spec, nproc, 100 + index, ["--baseline", kind, "--out-file", str(out_file)], sets)
-    if isinstance(proc, str) or proc.returncode != 0 or not out_file.is_file():
-        log = proc if isinstance(proc, str) else (proc.stderr or "") + (proc.stdout or "")
-        return {**record, "status": "failed", "error": first_error(log), "log_tail": log[-2000:]}
+    rounds = spec.get("baseline_rounds", 1)
+    ours = next((r for r in records if r.get("status") == "ok" and all(r.get(k) == v for k, v in compare.items())), None)
+    baseline_steps, our_steps = [], []
+    for round_ in range(rounds):
+        for side in (("baseline", "colonnade") if round_ % 2 == 0 else ("colonnade", "baseline")):
+            if side == "baseline":
+                step_s, error, log = _baseline_step_s(spec, kind, sets, nproc, out_file, 100 + index)
+                if step_s is None:
+                    return {**record, "status": "failed", "error": error, "log_tail": log}
+                baseline_steps.append(step_s)
+            elif rounds > 1:
+                again = run_point(spec, compare, out, 200 + index)
+                if again.get("status") == "ok":
+                    our_steps.append(again["step_s"])
     cfg = _full_params(spec["base"], sets)[1]["cfg"]
     tokens = cfg.train.micro_batch_size * cfg.train.grad_accum * (nproc // (cfg.parallel.tensor * cfg.parallel.pipeline)) \
         * cfg.data.seq_len
-    step_s = json.loads(out_file.read_text())["step_s"]
-    record.update(status="ok", step_s=step_s, tokens_per_s=tokens / step_s)
-    ours = next((r for r in records if r.get("status") == "ok" and all(r.get(k) == v for k, v in compare.items())), None)
-    if ours:
+    step_s = statistics.median(baseline_steps)
+    record.update(status="ok", step_s=step_s, tokens_per_s=tokens / step_s, baseline_step_s_runs=baseline_steps)
+    if our_steps:
+        record.update(colonnade_tokens_per_s=tokens / statistics.median(our_steps), colonnade_step_s_runs=our_steps)
+    elif ours:
         record["colonnade_tokens_per_s"] = ours["tokens_per_s"]
-        record["colonnade_vs_baseline"] = ours["tokens_per_s"] / record["tokens_per_s"]
+    if "colonnade_tokens_per_s" in record:
+        record["colonnade_vs_baseline"] = record["colonnade_tokens_per_s"] / record["tokens_per_s"]
     return record
 
 
@@ -258,11 +282,15 @@ def first_error(log: str) -> str:
 
 
 def derive(records: list[dict]) -> None:
-    """Scaling efficiency against the one-process point: tokens/s / (processes x one-process tokens/s)."""
+    """Scaling efficiency against the one-process point: tokens/s / (processes x one-process tokens/s). With
+    the global batch fixed (TP, PP) that is strong scaling, T1 / (N TN); with the batch grown N times (pure DP)
+    weak scaling, T1 / TN; ``scaling`` says which (``mixed`` for DP combined with TP or PP)."""
     base = next((r for r in records if r.get("status") == "ok" and r["nproc"] == 1), None)
     for r in records:
         if base and r.get("status") == "ok":
             r["scaling_efficiency"] = r["tokens_per_s"] / (r["nproc"] * base["tokens_per_s"])
+            growth = r["tokens_per_step"] / base["tokens_per_step"]
+            r["scaling"] = "strong" if growth == 1 else "weak" if growth == r["nproc"] else "mixed"
 
 
 def write_outputs(records: list[dict], out: Path, spec: dict, machine: dict) -> None:

@@ -49,6 +49,13 @@ def test_wrong_type_and_impossible_values(tmp_path):
                                           "virtual_stages": 2}, "train": {"steps": 5, "grad_accum": 3}})
     with pytest.raises(ConfigError, match="sequence_parallel=true needs parallel.tensor > 1"):
         validate({**MINIMAL, "parallel": {"sequence_parallel": True}})
+    seq2seq = {**MINIMAL, "model": {"arch": "marian"},
+               "data": {"train_files": ["x.jsonl"], "seq_len": 16, "source_field": "en", "target_field": "de"}}
+    with pytest.raises(ConfigError, match="parallel.pipeline=2 with an encoder-decoder run .* Every decoder layer "
+                                          "attends to the encoder's output"):
+        validate({**seq2seq, "parallel": {"pipeline": 2, "zero_stage": 1}, "train": {"steps": 5, "grad_accum": 2}})
+    with pytest.raises(ConfigError, match="set both data.source_field and data.target_field"):
+        validate({**seq2seq, "data": {"train_files": ["x.jsonl"], "seq_len": 16, "source_field": "en"}})
 
 
 def test_overrides_take_precedence_over_file_over_defaults(tmp_path):

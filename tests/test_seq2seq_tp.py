@@ -1,4 +1,4 @@
-"""Encoder-decoder models (T5 with ReLU and gated FFN, Marian) sharded by our TP plans vs the unmodified HF
+"""Encoder-decoder models (T5 with ReLU and gated FFN, Marian, BART) sharded by our TP plans vs the unmodified HF
 model from the same weights: logits, loss and every gradient; and greedy / beam generation through the
 tensor-parallel model token for token equal to HF ``generate`` on the dense model."""
 
@@ -26,15 +26,19 @@ CONFIGS = {
                    decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
                    dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=0, eos_token_id=1,
                    decoder_start_token_id=0, forced_eos_token_id=1),
+    "bart": dict(vocab_size=101, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                 decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                 dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=0, bos_token_id=2,
+                 eos_token_id=1, decoder_start_token_id=1, forced_eos_token_id=1),
 }
 
 
 def dense_seq2seq(name: str):
     from modeling.build import build_model
 
-    arch = "marian" if name == "marian" else "t5"
+    arch = name.removesuffix("-gated")
     model = build_model(pretrained=None, arch=arch, config=dict(CONFIGS[name]), vocab_size=None, seed=5)
-    if arch == "marian":  # zeros by default: make the vocabulary-sharded bias visible
+    if arch in ("marian", "bart"):  # zeros by default: make the vocabulary-sharded bias visible
         model.final_logits_bias.normal_(generator=torch.Generator().manual_seed(0))
     return model
 
@@ -79,7 +83,7 @@ def _compare(name):
     return len(grads)
 
 
-@pytest.mark.parametrize("name", ["t5", "t5-gated", "marian"])
+@pytest.mark.parametrize("name", ["t5", "t5-gated", "marian", "bart"])
 def test_seq2seq_tp2_matches_hf(name):
     assert all(n > 10 for n in run_ranks(_compare, 2, name, timeout=300))
 

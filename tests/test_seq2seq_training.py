@@ -81,13 +81,86 @@ def seq2seq_reference(cfg, dp: int) -> tuple[list[float], list[float]]:
     return losses, norms
 
 
-def test_zero2_tp2_dp2_matches_single_process(tmp_path):
+def test_zero2_tp2_and_zero3_dp4_match_single_process(tmp_path):
+    """4 processes: ZeRO-2 x TP=2 x DP=2, then ZeRO-3 x DP=4 (with a BLEU eval, whose generation must keep
+    the partitioned ranks in step: synced_gpus)."""
     task = toy_task(tmp_path / "task", train=96, valid=8)
-    cfg = seq2seq_config(tmp_path / "z2", task, parallel__tensor=2, parallel__zero_stage=2, eval__bleu=False)
-    ref_loss, ref_norm = seq2seq_reference(cfg, dp=2)
-    assert max(ref_norm) > cfg.optim.grad_clip, "clipping must be active"
-    (history,) = run_ranks(run_configs, 4, [cfg], timeout=600)[0]
-    steps = step_records(history)
-    assert len(steps) == 10
-    assert [r["loss"] for r in steps] == pytest.approx(ref_loss, rel=LOSS_TOL)
-    assert [r["grad_norm"] for r in steps] == pytest.approx(ref_norm, rel=NORM_TOL)
+    cfgs = [seq2seq_config(tmp_path / "z2", task, parallel__tensor=2, parallel__zero_stage=2, eval__bleu=False),
+            seq2seq_config(tmp_path / "z3", task, parallel__zero_stage=3, eval__max_new_tokens=8)]
+    references = [seq2seq_reference(cfg, dp=dp) for cfg, dp in zip(cfgs, (2, 4))]
+    assert all(max(norms) > cfgs[0].optim.grad_clip for _, norms in references), "clipping must be active"
+    histories = run_ranks(run_configs, 4, cfgs, timeout=600)[0]
+    for cfg, history, (ref_loss, ref_norm) in zip(cfgs, histories, references):
+        steps = step_records(history)
+        assert len(steps) == 10
+        assert [r["loss"] for r in steps] == pytest.approx(ref_loss, rel=LOSS_TOL), cfg.parallel
+        assert [r["grad_norm"] for r in steps] == pytest.approx(ref_norm, rel=NORM_TOL), cfg.parallel
+    assert "bleu" in histories[1][-1] and histories[1][-1]["bleu_signature"].startswith("nrefs:1")
+
+
+def _finetune_and_reload(cfg):
+    from training import run
+
+    return run(cfg).history
+
+
+def test_finetune_toy_translation_raises_bleu_and_export_reloads(tmp_path):
+    import sacrebleu
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from training import data
+
+    task = toy_task(tmp_path / "task", train=2000, valid=24)
+    cfg = seq2seq_config(tmp_path / "ft", task, parallel__tensor=2, parallel__zero_stage=1,
+                         model__config=dict(MARIAN, d_model=64, encoder_ffn_dim=128, decoder_ffn_dim=128),
+                         train__steps=FINETUNE_STEPS, train__micro_batch_size=16, train__eval_first=True,
+                         train__export_hf=True, optim__lr=2e-3, optim__warmup_steps=10, optim__grad_clip=1.0,
+                         eval__bleu_samples=24)
+    (history,) = run_ranks(_finetune_and_reload, 2, cfg, timeout=600)[:1]
+    evals = [r for r in history if "bleu" in r]
+    assert [r["step"] for r in evals] == [0, FINETUNE_STEPS]
+    start, end = evals[0]["bleu"], evals[-1]["bleu"]
+    assert end > start + 20, (start, end)
+
+    hf = Path(cfg.train.output_dir) / "hf"
+    model = AutoModelForSeq2SeqLM.from_pretrained(str(hf)).eval()
+    tok = AutoTokenizer.from_pretrained(str(hf))
+    pairs = data.load_pairs([str(task / "valid.jsonl")], "t", "en", "xx", None)
+    examples = data.tokenize_pairs(pairs, tok, cfg.data.seq_len, cfg.data.max_target_len, "t")
+    batch = data.pad_pairs(examples[:24], tok.pad_token_id)
+    with torch.no_grad():
+        out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], num_beams=1,
+                             max_new_tokens=cfg.eval.max_new_tokens, do_sample=False)
+    hypotheses = [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
+    reloaded = sacrebleu.metrics.BLEU().corpus_score(hypotheses, [examples[:24]["target"]]).score
+    # the export is the trained TP model merged: its greedy translations score the run's final BLEU
+    assert reloaded == pytest.approx(end, abs=1e-6)
+
+
+FINETUNE_STEPS = 150
+
+
+def test_pairs_bad_input_names_the_column_and_file(tmp_path):
+    from training import data
+
+    task = toy_task(tmp_path / "task", train=4, valid=2)
+    with pytest.raises(ValueError, match=r"data.train_files: the files have no column 'de' .* set data.target_field"):
+        data.load_pairs([str(task / "train.jsonl")], "data.train_files", "en", "de", None)
+    (tmp_path / "plain.txt").write_text("not records")
+    with pytest.raises(ValueError, match="encoder-decoder runs read records"):
+        data.load_pairs([str(tmp_path / "plain.txt")], "data.train_files", "en", "xx", None)
+
+
+def test_task_and_model_must_agree(tmp_path):
+    from transformers import GPT2Config, MarianConfig
+
+    from training.config import ConfigError
+    from training.loop import check_task_fits
+
+    task = toy_task(tmp_path / "task", train=4, valid=2)
+    with pytest.raises(ConfigError, match="model_type 'gpt2' is decoder-only"):
+        check_task_fits(seq2seq_config(tmp_path, task), GPT2Config())
+    cfg = validate({"model": {"arch": "marian"}, "data": {"train_files": ["x.txt"], "seq_len": 8},
+                    "train": {"steps": 1}})
+    with pytest.raises(ConfigError, match="'marian' is an encoder-decoder model: set data.source_field"):
+        check_task_fits(cfg, MarianConfig())

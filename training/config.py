@@ -72,6 +72,7 @@ class TrainConfig(_Section):
     log_every: int = Field(1, gt=0, description="Steps between metric records.")
     eval_every: int = Field(0, ge=0, description="Steps between evals; 0 = only at the end.")
     eval_batches: int | None = Field(None, gt=0, description="Micro-batches per eval; None = all.")
+    eval_first: bool = Field(False, description="Also evaluate before the first step (logged as step 0).")
     save_every: int = Field(0, ge=0, description="Steps between checkpoints; 0 = only at the end.")
     save_final: bool = Field(True, description="Write a checkpoint at the end (benchmarks turn it off).")
     resume: str | None = Field(None, description="'auto' (latest in output_dir) or a checkpoint dir.")

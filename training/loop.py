@@ -285,6 +285,8 @@ def _train(cfg, model_engine, runner, batches, valid_blocks, groups, sink, resul
                     disable=dist.get_rank() != 0 or not cfg.train.progress)
     device = model_engine.device
     last_saved = start_step
+    if cfg.train.eval_first and start_step == 0 and valid_blocks is not None:
+        _evaluate_and_log(cfg, model_engine, runner, valid_blocks, groups, tokenizer, sink, result, progress, 0)
     for step in range(start_step, cfg.train.steps):
         started = time.perf_counter()
         lr = model_engine.get_lr()[0]
@@ -304,20 +306,25 @@ def _train(cfg, model_engine, runner, batches, valid_blocks, groups, sink, resul
         progress.set_postfix(loss=f"{record['loss']:.4f}", step_s=f"{elapsed:.2f}")
         done = step + 1 == cfg.train.steps
         if valid_blocks is not None and (done or (cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0)):
-            signature = None
-            if cfg.data.source_field:
-                scores, signature = seq2seq.evaluate(model_engine, valid_blocks, cfg, groups, tokenizer)
-            else:
-                scores = evaluate(model_engine, runner, valid_blocks, cfg, groups)
-            metrics = {"step": step + 1, **scores}
-            sink.log(metrics)
-            result.history.append(metrics)
-            if dist.get_rank() == 0:
-                bleu = f" BLEU {metrics['bleu']:.2f} ({signature})" if "bleu" in metrics else ""
-                progress.write(f"step {step + 1}: eval_loss {metrics['eval_loss']:.4f} "
-                               f"perplexity {metrics['perplexity']:.2f}{bleu}")
+            _evaluate_and_log(cfg, model_engine, runner, valid_blocks, groups, tokenizer, sink, result, progress,
+                              step + 1)
         if (done and cfg.train.save_final) or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
             checkpoint.save(model_engine, cfg.train.output_dir, step + 1, {"config": cfg.to_dict()})
             last_saved = step + 1
     progress.close()
     return last_saved
+
+
+def _evaluate_and_log(cfg, model_engine, runner, valid_blocks, groups, tokenizer, sink, result, progress, step):
+    signature = None
+    if cfg.data.source_field:
+        scores, signature = seq2seq.evaluate(model_engine, valid_blocks, cfg, groups, tokenizer)
+    else:
+        scores = evaluate(model_engine, runner, valid_blocks, cfg, groups)
+    metrics = {"step": step, **scores, **({"bleu_signature": signature} if signature else {})}
+    sink.log(metrics)
+    result.history.append(metrics)
+    if dist.get_rank() == 0:
+        bleu = f" BLEU {metrics['bleu']:.2f} ({signature})" if "bleu" in metrics else ""
+        progress.write(f"step {step}: eval_loss {metrics['eval_loss']:.4f} "
+                       f"perplexity {metrics['perplexity']:.2f}{bleu}")

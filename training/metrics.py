@@ -53,7 +53,11 @@ class MetricsSink:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._wandb is not None:
-            self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+            self._wandb.log({k: v for k, v in record.items() if k != "step" and not isinstance(v, str)},
+                            step=record["step"])
+            for key, value in record.items():
+                if isinstance(value, str):  # e.g. the sacreBLEU signature: run summary, not a chart
+                    self._wandb.summary[key] = value
 
     def close(self) -> None:
         if self._file is not None:
