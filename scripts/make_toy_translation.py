@@ -1,6 +1,6 @@
 """Write the toy translation task used by configs/translation_toy.yaml and the tests: English-like sentences
-and their "translation" into a made-up language (every letter through a fixed substitution, the word order
-of each sentence reversed), as jsonl with fields ``en`` and ``xx``. Deterministic; no download.
+and their "translation" into a made-up language (every letter through a fixed substitution), as jsonl with
+fields ``en`` and ``xx``. Deterministic; no download.
 
     python scripts/make_toy_translation.py configs/data/toy_translation
 """
@@ -26,7 +26,7 @@ def cipher(seed: int = 7) -> dict[str, str]:
 
 
 def translate(sentence: str, table: dict[str, str]) -> str:
-    return " ".join("".join(table[c] for c in word) for word in reversed(sentence.split()))
+    return " ".join("".join(table[c] for c in word) for word in sentence.split())
 
 
 def sentences(count: int, seed: int) -> list[str]:
