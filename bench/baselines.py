@@ -76,6 +76,15 @@ def _clip(parameters, max_norm: float, group=None) -> None:
         g.mul_(coefficient)
 
 
+def _update(parameters, max_norm: float, group, optimizer, scheduler) -> None:
+    """Clip, step, schedule, zero the gradients, and wait for the device: the end of a timed step."""
+    _clip(parameters, max_norm, group)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    _sync()
+
+
 def run(kind: str, cfg, steps: int) -> list[float]:
     """Train ``steps`` optimizer steps; returns each step's wall time on this rank."""
     import torch
@@ -126,11 +135,7 @@ def run(kind: str, cfg, steps: int) -> list[float]:
                 with _autocast(cfg):
                     loss = model(input_ids=ids, labels=ids).loss / m
                 loss.backward()
-        _clip(list(model.parameters()), clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        _sync()
+        _update(list(model.parameters()), clip, None, optimizer, scheduler)
         times.append(time.perf_counter() - started)
     return times
 
@@ -179,11 +184,7 @@ def _run_pipelining(cfg, model, blocks, order, steps: int) -> list[float]:
             schedule.step(target=ids, losses=[])
         else:
             schedule.step()
-        _clip(list(chunk.parameters()), cfg.optim.grad_clip, dist.group.WORLD)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        _sync()
+        _update(list(chunk.parameters()), cfg.optim.grad_clip, dist.group.WORLD, optimizer, scheduler)
         times.append(time.perf_counter() - started)
     return times
 
@@ -192,6 +193,7 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     from training.config import load
+    from bench.sweep import _exit_now
     from training.loop import shutdown_distributed
 
     cfg = load(args.config, args.set)
@@ -202,3 +204,4 @@ def worker(args) -> None:
     if dist.get_rank() == 0:
         Path(args.out_file).write_text(json.dumps({"step_s": max(gathered)}))
     shutdown_distributed()
+    _exit_now()

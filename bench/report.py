@@ -27,18 +27,20 @@ def report_markdown(records: list[dict], spec: dict, machine: dict, figures: lis
              f"{machine['date']}. Base config `{spec['base']}`; {spec.get('warmup_steps', 2)} warm-up + "
              f"{spec.get('timed_steps', 4)} timed steps per point (medians; the slowest rank's step).", "",
              "| point | procs | status | tokens/s | step s | fwd s | bwd s | opt s | comm TP s | comm DP s | comm PP s | "
-             "comm share | scaling eff. | bubble meas./theory | opt-state bytes / formula | peak RSS MiB |",
-             "|" + "---|" * 16]
+             "comm share | scaling eff. | bubble meas./theory | grad bytes / formula | opt-state bytes / formula | "
+             "peak RSS MiB |", "|" + "---|" * 17]
     for r in records:
         if r.get("status") != "ok":
-            lines.append(f"| {layout_label(r)} | {r['nproc']} | failed: {r.get('error', '')[:160]} |" + " |" * 13)
+            lines.append(f"| {layout_label(r)} | {r['nproc']} | failed: {r.get('error', '')[:160]} |" + " |" * 14)
             continue
         bubble = (f"{r['bubble_measured']:.3f} / {r['bubble_theory']:.3f}" if "bubble_theory" in r else "—")
         lines.append(
             f"| {layout_label(r)} | {r['nproc']} | ok | {r['tokens_per_s']:.0f} | {r['step_s']:.3f} | "
             f"{r['forward']:.3f} | {r['backward']:.3f} | {r['optimizer']:.3f} | {r['comm_tp_s']:.3f} | "
-            f"{r['comm_dp_s']:.3f} | {r['comm_pp_s']:.3f} | {r['comm_share']:.1%} | {_fmt(r.get('scaling_efficiency'))} {r.get('scaling', '')} | "
-            f"{bubble} | {r['optimizer_state_vs_formula']:.3f} | {r['peak_rss_bytes_max'] / 2**20:.0f} |")
+            f"{r['comm_dp_s']:.3f} | {r['comm_pp_s']:.3f} | {r['comm_share']:.1%} | "
+            f"{_fmt(r.get('scaling_efficiency'))} {r.get('scaling', '')} | "
+            f"{bubble} | {_fmt(r.get('gradient_vs_formula'), 4)} | {r['optimizer_state_vs_formula']:.3f} | "
+            f"{r['peak_rss_bytes_max'] / 2**20:.0f} |")
     if baselines:
         rounds = spec.get("baseline_rounds", 1)
         how = (f"{rounds} alternating rounds of the baseline and a fresh run of the colonnade point (ABBA), "
@@ -124,12 +126,14 @@ def plots(records: list[dict], out: Path) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     x = range(len(ok))
-    ax.bar([i - 0.2 for i in x], [r["optimizer_state_bytes_rank0"] / 2**20 for r in ok], width=0.4, label="measured")
-    ax.bar([i + 0.2 for i in x], [r["formula_optimizer_state_bytes"] / 2**20 for r in ok], width=0.4, label="formula")
+    bars = (("optimizer_state_bytes_rank0", "optimizer state, measured"), ("formula_optimizer_state_bytes", "formula"),
+            ("gradient_bytes_rank0", "gradients, measured"), ("formula_gradient_bytes", "formula"))
+    for offset, (key, label) in zip((-0.3, -0.1, 0.1, 0.3), bars):
+        ax.bar([i + offset for i in x], [(r[key] or 0) / 2**20 for r in ok], width=0.2, label=label)
     ax.set_xticks(list(x), labels, rotation=60, ha="right", fontsize=6)
-    ax.set_ylabel("optimizer state per rank (MiB)")
+    ax.set_ylabel("bytes per rank (MiB)")
     ax.set_title("Memory per rank by ZeRO stage vs formula")
-    ax.legend()
+    ax.legend(fontsize=7)
     save(fig, "memory.png")
 
     piped = [r for r in ok if "bubble_theory" in r]

@@ -62,8 +62,9 @@ def point_overrides(spec: dict, point: dict) -> tuple[list[str], int]:
 
 def zero_formula_bytes(params: int, zero_stage: int, dp: int) -> dict:
     """Per-rank model-state bytes for pure fp32 AdamW (shared DESIGN.md section 5): parameters 4Ψ (4Ψ/N under
-    ZeRO-3), optimizer state (exp_avg + exp_avg_sq) 8Ψ, or 8Ψ/N from ZeRO-1 on."""
+    ZeRO-3), gradients 4Ψ (4Ψ/N from ZeRO-2 on), optimizer state (exp_avg + exp_avg_sq) 8Ψ, or 8Ψ/N from ZeRO-1."""
     return {"param_bytes": 4 * params / (dp if zero_stage == 3 else 1),
+            "gradient_bytes": 4 * params / (dp if zero_stage >= 2 else 1),
             "optimizer_state_bytes": 8 * params / (dp if zero_stage >= 1 else 1)}
 
 
@@ -71,6 +72,26 @@ def _optimizer_state_bytes(optimizer) -> int:
     inner = getattr(optimizer, "optimizer", optimizer)
     return sum(t.numel() * t.element_size() for state in inner.state.values() for t in state.values()
                if hasattr(t, "numel") and t.dim() > 0)
+
+
+def _gradient_bytes(engine) -> int:
+    """Bytes of gradient storage this rank holds now: the parameters' ``.grad`` (ZeRO-0/1 accumulate full
+    gradients there between steps) and DeepSpeed's partitioned gradient buffers (ZeRO-2 frees ``.grad`` after
+    reducing each bucket into its partition); each storage counted once."""
+    import torch
+
+    optimizer = engine.optimizer
+    # ``grad_accum``: where DeepSpeed accumulates under unmanaged gradient accumulation (our pipelines)
+    tensors = [g for p in engine.module.parameters() for g in (p.grad, getattr(p, "grad_accum", None))
+               if isinstance(g, torch.Tensor)]
+    partitioned = getattr(optimizer, "grads_in_partition", None)
+    if isinstance(partitioned, torch.Tensor):
+        tensors.append(partitioned)
+    else:
+        for value in (getattr(optimizer, "averaged_gradients", None) or {}).values():
+            tensors.extend(v for v in (value if isinstance(value, list) else [value]) if isinstance(v, torch.Tensor))
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
 
 
 def worker(args) -> None:
@@ -104,6 +125,21 @@ def worker(args) -> None:
 
     loop._data_parallel_step = measured(loop._data_parallel_step)
     PipelineRunner.train_step = measured(PipelineRunner.train_step)
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    gradient_bytes = []  # after every backward and before every step: the peak is what the formula bounds
+    original_backward, original_step = DeepSpeedEngine.backward, DeepSpeedEngine.step
+
+    def backward_then_count(engine, *a, **k):
+        out = original_backward(engine, *a, **k)
+        gradient_bytes.append(_gradient_bytes(engine))
+        return out
+
+    def count_then_step(engine, *a, **k):
+        gradient_bytes.append(_gradient_bytes(engine))
+        return original_step(engine, *a, **k)
+
+    DeepSpeedEngine.backward, DeepSpeedEngine.step = backward_then_count, count_then_step
     result = loop.run(cfg)
     engine = result.engine
     local_params = sum(p.numel() for p in engine.module.parameters())
@@ -126,6 +162,9 @@ def worker(args) -> None:
         "model_params_local": local_params,
         "param_bytes": sum(p.numel() * p.element_size() for p in engine.module.parameters()),
         "optimizer_state_bytes": _optimizer_state_bytes(engine.optimizer),
+        # None where no gradient storage was found (ZeRO-2 under unmanaged accumulation, i.e. our pipelines,
+        # keeps it in DeepSpeed buffers this probe does not know)
+        "gradient_bytes": max(gradient_bytes) if gradient_bytes and max(gradient_bytes) else None,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
     }
@@ -134,6 +173,16 @@ def worker(args) -> None:
     if rank == 0:
         Path(args.out_file).write_text(json.dumps({"ranks": gathered, "history": result.history}))
     loop.shutdown_distributed()
+    _exit_now()
+
+
+def _exit_now() -> None:
+    """End a benchmark worker once its result is written: gloo's threads can abort the interpreter's own
+    shutdown ("terminate called without an active exception"), which would turn a finished point into a
+    failed one."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _full_params(config_path: str, sets: list[str]) -> tuple[int, dict]:
@@ -163,13 +212,16 @@ def summarize(point: dict, nproc: int, raw: dict, config_path: str, sets: list[s
               **{f"{k}_s": v for k, v in comm.items()},
               **{f"{k}_bytes": max(r[f"{k}_bytes"] for r in ranks) for k in ("comm_tp", "comm_dp", "comm_pp")},
               "comm_share": sum(comm.values()) / step_s,
-              "param_bytes_rank0": ranks[0]["param_bytes"], "optimizer_state_bytes_rank0": ranks[0]["optimizer_state_bytes"],
+              "param_bytes_rank0": ranks[0]["param_bytes"], "gradient_bytes_rank0": ranks[0]["gradient_bytes"],
+              "optimizer_state_bytes_rank0": ranks[0]["optimizer_state_bytes"],
               "peak_rss_bytes_max": max(r["peak_rss_bytes"] for r in ranks), "model_params": params}
     dp = nproc // (cfg.parallel.tensor * cfg.parallel.pipeline)
     local = ranks[0]["model_params_local"] if cfg.parallel.zero_stage != 3 else sum(r["model_params_local"] for r in ranks) // nproc * dp
     formula = zero_formula_bytes(local, cfg.parallel.zero_stage, dp)
     record.update({f"formula_{k}": v for k, v in formula.items()})
     record["optimizer_state_vs_formula"] = record["optimizer_state_bytes_rank0"] / formula["optimizer_state_bytes"]
+    if record["gradient_bytes_rank0"] is not None:
+        record["gradient_vs_formula"] = record["gradient_bytes_rank0"] / formula["gradient_bytes"]
     p, m, v = cfg.parallel.pipeline, cfg.train.grad_accum, cfg.parallel.virtual_stages
     if p > 1:
         busy = statistics.mean(r["forward_s"] + r["backward_s"] for r in ranks)

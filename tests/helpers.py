@@ -69,14 +69,20 @@ def reference_losses(cfg, global_batch: int) -> tuple[list[float], list[float]]:
     losses, norms = [], []
     for step in range(cfg.train.steps):
         ids = blocks[[order[p] for p in range(step * global_batch, (step + 1) * global_batch)]]["input_ids"]
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)))
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        losses.append(float(loss.detach()))
+        loss, norm = reference_update(model, opt, sched, model(input_ids=ids, labels=ids).loss, cfg.optim.grad_clip)
+        losses.append(loss)
+        norms.append(norm)
     return losses, norms
+
+
+def reference_update(model, opt, sched, loss, grad_clip: float) -> tuple[float, float]:
+    """One reference optimizer step on ``loss``: backward, clip, AdamW, schedule; (loss, pre-clip norm)."""
+    loss.backward()
+    norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+    opt.step()
+    sched.step()
+    opt.zero_grad()
+    return float(loss.detach()), norm
 
 
 def run_config(cfg):
@@ -93,3 +99,16 @@ def run_configs(cfgs):
 
 def step_records(history):
     return [r for r in history if "loss" in r]
+
+
+def assert_gradients_match(tp_model, dense, group, tol: dict) -> int:
+    """Every gradient of the tensor-parallel model, gathered and merged to the HF layout, equals the dense
+    model's; returns how many were compared."""
+    from modeling.parallelize import full_state_dict
+
+    grads = full_state_dict(tp_model, group, {n: p.grad for n, p in tp_model.named_parameters()})
+    ref_grads = {n: p.grad for n, p in dense.named_parameters()}
+    assert set(grads) == set(ref_grads)
+    for key, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[key], **tol, msg=lambda m: f"{key}: {m}")
+    return len(grads)

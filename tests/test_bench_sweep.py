@@ -14,9 +14,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_zero_formula():
-    assert zero_formula_bytes(1000, 0, 4) == {"param_bytes": 4000, "optimizer_state_bytes": 8000}
-    assert zero_formula_bytes(1000, 2, 4) == {"param_bytes": 4000, "optimizer_state_bytes": 2000}
-    assert zero_formula_bytes(1000, 3, 4) == {"param_bytes": 1000, "optimizer_state_bytes": 2000}
+    assert zero_formula_bytes(1000, 0, 4) == {"param_bytes": 4000, "gradient_bytes": 4000, "optimizer_state_bytes": 8000}
+    assert zero_formula_bytes(1000, 1, 4) == {"param_bytes": 4000, "gradient_bytes": 4000, "optimizer_state_bytes": 2000}
+    assert zero_formula_bytes(1000, 2, 4) == {"param_bytes": 4000, "gradient_bytes": 1000, "optimizer_state_bytes": 2000}
+    assert zero_formula_bytes(1000, 3, 4) == {"param_bytes": 1000, "gradient_bytes": 1000, "optimizer_state_bytes": 2000}
 
 
 def test_sweep_two_points_one_failing(tmp_path, monkeypatch):
@@ -43,10 +44,12 @@ def test_sweep_two_points_one_failing(tmp_path, monkeypatch):
     assert "does not divide the model's attention heads" in failed["error"]
     for field in ("tokens_per_s", "step_s", "forward", "backward", "optimizer", "comm_tp_s", "comm_dp_s",
                   "comm_pp_s", "comm_share", "param_bytes_rank0", "optimizer_state_bytes_rank0",
-                  "formula_optimizer_state_bytes", "peak_rss_bytes_max", "scaling_efficiency"):
+                  "formula_optimizer_state_bytes", "gradient_bytes_rank0", "formula_gradient_bytes",
+                  "peak_rss_bytes_max", "scaling_efficiency"):
         assert field in ok, field
-    # ZeRO-1 at one process keeps the whole AdamW state: 8 bytes per parameter, as the formula says
+    # ZeRO-1 keeps the whole AdamW state of its (TP-sharded) parameters, 8 bytes each, and full fp32 gradients
     assert abs(ok["optimizer_state_vs_formula"] - 1.0) < 0.05
+    assert abs(ok["gradient_vs_formula"] - 1.0) < 0.05
     out = tmp_path / "out"
     lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["status"] for r in lines][:3] == ["ok", "ok", "failed"] and "machine" in lines[0]

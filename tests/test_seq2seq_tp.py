@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.dist import run_ranks
+from tests.helpers import assert_gradients_match
 
 # fp32; same reasoning as tests/test_tp_models.py: partial sums in another order differ by ~1e-6, a wrong
 # slice or a missing all-reduce by 1e-1 or more.
@@ -75,12 +76,7 @@ def _compare(name):
     loss.backward()
     torch.testing.assert_close(full_logits(tp, logits, group), ref.logits, **TOL)
     torch.testing.assert_close(loss, ref.loss, **TOL)
-    grads = full_state_dict(tp, group, {n: p.grad for n, p in tp.named_parameters()})
-    ref_grads = {n: p.grad for n, p in dense.named_parameters()}
-    assert set(grads) == set(ref_grads)
-    for key, grad in grads.items():
-        torch.testing.assert_close(grad, ref_grads[key], **TOL, msg=lambda m: f"{key}: {m}")
-    return len(grads)
+    return assert_gradients_match(tp, dense, group, TOL)
 
 
 @pytest.mark.parametrize("name", ["t5", "t5-gated", "marian", "bart"])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.dist import run_ranks
-from tests.helpers import run_configs, step_records
+from tests.helpers import reference_update, run_configs, step_records
 from training.config import validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,13 +71,10 @@ def seq2seq_reference(cfg, dp: int) -> tuple[list[float], list[float]]:
     losses, norms = [], []
     for step in range(cfg.train.steps):
         micro = [b.batch(step, k) for k in range(cfg.train.grad_accum) for b in ranks]
-        loss = sum(model(**m).loss for m in micro) / len(micro)
-        loss.backward()
-        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)))
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        losses.append(float(loss.detach()))
+        loss, norm = reference_update(model, opt, sched, sum(model(**m).loss for m in micro) / len(micro),
+                                      cfg.optim.grad_clip)
+        losses.append(loss)
+        norms.append(norm)
     return losses, norms
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.dist import run_ranks
+from tests.helpers import assert_gradients_match
 
 # fp32. The sharded model sums partial matmuls across ranks in a different order than the dense GEMM:
 # observed max error ~1e-6 on logits of order 1 and gradients of order 1e-2..1. 1e-4 absolute leaves
@@ -52,12 +53,7 @@ def _compare(arch, sequence_parallel):
     full_logits = gather_from_tensor_parallel_region(logits, group)[..., :dense.config.vocab_size]
     torch.testing.assert_close(full_logits, ref.logits, **TOL)
     torch.testing.assert_close(loss, ref.loss, **TOL)
-    grads = full_state_dict(tp, group, {n: p.grad for n, p in tp.named_parameters()})
-    ref_grads = {n: p.grad for n, p in dense.named_parameters()}
-    assert set(grads) == set(ref_grads)
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, ref_grads[name], **TOL, msg=lambda m: f"{name}: {m}")
-    return len(grads)
+    return assert_gradients_match(tp, dense, group, TOL)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

@@ -67,10 +67,10 @@ def evaluate(model_engine, examples, cfg, groups, tokenizer) -> tuple[dict[str, 
                            attention_mask=batch["attention_mask"], num_beams=cfg.eval.num_beams,
                            max_new_tokens=cfg.eval.max_new_tokens, do_sample=False, synced_gpus=synced)
             texts = tokenizer.batch_decode(out, skip_special_tokens=True)
-            for text, position, is_real in zip(texts, positions, real):
+            for row, (text, position, is_real) in enumerate(zip(texts, positions, real)):
                 if is_real and position < bleu_limit:
                     hypotheses.append(text.strip())
-                    references.append(rows["target"][positions.index(position)])
+                    references.append(rows["target"][row])
     model_engine.train()
     nll, tokens = sum_over(groups.dp_group, nll, tokens)
     metrics = {"eval_loss": nll / max(tokens, 1.0), "perplexity": perplexity(nll / max(tokens, 1.0))}
