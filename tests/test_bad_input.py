@@ -42,18 +42,22 @@ def test_bad_input_errors_on_every_rank_before_training(tmp_path):
     ds_file = tmp_path / "ds.json"
     ds_file.write_text(json.dumps({"train_batch_size": 3, "train_micro_batch_size_per_gpu": 2,
                                    "gradient_accumulation_steps": 1}))
+    malformed = tmp_path / "bad.jsonl"
+    malformed.write_text('{"text": "fine"}\n\n{"text": "broken\n')
     cases = [
         (tiny_config(tmp_path / "a", corpus, data__train_files=[str(tmp_path / "missing*.txt")]), None),
         (tiny_config(tmp_path / "b", corpus, data__train_files=[str(empty)]), None),
         (tiny_config(tmp_path / "c", corpus), str(ds_file)),
+        (tiny_config(tmp_path / "d", corpus, data__train_files=[str(malformed)]), None),
     ]
     per_rank = run_ranks(_errors_on_every_rank, 2, cases, timeout=300)
     for messages in per_rank:
-        missing, too_small, batch_rule = messages
+        missing, too_small, batch_rule, bad_json = messages
+        assert f"data.train_files: {malformed}, line 3: not valid JSON" in bad_json
         assert "data.train_files" in missing and "missing*.txt" in missing and "matches no file" in missing
         assert "data.train_files" in too_small and "fewer than one block of data.seq_len=32" in too_small
         assert "train_batch_size (3) must equal" in batch_rule and "world size 2" in batch_rule
-    for name in "abc":  # nothing trained, nothing written
+    for name in "abcd":  # nothing trained, nothing written
         assert not (tmp_path / name / "run" / "metrics.jsonl").exists()
 
 

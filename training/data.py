@@ -11,6 +11,7 @@ therefore needs nothing but ``s``, and any split of ``B`` over (dp, accum) sees 
 from __future__ import annotations
 
 import glob
+import json
 import os
 import sysconfig
 from dataclasses import dataclass
@@ -44,11 +45,32 @@ def file_format(files: list[str], key: str) -> str:
     return kinds.pop()
 
 
+def check_jsonl(files: list[str], key: str) -> None:
+    """Every non-empty line of every ``.jsonl`` file is one JSON object; the first bad line is named (file and
+    line number) instead of the ``datasets`` loader's generic parse error."""
+    for path in files:
+        if Path(path).suffix.lower() != ".jsonl":
+            continue
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{key}: {path}, line {number}: not valid JSON ({exc.msg} at column "
+                                     f"{exc.colno}); fix or remove that line") from None
+                if not isinstance(record, dict):
+                    raise ValueError(f"{key}: {path}, line {number}: expected a JSON object per line, got "
+                                     f"{type(record).__name__}")
+
+
 def load_texts(files: list[str], key: str, text_field: str, cache_dir: str | None):
     """A ``datasets.Dataset`` with one column ``text``: one row per text file, or per jsonl/parquet record."""
     import datasets
 
     kind = file_format(files, key)
+    check_jsonl(files, key)
     extra = {"sample_by": "document"} if kind == "text" else {}
     ds = datasets.load_dataset(kind, data_files=files, split="train", cache_dir=cache_dir, **extra)
     if kind != "text":
@@ -92,6 +114,7 @@ def load_pairs(files: list[str], key: str, source_field: str, target_field: str,
         raise ValueError(f"{key}: encoder-decoder runs read records (jsonl, csv or parquet) with the columns "
                          f"data.source_field={source_field!r} and data.target_field={target_field!r}; "
                          f"got plain text files")
+    check_jsonl(files, key)
     ds = datasets.load_dataset(kind, data_files=files, split="train", cache_dir=cache_dir)
     for field_key, name in (("data.source_field", source_field), ("data.target_field", target_field)):
         if name not in ds.column_names:
