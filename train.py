@@ -64,9 +64,6 @@ def main(argv: list[str] | None = None) -> int:
         import training
 
         training.run(cfg, args.deepspeed_config)
-        from training.loop import shutdown_distributed
-
-        shutdown_distributed()
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         rank = os.environ.get("RANK", "0")
         print(f"colonnade: error (rank {rank}): {exc}", file=sys.stderr)
@@ -75,4 +72,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from training.loop import finish_process
+
+    finish_process(main())

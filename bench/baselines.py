@@ -193,8 +193,7 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     from training.config import load
-    from bench.sweep import _exit_now
-    from training.loop import shutdown_distributed
+    from training.loop import finish_process
 
     cfg = load(args.config, args.set)
     times = run(args.baseline, cfg, cfg.train.steps)
@@ -203,5 +202,4 @@ def worker(args) -> None:
     dist.all_gather_object(gathered, step_s)
     if dist.get_rank() == 0:
         Path(args.out_file).write_text(json.dumps({"step_s": max(gathered)}))
-    shutdown_distributed()
-    _exit_now()
+    finish_process()

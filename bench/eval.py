@@ -200,6 +200,9 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.worker:
         worker(args)
+        from training.loop import finish_process
+
+        finish_process()
         return {}
     with tempfile.TemporaryDirectory() as tmp:
         out_file = Path(tmp) / "eval.json"

@@ -172,17 +172,7 @@ def worker(args) -> None:
     dist.all_gather_object(gathered, summary)
     if rank == 0:
         Path(args.out_file).write_text(json.dumps({"ranks": gathered, "history": result.history}))
-    loop.shutdown_distributed()
-    _exit_now()
-
-
-def _exit_now() -> None:
-    """End a benchmark worker once its result is written: gloo's threads can abort the interpreter's own
-    shutdown ("terminate called without an active exception"), which would turn a finished point into a
-    failed one."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    loop.finish_process()
 
 
 def _full_params(config_path: str, sets: list[str]) -> tuple[int, dict]:

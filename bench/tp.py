@@ -116,6 +116,9 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.worker:
         worker(args)
+        from training.loop import finish_process
+
+        finish_process()
         return {}
 
     from bench.machine import describe, slug
