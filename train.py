@@ -50,6 +50,7 @@ def wandb_agent_overrides(unknown: list[str], parser: argparse.ArgumentParser) -
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from training.config import (ConfigError, deepspeed_config, load, load_user_deepspeed_config)
+    from training.faults import CollectiveTimeout, TrainingStopped
 
     try:
         cfg = load(args.config, args.overrides)
@@ -65,10 +66,17 @@ def main(argv: list[str] | None = None) -> int:
 
         training.run(cfg, args.deepspeed_config)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
-        rank = os.environ.get("RANK", "0")
-        print(f"colonnade: error (rank {rank}): {exc}", file=sys.stderr)
-        return 2
+        return _fail(f"error: {exc}", 2)
+    except TrainingStopped as exc:
+        return _fail(str(exc), exc.exit_code)
+    except CollectiveTimeout as exc:
+        return _fail(f"error: {exc}", 4)
     return 0
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"colonnade (rank {os.environ.get('RANK', '0')}): {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -82,6 +82,28 @@ def _merge(shards: list[torch.Tensor], param) -> torch.Tensor:
     return full.narrow(dim, 0, param.tp_full_size)
 
 
+def shard_of(model: nn.Module, name: str, full: torch.Tensor, tp_group) -> torch.Tensor:
+    """The inverse of the merge in ``full_state_dict``: this rank's shard of ``name`` cut from the full
+    HF-layout tensor ``full`` (transposed for Conv1D, zero-padded like a padded vocabulary, fused q|k|v
+    blocks split per block). Unsharded tensors come back as they are."""
+    tensors = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers())}
+    param = tensors[name]
+    world = 1 if tp_group is None else dist.get_world_size(tp_group)
+    if world == 1 or not getattr(param, "tensor_model_parallel", False):
+        return full
+    owner = model.get_submodule(name.rpartition(".")[0])
+    if getattr(owner, "hf_conv1d", False) and full.dim() == 2:
+        full = full.t()
+    dim, rank = param.partition_dim, dist.get_rank(tp_group)
+    padded = param.shape[dim] * world
+    if full.shape[dim] < padded:
+        pad_shape = list(full.shape)
+        pad_shape[dim] = padded - full.shape[dim]
+        full = torch.cat([full, full.new_zeros(pad_shape)], dim=dim)
+    pieces = [block.chunk(world, dim=dim)[rank] for block in full.chunk(param.tp_fused_chunks, dim=dim)]
+    return torch.cat(pieces, dim=dim).contiguous()
+
+
 def full_state_dict(model: nn.Module, tp_group, state: dict[str, torch.Tensor] | None = None):
     """The model's weights with every tensor-parallel shard gathered and merged, in the HF layout
     (Conv1D weights transposed back). Collective over ``tp_group``."""

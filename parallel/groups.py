@@ -9,6 +9,7 @@ data-parallel group only and gradient norms are taken over the model-parallel gr
 
 from __future__ import annotations
 
+from datetime import timedelta
 from dataclasses import dataclass, field
 
 import torch
@@ -52,14 +53,17 @@ class ProcessGroups:
     embed_group: dist.ProcessGroup | None = field(default=None, repr=False)  # first + last stage, for tied embeddings
 
     @classmethod
-    def from_degrees(cls, tensor: int = 1, pipeline: int = 1, data: int | None = None) -> "ProcessGroups":
-        """Build every group of the grid (collectively: all ranks must call this in the same order)."""
+    def from_degrees(cls, tensor: int = 1, pipeline: int = 1, data: int | None = None,
+                     timeout_s: float | None = None) -> "ProcessGroups":
+        """Build every group of the grid (collectively: all ranks must call this in the same order). A
+        collective on any of them waiting longer than ``timeout_s`` raises (torch's default otherwise)."""
         world = dist.get_world_size()
         dp = check_degrees(tensor, pipeline, world)
         if data is not None and data != dp:
             raise ValueError(f"data-parallel degree {data} != world size {world} / (tensor {tensor} x "
                              f"pipeline {pipeline}) = {dp}")
         grid = rank_grid(tensor, pipeline, dp)
+        timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
         rank = dist.get_rank()
         mine: dict[str, tuple[dist.ProcessGroup | None, list[int]]] = {}
         candidates = {
@@ -72,7 +76,7 @@ class ProcessGroups:
         }
         for kind, rank_lists in candidates.items():
             for ranks in rank_lists:
-                group = dist.new_group(ranks) if len(ranks) < world else dist.group.WORLD
+                group = dist.new_group(ranks, timeout=timeout) if len(ranks) < world else dist.group.WORLD
                 if rank in ranks:
                     mine[kind] = (group, ranks)
         return cls(tensor=tensor, pipeline=pipeline, data=dp, rank=rank,

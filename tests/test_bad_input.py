@@ -69,7 +69,7 @@ def test_degrees_that_do_not_fit_the_world_size():
 def test_existing_run_directory_is_not_overwritten(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
     root = tmp_path / "r" / "run" / "checkpoints"
-    root.mkdir(parents=True)
+    (root / "step_0000004").mkdir(parents=True)
     (root / "latest").write_text("step_0000004")
     cfg = tiny_config(tmp_path / "r", corpus)
     (message,) = run_ranks(_errors_on_every_rank, 1, [(cfg, None)])[0]

@@ -1,100 +1,319 @@
-"""DeepSpeed checkpoints (save every N steps, resume) and the final Hugging Face export."""
+"""Layout-agnostic training checkpoints and the Hugging Face export.
+
+A checkpoint holds the full, unsharded state in the Hugging Face layout, so it resumes at any
+(tensor, pipeline, data) layout and any ZeRO stage, and is itself a ``from_pretrained`` directory:
+
+    step_0000010/
+      model.safetensors      the weights, HF names (tensor-parallel shards merged, pipeline stages joined)
+      optimizer.safetensors  AdamW moments per HF name ('exp_avg/<name>', 'exp_avg_sq/<name>'), plus the
+                             fp32 master weights ('master/<name>') when training in bf16/fp16
+      rng.safetensors        every rank's torch CPU (and CUDA) generator; Python and NumPy states in its metadata
+      trainer_state.json     step, samples consumed, AdamW step count, skipped steps, LR schedule,
+                             loss scaler, the layout that wrote it
+      config.json, tokenizer files, run_config.yaml
+      manifest.json          size and SHA-256 of every file above, written last
+
+Saving gathers on rank 0, which writes (see ``checkpoint_files`` for the crash-safe protocol); loading
+verifies the manifest on every rank, puts the weights into the full model before it is sharded, and
+after DeepSpeed is set up cuts each parameter's optimizer state to this rank's shard. Nothing is pickled.
+"""
 
 from __future__ import annotations
 
+import json
+import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from modeling.parallelize import full_state_dict as merge_tensor_parallel
+from modeling.parallelize import shard_of
+from training import checkpoint_files as files
+from training import optimizer_state
+from training.checkpoint_files import CheckpointError, tag_for
+
+__all__ = ["CheckpointError", "checkpoint_root", "tag_for", "resolve_resume", "save", "load_weights",
+           "restore", "export_hf", "full_state_dict", "TrainerState"]
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def tag_for(step: int) -> str:
-    return f"step_{step:07d}"
+@dataclass(frozen=True)
+class TrainerState:
+    """What a resumed run continues from."""
+
+    step: int
+    consumed_samples: int
+    skipped_steps: int
 
 
-def save(engine, output_dir: str | Path, step: int, client_state: dict[str, Any]) -> Path:
-    """Collective: every rank writes its shard. DeepSpeed updates ``latest`` only after all files are
-    written, so an interrupted save leaves the previous checkpoint as the one resumed from."""
-    root = checkpoint_root(output_dir)
-    state = dict(client_state, step=step, torch_rng=torch.get_rng_state())
-    engine.save_checkpoint(str(root), tag=tag_for(step), client_state=state)
-    return root / tag_for(step)
+# ------------------------------------------------------------------------------------------- resolving
 
-
-def resolve_resume(resume: str | None, output_dir: str | Path) -> tuple[Path, str] | None:
-    """``train.resume`` -> (load_dir, tag), or None to start fresh. 'auto' resumes the latest checkpoint
-    in ``output_dir`` if there is one."""
+def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
+    """``train.resume`` -> the checkpoint directory to load, verified, or None to start fresh.
+    'auto' takes the newest complete checkpoint in ``output_dir`` (incomplete saves are skipped); a path
+    may be a checkpoint directory, or a ``checkpoints`` root / run directory (its newest complete one)."""
     if resume is None:
         return None
     if resume == "auto":
-        root = checkpoint_root(output_dir)
-        latest = root / "latest"
-        return (root, latest.read_text().strip()) if latest.is_file() else None
-    path = Path(resume)
-    if (path / "latest").is_file():
-        return path, (path / "latest").read_text().strip()
-    if path.is_dir():
-        return path.parent, path.name
-    raise FileNotFoundError(f"train.resume={resume}: no such checkpoint directory; use 'auto' or a path "
-                            f"like {checkpoint_root(output_dir) / tag_for(100)}")
+        found = files.newest_complete(checkpoint_root(output_dir))
+    else:
+        path = Path(resume)
+        if not path.is_dir():
+            raise FileNotFoundError(f"train.resume={resume}: no such checkpoint directory; use 'auto' or a path "
+                                    f"like {checkpoint_root(output_dir) / tag_for(100)}")
+        found = path if files.step_of(path) is not None else (
+            files.newest_complete(path) or files.newest_complete(checkpoint_root(path)))
+        if found is None:
+            raise CheckpointError(f"train.resume={resume}: no complete checkpoint (step_* directory with a "
+                                  f"{files.MANIFEST}) there")
+    if found is not None:
+        files.verify(found)
+    return found
 
 
-def load(engine, load_dir: Path, tag: str) -> dict[str, Any]:
-    path, client_state = engine.load_checkpoint(str(load_dir), tag=tag)
-    if path is None:
-        raise FileNotFoundError(f"train.resume: DeepSpeed found no checkpoint {tag} in {load_dir}")
-    torch.set_rng_state(client_state["torch_rng"])
-    return client_state
+def existing_checkpoint(output_dir: str | Path) -> Path | None:
+    root = checkpoint_root(output_dir)
+    return next((p for p in sorted(root.glob("step_*"))), None) if root.is_dir() else None
+
+
+# -------------------------------------------------------------------------------------------- gathering
+
+def _canonical_names(model) -> list[str]:
+    """State-dict keys with each tied parameter once (under its first name), as ``save_pretrained`` does."""
+    aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    return [name for name in model.state_dict() if name not in aliases]
+
+
+def _local_params(engine, model, groups) -> dict[str, torch.nn.Parameter]:
+    """This rank's parameters by every HF name they have (a pipeline stage holds only its own)."""
+    everything = dict(model.named_parameters(remove_duplicate=False))
+    if groups.pipeline == 1:
+        return everything
+    held = {id(p) for p in engine.module.parameters()}
+    return {name: p for name, p in everything.items() if id(p) in held}
+
+
+def _gather(model, groups, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """Merge tensor-parallel shards and join pipeline stages: the full tensors on global rank 0."""
+    merged = merge_tensor_parallel(model, groups.tp_group, local)
+    if groups.pipeline > 1:
+        stages = [None] * groups.pipeline if groups.is_first_stage else None
+        dist.gather_object({k: v.cpu() for k, v in merged.items()}, stages, dst=groups.pp_ranks[0],
+                           group=groups.pp_group)
+        if dist.get_rank() != 0:
+            return None
+        merged = {name: tensor for stage in stages for name, tensor in stage.items()}
+    return merged if dist.get_rank() == 0 else None
 
 
 def full_state_dict(engine, model, groups) -> dict[str, torch.Tensor] | None:
-    """The unsharded model weights on global rank 0 (None elsewhere): ZeRO-3 partitions gathered,
-    tensor-parallel shards merged, pipeline stages collected. Collective over all ranks."""
+    """The unsharded model weights (HF names, each tied weight once) on global rank 0, None elsewhere:
+    ZeRO-3 partitions gathered, tensor-parallel shards merged, pipeline stages joined. Collective."""
+    names = _canonical_names(model)
     if engine.zero_optimization_stage() == 3:
         state = engine._zero3_consolidated_16bit_state_dict()  # gathers params in their own dtype
-        return state if dist.get_rank() == 0 else None
-    if groups.pipeline == 1:
-        state = merge_tensor_parallel(model, groups.tp_group)
-        return state if dist.get_rank() == 0 else None
-    full_names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
-    mine = {full_names[id(p)]: p.detach() for p in engine.module.parameters()}
-    for name, p in model.named_parameters(remove_duplicate=False):  # a tied twin under its other name
-        if id(p) in {id(q) for q in engine.module.parameters()}:
-            mine[name] = p.detach()
-    merged = merge_tensor_parallel(model, groups.tp_group, mine)
-    stages = [None] * groups.pipeline if groups.is_first_stage else None
-    dist.gather_object(merged, stages, dst=groups.pp_ranks[0], group=groups.pp_group)
+    else:
+        local = {k: v.detach() for k, v in _local_params(engine, model, groups).items()}
+        local.update({k: v for k, v in model.named_buffers() if k in set(names)})
+        state = _gather(model, groups, local)
     if dist.get_rank() != 0:
         return None
-    state = {name: tensor for stage in stages for name, tensor in stage.items()}
-    param_names = set(full_names.values())
-    missing = param_names - set(state)
+    missing = [n for n in names if n not in state]
     if missing:
-        raise RuntimeError(f"pipeline export: no stage holds {sorted(missing)}")
-    buffers = {k: v for k, v in model.state_dict().items() if k not in param_names}  # same on every stage
-    return {**buffers, **state}
+        raise RuntimeError(f"no rank holds {missing}")
+    return {n: state[n].detach().cpu().contiguous() for n in names}
 
+
+def _optimizer_tensors(engine, model, groups, keys) -> dict[str, torch.Tensor] | None:
+    """'key/name' -> the full optimizer tensor, on global rank 0. Collective."""
+    params = _local_params(engine, model, groups)
+    names = set(_canonical_names(model))
+    out = {}
+    for key in keys:
+        local = {name: optimizer_state.get(engine, p, key) for name, p in params.items()}
+        full = local if engine.zero_optimization_stage() == 3 else _gather(model, groups, local)
+        if full is not None:
+            out.update({f"{key}/{n}": t.contiguous() for n, t in full.items() if n in names})
+    return out if dist.get_rank() == 0 else None
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch_cpu": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [v.tolist() if isinstance(v, np.ndarray) else v for v in np.random.get_state()]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["torch_cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _loss_scaler_state(engine) -> dict[str, float]:
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    keys = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+    return {k: float(getattr(scaler, k)) for k in keys if scaler is not None and hasattr(scaler, k)}
+
+
+# ----------------------------------------------------------------------------------------------- saving
+
+def _on_rank0(fn: Callable[[], Any], what: str) -> Any:
+    """Run ``fn`` on rank 0; if it fails, every rank raises (nobody waits forever for rank 0)."""
+    error, result = None, None
+    if dist.get_rank() == 0:
+        try:
+            result = fn()
+        except Exception as exc:  # re-raised below, on every rank
+            error = exc
+    message = [f"{type(error).__name__}: {error}" if error else None]
+    dist.broadcast_object_list(message, src=0)
+    if error is not None:
+        raise error
+    if message[0] is not None:
+        raise RuntimeError(f"{what} failed on rank 0: {message[0]}")
+    return result
+
+
+def save(engine, model, tokenizer, groups, run_config: dict[str, Any], step: int, consumed_samples: int,
+         output_dir: str | Path) -> Path:
+    """Write the checkpoint of ``step``; collective over all ranks. Returns its directory."""
+    precision = run_config.get("precision", "fp32")
+    weights = full_state_dict(engine, model, groups)
+    keys = optimizer_state.MOMENTS + (("master",) if precision != "fp32" else ())
+    optim = _optimizer_tensors(engine, model, groups, keys)
+    rngs = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(_rng_state(), rngs, dst=0)
+    trainer = {
+        "step": step, "consumed_samples": consumed_samples,
+        "optimizer_steps": optimizer_state.optimizer_steps(engine),
+        "skipped_steps": int(getattr(engine, "skipped_steps", 0)),
+        "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
+        "loss_scaler": _loss_scaler_state(engine),
+        "layout": {"tensor": groups.tensor, "pipeline": groups.pipeline, "data": groups.data,
+                   "world_size": dist.get_world_size(), "zero_stage": engine.zero_optimization_stage(),
+                   "precision": precision},
+    }
+
+    def write() -> Path:
+        staging = files.begin(checkpoint_root(output_dir), step)
+        _write_tensors(staging / "model.safetensors", weights, {"format": "pt"})
+        _write_tensors(staging / "optimizer.safetensors", optim, None)
+        _write_tensors(staging / "rng.safetensors",
+                       {f"{k}/{r}": s[k] for r, s in enumerate(rngs) for k in ("torch_cpu", "torch_cuda") if k in s},
+                       {f"{k}/{r}": json.dumps(s[k]) for r, s in enumerate(rngs) for k in ("python", "numpy")})
+        files.write_text_atomic(staging / "trainer_state.json", json.dumps(trainer, indent=1))
+        files.write_text_atomic(staging / "run_config.yaml", yaml.safe_dump(run_config, sort_keys=False))
+        files.write_atomic(staging / "config.json", lambda tmp: model.config.to_json_file(str(tmp)))
+        tokenizer.save_pretrained(str(staging))
+        return files.commit(staging, step)
+
+    return _on_rank0(write, f"saving the checkpoint of step {step}")
+
+
+def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> None:
+    files.write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+def load_weights(model, path: Path) -> None:
+    """Put the checkpoint's weights into the full (not yet sharded) model; a checkpoint of another model
+    (names or shapes differ) is an error naming them, before anything is changed."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items() if name in set(_canonical_names(model))}
+    with safe_open(str(path / "model.safetensors"), framework="pt") as handle:
+        saved = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    reshaped = [f"{n}: {saved[n]} in the checkpoint, {expected[n]} in this model"
+                for n in expected if n in saved and saved[n] != expected[n]]
+    if missing or unexpected or reshaped:
+        details = "; ".join(filter(None, [
+            f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}" if missing else "",
+            f"not in this model {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}" if unexpected else "",
+            "shapes differ: " + ", ".join(reshaped[:5]) if reshaped else ""]))
+        raise CheckpointError(f"train.resume: {path} holds a different model than this run builds ({details}); "
+                              f"use the model.* settings of the run that wrote it (see {path / 'run_config.yaml'}) "
+                              f"or start a new train.output_dir")
+    state = load_file(str(path / "model.safetensors"))
+    model.load_state_dict(state, strict=False)
+
+
+def restore(engine, model, groups, path: Path) -> TrainerState:
+    """After ``deepspeed.initialize``: optimizer moments (and fp32 masters), AdamW step count, LR schedule,
+    loss scaler and RNG states from ``path``, each cut to this rank's shard of the current layout."""
+    trainer = json.loads((path / "trainer_state.json").read_text())
+    with safe_open(str(path / "optimizer.safetensors"), framework="pt") as handle:
+        saved = set(handle.keys())
+        params = _local_params(engine, model, groups)
+        by_param: dict[int, tuple[str, torch.nn.Parameter]] = {}
+        for name, param in params.items():  # a tied parameter is stored under one of its names
+            if id(param) not in by_param or f"exp_avg/{name}" in saved:
+                by_param[id(param)] = (name, param)
+        for key in optimizer_state.MOMENTS + ("master",):
+            for name, param in by_param.values():
+                if f"{key}/{name}" in saved:
+                    full = handle.get_tensor(f"{key}/{name}")
+                    optimizer_state.put(engine, param, key, shard_of(model, name, full, groups.tp_group))
+                elif key != "master":
+                    raise CheckpointError(f"{path / 'optimizer.safetensors'}: no {key} for {name}")
+    optimizer_state.set_optimizer_steps(engine, trainer["optimizer_steps"])
+    if engine.lr_scheduler is not None and trainer["lr_scheduler"] is not None:
+        engine.lr_scheduler.load_state_dict(trainer["lr_scheduler"])
+        for group, lr in zip(optimizer_state._base(engine).param_groups, engine.lr_scheduler.get_last_lr()):
+            group["lr"] = lr
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    for key, value in trainer["loss_scaler"].items():
+        if scaler is not None and hasattr(scaler, key):
+            setattr(scaler, key, type(getattr(scaler, key))(value) if not torch.is_tensor(getattr(scaler, key))
+                    else torch.tensor(value))
+    engine.global_steps = trainer["step"]
+    engine.global_samples = trainer["consumed_samples"]
+    engine.skipped_steps = trainer["skipped_steps"]
+    _restore_rng(path, trainer["layout"])
+    return TrainerState(trainer["step"], trainer["consumed_samples"], trainer["skipped_steps"])
+
+
+def _restore_rng(path: Path, saved_layout: dict[str, Any]) -> None:
+    """This rank's generators as saved; on a different world size every rank takes rank 0's (ranks share
+    the seed in a fresh run too)."""
+    rank = dist.get_rank() if saved_layout["world_size"] == dist.get_world_size() else 0
+    with safe_open(str(path / "rng.safetensors"), framework="pt") as handle:
+        torch.set_rng_state(handle.get_tensor(f"torch_cpu/{rank}"))
+        if f"torch_cuda/{rank}" in handle.keys() and torch.cuda.is_available():
+            torch.cuda.set_rng_state(handle.get_tensor(f"torch_cuda/{rank}"))
+        meta = handle.metadata()
+    version, internal, gauss = json.loads(meta[f"python/{rank}"])
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = json.loads(meta[f"numpy/{rank}"])
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+# ---------------------------------------------------------------------------------------------- export
 
 def export_hf(engine, model, tokenizer, out_dir: str | Path, groups) -> Path | None:
     """Write a ``from_pretrained``-loadable directory (safetensors + config + tokenizer), atomically."""
     out_dir = Path(out_dir)
     state = full_state_dict(engine, model, groups)
-    if dist.get_rank() == 0:
-        tmp = out_dir.with_name(out_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(str(tmp), state_dict={k: v.detach().cpu().contiguous()
-                                                            for k, v in state.items()},
-                                      safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-        shutil.rmtree(out_dir, ignore_errors=True)
-        tmp.rename(out_dir)
+
+    def write():
+        _save_pretrained(model, state, tokenizer, out_dir)
+
+    _on_rank0(write, f"exporting to {out_dir}")
     dist.barrier()
     return out_dir
+
+
+def _save_pretrained(model, state, tokenizer, out_dir: Path) -> None:
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)

@@ -78,6 +78,9 @@ class TrainConfig(_Section):
     resume: str | None = Field(None, description="'auto' (latest in output_dir) or a checkpoint dir.")
     export_hf: bool = Field(True, description="Write output_dir/hf (save_pretrained) at the end.")
     progress: bool = Field(True, description="Progress bar on rank 0.")
+    max_consecutive_skips: int = Field(10, gt=0, description="Steps with a non-finite loss or gradient are "
+                                       "skipped on every rank (logged, counted in skipped_steps); this many in a "
+                                       "row stop the run.")
 
 
 class OptimConfig(_Section):
@@ -107,6 +110,9 @@ class ParallelConfig(_Section):
     partition: str = Field("uniform", description="'uniform', 'parameters' (balanced by parameter count) or a "
                            "layout string such as 'E,t,t|t,t,L' (E embedding, t block, L head + loss).")
     p2p_timeout_s: float = Field(600.0, gt=0, description="A pipeline receive waiting longer fails the job.")
+    timeout_s: float = Field(1800.0, gt=0, description="A collective (all-reduce, gather, ...) not complete after "
+                             "this many seconds ends the job with an error naming the operation and the rank, "
+                             "instead of hanging.")
     sequence_parallel: bool = Field(False, description="Megatron sequence parallelism (needs tensor > 1): "
                                     "norms and dropout work on a sequence shard; all-gather/reduce-scatter "
                                     "replace the all-reduces.")

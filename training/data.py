@@ -194,19 +194,42 @@ class TrainBatches:
     """Micro-batches for one data-parallel rank: ``batch(step, micro_index)`` -> {input_ids, labels} (packed
     blocks), or with ``pad_id`` the padded {input_ids, attention_mask, labels} of source/target pairs."""
 
-    def __init__(self, blocks, plan: BatchPlan, dp_rank: int, seed: int, pad_id: int | None = None):
+    def __init__(self, blocks, plan: BatchPlan, dp_rank: int, seed: int, pad_id: int | None = None,
+                 sample_offset: int = 0):
         self.blocks = blocks
+        self.sample_offset = sample_offset  # samples seen before step 0 of this plan (a resumed run)
         self.plan = plan
         self.dp_rank = dp_rank
         self.order = GlobalOrder(len(blocks), seed)
         self.pad_id = pad_id
 
     def batch(self, step: int, micro_index: int) -> dict[str, torch.Tensor]:
-        idx = [self.order[p] for p in self.plan.positions(step, micro_index, self.dp_rank)]
+        idx = [self.order[self.sample_offset + p] for p in self.plan.positions(step, micro_index, self.dp_rank)]
         if self.pad_id is not None:
             return pad_pairs(self.blocks.select(idx)[:], self.pad_id)
         input_ids = self.blocks[idx]["input_ids"]
         return {"input_ids": input_ids, "labels": input_ids.clone()}
+
+
+def check_enough_for_one_step(blocks, plan: BatchPlan, key: str) -> None:
+    if len(blocks) < plan.global_batch:
+        raise ValueError(f"{key}: {len(blocks)} training examples, fewer than one global batch of "
+                         f"{plan.global_batch} (train.micro_batch_size={plan.micro_batch_size} x train.grad_accum="
+                         f"{plan.grad_accum} x {plan.dp_size} data-parallel ranks); add data or lower those")
+
+
+def check_token_ids(blocks, vocabulary: int, key: str, model: str) -> None:
+    """Every token id must index the model's embedding; an id outside it would fail deep inside the forward."""
+    for column in ("input_ids", "labels"):
+        if column not in blocks.column_names:
+            continue
+        worst = -1
+        for batch in blocks.with_format(None).iter(batch_size=4096):
+            worst = max([worst, *(max(ids) for ids in batch[column] if len(ids))])
+        if worst >= vocabulary:
+            raise ValueError(f"{key}: token id {worst} is outside the vocabulary of {model} ({vocabulary} "
+                             f"embeddings): the tokenizer does not match the model; set model.tokenizer to the "
+                             f"model's own tokenizer (or model.config.vocab_size above {worst})")
 
 
 def eval_batches(blocks, micro_batch_size: int, dp_rank: int, dp_size: int, limit: int | None):

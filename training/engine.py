@@ -32,8 +32,29 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+class AdamW(torch.optim.AdamW):
+    """torch AdamW that skips its whole update when any rank of ``nonfinite_group`` has a non-finite
+    gradient, all ranks together. DeepSpeed guards only its ZeRO and mixed-precision optimizers; with ZeRO-0
+    in fp32 it calls this one directly and reads ``overflow`` after ``step()`` to leave the LR schedule
+    where it was and count the step in ``engine.skipped_steps``."""
+
+    nonfinite_group = None  # set for ZeRO-0, where DeepSpeed steps this optimizer itself
+    overflow = False
+
+    def step(self, closure=None):
+        if self.nonfinite_group is not None:
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            local = any(not bool(torch.isfinite(g).all()) for g in grads)
+            flag = torch.tensor([float(local)], device=grads[0].device if grads else None)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.nonfinite_group)
+            self.overflow = bool(flag.item())
+            if self.overflow:
+                return None
+        return super().step(closure)
+
+
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig, total_steps: int):
-    optimizer = torch.optim.AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas,
+    optimizer = AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas,
                                   eps=optim.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim, total_steps))
     return optimizer, scheduler
@@ -58,4 +79,8 @@ def build(model: torch.nn.Module, optim: OptimConfig, total_steps: int, ds_confi
     optimizer, scheduler = build_optimizer(model, optim, total_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, mpu=groups, dist_init_required=False)
+    if engine.optimizer is optimizer:  # ZeRO-0 in fp32: no DeepSpeed wrapper checks the gradients
+        optimizer.nonfinite_group = torch.distributed.group.WORLD
+    elif hasattr(engine.optimizer, "check_grad_overflow"):  # ZeRO 1/2 skip non-finite steps in fp32 too
+        engine.optimizer.check_grad_overflow = True
     return engine

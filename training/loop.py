@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import time
+from datetime import timedelta
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -22,6 +24,7 @@ from modeling.tp_plans import check_tensor_parallel_fits
 from parallel.grad_norm import global_grad_norm
 from parallel.groups import ProcessGroups
 from training import checkpoint, data, engine as engine_lib, seq2seq
+from training.faults import NonFiniteSteps, StopSignals, TrainingStopped, is_timeout, timeout_error
 from training.pipeline import PipelineRunner, build_chunks
 from training.config import ConfigError, RunConfig, deepspeed_config, load_user_deepspeed_config
 from training.metrics import MetricsSink, perplexity, sum_over
@@ -49,9 +52,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed() -> None:
+def init_distributed(timeout_s: float | None = None) -> None:
     """Join the process group the launcher describes (torchrun / deepspeed set RANK, WORLD_SIZE, ...);
-    a plain ``python train.py`` becomes a world of one. gloo on CPU, NCCL on CUDA."""
+    a plain ``python train.py`` becomes a world of one. gloo on CPU, NCCL on CUDA. A collective waiting
+    longer than ``timeout_s`` raises instead of hanging."""
     if dist.is_initialized():
         return
     import deepspeed
@@ -63,7 +67,8 @@ def init_distributed() -> None:
     accel = get_accelerator()
     if accel.device_name() == "cuda":
         accel.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False)
+    timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
+    deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False, **timeout)
 
 
 def check_task_fits(cfg: RunConfig, model_config) -> None:
@@ -203,7 +208,7 @@ def _save_run_files(cfg: RunConfig, ds_config: dict[str, Any]) -> None:
 
 def run(cfg: RunConfig, deepspeed_config_file: str | None = None) -> RunResult:
     """Train according to ``cfg``; collective over all ranks of the launched job."""
-    init_distributed()
+    init_distributed(cfg.parallel.timeout_s)
     world, rank = dist.get_world_size(), dist.get_rank()
     # Everything that can be wrong with the input is checked here, identically on every rank.
     ds_config = (load_user_deepspeed_config(deepspeed_config_file, cfg, world) if deepspeed_config_file
@@ -217,14 +222,16 @@ def run(cfg: RunConfig, deepspeed_config_file: str | None = None) -> RunResult:
     check_tensor_parallel_fits(model_config, cfg.parallel.tensor)
     check_pipeline_fits(model_config, cfg.parallel.pipeline, cfg.parallel.virtual_stages, cfg.parallel.partition)
     resume_from = checkpoint.resolve_resume(cfg.train.resume, cfg.train.output_dir)
-    if resume_from is None and (checkpoint.checkpoint_root(cfg.train.output_dir) / "latest").is_file():
+    if resume_from is None and checkpoint.existing_checkpoint(cfg.train.output_dir) is not None:
         raise ConfigError(f"train.output_dir={cfg.train.output_dir} already holds checkpoints of another run: "
                           f"set train.resume=auto to continue it, or choose a new train.output_dir")
-    groups = ProcessGroups.from_degrees(cfg.parallel.tensor, cfg.parallel.pipeline)
+    groups = ProcessGroups.from_degrees(cfg.parallel.tensor, cfg.parallel.pipeline, timeout_s=cfg.parallel.timeout_s)
 
     torch.manual_seed(cfg.train.seed)
     tokenizer = build_tokenizer(cfg, train_files)
     train_blocks, valid_blocks = build_data(cfg, tokenizer, train_files, valid_files)
+    plan = data.BatchPlan(cfg.train.micro_batch_size, cfg.train.grad_accum, groups.data)
+    data.check_enough_for_one_step(train_blocks, plan, "data.train_files")
     special = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                if getattr(tokenizer, k) is not None}
     if cfg.data.source_field and tokenizer.pad_token_id is not None:
@@ -233,9 +240,15 @@ def run(cfg: RunConfig, deepspeed_config_file: str | None = None) -> RunResult:
                         config={**special, **cfg.model.config} if cfg.model.arch else {},
                         vocab_size=len(tokenizer) if cfg.model.arch else None, seed=cfg.train.seed,
                         trust_remote_code=cfg.model.trust_remote_code)
-    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+    vocabulary = model.get_input_embeddings().num_embeddings
+    for key, blocks in (("data.train_files", train_blocks), ("data.valid_files", valid_blocks)):
+        if blocks is not None:
+            data.check_token_ids(blocks, vocabulary, key, cfg.model.pretrained or cfg.model.arch)
+    if vocabulary < len(tokenizer):
         raise ConfigError(f"model.pretrained={cfg.model.pretrained}: the tokenizer has {len(tokenizer)} tokens "
-                          f"but the model only {model.get_input_embeddings().num_embeddings} embeddings")
+                          f"but the model only {vocabulary} embeddings")
+    if resume_from is not None:
+        checkpoint.load_weights(model, resume_from)  # before sharding: every layout cuts the same full weights
     model = tensor_parallelize(model, groups.tp_group, cfg.parallel.sequence_parallel)
     runner = None
     if groups.pipeline > 1:
@@ -247,22 +260,30 @@ def run(cfg: RunConfig, deepspeed_config_file: str | None = None) -> RunResult:
     if rank == 0:
         _save_run_files(cfg, ds_config)
 
-    start_step = 0
-    if resume_from is not None:
-        start_step = checkpoint.load(model_engine, *resume_from)["step"]
-    plan = data.BatchPlan(cfg.train.micro_batch_size, cfg.train.grad_accum, groups.data)
+    resumed = checkpoint.restore(model_engine, model, groups, resume_from) if resume_from is not None else None
+    start_step = resumed.step if resumed else 0
+    # Samples already seen: the data order continues where it stopped even if the global batch changed.
+    sample_offset = resumed.consumed_samples - start_step * plan.global_batch if resumed else 0
     batches = data.TrainBatches(train_blocks, plan, groups.dp_rank, cfg.train.seed,
-                                pad_id=tokenizer.pad_token_id if cfg.data.source_field else None)
+                                pad_id=tokenizer.pad_token_id if cfg.data.source_field else None,
+                                sample_offset=sample_offset)
     sink = MetricsSink(cfg.train.output_dir, rank == 0, cfg.logging.wandb, cfg.to_dict(),
-                       append=resume_from is not None)
+                       resume_after_step=start_step if resumed else None)
     result = RunResult(output_dir=Path(cfg.train.output_dir), engine=model_engine, groups=groups, model=model,
                        runner=runner)
-    tokens_per_step = None if cfg.data.source_field else plan.global_batch * cfg.data.seq_len
+    loop = _Loop(cfg, model_engine, runner, model, tokenizer, groups, batches, valid_blocks, sink, result,
+                 tokens_per_step=None if cfg.data.source_field else plan.global_batch * cfg.data.seq_len,
+                 sample_offset=sample_offset, skipped_before=resumed.skipped_steps if resumed else 0)
     try:
-        _train(cfg, model_engine, runner, batches, valid_blocks, groups, sink, result, start_step, tokens_per_step,
-               tokenizer)
-        if cfg.train.export_hf:
-            checkpoint.export_hf(model_engine, model, tokenizer, Path(cfg.train.output_dir) / "hf", groups)
+        try:
+            loop.train(start_step)
+            loop.operation = "the final Hugging Face export"
+            if cfg.train.export_hf:
+                checkpoint.export_hf(model_engine, model, tokenizer, Path(cfg.train.output_dir) / "hf", groups)
+        except Exception as exc:
+            if is_timeout(exc):
+                raise timeout_error(exc, rank, cfg.parallel.timeout_s, loop.operation) from exc
+            raise
     finally:
         sink.close()
     return result
@@ -290,42 +311,80 @@ def _data_parallel_step(cfg, model_engine, batches, groups, step: int, device) -
     return loss_sum / groups.data, grad_norm
 
 
-def _train(cfg, model_engine, runner, batches, valid_blocks, groups, sink, result, start_step, tokens_per_step,
-           tokenizer):
-    from tqdm import tqdm
+class _Loop:
+    """The step loop of one run: steps, logging, eval and checkpoint cadence, skipped non-finite steps,
+    and a stop signal turned into a saved checkpoint. ``operation`` names what it is doing (for errors)."""
 
-    progress = tqdm(total=cfg.train.steps, initial=start_step, unit="step", dynamic_ncols=True, mininterval=1.0,
-                    disable=dist.get_rank() != 0 or not cfg.train.progress)
-    device = model_engine.device
-    last_saved = start_step
-    if cfg.train.eval_first and start_step == 0 and valid_blocks is not None:
-        _evaluate_and_log(cfg, model_engine, runner, valid_blocks, groups, tokenizer, sink, result, progress, 0)
-    for step in range(start_step, cfg.train.steps):
+    def __init__(self, cfg, engine, runner, model, tokenizer, groups, batches, valid_blocks, sink, result, *,
+                 tokens_per_step, sample_offset, skipped_before):
+        self.cfg, self.engine, self.runner, self.model, self.tokenizer = cfg, engine, runner, model, tokenizer
+        self.groups, self.batches, self.valid_blocks, self.sink, self.result = groups, batches, valid_blocks, sink, result
+        self.tokens_per_step, self.sample_offset = tokens_per_step, sample_offset
+        self.nonfinite = NonFiniteSteps(cfg.train.max_consecutive_skips, skipped_before)
+        self.operation = "setup"
+
+    def save(self, step: int) -> Path:
+        self.operation = f"the checkpoint save of step {step}"
+        consumed = self.sample_offset + step * self.batches.plan.global_batch
+        return checkpoint.save(self.engine, self.model, self.tokenizer, self.groups, self.cfg.to_dict(), step,
+                               consumed, self.cfg.train.output_dir)
+
+    def train(self, start_step: int) -> None:
+        from tqdm import tqdm
+
+        cfg, engine, groups = self.cfg, self.engine, self.groups
+        progress = tqdm(total=cfg.train.steps, initial=start_step, unit="step", dynamic_ncols=True, mininterval=1.0,
+                        disable=dist.get_rank() != 0 or not cfg.train.progress)
+        if cfg.train.eval_first and start_step == 0 and self.valid_blocks is not None:
+            self.evaluate(progress, 0)
+        with StopSignals() as signals:
+            for step in range(start_step, cfg.train.steps):
+                self.operation = f"training step {step + 1} (forward, backward, gradient reduction, optimizer step)"
+                record = self.step(step)
+                if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps or "skipped" in record:
+                    self.sink.log(record)
+                    self.result.history.append(record)
+                progress.update(1)
+                progress.set_postfix(loss=f"{record['loss']:.4f}", step_s=f"{record['step_time_s']:.2f}")
+                self.nonfinite.record(step + 1, "skipped" not in record, record["loss"], record["grad_norm"])
+                done = step + 1 == cfg.train.steps
+                if self.valid_blocks is not None and (done or (cfg.train.eval_every
+                                                               and (step + 1) % cfg.train.eval_every == 0)):
+                    self.evaluate(progress, step + 1)
+                saved = None
+                if (done and cfg.train.save_final) or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
+                    saved = self.save(step + 1)
+                self.operation = f"the stop-signal check after step {step + 1}"
+                signum = signals.requested()
+                if signum and not done:
+                    saved = saved or self.save(step + 1)
+                    name = signal.Signals(signum).name
+                    raise TrainingStopped(f"stopped by {name} after step {step + 1}; complete checkpoint in {saved}; "
+                                          f"continue with --set train.resume=auto", exit_code=128 + signum)
+        progress.close()
+
+    def step(self, step: int) -> dict[str, Any]:
+        cfg, engine, groups = self.cfg, self.engine, self.groups
         started = time.perf_counter()
-        lr = model_engine.get_lr()[0]
-        if runner is not None:
-            mean_loss = runner.train_step(batches, step)
-            grad_norm = _grad_norm(model_engine, groups)
+        lr = engine.get_lr()[0]
+        if self.runner is not None:
+            mean_loss = self.runner.train_step(self.batches, step)
+            grad_norm = _grad_norm(engine, groups)
         else:
-            mean_loss, grad_norm = _data_parallel_step(cfg, model_engine, batches, groups, step, device)
+            mean_loss, grad_norm = _data_parallel_step(cfg, engine, self.batches, groups, step, engine.device)
         elapsed = time.perf_counter() - started
         record = {"step": step + 1, "loss": mean_loss, "lr": lr, "grad_norm": grad_norm, "step_time_s": elapsed}
-        if tokens_per_step is not None:
-            record["tokens_per_s"] = tokens_per_step / elapsed
-        if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
-            sink.log(record)
-            result.history.append(record)
-        progress.update(1)
-        progress.set_postfix(loss=f"{record['loss']:.4f}", step_s=f"{elapsed:.2f}")
-        done = step + 1 == cfg.train.steps
-        if valid_blocks is not None and (done or (cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0)):
-            _evaluate_and_log(cfg, model_engine, runner, valid_blocks, groups, tokenizer, sink, result, progress,
-                              step + 1)
-        if (done and cfg.train.save_final) or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
-            checkpoint.save(model_engine, cfg.train.output_dir, step + 1, {"config": cfg.to_dict()})
-            last_saved = step + 1
-    progress.close()
-    return last_saved
+        if self.tokens_per_step is not None:
+            record["tokens_per_s"] = self.tokens_per_step / elapsed
+        if not engine.was_step_applied():
+            record["skipped"] = True
+        record["skipped_steps"] = self.nonfinite.total + ("skipped" in record)
+        return record
+
+    def evaluate(self, progress, step: int) -> None:
+        self.operation = f"the evaluation at step {step}"
+        _evaluate_and_log(self.cfg, self.engine, self.runner, self.valid_blocks, self.groups, self.tokenizer,
+                          self.sink, self.result, progress, step)
 
 
 def _evaluate_and_log(cfg, model_engine, runner, valid_blocks, groups, tokenizer, sink, result, progress, step):

@@ -29,10 +29,11 @@ def perplexity(mean_nll: float) -> float:
 
 class MetricsSink:
     """Rank 0 writes ``metrics.jsonl`` (one object per record) and mirrors records to W&B; other ranks
-    write nothing. W&B mode 'disabled' never imports wandb."""
+    write nothing. W&B mode 'disabled' never imports wandb. A resumed run (``resume_after_step``) keeps the
+    records up to that step and drops the later ones a crashed run may have written."""
 
     def __init__(self, output_dir: str | Path, is_writer: bool, wandb_cfg, run_config: dict[str, Any],
-                 append: bool = False):
+                 resume_after_step: int | None = None):
         self.is_writer = is_writer
         self.path = Path(output_dir) / "metrics.jsonl"
         self._file = None
@@ -40,7 +41,12 @@ class MetricsSink:
         if not is_writer:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("a" if append else "w")
+        kept = []
+        if resume_after_step is not None and self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_after_step]
+        self._file = self.path.open("w")
+        self._file.writelines(line + "\n" for line in kept)
         if wandb_cfg.mode != "disabled":
             import wandb
 

@@ -1,0 +1,101 @@
+"""What the step loop does when something goes wrong: stop signals, non-finite steps, stalled collectives.
+
+Every decision here is taken by all ranks together, so no rank goes on alone into a collective the others
+have left.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("colonnade")
+
+
+class TrainingStopped(RuntimeError):
+    """The run ended early on purpose (a stop signal, too many non-finite steps); ``exit_code`` for the shell."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective did not complete within ``parallel.timeout_s``."""
+
+
+class StopSignals:
+    """SIGTERM / SIGINT set a flag instead of killing the process; ``requested()`` is agreed by all ranks
+    (one all-reduce), so every rank finishes the same step, saves, and stops. A second SIGINT interrupts at
+    once. Installed only in the main thread; the previous handlers come back on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+        log.warning("colonnade: %s received; finishing the current step, then saving a checkpoint",
+                    signal.Signals(signum).name)
+
+    def requested(self) -> int | None:
+        """The signal any rank received (the same answer on every rank), or None. Collective."""
+        flag = torch.tensor([float(self.received or 0)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item()) or None
+
+
+class NonFiniteSteps:
+    """Counts optimizer steps skipped for a non-finite loss or gradient (the optimizers skip them on every
+    rank together); ``limit`` consecutive ones end the run."""
+
+    def __init__(self, limit: int, skipped_before: int = 0):
+        self.limit = limit
+        self.total = skipped_before
+        self.consecutive = 0
+
+    def record(self, step: int, applied: bool, loss: float, grad_norm: float | None) -> None:
+        if applied:
+            self.consecutive = 0
+            return
+        self.total += 1
+        self.consecutive += 1
+        log.warning("colonnade: step %d skipped: non-finite loss or gradient (loss %s, grad norm %s); weights, "
+                    "optimizer state and LR schedule unchanged (%d consecutive, %d in total)",
+                    step, loss, grad_norm, self.consecutive, self.total)
+        if self.consecutive >= self.limit:
+            raise TrainingStopped(
+                f"stopping at step {step}: {self.consecutive} consecutive steps had a non-finite loss or gradient "
+                f"(train.max_consecutive_skips={self.limit}); the weights are those of the last good step. Lower "
+                f"optim.lr, check the data, or resume from an earlier checkpoint", exit_code=3)
+
+
+def is_timeout(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, (RuntimeError, dist.DistBackendError)) and ("timed out" in text or "timeout" in text)
+
+
+def timeout_error(exc: BaseException, rank: int, timeout_s: float, operation: str) -> CollectiveTimeout:
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return CollectiveTimeout(
+        f"rank {rank}: a collective did not complete within parallel.timeout_s={timeout_s:g} s during {operation} "
+        f"({first_line}). Another rank is stalled or gone; check its log. Raise parallel.timeout_s if steps are "
+        f"legitimately this slow")

@@ -1,0 +1,120 @@
+"""Read and write the optimizer state of one parameter, whole, whatever ZeRO stage holds it.
+
+AdamW keeps ``exp_avg`` and ``exp_avg_sq`` per parameter and, in mixed precision, an fp32 master copy.
+ZeRO 1/2 keep them for a flat fp32 partition per parameter group, split over the data-parallel group;
+ZeRO-3 partitions them per parameter; ZeRO-0 is plain AdamW. These functions hide that: ``get`` returns
+the tensor shaped like this rank's parameter (its tensor-parallel shard, gathered over data parallelism),
+``put`` writes one. Both are collective over the data-parallel group for ZeRO 1-3.
+
+ZeRO 1/2 create AdamW's state lazily at the first step and only then link each parameter to its slice
+of it; resuming needs the state before that, so the slices are addressed here from DeepSpeed's
+fragment addresses (``param._hp_mapping``), the same ones its universal checkpoint uses.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _base(engine) -> torch.optim.Optimizer:
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+
+def _stage(engine) -> int:
+    return engine.zero_optimization_stage()
+
+
+def _flat_state(engine, param) -> dict:
+    """AdamW's state of the flat fp32 partition that holds ``param``'s fragment (ZeRO 1/2), created as
+    zeros if no step has run yet."""
+    zero = engine.optimizer
+    flat = zero.single_partition_of_fp32_groups[param._hp_mapping.param_group_index]
+    state = _base(engine).state[flat]
+    if not state:
+        state["step"] = torch.zeros((), dtype=torch.float32)
+        for key in MOMENTS:
+            state[key] = torch.zeros_like(flat)
+    return state
+
+
+def _fragment(engine, param, key: str) -> torch.Tensor:
+    """The slice of the flat partition (master weight or moment) that belongs to ``param`` on this rank."""
+    mapping = param._hp_mapping
+    if key == "master":
+        return mapping.hp_fragment
+    hp = mapping.hp_fragment_address
+    return _flat_state(engine, param)[key].narrow(0, hp.start, hp.numel)
+
+
+def _lp_range(param) -> slice:
+    lp = param._hp_mapping.lp_fragment_address
+    return slice(lp.start, lp.start + lp.numel)
+
+
+def get(engine, param: torch.nn.Parameter, key: str) -> torch.Tensor:
+    """``key`` in MOMENTS or 'master' (the fp32 weight the optimizer updates), shaped like ``param``."""
+    stage = _stage(engine)
+    if stage == 3:
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        value = safe_get_full_fp32_param(param) if key == "master" else safe_get_full_optimizer_state(param, key)
+        return value.detach().float().cpu()
+    if stage == 0:
+        if key == "master":
+            return param.detach().float().cpu()
+        state = _base(engine).state.get(param, {})
+        return state[key].detach().float().cpu() if key in state else torch.zeros_like(param, dtype=torch.float32,
+                                                                                         device="cpu")
+    full = torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
+    if param._hp_mapping is not None:
+        full[_lp_range(param)] = _fragment(engine, param, key).flatten()
+    dist.all_reduce(full, group=param._dp_group)
+    return full.view_as(param).cpu()
+
+
+def put(engine, param: torch.nn.Parameter, key: str, value: torch.Tensor) -> None:
+    """Write ``value`` (shaped like ``param``) as ``param``'s ``key`` (MOMENTS or 'master')."""
+    stage = _stage(engine)
+    if stage == 3:
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        value = value.to(param.device, torch.float32)
+        if key == "master":
+            safe_set_full_fp32_param(param, value)
+        else:
+            safe_set_full_optimizer_state(param, value, key)
+        return
+    if stage == 0:
+        with torch.no_grad():
+            if key == "master":
+                param.copy_(value)
+                return
+            state = _base(engine).state[param]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                for moment in MOMENTS:
+                    state[moment] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state[key].copy_(value)
+        return
+    if param._hp_mapping is None:
+        return  # this rank's partition holds no fragment of the parameter
+    with torch.no_grad():
+        _fragment(engine, param, key).copy_(value.to(param.device, torch.float32).flatten()[_lp_range(param)])
+
+
+def optimizer_steps(engine) -> int:
+    """AdamW's step count (the bias-correction exponent): applied updates, skipped steps excluded."""
+    for state in _base(engine).state.values():
+        if "step" in state:
+            return int(state["step"])
+    return 0
+
+
+def set_optimizer_steps(engine, steps: int) -> None:
+    """Give every AdamW state the restored step count (states are created by ``put`` first)."""
+    for state in _base(engine).state.values():
+        if "step" in state:
+            state["step"] = torch.tensor(float(steps), dtype=torch.float32)
