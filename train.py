@@ -82,4 +82,11 @@ def _fail(message: str, code: int) -> int:
 if __name__ == "__main__":
     from training.loop import finish_process
 
-    finish_process(main())
+    try:
+        code = main()
+    except BaseException:  # printed, then the process ends without the interpreter's shutdown (see finish_process)
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finish_process(code)

@@ -1,0 +1,215 @@
+"""Faults under a real launcher (torchrun, 2 CPU processes): a rank killed with SIGKILL, SIGTERM to the job,
+a rank that stalls; and a non-finite loss on one rank (in-process ranks). Resumed runs must continue exactly
+as the uninterrupted run did (CPU fp32: identical floats, dropout on so the RNG states matter)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import yaml
+
+from tests.dist import run_ranks
+from tests.helpers import TINY_GPT2, tiny_config, write_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = str(Path(sys.executable).parent / "torchrun")
+STEPS, SAVE_EVERY, FAULT_AFTER = 300, 50, 60
+
+
+def _env():
+    env = dict(os.environ, WANDB_SILENT="true", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
+               HF_DATASETS_DISABLE_PROGRESS_BARS="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def _write_config(tmp: Path, corpus: Path, name: str, **train) -> Path:
+    raw = {"model": {"arch": "gpt2", "tokenizer": "byte", "config": dict(TINY_GPT2, resid_pdrop=0.1, embd_pdrop=0.1)},
+           "data": {"train_files": [str(corpus / "part[0-2].txt")], "seq_len": 32},
+           "train": {"steps": STEPS, "micro_batch_size": 2, "output_dir": str(tmp / name), "progress": False,
+                     "save_every": SAVE_EVERY, "export_hf": False, **train},
+           "optim": {"warmup_steps": 5},
+           "parallel": {"zero_stage": 1, "timeout_s": 60}, "logging": {"wandb": {"mode": "disabled"}}}
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _launch(script: str, config: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([TORCHRUN, "--nproc_per_node", "2", "--master_port", str(_port()), script, *extra,
+                             "--config", str(config)], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _port() -> int:
+    from tests.dist import free_port
+
+    return free_port()
+
+
+def _records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip().endswith("}")]
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in _records(run_dir) if "loss" in r}
+
+
+def _wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 240) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = max(_losses(run_dir), default=0)
+        if done >= step:
+            return done
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.02)
+    raise TimeoutError(f"the run did not reach step {step}")
+
+
+def _finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str, float]:
+    started = time.monotonic()
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out, time.monotonic() - started
+
+
+def _workers(proc: subprocess.Popen) -> list[psutil.Process]:
+    return [p for p in psutil.Process(proc.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline())]
+
+
+def _resume_to_end(tmp: Path, corpus: Path, name: str) -> dict[int, float]:
+    config = _write_config(tmp, corpus, name, resume="auto")
+    code, out, _ = _finish(_launch("train.py", config), timeout=300)
+    assert code == 0, out[-3000:]
+    return _losses(tmp / name)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run, launched the same way."""
+    tmp = tmp_path_factory.mktemp("faults")
+    corpus = write_corpus(tmp / "corpus")
+    code, out, _ = _finish(_launch("train.py", _write_config(tmp, corpus, "reference")), timeout=300)
+    assert code == 0, out[-3000:]
+    return tmp, corpus, _losses(tmp / "reference")
+
+
+def test_killed_rank_ends_the_job_and_auto_resume_continues_exactly(reference):
+    tmp, corpus, expected = reference
+    proc = _launch("train.py", _write_config(tmp, corpus, "killed"))
+    reached = _wait_for_step(proc, tmp / "killed", FAULT_AFTER)
+    victims = _workers(proc)
+    assert len(victims) == 2
+    os.kill(victims[-1].pid, signal.SIGKILL)
+    code, out, took = _finish(proc, timeout=120)
+    assert code != 0
+    assert took < 60, f"the launcher took {took:.0f}s to end the job"
+    assert not [p for p in victims if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], "processes left behind"
+    last_saved = max(s for s in range(SAVE_EVERY, reached + 1, SAVE_EVERY))
+    resumed = _resume_to_end(tmp, corpus, "killed")
+    after = [s for s in range(last_saved + 1, STEPS + 1)]
+    # Model, AdamW moments, LR schedule, data position and every rank's RNG (dropout is on) restored:
+    # the resumed steps are bit-identical to the uninterrupted run.
+    assert [resumed[s] for s in after] == [expected[s] for s in after]
+
+
+def test_sigterm_saves_a_complete_checkpoint_that_resumes_exactly(reference):
+    tmp, corpus, expected = reference
+    proc = _launch("train.py", _write_config(tmp, corpus, "terminated"))
+    _wait_for_step(proc, tmp / "terminated", FAULT_AFTER)
+    os.kill(proc.pid, signal.SIGTERM)  # what a scheduler's preemption does to the launcher
+    code, out, took = _finish(proc, timeout=120)
+    assert code != 0
+    assert "stopped by SIGTERM after step" in out and "complete checkpoint in" in out, out[-3000:]
+    stopped_at = int(out.split("stopped by SIGTERM after step ")[1].split(";")[0])
+    assert FAULT_AFTER <= stopped_at < STEPS
+    from training.checkpoint import resolve_resume
+
+    assert resolve_resume("auto", tmp / "terminated").name == f"step_{stopped_at:07d}"  # verified manifest
+    resumed = _resume_to_end(tmp, corpus, "terminated")
+    after = list(range(stopped_at + 1, STEPS + 1))
+    assert [resumed[s] for s in after] == [expected[s] for s in after]
+
+
+def test_stalled_rank_ends_the_job_with_a_timeout_error(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    config = _write_config(tmp_path, corpus, "stalled", steps=20, save_every=0)
+    raw = yaml.safe_load(config.read_text())
+    raw["parallel"]["timeout_s"] = 5
+    config.write_text(yaml.safe_dump(raw))
+    started = time.monotonic()
+    proc = _launch("tests/fault_driver.py", config, "--stall-rank", "1", "--stall-step", "3", "--")
+    code, out, _ = _finish(proc, timeout=180)
+    took = time.monotonic() - started
+    assert code != 0
+    assert ("rank 0: a collective did not complete within parallel.timeout_s=5 s during training step 3" in out), \
+        out[-3000:]
+    # 5 s timeout + start-up (~15 s) + torchrun's 30 s grace before it SIGKILLs the stalled rank.
+    assert took < 90, f"{took:.0f}s"
+
+
+def _train_with_nan(cases):
+    """Rank function: run each (config, steps whose loss is NaN on rank 1); return per case the step records
+    and the final weights, or the error message."""
+    import torch.distributed as dist
+
+    import training.loop as loop
+    from training import run
+
+    original = loop.lm_loss
+    calls = {"n": 0, "nan_steps": ()}
+
+    def poisoned(model, logits, labels, group):
+        calls["n"] += 1
+        loss = original(model, logits, labels, group)
+        if dist.get_rank() == 1 and calls["n"] in calls["nan_steps"]:
+            loss = loss * float("nan")
+        return loss
+
+    loop.lm_loss = poisoned
+    out = []
+    for cfg, nan_steps in cases:
+        calls.update(n=0, nan_steps=nan_steps)
+        try:
+            result = run(cfg)
+        except Exception as exc:
+            out.append(str(exc))
+            continue
+        weights = {n: p.detach().numpy().copy() for n, p in result.model.named_parameters()}  # picklable
+        out.append(([r for r in result.history if "loss" in r], weights))
+    return out
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path, zero_stage):
+    corpus = write_corpus(tmp_path / "corpus")
+
+    def cfg(name, steps, **extra):
+        return tiny_config(tmp_path / name, corpus, parallel__zero_stage=zero_stage, train__steps=steps,
+                           train__save_final=False, optim__warmup_steps=0, optim__min_lr_ratio=1.0, **extra)
+
+    cases = [(cfg("clean", 2), ()), (cfg("poisoned", 3), (3,)),
+             (cfg("diverged", 6, train__max_consecutive_skips=3), (2, 3, 4, 5, 6))]
+    for rank, ((clean, clean_weights), (poisoned, poisoned_weights), diverged) in enumerate(
+            run_ranks(_train_with_nan, 2, cases, timeout=300)):
+        skipped = poisoned[2]
+        assert skipped["step"] == 3 and skipped["skipped"] is True and skipped["skipped_steps"] == 1
+        assert not torch.isfinite(torch.tensor(skipped["loss"]))
+        assert [r["loss"] for r in poisoned[:2]] == [r["loss"] for r in clean]
+        # Both ranks skipped the same step: the weights after it are exactly those before it.
+        for name, tensor in clean_weights.items():
+            assert (poisoned_weights[name] == tensor).all(), f"rank {rank}: {name} changed by a skipped step"
+        assert "stopping at step 4: 3 consecutive steps had a non-finite loss or gradient" in diverged
+        assert "train.max_consecutive_skips=3" in diverged

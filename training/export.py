@@ -1,0 +1,66 @@
+"""Export a colonnade checkpoint to a Hugging Face directory, whatever layout wrote it:
+
+    python -m training.export runs/quickstart/checkpoints/step_0000300 my_model/
+    python -m training.export runs/quickstart my_model/          # the run's newest complete checkpoint
+
+The checkpoint is verified against its manifest first; the result loads with ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from training import checkpoint_files as files
+
+
+def find_checkpoint(path: Path) -> Path:
+    """A checkpoint directory, or the newest complete one under a run directory / checkpoints root."""
+    if files.step_of(path) is not None:
+        return path
+    for root in (path, path / "checkpoints"):
+        found = files.newest_complete(root)
+        if found is not None:
+            return found
+    raise files.CheckpointError(f"{path}: neither a checkpoint (step_* with {files.MANIFEST}) nor a run directory "
+                                f"holding a complete one")
+
+
+def export(checkpoint_dir: Path, out_dir: Path, trust_remote_code: bool = False) -> Path:
+    from transformers import AutoConfig, AutoTokenizer
+
+    from modeling.build import auto_class
+
+    files.verify(checkpoint_dir)
+    config = AutoConfig.from_pretrained(str(checkpoint_dir), trust_remote_code=trust_remote_code)
+    model = auto_class(config).from_pretrained(str(checkpoint_dir), trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_dir), trust_remote_code=trust_remote_code)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Export a colonnade checkpoint to a Hugging Face directory.")
+    parser.add_argument("checkpoint", type=Path, help="a step_* checkpoint directory, or a run's output_dir")
+    parser.add_argument("out", type=Path, help="directory to write (replaced if it exists)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow code inside the checkpoint to run")
+    args = parser.parse_args(argv)
+    try:
+        source = find_checkpoint(args.checkpoint)
+        out = export(source, args.out, args.trust_remote_code)
+    except (files.CheckpointError, OSError) as exc:
+        print(f"colonnade export: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"exported {source} -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
