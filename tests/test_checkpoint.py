@@ -1,0 +1,176 @@
+"""Checkpoints: crash-safe saves, damaged files named at load, resume at another (tensor, pipeline, data)
+layout with the optimizer state, and the one-command HF export."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.dist import run_ranks
+from tests.helpers import TINY_GPT2, run_configs, step_records, tiny_config, write_corpus
+from training import checkpoint_files as files
+from training.checkpoint import CheckpointError, resolve_resume
+
+ROOT = Path(__file__).resolve().parents[1]
+FOUR_HEADS = dict(TINY_GPT2, n_head=4)
+
+
+def _layout(tmp, corpus, name, *, tensor, pipeline, micro, accum, zero, **extra):
+    return tiny_config(tmp / name, corpus, model={"arch": "gpt2", "tokenizer": "byte", "config": FOUR_HEADS},
+                       parallel={"tensor": tensor, "pipeline": pipeline, "zero_stage": zero},
+                       train__steps=10, train__micro_batch_size=micro, train__grad_accum=accum, **extra)
+
+
+def _zero_the_moments(checkpoint: Path) -> None:
+    """Tamper with a checkpoint: Adam moments set to zero (manifest updated, so it still loads)."""
+    from safetensors.torch import load_file, save_file
+
+    path = checkpoint / "optimizer.safetensors"
+    save_file({k: torch.zeros_like(v) if not k.startswith("master/") else v for k, v in load_file(path).items()},
+              str(path))
+    manifest = json.loads((checkpoint / files.MANIFEST).read_text())
+    manifest["files"]["optimizer.safetensors"] = {"bytes": path.stat().st_size, "sha256": files.sha256(path)}
+    (checkpoint / files.MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_resume_at_other_layouts_continues_the_run(tmp_path):
+    """Saved at TP=2 x PP=2 x DP=2 (ZeRO-1) after step 5; resumed at TP=1 x PP=1 x DP=1 (ZeRO-2) and at
+    TP=4 x DP=2 (ZeRO-1), same global batch of 8: steps 6..10 match the uninterrupted run."""
+    corpus = write_corpus(tmp_path / "corpus")
+    saved_at = tmp_path / "full" / "run" / "checkpoints" / "step_0000005"
+    full = _layout(tmp_path, corpus, "full", tensor=2, pipeline=2, micro=1, accum=4, zero=1,
+                   train__save_every=5, train__export_hf=True)
+    tp4 = _layout(tmp_path, corpus, "tp4", tensor=4, pipeline=1, micro=1, accum=4, zero=1,
+                  train__resume=str(saved_at))
+    full_hist, tp4_hist = run_ranks(run_configs, 8, [full, tp4], timeout=600)[0]
+    single = _layout(tmp_path, corpus, "single", tensor=1, pipeline=1, micro=2, accum=4, zero=2,
+                     train__resume=str(saved_at))
+    (single_hist,) = run_ranks(run_configs, 1, [single], timeout=300)[0]
+    _zero_the_moments(saved_at)
+    no_moments = _layout(tmp_path, corpus, "nomoments", tensor=1, pipeline=1, micro=2, accum=4, zero=2,
+                         train__resume=str(saved_at))
+    (no_moments_hist,) = run_ranks(run_configs, 1, [no_moments], timeout=300)[0]
+
+    expected = step_records(full_hist)[5:]
+    assert [r["step"] for r in expected] == [6, 7, 8, 9, 10]
+    for hist in (tp4_hist, single_hist):
+        got = step_records(hist)
+        assert [r["step"] for r in got] == [6, 7, 8, 9, 10]
+        # Same weights, moments, LR and data order; only fp32 summation order differs between layouts
+        # (tensor-parallel partial sums, pipeline/DP gradient reductions): ~1e-6 relative is seen, 1e-4 allows
+        # five Adam steps of amplification and is still 100x below the effect of losing the moments (below).
+        assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in expected], rel=1e-4)
+        assert [r["grad_norm"] for r in got] == pytest.approx([r["grad_norm"] for r in expected], rel=1e-3)
+        assert [r["lr"] for r in got] == pytest.approx([r["lr"] for r in expected], rel=1e-12)
+    # The optimizer state is part of what makes it match: without the moments the run goes elsewhere.
+    lost = [r["loss"] for r in step_records(no_moments_hist)]
+    assert lost[1:] != pytest.approx([r["loss"] for r in expected][1:], rel=1e-2)
+
+    # One command exports any checkpoint to HF: the final one equals the run's own export, tensor for tensor.
+    out = tmp_path / "exported"
+    done = subprocess.run([sys.executable, "-m", "training.export", str(tmp_path / "full" / "run"), str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    from safetensors.torch import load_file
+
+    exported, final = load_file(out / "model.safetensors"), load_file(tmp_path / "full" / "run" / "hf" / "model.safetensors")
+    assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)
+
+
+def _crash_during_save(cfg, point: str, at_step: int):
+    """Rank function: run ``cfg`` and die with SIGKILL at ``point`` of its checkpoint save of ``at_step``."""
+    import training.checkpoint as checkpoint
+    import training.checkpoint_files as cf
+
+    staging = f".{cf.tag_for(at_step)}.partial"
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if point == "mid-file":  # model.safetensors half written under its temporary name
+        original_save = checkpoint.save_file
+
+        def half_written(tensors, filename, metadata=None):
+            if staging in filename:
+                Path(filename).write_bytes(b"\0" * 1000)
+                die()
+            return original_save(tensors, filename, metadata=metadata)
+        checkpoint.save_file = half_written
+    elif point in ("before-manifest", "before-latest"):
+        original_write = cf.write_text_atomic
+        target = cf.MANIFEST if point == "before-manifest" else "latest"
+
+        def write(path, text):
+            if path.name == target and (staging in str(path) or text.strip() == cf.tag_for(at_step)):
+                die()
+            return original_write(path, text)
+        cf.write_text_atomic = write
+    elif point == "before-rename":
+        original_rename = cf.os.rename
+        cf.os.rename = lambda src, dst: die() if Path(src).name == staging else original_rename(src, dst)
+    from training import run
+
+    run(cfg)
+
+
+def test_interrupted_saves_and_damaged_files(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    run_dir = tmp_path / "r" / "run"
+
+    def cfg(steps):
+        return tiny_config(tmp_path / "r", corpus, parallel__zero_stage=1, train__steps=steps, train__save_every=2,
+                           train__resume="auto")
+
+    run_ranks(run_configs, 1, [cfg(4)])
+    for point in ("mid-file", "before-manifest", "before-rename"):
+        with pytest.raises(RuntimeError, match="died with exit code -9"):
+            run_ranks(_crash_during_save, 1, cfg(6), point, 6)
+        # The interrupted save of step 6 left only a staging directory; auto-resume takes step 4.
+        assert resolve_resume("auto", run_dir).name == "step_0000004", point
+        assert not (run_dir / "checkpoints" / "step_0000006").exists()
+        assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000004"
+    with pytest.raises(RuntimeError, match="died with exit code -9"):
+        run_ranks(_crash_during_save, 1, cfg(6), "before-latest", 6)
+    # Renamed with its manifest, so complete: it is the newest complete checkpoint even though ``latest``
+    # still names step 4.
+    assert resolve_resume("auto", run_dir).name == "step_0000006"
+
+    # A flipped byte or a truncated file is named at load; nothing is loaded.
+    step6 = run_dir / "checkpoints" / "step_0000006"
+    original = (step6 / "model.safetensors").read_bytes()
+    data = bytearray(original)
+    data[-10] ^= 0xFF
+    (step6 / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"{step6 / 'model.safetensors'} does not match its SHA-256"):
+        resolve_resume("auto", run_dir)
+    (step6 / "model.safetensors").write_bytes(original)
+    with open(step6 / "optimizer.safetensors", "r+b") as handle:
+        handle.truncate(100)
+    with pytest.raises(CheckpointError, match=f"{step6 / 'optimizer.safetensors'} is 100 bytes"):
+        resolve_resume(str(step6), run_dir)
+
+
+def test_a_resumed_run_after_crashes_equals_the_uninterrupted_one(tmp_path):
+    """Killed during the step-6 save (2 ranks), resumed from step 4: steps 5..8 are those of a run never stopped."""
+    corpus = write_corpus(tmp_path / "corpus")
+
+    def cfg(name, **extra):
+        return tiny_config(tmp_path / name, corpus, parallel__zero_stage=2, train__steps=8, train__save_every=2,
+                           **extra)
+
+    (reference,) = run_ranks(run_configs, 2, [cfg("reference")])[0]
+    with pytest.raises(RuntimeError, match="died with exit code -9"):
+        run_ranks(_crash_during_save, 2, cfg("crashed"), "before-manifest", 6)
+    assert resolve_resume("auto", tmp_path / "crashed" / "run").name == "step_0000004"
+    (resumed,) = run_ranks(run_configs, 2, [cfg("crashed", train__resume="auto")])[0]
+    assert [r["step"] for r in step_records(resumed)] == list(range(5, 9))
+    assert [r["loss"] for r in step_records(resumed)] == [r["loss"] for r in step_records(reference)[4:]]
+    records = [json.loads(line) for line in (tmp_path / "crashed" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 9)), "metrics after the checkpoint trimmed"
