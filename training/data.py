@@ -228,8 +228,8 @@ def check_token_ids(blocks, vocabulary: int, key: str, model: str) -> None:
             worst = max([worst, *(max(ids) for ids in batch[column] if len(ids))])
         if worst >= vocabulary:
             raise ValueError(f"{key}: token id {worst} is outside the vocabulary of {model} ({vocabulary} "
-                             f"embeddings): the tokenizer does not match the model; set model.tokenizer to the "
-                             f"model's own tokenizer (or model.config.vocab_size above {worst})")
+                             f"embeddings): the tokenizer does not match the model; use the model's own tokenizer "
+                             f"(model.tokenizer) or, from scratch, a model.config.vocab_size above {worst}")
 
 
 def eval_batches(blocks, micro_batch_size: int, dp_rank: int, dp_size: int, limit: int | None):
