@@ -6,6 +6,7 @@ by the trainer, the benchmarks and the tests alike.
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Iterable
 
@@ -82,7 +83,12 @@ def build_model(*, pretrained: str | None, arch: str | None, config: dict, vocab
     if pretrained is not None:
         path = check_checkpoint_dir(pretrained)
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-        return auto_class(config).from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+        try:  # transformers reads safetensors, or a pickled .bin with torch.load(weights_only=True)
+            return auto_class(config).from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+        except pickle.UnpicklingError as exc:
+            raise ValueError(f"model.pretrained={path}: its pickled weights hold more than tensors, so they were "
+                             f"not loaded (loading them could run arbitrary code); convert the checkpoint to "
+                             f"safetensors where it was made. ({str(exc).splitlines()[0][:120]})") from None
     fields = dict(config)
     if vocab_size is not None:
         fields.setdefault("vocab_size", vocab_size)
