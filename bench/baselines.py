@@ -105,7 +105,7 @@ def run(kind: str, cfg, steps: int) -> list[float]:
     if kind == "deepspeed":
         import deepspeed
 
-        optimizer, scheduler = build_optimizer(model, cfg.optim, steps)
+        optimizer, scheduler = build_optimizer(model, cfg.optim, steps, cls=torch.optim.AdamW)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config={
             "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": m, "gradient_clipping": clip,
             "zero_optimization": {"stage": cfg.parallel.zero_stage}, "steps_per_print": 10**9,
@@ -125,7 +125,7 @@ def run(kind: str, cfg, steps: int) -> list[float]:
         model = torch.nn.parallel.DistributedDataParallel(model)
     elif world != 1:
         raise ValueError(f"the plain baseline runs in one process, not {world}")
-    optimizer, scheduler = build_optimizer(model, cfg.optim, steps)
+    optimizer, scheduler = build_optimizer(model, cfg.optim, steps, cls=torch.optim.AdamW)
     for step in range(steps):
         started = time.perf_counter()
         for k in range(m):
@@ -173,7 +173,7 @@ def _run_pipelining(cfg, model, blocks, order, steps: int) -> list[float]:
 
     schedule_cls = ScheduleGPipe if cfg.parallel.schedule == "gpipe" else Schedule1F1B
     schedule = schedule_cls(stage, n_microbatches=m, loss_fn=loss_fn)
-    optimizer, scheduler = build_optimizer(chunk, cfg.optim, steps)
+    optimizer, scheduler = build_optimizer(chunk, cfg.optim, steps, cls=torch.optim.AdamW)
     times = []
     for step in range(steps):
         started = time.perf_counter()

@@ -2,7 +2,9 @@
 
     torchrun --nproc_per_node 2 tests/fault_driver.py --stall-rank 1 --stall-step 3 -- --config run.yaml
 
---stall-rank R --stall-step S   rank R sleeps (does not enter the step's collectives) at step S
+--stall-rank R --stall-step S   at step S, rank R waits inside a collective that no other rank enters (a
+                                barrier on a side group made at step 1), so the others wait inside the
+                                step's collectives for it: both sides are stalled inside a collective
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
+from datetime import timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -20,19 +22,24 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--stall-rank", type=int, default=None)
     parser.add_argument("--stall-step", type=int, default=1)
-    parser.add_argument("--stall-seconds", type=float, default=3600.0)
     args, rest = parser.parse_known_args()
     rest = rest[1:] if rest[:1] == ["--"] else rest
+
+    import torch.distributed as dist
 
     import training.loop as loop
 
     rank = int(os.environ.get("RANK", "0"))
     original = loop._data_parallel_step
+    side = {}
 
     def stalling_step(cfg, engine, batches, groups, step, device):
+        if "group" not in side:  # collective: every rank makes it at the first step
+            side["group"] = dist.new_group(list(range(dist.get_world_size())),
+                                           timeout=timedelta(seconds=cfg.parallel.timeout_s))
         if rank == args.stall_rank and step + 1 == args.stall_step:
-            print(f"fault_driver: rank {rank} stalls at step {step + 1}", file=sys.stderr, flush=True)
-            time.sleep(args.stall_seconds)
+            print(f"fault_driver: rank {rank} stalls in a collective at step {step + 1}", file=sys.stderr, flush=True)
+            dist.barrier(group=side["group"])
         return original(cfg, engine, batches, groups, step, device)
 
     loop._data_parallel_step = stalling_step

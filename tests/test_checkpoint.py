@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,6 @@ from tests.helpers import TINY_GPT2, run_configs, step_records, tiny_config, wri
 from training import checkpoint_files as files
 from training.checkpoint import CheckpointError, resolve_resume
 
-ROOT = Path(__file__).resolve().parents[1]
 FOUR_HEADS = dict(TINY_GPT2, n_head=4)
 
 
@@ -50,13 +48,14 @@ def test_resume_at_other_layouts_continues_the_run(tmp_path):
     tp4 = _layout(tmp_path, corpus, "tp4", tensor=4, pipeline=1, micro=1, accum=4, zero=1,
                   train__resume=str(saved_at))
     full_hist, tp4_hist = run_ranks(run_configs, 8, [full, tp4], timeout=600)[0]
+    tampered = tmp_path / "tampered" / "step_0000005"
+    shutil.copytree(saved_at, tampered)
+    _zero_the_moments(tampered)
     single = _layout(tmp_path, corpus, "single", tensor=1, pipeline=1, micro=2, accum=4, zero=2,
                      train__resume=str(saved_at))
-    (single_hist,) = run_ranks(run_configs, 1, [single], timeout=300)[0]
-    _zero_the_moments(saved_at)
     no_moments = _layout(tmp_path, corpus, "nomoments", tensor=1, pipeline=1, micro=2, accum=4, zero=2,
-                         train__resume=str(saved_at))
-    (no_moments_hist,) = run_ranks(run_configs, 1, [no_moments], timeout=300)[0]
+                         train__resume=str(tampered))
+    single_hist, no_moments_hist = run_ranks(run_configs, 1, [single, no_moments], timeout=300)[0]
 
     expected = step_records(full_hist)[5:]
     assert [r["step"] for r in expected] == [6, 7, 8, 9, 10]
@@ -76,10 +75,11 @@ def test_resume_at_other_layouts_continues_the_run(tmp_path):
 
     # One command exports any checkpoint to HF: the final one equals the run's own export, tensor for tensor.
     out = tmp_path / "exported"
-    done = subprocess.run([sys.executable, "-m", "training.export", str(tmp_path / "full" / "run"), str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
     from safetensors.torch import load_file
+
+    from training.export import main as export_main
+
+    assert export_main([str(tmp_path / "full" / "run"), str(out)]) == 0  # `python -m training.export RUN OUT`
 
     exported, final = load_file(out / "model.safetensors"), load_file(tmp_path / "full" / "run" / "hf" / "model.safetensors")
     assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)
@@ -156,22 +156,3 @@ def test_interrupted_saves_and_damaged_files(tmp_path):
         handle.truncate(100)
     with pytest.raises(CheckpointError, match=f"{step6 / 'optimizer.safetensors'} is 100 bytes"):
         resolve_resume(str(step6), run_dir)
-
-
-def test_a_resumed_run_after_crashes_equals_the_uninterrupted_one(tmp_path):
-    """Killed during the step-6 save (2 ranks), resumed from step 4: steps 5..8 are those of a run never stopped."""
-    corpus = write_corpus(tmp_path / "corpus")
-
-    def cfg(name, **extra):
-        return tiny_config(tmp_path / name, corpus, parallel__zero_stage=2, train__steps=8, train__save_every=2,
-                           **extra)
-
-    (reference,) = run_ranks(run_configs, 2, [cfg("reference")])[0]
-    with pytest.raises(RuntimeError, match="died with exit code -9"):
-        run_ranks(_crash_during_save, 2, cfg("crashed"), "before-manifest", 6)
-    assert resolve_resume("auto", tmp_path / "crashed" / "run").name == "step_0000004"
-    (resumed,) = run_ranks(run_configs, 2, [cfg("crashed", train__resume="auto")])[0]
-    assert [r["step"] for r in step_records(resumed)] == list(range(5, 9))
-    assert [r["loss"] for r in step_records(resumed)] == [r["loss"] for r in step_records(reference)[4:]]
-    records = [json.loads(line) for line in (tmp_path / "crashed" / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "loss" in r] == list(range(1, 9)), "metrics after the checkpoint trimmed"

@@ -22,7 +22,7 @@ from tests.helpers import TINY_GPT2, tiny_config, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
-STEPS, SAVE_EVERY, FAULT_AFTER = 300, 50, 60
+STEPS, SAVE_EVERY, FAULT_AFTER = 150, 25, 30
 
 
 def _env():
@@ -123,6 +123,8 @@ def test_killed_rank_ends_the_job_and_auto_resume_continues_exactly(reference):
     # Model, AdamW moments, LR schedule, data position and every rank's RNG (dropout is on) restored:
     # the resumed steps are bit-identical to the uninterrupted run.
     assert [resumed[s] for s in after] == [expected[s] for s in after]
+    assert [r["step"] for r in _records(tmp / "killed") if "loss" in r] == list(range(1, STEPS + 1)), \
+        "records the killed run wrote after its last checkpoint are dropped on resume"
 
 
 def test_sigterm_saves_a_complete_checkpoint_that_resumes_exactly(reference):
@@ -156,8 +158,9 @@ def test_stalled_rank_ends_the_job_with_a_timeout_error(tmp_path):
     assert code != 0
     assert ("rank 0: a collective did not complete within parallel.timeout_s=5 s during training step 3" in out), \
         out[-3000:]
-    # 5 s timeout + start-up (~15 s) + torchrun's 30 s grace before it SIGKILLs the stalled rank.
-    assert took < 90, f"{took:.0f}s"
+    # Both ranks wait inside a collective; both time out after 5 s and exit: measured 18 s from launch
+    # (start-up ~12 s, the errors 5.0 s after the stall); the bound leaves room for a loaded CI box.
+    assert took < 90, f"{took:.0f}s\n{out[-4000:]}"
 
 
 def _train_with_nan(cases):

@@ -53,8 +53,10 @@ class AdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def build_optimizer(model: torch.nn.Module, optim: OptimConfig, total_steps: int):
-    optimizer = AdamW(param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas,
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig, total_steps: int, cls=AdamW):
+    """AdamW over ``param_groups`` and the warm-up/cosine ``LambdaLR``; ``cls=torch.optim.AdamW`` for
+    baselines that measure torch / DeepSpeed without colonnade."""
+    optimizer = cls(param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas,
                                   eps=optim.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim, total_steps))
     return optimizer, scheduler

@@ -123,14 +123,20 @@ def rank0_first(fn: Callable[[], Any], what: str) -> Any:
     return fn() if dist.get_rank() != 0 else result
 
 
-def build_tokenizer(cfg: RunConfig, train_files: list[str]):
-    """The run's tokenizer, saved in ``output_dir/tokenizer`` so a resumed run reuses exactly it."""
+def build_tokenizer(cfg: RunConfig, train_files: list[str], resume_from: Path | None = None):
+    """The run's tokenizer, saved in ``output_dir/tokenizer`` so a resumed run reuses exactly it; a run resumed
+    from another directory's checkpoint takes the checkpoint's."""
     saved = Path(cfg.train.output_dir) / "tokenizer"
     choice = cfg.model.tokenizer or (cfg.model.pretrained if cfg.model.pretrained else "byte")
 
     def make():
         if (saved / "tokenizer_config.json").is_file():
             return load_tokenizer(saved)
+        if resume_from is not None and (resume_from / "tokenizer_config.json").is_file():
+            tok = load_tokenizer(resume_from)
+            if dist.get_rank() == 0:
+                tok.save_pretrained(str(saved))
+            return tok
         if choice == "byte":
             tok = byte_level_tokenizer()
         elif choice == "bpe" and cfg.data.source_field:
@@ -228,7 +234,7 @@ def run(cfg: RunConfig, deepspeed_config_file: str | None = None) -> RunResult:
     groups = ProcessGroups.from_degrees(cfg.parallel.tensor, cfg.parallel.pipeline, timeout_s=cfg.parallel.timeout_s)
 
     torch.manual_seed(cfg.train.seed)
-    tokenizer = build_tokenizer(cfg, train_files)
+    tokenizer = build_tokenizer(cfg, train_files, resume_from)
     train_blocks, valid_blocks = build_data(cfg, tokenizer, train_files, valid_files)
     plan = data.BatchPlan(cfg.train.micro_batch_size, cfg.train.grad_accum, groups.data)
     data.check_enough_for_one_step(train_blocks, plan, "data.train_files")
