@@ -39,8 +39,8 @@ def _zero_the_moments(checkpoint: Path) -> None:
 
 
 def test_resume_at_other_layouts_continues_the_run(tmp_path):
-    """Saved at TP=2 x PP=2 x DP=2 (ZeRO-1) after step 5; resumed at TP=1 x PP=1 x DP=1 (ZeRO-2) and at
-    TP=4 x DP=2 (ZeRO-1), same global batch of 8: steps 6..10 match the uninterrupted run."""
+    """Saved at TP=2 x PP=2 x DP=2 (ZeRO-1) after step 5; resumed at TP=1 x PP=1 x DP=1 (ZeRO-2 and ZeRO-3)
+    and at TP=4 x DP=2 (ZeRO-1), same global batch of 8: steps 6..10 match the uninterrupted run."""
     corpus = write_corpus(tmp_path / "corpus")
     saved_at = tmp_path / "full" / "run" / "checkpoints" / "step_0000005"
     full = _layout(tmp_path, corpus, "full", tensor=2, pipeline=2, micro=1, accum=4, zero=1,
@@ -55,11 +55,13 @@ def test_resume_at_other_layouts_continues_the_run(tmp_path):
                      train__resume=str(saved_at))
     no_moments = _layout(tmp_path, corpus, "nomoments", tensor=1, pipeline=1, micro=2, accum=4, zero=2,
                          train__resume=str(tampered))
-    single_hist, no_moments_hist = run_ranks(run_configs, 1, [single, no_moments], timeout=300)[0]
+    zero3 = _layout(tmp_path, corpus, "zero3", tensor=1, pipeline=1, micro=2, accum=4, zero=3,
+                    train__resume=str(saved_at))
+    single_hist, no_moments_hist, zero3_hist = run_ranks(run_configs, 1, [single, no_moments, zero3], timeout=300)[0]
 
     expected = step_records(full_hist)[5:]
     assert [r["step"] for r in expected] == [6, 7, 8, 9, 10]
-    for hist in (tp4_hist, single_hist):
+    for hist in (tp4_hist, single_hist, zero3_hist):
         got = step_records(hist)
         assert [r["step"] for r in got] == [6, 7, 8, 9, 10]
         # Same weights, moments, LR and data order; only fp32 summation order differs between layouts

@@ -27,17 +27,26 @@ def _stage(engine) -> int:
     return engine.zero_optimization_stage()
 
 
+def _new_state(state: dict, like: torch.Tensor) -> dict:
+    """AdamW's state for ``like`` as it is before the first step: step 0, zero moments."""
+    if not state:
+        state["step"] = torch.zeros((), dtype=torch.float32)
+        for key in MOMENTS:
+            state[key] = torch.zeros_like(like, memory_format=torch.preserve_format)
+    return state
+
+
+def _ensure_zero3_state(engine) -> None:
+    for flat in engine.optimizer.fp32_partitioned_groups_flat:
+        _new_state(_base(engine).state[flat], flat)
+
+
 def _flat_state(engine, param) -> dict:
     """AdamW's state of the flat fp32 partition that holds ``param``'s fragment (ZeRO 1/2), created as
     zeros if no step has run yet."""
     zero = engine.optimizer
     flat = zero.single_partition_of_fp32_groups[param._hp_mapping.param_group_index]
-    state = _base(engine).state[flat]
-    if not state:
-        state["step"] = torch.zeros((), dtype=torch.float32)
-        for key in MOMENTS:
-            state[key] = torch.zeros_like(flat)
-    return state
+    return _new_state(_base(engine).state[flat], flat)
 
 
 def _fragment(engine, param, key: str) -> torch.Tensor:
@@ -60,6 +69,7 @@ def get(engine, param: torch.nn.Parameter, key: str) -> torch.Tensor:
     if stage == 3:
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
+        _ensure_zero3_state(engine)
         value = safe_get_full_fp32_param(param) if key == "master" else safe_get_full_optimizer_state(param, key)
         return value.detach().float().cpu()
     if stage == 0:
@@ -81,6 +91,7 @@ def put(engine, param: torch.nn.Parameter, key: str, value: torch.Tensor) -> Non
     if stage == 3:
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
+        _ensure_zero3_state(engine)
         value = value.to(param.device, torch.float32)
         if key == "master":
             safe_set_full_fp32_param(param, value)
@@ -92,12 +103,7 @@ def put(engine, param: torch.nn.Parameter, key: str, value: torch.Tensor) -> Non
             if key == "master":
                 param.copy_(value)
                 return
-            state = _base(engine).state[param]
-            if not state:
-                state["step"] = torch.zeros((), dtype=torch.float32)
-                for moment in MOMENTS:
-                    state[moment] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            state[key].copy_(value)
+            _new_state(_base(engine).state[param], param)[key].copy_(value)
         return
     if param._hp_mapping is None:
         return  # this rank's partition holds no fragment of the parameter
