@@ -25,7 +25,7 @@ import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ from modeling.parallelize import shard_of
 from training import checkpoint_files as files
 from training import optimizer_state
 from training.checkpoint_files import CheckpointError, tag_for
+from training.rank0 import on_rank0
 
 __all__ = ["CheckpointError", "checkpoint_root", "tag_for", "resolve_resume", "save", "load_weights",
            "restore", "export_hf", "full_state_dict", "TrainerState"]
@@ -164,23 +165,6 @@ def _loss_scaler_state(engine) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------------------------- saving
 
-def _on_rank0(fn: Callable[[], Any], what: str) -> Any:
-    """Run ``fn`` on rank 0; if it fails, every rank raises (nobody waits forever for rank 0)."""
-    error, result = None, None
-    if dist.get_rank() == 0:
-        try:
-            result = fn()
-        except Exception as exc:  # re-raised below, on every rank
-            error = exc
-    message = [f"{type(error).__name__}: {error}" if error else None]
-    dist.broadcast_object_list(message, src=0)
-    if error is not None:
-        raise error
-    if message[0] is not None:
-        raise RuntimeError(f"{what} failed on rank 0: {message[0]}")
-    return result
-
-
 def save(engine, model, tokenizer, groups, run_config: dict[str, Any], step: int, consumed_samples: int,
          output_dir: str | Path) -> Path:
     """Write the checkpoint of ``step``; collective over all ranks. Returns its directory."""
@@ -214,7 +198,7 @@ def save(engine, model, tokenizer, groups, run_config: dict[str, Any], step: int
         tokenizer.save_pretrained(str(staging))
         return files.commit(staging, step)
 
-    return _on_rank0(write, f"saving the checkpoint of step {step}")
+    return on_rank0(write, f"saving the checkpoint of step {step}")
 
 
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> None:
@@ -305,7 +289,7 @@ def export_hf(engine, model, tokenizer, out_dir: str | Path, groups) -> Path | N
     def write():
         _save_pretrained(model, state, tokenizer, out_dir)
 
-    _on_rank0(write, f"exporting to {out_dir}")
+    on_rank0(write, f"exporting to {out_dir}")
     dist.barrier()
     return out_dir
 

@@ -11,7 +11,7 @@ import time
 from datetime import timedelta
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -24,6 +24,7 @@ from modeling.tp_plans import check_tensor_parallel_fits
 from parallel.grad_norm import global_grad_norm
 from parallel.groups import ProcessGroups
 from training import checkpoint, data, engine as engine_lib, seq2seq
+from training.rank0 import rank0_first
 from training.faults import NonFiniteSteps, StopSignals, TrainingStopped, is_timeout, timeout_error
 from training.pipeline import PipelineRunner, build_chunks
 from training.config import ConfigError, RunConfig, deepspeed_config, load_user_deepspeed_config
@@ -102,25 +103,6 @@ def finish_process(code: int = 0) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-
-
-def rank0_first(fn: Callable[[], Any], what: str) -> Any:
-    """Run ``fn`` on rank 0 (which fills caches), then on the other ranks. If rank 0 fails, every rank
-    raises rank 0's error instead of waiting forever at a barrier."""
-    error = None
-    result = None
-    if dist.get_rank() == 0:
-        try:
-            result = fn()
-        except Exception as exc:  # re-raised below, on every rank
-            error = exc
-    message = [f"{type(error).__name__}: {error}" if error else None]
-    dist.broadcast_object_list(message, src=0)
-    if error is not None:
-        raise error
-    if message[0] is not None:
-        raise RuntimeError(f"{what} failed on rank 0: {message[0]}")
-    return fn() if dist.get_rank() != 0 else result
 
 
 def build_tokenizer(cfg: RunConfig, train_files: list[str], resume_from: Path | None = None):

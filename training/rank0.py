@@ -1,0 +1,31 @@
+"""Work that only rank 0 does, without leaving the other ranks waiting if it fails."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch.distributed as dist
+
+
+def on_rank0(fn: Callable[[], Any], what: str) -> Any:
+    """Run ``fn`` on rank 0 and return its result there (None elsewhere). If it fails, every rank raises
+    (rank 0 its own error, the others one quoting it) instead of waiting forever at the next collective."""
+    error, result = None, None
+    if dist.get_rank() == 0:
+        try:
+            result = fn()
+        except Exception as exc:  # re-raised below, on every rank
+            error = exc
+    message = [f"{type(error).__name__}: {error}" if error else None]
+    dist.broadcast_object_list(message, src=0)
+    if error is not None:
+        raise error
+    if message[0] is not None:
+        raise RuntimeError(f"{what} failed on rank 0: {message[0]}")
+    return result
+
+
+def rank0_first(fn: Callable[[], Any], what: str) -> Any:
+    """Run ``fn`` on rank 0 (which fills caches), then on the other ranks."""
+    result = on_rank0(fn, what)
+    return fn() if dist.get_rank() != 0 else result
