@@ -64,7 +64,7 @@ def test_bad_input_errors_on_every_rank_before_training(tmp_path):
         (tiny_config(tmp_path / "f", corpus, model={"pretrained": str(small_vocab), "tokenizer": "byte"}), None),
         (saved, None),
         (wider, None),
-        (tiny_config(tmp_path / "i", corpus, precision="fp16"), None),
+        (tiny_config(tmp_path / "i", corpus, precision="fp16", parallel__zero_stage=1), None),
     ]
     per_rank = run_ranks(_errors_on_every_rank, 2, cases, timeout=300)
     for messages in per_rank:

@@ -158,3 +158,14 @@ def test_interrupted_saves_and_damaged_files(tmp_path):
         handle.truncate(100)
     with pytest.raises(CheckpointError, match=f"{step6 / 'optimizer.safetensors'} is 100 bytes"):
         resolve_resume(str(step6), run_dir)
+
+
+def test_saving_a_step_again_replaces_it_whole(tmp_path):
+    root = tmp_path / "checkpoints"
+    for content in ("first", "second"):
+        staging = files.begin(root, 3)
+        (staging / "weights.bin").write_text(content)
+        files.commit(staging, 3)
+    final = root / "step_0000003"
+    assert (final / "weights.bin").read_text() == "second" and files.verify(final)["step"] == 3
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000003"]  # nothing half-moved left

@@ -47,6 +47,8 @@ def test_wrong_type_and_impossible_values(tmp_path):
     with pytest.raises(ConfigError, match="interleaved needs train.grad_accum .* multiple of parallel.pipeline"):
         validate({**MINIMAL, "parallel": {"pipeline": 2, "zero_stage": 1, "schedule": "interleaved",
                                           "virtual_stages": 2}, "train": {"steps": 5, "grad_accum": 3}})
+    with pytest.raises(ConfigError, match="precision=bf16 with parallel.zero_stage=0: .* use parallel.zero_stage=1"):
+        validate({**MINIMAL, "precision": "bf16"})
     with pytest.raises(ConfigError, match="sequence_parallel=true needs parallel.tensor > 1"):
         validate({**MINIMAL, "parallel": {"sequence_parallel": True}})
     seq2seq = {**MINIMAL, "model": {"arch": "marian"},

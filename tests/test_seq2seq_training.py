@@ -82,8 +82,10 @@ def test_zero2_tp2_and_zero3_dp4_match_single_process(tmp_path):
     """4 processes: ZeRO-2 x TP=2 x DP=2, then ZeRO-3 x DP=4 (with a BLEU eval, whose generation must keep
     the partitioned ranks in step: synced_gpus)."""
     task = toy_task(tmp_path / "task", train=96, valid=8)
-    cfgs = [seq2seq_config(tmp_path / "z2", task, parallel__tensor=2, parallel__zero_stage=2, eval__bleu=False),
-            seq2seq_config(tmp_path / "z3", task, parallel__zero_stage=3, eval__max_new_tokens=8)]
+    cfgs = [seq2seq_config(tmp_path / "z2", task, parallel__tensor=2, parallel__zero_stage=2, eval__bleu=False,
+                           train__save_final=True),
+            seq2seq_config(tmp_path / "z3", task, parallel__zero_stage=3, eval__max_new_tokens=8,
+                           train__save_final=True)]
     references = [seq2seq_reference(cfg, dp=dp) for cfg, dp in zip(cfgs, (2, 4))]
     assert all(max(norms) > cfgs[0].optim.grad_clip for _, norms in references), "clipping must be active"
     histories = run_ranks(run_configs, 4, cfgs, timeout=600)[0]
@@ -93,6 +95,21 @@ def test_zero2_tp2_and_zero3_dp4_match_single_process(tmp_path):
         assert [r["loss"] for r in steps] == pytest.approx(ref_loss, rel=LOSS_TOL), cfg.parallel
         assert [r["grad_norm"] for r in steps] == pytest.approx(ref_norm, rel=NORM_TOL), cfg.parallel
     assert "bleu" in histories[1][-1] and histories[1][-1]["bleu_signature"].startswith("nrefs:1")
+    # The final checkpoints are complete; Marian's frozen sinusoidal positions have weights but no moments.
+    from safetensors import safe_open
+
+    from training.checkpoint import resolve_resume
+
+    for cfg in cfgs:
+        saved = resolve_resume("auto", cfg.train.output_dir)
+        assert saved.name == "step_0000010"
+        with safe_open(str(saved / "optimizer.safetensors"), framework="pt") as handle:
+            moments = set(handle.keys())
+        with safe_open(str(saved / "model.safetensors"), framework="pt") as handle:
+            weights = set(handle.keys())
+        frozen = {n for n in weights if "embed_positions" in n}
+        assert frozen and not {f"exp_avg/{n}" for n in frozen} & moments
+        assert {f"exp_avg/{n}" for n in weights - frozen if "final_logits_bias" not in n} <= moments
 
 
 def _finetune_and_reload(cfg):

@@ -113,7 +113,7 @@ def _precision_error(cfg):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA supports fp16")
 def test_fp16_on_cpu_is_a_clear_error(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
-    cfg = tiny_config(tmp_path / "fp16", corpus, precision="fp16")
+    cfg = tiny_config(tmp_path / "fp16", corpus, precision="fp16", parallel__zero_stage=1)
     for message in run_ranks(_precision_error, 2, cfg):
         assert message and "precision=fp16 is not supported on this cpu accelerator" in message
 

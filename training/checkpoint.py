@@ -39,6 +39,7 @@ from modeling.parallelize import shard_of
 from training import checkpoint_files as files
 from training import optimizer_state
 from training.checkpoint_files import CheckpointError, tag_for
+from training.metrics import reduction_device
 from training.rank0 import on_rank0
 
 __all__ = ["CheckpointError", "checkpoint_root", "tag_for", "resolve_resume", "save", "load_weights",
@@ -81,6 +82,22 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
     if found is not None:
         files.verify(found)
     return found
+
+
+def agree_on_resume(resume: str | None, output_dir: str | Path) -> Path | None:
+    """``resolve_resume`` on rank 0 (which verifies the files), the answer shared with every rank, and every
+    rank checked to see it: a rank resuming while another starts fresh would hang the job later."""
+    found = on_rank0(lambda: resolve_resume(resume, output_dir), "finding the checkpoint to resume from")
+    shared = [str(found) if found is not None else None]
+    dist.broadcast_object_list(shared, src=0)
+    chosen = Path(shared[0]) if shared[0] is not None else None
+    unseen = torch.tensor([0.0 if chosen is None or (chosen / files.MANIFEST).is_file() else 1.0],
+                          device=reduction_device())
+    dist.all_reduce(unseen, op=dist.ReduceOp.MAX)
+    if unseen.item():
+        raise CheckpointError(f"train.resume: rank 0 resumes from {chosen}, which is not readable on every rank; "
+                              f"train.output_dir (or the checkpoint path) must be on a filesystem all nodes share")
+    return chosen
 
 
 def existing_checkpoint(output_dir: str | Path) -> Path | None:
@@ -130,22 +147,32 @@ def full_state_dict(engine, model, groups) -> dict[str, torch.Tensor] | None:
         state = _gather(model, groups, local)
     if dist.get_rank() != 0:
         return None
-    missing = [n for n in names if n not in state]
+    return {n: state[n].detach().cpu().contiguous() for n in names if n in state}
+
+
+def _check_complete(model, state: dict[str, torch.Tensor]) -> None:
+    """Rank 0, inside ``on_rank0``: every weight was gathered (so the failure reaches every rank)."""
+    missing = [n for n in _canonical_names(model) if n not in state]
     if missing:
         raise RuntimeError(f"no rank holds {missing}")
-    return {n: state[n].detach().cpu().contiguous() for n in names}
+
+
+def _trainable(engine, model, groups) -> dict[str, torch.nn.Parameter]:
+    """This rank's parameters that the optimizer updates (frozen ones, e.g. Marian's sinusoidal positions,
+    have no optimizer state)."""
+    return {name: p for name, p in _local_params(engine, model, groups).items() if p.requires_grad}
 
 
 def _optimizer_tensors(engine, model, groups, keys) -> dict[str, torch.Tensor] | None:
     """'key/name' -> the full optimizer tensor, on global rank 0. Collective."""
-    params = _local_params(engine, model, groups)
+    params = _trainable(engine, model, groups)
     names = set(_canonical_names(model))
     out = {}
     for key in keys:
         local = {name: optimizer_state.get(engine, p, key) for name, p in params.items()}
         full = local if engine.zero_optimization_stage() == 3 else _gather(model, groups, local)
         if full is not None:
-            out.update({f"{key}/{n}": t.contiguous() for n, t in full.items() if n in names})
+            out.update({f"{key}/{n}": t.detach().cpu().contiguous() for n, t in full.items() if n in names})
     return out if dist.get_rank() == 0 else None
 
 
@@ -186,6 +213,7 @@ def save(engine, model, tokenizer, groups, run_config: dict[str, Any], step: int
     }
 
     def write() -> Path:
+        _check_complete(model, weights)
         staging = files.begin(checkpoint_root(output_dir), step)
         _write_tensors(staging / "model.safetensors", weights, {"format": "pt"})
         _write_tensors(staging / "optimizer.safetensors", optim, None)
@@ -235,7 +263,7 @@ def restore(engine, model, groups, path: Path) -> TrainerState:
     trainer = json.loads((path / "trainer_state.json").read_text())
     with safe_open(str(path / "optimizer.safetensors"), framework="pt") as handle:
         saved = set(handle.keys())
-        params = _local_params(engine, model, groups)
+        params = _trainable(engine, model, groups)
         by_param: dict[int, tuple[str, torch.nn.Parameter]] = {}
         for name, param in params.items():  # a tied parameter is stored under one of its names
             if id(param) not in by_param or f"exp_avg/{name}" in saved:
@@ -287,6 +315,7 @@ def export_hf(engine, model, tokenizer, out_dir: str | Path, groups) -> Path | N
     state = full_state_dict(engine, model, groups)
 
     def write():
+        _check_complete(model, state)
         _save_pretrained(model, state, tokenizer, out_dir)
 
     on_rank0(write, f"exporting to {out_dir}")

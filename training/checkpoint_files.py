@@ -82,16 +82,22 @@ def commit(staging: Path, step: int, extra: dict[str, Any] | None = None) -> Pat
     """Hash every file of ``staging`` into the manifest, rename the directory to its final name, then
     point ``latest`` at it. Returns the final directory."""
     files = sorted(p for p in staging.rglob("*") if p.is_file() and not p.name.startswith("."))
+    for path in files:  # files written by other libraries (the tokenizer's) were not fsynced yet
+        with open(path, "rb+") as handle:
+            os.fsync(handle.fileno())
     manifest = {"format": FORMAT, "step": step, **(extra or {}),
                 "files": {str(p.relative_to(staging)): {"bytes": p.stat().st_size, "sha256": sha256(p)}
                           for p in files}}
     write_text_atomic(staging / MANIFEST, json.dumps(manifest, indent=1))
     _fsync_dir(staging)
     final = staging.parent / tag_for(step)
-    if final.exists():  # an older save of the same step (a resumed run saving again): replace it
-        shutil.rmtree(final)
+    replaced = staging.parent / f".{tag_for(step)}.replaced"
+    if final.exists():  # an older save of the same step: moved aside whole, so a crash never leaves half of it
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.rename(final, replaced)
     os.rename(staging, final)
     _fsync_dir(staging.parent)
+    shutil.rmtree(replaced, ignore_errors=True)
     write_text_atomic(staging.parent / "latest", final.name + "\n")
     return final
 

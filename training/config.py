@@ -152,6 +152,11 @@ class RunConfig(_Section):
                              f"step for no memory gain over ZeRO-2 (each stage already holds only its layers); "
                              f"ZeRO-0 is not wired to the pipeline's deferred gradient reduction. Set "
                              f"parallel.zero_stage=1 or 2")
+        if self.precision != "fp32" and par.zero_stage == 0:
+            raise ValueError(f"precision={self.precision} with parallel.zero_stage=0: DeepSpeed then wraps AdamW in "
+                             f"its fp16/bf16 optimizer, whose fp32 master weights and moments our layout-agnostic "
+                             f"checkpoints do not read; use parallel.zero_stage=1 (the same memory at one data-parallel "
+                             f"rank, sharded masters and moments at more)")
         if par.pipeline > 1 and self.precision == "fp16":
             raise ValueError("precision=fp16 with parallel.pipeline>1 is not supported (loss scaling across "
                              "stages); use bf16 or fp32")

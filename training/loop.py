@@ -4,6 +4,7 @@ loop with eval, logging, checkpoints and the final Hugging Face export."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -29,6 +30,9 @@ from training.faults import NonFiniteSteps, StopSignals, TrainingStopped, is_tim
 from training.pipeline import PipelineRunner, build_chunks
 from training.config import ConfigError, RunConfig, deepspeed_config, load_user_deepspeed_config
 from training.metrics import MetricsSink, perplexity, sum_over
+
+
+log = logging.getLogger("colonnade")
 
 
 @dataclass
@@ -209,10 +213,14 @@ def run(cfg: RunConfig, deepspeed_config_file: str | None = None) -> RunResult:
     check_task_fits(cfg, model_config)
     check_tensor_parallel_fits(model_config, cfg.parallel.tensor)
     check_pipeline_fits(model_config, cfg.parallel.pipeline, cfg.parallel.virtual_stages, cfg.parallel.partition)
-    resume_from = checkpoint.resolve_resume(cfg.train.resume, cfg.train.output_dir)
-    if resume_from is None and checkpoint.existing_checkpoint(cfg.train.output_dir) is not None:
+    resume_from = checkpoint.agree_on_resume(cfg.train.resume, cfg.train.output_dir)
+    leftover = checkpoint.existing_checkpoint(cfg.train.output_dir) if resume_from is None else None
+    if leftover is not None and cfg.train.resume is None:
         raise ConfigError(f"train.output_dir={cfg.train.output_dir} already holds checkpoints of another run: "
                           f"set train.resume=auto to continue it, or choose a new train.output_dir")
+    if leftover is not None and rank == 0:  # resume=auto, but no save there ever completed
+        log.warning("train.resume=auto: no complete checkpoint in %s (only incomplete saves such as %s, or an "
+                    "older format); starting from step 0", checkpoint.checkpoint_root(cfg.train.output_dir), leftover.name)
     groups = ProcessGroups.from_degrees(cfg.parallel.tensor, cfg.parallel.pipeline, timeout_s=cfg.parallel.timeout_s)
 
     torch.manual_seed(cfg.train.seed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,20 +12,33 @@ import torch
 import torch.distributed as dist
 
 
+def reduction_device(group=None) -> torch.device:
+    """Where a tensor must live to be reduced over ``group``: NCCL reduces only CUDA tensors."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+
+
 def mean_over(group, value: float) -> float:
-    tensor = torch.tensor([value], dtype=torch.float64)
+    tensor = torch.tensor([value], dtype=torch.float64, device=reduction_device(group))
     dist.all_reduce(tensor, group=group)
     return float(tensor.item()) / dist.get_world_size(group)
 
 
 def sum_over(group, *values: float) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64)
+    tensor = torch.tensor(values, dtype=torch.float64, device=reduction_device(group))
     dist.all_reduce(tensor, group=group)
     return tensor.tolist()
 
 
 def perplexity(mean_nll: float) -> float:
     return math.exp(mean_nll) if mean_nll < 700 else float("inf")
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics line; a line cut by a crash (not valid JSON) counts as after every step."""
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:
+        return math.inf
 
 
 class MetricsSink:
@@ -43,10 +57,11 @@ class MetricsSink:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if resume_after_step is not None and self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_after_step]
-        self._file = self.path.open("w")
-        self._file.writelines(line + "\n" for line in kept)
+            kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resume_after_step]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)  # a crash here leaves the old file or the trimmed one, never a cut one
+        self._file = self.path.open("a" if resume_after_step is not None else "w")
         if wandb_cfg.mode != "disabled":
             import wandb
 

@@ -3,8 +3,8 @@
 AdamW keeps ``exp_avg`` and ``exp_avg_sq`` per parameter and, in mixed precision, an fp32 master copy.
 ZeRO 1/2 keep them for a flat fp32 partition per parameter group, split over the data-parallel group;
 ZeRO-3 partitions them per parameter; ZeRO-0 is plain AdamW. These functions hide that: ``get`` returns
-the tensor shaped like this rank's parameter (its tensor-parallel shard, gathered over data parallelism),
-``put`` writes one. Both are collective over the data-parallel group for ZeRO 1-3.
+the tensor shaped like this rank's parameter (its tensor-parallel shard, gathered over data parallelism, on
+the parameter's device), ``put`` writes one. Only trainable parameters have optimizer state. Both are collective over the data-parallel group for ZeRO 1-3.
 
 ZeRO 1/2 create AdamW's state lazily at the first step and only then link each parameter to its slice
 of it; resuming needs the state before that, so the slices are addressed here from DeepSpeed's
@@ -71,18 +71,17 @@ def get(engine, param: torch.nn.Parameter, key: str) -> torch.Tensor:
 
         _ensure_zero3_state(engine)
         value = safe_get_full_fp32_param(param) if key == "master" else safe_get_full_optimizer_state(param, key)
-        return value.detach().float().cpu()
+        return value.detach().float()
     if stage == 0:
         if key == "master":
-            return param.detach().float().cpu()
+            return param.detach().float()
         state = _base(engine).state.get(param, {})
-        return state[key].detach().float().cpu() if key in state else torch.zeros_like(param, dtype=torch.float32,
-                                                                                         device="cpu")
+        return state[key].detach().float() if key in state else torch.zeros_like(param, dtype=torch.float32)
     full = torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
     if param._hp_mapping is not None:
         full[_lp_range(param)] = _fragment(engine, param, key).flatten()
     dist.all_reduce(full, group=param._dp_group)
-    return full.view_as(param).cpu()
+    return full.view_as(param)
 
 
 def put(engine, param: torch.nn.Parameter, key: str, value: torch.Tensor) -> None:

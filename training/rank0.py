@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from typing import Any, Callable
 
 import torch.distributed as dist
@@ -16,13 +17,26 @@ def on_rank0(fn: Callable[[], Any], what: str) -> Any:
             result = fn()
         except Exception as exc:  # re-raised below, on every rank
             error = exc
-    message = [f"{type(error).__name__}: {error}" if error else None]
+    message = [_portable(error)]
     dist.broadcast_object_list(message, src=0)
     if error is not None:
         raise error
+    if isinstance(message[0], Exception):
+        raise message[0]  # the same error, so every rank reports it alike
     if message[0] is not None:
         raise RuntimeError(f"{what} failed on rank 0: {message[0]}")
     return result
+
+
+def _portable(error: Exception | None):
+    """The exception itself if it survives pickling (to re-raise elsewhere), else its text."""
+    if error is None:
+        return None
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # an exception holding unpicklable state
+        return f"{type(error).__name__}: {error}"
 
 
 def rank0_first(fn: Callable[[], Any], what: str) -> Any:
