@@ -328,7 +328,7 @@ class _Loop:
     def train(self, start_step: int) -> None:
         from tqdm import tqdm
 
-        cfg, engine, groups = self.cfg, self.engine, self.groups
+        cfg = self.cfg
         progress = tqdm(total=cfg.train.steps, initial=start_step, unit="step", dynamic_ncols=True, mininterval=1.0,
                         disable=dist.get_rank() != 0 or not cfg.train.progress)
         if cfg.train.eval_first and start_step == 0 and self.valid_blocks is not None:
