@@ -280,16 +280,23 @@ def restore(engine, model, groups, path: Path) -> TrainerState:
         engine.lr_scheduler.load_state_dict(trainer["lr_scheduler"])
         for group, lr in zip(optimizer_state._base(engine).param_groups, engine.lr_scheduler.get_last_lr()):
             group["lr"] = lr
-    scaler = getattr(engine.optimizer, "loss_scaler", None)
-    for key, value in trainer["loss_scaler"].items():
-        if scaler is not None and hasattr(scaler, key):
-            setattr(scaler, key, type(getattr(scaler, key))(value) if not torch.is_tensor(getattr(scaler, key))
-                    else torch.tensor(value))
+    _restore_loss_scaler(engine, trainer["loss_scaler"])
     engine.global_steps = trainer["step"]
     engine.global_samples = trainer["consumed_samples"]
     engine.skipped_steps = trainer["skipped_steps"]
     _restore_rng(path, trainer["layout"])
     return TrainerState(trainer["step"], trainer["consumed_samples"], trainer["skipped_steps"])
+
+
+def _restore_loss_scaler(engine, saved: dict[str, float]) -> None:
+    """fp16's dynamic loss scale (a static scale of 1 in fp32/bf16), each value in the type the scaler keeps."""
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    for key, value in saved.items():
+        current = getattr(scaler, key, None)
+        if torch.is_tensor(current):
+            current.fill_(value)
+        elif current is not None:
+            setattr(scaler, key, type(current)(value))
 
 
 def _restore_rng(path: Path, saved_layout: dict[str, Any]) -> None:
