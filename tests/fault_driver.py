@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -22,6 +23,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--stall-rank", type=int, default=None)
     parser.add_argument("--stall-step", type=int, default=1)
+    parser.add_argument("--sigterm-rank", type=int, default=None)
+    parser.add_argument("--sigterm-step", type=int, default=1)
     args, rest = parser.parse_known_args()
     rest = rest[1:] if rest[:1] == ["--"] else rest
 
@@ -40,6 +43,8 @@ def main() -> None:
         if rank == args.stall_rank and step + 1 == args.stall_step:
             print(f"fault_driver: rank {rank} stalls in a collective at step {step + 1}", file=sys.stderr, flush=True)
             dist.barrier(group=side["group"])
+        if rank == args.sigterm_rank and step + 1 == args.sigterm_step:
+            os.kill(os.getpid(), signal.SIGTERM)
         return original(cfg, engine, batches, groups, step, device)
 
     loop._data_parallel_step = stalling_step

@@ -145,6 +145,26 @@ def test_sigterm_saves_a_complete_checkpoint_that_resumes_exactly(reference):
     assert [resumed[s] for s in after] == [expected[s] for s in after]
 
 
+@pytest.mark.parametrize("signal_step", [8, 6], ids=["on-a-save-step", "between-saves"])
+def test_sigterm_on_one_rank_stops_every_rank_at_the_same_checkpoint(tmp_path, signal_step):
+    """SIGTERM reaching rank 1 alone, on a step that saves anyway (8) or not (6): every rank stops after that
+    step naming the same complete checkpoint (before the fix, rank 1 did not know the save of step 8 had
+    happened, started a second one alone and the job crashed; at step 6 it printed 'checkpoint in None')."""
+    corpus = write_corpus(tmp_path / "corpus")
+    config = _write_config(tmp_path, corpus, "preempted", steps=12, save_every=4)
+    proc = _launch("tests/fault_driver.py", config, "--sigterm-rank", "1", "--sigterm-step", str(signal_step), "--")
+    code, out, _ = _finish(proc, timeout=180)
+    expected = tmp_path / "preempted" / "checkpoints" / f"step_{signal_step:07d}"
+    assert code != 0 and "Connection closed" not in out, out[-3000:]
+    for rank in (0, 1):
+        assert (f"colonnade (rank {rank}): stopped by SIGTERM after step {signal_step}; complete checkpoint in "
+                f"{expected};") in out, out[-3000:]
+    assert "None" not in out
+    from training.checkpoint import resolve_resume
+
+    assert resolve_resume("auto", tmp_path / "preempted") == expected
+
+
 def test_stalled_rank_ends_the_job_with_a_timeout_error(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
     config = _write_config(tmp_path, corpus, "stalled", steps=20, save_every=0)

@@ -194,7 +194,7 @@ def _loss_scaler_state(engine) -> dict[str, float]:
 
 def save(engine, model, tokenizer, groups, run_config: dict[str, Any], step: int, consumed_samples: int,
          output_dir: str | Path) -> Path:
-    """Write the checkpoint of ``step``; collective over all ranks. Returns its directory."""
+    """Write the checkpoint of ``step``; collective over all ranks. Returns its directory on every rank."""
     precision = run_config.get("precision", "fp32")
     weights = full_state_dict(engine, model, groups)
     keys = optimizer_state.MOMENTS + (("master",) if precision != "fp32" else ())
@@ -226,7 +226,8 @@ def save(engine, model, tokenizer, groups, run_config: dict[str, Any], step: int
         tokenizer.save_pretrained(str(staging))
         return files.commit(staging, step)
 
-    return on_rank0(write, f"saving the checkpoint of step {step}")
+    on_rank0(write, f"saving the checkpoint of step {step}")
+    return checkpoint_root(output_dir) / tag_for(step)  # on every rank: each must know the save happened
 
 
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> None:
