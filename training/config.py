@@ -347,8 +347,21 @@ def check_user_deepspeed_config(user: dict[str, Any], cfg: RunConfig, world_size
                                 source: str = "--deepspeed_config") -> dict[str, Any]:
     """Validate a user's DeepSpeed JSON against DeepSpeed's rules and the YAML; return the JSON to use.
 
-    Raises ``ConfigError`` for unknown top-level keys, a violated batch rule (with the equation and world
-    size) and every setting that disagrees with the YAML."""
+    ``"auto"`` values (as in HF Trainer's integration) take colonnade's value. Raises ``ConfigError`` for
+    unknown top-level keys, a violated batch rule (with the equation and world size) and every setting that
+    disagrees with the YAML. Precision sections default to the YAML's ``precision``."""
+    _check_top_level_keys(user, source)
+    ours = deepspeed_config(cfg, world_size)
+    user = _fill_auto(user, ours, cfg, source)
+    micro, accum = _batch_sizes(user, cfg, world_size, source)
+    mismatches = _disagreements(user, ours, cfg, micro, accum)
+    if mismatches:
+        raise ConfigError(f"{source} disagrees with the YAML config; make them agree (edit the JSON or "
+                          f"use --set):\n" + "\n".join(f"  - {m}" for m in mismatches))
+    return _merge(user, ours)
+
+
+def _check_top_level_keys(user: dict[str, Any], source: str) -> None:
     unknown = sorted(set(user) - DEEPSPEED_TOP_LEVEL_KEYS)
     if unknown:
         hints = []
@@ -357,6 +370,48 @@ def check_user_deepspeed_config(user: dict[str, Any], cfg: RunConfig, world_size
             hints.append(f"{key}" + (f" (did you mean {near[0]}?)" if near else ""))
         raise ConfigError(f"{source}: unknown top-level DeepSpeed keys: {', '.join(hints)}. DeepSpeed would "
                           f"silently ignore them; remove or rename them.")
+
+
+# "auto" under these keys means DeepSpeed's own default (HF computes them from the hidden size).
+_AUTO_MEANS_DEEPSPEED_DEFAULT = frozenset({"reduce_bucket_size", "allgather_bucket_size",
+                                           "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"})
+
+
+def _fill_auto(user: dict[str, Any], ours: dict[str, Any], cfg: RunConfig, source: str) -> dict[str, Any]:
+    """A copy of ``user`` with every ``"auto"`` replaced by colonnade's value (HF Trainer's convention)."""
+    optim = {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
+             "weight_decay": cfg.optim.weight_decay}
+
+    def fill(node: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
+        out = {}
+        for key, value in node.items():
+            where = path + (key,)
+            if isinstance(value, dict):
+                out[key] = fill(value, where)
+            elif value != "auto":
+                out[key] = value
+            elif where[0] == "scheduler" or key in _AUTO_MEANS_DEEPSPEED_DEFAULT:
+                continue  # our warm-up + cosine schedule / DeepSpeed's default
+            elif where[:2] == ("optimizer", "params") and key in optim:
+                out[key] = optim[key]
+            elif _lookup(ours, where) is not None:
+                out[key] = _lookup(ours, where)
+            else:
+                raise ConfigError(f"{source}: {'.'.join(where)}=\"auto\": colonnade has no value for it; "
+                                  f"write the number (or remove the key for DeepSpeed's default)")
+        return out
+
+    return fill(user, ())
+
+
+def _lookup(tree: dict[str, Any], path: tuple[str, ...]) -> Any:
+    for key in path:
+        tree = tree.get(key) if isinstance(tree, dict) else None
+    return tree
+
+
+def _batch_sizes(user: dict[str, Any], cfg: RunConfig, world_size: int, source: str) -> tuple[Any, Any]:
+    """(micro-batch, accumulation) the JSON implies; ``ConfigError`` when its batch rule cannot hold."""
     dp = data_parallel_size(cfg, world_size)
     total = user.get("train_batch_size")
     micro = user.get("train_micro_batch_size_per_gpu")
@@ -367,32 +422,36 @@ def check_user_deepspeed_config(user: dict[str, Any], cfg: RunConfig, world_size
             f"train_micro_batch_size_per_gpu ({micro}) x gradient_accumulation_steps ({accum}) x "
             f"data-parallel size ({dp}) = {micro * accum * dp}, with world size {world_size} = "
             f"tensor {cfg.parallel.tensor} x pipeline {cfg.parallel.pipeline} x data {dp}")
-    if total is not None and (micro is None or accum is None):
-        known = micro if micro is not None else accum
-        if known is not None and total % (known * dp):
+    known = micro if micro is not None else accum
+    if total is not None and (micro is None) != (accum is None):
+        if total % (known * dp):
             raise ConfigError(f"{source}: train_batch_size ({total}) is not divisible by "
                               f"{'train_micro_batch_size_per_gpu' if micro is not None else 'gradient_accumulation_steps'}"
                               f" ({known}) x data-parallel size ({dp}) (world size {world_size})")
-        if known is not None:
-            other = total // (known * dp)
-            micro, accum = (known, other) if micro is not None else (other, known)
-    ours = deepspeed_config(cfg, world_size)
+        other = total // (known * dp)
+        micro, accum = (known, other) if micro is not None else (other, known)
+    return micro, accum
+
+
+def _disagreements(user: dict[str, Any], ours: dict[str, Any], cfg: RunConfig, micro, accum) -> list[str]:
     mismatches = []
 
-    def compare(ds_key: str, theirs: Any, yaml_key: str, mine: Any) -> None:
+    def compare(ds_key: str, theirs: Any, yaml_key: str, mine: Any, shown: Any = None) -> None:
         if theirs is not None and theirs != mine:
-            mismatches.append(f"{ds_key}={theirs!r} (DeepSpeed JSON) vs {yaml_key}={mine!r} (YAML)")
+            mismatches.append(f"{ds_key}={theirs!r} (DeepSpeed JSON) vs {yaml_key}="
+                              f"{mine if shown is None else shown!r} (YAML)")
 
-    compare("train_batch_size", total, "train.micro_batch_size x train.grad_accum x dp", ours["train_batch_size"])
+    compare("train_batch_size", user.get("train_batch_size"), "train.micro_batch_size x train.grad_accum x dp",
+            ours["train_batch_size"])
     compare("train_micro_batch_size_per_gpu", micro, "train.micro_batch_size", cfg.train.micro_batch_size)
     compare("gradient_accumulation_steps", accum, "train.grad_accum", cfg.train.grad_accum)
     compare("gradient_clipping", user.get("gradient_clipping"), "optim.grad_clip", cfg.optim.grad_clip)
-    compare("zero_optimization.stage", (user.get("zero_optimization") or {}).get("stage"),
-            "parallel.zero_stage", cfg.parallel.zero_stage)
+    compare("zero_optimization.stage", _lookup(user, ("zero_optimization", "stage")), "parallel.zero_stage",
+            cfg.parallel.zero_stage)
     for name in ("bf16", "fp16"):
-        enabled = (user.get(name) or {}).get("enabled")
-        compare(f"{name}.enabled", enabled, "precision", cfg.precision == name) if enabled is not None else None
-    params = (user.get("optimizer") or {}).get("params") or {}
+        compare(f"{name}.enabled", _lookup(user, (name, "enabled")), "precision", cfg.precision == name,
+                shown=cfg.precision)
+    params = _lookup(user, ("optimizer", "params")) or {}
     for key in ("lr", "eps", "weight_decay"):
         compare(f"optimizer.params.{key}", params.get(key), f"optim.{key}", getattr(cfg.optim, key))
     if "betas" in params:
@@ -400,17 +459,31 @@ def check_user_deepspeed_config(user: dict[str, Any], cfg: RunConfig, world_size
     if "optimizer" in user and str(user["optimizer"].get("type", "")).lower() not in ("adam", "adamw"):
         mismatches.append(f"optimizer.type={user['optimizer'].get('type')!r} (DeepSpeed JSON) vs AdamW "
                           f"(colonnade builds AdamW from optim.*)")
-    if mismatches:
-        raise ConfigError(f"{source} disagrees with the YAML config; make them agree (edit the JSON or "
-                          f"use --set):\n" + "\n".join(f"  - {m}" for m in mismatches))
+    if _lookup(user, ("scheduler", "params")):
+        mismatches.append(f"scheduler.params={user['scheduler']['params']!r} (DeepSpeed JSON) would not be used: "
+                          f"colonnade builds the warm-up + cosine schedule from optim.warmup_steps and "
+                          f"optim.min_lr_ratio; remove the scheduler section or set its values to \"auto\"")
+    return mismatches
+
+
+def _offloads(user: dict[str, Any]) -> bool:
+    return any(_lookup(user, ("zero_optimization", part, "device")) in ("cpu", "nvme")
+               for part in ("offload_optimizer", "offload_param"))
+
+
+def _merge(user: dict[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
+    """The user's JSON with colonnade's batch sizes, and its defaults where the user is silent."""
     merged = {k: v for k, v in user.items() if k not in ("optimizer", "scheduler")}
     merged.update({k: ours[k] for k in ("train_batch_size", "train_micro_batch_size_per_gpu",
                                         "gradient_accumulation_steps", "zero_allow_untested_optimizer")})
-    merged.setdefault("gradient_clipping", ours["gradient_clipping"])
-    merged.setdefault("zero_optimization", ours["zero_optimization"])
-    merged.setdefault("steps_per_print", ours["steps_per_print"])
+    for key in ("gradient_clipping", "zero_optimization", "steps_per_print"):
+        merged.setdefault(key, ours[key])
+    for name in ("bf16", "fp16"):  # the YAML's precision unless the JSON says (the same, checked above)
+        merged[name] = {**ours[name], **user.get(name, {})}
     if "managed_gradient_accumulation" in ours:
         merged["managed_gradient_accumulation"] = False
+    if _offloads(user):  # DeepSpeed refuses a client optimizer with offload unless told: ours steps on the CPU
+        merged.setdefault("zero_force_ds_cpu_optimizer", False)
     return merged
 
 
