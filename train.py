@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import yaml
 
@@ -67,15 +68,24 @@ def main(argv: list[str] | None = None) -> int:
         training.run(cfg, args.deepspeed_config)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         return _fail(f"error: {exc}", 2)
-    except TrainingStopped as exc:
-        return _fail(str(exc), exc.exit_code)
-    except CollectiveTimeout as exc:
-        return _fail(f"error: {exc}", 4)
+    except TrainingStopped as exc:  # every rank says where it stopped
+        return _fail(str(exc), exc.exit_code, rank0_reports=False)
+    except CollectiveTimeout as exc:  # every rank names the collective it waited in
+        return _fail(f"error: {exc}", 4, rank0_reports=False)
     return 0
 
 
-def _fail(message: str, code: int) -> int:
-    print(f"colonnade (rank {os.environ.get('RANK', '0')}): {message}", file=sys.stderr)
+# A rank other than 0 waits this long before reporting an error, so that when rank 0 finds the same error
+# (the usual case: every rank checks the same input) rank 0's report reaches the console before the launcher,
+# seeing the first rank exit, kills the others; an error only that rank found is still reported after it.
+REPORT_GRACE_S = 5.0
+
+
+def _fail(message: str, code: int, *, rank0_reports: bool = True) -> int:
+    rank = int(os.environ.get("RANK", "0"))
+    if rank0_reports and rank != 0:
+        time.sleep(REPORT_GRACE_S)
+    print(f"colonnade (rank {rank}): {message}", file=sys.stderr, flush=True)
     return code
 
 
@@ -84,6 +94,8 @@ if __name__ == "__main__":
 
     try:
         code = main()
+    except SystemExit as exc:  # argparse: --help (0) and usage errors (2), already printed
+        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
     except BaseException:  # printed, then the process ends without the interpreter's shutdown (see finish_process)
         import traceback
 

@@ -25,6 +25,7 @@ def main() -> None:
     parser.add_argument("--stall-step", type=int, default=1)
     parser.add_argument("--sigterm-rank", type=int, default=None)
     parser.add_argument("--sigterm-step", type=int, default=1)
+    parser.add_argument("--config-error-rank", type=int, default=None)
     args, rest = parser.parse_known_args()
     rest = rest[1:] if rest[:1] == ["--"] else rest
 
@@ -48,6 +49,13 @@ def main() -> None:
         return original(cfg, engine, batches, groups, step, device)
 
     loop._data_parallel_step = stalling_step
+    if rank == args.config_error_rank:
+        import training.config as config
+
+        def failing_load(path, overrides=()):
+            raise config.ConfigError(f"data.train_files: only rank {rank} cannot read them (injected)")
+
+        config.load = failing_load
     import train
 
     try:

@@ -1,0 +1,64 @@
+"""train.py as users meet it: --help and usage errors exit cleanly, and an input error reaches the console
+once, from rank 0, under torchrun and the deepspeed launcher, before any step."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _run(argv, timeout=180):
+    env = dict(os.environ, WANDB_SILENT="true", OMP_NUM_THREADS="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_and_usage_errors_exit_without_a_traceback():
+    """Before: `SystemExit: 0` / `SystemExit: 2` tracebacks and exit code 1."""
+    shown = _run([sys.executable, "train.py", "--help"])
+    assert shown.returncode == 0 and "--config" in shown.stdout and "Traceback" not in shown.stderr
+    usage = _run([sys.executable, "train.py"])
+    assert usage.returncode == 2 and "the following arguments are required: --config" in usage.stderr
+    assert "Traceback" not in usage.stderr
+
+
+def _torchrun(port: int):
+    return [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(port)]
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_an_error_every_rank_finds_is_reported_by_rank_0(launcher):
+    """Every rank finds the error; rank 0's report is on the console every time, once, with the launcher's
+    exit code 2 (before: whichever rank got there first printed, often rank 1, and the launcher killed rank 0)."""
+    from tests.dist import free_port
+
+    for attempt in range(2):
+        port = free_port()
+        argv = (_torchrun(port) if launcher == "torchrun" else
+                [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port)])
+        out = _run(argv + ["train.py", "--config", "configs/quickstart.yaml", "--set", "optim.warmup_steps=100000"])
+        console = out.stdout + out.stderr
+        expected = ("colonnade (rank 0): error: invalid configuration (configs/quickstart.yaml):\n"
+                    "  - optim.warmup_steps=100000 exceeds train.steps=300")
+        assert expected in console, console[-3000:]
+        assert console.count("exceeds train.steps") == 1 and "Traceback (most recent call last)" not in \
+            console.partition("colonnade (rank 0)")[0]
+        assert "exitcode  : 2" in console if launcher == "torchrun" else out.returncode == 2
+
+
+def test_an_error_only_one_rank_finds_still_reaches_the_console():
+    from tests.dist import free_port
+
+    out = _run(_torchrun(free_port()) + ["tests/fault_driver.py", "--config-error-rank", "1", "--",
+                                         "--config", "configs/quickstart.yaml"])
+    console = out.stdout + out.stderr
+    assert "colonnade (rank 1): error: data.train_files: only rank 1 cannot read them (injected)" in console, \
+        console[-3000:]
