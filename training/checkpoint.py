@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -318,7 +317,8 @@ def _restore_rng(path: Path, saved_layout: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------- export
 
 def export_hf(engine, model, tokenizer, out_dir: str | Path, groups) -> Path | None:
-    """Write a ``from_pretrained``-loadable directory (safetensors + config + tokenizer), atomically."""
+    """Write a ``from_pretrained``-loadable directory (safetensors + config + tokenizer), atomically; ``out_dir``
+    must be new, empty, or an earlier export of ours, else a ``CheckpointError`` on every rank and nothing changed."""
     out_dir = Path(out_dir)
     state = full_state_dict(engine, model, groups)
 
@@ -332,9 +332,12 @@ def export_hf(engine, model, tokenizer, out_dir: str | Path, groups) -> Path | N
 
 
 def _save_pretrained(model, state, tokenizer, out_dir: Path) -> None:
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    """Through ``files.write_export``: ``out_dir`` must be new, empty, or an earlier export of ours."""
+    def write(tmp: Path) -> None:
+        model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+
+    # A refusal is a CheckpointError, raised by on_rank0 on every rank; train.py prints it and exits 2.
+    files.write_export(out_dir, write, fix=f"move what it holds elsewhere (train.export_hf always writes to "
+                       f"output_dir/hf), then export the run's newest checkpoint with `python -m training.export "
+                       f"{out_dir.parent} {out_dir}`")

@@ -6,6 +6,8 @@ temporary name, is flushed to disk and renamed; the manifest (file -> size and S
 then the staging directory is renamed to ``step_0000010`` and ``latest`` is rewritten to name it. A crash
 at any point leaves either no ``step_*`` directory or a complete one: ``newest_complete`` only ever sees
 directories with a manifest, and ``verify`` names any file whose bytes no longer match it.
+
+``write_export`` writes a Hugging Face export directory the same way and never deletes what it did not write.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -145,3 +148,154 @@ def verify(path: Path) -> dict[str, Any]:
             raise CheckpointError(f"checkpoint file {file} does not match its SHA-256 in {MANIFEST} (corrupted); "
                                   f"restore it or resume from another checkpoint")
     return manifest
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+EXPORT_MARKER = "colonnade_export.json"
+EXPORT_FORMAT = "colonnade-export/1"
+_RUN_NAMES = ("checkpoints", "metrics.jsonl", MANIFEST)  # a run's output_dir, its checkpoint root, a checkpoint
+
+
+def write_export(out: str | Path, write: Callable[[Path], None], source: str | Path | None = None,
+                 fix: str = "choose a new or empty directory") -> Path:
+    """Write a Hugging Face export directory ``out`` without ever deleting what we did not write: the one rule
+    for ``python -m training.export`` and the end-of-run export.
+
+    ``out`` must be new, empty, or an earlier export of ours (it has ``EXPORT_MARKER`` and holds only the
+    files it lists), which is then replaced; anything else is refused with a ``CheckpointError`` naming ``out``,
+    why, and ``fix``, before ``write`` runs. ``out`` is never the checkpoint being exported (``source``), never
+    inside a checkpoint and never holds one or a run. ``write(tmp)`` fills a fresh hidden temporary sibling made
+    by ``mkdtemp`` (never a fixed name that could be someone's); the marker listing its files goes in last, the
+    files are fsynced and the directory renamed into place (an earlier export is moved aside first, and
+    removed only once the new one has its name). Returns ``out``."""
+    given = Path(out)
+    target = given.resolve()
+    _refuse_unless_writable(given, target, source, fix)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".export-partial", dir=target.parent))
+    try:
+        tmp.chmod(target.stat().st_mode & 0o7777 if target.is_dir() else _default_dir_mode(tmp))
+        write(tmp)
+        written = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file() or p.is_symlink())
+        for name in written:
+            if not (tmp / name).is_symlink():
+                with open(tmp / name, "rb+") as handle:
+                    os.fsync(handle.fileno())
+        marker = {"format": EXPORT_FORMAT, "source": str(Path(source).resolve()) if source else None,
+                  "files": written}
+        write_text_atomic(tmp / EXPORT_MARKER, json.dumps(marker, indent=1))
+        _fsync_dir(tmp)
+        _refuse_unless_writable(given, target, source, fix)  # again: the write may have taken hours
+        _install(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # made by mkdtemp above: ours alone
+        raise
+    return given
+
+
+def _install(tmp: Path, target: Path) -> None:
+    """Rename ``tmp`` to ``target`` (absent, empty, or an earlier export of ours, already checked)."""
+    if not target.exists() or (target.is_dir() and not any(target.iterdir())):
+        os.rename(tmp, target)  # over an empty directory too; a directory filled meanwhile makes this fail
+    else:
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".export-old", dir=target.parent))
+        os.rename(target, old)  # onto the empty directory just made
+        try:
+            os.rename(tmp, target)
+        except BaseException:
+            os.rename(old, target)
+            raise
+        shutil.rmtree(old)  # the earlier export: only files its marker lists
+    _fsync_dir(target.parent)
+
+
+def _default_dir_mode(inside: Path) -> int:
+    """The mode a new directory gets under this process's umask (``mkdtemp`` makes them 0700), read without
+    changing the umask (which other threads share)."""
+    probe = inside / ".mode"
+    probe.mkdir()
+    mode = probe.stat().st_mode & 0o777
+    probe.rmdir()
+    return mode
+
+
+def _refuse_unless_writable(given: Path, target: Path, source: str | Path | None, fix: str) -> None:
+    why = _why_not_writable(target, Path(source).resolve() if source is not None else None)
+    if why is not None:
+        raise CheckpointError(f"{given}: not exported there, nothing was changed: {why}; the export directory must "
+                              f"be new, empty, or an earlier export of ours: {fix}")
+
+
+def _why_not_writable(target: Path, source: Path | None) -> str | None:
+    if source is not None:
+        if target == source:
+            return "it is the checkpoint being exported"
+        if source in target.parents:
+            return f"it lies inside the checkpoint being exported ({source})"
+        if target in source.parents:
+            return f"it holds the checkpoint being exported ({source})"
+    inside = next((p for p in target.parents if is_complete(p) or _is_staging(p)), None)
+    if inside is not None:
+        return f"it lies inside the checkpoint {inside}"
+    if not target.exists() and not target.is_symlink():
+        return None
+    if not target.is_dir():
+        return "it exists and is not a directory"
+    run = _run_data(target)
+    if run is not None:
+        return f"it holds a training run's checkpoints or metrics ({run})"
+    entries = sorted(p.name for p in target.iterdir())
+    if not entries:
+        return None
+    marker = target / EXPORT_MARKER
+    if not marker.is_file():
+        return f"it holds {_some(entries)} and is not an earlier export of ours (no {EXPORT_MARKER})"
+    try:
+        recorded = json.loads(marker.read_text())
+        listed = {str(Path(name)) for name in recorded["files"]} | {EXPORT_MARKER}
+        ours = recorded["format"] == EXPORT_FORMAT
+    except Exception:  # not JSON, no file list: not ours to replace
+        ours = False
+    if not ours:
+        return f"its {EXPORT_MARKER} is not one we wrote ({EXPORT_FORMAT} with a file list)"
+    parents = {str(parent) for name in listed for parent in Path(name).parents}
+    foreign = []
+    for dirpath, dirnames, filenames in os.walk(target):
+        for name in sorted(dirnames + filenames):
+            rel = str((Path(dirpath) / name).relative_to(target))
+            full = target / rel
+            if (rel not in parents if full.is_dir() and not full.is_symlink() else rel not in listed):
+                foreign.append(rel)
+        dirnames[:] = [d for d in dirnames if str((Path(dirpath) / d).relative_to(target)) in parents]
+    if foreign:
+        return f"it holds {_some(foreign)}, which the earlier export did not write"
+    return None
+
+
+def _run_data(directory: Path, depth: int = 2) -> Path | None:
+    """A sign of a run or checkpoint in ``directory`` or up to ``depth`` levels below it: a checkpoint root,
+    ``metrics.jsonl``, a ``manifest.json``, a ``step_*`` directory."""
+    try:
+        children = sorted(directory.iterdir())
+    except OSError:
+        return None
+    for child in children:
+        if child.name in _RUN_NAMES or (step_of(child) is not None and child.is_dir()) or _is_staging(child):
+            return child
+    if depth > 0:
+        for child in children:
+            if child.is_dir() and not child.is_symlink():
+                found = _run_data(child, depth - 1)
+                if found is not None:
+                    return found
+    return None
+
+
+def _is_staging(path: Path) -> bool:
+    return path.name.startswith(".step_") and path.name.endswith(".partial")
+
+
+def _some(names: list[str]) -> str:
+    shown = ", ".join(names[:3])
+    return shown if len(names) <= 3 else f"{shown} and {len(names) - 3} more"

@@ -3,13 +3,14 @@
     python -m training.export runs/quickstart/checkpoints/step_0000300 my_model/
     python -m training.export runs/quickstart my_model/          # the run's newest complete checkpoint
 
-The checkpoint is verified against its manifest first; the result loads with ``from_pretrained``.
+The checkpoint is verified against its manifest first; the result loads with ``from_pretrained``. OUT must be
+new, empty, or an earlier export of ours (marked by ``colonnade_export.json``), which is replaced; anything
+else (a user's files, a run, the checkpoint itself) is refused with exit code 2 and left untouched.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
@@ -29,27 +30,29 @@ def find_checkpoint(path: Path) -> Path:
 
 
 def export(checkpoint_dir: Path, out_dir: Path, trust_remote_code: bool = False) -> Path:
-    from transformers import AutoConfig, AutoTokenizer
+    """``out_dir`` must be new, empty, or an earlier export of ours (``checkpoint_files.write_export``): it is
+    checked before anything is loaded, and nothing else is ever deleted."""
 
-    from modeling.build import auto_class
+    def write(tmp: Path) -> None:
+        from transformers import AutoConfig, AutoTokenizer
 
-    files.verify(checkpoint_dir)
-    config = AutoConfig.from_pretrained(str(checkpoint_dir), trust_remote_code=trust_remote_code)
-    model = auto_class(config).from_pretrained(str(checkpoint_dir), trust_remote_code=trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_dir), trust_remote_code=trust_remote_code)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
-    return out_dir
+        from modeling.build import auto_class
+
+        files.verify(checkpoint_dir)
+        config = AutoConfig.from_pretrained(str(checkpoint_dir), trust_remote_code=trust_remote_code)
+        model = auto_class(config).from_pretrained(str(checkpoint_dir), trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_dir), trust_remote_code=trust_remote_code)
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+
+    return files.write_export(out_dir, write, source=checkpoint_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Export a colonnade checkpoint to a Hugging Face directory.")
     parser.add_argument("checkpoint", type=Path, help="a step_* checkpoint directory, or a run's output_dir")
-    parser.add_argument("out", type=Path, help="directory to write (replaced if it exists)")
+    parser.add_argument("out", type=Path, help="directory to write: must be new, empty, or an earlier export of "
+                        "ours (which is replaced); anything else is refused and left as it is")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow code inside the checkpoint to run")
     args = parser.parse_args(argv)
     try:
