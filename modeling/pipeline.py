@@ -1,26 +1,44 @@
 """Split an HF decoder into pipeline chunks: the first embeds, the middle ones run a range of blocks, the
-last applies the final norm and the head. Positions, the causal mask and rotary embeddings are rebuilt on
-every chunk from the (known) sequence length, so nothing but hidden states crosses a stage boundary."""
+last applies the final norm and the head. Positions, the attention masks and rotary embeddings are rebuilt
+on every chunk from the (known) sequence length, as the model's own forward builds them, so nothing but
+hidden states crosses a stage boundary."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from parallel.partition import StageSpec
+
+MASKS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+
+
+def all_full(config, layer: int) -> str:
+    return "full_attention"
+
+
+def sliding_if_window(config, layer: int) -> str:  # MistralModel.forward
+    return "full_attention" if config.sliding_window is None else "sliding_attention"
+
+
+def per_layer(config, layer: int) -> str:  # Qwen2Model.forward
+    return config.layer_types[layer]
 
 
 @dataclass(frozen=True)
 class DecoderLayout:
-    """Where an architecture keeps its parts (module paths in the HF model)."""
+    """Where an architecture keeps its parts (module paths in the HF model), and which attention mask (a key
+    of MASKS) its forward gives block ``i``: ``layer_type(config, i)``."""
 
     embed: tuple[str, ...]
     blocks: str
     head: tuple[str, ...]
     rotary: str | None = None
+    layer_type: Callable[[object, int], str] = all_full
 
 
 LAYOUTS = {
@@ -29,7 +47,8 @@ LAYOUTS = {
     "llama": DecoderLayout(embed=("model.embed_tokens",), blocks="model.layers", head=("model.norm", "lm_head"),
                            rotary="model.rotary_emb"),
 }
-LAYOUTS["mistral"] = LAYOUTS["qwen2"] = LAYOUTS["llama"]
+LAYOUTS["mistral"] = replace(LAYOUTS["llama"], layer_type=sliding_if_window)
+LAYOUTS["qwen2"] = replace(LAYOUTS["llama"], layer_type=per_layer)
 
 
 def layout_of(model: nn.Module) -> DecoderLayout:
@@ -59,6 +78,7 @@ class PipelineChunk(nn.Module):
                 self.parts[path.rsplit(".", 1)[-1]] = model.get_submodule(path)
         all_blocks = model.get_submodule(layout.blocks)
         self.blocks = nn.ModuleList(all_blocks[i] for i in spec.blocks)
+        self.layer_types = [layout.layer_type(model.config, i) for i in spec.blocks]
         if spec.head:
             for path in layout.head:
                 self.parts[path.rsplit(".", 1)[-1]] = model.get_submodule(path)
@@ -71,9 +91,9 @@ class PipelineChunk(nn.Module):
     def _context(self, batch: int, device, dtype) -> dict:
         positions = torch.arange(self.seq_len, device=device).unsqueeze(0)
         shape_probe = torch.empty(batch, self.seq_len, 1, device=device, dtype=dtype)
-        mask = create_causal_mask(config=self.config, inputs_embeds=shape_probe, attention_mask=None,
-                                  past_key_values=None, position_ids=positions)
-        context = {"position_ids": positions, "mask": mask}
+        masks = {kind: MASKS[kind](config=self.config, inputs_embeds=shape_probe, attention_mask=None, cache=None,
+                                   position_ids=positions) for kind in set(self.layer_types)}
+        context = {"position_ids": positions, "masks": masks}
         if self.rotary is not None:
             context["rope"] = self.rotary(shape_probe, position_ids=positions)
         return context
@@ -87,11 +107,12 @@ class PipelineChunk(nn.Module):
                 x = self.parts["drop"](self.parts["wte"](x) + self.parts["wpe"](context["position_ids"]))
             else:
                 x = self.parts["embed_tokens"](x)
-        for block in self.blocks:
+        for block, kind in zip(self.blocks, self.layer_types):
+            mask = context["masks"][kind]
             if self.model_type == "gpt2":
-                x = block(x, None, context["mask"], position_ids=context["position_ids"])
+                x = block(x, None, mask, position_ids=context["position_ids"])
             else:
-                x = block(x, attention_mask=context["mask"], position_embeddings=context["rope"],
+                x = block(x, attention_mask=mask, position_embeddings=context["rope"],
                           position_ids=context["position_ids"])
             x = x[0] if isinstance(x, tuple) else x
         if self.spec.head:
@@ -117,6 +138,7 @@ def check_pipeline_fits(hf_config, pipeline: int, virtual_stages: int, partition
         raise ValueError(f"parallel.pipeline={pipeline}: no pipeline layout for model_type "
                          f"{hf_config.model_type!r} (have {sorted(LAYOUTS)})")
     layers = hf_config.num_hidden_layers
+    _check_layer_types(hf_config, pipeline)
     chunks = pipeline * virtual_stages
     if virtual_stages > 1 and layers % chunks:
         raise ValueError(f"parallel.virtual_stages={virtual_stages} x parallel.pipeline={pipeline} = {chunks} "
@@ -124,3 +146,17 @@ def check_pipeline_fits(hf_config, pipeline: int, virtual_stages: int, partition
     from parallel.partition import stage_specs
 
     stage_specs(layers, pipeline, virtual_stages, partition if partition != "parameters" else "uniform")
+
+
+def _check_layer_types(hf_config, pipeline: int) -> None:
+    """Refuse blocks whose attention mask the chunks cannot rebuild. Beyond embeddings, positions, masks,
+    rotary embeddings, blocks, norm and head, the forwards of the LAYOUTS architectures do nothing (rotary
+    scaling lives in the rotary module, biases and attention options in the blocks)."""
+    kinds = [LAYOUTS[hf_config.model_type].layer_type(hf_config, i) for i in range(hf_config.num_hidden_layers)]
+    unknown = sorted(set(kinds) - set(MASKS))
+    if unknown:
+        where = [i for i, kind in enumerate(kinds) if kind not in MASKS]
+        raise ValueError(f"parallel.pipeline={pipeline}: model config field layer_types with {unknown} (layers "
+                         f"{where}) is not supported by the pipeline stage split, which rebuilds only the "
+                         f"{sorted(MASKS)} masks; use parallel.pipeline=1, or add the mask to MASKS in "
+                         f"modeling/pipeline.py")
