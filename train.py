@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
             world = int(os.environ.get("WORLD_SIZE", "1"))
             ds = (load_user_deepspeed_config(args.deepspeed_config, cfg, world) if args.deepspeed_config
                   else deepspeed_config(cfg, world))
+            from training.describe import layout, planned_model
+
+            print(f"# model: {planned_model(cfg)}")
+            print(f"# layout: {layout(cfg, world)}")
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             print(f"# DeepSpeed JSON (world size {world})")
             print(json.dumps(ds, indent=2))

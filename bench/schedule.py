@@ -7,16 +7,26 @@ import argparse
 from parallel.schedules import render, simulate
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m bench schedule", description=__doc__)
     parser.add_argument("--schedule", default="1f1b", choices=["gpipe", "1f1b", "interleaved"])
-    parser.add_argument("-p", "--stages", type=int, default=4)
-    parser.add_argument("-m", "--microbatches", type=int, default=8)
-    parser.add_argument("-v", "--virtual-stages", type=int, default=1)
+    parser.add_argument("-p", "--stages", type=_positive, default=4)
+    parser.add_argument("-m", "--microbatches", type=_positive, default=8)
+    parser.add_argument("-v", "--virtual-stages", type=_positive, default=1)
     parser.add_argument("--backward-time", type=float, default=2.0, help="backward time / forward time")
     args = parser.parse_args(argv)
-    sim = simulate(args.schedule, args.stages, args.microbatches, args.virtual_stages,
-                   backward_time=args.backward_time)
+    try:
+        sim = simulate(args.schedule, args.stages, args.microbatches, args.virtual_stages,
+                       backward_time=args.backward_time)
+    except ValueError as exc:  # an impossible (schedule, p, m, v): one line and exit code 2, as argparse does
+        parser.error(str(exc))
     print(render(sim, columns_per_unit=2 * args.virtual_stages))
     p, m, v = args.stages, args.microbatches, args.virtual_stages
     print(f"theory (p-1)/(v*m+p-1) = {(p - 1) / (v * m + p - 1):.3f}")

@@ -103,3 +103,32 @@ def build_model(*, pretrained: str | None, arch: str | None, config: dict, vocab
         torch.manual_seed(seed)
         model = auto_class(hf_config).from_config(hf_config, trust_remote_code=trust_remote_code)
     return model.to(dtype)
+
+
+def check_sequence_fits(hf_config, seq_len: int, target_len: int | None = None) -> None:
+    """Raise ValueError when a sequence is longer than the model's learned or tabulated positions (GPT-2's
+    ``n_positions``, BART's and Marian's ``max_position_embeddings``): the first forward would index past the
+    position table. Rotary models (``rope_parameters``) and relative ones (T5) have no such table."""
+    limit = getattr(hf_config, "max_position_embeddings", None)
+    if limit is None or getattr(hf_config, "rope_parameters", None) is not None:
+        return
+    lengths = {"data.seq_len": seq_len, "data.max_target_len": target_len}
+    for key, length in lengths.items():
+        if length is not None and length > limit:
+            raise ValueError(f"{key}={length} is longer than the {limit} positions of this {hf_config.model_type} "
+                             f"model (max_position_embeddings): lower {key} to at most {limit}")
+
+
+def parameter_count(hf_config, trust_remote_code: bool = False) -> int:
+    """Parameters of the model ``hf_config`` describes (each tied weight once), built on the meta device."""
+    with torch.device("meta"):
+        model = auto_class(hf_config).from_config(hf_config, trust_remote_code=trust_remote_code)
+    return sum(p.numel() for p in model.parameters())
+
+
+def describe(hf_config, parameters: int, vocabulary: int | str) -> str:
+    """One line for the console: type, depth, width, parameters, vocabulary."""
+    layers = getattr(hf_config, "num_hidden_layers", None)
+    hidden = getattr(hf_config, "hidden_size", None)
+    return (f"{hf_config.model_type}, {layers} layers, hidden size {hidden}, {parameters:,} parameters "
+            f"({parameters / 1e6:.1f} M), vocabulary {vocabulary}")

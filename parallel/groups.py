@@ -84,6 +84,11 @@ class ProcessGroups:
                    mp_group=mine["mp"][0], tp_ranks=mine["tp"][1], pp_ranks=mine["pp"][1],
                    dp_ranks=mine["dp"][1], mp_ranks=mine["mp"][1], embed_group=mine.get("embed", (None,))[0])
 
+    def describe(self) -> dict[str, int]:
+        """The layout in numbers, for logs and run records."""
+        return {"world_size": self.tensor * self.pipeline * self.data, "tensor": self.tensor,
+                "pipeline": self.pipeline, "data": self.data}
+
     # --- coordinates -------------------------------------------------------------------------------
     @property
     def tp_rank(self) -> int:

@@ -47,6 +47,8 @@ def test_bad_input_errors_on_every_rank_before_training(tmp_path):
     ds_file = tmp_path / "ds.json"
     ds_file.write_text(json.dumps({"train_batch_size": 3, "train_micro_batch_size_per_gpu": 2,
                                    "gradient_accumulation_steps": 1}))
+    binary = tmp_path / "image.txt"
+    binary.write_bytes(bytes(range(128, 256)) * 40)  # not UTF-8 from the first byte
     malformed = tmp_path / "bad.jsonl"
     malformed.write_text('{"text": "fine"}\n\n{"text": "broken\n')
     small_vocab = tmp_path / "small_vocab"  # a checkpoint whose 200 embeddings the byte tokenizer's ids exceed
@@ -65,10 +67,14 @@ def test_bad_input_errors_on_every_rank_before_training(tmp_path):
         (saved, None),
         (wider, None),
         (tiny_config(tmp_path / "i", corpus, precision="fp16", parallel__zero_stage=1), None),
+        (tiny_config(tmp_path / "j", corpus, data__seq_len=128), None),  # GPT-2 with n_positions=64
+        (tiny_config(tmp_path / "k", corpus, data__train_files=[str(binary)]), None),
     ]
     per_rank = run_ranks(_errors_on_every_rank, 2, cases, timeout=300)
     for messages in per_rank:
-        missing, too_small, batch_rule, bad_json, short_data, vocab, ok, other_model, fp16 = messages
+        missing, too_small, batch_rule, bad_json, short_data, vocab, ok, other_model, fp16, too_long, not_text = messages
+        assert "data.seq_len=128 is longer than the 64 positions of this gpt2 model" in too_long
+        assert f"data.train_files: {binary} is not UTF-8 text (undecodable near byte 0)" in not_text
         assert f"data.train_files: {malformed}, line 3: not valid JSON" in bad_json
         assert "data.train_files" in missing and "missing*.txt" in missing and "matches no file" in missing
         assert "data.train_files" in too_small and "fewer than one block of data.seq_len=32" in too_small
@@ -80,8 +86,8 @@ def test_bad_input_errors_on_every_rank_before_training(tmp_path):
         assert f"train.resume: {tmp_path / 'g' / 'run' / 'checkpoints' / 'step_0000002'} holds a different model" in other_model
         assert "transformer.wte.weight: (260, 32) in the checkpoint, (260, 64) in this model" in other_model
         assert "precision=fp16 is not supported on this cpu accelerator" in fp16 or torch.cuda.is_available()
-    for name in "abcdefhi":  # nothing trained, nothing written
-        assert not (tmp_path / name / "run" / "metrics.jsonl").exists()
+    for name in "abcdefhijk":  # nothing trained, nothing written (before: tokenizer/, config.yaml, ...)
+        assert not (tmp_path / name / "run").exists(), sorted(p.name for p in (tmp_path / name / "run").iterdir())
 
 
 def test_degrees_that_do_not_fit_the_world_size():

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -62,3 +63,39 @@ def test_an_error_only_one_rank_finds_still_reaches_the_console():
     console = out.stdout + out.stderr
     assert "colonnade (rank 1): error: data.train_files: only rank 1 cannot read them (injected)" in console, \
         console[-3000:]
+
+
+def test_print_config_describes_the_model_and_the_layout():
+    out = _run([sys.executable, "train.py", "--config", "configs/quickstart.yaml", "--print-config"])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert ("# model: gpt2, 4 layers, hidden size 128, 1,350,400 parameters (1.4 M), vocabulary up to 4096 (BPE "
+            "trained on data.train_files); from scratch") in out.stdout
+    assert "# layout: world 1 = tensor 1 x pipeline 1 x data 1; ZeRO-1; fp32" in out.stdout
+
+
+def test_console_of_a_run_under_torchrun(tmp_path):
+    """The lines a user needs (model, layout, where the results went) and none of the libraries' banners that are
+    not the user's business (before: DeepSpeed's accelerator and shm-op lines once per rank, torch's deprecation
+    warning for all_gather_into_tensor)."""
+    from tests.dist import free_port
+    from tests.helpers import TINY_GPT2, write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"arch": "gpt2", "tokenizer": "byte", "config": TINY_GPT2},
+        "data": {"train_files": [str(corpus / "part[0-2].txt")], "valid_files": [str(corpus / "part3.txt")],
+                 "seq_len": 32},
+        "train": {"steps": 3, "micro_batch_size": 2, "output_dir": str(tmp_path / "out"), "eval_batches": 2},
+        "parallel": {"zero_stage": 1}, "logging": {"wandb": {"mode": "disabled"}}}))
+    out = _run(_torchrun(free_port()) + ["train.py", "--config", str(config)])
+    console = out.stdout + out.stderr
+    assert out.returncode == 0, console[-3000:]
+    assert "model: gpt2, 2 layers, hidden size 32" in console and "layout: world 2 = tensor 1 x pipeline 1 x data 2" \
+        in console
+    assert (f"done: 3 steps; metrics {tmp_path / 'out' / 'metrics.jsonl'}; checkpoint "
+            f"{tmp_path / 'out' / 'checkpoints' / 'step_0000003'}; Hugging Face export {tmp_path / 'out' / 'hf'}") \
+        in console
+    for banner in ("Setting accelerator to CPU", "built successfully", "is deprecated", "untested optimizer",
+                   "Downloading data"):
+        assert banner not in console, banner

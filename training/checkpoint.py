@@ -276,16 +276,46 @@ def restore(engine, model, groups, path: Path) -> TrainerState:
                 elif key != "master":
                     raise CheckpointError(f"{path / 'optimizer.safetensors'}: no {key} for {name}")
     optimizer_state.set_optimizer_steps(engine, trainer["optimizer_steps"])
-    if engine.lr_scheduler is not None and trainer["lr_scheduler"] is not None:
-        engine.lr_scheduler.load_state_dict(trainer["lr_scheduler"])
-        for group, lr in zip(optimizer_state._base(engine).param_groups, engine.lr_scheduler.get_last_lr()):
-            group["lr"] = lr
+    _restore_lr_schedule(engine, trainer["lr_scheduler"])
     _restore_loss_scaler(engine, trainer["loss_scaler"])
     engine.global_steps = trainer["step"]
     engine.global_samples = trainer["consumed_samples"]
     engine.skipped_steps = trainer["skipped_steps"]
     _restore_rng(path, trainer["layout"])
     return TrainerState(trainer["step"], trainer["consumed_samples"], trainer["skipped_steps"])
+
+
+def _restore_lr_schedule(engine, saved: dict[str, Any] | None) -> None:
+    """The schedule's position (its step count) from the checkpoint; its shape (peak lr, warm-up, floor,
+    length) from this run's config, so a changed ``optim.*`` or ``train.steps`` takes effect from the resumed
+    step, as in HF Trainer."""
+    scheduler = engine.lr_scheduler
+    if scheduler is None or saved is None:
+        return
+    scheduler.load_state_dict({**saved, "base_lrs": scheduler.base_lrs})
+    lrs = [base * rule(scheduler.last_epoch) for base, rule in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    scheduler._last_lr = lrs
+    for group, lr in zip(optimizer_state._base(engine).param_groups, lrs):
+        group["lr"] = lr
+
+
+def changed_settings(path: Path, run_config: dict[str, Any]) -> list[str]:
+    """'key: saved -> now' for every config value that differs from the run that wrote the checkpoint
+    ``path`` (``train.resume`` aside)."""
+    saved = _flatten(yaml.safe_load((path / "run_config.yaml").read_text()) or {})
+    now = _flatten(run_config)
+    keys = sorted((set(saved) | set(now)) - {"train.resume"})
+    return [f"{key}: {saved.get(key)!r} -> {now.get(key)!r}" for key in keys if saved.get(key) != now.get(key)]
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return flat
 
 
 def _restore_loss_scaler(engine, saved: dict[str, float]) -> None:
@@ -331,6 +361,15 @@ def export_hf(engine, model, tokenizer, out_dir: str | Path, groups) -> Path | N
     return out_dir
 
 
+def check_export_dir(out_dir: Path) -> None:
+    """Before training: the end-of-run export will be allowed to write ``out_dir`` (see ``_save_pretrained``)."""
+    files.check_export_target(out_dir, fix=_EXPORT_FIX)
+
+
+_EXPORT_FIX = ("move what it holds elsewhere (train.export_hf always writes to output_dir/hf; or set "
+               "train.export_hf=false and export later with `python -m training.export OUTPUT_DIR NEW_DIR`)")
+
+
 def _save_pretrained(model, state, tokenizer, out_dir: Path) -> None:
     """Through ``files.write_export``: ``out_dir`` must be new, empty, or an earlier export of ours."""
     def write(tmp: Path) -> None:
@@ -338,6 +377,4 @@ def _save_pretrained(model, state, tokenizer, out_dir: Path) -> None:
         tokenizer.save_pretrained(str(tmp))
 
     # A refusal is a CheckpointError, raised by on_rank0 on every rank; train.py prints it and exits 2.
-    files.write_export(out_dir, write, fix=f"move what it holds elsewhere (train.export_hf always writes to "
-                       f"output_dir/hf), then export the run's newest checkpoint with `python -m training.export "
-                       f"{out_dir.parent} {out_dir}`")
+    files.write_export(out_dir, write, fix=_EXPORT_FIX)

@@ -171,7 +171,7 @@ def write_export(out: str | Path, write: Callable[[Path], None], source: str | P
     removed only once the new one has its name). Returns ``out``."""
     given = Path(out)
     target = given.resolve()
-    _refuse_unless_writable(given, target, source, fix)
+    check_export_target(given, source, fix)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".export-partial", dir=target.parent))
     try:
@@ -186,7 +186,7 @@ def write_export(out: str | Path, write: Callable[[Path], None], source: str | P
                   "files": written}
         write_text_atomic(tmp / EXPORT_MARKER, json.dumps(marker, indent=1))
         _fsync_dir(tmp)
-        _refuse_unless_writable(given, target, source, fix)  # again: the write may have taken hours
+        check_export_target(given, source, fix)  # again: the write may have taken hours
         _install(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # made by mkdtemp above: ours alone
@@ -220,10 +220,12 @@ def _default_dir_mode(inside: Path) -> int:
     return mode
 
 
-def _refuse_unless_writable(given: Path, target: Path, source: str | Path | None, fix: str) -> None:
-    why = _why_not_writable(target, Path(source).resolve() if source is not None else None)
+def check_export_target(out: str | Path, source: str | Path | None = None,
+                        fix: str = "choose a new or empty directory") -> None:
+    """``CheckpointError`` naming ``out``, why and ``fix`` unless ``write_export`` may write there."""
+    why = _why_not_writable(Path(out).resolve(), Path(source).resolve() if source is not None else None)
     if why is not None:
-        raise CheckpointError(f"{given}: not exported there, nothing was changed: {why}; the export directory must "
+        raise CheckpointError(f"{out}: not exported there, nothing was changed: {why}; the export directory must "
                               f"be new, empty, or an earlier export of ours: {fix}")
 
 

@@ -71,7 +71,9 @@ class TrainConfig(_Section):
     output_dir: str = Field("runs/default", description="Metrics, checkpoints and the HF export.")
     log_every: int = Field(1, gt=0, description="Steps between metric records.")
     eval_every: int = Field(0, ge=0, description="Steps between evals; 0 = only at the end.")
-    eval_batches: int | None = Field(None, gt=0, description="Micro-batches per eval; None = all.")
+    eval_batches: int | None = Field(None, gt=0, description="Validation micro-batches scored per eval, counted "
+                                     "over all data-parallel ranks together: the first eval_batches x "
+                                     "micro_batch_size examples, the same at every layout; None = all.")
     eval_first: bool = Field(False, description="Also evaluate before the first step (logged as step 0).")
     save_every: int = Field(0, ge=0, description="Steps between checkpoints; 0 = only at the end.")
     save_final: bool = Field(True, description="Write a checkpoint at the end (benchmarks turn it off).")

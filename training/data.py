@@ -10,6 +10,7 @@ therefore needs nothing but ``s``, and any split of ``B`` over (dp, accum) sees 
 
 from __future__ import annotations
 
+import codecs
 import glob
 import json
 import os
@@ -45,12 +46,65 @@ def file_format(files: list[str], key: str) -> str:
     return kinds.pop()
 
 
+def _not_utf8_at(path: str) -> int | None:
+    """The byte offset near which ``path`` stops being UTF-8 text, or None if all of it decodes."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                return max(0, offset + exc.start)
+            offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return offset
+    return None
+
+
+def check_utf8(files: list[str], key: str) -> None:
+    """ValueError naming the first of ``files`` (text, jsonl, csv) that is not UTF-8 text."""
+    for path in files:
+        if FORMATS.get(Path(path).suffix.lower()) == "parquet":
+            continue
+        at = _not_utf8_at(path)
+        if at is not None:
+            raise ValueError(f"{key}: {path} is not UTF-8 text (undecodable near byte {at}): convert it "
+                             f"(iconv -t utf-8) or remove it from {key}")
+
+
+def _load_dataset(kind: str, files: list[str], key: str, cache_dir: str | None, **extra):
+    """``datasets.load_dataset`` of local files; a file that is not UTF-8 text is named (datasets only says
+    that generation failed). Checked only on failure: a full read of every file on every start costs."""
+    import datasets
+
+    quiet = not datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # "Downloading data" (of local files) and "Generating train split"
+    try:
+        return datasets.load_dataset(kind, data_files=files, split="train", cache_dir=cache_dir, **extra)
+    except Exception:
+        check_utf8(files, key)
+        raise
+    finally:
+        if not quiet:
+            datasets.enable_progress_bars()
+
+
 def check_jsonl(files: list[str], key: str) -> None:
     """Every non-empty line of every ``.jsonl`` file is one JSON object; the first bad line is named (file and
     line number) instead of the ``datasets`` loader's generic parse error."""
+    jsonl = [path for path in files if Path(path).suffix.lower() == ".jsonl"]
+    try:
+        _check_jsonl_records(jsonl, key)
+    except UnicodeDecodeError:
+        check_utf8(jsonl, key)
+        raise
+
+
+def _check_jsonl_records(files: list[str], key: str) -> None:
     for path in files:
-        if Path(path).suffix.lower() != ".jsonl":
-            continue
         with open(path, encoding="utf-8") as f:
             for number, line in enumerate(f, start=1):
                 if not line.strip():
@@ -67,12 +121,10 @@ def check_jsonl(files: list[str], key: str) -> None:
 
 def load_texts(files: list[str], key: str, text_field: str, cache_dir: str | None):
     """A ``datasets.Dataset`` with one column ``text``: one row per text file, or per jsonl/parquet record."""
-    import datasets
-
     kind = file_format(files, key)
     check_jsonl(files, key)
     extra = {"sample_by": "document"} if kind == "text" else {}
-    ds = datasets.load_dataset(kind, data_files=files, split="train", cache_dir=cache_dir, **extra)
+    ds = _load_dataset(kind, files, key, cache_dir, **extra)
     if kind != "text":
         if text_field not in ds.column_names:
             raise ValueError(f"{key}: the files have no column {text_field!r} (columns: {ds.column_names}); "
@@ -107,15 +159,13 @@ def tokenize_and_pack(texts, tokenizer, seq_len: int, key: str):
 
 def load_pairs(files: list[str], key: str, source_field: str, target_field: str, cache_dir: str | None):
     """A ``datasets.Dataset`` with columns ``source`` and ``target`` from jsonl / csv / parquet records."""
-    import datasets
-
     kind = file_format(files, key)
     if kind == "text":
         raise ValueError(f"{key}: encoder-decoder runs read records (jsonl, csv or parquet) with the columns "
                          f"data.source_field={source_field!r} and data.target_field={target_field!r}; "
                          f"got plain text files")
     check_jsonl(files, key)
-    ds = datasets.load_dataset(kind, data_files=files, split="train", cache_dir=cache_dir)
+    ds = _load_dataset(kind, files, key, cache_dir)
     for field_key, name in (("data.source_field", source_field), ("data.target_field", target_field)):
         if name not in ds.column_names:
             raise ValueError(f"{key}: the files have no column {name!r} (columns: {ds.column_names}); set "
@@ -232,16 +282,22 @@ def check_token_ids(blocks, vocabulary: int, key: str, model: str) -> None:
                              f"(model.tokenizer) or, from scratch, a model.config.vocab_size above {worst}")
 
 
-def eval_batches(blocks, micro_batch_size: int, dp_rank: int, dp_size: int, limit: int | None):
-    """Deterministic eval micro-batches for one rank, in file order. Every rank yields the same number of
-    batches (ZeRO-3 forwards are collective); padding rows carry ``weight`` 0."""
+def eval_rounds(num_examples: int, micro_batch_size: int, dp_rank: int, dp_size: int, limit: int | None):
+    """This rank's example positions per eval round, and which of them are real. The examples scored are the
+    first ``limit`` x ``micro_batch_size`` (all when ``limit`` is None) whatever the data-parallel size, so a
+    run scores the same examples at every layout. Every rank runs the same number of rounds (ZeRO-3 forwards
+    are collective); positions past the scored ones repeat example 0 and are flagged not real."""
+    scored = num_examples if limit is None else min(num_examples, limit * micro_batch_size)
     per_round = micro_batch_size * dp_size
-    rounds = -(-len(blocks) // per_round)
-    if limit is not None:
-        rounds = min(rounds, limit)
-    for r in range(rounds):
+    for r in range(-(-scored // per_round)):
         start = r * per_round + dp_rank * micro_batch_size
-        positions = list(range(start, start + micro_batch_size))
-        weight = torch.tensor([1.0 if p < len(blocks) else 0.0 for p in positions])
-        input_ids = blocks[[p if p < len(blocks) else 0 for p in positions]]["input_ids"]
-        yield {"input_ids": input_ids, "labels": input_ids.clone()}, weight
+        positions = range(start, start + micro_batch_size)
+        yield [p if p < scored else 0 for p in positions], [p < scored for p in positions]
+
+
+def eval_batches(blocks, micro_batch_size: int, dp_rank: int, dp_size: int, limit: int | None):
+    """Deterministic eval micro-batches for one rank, in file order (see ``eval_rounds``); padding rows carry
+    ``weight`` 0."""
+    for positions, real in eval_rounds(len(blocks), micro_batch_size, dp_rank, dp_size, limit):
+        input_ids = blocks[positions]["input_ids"]
+        yield {"input_ids": input_ids, "labels": input_ids.clone()}, torch.tensor(real, dtype=torch.float32)

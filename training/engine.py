@@ -74,9 +74,18 @@ def check_precision(precision: str) -> None:
                           f"accelerator; use one of {usable} (CPU runs use fp32)")
 
 
+def _not_untested_optimizer(record) -> bool:
+    """DeepSpeed warns that ZeRO runs "an untested optimizer": ours, torch's AdamW with a non-finite guard."""
+    return "untested optimizer" not in record.getMessage()
+
+
 def build(model: torch.nn.Module, optim: OptimConfig, total_steps: int, ds_config: dict[str, Any], groups):
     """Wrap ``model`` in a DeepSpeed engine whose ZeRO works over ``groups``' data-parallel group."""
     import deepspeed
+    from deepspeed.utils import logger as deepspeed_logger
+
+    if _not_untested_optimizer not in deepspeed_logger.filters:
+        deepspeed_logger.addFilter(_not_untested_optimizer)
 
     optimizer, scheduler = build_optimizer(model, optim, total_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,

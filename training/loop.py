@@ -3,12 +3,14 @@ loop with eval, logging, checkpoints and the final Hugging Face export."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import logging
 import os
 import signal
 import socket
 import time
+import warnings
 from datetime import timedelta
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,21 +20,21 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from modeling.build import build_model, byte_level_tokenizer, hf_config, load_tokenizer, train_bpe_tokenizer
+from modeling.build import (build_model, byte_level_tokenizer, check_sequence_fits, describe, hf_config,
+                            load_tokenizer, train_bpe_tokenizer)
 from modeling.parallelize import lm_loss, next_token_losses, tensor_parallelize
 from modeling.pipeline import check_pipeline_fits
 from modeling.tp_plans import check_tensor_parallel_fits
 from parallel.grad_norm import global_grad_norm
 from parallel.groups import ProcessGroups
 from training import checkpoint, data, engine as engine_lib, seq2seq
-from training.rank0 import rank0_first
+from training.rank0 import on_rank0, rank0_first
 from training.faults import NonFiniteSteps, StopSignals, TrainingStopped, is_timeout, timeout_error
 from training.pipeline import PipelineRunner, build_chunks
 from training.config import ConfigError, RunConfig, deepspeed_config, load_user_deepspeed_config
+from training.describe import layout
 from training.metrics import MetricsSink, perplexity, sum_over
 
-
-log = logging.getLogger("colonnade")
 
 
 @dataclass
@@ -73,7 +75,12 @@ def init_distributed(timeout_s: float | None = None) -> None:
     if accel.device_name() == "cuda":
         accel.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
-    deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False, **timeout)
+    # DeepSpeed's ZeRO calls torch's all_gather_into_tensor, deprecated in torch 2.13: not the user's business.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
+    with contextlib.redirect_stdout(io.StringIO()):  # "DeepSpeed ... shm_comm_op built successfully", per rank
+        deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False,
+                                   **timeout)
 
 
 def check_task_fits(cfg: RunConfig, model_config) -> None:
@@ -110,39 +117,37 @@ def finish_process(code: int = 0) -> None:
 
 
 def build_tokenizer(cfg: RunConfig, train_files: list[str], resume_from: Path | None = None):
-    """The run's tokenizer, saved in ``output_dir/tokenizer`` so a resumed run reuses exactly it; a run resumed
-    from another directory's checkpoint takes the checkpoint's."""
+    """The run's tokenizer: the one saved in ``output_dir/tokenizer`` by an earlier start of this run, else a
+    resumed checkpoint's, else what ``model.tokenizer`` says. Rank 0 builds it (training a BPE can take a
+    while) and sends it to the others; nothing is written here (``_save_run_files`` does, once every input
+    check has passed)."""
     saved = Path(cfg.train.output_dir) / "tokenizer"
     choice = cfg.model.tokenizer or (cfg.model.pretrained if cfg.model.pretrained else "byte")
 
     def make():
-        if (saved / "tokenizer_config.json").is_file():
-            return load_tokenizer(saved)
-        if resume_from is not None and (resume_from / "tokenizer_config.json").is_file():
-            tok = load_tokenizer(resume_from)
-            if dist.get_rank() == 0:
-                tok.save_pretrained(str(saved))
-            return tok
+        for directory in (saved, resume_from):
+            if directory is not None and (directory / "tokenizer_config.json").is_file():
+                return load_tokenizer(directory)
         if choice == "byte":
-            tok = byte_level_tokenizer()
-        elif choice == "bpe" and cfg.data.source_field:
-            pairs = data.load_pairs(train_files, "data.train_files", cfg.data.source_field, cfg.data.target_field,
-                                    cfg.data.cache_dir)
-            tok = train_bpe_tokenizer((text for row in pairs for text in (row["source"], row["target"])),
-                                      cfg.model.bpe_vocab_size)
-        elif choice == "bpe":
-            texts = data.load_texts(train_files, "data.train_files", cfg.data.text_field, cfg.data.cache_dir)
-            tok = train_bpe_tokenizer((row["text"] for row in texts), cfg.model.bpe_vocab_size)
-        else:
-            if not Path(choice).is_dir():
-                raise FileNotFoundError(f"model.tokenizer={choice}: not 'byte', 'bpe' or a tokenizer directory")
-            tok = load_tokenizer(choice, cfg.model.trust_remote_code)
-        if dist.get_rank() == 0:
-            tok.save_pretrained(str(saved))
-        return tok
+            return byte_level_tokenizer()
+        if choice == "bpe":
+            return train_bpe_tokenizer(_tokenizer_texts(cfg, train_files), cfg.model.bpe_vocab_size)
+        if not Path(choice).is_dir():
+            raise FileNotFoundError(f"model.tokenizer={choice}: not 'byte', 'bpe' or a tokenizer directory")
+        return load_tokenizer(choice, cfg.model.trust_remote_code)
 
-    tok = rank0_first(make, "building the tokenizer")
-    return tok if dist.get_rank() == 0 else load_tokenizer(saved)
+    shared = [on_rank0(make, "building the tokenizer")]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
+
+
+def _tokenizer_texts(cfg: RunConfig, train_files: list[str]):
+    if cfg.data.source_field:
+        pairs = data.load_pairs(train_files, "data.train_files", cfg.data.source_field, cfg.data.target_field,
+                                cfg.data.cache_dir)
+        return (text for row in pairs for text in (row["source"], row["target"]))
+    texts = data.load_texts(train_files, "data.train_files", cfg.data.text_field, cfg.data.cache_dir)
+    return (row["text"] for row in texts)
 
 
 def build_data(cfg: RunConfig, tokenizer, train_files: list[str], valid_files: list[str]):
@@ -191,18 +196,20 @@ def _grad_norm(model_engine, groups: ProcessGroups) -> float | None:
     return float(norm)
 
 
-def _save_run_files(cfg: RunConfig, ds_config: dict[str, Any]) -> None:
-    out = Path(cfg.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    (out / "deepspeed.json").write_text(json.dumps(ds_config, indent=2))
+@dataclass(frozen=True)
+class _Inputs:
+    """What the checks of a run's input found, before anything is built or written."""
+
+    ds_config: dict[str, Any]
+    train_files: list[str]
+    valid_files: list[str]
+    resume_from: Path | None
 
 
-def run(cfg: RunConfig, deepspeed_config_file: str | None = None) -> RunResult:
-    """Train according to ``cfg``; collective over all ranks of the launched job."""
-    init_distributed(cfg.parallel.timeout_s)
-    world, rank = dist.get_world_size(), dist.get_rank()
-    # Everything that can be wrong with the input is checked here, identically on every rank.
+def _check_inputs(cfg: RunConfig, deepspeed_config_file: str | None) -> _Inputs:
+    """Everything that can be wrong with the input and is known before the data and the model are built,
+    checked identically on every rank."""
+    world = dist.get_world_size()
     ds_config = (load_user_deepspeed_config(deepspeed_config_file, cfg, world) if deepspeed_config_file
                  else deepspeed_config(cfg, world))
     engine_lib.check_precision(cfg.precision)
@@ -211,6 +218,7 @@ def run(cfg: RunConfig, deepspeed_config_file: str | None = None) -> RunResult:
     model_config = hf_config(pretrained=cfg.model.pretrained, arch=cfg.model.arch, config=cfg.model.config,
                              trust_remote_code=cfg.model.trust_remote_code)
     check_task_fits(cfg, model_config)
+    check_sequence_fits(model_config, cfg.data.seq_len, cfg.data.max_target_len if cfg.data.source_field else None)
     check_tensor_parallel_fits(model_config, cfg.parallel.tensor)
     check_pipeline_fits(model_config, cfg.parallel.pipeline, cfg.parallel.virtual_stages, cfg.parallel.partition)
     resume_from = checkpoint.agree_on_resume(cfg.train.resume, cfg.train.output_dir)
@@ -218,16 +226,24 @@ def run(cfg: RunConfig, deepspeed_config_file: str | None = None) -> RunResult:
     if leftover is not None and cfg.train.resume is None:
         raise ConfigError(f"train.output_dir={cfg.train.output_dir} already holds checkpoints of another run: "
                           f"set train.resume=auto to continue it, or choose a new train.output_dir")
-    if leftover is not None and rank == 0:  # resume=auto, but no save there ever completed
-        log.warning("train.resume=auto: no complete checkpoint in %s (only incomplete saves such as %s, or an "
-                    "older format); starting from step 0", checkpoint.checkpoint_root(cfg.train.output_dir), leftover.name)
-    groups = ProcessGroups.from_degrees(cfg.parallel.tensor, cfg.parallel.pipeline, timeout_s=cfg.parallel.timeout_s)
+    if leftover is not None:
+        _console(f"train.resume=auto: no complete checkpoint in {checkpoint.checkpoint_root(cfg.train.output_dir)} "
+                 f"(only incomplete saves such as {leftover.name}, or an older format); starting from step 0")
+    if cfg.train.export_hf:
+        checkpoint.check_export_dir(Path(cfg.train.output_dir) / "hf")
+    return _Inputs(ds_config, train_files, valid_files, resume_from)
 
-    torch.manual_seed(cfg.train.seed)
-    tokenizer = build_tokenizer(cfg, train_files, resume_from)
-    train_blocks, valid_blocks = build_data(cfg, tokenizer, train_files, valid_files)
-    plan = data.BatchPlan(cfg.train.micro_batch_size, cfg.train.grad_accum, groups.data)
-    data.check_enough_for_one_step(train_blocks, plan, "data.train_files")
+
+def _console(message: str) -> None:
+    """A line for the user, from rank 0 (beside the progress bar)."""
+    if dist.get_rank() == 0:
+        from tqdm import tqdm
+
+        tqdm.write(message)
+
+
+def _build_model(cfg: RunConfig, tokenizer, blocks: dict, resume_from: Path | None):
+    """The HF model, checked against the tokenized data, with the resumed weights, before it is sharded."""
     special = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                if getattr(tokenizer, k) is not None}
     if cfg.data.source_field and tokenizer.pad_token_id is not None:
@@ -237,49 +253,84 @@ def run(cfg: RunConfig, deepspeed_config_file: str | None = None) -> RunResult:
                         vocab_size=len(tokenizer) if cfg.model.arch else None, seed=cfg.train.seed,
                         trust_remote_code=cfg.model.trust_remote_code)
     vocabulary = model.get_input_embeddings().num_embeddings
-    for key, blocks in (("data.train_files", train_blocks), ("data.valid_files", valid_blocks)):
-        if blocks is not None:
-            data.check_token_ids(blocks, vocabulary, key, cfg.model.pretrained or cfg.model.arch)
+    for key, key_blocks in blocks.items():
+        if key_blocks is not None:
+            data.check_token_ids(key_blocks, vocabulary, key, cfg.model.pretrained or cfg.model.arch)
     if vocabulary < len(tokenizer):
         raise ConfigError(f"model.pretrained={cfg.model.pretrained}: the tokenizer has {len(tokenizer)} tokens "
                           f"but the model only {vocabulary} embeddings")
     if resume_from is not None:
         checkpoint.load_weights(model, resume_from)  # before sharding: every layout cuts the same full weights
-    model = tensor_parallelize(model, groups.tp_group, cfg.parallel.sequence_parallel)
-    runner = None
-    if groups.pipeline > 1:
-        chunks, tied_weight = build_chunks(model, cfg, groups)
-        model_engine = engine_lib.build(chunks, cfg.optim, cfg.train.steps, ds_config, groups)
-        runner = PipelineRunner(model_engine, cfg, groups, tied_weight, model.config.hidden_size)
-    else:
-        model_engine = engine_lib.build(model, cfg.optim, cfg.train.steps, ds_config, groups)
-    if rank == 0:
-        _save_run_files(cfg, ds_config)
+    return model
 
-    resumed = checkpoint.restore(model_engine, model, groups, resume_from) if resume_from is not None else None
+
+def _build_engine(cfg: RunConfig, model, ds_config: dict[str, Any], groups: ProcessGroups):
+    """(DeepSpeed engine, PipelineRunner or None) over this rank's tensor-parallel shard / pipeline chunks."""
+    if groups.pipeline == 1:
+        return engine_lib.build(model, cfg.optim, cfg.train.steps, ds_config, groups), None
+    chunks, tied_weight = build_chunks(model, cfg, groups)
+    model_engine = engine_lib.build(chunks, cfg.optim, cfg.train.steps, ds_config, groups)
+    return model_engine, PipelineRunner(model_engine, cfg, groups, tied_weight, model.config.hidden_size)
+
+
+def _save_run_files(cfg: RunConfig, ds_config: dict[str, Any], tokenizer) -> None:
+    """Rank 0, once every check passed: the effective config, the DeepSpeed JSON and the tokenizer."""
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    (out / "deepspeed.json").write_text(json.dumps(ds_config, indent=2))
+    if not (out / "tokenizer" / "tokenizer_config.json").is_file():
+        tokenizer.save_pretrained(str(out / "tokenizer"))
+
+
+def _announce_resume(cfg: RunConfig, path: Path, resumed) -> None:
+    """What the run continues from, and every setting that changed since that checkpoint was written."""
+    _console(f"resuming from {path}: step {resumed.step}, {resumed.consumed_samples} samples consumed")
+    changed = checkpoint.changed_settings(path, cfg.to_dict())
+    if changed:
+        _console("changed since that checkpoint, in effect from step "
+                 f"{resumed.step + 1} (the LR schedule follows optim.* and train.steps as they are now): "
+                 + ", ".join(changed))
+
+
+def run(cfg: RunConfig, deepspeed_config_file: str | None = None) -> RunResult:
+    """Train according to ``cfg``; collective over all ranks of the launched job. Nothing is written to
+    ``train.output_dir`` until every check of the input has passed."""
+    init_distributed(cfg.parallel.timeout_s)
+    inputs = _check_inputs(cfg, deepspeed_config_file)
+    groups = ProcessGroups.from_degrees(cfg.parallel.tensor, cfg.parallel.pipeline, timeout_s=cfg.parallel.timeout_s)
+    torch.manual_seed(cfg.train.seed)
+    tokenizer = build_tokenizer(cfg, inputs.train_files, inputs.resume_from)
+    train_blocks, valid_blocks = build_data(cfg, tokenizer, inputs.train_files, inputs.valid_files)
+    plan = data.BatchPlan(cfg.train.micro_batch_size, cfg.train.grad_accum, groups.data)
+    data.check_enough_for_one_step(train_blocks, plan, "data.train_files")
+    model = _build_model(cfg, tokenizer, {"data.train_files": train_blocks, "data.valid_files": valid_blocks},
+                         inputs.resume_from)
+    _console(f"model: {describe(model.config, sum(p.numel() for p in model.parameters()), len(tokenizer))}; "
+             f"layout: {layout(cfg, dist.get_world_size())}")
+    model = tensor_parallelize(model, groups.tp_group, cfg.parallel.sequence_parallel)
+    model_engine, runner = _build_engine(cfg, model, inputs.ds_config, groups)
+    resumed = None
+    if inputs.resume_from is not None:
+        resumed = checkpoint.restore(model_engine, model, groups, inputs.resume_from)
+        _announce_resume(cfg, inputs.resume_from, resumed)
+    if dist.get_rank() == 0:
+        _save_run_files(cfg, inputs.ds_config, tokenizer)
     start_step = resumed.step if resumed else 0
     # Samples already seen: the data order continues where it stopped even if the global batch changed.
     sample_offset = resumed.consumed_samples - start_step * plan.global_batch if resumed else 0
     batches = data.TrainBatches(train_blocks, plan, groups.dp_rank, cfg.train.seed,
                                 pad_id=tokenizer.pad_token_id if cfg.data.source_field else None,
                                 sample_offset=sample_offset)
-    sink = MetricsSink(cfg.train.output_dir, rank == 0, cfg.logging.wandb, cfg.to_dict(),
-                       resume_after_step=start_step if resumed else None)
+    sink = MetricsSink(cfg.train.output_dir, dist.get_rank() == 0, cfg.logging.wandb,
+                       {**cfg.to_dict(), "layout": groups.describe()}, resume_after_step=start_step if resumed else None)
     result = RunResult(output_dir=Path(cfg.train.output_dir), engine=model_engine, groups=groups, model=model,
                        runner=runner)
     loop = _Loop(cfg, model_engine, runner, model, tokenizer, groups, batches, valid_blocks, sink, result,
                  tokens_per_step=None if cfg.data.source_field else plan.global_batch * cfg.data.seq_len,
                  sample_offset=sample_offset, skipped_before=resumed.skipped_steps if resumed else 0)
     try:
-        try:
-            loop.train(start_step)
-            loop.operation = "the final Hugging Face export"
-            if cfg.train.export_hf:
-                checkpoint.export_hf(model_engine, model, tokenizer, Path(cfg.train.output_dir) / "hf", groups)
-        except Exception as exc:
-            if is_timeout(exc):
-                raise timeout_error(exc, rank, cfg.parallel.timeout_s, loop.operation) from exc
-            raise
+        loop.run(start_step)
     finally:
         sink.close()
     return result
@@ -318,12 +369,33 @@ class _Loop:
         self.tokens_per_step, self.sample_offset = tokens_per_step, sample_offset
         self.nonfinite = NonFiniteSteps(cfg.train.max_consecutive_skips, skipped_before)
         self.operation = "setup"
+        self.last_saved: Path | None = None
+
+    def run(self, start_step: int) -> None:
+        """Train, export, and say where the results are; a collective timeout names what was running."""
+        cfg, out = self.cfg, Path(self.cfg.train.output_dir)
+        try:
+            self.train(start_step)
+            if cfg.train.export_hf:
+                self.operation = "the final Hugging Face export"
+                checkpoint.export_hf(self.engine, self.model, self.tokenizer, out / "hf", self.groups)
+        except Exception as exc:
+            if is_timeout(exc):
+                raise timeout_error(exc, dist.get_rank(), cfg.parallel.timeout_s, self.operation) from exc
+            raise
+        written = [f"metrics {out / 'metrics.jsonl'}"]
+        if self.last_saved is not None:
+            written.append(f"checkpoint {self.last_saved}")
+        if cfg.train.export_hf:
+            written.append(f"Hugging Face export {out / 'hf'}")
+        _console(f"done: {cfg.train.steps} steps; " + "; ".join(written))
 
     def save(self, step: int) -> Path:
         self.operation = f"the checkpoint save of step {step}"
         consumed = self.sample_offset + step * self.batches.plan.global_batch
-        return checkpoint.save(self.engine, self.model, self.tokenizer, self.groups, self.cfg.to_dict(), step,
-                               consumed, self.cfg.train.output_dir)
+        self.last_saved = checkpoint.save(self.engine, self.model, self.tokenizer, self.groups, self.cfg.to_dict(),
+                                          step, consumed, self.cfg.train.output_dir)
+        return self.last_saved
 
     def train(self, start_step: int) -> None:
         from tqdm import tqdm

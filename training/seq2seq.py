@@ -25,19 +25,6 @@ def step_loss(model_engine, batch: dict[str, torch.Tensor], groups) -> torch.Ten
     return seq2seq_loss(model_engine.module, _logits(model_engine, batch), batch["labels"], groups.tp_group)
 
 
-def _eval_rounds(num_examples: int, micro: int, dp_rank: int, dp_size: int, limit: int | None):
-    """Each rank's example positions per round; every rank runs the same number of rounds (ZeRO-3 forwards
-    are collective), rows past the end are repeats of example 0 flagged as not real."""
-    per_round = micro * dp_size
-    rounds = -(-num_examples // per_round)
-    if limit is not None:
-        rounds = min(rounds, limit)
-    for r in range(rounds):
-        start = r * per_round + dp_rank * micro
-        positions = list(range(start, start + micro))
-        yield [p if p < num_examples else 0 for p in positions], [p < num_examples for p in positions]
-
-
 @torch.no_grad()
 def evaluate(model_engine, examples, cfg, groups, tokenizer) -> tuple[dict[str, float], str | None]:
     """(metrics, sacreBLEU signature): ``eval_loss`` (mean NLL per target token), ``perplexity`` and, with
@@ -52,8 +39,8 @@ def evaluate(model_engine, examples, cfg, groups, tokenizer) -> tuple[dict[str, 
     bleu_limit = min(len(examples), cfg.eval.bleu_samples or len(examples))
     synced = cfg.parallel.zero_stage == 3 and groups.data > 1  # every rank must keep calling forward
     nll, tokens, hypotheses, references = 0.0, 0.0, [], []
-    for positions, real in _eval_rounds(len(examples), cfg.train.micro_batch_size, groups.dp_rank, groups.data,
-                                        cfg.train.eval_batches):
+    for positions, real in data.eval_rounds(len(examples), cfg.train.micro_batch_size, groups.dp_rank,
+                                            groups.data, cfg.train.eval_batches):
         rows = examples.select(positions)[:]
         batch = {k: v.to(device) for k, v in data.pad_pairs(rows, pad_id).items()}
         labels = batch["labels"].masked_fill(~torch.tensor(real, device=device).unsqueeze(1), -100)
