@@ -37,16 +37,12 @@ def _split(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     return x.chunk(world, dim=dim)[dist.get_rank(group)].contiguous()
 
 
-# torch 2.13 renamed all_gather_into_tensor (deprecated there) to all_gather_single.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
 def _gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     world = _world(group)
     if world == 1:
         return x
     stacked = torch.empty((world * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-    _all_gather_single(stacked, x.contiguous(), group=group)
+    dist.all_gather_into_tensor(stacked, x.contiguous(), group=group)
     if dim == 0:
         return stacked
     return torch.cat(stacked.chunk(world), dim=dim)

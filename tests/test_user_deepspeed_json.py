@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.dist import run_ranks
 from tests.helpers import tiny_config, write_corpus

@@ -75,9 +75,10 @@ def init_distributed(timeout_s: float | None = None) -> None:
     if accel.device_name() == "cuda":
         accel.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
-    # DeepSpeed's ZeRO calls torch's all_gather_into_tensor, deprecated in torch 2.13: not the user's business.
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
-                            category=FutureWarning)
+    # torch 2.13 deprecates the names DeepSpeed's ZeRO and our TP layers call (renamed *_single; torch >= 2.4
+    # must keep working): not the user's business.
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
     with contextlib.redirect_stdout(io.StringIO()):  # "DeepSpeed ... shm_comm_op built successfully", per rank
         deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False,
                                    **timeout)
