@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         import training
 
         training.run(cfg, args.deepspeed_config)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, OSError, ValueError) as exc:  # bad input, unreadable / unwritable paths
         return _fail(f"error: {exc}", 2)
     except TrainingStopped as exc:  # every rank says where it stopped
         return _fail(str(exc), exc.exit_code, rank0_reports=False)
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 # A rank other than 0 waits this long before reporting an error, so that when rank 0 finds the same error
 # (the usual case: every rank checks the same input) rank 0's report reaches the console before the launcher,
 # seeing the first rank exit, kills the others; an error only that rank found is still reported after it.
-REPORT_GRACE_S = 5.0
+REPORT_GRACE_S = 10.0
 
 
 def _fail(message: str, code: int, *, rank0_reports: bool = True) -> int:
@@ -99,7 +99,7 @@ if __name__ == "__main__":
     try:
         code = main()
     except SystemExit as exc:  # argparse: --help (0) and usage errors (2), already printed
-        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else _fail(str(exc.code), 1)
     except BaseException:  # printed, then the process ends without the interpreter's shutdown (see finish_process)
         import traceback
 

@@ -23,16 +23,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _two_runs(good, refused):
-    """Rank function: train ``good`` (checkpoints at steps 1 and 2, end-of-run export to its hf/); then train
-    ``refused``, whose hf/ already holds a user's file, and return the error its end-of-run export raised."""
+    """Rank function: train ``good`` (checkpoints at steps 1 and 2, end-of-run export to its hf/); then start
+    ``refused``, whose hf/ already holds a user's file, twice: as it is (refused before training) and with the
+    start-of-run check switched off (as if the file appeared during training: the export itself refuses).
+    Returns the two errors."""
+    import training.checkpoint as checkpoint
     from training import run
 
     run(good)
-    try:
-        run(refused)
-    except Exception as exc:  # expected: the export to hf/ is refused
-        return f"{type(exc).__name__}: {exc}"
-    return None
+    errors = []
+    for check in (checkpoint.check_export_dir, lambda out_dir: None):
+        checkpoint.check_export_dir = check
+        try:
+            run(refused)
+            errors.append(None)
+        except Exception as exc:  # expected: the export to hf/ is refused
+            errors.append(f"{type(exc).__name__}: {exc}")
+    return errors
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +54,9 @@ def made(tmp_path_factory):
     user_file = base / "refused" / "run" / "hf" / "notes.txt"
     user_file.parent.mkdir(parents=True)
     user_file.write_text("mine")
-    [error] = run_ranks(_two_runs, 1, good, refused, timeout=300)
-    return {"run": base / "good" / "run", "end_of_run_error": error, "user_file": user_file}
+    [(start_error, end_error)] = run_ranks(_two_runs, 1, good, refused, timeout=300)
+    return {"run": base / "good" / "run", "start_error": start_error, "end_of_run_error": end_error,
+            "user_file": user_file}
 
 
 @pytest.fixture
@@ -186,10 +194,12 @@ def test_an_earlier_export_with_a_file_added_is_refused(run_dir, tmp_path, capsy
 def test_end_of_run_export_follows_the_same_rule(made, run_dir, capsys):
     from transformers import AutoModelForCausalLM
 
-    # It refused the hf/ holding a user's file, naming it, and left the file there.
-    error = made["end_of_run_error"]
-    assert error is not None and "CheckpointError" in error, error
-    assert str(made["user_file"].parent) in error and "notes.txt" in error, error
+    # It refused the hf/ holding a user's file, naming it, and left the file there: before training (nothing
+    # else written) and, with that check off, at the export itself after training (the checkpoint was written).
+    for error in (made["start_error"], made["end_of_run_error"]):
+        assert error is not None and "CheckpointError" in error, error
+        assert str(made["user_file"].parent) in error and "notes.txt" in error, error
+    assert (made["user_file"].parents[1] / "checkpoints" / "step_0000001" / files.MANIFEST).is_file()
     assert made["user_file"].read_text() == "mine"
     assert sorted(os.listdir(made["user_file"].parent)) == ["notes.txt"]
     # A run's own export is an export of ours: the CLI may replace it, and it loads.
@@ -199,3 +209,27 @@ def test_end_of_run_export_follows_the_same_rule(made, run_dir, capsys):
     AutoModelForCausalLM.from_pretrained(run_dir / "hf")
     listed = json.loads((run_dir / "hf" / files.EXPORT_MARKER).read_text())["files"]
     assert "model.safetensors" in listed
+
+
+def test_a_new_directory_among_checkpoints_is_refused(run_dir, capsys):
+    """A new OUT named like a checkpoint, or beside them, would be taken for one (or block a later save)."""
+    before = _snapshot(run_dir)
+    for out in (run_dir / "checkpoints" / "step_0000400", run_dir / "checkpoints" / "exported"):
+        code, err = _export(capsys, run_dir, out)
+        _refused(code, err, out, "among the checkpoints")
+    assert _snapshot(run_dir) == before
+
+
+def test_replacing_an_export_keeps_what_appeared_in_it_meanwhile(tmp_path):
+    """The earlier export moved aside is emptied by its marker's list only: a file that appeared after the check
+    survives (in the hidden sibling), it is never deleted."""
+    old = tmp_path / "old"
+    (old / "sub").mkdir(parents=True)
+    (old / "model.safetensors").write_text("weights")
+    (old / "sub" / "a.json").write_text("{}")
+    (old / files.EXPORT_MARKER).write_text(json.dumps({"format": files.EXPORT_FORMAT,
+                                                       "files": ["model.safetensors", "sub/a.json"]}))
+    (old / "sub" / "late.txt").write_text("a user's")
+    files._remove_export(old)
+    assert (old / "sub" / "late.txt").read_text() == "a user's"
+    assert not (old / "model.safetensors").exists() and not (old / files.EXPORT_MARKER).exists()

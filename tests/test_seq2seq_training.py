@@ -80,12 +80,13 @@ def seq2seq_reference(cfg, dp: int) -> tuple[list[float], list[float]]:
 
 def test_zero2_tp2_and_zero3_dp4_match_single_process(tmp_path):
     """4 processes: ZeRO-2 x TP=2 x DP=2, then ZeRO-3 x DP=4 (with a BLEU eval, whose generation must keep
-    the partitioned ranks in step: synced_gpus)."""
+    the partitioned ranks in step: synced_gpus; with eval.bleu_samples=2 only rank 0 holds examples to translate,
+    and every rank must still enter generate, else ZeRO-3's gathers hang)."""
     task = toy_task(tmp_path / "task", train=96, valid=8)
     cfgs = [seq2seq_config(tmp_path / "z2", task, parallel__tensor=2, parallel__zero_stage=2, eval__bleu=False,
                            train__save_final=True),
             seq2seq_config(tmp_path / "z3", task, parallel__zero_stage=3, eval__max_new_tokens=8,
-                           train__save_final=True)]
+                           eval__bleu_samples=2, train__save_final=True)]  # 2 < 4 ranks x 4: generation on some
     references = [seq2seq_reference(cfg, dp=dp) for cfg, dp in zip(cfgs, (2, 4))]
     assert all(max(norms) > cfgs[0].optim.grad_clip for _, norms in references), "clipping must be active"
     histories = run_ranks(run_configs, 4, cfgs, timeout=600)[0]

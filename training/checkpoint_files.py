@@ -206,8 +206,25 @@ def _install(tmp: Path, target: Path) -> None:
         except BaseException:
             os.rename(old, target)
             raise
-        shutil.rmtree(old)  # the earlier export: only files its marker lists
+        _remove_export(old)
     _fsync_dir(target.parent)
+
+
+def _remove_export(directory: Path) -> None:
+    """Delete the files an earlier export's marker lists, then its directories if that empties them; anything
+    that appeared there since it was checked stays (in the hidden ``.export-old`` sibling)."""
+    listed = json.loads((directory / EXPORT_MARKER).read_text())["files"] + [EXPORT_MARKER]
+    for name in listed:
+        (directory / name).unlink(missing_ok=True)
+    for name in sorted({str(p) for n in listed for p in Path(n).parents if str(p) != "."}, key=len, reverse=True):
+        try:
+            (directory / name).rmdir()
+        except OSError:  # not empty: holds something that is not ours
+            pass
+    try:
+        directory.rmdir()
+    except OSError:
+        pass
 
 
 def _default_dir_mode(inside: Path) -> int:
@@ -240,6 +257,9 @@ def _why_not_writable(target: Path, source: Path | None) -> str | None:
     inside = next((p for p in target.parents if is_complete(p) or _is_staging(p)), None)
     if inside is not None:
         return f"it lies inside the checkpoint {inside}"
+    if step_of(target) is not None or (target.parent.is_dir() and any(step_of(p) is not None
+                                                                      for p in target.parent.iterdir())):
+        return f"it would lie among the checkpoints of {target.parent}"
     if not target.exists() and not target.is_symlink():
         return None
     if not target.is_dir():

@@ -21,6 +21,8 @@ def planned_model(cfg: RunConfig) -> str:
             config.vocab_size = cfg.model.bpe_vocab_size
             vocabulary = f"up to {cfg.model.bpe_vocab_size} (BPE trained on data.train_files)"
         else:
+            if choice != "byte" and not Path(choice).is_dir():
+                raise FileNotFoundError(f"model.tokenizer={choice}: not 'byte', 'bpe' or a tokenizer directory")
             tokenizer = byte_level_tokenizer() if choice == "byte" else load_tokenizer(Path(choice))
             config.vocab_size = vocabulary = len(tokenizer)
     return f"{describe(config, parameter_count(config, cfg.model.trust_remote_code), vocabulary)}; {source}"

@@ -119,26 +119,26 @@ def finish_process(code: int = 0) -> None:
 
 def build_tokenizer(cfg: RunConfig, train_files: list[str], resume_from: Path | None = None):
     """The run's tokenizer: the one saved in ``output_dir/tokenizer`` by an earlier start of this run, else a
-    resumed checkpoint's, else what ``model.tokenizer`` says. Rank 0 builds it (training a BPE can take a
-    while) and sends it to the others; nothing is written here (``_save_run_files`` does, once every input
-    check has passed)."""
-    saved = Path(cfg.train.output_dir) / "tokenizer"
+    resumed checkpoint's, else what ``model.tokenizer`` says. A directory is read by every rank (rank 0 first);
+    a BPE is trained on rank 0 and sent to the others. Nothing is written here (``_save_run_files`` does, once
+    every input check has passed)."""
     choice = cfg.model.tokenizer or (cfg.model.pretrained if cfg.model.pretrained else "byte")
+    saved = [d for d in (Path(cfg.train.output_dir) / "tokenizer", resume_from)
+             if d is not None and (d / "tokenizer_config.json").is_file()]
+    directory = saved[0] if saved else (None if choice in ("byte", "bpe") else Path(choice))
+    if directory is not None:
+        def load():
+            if not directory.is_dir():
+                raise FileNotFoundError(f"model.tokenizer={choice}: not 'byte', 'bpe' or a tokenizer directory")
+            return load_tokenizer(directory, cfg.model.trust_remote_code)
 
-    def make():
-        for directory in (saved, resume_from):
-            if directory is not None and (directory / "tokenizer_config.json").is_file():
-                return load_tokenizer(directory)
-        if choice == "byte":
-            return byte_level_tokenizer()
-        if choice == "bpe":
-            return train_bpe_tokenizer(_tokenizer_texts(cfg, train_files), cfg.model.bpe_vocab_size)
-        if not Path(choice).is_dir():
-            raise FileNotFoundError(f"model.tokenizer={choice}: not 'byte', 'bpe' or a tokenizer directory")
-        return load_tokenizer(choice, cfg.model.trust_remote_code)
-
-    shared = [on_rank0(make, "building the tokenizer")]
-    dist.broadcast_object_list(shared, src=0)
+        return rank0_first(load, "loading the tokenizer")
+    if choice == "byte":
+        return byte_level_tokenizer()
+    trained = on_rank0(lambda: train_bpe_tokenizer(_tokenizer_texts(cfg, train_files), cfg.model.bpe_vocab_size),
+                       "training the BPE tokenizer")
+    shared = [trained]
+    dist.broadcast_object_list(shared, src=0)  # a tokenizers-backed object: pickles whole, no files behind it
     return shared[0]
 
 
@@ -230,9 +230,17 @@ def _check_inputs(cfg: RunConfig, deepspeed_config_file: str | None) -> _Inputs:
     if leftover is not None:
         _console(f"train.resume=auto: no complete checkpoint in {checkpoint.checkpoint_root(cfg.train.output_dir)} "
                  f"(only incomplete saves such as {leftover.name}, or an older format); starting from step 0")
+    _check_writable(Path(cfg.train.output_dir))
     if cfg.train.export_hf:
         checkpoint.check_export_dir(Path(cfg.train.output_dir) / "hf")
     return _Inputs(ds_config, train_files, valid_files, resume_from)
+
+
+def _check_writable(output_dir: Path) -> None:
+    existing = next(p for p in (output_dir, *output_dir.absolute().parents) if p.exists())
+    if not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
+        raise ConfigError(f"train.output_dir={output_dir}: {existing} is not a writable directory; choose an "
+                          f"output_dir this user can write")
 
 
 def _console(message: str) -> None:
@@ -315,8 +323,7 @@ def run(cfg: RunConfig, deepspeed_config_file: str | None = None) -> RunResult:
     if inputs.resume_from is not None:
         resumed = checkpoint.restore(model_engine, model, groups, inputs.resume_from)
         _announce_resume(cfg, inputs.resume_from, resumed)
-    if dist.get_rank() == 0:
-        _save_run_files(cfg, inputs.ds_config, tokenizer)
+    on_rank0(lambda: _save_run_files(cfg, inputs.ds_config, tokenizer), "writing the run files")
     start_step = resumed.step if resumed else 0
     # Samples already seen: the data order continues where it stopped even if the global batch changed.
     sample_offset = resumed.consumed_samples - start_step * plan.global_batch if resumed else 0

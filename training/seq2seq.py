@@ -39,8 +39,9 @@ def evaluate(model_engine, examples, cfg, groups, tokenizer) -> tuple[dict[str, 
     bleu_limit = min(len(examples), cfg.eval.bleu_samples or len(examples))
     synced = cfg.parallel.zero_stage == 3 and groups.data > 1  # every rank must keep calling forward
     nll, tokens, hypotheses, references = 0.0, 0.0, [], []
-    for positions, real in data.eval_rounds(len(examples), cfg.train.micro_batch_size, groups.dp_rank,
-                                            groups.data, cfg.train.eval_batches):
+    per_round = cfg.train.micro_batch_size * groups.data
+    for round_index, (positions, real) in enumerate(data.eval_rounds(
+            len(examples), cfg.train.micro_batch_size, groups.dp_rank, groups.data, cfg.train.eval_batches)):
         rows = examples.select(positions)[:]
         batch = {k: v.to(device) for k, v in data.pad_pairs(rows, pad_id).items()}
         labels = batch["labels"].masked_fill(~torch.tensor(real, device=device).unsqueeze(1), -100)
@@ -49,7 +50,7 @@ def evaluate(model_engine, examples, cfg, groups, tokenizer) -> tuple[dict[str, 
                                               labels.masked_fill(~keep, 0), tp_group, start, valid)
         nll += float((losses * keep).sum())
         tokens += float(keep.sum())
-        if cfg.eval.bleu and min(positions) < bleu_limit:
+        if cfg.eval.bleu and round_index * per_round < bleu_limit:  # every rank alike: generate may be collective
             out = generate(module, groups.tp_group, input_ids=batch["input_ids"],
                            attention_mask=batch["attention_mask"], num_beams=cfg.eval.num_beams,
                            max_new_tokens=cfg.eval.max_new_tokens, do_sample=False, synced_gpus=synced)
