@@ -112,9 +112,9 @@ def _operations(op: str, nbytes: int, rank: int, world: int, device, dtype):
                 (lambda: comm._reduce_scatter(x, 0, group)))
     if op == "broadcast":
         return (lambda: dist.broadcast(x, src=0)), None
-    # send/recv between ranks 0 and 1 (others idle): raw blocking pair vs PipeComm (tagged, timed out)
+    # send/recv between ranks 0 and 1 (others idle): raw blocking pair vs PipeComm (batched, timed out)
     peer = 1 - rank if rank < 2 else None
-    pipe = PipeComm([0, 1], rank, 1, tuple(x.shape), dtype, device) if rank < 2 else None
+    pipe = PipeComm([0, 1], rank, tuple(x.shape), dtype, device) if rank < 2 else None
 
     def raw():
         if rank == 0:
@@ -124,10 +124,11 @@ def _operations(op: str, nbytes: int, rank: int, world: int, device, dtype):
 
     def ours():
         if rank == 0:
-            pipe.send_forward(x, 0, 0)
+            pipe.exchange(send=x, send_to=1)
             pipe.flush()
         elif rank == 1:
-            pipe.recv_forward(1, 0)
+            pipe.exchange(recv_from=-1)
+            pipe.receive()
 
     return (raw if peer is not None else (lambda: None)), (ours if peer is not None else (lambda: None))
 

@@ -69,14 +69,15 @@ class ParallelLM:
         """Run the pipeline for one sequence batch; the last stage returns local logits, others None."""
         import torch
 
+        from parallel.comm import comm_device
         from parallel.p2p import PipeComm
         from parallel.schedules import Op, run_schedule
 
         seq = ids.shape[1]
         for chunk in self.chunks:
             chunk.seq_len = seq
-        comm = PipeComm(self.groups.pp_ranks, self.groups.pp_rank, 1, (ids.shape[0], seq, self.hidden),
-                        torch.float32, "cpu")
+        comm = PipeComm(self.groups.pp_ranks, self.groups.pp_rank, (ids.shape[0], seq, self.hidden),
+                        torch.float32, comm_device(self.groups.pp_group))
         out = {}
 
         def forward_step(c, k, x):

@@ -128,16 +128,16 @@ def install(probe: StepProbe) -> None:
 
         setattr(cls, method, timed)
 
-    original_recv = PipeComm._recv
+    original_receive = PipeComm.receive
 
-    def timed_recv(self, *args, **kwargs):
+    def timed_receive(self, *args, **kwargs):
         started = time.perf_counter()
-        out = original_recv(self, *args, **kwargs)
+        out = original_receive(self, *args, **kwargs)
         nbytes = out.numel() * out.element_size()
         probe.add("comm_pp", time.perf_counter() - started, nbytes, probe.predict("send_recv", nbytes, 2))
         return out
 
-    PipeComm._recv = timed_recv
+    PipeComm.receive = timed_receive
     wrap(PipeComm, "flush", "comm_pp")
     wrap(DeepSpeedEngine, "forward", "forward")
     wrap(PipelineChunk, "forward", "forward")

@@ -16,6 +16,14 @@ import torch.distributed as dist
 SEQ_DIM = 1
 
 
+def comm_device(group=None) -> torch.device:
+    """The device the collectives of ``group`` run on: the current CUDA device under NCCL, the CPU under gloo.
+    Every tensor colonnade hands to a collective or a p2p operation is made here (or is the model's own)."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _world(group) -> int:
     return 1 if group is None else dist.get_world_size(group)
 

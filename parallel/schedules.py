@@ -74,6 +74,41 @@ class ScheduleStats:
     max_in_flight: int = 0  # micro-batch activations held at once on this rank (all chunks)
 
 
+def _receives_from(op: Op, p: int, rank: int, last: int) -> int:
+    """Stage offset this op's input comes from: -1 (previous) for a forward, +1 (next) for a backward; 0 if
+    none (the model's first chunk's forward, the loss's backward)."""
+    g = op.chunk * p + rank
+    if op.kind == "F":
+        return -1 if g > 0 else 0
+    return 1 if g < last else 0
+
+
+def _sends_to(op: Op, p: int, rank: int, last: int) -> int:
+    g = op.chunk * p + rank
+    if op.kind == "F":
+        return 1 if g < last else 0
+    return -1 if g > 0 else 0
+
+
+def message_order(ops_of_rank: list[list[Op]], p: int, v: int) -> dict[tuple[int, int], tuple[list, list]]:
+    """For each (sender, receiver) pair: the messages the sender posts, in its order, and those the receiver
+    posts receives for, in its order, as (kind, boundary chunk, micro-batch). Untagged p2p is correct only
+    where the two lists are equal for every pair."""
+    last = p * v - 1
+    pairs: dict[tuple[int, int], tuple[list, list]] = {}
+    for rank, ops in enumerate(ops_of_rank):
+        for op in ops:
+            g = op.chunk * p + rank
+            message = ("activation", g, op.microbatch) if op.kind == "F" else ("gradient", g - 1, op.microbatch)
+            if _sends_to(op, p, rank, last):
+                pairs.setdefault((rank, (rank + _sends_to(op, p, rank, last)) % p), ([], []))[0].append(message)
+            source = _receives_from(op, p, rank, last)
+            if source:
+                wanted = ("activation", g - 1, op.microbatch) if op.kind == "F" else ("gradient", g, op.microbatch)
+                pairs.setdefault(((rank + source) % p, rank), ([], []))[1].append(wanted)
+    return pairs
+
+
 def run_schedule(ops: list[Op], *, p: int, v: int, rank: int, comm,
                  forward_step: Callable[[int, int, torch.Tensor | None], torch.Tensor],
                  backward_step: Callable[[torch.Tensor, torch.Tensor | None], None] | None,
@@ -82,33 +117,32 @@ def run_schedule(ops: list[Op], *, p: int, v: int, rank: int, comm,
 
     ``forward_step(chunk, microbatch, input)`` returns the chunk's output; on the model's last chunk that
     is the (scaled) loss. ``input`` is None on the model's first chunk. ``backward_step(output, grad)``
-    back-propagates (``grad`` is None for the loss). Inputs and outputs are released as soon as their
+    back-propagates (``grad`` is None for the loss). After each op, one ``comm.exchange`` sends its result
+    and posts the receive of the next op's input. Inputs and outputs are released as soon as their
     backward is done (at once with ``forward_only``, for eval)."""
     last = p * v - 1
     in_flight: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
     stats = ScheduleStats()
-    for op in ops:
-        global_chunk = op.chunk * p + rank
-        key = (op.chunk, op.microbatch)
+    if ops:
+        comm.exchange(recv_from=_receives_from(ops[0], p, rank, last))
+    for i, op in enumerate(ops):
+        received = comm.receive() if _receives_from(op, p, rank, last) else None
         if op.kind == "F":
-            x = None
-            if global_chunk > 0:
-                x = comm.recv_forward(global_chunk, op.microbatch)
-                x = x if forward_only else x.requires_grad_()
+            x = received if received is None or forward_only else received.requires_grad_()
             y = forward_step(op.chunk, op.microbatch, x)
-            if global_chunk < last:
-                comm.send_forward(y, global_chunk, op.microbatch)
-            if forward_only:
-                continue
-            in_flight[key] = (x, y)
-            stats.max_in_flight = max(stats.max_in_flight, len(in_flight))
+            result = y
+            if not forward_only:
+                in_flight[(op.chunk, op.microbatch)] = (x, y)
+                stats.max_in_flight = max(stats.max_in_flight, len(in_flight))
         else:
-            x, y = in_flight.pop(key)
-            grad = None if global_chunk == last else comm.recv_backward(global_chunk, op.microbatch)
-            backward_step(y, grad)
-            if global_chunk > 0:
-                comm.send_backward(x.grad, global_chunk, op.microbatch)
+            x, y = in_flight.pop((op.chunk, op.microbatch))
+            backward_step(y, received)
+            result = x.grad if x is not None else None
             del x, y
+        following = ops[i + 1] if i + 1 < len(ops) else None
+        destination = _sends_to(op, p, rank, last)
+        comm.exchange(send=result if destination else None, send_to=destination,
+                      recv_from=_receives_from(following, p, rank, last) if following else 0)
     comm.flush()
     assert not in_flight, f"schedule left activations of {sorted(in_flight)} without a backward"
     return stats

@@ -85,7 +85,7 @@ def _pipeline_grads(cases):
         def backward_step(y, grad):
             torch.autograd.backward(y, grad)
 
-        comm = PipeComm(list(range(p)), rank, m, (2, 16, 32), torch.float32, "cpu", timeout_s=60)
+        comm = PipeComm(list(range(p)), rank, (2, 16, 32), torch.float32, torch.device("cpu"), timeout_s=60)
         stats = run_schedule(ORDERS[schedule](p, m, rank, v), p=p, v=v, rank=rank, comm=comm,
                              forward_step=forward_step, backward_step=backward_step)
         if rank == p - 1:
@@ -130,7 +130,7 @@ def _fail_mid_schedule():
 
     init_distributed()
     rank = dist.get_rank()
-    comm = PipeComm([0, 1], rank, 4, (2,), torch.float32, "cpu", timeout_s=5)
+    comm = PipeComm([0, 1], rank, (2,), torch.float32, torch.device("cpu"), timeout_s=5)
     weight = torch.ones(2, requires_grad=True)
 
     def forward_step(chunk, k, x):
@@ -171,27 +171,62 @@ def test_impossible_pipeline_layouts_are_rejected():
     check_pipeline_fits(config, 2, 1, "E,t|t,t,t,L")
 
 
-def _combined_send_recv():
+def _steady_state_exchange():
+    """The 1F1B steady state between two stages: rank 0 sends micro-batch 1's activation while it receives
+    micro-batch 0's gradient; rank 1 at the same time sends that gradient and receives the activation. Each
+    side posts its send and its receive in one batch_isend_irecv (what NCCL needs to not deadlock)."""
     import torch.distributed as dist
 
     from parallel.p2p import PipeComm
     from training.loop import init_distributed
 
     init_distributed()
+    batches = []
+    original = dist.batch_isend_irecv
+
+    def recording(ops):
+        batches.append(sorted(op.op.__name__ for op in ops))
+        return original(ops)
+
+    dist.batch_isend_irecv = recording
     rank = dist.get_rank()
-    comm = PipeComm([0, 1], rank, 2, (3,), torch.float32, "cpu", timeout_s=30)
-    if rank == 0:  # chunk 0 sends activation of mb 0, gets its gradient back
-        grad = comm.send_forward_recv_backward(torch.full((3,), 1.0), 0, 0)
-        comm.send_forward(torch.full((3,), 2.0), 0, 1)
-        out = grad.tolist()
-    else:  # chunk 1 receives mb 0, returns its gradient while receiving mb 1
-        first = comm.recv_forward(1, 0)
-        second = comm.send_backward_recv_forward(first * 10, 1, 0, next_microbatch=1)
-        out = [first.tolist(), second.tolist()]
+    comm = PipeComm([0, 1], rank, (3,), torch.float32, torch.device("cpu"), timeout_s=30)
+    if rank == 0:
+        comm.exchange(send=torch.full((3,), 1.0), send_to=1)  # warm-up: forward of micro-batch 0
+        comm.exchange(send=torch.full((3,), 2.0), send_to=1, recv_from=1)  # forward of 1, gradient of 0 back
+        out = comm.receive().tolist()
+    else:
+        comm.exchange(recv_from=-1)
+        first = comm.receive()
+        comm.exchange(send=first * 10, send_to=-1, recv_from=-1)  # backward of 0, forward input of 1
+        out = [first.tolist(), comm.receive().tolist()]
     comm.flush()
-    return out
+    dist.batch_isend_irecv = original
+    return out, batches
 
 
-def test_combined_send_recv():
-    rank0, rank1 = run_ranks(_combined_send_recv, 2, timeout=120)
+def test_adjacent_stages_exchange_in_the_steady_state_with_batched_operations():
+    (rank0, batches0), (rank1, batches1) = run_ranks(_steady_state_exchange, 2, timeout=120)
     assert rank0 == [10.0] * 3 and rank1 == [[1.0] * 3, [2.0] * 3]
+    assert ["irecv", "isend"] in batches0 and ["irecv", "isend"] in batches1
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved"])
+def test_every_schedule_posts_messages_in_the_same_order_on_both_sides(schedule):
+    """Untagged p2p (NCCL has no tags) matches a pair's sends and receives in posting order: for every pair of
+    stages, the sender's messages and the receiver's receives come in the same order (interleaved at p=2 mixes
+    activations and gradients in both directions between the same two ranks)."""
+    from parallel.schedules import message_order
+
+    for p in (2, 3, 4):
+        for m in (1, 2, 3, 4, 8, 12):
+            for v in ((2, 3) if schedule == "interleaved" else (1,)):
+                if schedule == "interleaved" and m % p:
+                    continue
+                pairs = message_order([ORDERS[schedule](p, m, r, v) for r in range(p)], p, v)
+                assert pairs, (p, m, v)
+                for pair, (sent, received) in pairs.items():
+                    assert sent == received, f"{schedule} p={p} m={m} v={v} {pair}"
+    swapped = [ORDERS["1f1b"](2, 4, r) for r in range(2)]
+    swapped[1][0], swapped[1][2] = swapped[1][2], swapped[1][0]  # rank 1 takes micro-batch 1 before 0
+    assert any(sent != received for sent, received in message_order(swapped, 2, 1).values())

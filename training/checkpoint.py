@@ -35,10 +35,10 @@ from safetensors.torch import load_file, save_file
 
 from modeling.parallelize import full_state_dict as merge_tensor_parallel
 from modeling.parallelize import shard_of
+from parallel.comm import comm_device
 from training import checkpoint_files as files
 from training import optimizer_state
 from training.checkpoint_files import CheckpointError, tag_for
-from training.metrics import reduction_device
 from training.rank0 import on_rank0
 
 __all__ = ["CheckpointError", "checkpoint_root", "tag_for", "resolve_resume", "save", "load_weights",
@@ -91,7 +91,7 @@ def agree_on_resume(resume: str | None, output_dir: str | Path) -> Path | None:
     dist.broadcast_object_list(shared, src=0)
     chosen = Path(shared[0]) if shared[0] is not None else None
     unseen = torch.tensor([0.0 if chosen is None or (chosen / files.MANIFEST).is_file() else 1.0],
-                          device=reduction_device())
+                          device=comm_device())
     dist.all_reduce(unseen, op=dist.ReduceOp.MAX)
     if unseen.item():
         raise CheckpointError(f"train.resume: rank 0 resumes from {chosen}, which is not readable on every rank; "

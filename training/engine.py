@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from parallel.comm import comm_device
 from training.config import ConfigError, OptimConfig
 
 
@@ -44,8 +45,9 @@ class AdamW(torch.optim.AdamW):
     def step(self, closure=None):
         if self.nonfinite_group is not None:
             grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-            local = any(not bool(torch.isfinite(g).all()) for g in grads)
-            flag = torch.tensor([float(local)], device=grads[0].device if grads else None)
+            flag = torch.zeros(1, device=comm_device(self.nonfinite_group))
+            if grads:  # one device-side reduction, not a host read per gradient
+                flag += torch.stack([torch.isfinite(g).all().logical_not() for g in grads]).any().to(flag.device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.nonfinite_group)
             self.overflow = bool(flag.item())
             if self.overflow:

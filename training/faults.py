@@ -58,9 +58,9 @@ class StopSignals:
 
     def requested(self) -> int | None:
         """The signal any rank received (the same answer on every rank), or None. Collective."""
-        from training.metrics import reduction_device
+        from parallel.comm import comm_device
 
-        flag = torch.tensor([float(self.received or 0)], device=reduction_device())
+        flag = torch.tensor([float(self.received or 0)], device=comm_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag.item()) or None
 

@@ -171,8 +171,8 @@ def build_data(cfg: RunConfig, tokenizer, train_files: list[str], valid_files: l
 def evaluate(model_engine, runner, blocks, cfg: RunConfig, groups: ProcessGroups) -> dict[str, float]:
     """Token-weighted mean NLL over the validation blocks, sharded over data-parallel ranks."""
     model_engine.eval()
-    total_nll, total_tokens = 0.0, 0.0
     device = model_engine.device
+    total_nll, total_tokens = torch.zeros((), dtype=torch.float64, device=device), 0.0
     batches = data.eval_batches(blocks, cfg.train.micro_batch_size, groups.dp_rank, groups.data,
                                 cfg.train.eval_batches)
     if runner is not None:
@@ -182,8 +182,8 @@ def evaluate(model_engine, runner, blocks, cfg: RunConfig, groups: ProcessGroups
         input_ids = batch["input_ids"].to(device)
         logits = model_engine(input_ids=input_ids).logits
         nll = next_token_losses(model_engine.module, logits, input_ids, groups.tp_group).sum(dim=1)
-        total_nll += float((nll.cpu() * weight).sum())
-        total_tokens += float(weight.sum()) * (input_ids.shape[1] - 1)
+        total_nll += (nll.double() * weight.to(device)).sum()
+        total_tokens += float(weight.sum()) * (input_ids.shape[1] - 1)  # weight is the data's, on the host
     model_engine.train()
     total_nll, total_tokens = sum_over(groups.dp_group, total_nll, total_tokens)
     mean = total_nll / max(total_tokens, 1.0)
@@ -359,10 +359,10 @@ def _data_parallel_step(cfg, model_engine, batches, groups, step: int, device) -
         if micro_index == cfg.train.grad_accum - 1 and model_engine.zero_optimization_stage() == 0:
             grad_norm = _grad_norm(model_engine, groups)  # before step() clips in place
         model_engine.step()
-        micro_losses.append(float(loss.detach()))
+        micro_losses.append(loss.detach())  # stays on the device: no host wait per micro-batch
     if grad_norm is None:
         grad_norm = _grad_norm(model_engine, groups)
-    (loss_sum,) = sum_over(groups.dp_group, sum(micro_losses) / len(micro_losses))
+    (loss_sum,) = sum_over(groups.dp_group, torch.stack(micro_losses).double().mean())
     return loss_sum / groups.data, grad_norm
 
 

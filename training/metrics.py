@@ -11,20 +11,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-
-def reduction_device(group=None) -> torch.device:
-    """Where a tensor must live to be reduced over ``group``: NCCL reduces only CUDA tensors."""
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+from parallel.comm import comm_device
 
 
-def mean_over(group, value: float) -> float:
-    tensor = torch.tensor([value], dtype=torch.float64, device=reduction_device(group))
-    dist.all_reduce(tensor, group=group)
-    return float(tensor.item()) / dist.get_world_size(group)
-
-
-def sum_over(group, *values: float) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64, device=reduction_device(group))
+def sum_over(group, *values: float | torch.Tensor) -> list[float]:
+    """Each value summed over ``group``, read on the host once: floats, or 0-dim tensors still on the device
+    (sums kept there through a loop, so the loop never waits for the device)."""
+    device = comm_device(group)
+    tensor = torch.stack([v.detach().to(device, torch.float64) if torch.is_tensor(v)
+                          else torch.full((), v, dtype=torch.float64, device=device) for v in values])
     dist.all_reduce(tensor, group=group)
     return tensor.tolist()
 

@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 from modeling.parallelize import vocab_slice
 from modeling.pipeline import block_parameter_counts, num_blocks, split_chunks
+from parallel.comm import comm_device
 from parallel.cross_entropy import causal_lm_loss, vocab_parallel_cross_entropy
 from parallel.p2p import PipeComm
 from parallel.partition import chunks_of_rank, stage_specs
@@ -54,9 +55,9 @@ class PipelineRunner:
         dist.all_reduce(total, group=self.groups.embed_group)
         self.engine.backward((self.tied_weight * (total - local)).sum(), scale_wrt_gas=False)
 
-    def _comm(self, microbatches: int) -> PipeComm:
-        return PipeComm(self.groups.pp_ranks, self.groups.pp_rank, microbatches, self.shape, self.dtype,
-                        self.engine.device, timeout_s=self.cfg.parallel.p2p_timeout_s)
+    def _comm(self) -> PipeComm:
+        return PipeComm(self.groups.pp_ranks, self.groups.pp_rank, self.shape, self.dtype,
+                        comm_device(self.groups.pp_group), timeout_s=self.cfg.parallel.p2p_timeout_s)
 
     def train_step(self, batches, step: int) -> float:
         """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss (on every rank)."""
@@ -71,7 +72,7 @@ class PipelineRunner:
                 return out
             start, valid = vocab_slice(module.head)
             loss = causal_lm_loss(out, batch["labels"].to(device), self.groups.tp_group, start, valid)
-            losses.append(float(loss.detach()))
+            losses.append(loss.detach())  # stays on the device: no host wait per micro-batch
             return loss / m  # the gradient of the mean over micro-batches
 
         def backward_step(output, grad):
@@ -79,15 +80,19 @@ class PipelineRunner:
 
         ops = ORDERS[self.cfg.parallel.schedule](self.p, m, self.groups.pp_rank, self.v)
         self._tied_grad = None
-        self.last_stats = run_schedule(ops, p=self.p, v=self.v, rank=self.groups.pp_rank, comm=self._comm(m),
+        self.last_stats = run_schedule(ops, p=self.p, v=self.v, rank=self.groups.pp_rank, comm=self._comm(),
                                        forward_step=forward_step, backward_step=backward_step)
         if self.tied_weight is not None:
             self._sync_tied_embeddings()
         self.engine.step()
-        return self._mean_over_pipeline(sum(losses), float(len(losses)))
+        return self._mean_over_pipeline(losses)
 
-    def _mean_over_pipeline(self, total: float, count: float) -> float:
-        values = torch.tensor([total, count], dtype=torch.float64)
+    def _mean_over_pipeline(self, losses: list[torch.Tensor]) -> float:
+        """The mean of the last stages' micro-batch losses, on every rank; read on the host once."""
+        values = torch.zeros(2, dtype=torch.float64, device=comm_device(self.groups.pp_group))
+        if losses:
+            values[0] = torch.stack(losses).double().sum().to(values.device)
+            values[1] = len(losses)
         dist.all_reduce(values, group=self.groups.dp_group)
         dist.all_reduce(values, group=self.groups.pp_group)  # only the last stage contributes
         return float(values[0] / values[1])
@@ -98,7 +103,7 @@ class PipelineRunner:
         this data-parallel rank (reduced over the pipeline)."""
         batches = list(eval_batches)
         m, device, chunks = len(batches), self.engine.device, self.engine.module
-        sums = [0.0, 0.0]
+        sums = torch.zeros(2, dtype=torch.float64, device=comm_device(self.groups.pp_group))
 
         def forward_step(chunk: int, microbatch: int, x):
             module = chunks[chunk]
@@ -108,13 +113,13 @@ class PipelineRunner:
                 start, valid = vocab_slice(module.head)
                 ids = batch["input_ids"].to(device)
                 nll = vocab_parallel_cross_entropy(out[:, :-1], ids[:, 1:], self.groups.tp_group, start, valid)
-                sums[0] += float((nll.sum(dim=1).cpu() * weight).sum())
-                sums[1] += float(weight.sum()) * (ids.shape[1] - 1)
+                sums[0] += (nll.sum(dim=1).double() * weight.to(nll.device)).sum().to(sums.device)
+                sums[1] += float(weight.sum()) * (ids.shape[1] - 1)  # weight is the data's, on the host
             return out
 
         ops = [Op("F", c, k) for c in range(self.v) for k in range(m)]
-        run_schedule(ops, p=self.p, v=self.v, rank=self.groups.pp_rank, comm=self._comm(m),
+        run_schedule(ops, p=self.p, v=self.v, rank=self.groups.pp_rank, comm=self._comm(),
                      forward_step=forward_step, backward_step=None, forward_only=True)
-        values = torch.tensor(sums, dtype=torch.float64)
-        dist.all_reduce(values, group=self.groups.pp_group)
-        return float(values[0]), float(values[1])
+        dist.all_reduce(sums, group=self.groups.pp_group)
+        total_nll, total_tokens = sums.tolist()
+        return total_nll, total_tokens

@@ -38,7 +38,9 @@ def evaluate(model_engine, examples, cfg, groups, tokenizer) -> tuple[dict[str, 
     pad_id = tokenizer.pad_token_id
     bleu_limit = min(len(examples), cfg.eval.bleu_samples or len(examples))
     synced = cfg.parallel.zero_stage == 3 and groups.data > 1  # every rank must keep calling forward
-    nll, tokens, hypotheses, references = 0.0, 0.0, [], []
+    nll = torch.zeros((), dtype=torch.float64, device=device)  # sums stay on the device through the loop
+    tokens = torch.zeros((), dtype=torch.float64, device=device)
+    hypotheses, references = [], []
     per_round = cfg.train.micro_batch_size * groups.data
     for round_index, (positions, real) in enumerate(data.eval_rounds(
             len(examples), cfg.train.micro_batch_size, groups.dp_rank, groups.data, cfg.train.eval_batches)):
@@ -48,8 +50,8 @@ def evaluate(model_engine, examples, cfg, groups, tokenizer) -> tuple[dict[str, 
         keep = labels != -100
         losses = vocab_parallel_cross_entropy(_logits(model_engine, {**batch, "labels": labels}),
                                               labels.masked_fill(~keep, 0), tp_group, start, valid)
-        nll += float((losses * keep).sum())
-        tokens += float(keep.sum())
+        nll += (losses.double() * keep).sum()
+        tokens += keep.sum()
         if cfg.eval.bleu and round_index * per_round < bleu_limit:  # every rank alike: generate may be collective
             out = generate(module, groups.tp_group, input_ids=batch["input_ids"],
                            attention_mask=batch["attention_mask"], num_beams=cfg.eval.num_beams,
