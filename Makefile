@@ -7,7 +7,7 @@ CONFIG ?= configs/quickstart.yaml
 
 .PHONY: train test setup clean
 
-$(VENV)/.installed: pyproject.toml scripts/setup_env.sh
+$(VENV)/.installed: pyproject.toml constraints.txt scripts/setup_env.sh
 	bash scripts/setup_env.sh $(VENV)
 	touch $@
 

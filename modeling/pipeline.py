@@ -91,8 +91,9 @@ class PipelineChunk(nn.Module):
     def _context(self, batch: int, device, dtype) -> dict:
         positions = torch.arange(self.seq_len, device=device).unsqueeze(0)
         shape_probe = torch.empty(batch, self.seq_len, 1, device=device, dtype=dtype)
-        masks = {kind: MASKS[kind](config=self.config, inputs_embeds=shape_probe, attention_mask=None, cache=None,
-                                   position_ids=positions) for kind in set(self.layer_types)}
+        # Positional: the embeddings' and the cache's keyword names changed within transformers 5.x.
+        masks = {kind: MASKS[kind](self.config, shape_probe, None, None, position_ids=positions)
+                 for kind in set(self.layer_types)}
         context = {"position_ids": positions, "masks": masks}
         if self.rotary is not None:
             context["rope"] = self.rotary(shape_probe, position_ids=positions)
