@@ -1,6 +1,7 @@
 """No host tensor reaches a collective from our code (what NCCL would reject at step 1), checked on the CPU box
-with tests/strict_device.py over the data-parallel, tensor-parallel (ZeRO-0 gradient norm), pipeline and
-sequence-to-sequence paths: training steps, evaluation, checkpoint save and export."""
+with tests/strict_device.py over the data-parallel (ZeRO-1 and ZeRO-3), tensor-parallel (ZeRO-0 gradient norm,
+sequence parallelism), pipeline (1F1B and interleaved) and sequence-to-sequence paths: training steps,
+evaluation, checkpoint save and export."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from tests.dist import run_ranks
-from tests.helpers import tiny_config, write_corpus
+from tests.helpers import TINY_GPT2, tiny_config, write_corpus
 from tests.strict_device import StrictDevice
 
 
@@ -51,6 +52,12 @@ def test_no_host_tensor_reaches_a_collective(tmp_path):
             tiny_config(tmp_path / "tp", corpus, parallel__tensor=2, parallel__zero_stage=0, **common),
             tiny_config(tmp_path / "pp", corpus, parallel__pipeline=2, parallel__zero_stage=1, train__grad_accum=2,
                         **common),
+            tiny_config(tmp_path / "vpp", corpus, parallel__pipeline=2, parallel__zero_stage=2, train__grad_accum=2,
+                        parallel__schedule="interleaved", parallel__virtual_stages=2,
+                        model={"arch": "gpt2", "tokenizer": "byte", "config": dict(TINY_GPT2, n_layer=4)}, **common),
+            tiny_config(tmp_path / "sp", corpus, parallel__tensor=2, parallel__sequence_parallel=True,
+                        parallel__zero_stage=1, **common),
+            tiny_config(tmp_path / "z3", corpus, parallel__zero_stage=3, **common),
             seq2seq_config(tmp_path / "s2s", toy_task(tmp_path / "task", train=32, valid=4), parallel__tensor=2,
                            parallel__zero_stage=2, train__steps=2, eval__max_new_tokens=4)]
     violations, checked = run_ranks(_strict_runs, 4, cfgs, timeout=600)[0]
