@@ -61,7 +61,7 @@ def point_overrides(spec: dict, point: dict) -> tuple[list[str], int]:
 
 
 def zero_formula_bytes(params: int, zero_stage: int, dp: int) -> dict:
-    """Per-rank model-state bytes for pure fp32 AdamW (shared DESIGN.md section 5): parameters 4Ψ (4Ψ/N under
+    """Per-rank model-state bytes for pure fp32 AdamW (ZeRO paper, Rajbhandari et al. 2020, section 5, with fp32 in place of mixed precision): parameters 4Ψ (4Ψ/N under
     ZeRO-3), gradients 4Ψ (4Ψ/N from ZeRO-2 on), optimizer state (exp_avg + exp_avg_sq) 8Ψ, or 8Ψ/N from ZeRO-1."""
     return {"param_bytes": 4 * params / (dp if zero_stage == 3 else 1),
             "gradient_bytes": 4 * params / (dp if zero_stage >= 2 else 1),

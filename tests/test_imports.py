@@ -1,4 +1,6 @@
-"""Import directions (shared DESIGN.md section 3), checked by walking the AST of every module."""
+"""Import directions, checked by walking the AST of every module: ``parallel`` needs torch and the standard library
+only, ``modeling`` adds transformers, ``training`` adds DeepSpeed, datasets and W&B, and nothing imports ``bench``
+or ``tests`` (``FORBIDDEN`` below is the rule)."""
 
 from __future__ import annotations
 
