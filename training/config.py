@@ -379,8 +379,7 @@ def _check_top_level_keys(user: dict[str, Any], source: str) -> None:
     for section in ("zero_optimization", "bf16", "fp16", "optimizer", "scheduler"):
         if section in user and not isinstance(user[section], dict):
             raise ConfigError(f"{source}: {section}={user[section]!r} must be a JSON object, e.g. "
-                              f"\"{section}\": {{\"enabled\": true}}" if section in ("bf16", "fp16") else
-                              f"{source}: {section}={user[section]!r} must be a JSON object")
+                              f"\"{section}\": {{...}}")
     unknown = sorted(set(user) - DEEPSPEED_TOP_LEVEL_KEYS)
     if unknown:
         hints = []

@@ -315,8 +315,8 @@ def run(cfg: RunConfig, deepspeed_config_file: str | None = None) -> RunResult:
     data.check_enough_for_one_step(train_blocks, plan, "data.train_files")
     model = _build_model(cfg, tokenizer, {"data.train_files": train_blocks, "data.valid_files": valid_blocks},
                          inputs.resume_from)
-    _console(f"model: {describe(model.config, sum(p.numel() for p in model.parameters()), len(tokenizer))}; "
-             f"layout: {layout(cfg, dist.get_world_size())}")
+    parameters, vocabulary = sum(p.numel() for p in model.parameters()), model.get_input_embeddings().num_embeddings
+    _console(f"model: {describe(model.config, parameters, vocabulary)}; layout: {layout(cfg, dist.get_world_size())}")
     model = tensor_parallelize(model, groups.tp_group, cfg.parallel.sequence_parallel)
     model_engine, runner = _build_engine(cfg, model, inputs.ds_config, groups)
     resumed = None
