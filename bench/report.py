@@ -8,7 +8,9 @@ LAYOUT_KEYS = ("parallel.tensor", "parallel.pipeline", "data", "parallel.zero_st
 
 
 def layout_label(r: dict) -> str:
-    return " ".join(f"{k.split('.')[-1]}={r[k]}" for k in LAYOUT_KEYS if k in r)
+    """The layout keys first, then any other config key the grid set (dotted names; measurements have none)."""
+    others = [k for k in r if "." in k and k not in LAYOUT_KEYS]
+    return " ".join(f"{k.split('.')[-1]}={r[k]}" for k in [*(k for k in LAYOUT_KEYS if k in r), *others])
 
 
 def _fmt(value, digits=3) -> str:

@@ -14,13 +14,14 @@ from parallel.layers import VocabParallelHead
 from parallel.tp_plan import apply_tp_plan
 
 
-def tensor_parallelize(model: nn.Module, tp_group, sequence_parallel: bool = False) -> nn.Module:
+def tensor_parallelize(model: nn.Module, tp_group, sequence_parallel: bool = False,
+                       async_grad_reduce: bool = False) -> nn.Module:
     """Shard ``model`` in place over ``tp_group`` by its architecture's plan (no-op for one rank)."""
     world = 1 if tp_group is None else dist.get_world_size(tp_group)
     if world == 1:
         return model
     check_tensor_parallel_fits(model.config, world)
-    return apply_tp_plan(model, PLANS[model.config.model_type], tp_group, sequence_parallel)
+    return apply_tp_plan(model, PLANS[model.config.model_type], tp_group, sequence_parallel, async_grad_reduce)
 
 
 def vocab_slice(head: nn.Module) -> tuple[int, int | None]:

@@ -28,11 +28,17 @@ def _world(group) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
+def start_all_reduce(x: torch.Tensor, group) -> tuple[torch.Tensor, dist.Work]:
+    """Launch a sum over ``group`` (in place on a contiguous ``x``); read the result after ``work.wait()``."""
+    x = x.contiguous()
+    return x, dist.all_reduce(x, group=group, async_op=True)
+
+
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     if _world(group) == 1:
         return x
-    x = x.contiguous()
-    dist.all_reduce(x, group=group)
+    x, work = start_all_reduce(x, group)
+    work.wait()
     return x
 
 
@@ -45,7 +51,7 @@ def _split(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     return x.chunk(world, dim=dim)[dist.get_rank(group)].contiguous()
 
 
-def _gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+def all_gather_along(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     world = _world(group)
     if world == 1:
         return x
@@ -56,15 +62,21 @@ def _gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     return torch.cat(stacked.chunk(world), dim=dim)
 
 
-def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+def start_reduce_scatter(x: torch.Tensor, dim: int, group) -> tuple[torch.Tensor, dist.Work]:
+    """Launch the sum over ``group`` of ``x`` keeping this rank's chunk of ``dim``; read it after ``work.wait()``."""
     world = _world(group)
-    if world == 1:
-        return x
     if x.shape[dim] % world:
         raise ValueError(f"dimension {dim} of size {x.shape[dim]} is not divisible by the group size {world}")
     stacked = x.contiguous() if dim == 0 else torch.cat(x.chunk(world, dim=dim), dim=0)
     out = torch.empty((stacked.shape[0] // world, *stacked.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_tensor(out, stacked, group=group)
+    return out, dist.reduce_scatter_tensor(out, stacked, group=group, async_op=True)
+
+
+def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    if _world(group) == 1:
+        return x
+    out, work = start_reduce_scatter(x, dim, group)
+    work.wait()
     return out
 
 
@@ -97,14 +109,14 @@ class _ScatterToRegion(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _gather(grad, ctx.dim, ctx.group), None, None
+        return all_gather_along(grad, ctx.dim, ctx.group), None, None
 
 
 class _GatherFromRegion(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, dim):
         ctx.group, ctx.dim = group, dim
-        return _gather(x, dim, group)
+        return all_gather_along(x, dim, group)
 
     @staticmethod
     def backward(ctx, grad):
@@ -115,7 +127,7 @@ class _GatherFromSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return _gather(x, SEQ_DIM, group)
+        return all_gather_along(x, SEQ_DIM, group)
 
     @staticmethod
     def backward(ctx, grad):
@@ -130,7 +142,7 @@ class _ReduceScatterToSequence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _gather(grad, SEQ_DIM, ctx.group), None
+        return all_gather_along(grad, SEQ_DIM, ctx.group), None
 
 
 def _skip(group) -> bool:

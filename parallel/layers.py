@@ -14,9 +14,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from parallel.comm import (copy_to_tensor_parallel_region, gather_from_sequence_parallel_region,
-                           gather_from_tensor_parallel_region, reduce_from_tensor_parallel_region,
+from parallel.comm import (gather_from_tensor_parallel_region, reduce_from_tensor_parallel_region,
                            reduce_scatter_to_sequence_parallel_region)
+from parallel.region import RegionEntry, column_linear
 
 
 def _rank_world(group) -> tuple[int, int]:
@@ -44,21 +44,22 @@ def shard_rows(full: torch.Tensor, group, chunks: int = 1, padded_rows: int | No
 class ColumnParallelLinear(nn.Module):
     """Y = XA + b with A split by columns, A = [A_1, ..., A_p]: rank i computes Y_i = X A_i + b_i.
 
-    Input: replicated over the group. ``enter_region=True`` applies copy-to-region (identity forward,
-    all-reduce of dX backward) here; set it False where the parent module already entered the region
-    (one all-reduce for q, k and v together). With ``sequence_parallel`` the entry is an all-gather of
-    the sequence instead. Output: Y_i (this rank's columns), or the full Y with ``gather_output``.
+    Input: replicated over the group. ``enter_region=True`` enters the region here (``parallel.region``:
+    identity forward, all-reduce of dX backward; with ``sequence_parallel`` an all-gather of the sequence);
+    set it False where the parent module already entered it (one all-reduce for q, k and v together).
+    ``async_grad_reduce`` overlaps that backward collective with the weight-gradient GEMM.
+    Output: Y_i (this rank's columns), or the full Y with ``gather_output``.
     """
 
     def __init__(self, in_features: int, out_features: int, *, group, bias: bool = True,
                  gather_output: bool = False, enter_region: bool = True, sequence_parallel: bool = False,
-                 fused_chunks: int = 1, dtype=None):
+                 async_grad_reduce: bool = False, fused_chunks: int = 1, dtype=None):
         super().__init__()
         rank, world = _rank_world(group)
         if out_features % (world * fused_chunks):
             raise ValueError(f"out_features={out_features} is not divisible by {fused_chunks} x tensor size {world}")
-        self.group, self.gather_output, self.enter_region = group, gather_output, enter_region
-        self.sequence_parallel = sequence_parallel
+        self.group, self.gather_output = group, gather_output
+        self.entry = RegionEntry(group, [self], sequence_parallel, async_grad_reduce) if enter_region else None
         self.in_features, self.out_features = in_features, out_features
         local = out_features // world
         self.weight = nn.Parameter(torch.empty(local, in_features, dtype=dtype))
@@ -82,10 +83,9 @@ class ColumnParallelLinear(nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.enter_region:
-            x = (gather_from_sequence_parallel_region(x, self.group) if self.sequence_parallel
-                 else copy_to_tensor_parallel_region(x, self.group))
-        y = F.linear(x, self.weight, self.bias)
+        if self.entry is not None:
+            x = self.entry(x)
+        y = column_linear(x, self.weight, self.bias)
         return gather_from_tensor_parallel_region(y, self.group) if self.gather_output else y
 
 

@@ -29,11 +29,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from parallel.comm import (SEQ_DIM, all_reduce_sum, copy_to_tensor_parallel_region,
-                           gather_from_sequence_parallel_region, gather_from_tensor_parallel_region,
+from parallel.comm import (SEQ_DIM, all_reduce_sum, gather_from_tensor_parallel_region,
                            scatter_to_sequence_parallel_region)
 from parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead,
                              mark_sharded)
+from parallel.region import RegionEntry
 
 STYLES = {"colwise", "colwise_enter", "colwise_fused3", "rowwise", "vocab_embedding", "vocab_head", "region", "heads_embedding",
           "replicate"}
@@ -98,10 +98,12 @@ def _replace_hidden_states(args, kwargs, fn):
     return args, kwargs
 
 
-def _region_entry_hook(group, sequence_parallel: bool):
-    enter = ((lambda h: gather_from_sequence_parallel_region(h, group)) if sequence_parallel
-             else (lambda h: copy_to_tensor_parallel_region(h, group)))
-    return lambda module, args, kwargs: _replace_hidden_states(args, kwargs, enter)
+def _enter_region_at_input(module: nn.Module, group, sequence_parallel: bool, async_grad_reduce: bool) -> None:
+    """``module``'s input enters the region once for the column layers inside it (q|k|v, gate|up)."""
+    layers = [m for m in module.modules() if isinstance(m, ColumnParallelLinear) and m.entry is None]
+    entry = RegionEntry(group, layers, sequence_parallel, async_grad_reduce)
+    module.register_forward_pre_hook(lambda mod, args, kwargs: _replace_hidden_states(args, kwargs, entry),
+                                     with_kwargs=True)
 
 
 def _sequence_scatter_hook(group):
@@ -121,12 +123,15 @@ def _sequence_gather_hook(group):
     return hook
 
 
-def apply_tp_plan(model: nn.Module, plan: TPPlan, group, sequence_parallel: bool = False) -> nn.Module:
+def apply_tp_plan(model: nn.Module, plan: TPPlan, group, sequence_parallel: bool = False,
+                  async_grad_reduce: bool = False) -> nn.Module:
     """Shard ``model`` in place for this rank of ``group``; returns it. Every parameter afterwards is
-    either sharded (``tensor_model_parallel``) or declared replicated by the plan, else ValueError."""
+    either sharded (``tensor_model_parallel``) or declared replicated by the plan, else ValueError.
+    ``async_grad_reduce``: see ``parallel.region``."""
     world = 1 if group is None else dist.get_world_size(group)
     tied = {}
     swaps = []
+    regions = []
     aliases = _aliases(model)
     for name, module in model.named_modules():
         styles = _matches(plan.styles, name)
@@ -144,10 +149,12 @@ def apply_tp_plan(model: nn.Module, plan: TPPlan, group, sequence_parallel: bool
             if style == "rowwise":
                 new = RowParallelLinear.from_dense(weight, bias, group=group, sequence_parallel=sequence_parallel)
             elif style == "vocab_head":
-                new = VocabParallelHead.from_dense(weight, bias, group=group)  # input: full sequence
+                new = VocabParallelHead.from_dense(weight, bias, group=group,  # input: full sequence
+                                                   async_grad_reduce=async_grad_reduce)
                 tied[name] = module.weight
             else:
                 new = ColumnParallelLinear.from_dense(weight, bias, group=group, enter_region=style == "colwise_enter",
+                                                      async_grad_reduce=async_grad_reduce,
                                                       fused_chunks=3 if style == "colwise_fused3" else 1)
             new.hf_conv1d = was_conv1d  # export transposes back to transformers' Conv1D layout
             swaps.append((aliases[id(module)], new))
@@ -157,13 +164,15 @@ def apply_tp_plan(model: nn.Module, plan: TPPlan, group, sequence_parallel: bool
             tied[name] = module.weight
             swaps.append((aliases[id(module)], new))
         elif style == "region":
-            module.register_forward_pre_hook(_region_entry_hook(group, sequence_parallel), with_kwargs=True)
+            regions.append(module)
         elif style == "heads_embedding":
             _shard_heads_embedding(module, group)
     for names, new in swaps:
         for name in names:
             _set_submodule(model, name, new)
     _retie(model, tied)
+    for module in regions:
+        _enter_region_at_input(module, group, sequence_parallel, async_grad_reduce)
     for name in plan.vocab_buffers:
         _shard_vocab_buffer(model, name, model.get_output_embeddings())
     _check_covered(model, plan)

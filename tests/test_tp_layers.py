@@ -115,3 +115,70 @@ def test_layer_test_can_fail():
     """A 1e-2 perturbation of one weight on one rank must fail the comparison."""
     with pytest.raises(RuntimeError, match="column output"):
         run_ranks(_layers_match_dense, 2, True, timeout=300)
+
+
+def _region_overlaps_weight_grads(sequence_parallel):
+    """Two column layers (q and k) entering one region with async_grad_reduce: the entry's backward launches
+    one collective, computes both weight gradients, then waits; the results equal the dense layers', and the
+    gradient hooks DeepSpeed relies on fire once per weight."""
+    import parallel.region as region
+    from parallel.comm import scatter_to_sequence_parallel_region
+    from parallel.layers import ColumnParallelLinear
+
+    group, rank, world = _init()
+    gen = torch.Generator().manual_seed(0)
+    x_full = torch.randn(2, 4, 8, generator=gen)
+    dense = [torch.nn.Linear(8, 6) for _ in range(2)]
+    for d in dense:
+        d.weight.data, d.bias.data = torch.randn(6, 8, generator=gen), torch.randn(6, generator=gen)
+    upstream = [torch.randn(2, 4, 6, generator=gen) for _ in dense]
+    layers = [ColumnParallelLinear.from_dense(d.weight.data, d.bias.data, group=group, enter_region=False)
+              for d in dense]
+    entry = region.RegionEntry(group, layers, sequence_parallel, overlap=True)
+    events = []
+    for name, layer in zip("qk", layers):
+        layer.weight.register_post_accumulate_grad_hook(lambda p, n=name: events.append(f"hook {n}"))
+    launch_name = "start_reduce_scatter" if sequence_parallel else "start_all_reduce"
+    launch, weight_grad = getattr(region, launch_name), region._PendingWeightGrads.weight_grad
+
+    class LoggedWork:
+        def __init__(self, work):
+            self.work = work
+
+        def wait(self):
+            events.append("wait")
+            return self.work.wait()
+
+    def logged_launch(*args):
+        events.append("launch")
+        out, work = launch(*args)
+        return out, LoggedWork(work)
+
+    def logged_weight_grad(self, weight, entered):
+        grad = weight_grad(self, weight, entered)
+        if grad is not None:
+            events.append("dW")
+        return grad
+
+    setattr(region, launch_name, logged_launch)
+    region._PendingWeightGrads.weight_grad = logged_weight_grad
+    try:
+        xt = x_full.clone().requires_grad_()
+        entered = entry(scatter_to_sequence_parallel_region(xt, group) if sequence_parallel else xt)
+        sum((layer(entered) * up.chunk(world, dim=-1)[rank]).sum() for layer, up in zip(layers, upstream)).backward()
+    finally:
+        setattr(region, launch_name, launch)
+        region._PendingWeightGrads.weight_grad = weight_grad
+    assert events[:4] == ["launch", "dW", "dW", "wait"] and sorted(events[4:]) == ["hook k", "hook q"], events
+    xd = x_full.clone().requires_grad_()
+    sum((d(xd) * up).sum() for d, up in zip(dense, upstream)).backward()
+    _close(xt.grad, xd.grad, "region dX")
+    for name, layer, d in zip("qk", layers, dense):
+        _close(layer.weight.grad, d.weight.grad.chunk(world)[rank], f"{name} dW")
+        _close(layer.bias.grad, d.bias.grad.chunk(world)[rank], f"{name} db")
+    return True
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_region_launches_its_collective_before_the_weight_gradients(sequence_parallel):
+    assert all(run_ranks(_region_overlaps_weight_grads, 2, sequence_parallel, timeout=300))

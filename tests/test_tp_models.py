@@ -1,6 +1,7 @@
 """Unmodified HF models (GPT-2, Llama) sharded by our TP plans vs the dense model from the same weights:
 logits, loss and every parameter gradient (shards gathered and merged back to the HF layout), at tensor
-sizes 2 and 4, with and without sequence parallelism; and the collectives one block issues."""
+sizes 2 and 4, with and without sequence parallelism, with the input-gradient collective overlapped with the
+weight gradients (the training default) and without; and the collectives one block issues."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def _dense_model(arch):
     return build_model(pretrained=None, arch=arch, config=dict(fields), vocab_size=None, seed=3)
 
 
-def _compare(arch, sequence_parallel):
+def _compare(arch, sequence_parallel, async_grad_reduce=True):
     import torch.distributed as dist
 
     from modeling.parallelize import full_state_dict, lm_loss, tensor_parallelize
@@ -40,7 +41,7 @@ def _compare(arch, sequence_parallel):
     init_distributed()
     group = dist.group.WORLD
     dense = _dense_model(arch)
-    tp = tensor_parallelize(copy.deepcopy(dense), group, sequence_parallel)
+    tp = tensor_parallelize(copy.deepcopy(dense), group, sequence_parallel, async_grad_reduce)
     # Initialisation from the same seed gives exactly the slices of the dense weights.
     for name, value in full_state_dict(tp, group).items():
         assert torch.equal(value, dense.state_dict()[name]), name
@@ -67,15 +68,21 @@ def test_sequence_parallel_model_matches_hf(arch):
     assert all(n > 10 for n in run_ranks(_compare, 2, arch, True, timeout=300))
 
 
-def _count_block_collectives(sequence_parallel):
+@pytest.mark.parametrize("arch,sequence_parallel", [("llama", False), ("gpt2", True)])
+def test_model_matches_hf_with_the_collective_waited_for_first(arch, sequence_parallel):
+    """parallel.tp_async_grad_reduce=false: the input-gradient collective completes before the weight GEMMs."""
+    assert all(n > 10 for n in run_ranks(_compare, 2, arch, sequence_parallel, False, timeout=300))
+
+
+def _count_block_collectives(sequence_parallel, arch="gpt2", async_grad_reduce=True):
     import torch.distributed as dist
 
     from modeling.parallelize import tensor_parallelize
     from training.loop import init_distributed
 
     init_distributed()
-    model = tensor_parallelize(_dense_model("gpt2"), dist.group.WORLD, sequence_parallel)
-    block = model.transformer.h[1]  # a middle block: no sequence scatter/gather hooks on it... unless last
+    model = tensor_parallelize(_dense_model(arch), dist.group.WORLD, sequence_parallel, async_grad_reduce)
+    block = (model.transformer.h if arch == "gpt2" else model.model.layers)[1]
     counts = {}
     originals = {}
     for name in ("all_reduce", "all_gather", "reduce_scatter", "all_gather_into_tensor", "reduce_scatter_tensor",
@@ -89,9 +96,12 @@ def _count_block_collectives(sequence_parallel):
         setattr(dist, name, counted)
     try:
         seq = 16 // (2 if sequence_parallel else 1)
-        hidden = torch.randn(2, seq, 32, requires_grad=True)
+        hidden = torch.randn(2, seq, model.config.hidden_size, requires_grad=True)
         block._forward_hooks.clear()  # count the block alone, not the model-level sequence gather
-        out = block(hidden)
+        kwargs = {}
+        if arch == "llama":
+            kwargs["position_embeddings"] = model.model.rotary_emb(hidden, torch.arange(seq).unsqueeze(0))
+        out = block(hidden, **kwargs)
         out = out[0] if isinstance(out, tuple) else out
         forward = dict(counts)
         counts.clear()
@@ -113,3 +123,11 @@ def test_collectives_per_block():
     forward, backward = run_ranks(_count_block_collectives, 2, True, timeout=300)[0]
     assert forward == {"all_gather_into_tensor": 2, "reduce_scatter_tensor": 2}
     assert backward == {"all_gather_into_tensor": 2, "reduce_scatter_tensor": 2, "all_reduce": 6}
+
+
+@pytest.mark.parametrize("async_grad_reduce", [True, False])
+def test_one_backward_collective_per_region_with_separate_q_k_v(async_grad_reduce):
+    """Llama's q, k, v (and gate, up) are separate linears entering one region: one all-reduce of the summed
+    input gradient per region, whether it is overlapped with their weight gradients or not."""
+    forward, backward = run_ranks(_count_block_collectives, 2, False, "llama", async_grad_reduce, timeout=300)[0]
+    assert forward == {"all_reduce": 2} and backward == {"all_reduce": 2}

@@ -123,6 +123,10 @@ class ParallelConfig(_Section):
     sequence_parallel: bool = Field(False, description="Megatron sequence parallelism (needs tensor > 1): "
                                     "norms and dropout work on a sequence shard; all-gather/reduce-scatter "
                                     "replace the all-reduces.")
+    tp_async_grad_reduce: bool = Field(True, description="Tensor parallelism: launch the input-gradient "
+                                       "all-reduce (reduce-scatter with sequence_parallel) asynchronously and "
+                                       "compute the weight gradients while it runs (Megatron's asynchronous "
+                                       "all-reduce); false waits for it first. Same gradients either way.")
 
 
 class WandbConfig(_Section):

@@ -317,7 +317,8 @@ def run(cfg: RunConfig, deepspeed_config_file: str | None = None) -> RunResult:
                          inputs.resume_from)
     parameters, vocabulary = sum(p.numel() for p in model.parameters()), model.get_input_embeddings().num_embeddings
     _console(f"model: {describe(model.config, parameters, vocabulary)}; layout: {layout(cfg, dist.get_world_size())}")
-    model = tensor_parallelize(model, groups.tp_group, cfg.parallel.sequence_parallel)
+    model = tensor_parallelize(model, groups.tp_group, cfg.parallel.sequence_parallel,
+                               cfg.parallel.tp_async_grad_reduce)
     model_engine, runner = _build_engine(cfg, model, inputs.ds_config, groups)
     resumed = None
     if inputs.resume_from is not None:
