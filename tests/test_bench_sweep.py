@@ -73,3 +73,26 @@ def test_wandb_agent_parameters_map_onto_config_keys():
     assert cfg.optim.lr == 3e-4 and cfg.parallel.zero_stage == 2 and cfg.train.micro_batch_size == 8
     args = train.parse_args(["--config", "x.yaml", "--optim.lr", "0.01"])
     assert args.overrides == ["optim.lr=0.01"]
+
+
+def test_every_committed_sweep_point_is_a_valid_config(monkeypatch):
+    """Sweeps that cannot run here (the GPU check, the GPU grid) are at least valid: each point's config
+    passes the same validation train.py applies, at the world size the sweep would launch."""
+    import pytest
+
+    from bench.sweep import load_sweep, point_overrides
+    from training.config import data_parallel_size, load
+
+    monkeypatch.chdir(ROOT)
+    checked = 0
+    for path in sorted((ROOT / "configs/sweeps").glob("*.yaml")):
+        if path.name.startswith("base_"):
+            continue
+        spec = load_sweep(path)
+        for point in points(spec):
+            sets, nproc = point_overrides(spec, point)
+            cfg = load(spec["base"], sets)
+            assert data_parallel_size(cfg, nproc) == int(point.get("data", 1)), (path.name, point)
+            checked += 1
+    if checked < 20:
+        pytest.fail(f"only {checked} sweep points found")
