@@ -106,7 +106,7 @@ def _operations(op: str, nbytes: int, rank: int, world: int, device, dtype):
         return (lambda: dist.all_reduce(x)), (lambda: comm._all_reduce(x, group))
     if op == "all_gather":
         return ((lambda: dist.all_gather_into_tensor(torch.empty_like(x), shard)),
-                (lambda: comm._gather(shard, 0, group)))
+                (lambda: comm.all_gather_along(shard, 0, group)))
     if op == "reduce_scatter":
         return ((lambda: dist.reduce_scatter_tensor(torch.empty_like(shard), x)),
                 (lambda: comm._reduce_scatter(x, 0, group)))
