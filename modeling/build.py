@@ -6,13 +6,15 @@ by the trainer, the benchmarks and the tests alike.
 
 from __future__ import annotations
 
-import pickle
+import copy
 from pathlib import Path
 from typing import Iterable
 
 import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer,
                           PreTrainedTokenizerFast)
+
+from modeling.materialize import SeededInit, StoredWeights, empty_model, materialize
 
 SPECIAL_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|endoftext|>", "pad_token": "<|pad|>",
                   "unk_token": "<|unk|>"}
@@ -64,12 +66,8 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
 
 def hf_config(*, pretrained: str | None, arch: str | None, config: dict, trust_remote_code: bool = False):
     """The HF config a run will build, without building the model (for validation)."""
-    if pretrained is not None:
-        return AutoConfig.from_pretrained(str(check_checkpoint_dir(pretrained)), trust_remote_code=trust_remote_code)
-    try:
-        return AutoConfig.for_model(arch, **config)
-    except ValueError as exc:
-        raise ValueError(f"model.arch={arch!r}: {exc}") from None
+    return model_config(pretrained=pretrained, arch=arch, config=config, vocab_size=None,
+                        trust_remote_code=trust_remote_code)
 
 
 def auto_class(config):
@@ -77,32 +75,42 @@ def auto_class(config):
     return AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
 
 
-def build_model(*, pretrained: str | None, arch: str | None, config: dict, vocab_size: int | None,
-                seed: int, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32):
-    """A full (unsharded) HF causal or sequence-to-sequence LM: loaded from ``pretrained`` or initialised from ``seed``."""
+def model_config(*, pretrained: str | None, arch: str | None, config: dict, vocab_size: int | None,
+                 trust_remote_code: bool = False):
+    """The HF config of the model a run builds: the checkpoint's, or ``arch`` with ``config`` and at least
+    ``vocab_size`` embeddings (the tokenizer's)."""
     if pretrained is not None:
-        path = check_checkpoint_dir(pretrained)
-        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-        try:  # transformers reads safetensors, or a pickled .bin with torch.load(weights_only=True)
-            return auto_class(config).from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
-        except pickle.UnpicklingError as exc:
-            raise ValueError(f"model.pretrained={path}: its pickled weights hold more than tensors, so they were "
-                             f"not loaded (loading them could run arbitrary code); convert the checkpoint to "
-                             f"safetensors where it was made. ({str(exc).splitlines()[0][:120]})") from None
+        return AutoConfig.from_pretrained(str(check_checkpoint_dir(pretrained)), trust_remote_code=trust_remote_code)
     fields = dict(config)
     if vocab_size is not None:
         fields.setdefault("vocab_size", vocab_size)
     try:
-        hf_config = AutoConfig.for_model(arch, **fields)
+        hf = AutoConfig.for_model(arch, **fields)
     except ValueError as exc:
         raise ValueError(f"model.arch={arch!r}: {exc}") from None
-    if vocab_size is not None and hf_config.vocab_size < vocab_size:
-        raise ValueError(f"model.config.vocab_size={hf_config.vocab_size} is smaller than the tokenizer's "
+    if vocab_size is not None and hf.vocab_size < vocab_size:
+        raise ValueError(f"model.config.vocab_size={hf.vocab_size} is smaller than the tokenizer's "
                          f"{vocab_size} tokens; remove it to use the tokenizer's size")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = auto_class(hf_config).from_config(hf_config, trust_remote_code=trust_remote_code)
-    return model.to(dtype)
+    return hf
+
+
+def weights_source(pretrained: str | None, seed: int):
+    """Where the starting weights come from: the checkpoint directory, or the seeded initialisation."""
+    if pretrained is None:
+        return SeededInit(seed)
+    return StoredWeights(check_checkpoint_dir(pretrained), "model.pretrained")
+
+
+def build_model(*, pretrained: str | None, arch: str | None, config: dict, vocab_size: int | None,
+                seed: int, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32):
+    """A full (unsharded) HF causal or sequence-to-sequence LM, loaded from ``pretrained`` or initialised from
+    ``seed``: the weights every layout starts from (``modeling.materialize``)."""
+    hf = model_config(pretrained=pretrained, arch=arch, config=config, vocab_size=vocab_size,
+                      trust_remote_code=trust_remote_code)
+    full = empty_model(auto_class(hf), hf, trust_remote_code, dtype)
+    model = copy.deepcopy(full)
+    materialize(full, model, model, weights_source(pretrained, seed), None)
+    return model
 
 
 def check_sequence_fits(hf_config, seq_len: int, target_len: int | None = None) -> None:

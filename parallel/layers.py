@@ -1,6 +1,7 @@
 """Megatron-style tensor-parallel layers.
 
-Each layer is built from the full (dense) weight by slicing this rank's part (``from_dense``), so TP=N
+Each layer is built from the full (dense) weight by slicing this rank's part (``from_dense``; on the meta device
+when the model was built without storage, its values come later from ``modeling.materialize``), so TP=N
 starts from exactly TP=1's weights. Sharded parameters carry ``tensor_model_parallel = True`` and
 ``partition_dim`` (read by DeepSpeed's gradient-norm code: a replicated parameter is counted on tensor
 rank 0 only), plus what is needed to merge the shards back (``tp_fused_chunks``, ``tp_full_size``).
@@ -31,14 +32,45 @@ def mark_sharded(param: nn.Parameter, partition_dim: int, full_size: int, fused_
     param.tp_fused_chunks = fused_chunks
 
 
+def shard_ranges(full_size: int, rank: int, world: int, chunks: int = 1,
+                 padded_size: int | None = None) -> tuple[list[tuple[int, int]], int]:
+    """The one rule for which part of a sharded dimension a rank holds: the dimension (``full_size``, padded
+    with zeros to ``padded_size`` for a vocabulary) is cut into ``chunks`` equal blocks (q|k|v), and the rank
+    holds its 1/``world`` of each. Returns the (start, stop) ranges of the full dimension to concatenate and
+    the local size, which zeros fill up to where the ranges end before it."""
+    size = padded_size or full_size
+    block = size // chunks
+    part = block // world
+    ranges = []
+    for c in range(chunks):
+        start = c * block + rank * part
+        stop = min(start + part, full_size)
+        if stop > start:
+            ranges.append((start, stop))
+    return ranges, size // world
+
+
+def take_shard(full: torch.Tensor, dim: int, rank: int, world: int, chunks: int = 1,
+               padded_size: int | None = None) -> torch.Tensor:
+    """This rank's part of ``full`` along ``dim`` by ``shard_ranges`` (a copy)."""
+    ranges, local = shard_ranges(full.shape[dim], rank, world, chunks, padded_size)
+    return join_pieces([full.narrow(dim, start, stop - start) for start, stop in ranges], dim, local)
+
+
+def join_pieces(pieces: list[torch.Tensor], dim: int, local_size: int) -> torch.Tensor:
+    """The pieces ``shard_ranges`` names, concatenated along ``dim`` and zero-filled up to ``local_size``."""
+    held = sum(piece.shape[dim] for piece in pieces)
+    if held < local_size:
+        pad_shape = list(pieces[0].shape)
+        pad_shape[dim] = local_size - held
+        pieces = [*pieces, pieces[0].new_zeros(pad_shape)]
+    return torch.cat(pieces, dim=dim).contiguous()
+
+
 def shard_rows(full: torch.Tensor, group, chunks: int = 1, padded_rows: int | None = None) -> torch.Tensor:
-    """This rank's rows of ``full`` (dim 0). A fused tensor of ``chunks`` equal blocks (q|k|v) is split
-    per block so every rank holds matching rows of each; ``padded_rows`` pads with zeros first."""
+    """This rank's rows of ``full`` (dim 0), by ``shard_ranges``."""
     rank, world = _rank_world(group)
-    if padded_rows is not None and padded_rows > full.shape[0]:
-        full = torch.cat([full, full.new_zeros(padded_rows - full.shape[0], *full.shape[1:])])
-    blocks = full.chunk(chunks, dim=0)
-    return torch.cat([b.chunk(world, dim=0)[rank] for b in blocks]).clone()
+    return take_shard(full, 0, rank, world, chunks, padded_rows)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -74,8 +106,9 @@ class ColumnParallelLinear(nn.Module):
     def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None, *, group, fused_chunks: int = 1,
                    **kwargs) -> "ColumnParallelLinear":
         out_features, in_features = weight.shape
-        layer = cls(in_features, out_features, group=group, bias=bias is not None, fused_chunks=fused_chunks,
-                    dtype=weight.dtype, **kwargs)
+        with torch.device(weight.device):
+            layer = cls(in_features, out_features, group=group, bias=bias is not None, fused_chunks=fused_chunks,
+                        dtype=weight.dtype, **kwargs)
         with torch.no_grad():
             layer.weight.copy_(shard_rows(weight, group, fused_chunks))
             if bias is not None:
@@ -113,7 +146,8 @@ class RowParallelLinear(nn.Module):
     @classmethod
     def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None, *, group, **kwargs) -> "RowParallelLinear":
         out_features, in_features = weight.shape
-        layer = cls(in_features, out_features, group=group, bias=bias is not None, dtype=weight.dtype, **kwargs)
+        with torch.device(weight.device):
+            layer = cls(in_features, out_features, group=group, bias=bias is not None, dtype=weight.dtype, **kwargs)
         with torch.no_grad():
             layer.weight.copy_(shard_rows(weight.t(), group).t())
             if bias is not None:
@@ -151,7 +185,8 @@ class VocabParallelEmbedding(nn.Module):
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, *, group, padding_idx: int | None = None) -> "VocabParallelEmbedding":
-        layer = cls(weight.shape[0], weight.shape[1], group=group, dtype=weight.dtype, padding_idx=padding_idx)
+        with torch.device(weight.device):
+            layer = cls(weight.shape[0], weight.shape[1], group=group, dtype=weight.dtype, padding_idx=padding_idx)
         with torch.no_grad():
             layer.weight.copy_(shard_rows(weight, group, padded_rows=layer.padded_num_embeddings))
         return layer
@@ -183,8 +218,9 @@ class VocabParallelHead(ColumnParallelLinear):
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None, *, group, **kwargs) -> "VocabParallelHead":
-        layer = cls(weight.shape[1], weight.shape[0], group=group, bias=bias is not None, dtype=weight.dtype,
-                    **kwargs)
+        with torch.device(weight.device):
+            layer = cls(weight.shape[1], weight.shape[0], group=group, bias=bias is not None, dtype=weight.dtype,
+                        **kwargs)
         padded = layer.out_features
         with torch.no_grad():
             layer.weight.copy_(shard_rows(weight, group, padded_rows=padded))

@@ -33,15 +33,18 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from modeling.parallelize import full_shape
 from modeling.parallelize import full_state_dict as merge_tensor_parallel
+from modeling.parallelize import full_tensor as merge_tensor
 from modeling.parallelize import shard_of
 from parallel.comm import comm_device
 from training import checkpoint_files as files
+from training import hf_files
 from training import optimizer_state
 from training.checkpoint_files import CheckpointError, tag_for
 from training.rank0 import on_rank0
 
-__all__ = ["CheckpointError", "checkpoint_root", "tag_for", "resolve_resume", "save", "load_weights",
+__all__ = ["CheckpointError", "checkpoint_root", "tag_for", "resolve_resume", "save", "check_weights",
            "restore", "export_hf", "full_state_dict", "TrainerState"]
 
 
@@ -235,9 +238,9 @@ def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[
 
 # ---------------------------------------------------------------------------------------------- loading
 
-def load_weights(model, path: Path) -> None:
-    """Put the checkpoint's weights into the full (not yet sharded) model; a checkpoint of another model
-    (names or shapes differ) is an error naming them, before anything is changed."""
+def check_weights(model, path: Path) -> None:
+    """A checkpoint of another model (names or shapes differ from ``model``'s, which may be on the meta device)
+    is an error naming them, before anything is read."""
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items() if name in set(_canonical_names(model))}
     with safe_open(str(path / "model.safetensors"), framework="pt") as handle:
         saved = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
@@ -253,8 +256,6 @@ def load_weights(model, path: Path) -> None:
         raise CheckpointError(f"train.resume: {path} holds a different model than this run builds ({details}); "
                               f"use the model.* settings of the run that wrote it (see {path / 'run_config.yaml'}) "
                               f"or start a new train.output_dir")
-    state = load_file(str(path / "model.safetensors"))
-    model.load_state_dict(state, strict=False)
 
 
 def restore(engine, model, groups, path: Path) -> TrainerState:
@@ -346,35 +347,78 @@ def _restore_rng(path: Path, saved_layout: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------------------------------------- export
 
-def export_hf(engine, model, tokenizer, out_dir: str | Path, groups) -> Path | None:
-    """Write a ``from_pretrained``-loadable directory (safetensors + config + tokenizer), atomically; ``out_dir``
-    must be new, empty, or an earlier export of ours, else a ``CheckpointError`` on every rank and nothing changed."""
+def export_hf(engine, model, tokenizer, out_dir: str | Path, groups,
+              max_shard_size: str = hf_files.DEFAULT_MAX_SHARD_SIZE) -> Path | None:
+    """Write a ``from_pretrained``-loadable directory (sharded safetensors + config + tokenizer), atomically;
+    ``out_dir`` must be new, empty, or an earlier export of ours, else a ``CheckpointError`` on every rank and
+    nothing changed. The weights are gathered one tensor at a time and rank 0 writes one shard file at a time."""
     out_dir = Path(out_dir)
-    state = full_state_dict(engine, model, groups)
+    plan, tensor_of = _streamed_weights(engine, model, groups, max_shard_size)
+    on_rank0(lambda: files.check_export_target(out_dir, fix=_EXPORT_FIX), f"exporting to {out_dir}")
 
-    def write():
-        _check_complete(model, state)
-        _save_pretrained(model, state, tokenizer, out_dir)
+    def write(tmp: Path) -> None:
+        hf_files.write_weights(tmp, plan, tensor_of)
+        hf_files.write_config_files(tmp, model.config, tokenizer)
 
-    on_rank0(write, f"exporting to {out_dir}")
-    dist.barrier()
+    # A refusal is a CheckpointError, raised by on_rank0 on every rank; train.py prints it and exits 2.
+    on_rank0(lambda: files.write_export(out_dir, write, fix=_EXPORT_FIX), f"exporting to {out_dir}",
+             others=lambda: hf_files.write_weights(None, plan, tensor_of))
     return out_dir
 
 
+def _streamed_weights(engine, model, groups, max_shard_size: str):
+    """(the shard plan of the full weights, ``tensor_of(name)``: the full HF-layout tensor on global rank 0,
+    None elsewhere). Every rank must call ``tensor_of`` for the same names in the same order: the owning
+    stage's tensor-parallel ranks merge their shards (ZeRO-3: the data-parallel ranks gather the partitions),
+    and a later stage sends the result to rank 0; data-parallel replicas of a full copy take no part."""
+    names, zero3 = _canonical_names(model), engine.zero_optimization_stage() == 3
+    parameters = {n for n, _ in model.named_parameters()}
+    local = {**{n: b for n, b in model.named_buffers() if groups.is_first_stage},
+             **_local_params(engine, model, groups)}
+    specs = [None] * dist.get_world_size()
+    dist.all_gather_object(specs, (groups.pp_rank, {n: (full_shape(model, n, t), t.dtype)
+                                                     for n, t in local.items() if n in set(names)}))
+    owner, spec = {}, {}
+    for stage, held in sorted(specs, key=lambda s: s[0]):
+        for name, shape_dtype in held.items():
+            owner.setdefault(name, stage)
+            spec.setdefault(name, shape_dtype)
+    missing = [n for n in names if n not in spec]
+    if missing:
+        raise RuntimeError(f"no rank holds {missing}")
+
+    def tensor_of(name: str) -> torch.Tensor | None:
+        if zero3:
+            return _gathered_partitions(local[name]) if name in parameters else local[name]
+        if groups.dp_rank != 0:
+            return None
+        stage, source = owner[name], groups.pp_ranks[owner[name]]
+        if groups.pp_rank == stage:
+            full = merge_tensor(model, name, local[name].detach(), groups.tp_group)
+            if stage == 0 or groups.tp_rank != 0:
+                return full if dist.get_rank() == 0 else None
+            dist.send(full, dst=groups.pp_ranks[0])
+        elif groups.pp_rank == 0 and groups.tp_rank == 0:
+            full = torch.empty(spec[name][0], dtype=spec[name][1], device=comm_device())
+            dist.recv(full, src=source)
+            return full
+        return None
+
+    return hf_files.shard_plan({n: spec[n] for n in names}, max_shard_size), tensor_of
+
+
+def _gathered_partitions(param) -> torch.Tensor | None:
+    """A ZeRO-3 parameter's full value on rank 0 (collective over its data-parallel group)."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([param]):
+        return param.detach().clone() if dist.get_rank() == 0 else None
+
+
 def check_export_dir(out_dir: Path) -> None:
-    """Before training: the end-of-run export will be allowed to write ``out_dir`` (see ``_save_pretrained``)."""
+    """Before training: the end-of-run export will be allowed to write ``out_dir`` (see ``export_hf``)."""
     files.check_export_target(out_dir, fix=_EXPORT_FIX)
 
 
 _EXPORT_FIX = ("move what it holds elsewhere (train.export_hf always writes to output_dir/hf; or set "
                "train.export_hf=false and export later with `python -m training.export OUTPUT_DIR NEW_DIR`)")
-
-
-def _save_pretrained(model, state, tokenizer, out_dir: Path) -> None:
-    """Through ``files.write_export``: ``out_dir`` must be new, empty, or an earlier export of ours."""
-    def write(tmp: Path) -> None:
-        model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-
-    # A refusal is a CheckpointError, raised by on_rank0 on every rank; train.py prints it and exits 2.
-    files.write_export(out_dir, write, fix=_EXPORT_FIX)

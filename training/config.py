@@ -79,6 +79,10 @@ class TrainConfig(_Section):
     save_final: bool = Field(True, description="Write a checkpoint at the end (benchmarks turn it off).")
     resume: str | None = Field(None, description="'auto' (latest in output_dir) or a checkpoint dir.")
     export_hf: bool = Field(True, description="Write output_dir/hf (save_pretrained) at the end.")
+    export_max_shard_size: str = Field("2GB", pattern=r"^\s*[0-9]+(\.[0-9]+)?\s*([KMGT]B|[kmgt]b)\s*$",
+                                       description="Largest weights file of the HF export (KB, MB, GB, TB): bigger "
+                                       "models get model-0000k-of-0000n.safetensors + index, as save_pretrained "
+                                       "writes; rank 0 holds one such file at a time.")
     progress: bool = Field(True, description="Progress bar on rank 0.")
     max_consecutive_skips: int = Field(10, gt=0, description="Steps with a non-finite loss or gradient are "
                                        "skipped on every rank (logged, counted in skipped_steps); this many in a "

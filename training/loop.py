@@ -4,6 +4,7 @@ loop with eval, logging, checkpoints and the final Hugging Face export."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import os
@@ -20,8 +21,9 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from modeling.build import (build_model, byte_level_tokenizer, check_sequence_fits, describe, hf_config,
-                            load_tokenizer, train_bpe_tokenizer)
+from modeling.build import (auto_class, byte_level_tokenizer, check_sequence_fits, describe, hf_config,
+                            load_tokenizer, model_config, train_bpe_tokenizer, weights_source)
+from modeling.materialize import StoredWeights, empty_model, materialize
 from modeling.parallelize import lm_loss, next_token_losses, tensor_parallelize
 from modeling.pipeline import check_pipeline_fits
 from modeling.tp_plans import check_tensor_parallel_fits
@@ -251,17 +253,21 @@ def _console(message: str) -> None:
         tqdm.write(message)
 
 
-def _build_model(cfg: RunConfig, tokenizer, blocks: dict, resume_from: Path | None):
-    """The HF model, checked against the tokenized data, with the resumed weights, before it is sharded."""
+def _build_model(cfg: RunConfig, tokenizer, blocks: dict, resume_from: Path | None, groups: ProcessGroups):
+    """This rank's part of the model (its tensor-parallel shard; with pipelines, its chunks) with its starting
+    weights, checked against the tokenized data. The whole model exists only on the meta device (no storage):
+    a rank holds its share plus one full tensor at a time (``modeling.materialize``).
+    Returns (the full meta model, this rank's model, its pipeline chunks and tied weight or None)."""
     special = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                if getattr(tokenizer, k) is not None}
     if cfg.data.source_field and tokenizer.pad_token_id is not None:
         special["decoder_start_token_id"] = tokenizer.pad_token_id  # T5 / Marian convention
-    model = build_model(pretrained=cfg.model.pretrained, arch=cfg.model.arch,
-                        config={**special, **cfg.model.config} if cfg.model.arch else {},
-                        vocab_size=len(tokenizer) if cfg.model.arch else None, seed=cfg.train.seed,
-                        trust_remote_code=cfg.model.trust_remote_code)
-    vocabulary = model.get_input_embeddings().num_embeddings
+    hf = model_config(pretrained=cfg.model.pretrained, arch=cfg.model.arch,
+                      config={**special, **cfg.model.config} if cfg.model.arch else {},
+                      vocab_size=len(tokenizer) if cfg.model.arch else None,
+                      trust_remote_code=cfg.model.trust_remote_code)
+    full = empty_model(auto_class(hf), hf, cfg.model.trust_remote_code)
+    vocabulary = full.get_input_embeddings().num_embeddings
     for key, key_blocks in blocks.items():
         if key_blocks is not None:
             data.check_token_ids(key_blocks, vocabulary, key, cfg.model.pretrained or cfg.model.arch)
@@ -269,15 +275,21 @@ def _build_model(cfg: RunConfig, tokenizer, blocks: dict, resume_from: Path | No
         raise ConfigError(f"model.pretrained={cfg.model.pretrained}: the tokenizer has {len(tokenizer)} tokens "
                           f"but the model only {vocabulary} embeddings")
     if resume_from is not None:
-        checkpoint.load_weights(model, resume_from)  # before sharding: every layout cuts the same full weights
-    return model
+        checkpoint.check_weights(full, resume_from)
+    model = tensor_parallelize(copy.deepcopy(full), groups.tp_group, cfg.parallel.sequence_parallel,
+                               cfg.parallel.tp_async_grad_reduce)
+    pipeline = build_chunks(model, cfg, groups) if groups.pipeline > 1 else None
+    source = (StoredWeights(resume_from, "train.resume") if resume_from is not None
+              else weights_source(cfg.model.pretrained, cfg.train.seed))  # every layout cuts the same full weights
+    materialize(full, model, pipeline[0] if pipeline else model, source, groups.tp_group)
+    return full, model, pipeline
 
 
-def _build_engine(cfg: RunConfig, model, ds_config: dict[str, Any], groups: ProcessGroups):
+def _build_engine(cfg: RunConfig, model, pipeline, ds_config: dict[str, Any], groups: ProcessGroups):
     """(DeepSpeed engine, PipelineRunner or None) over this rank's tensor-parallel shard / pipeline chunks."""
-    if groups.pipeline == 1:
+    if pipeline is None:
         return engine_lib.build(model, cfg.optim, cfg.train.steps, ds_config, groups), None
-    chunks, tied_weight = build_chunks(model, cfg, groups)
+    chunks, tied_weight = pipeline
     model_engine = engine_lib.build(chunks, cfg.optim, cfg.train.steps, ds_config, groups)
     return model_engine, PipelineRunner(model_engine, cfg, groups, tied_weight, model.config.hidden_size)
 
@@ -313,13 +325,12 @@ def run(cfg: RunConfig, deepspeed_config_file: str | None = None) -> RunResult:
     train_blocks, valid_blocks = build_data(cfg, tokenizer, inputs.train_files, inputs.valid_files)
     plan = data.BatchPlan(cfg.train.micro_batch_size, cfg.train.grad_accum, groups.data)
     data.check_enough_for_one_step(train_blocks, plan, "data.train_files")
-    model = _build_model(cfg, tokenizer, {"data.train_files": train_blocks, "data.valid_files": valid_blocks},
-                         inputs.resume_from)
-    parameters, vocabulary = sum(p.numel() for p in model.parameters()), model.get_input_embeddings().num_embeddings
-    _console(f"model: {describe(model.config, parameters, vocabulary)}; layout: {layout(cfg, dist.get_world_size())}")
-    model = tensor_parallelize(model, groups.tp_group, cfg.parallel.sequence_parallel,
-                               cfg.parallel.tp_async_grad_reduce)
-    model_engine, runner = _build_engine(cfg, model, inputs.ds_config, groups)
+    full, model, pipeline = _build_model(cfg, tokenizer, {"data.train_files": train_blocks,
+                                                          "data.valid_files": valid_blocks}, inputs.resume_from, groups)
+    parameters, vocabulary = sum(p.numel() for p in full.parameters()), full.get_input_embeddings().num_embeddings
+    _console(f"model: {describe(full.config, parameters, vocabulary)}; layout: {layout(cfg, dist.get_world_size())}")
+    del full
+    model_engine, runner = _build_engine(cfg, model, pipeline, inputs.ds_config, groups)
     resumed = None
     if inputs.resume_from is not None:
         resumed = checkpoint.restore(model_engine, model, groups, inputs.resume_from)
@@ -387,7 +398,8 @@ class _Loop:
             self.train(start_step)
             if cfg.train.export_hf:
                 self.operation = "the final Hugging Face export"
-                checkpoint.export_hf(self.engine, self.model, self.tokenizer, out / "hf", self.groups)
+                checkpoint.export_hf(self.engine, self.model, self.tokenizer, out / "hf", self.groups,
+                                     cfg.train.export_max_shard_size)
         except Exception as exc:
             if is_timeout(exc):
                 raise timeout_error(exc, dist.get_rank(), cfg.parallel.timeout_s, self.operation) from exc

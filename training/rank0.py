@@ -8,15 +8,18 @@ from typing import Any, Callable
 import torch.distributed as dist
 
 
-def on_rank0(fn: Callable[[], Any], what: str) -> Any:
-    """Run ``fn`` on rank 0 and return its result there (None elsewhere). If it fails, every rank raises
-    (rank 0 its own error, the others one quoting it) instead of waiting forever at the next collective."""
+def on_rank0(fn: Callable[[], Any], what: str, others: Callable[[], Any] | None = None) -> Any:
+    """Run ``fn`` on rank 0 and return its result there (None elsewhere; the other ranks run ``others`` meanwhile,
+    e.g. their side of the collectives ``fn`` takes part in). If it fails, every rank raises (rank 0 its own
+    error, the others one quoting it) instead of waiting forever at the next collective."""
     error, result = None, None
     if dist.get_rank() == 0:
         try:
             result = fn()
         except Exception as exc:  # re-raised below, on every rank
             error = exc
+    elif others is not None:
+        others()
     message = [_portable(error)]
     dist.broadcast_object_list(message, src=0)
     if error is not None:

@@ -1,0 +1,257 @@
+"""Memory per rank, phase by phase, next to the model-state formula of the layout.
+
+    python -m bench memory --config configs/memory_gpt2.yaml --out bench/results/memory-cpu \\
+        --layout tensor=1 --layout tensor=2 --layout pipeline=2 --layout tensor=2,pipeline=2 \\
+        --layout data=2,zero=3
+
+Each layout trains for real under torchrun (``train.steps`` steps, then the end-of-run save and export the
+config asks for). Every rank measures its own peak memory in each phase (``PhasePeaks``): ``runtime`` (before
+the model exists: interpreter, torch, DeepSpeed, data), ``load`` (model construction and the DeepSpeed engine),
+``steps``, ``save`` (the checkpoint), ``export`` (``output_dir/hf``). On CPU the peak is anonymous resident
+memory (what the process allocated; pages of memory-mapped safetensors files are page cache the kernel can
+drop, and are in results.json's ``rss`` peaks only). The formula is the ZeRO paper's model state per rank for
+this rank's parameters (``bench.sweep.zero_formula_bytes``): weights, gradients and AdamW moments. Activations
+are not in it: the configs used here keep them small (micro-batch 1), and the table shows what is left.
+Outputs in ``--out``: results.json and report.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+PHASES = ("load", "steps", "save", "export")
+LAYOUT_KEYS = {"tensor": "parallel.tensor", "pipeline": "parallel.pipeline", "zero": "parallel.zero_stage"}
+
+
+class PhasePeaks:
+    """This process's peak memory per phase. CPU: anonymous resident memory (``RssAnon``: what the process
+    allocated, which the kernel cannot drop), sampled every millisecond by a thread while a phase runs, and the
+    kernel's resident high-water mark (``VmHWM``, reset at each phase's start through ``/proc/self/clear_refs``),
+    which also counts the pages of memory-mapped files (safetensors reads) that the kernel can reclaim.
+    GPU: ``torch.cuda`` peak allocated memory, for both."""
+
+    def __init__(self, interval_s: float = 0.001):
+        self.peaks: dict[str, int] = {}
+        self.rss_peaks: dict[str, int] = {}
+        self.runtime = 0
+        self.current: str | None = None
+        self.interval_s = interval_s
+        self._sampled = 0
+        self._stop: threading.Event | None = None
+        self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def _status(field: str) -> int:
+        with open("/proc/self/status") as status:
+            line = next(line for line in status if line.startswith(field + ":"))
+        return int(line.split()[1]) * 1024
+
+    @staticmethod
+    def _on_gpu() -> bool:
+        import torch
+
+        return torch.cuda.is_available()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sampled = max(self._sampled, self._status("RssAnon"))
+
+    def start(self, phase: str) -> None:
+        self.end()
+        import torch
+
+        if self._on_gpu():
+            self.runtime = self.runtime or torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.runtime = self.runtime or self._status("RssAnon")
+            with open("/proc/self/clear_refs", "w") as refs:
+                refs.write("5")  # resets VmHWM to the current resident size (Linux >= 4.0)
+            self._sampled = self._status("RssAnon")
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        self.current = phase
+
+    def end(self) -> None:
+        if self.current is None:
+            return
+        if self._on_gpu():
+            import torch
+
+            peak = rss_peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+            peak, rss_peak = max(self._sampled, self._status("RssAnon")), self._status("VmHWM")
+        self.peaks[self.current] = max(self.peaks.get(self.current, 0), peak)
+        self.rss_peaks[self.current] = max(self.rss_peaks.get(self.current, 0), rss_peak)
+        self.current = None
+
+
+def _around(owner, name: str, before, after=None) -> None:
+    """Replace ``owner.name`` by a wrapper that calls ``before()`` and ``after()`` around it."""
+    original = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        before()
+        out = original(*args, **kwargs)
+        if after is not None:
+            after()
+        return out
+
+    setattr(owner, name, wrapper)
+
+
+def _install(peaks: PhasePeaks) -> None:
+    import training.loop as loop
+    from training import checkpoint
+    from training.pipeline import PipelineRunner
+
+    _around(loop, "_build_model", lambda: peaks.start("load"))
+    _around(loop, "_build_engine", lambda: None, peaks.end)
+
+    def first_step():
+        if "steps" not in peaks.peaks and peaks.current != "steps":
+            peaks.start("steps")
+
+    _around(loop, "_data_parallel_step", first_step)
+    _around(PipelineRunner, "train_step", first_step)
+    _around(checkpoint, "save", lambda: peaks.start("save"), peaks.end)
+    _around(checkpoint, "export_hf", lambda: peaks.start("export"), peaks.end)
+
+
+def worker(args) -> None:
+    import torch.distributed as dist
+
+    import training.loop as loop
+    from bench.sweep import zero_formula_bytes
+    from training.config import load
+
+    cfg = load(args.config, args.set)
+    peaks = PhasePeaks()
+    _install(peaks)
+    result = loop.run(cfg)
+    peaks.end()
+    module = result.engine.module
+    # unpartitioned (ZeRO-3 keeps the size in ds_numel); the formula divides by the data-parallel degree
+    local = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+    dp = dist.get_world_size() // (cfg.parallel.tensor * cfg.parallel.pipeline)
+    formula = zero_formula_bytes(local, cfg.parallel.zero_stage, dp)
+    record = {"rank": dist.get_rank(), "runtime_bytes": peaks.runtime, "local_params": local,
+              "formula_bytes": sum(formula.values()), **{f"{k}_peak_bytes": v for k, v in peaks.peaks.items()},
+              **{f"{k}_rss_peak_bytes": v for k, v in peaks.rss_peaks.items()}}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, record)
+    if dist.get_rank() == 0:
+        Path(args.out_file).write_text(json.dumps(gathered))
+    loop.finish_process()
+
+
+def parse_layout(text: str) -> tuple[str, list[str], int]:
+    """'tensor=2,pipeline=2,data=1,zero=1' -> (label, config overrides, processes)."""
+    degrees = {"tensor": 1, "pipeline": 1, "data": 1}
+    sets = []
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if key not in {*degrees, *LAYOUT_KEYS} or not value.isdigit():
+            raise SystemExit(f"bench memory: --layout {text!r}: {item!r} is not one of "
+                             f"{', '.join(k + '=N' for k in ('tensor', 'pipeline', 'data', 'zero'))}")
+        if key in degrees:
+            degrees[key] = int(value)
+        if key in LAYOUT_KEYS:
+            sets.append(f"{LAYOUT_KEYS[key]}={value}")
+    return text, sets, degrees["tensor"] * degrees["pipeline"] * degrees["data"]
+
+
+def run_layout(args, label: str, sets: list[str], nproc: int, out: Path, index: int) -> dict:
+    out_file = out / f"layout{index}.json"
+    sets = sets + [f"train.output_dir={out / f'run{index}'}", "train.progress=false"]
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(nproc), "--master_port",
+           str(29700 + index), "-m", "bench.memory", "--worker", "--config", args.config,
+           "--out-file", str(out_file)] + [x for s in args.set + sets for x in ("--set", s)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // nproc)), WANDB_SILENT="true")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    if proc.returncode != 0 or not out_file.is_file():
+        return {"layout": label, "nproc": nproc, "status": "failed", "log_tail": (proc.stderr or "")[-3000:]}
+    return {"layout": label, "nproc": nproc, "status": "ok", "ranks": json.loads(out_file.read_text())}
+
+
+def summarize(record: dict) -> dict:
+    """Per phase: the largest rank's peak above its runtime, and the largest such peak over its formula."""
+    ranks = record["ranks"]
+    row = {"layout": record["layout"], "nproc": record["nproc"],
+           "params_per_rank": max(r["local_params"] for r in ranks),
+           "formula_bytes": max(r["formula_bytes"] for r in ranks),
+           "runtime_bytes": max(r["runtime_bytes"] for r in ranks)}
+    for phase in PHASES:
+        above = [(r[f"{phase}_peak_bytes"] - r["runtime_bytes"], r["formula_bytes"]) for r in ranks
+                 if f"{phase}_peak_bytes" in r]
+        if above:
+            row[f"{phase}_above_runtime_bytes"] = max(a for a, _ in above)
+            row[f"{phase}_vs_formula"] = max(a / f for a, f in above)
+            row[f"{phase}_rss_peak_bytes"] = max(r[f"{phase}_rss_peak_bytes"] for r in ranks)
+    return row
+
+
+def report(rows: list[dict], machine: dict, command: str) -> str:
+    mb = lambda b: f"{b / 2**20:,.0f}"  # noqa: E731
+    head = ["layout", "ranks", "params/rank", "formula MB", "runtime MB"] + [f"{p} MB (x formula)" for p in PHASES]
+    lines = [f"# Memory per rank ({machine['date']}, {machine['cpu']}, {machine['cores']} cores, torch "
+             f"{machine['torch']})", "", f"`{command}`", "",
+             "Peak anonymous memory above the runtime, largest rank; in brackets the largest ratio of a rank's "
+             "peak above its runtime to its model-state formula (weights + gradients + AdamW moments under its "
+             "ZeRO stage).", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if "formula_bytes" not in r:
+            lines.append(f"| {r['layout']} | {r['nproc']} | failed |")
+            continue
+        cells = [r["layout"], str(r["nproc"]), f"{r['params_per_rank'] / 1e6:.1f} M", mb(r["formula_bytes"]),
+                 mb(r["runtime_bytes"])]
+        cells += [f"{mb(r[f'{p}_above_runtime_bytes'])} ({r[f'{p}_vs_formula']:.2f})"
+                  if f"{p}_vs_formula" in r else "-" for p in PHASES]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(prog="python -m bench memory", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--set", action="append", default=[], help="config override key=value (repeatable)")
+    parser.add_argument("--layout", action="append", default=[],
+                        help="tensor=N,pipeline=N,data=N,zero=N (repeatable; default: the config's own, 1 process)")
+    parser.add_argument("--out", default="bench/results/memory")
+    parser.add_argument("--timeout", type=int, default=1800)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out-file", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return worker(args)
+    from bench.machine import describe
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records = [run_layout(args, *parse_layout(text), out, i) for i, text in enumerate(args.layout or [""])]
+    rows = [summarize(r) if r["status"] == "ok" else r for r in records]
+    machine = describe()
+    command = "python -m bench memory " + " ".join(argv if argv is not None else sys.argv[1:])
+    (out / "results.json").write_text(json.dumps({"machine": machine, "command": command, "rows": rows,
+                                                  "ranks": records}, indent=1))
+    (out / "report.md").write_text(report(rows, machine, command))
+    print(report(rows, machine, command))
+    for r in rows:
+        if r.get("status") == "failed":
+            print(f"layout {r['layout']} failed:\n{r['log_tail']}", file=sys.stderr)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
