@@ -284,17 +284,18 @@ class StoredWeights:
 def materialize(full: nn.Module, local: nn.Module, kept: nn.Module, source, tp_group) -> None:
     """Give values to every parameter and persistent buffer of ``kept`` (``local`` or a part of it), where
     ``local`` is ``full`` (both with meta parameters) after the tensor-parallel plan; ``source`` is a
-    ``SeededInit`` or ``StoredWeights``. A parameter left without a value is an error naming it."""
+    ``SeededInit``, ``StoredWeights`` or a checkpoint's (``training.checkpoint.CheckpointWeights``): anything
+    with ``fill(full, targets)``; stored sources also overwrite the (real) buffers. A parameter left without a value is an error naming it."""
     kept_ids = {id(t) for t in [*kept.parameters(), *kept.buffers()]}
     persistent = dict(local.state_dict(keep_vars=True))
     tensors = {**dict(local.named_parameters(remove_duplicate=False)), **persistent}
     local_shards = shards(local, tp_group)
     targets = {name: (tensor, local_shards[name]) for name, tensor in tensors.items() if id(tensor) in kept_ids
-               and (tensor.is_meta or isinstance(source, StoredWeights))}
+               and (tensor.is_meta or not isinstance(source, SeededInit))}
     source.fill(full, targets)
     missing = sorted({name for name, (tensor, _) in targets.items() if tensor.is_meta})
     if missing:
         raise WeightsError(f"{getattr(source, 'what', 'model')}: no value for {missing[:5]}"
                            f"{' ...' if len(missing) > 5 else ''}"
-                           + (f" in {source.directory}" if isinstance(source, StoredWeights) else
-                              " from the model's _init_weights"))
+                           + (" from the model's _init_weights" if isinstance(source, SeededInit) else
+                              f" in {source.directory}"))

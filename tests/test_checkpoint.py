@@ -27,14 +27,17 @@ def _layout(tmp, corpus, name, *, tensor, pipeline, micro, accum, zero, **extra)
 
 
 def _zero_the_moments(checkpoint: Path) -> None:
-    """Tamper with a checkpoint: Adam moments set to zero (manifest updated, so it still loads)."""
+    """Tamper with a checkpoint: Adam moments set to zero in every rank's file (manifest updated, so it loads)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    path = checkpoint / "optimizer.safetensors"
-    save_file({k: torch.zeros_like(v) if not k.startswith("master/") else v for k, v in load_file(path).items()},
-              str(path))
     manifest = json.loads((checkpoint / files.MANIFEST).read_text())
-    manifest["files"]["optimizer.safetensors"] = {"bytes": path.stat().st_size, "sha256": files.sha256(path)}
+    for path in sorted(checkpoint.glob("rank-*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata()
+        save_file({k: torch.zeros_like(v) if k.startswith("exp_avg") else v for k, v in load_file(path).items()},
+                  str(path), metadata=metadata)
+        manifest["files"][path.name] = {"bytes": path.stat().st_size, "sha256": files.sha256(path)}
     (checkpoint / files.MANIFEST).write_text(json.dumps(manifest))
 
 
@@ -97,15 +100,15 @@ def _crash_during_save(cfg, point: str, at_step: int):
     def die():
         os.kill(os.getpid(), signal.SIGKILL)
 
-    if point == "mid-file":  # model.safetensors half written under its temporary name
-        original_save = checkpoint.save_file
+    if point == "mid-file":  # the rank's file half written under its temporary name
+        original_write = checkpoint.write_safetensors
 
-        def half_written(tensors, filename, metadata=None):
-            if staging in filename:
-                Path(filename).write_bytes(b"\0" * 1000)
+        def half_written(path, specs, tensor_of, metadata=None):
+            if staging in str(path):
+                Path(path).write_bytes(b"\0" * 1000)
                 die()
-            return original_save(tensors, filename, metadata=metadata)
-        checkpoint.save_file = half_written
+            return original_write(path, specs, tensor_of, metadata)
+        checkpoint.write_safetensors = half_written
     elif point in ("before-manifest", "before-latest"):
         original_write = cf.write_text_atomic
         target = cf.MANIFEST if point == "before-manifest" else "latest"
@@ -147,16 +150,17 @@ def test_interrupted_saves_and_damaged_files(tmp_path):
 
     # A flipped byte or a truncated file is named at load; nothing is loaded.
     step6 = run_dir / "checkpoints" / "step_0000006"
-    original = (step6 / "model.safetensors").read_bytes()
+    weights = step6 / "rank-00000-of-00001.safetensors"
+    original = weights.read_bytes()
     data = bytearray(original)
     data[-10] ^= 0xFF
-    (step6 / "model.safetensors").write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match=f"{step6 / 'model.safetensors'} does not match its SHA-256"):
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"{weights} does not match its SHA-256"):
         resolve_resume("auto", run_dir)
-    (step6 / "model.safetensors").write_bytes(original)
-    with open(step6 / "optimizer.safetensors", "r+b") as handle:
+    weights.write_bytes(original)
+    with open(step6 / "index.json", "r+b") as handle:
         handle.truncate(100)
-    with pytest.raises(CheckpointError, match=f"{step6 / 'optimizer.safetensors'} is 100 bytes"):
+    with pytest.raises(CheckpointError, match=f"{step6 / 'index.json'} is 100 bytes"):
         resolve_resume(str(step6), run_dir)
 
 

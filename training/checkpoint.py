@@ -1,21 +1,28 @@
-"""Layout-agnostic training checkpoints and the Hugging Face export.
+"""Layout-agnostic training checkpoints, written by every rank in parallel, and the Hugging Face export.
 
-A checkpoint holds the full, unsharded state in the Hugging Face layout, so it resumes at any
-(tensor, pipeline, data) layout and any ZeRO stage, and is itself a ``from_pretrained`` directory:
+Each rank writes what it alone holds, so no rank gathers the model and the save takes the time of one rank's
+share; any (tensor, pipeline, data, ZeRO) layout resumes from it:
 
     step_0000010/
-      model.safetensors      the weights, HF names (tensor-parallel shards merged, pipeline stages joined)
-      optimizer.safetensors  AdamW moments per HF name ('exp_avg/<name>', 'exp_avg_sq/<name>'), plus the
-                             fp32 master weights ('master/<name>') when training in bf16/fp16
-      rng.safetensors        every rank's torch CPU (and CUDA) generator; Python and NumPy states in its metadata
-      trainer_state.json     step, samples consumed, AdamW step count, skipped steps, LR schedule,
-                             loss scaler, the layout that wrote it
+      rank-00000-of-00008.safetensors   per rank: for each tensor its pipeline stage owns, the flat range of its
+        ...                              tensor-parallel shard that no data-parallel replica also writes (its ZeRO
+                                         partition, else an even share), under 'model/<HF name>', 'exp_avg/<name>',
+                                         'exp_avg_sq/<name>' and, in bf16/fp16, 'master/<name>' (fp32 masters);
+                                         where each piece lies in the full tensor is in the file's metadata
+                                         (``checkpoint_pieces.Piece``); and the rank's RNG states
+      index.json                         every piece of every tensor (the metadata of all rank files)
+      trainer_state.json                 step, samples consumed, AdamW step count, skipped steps, LR schedule,
+                                         loss scaler, the layout that wrote it
       config.json, tokenizer files, run_config.yaml
-      manifest.json          size and SHA-256 of every file above, written last
+      manifest.json                      size and SHA-256 of every file above, written last
 
-Saving gathers on rank 0, which writes (see ``checkpoint_files`` for the crash-safe protocol); loading
-verifies the manifest on every rank, puts the weights into the full model before it is sharded, and
-after DeepSpeed is set up cuts each parameter's optimizer state to this rank's shard. Nothing is pickled.
+Every rank streams its file into the staging directory and fsyncs it; once all have (the only wait), rank 0
+writes the index and the rest and commits (``checkpoint_files``: manifest, rename). Loading verifies the
+manifest, gives each rank's parameters their values from the saved pieces that overlap its shards
+(``CheckpointWeights``, before the model exists in memory) and after DeepSpeed is set up the optimizer state
+the same way (``restore``). Nothing is pickled. Checkpoints of format 1 (one gathered ``model.safetensors``
+and ``optimizer.safetensors``) still load. ``python -m training.export`` turns any of them into an HF
+directory.
 """
 
 from __future__ import annotations
@@ -31,21 +38,21 @@ import torch
 import torch.distributed as dist
 import yaml
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
-from modeling.parallelize import full_shape
-from modeling.parallelize import full_state_dict as merge_tensor_parallel
+from modeling.materialize import give_value
+from modeling.parallelize import full_shape, shards
 from modeling.parallelize import full_tensor as merge_tensor
-from modeling.parallelize import shard_of
 from parallel.comm import comm_device
 from training import checkpoint_files as files
 from training import hf_files
 from training import optimizer_state
 from training.checkpoint_files import CheckpointError, tag_for
-from training.rank0 import on_rank0
+from training.checkpoint_pieces import INDEX, CheckpointReader, Piece
+from training.hf_files import write_safetensors
+from training.rank0 import on_every_rank, on_rank0
 
 __all__ = ["CheckpointError", "checkpoint_root", "tag_for", "resolve_resume", "save", "check_weights",
-           "restore", "export_hf", "full_state_dict", "TrainerState"]
+           "CheckpointWeights", "restore", "export_hf", "TrainerState"]
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -107,7 +114,7 @@ def existing_checkpoint(output_dir: str | Path) -> Path | None:
     return next((p for p in sorted(root.glob("step_*"))), None) if root.is_dir() else None
 
 
-# -------------------------------------------------------------------------------------------- gathering
+# ------------------------------------------------------------------------------------------ what a rank holds
 
 def _canonical_names(model) -> list[str]:
     """State-dict keys with each tied parameter once (under its first name), as ``save_pretrained`` does."""
@@ -124,66 +131,44 @@ def _local_params(engine, model, groups) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in everything.items() if id(p) in held}
 
 
-def _gather(model, groups, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-    """Merge tensor-parallel shards and join pipeline stages: the full tensors on global rank 0."""
-    merged = merge_tensor_parallel(model, groups.tp_group, local)
-    if groups.pipeline > 1:
-        stages = [None] * groups.pipeline if groups.is_first_stage else None
-        dist.gather_object({k: v.cpu() for k, v in merged.items()}, stages, dst=groups.pp_ranks[0],
-                           group=groups.pp_group)
-        if dist.get_rank() != 0:
-            return None
-        merged = {name: tensor for stage in stages for name, tensor in stage.items()}
-    return merged if dist.get_rank() == 0 else None
-
-
-def full_state_dict(engine, model, groups) -> dict[str, torch.Tensor] | None:
-    """The unsharded model weights (HF names, each tied weight once) on global rank 0, None elsewhere:
-    ZeRO-3 partitions gathered, tensor-parallel shards merged, pipeline stages joined. Collective."""
-    names = _canonical_names(model)
-    if engine.zero_optimization_stage() == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()  # gathers params in their own dtype
-    else:
-        local = {k: v.detach() for k, v in _local_params(engine, model, groups).items()}
-        local.update({k: v for k, v in model.named_buffers() if k in set(names)})
-        state = _gather(model, groups, local)
-    if dist.get_rank() != 0:
-        return None
-    return {n: state[n].detach().cpu().contiguous() for n in names if n in state}
-
-
-def _check_complete(model, state: dict[str, torch.Tensor]) -> None:
-    """Rank 0, inside ``on_rank0``: every weight was gathered (so the failure reaches every rank)."""
-    missing = [n for n in _canonical_names(model) if n not in state]
-    if missing:
-        raise RuntimeError(f"no rank holds {missing}")
-
-
 def _trainable(engine, model, groups) -> dict[str, torch.nn.Parameter]:
     """This rank's parameters that the optimizer updates (frozen ones, e.g. Marian's sinusoidal positions,
     have no optimizer state)."""
     return {name: p for name, p in _local_params(engine, model, groups).items() if p.requires_grad}
 
 
-def _optimizer_tensors(engine, model, groups, keys) -> dict[str, torch.Tensor] | None:
-    """'key/name' -> the full optimizer tensor, on global rank 0. Collective."""
-    params = _trainable(engine, model, groups)
-    names = set(_canonical_names(model))
-    out = {}
-    for key in keys:
-        local = {name: optimizer_state.get(engine, p, key) for name, p in params.items()}
-        full = local if engine.zero_optimization_stage() == 3 else _gather(model, groups, local)
-        if full is not None:
-            out.update({f"{key}/{n}": t.detach().cpu().contiguous() for n, t in full.items() if n in names})
-    return out if dist.get_rank() == 0 else None
+def _local_shape(tensor: torch.Tensor) -> tuple[int, ...]:
+    return tuple(getattr(tensor, "ds_shape", tensor.shape))  # ZeRO-3 keeps the unpartitioned shape there
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"torch_cpu": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": [v.tolist() if isinstance(v, np.ndarray) else v for v in np.random.get_state()]}
+def _holdings(engine, model, groups):
+    """(this rank's tensors by canonical HF name, the pipeline stage that owns each name, name -> (full shape,
+    dtype) in state-dict order). A tied weight held by several stages is owned by the lowest. Collective: a
+    small exchange of names and shapes."""
+    names = _canonical_names(model)
+    local = {**{n: b for n, b in model.named_buffers() if groups.is_first_stage},
+             **_local_params(engine, model, groups)}
+    local = {n: t for n, t in local.items() if n in set(names)}
+    held = [None] * dist.get_world_size()
+    dist.all_gather_object(held, (groups.pp_rank, {n: (full_shape(model, n, t), t.dtype) for n, t in local.items()}))
+    owner, spec = {}, {}
+    for stage, specs in sorted(held, key=lambda h: h[0]):
+        for name, shape_dtype in specs.items():
+            owner.setdefault(name, stage)
+            spec.setdefault(name, shape_dtype)
+    missing = [n for n in names if n not in spec]
+    if missing:
+        raise RuntimeError(f"no rank holds {missing}")
+    return local, owner, {n: spec[n] for n in names}
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """This rank's generators: torch's as tensors, Python's and NumPy's as JSON."""
+    tensors = {"rng/torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["torch_cuda"] = torch.cuda.get_rng_state()
-    return state
+        tensors["rng/torch_cuda"] = torch.cuda.get_rng_state()
+    numpy_state = [v.tolist() if isinstance(v, np.ndarray) else v for v in np.random.get_state()]
+    return tensors, {"rng/python": json.dumps(random.getstate()), "rng/numpy": json.dumps(numpy_state)}
 
 
 def _loss_scaler_state(engine) -> dict[str, float]:
@@ -194,15 +179,22 @@ def _loss_scaler_state(engine) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------------------------- saving
 
+def rank_file(rank: int, world: int) -> str:
+    return f"rank-{rank:05d}-of-{world:05d}.safetensors"
+
+
 def save(engine, model, tokenizer, groups, run_config: dict[str, Any], step: int, consumed_samples: int,
          output_dir: str | Path) -> Path:
-    """Write the checkpoint of ``step``; collective over all ranks. Returns its directory on every rank."""
+    """Write the checkpoint of ``step``; collective over all ranks. Every rank writes its own file in
+    parallel; rank 0 then indexes them and commits. Returns its directory on every rank."""
+    root = checkpoint_root(output_dir)
     precision = run_config.get("precision", "fp32")
-    weights = full_state_dict(engine, model, groups)
-    keys = optimizer_state.MOMENTS + (("master",) if precision != "fp32" else ())
-    optim = _optimizer_tensors(engine, model, groups, keys)
-    rngs = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(_rng_state(), rngs, dst=0)
+    kinds = ("model",) + optimizer_state.MOMENTS + (("master",) if precision != "fp32" else ())
+    local, owner, _ = _holdings(engine, model, groups)
+    on_rank0(lambda: files.begin(root, step), f"starting the checkpoint of step {step}")
+    staging = files.staging_dir(root, step)
+    on_every_rank(lambda: _write_rank_file(staging, engine, model, groups, kinds, local, owner),
+                  f"writing the checkpoint of step {step}")
     trainer = {
         "step": step, "consumed_samples": consumed_samples,
         "optimizer_steps": optimizer_state.optimizer_steps(engine),
@@ -214,26 +206,55 @@ def save(engine, model, tokenizer, groups, run_config: dict[str, Any], step: int
                    "precision": precision},
     }
 
-    def write() -> Path:
-        _check_complete(model, weights)
-        staging = files.begin(checkpoint_root(output_dir), step)
-        _write_tensors(staging / "model.safetensors", weights, {"format": "pt"})
-        _write_tensors(staging / "optimizer.safetensors", optim, None)
-        _write_tensors(staging / "rng.safetensors",
-                       {f"{k}/{r}": s[k] for r, s in enumerate(rngs) for k in ("torch_cpu", "torch_cuda") if k in s},
-                       {f"{k}/{r}": json.dumps(s[k]) for r, s in enumerate(rngs) for k in ("python", "numpy")})
+    def finish() -> Path:
+        index = _index(staging, _canonical_names(model), dist.get_world_size())
+        files.write_text_atomic(staging / INDEX, json.dumps(index, indent=None))
         files.write_text_atomic(staging / "trainer_state.json", json.dumps(trainer, indent=1))
         files.write_text_atomic(staging / "run_config.yaml", yaml.safe_dump(run_config, sort_keys=False))
         files.write_atomic(staging / "config.json", lambda tmp: model.config.to_json_file(str(tmp)))
         tokenizer.save_pretrained(str(staging))
         return files.commit(staging, step)
 
-    on_rank0(write, f"saving the checkpoint of step {step}")
-    return checkpoint_root(output_dir) / tag_for(step)  # on every rank: each must know the save happened
+    on_rank0(finish, f"saving the checkpoint of step {step}")
+    return root / tag_for(step)  # on every rank: each must know the save happened
 
 
-def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> None:
-    files.write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+def _write_rank_file(staging: Path, engine, model, groups, kinds, local, owner) -> None:
+    """This rank's file: for each tensor its stage owns (tensor-parallel rank 0 for one they all hold whole),
+    the part no data-parallel replica also writes (``optimizer_state.owned_part``), described by a ``Piece`` in the file's metadata; and its RNG states.
+    Streamed tensor by tensor and fsynced (``files.write_atomic``)."""
+    file = rank_file(dist.get_rank(), dist.get_world_size())
+    tp_shards = shards(model, groups.tp_group)
+    values, metadata = _rng_state()
+    for name, tensor in local.items():
+        if owner[name] != groups.pp_rank or (tp_shards[name].dim is None and groups.tp_rank != 0):
+            continue  # another stage's tied copy, or a copy every tensor-parallel rank holds: written once
+        for kind in kinds if isinstance(tensor, torch.nn.Parameter) and tensor.requires_grad else ("model",):
+            part = optimizer_state.owned_part(engine, tensor, kind, groups.dp_rank, groups.data)
+            if part is None:
+                continue
+            start, values[f"{kind}/{name}"] = part
+            metadata[f"{kind}/{name}"] = json.dumps(Piece(
+                file, f"{kind}/{name}", start, part[1].numel(), _local_shape(tensor), full_shape(model, name, tensor),
+                tp_shards[name], hf_files.dtype_name(part[1].dtype)).describe())
+    specs = {key: (tuple(v.shape), v.dtype) for key, v in values.items()}
+    files.write_atomic(staging / file, lambda tmp: write_safetensors(tmp, specs, values.__getitem__, metadata))
+
+
+def _index(staging: Path, names: list[str], world: int) -> dict[str, Any]:
+    """Rank 0: every piece of every tensor, from the rank files' metadata, keys in state-dict order."""
+    found: dict[str, list[dict]] = {}
+    for rank in range(world):
+        with safe_open(str(staging / rank_file(rank, world)), framework="pt") as handle:
+            for key, text in (handle.metadata() or {}).items():
+                if not key.startswith("rng/"):
+                    found.setdefault(key, []).append(json.loads(text))
+    missing = [n for n in names if f"model/{n}" not in found]
+    if missing:
+        raise RuntimeError(f"no rank wrote {missing[:5]}")
+    order = {name: i for i, name in enumerate(names)}
+    keys = sorted(found, key=lambda k: (order.get(k.partition("/")[2], len(order)), k))
+    return {"format": files.FORMAT, "world_size": world, "tensors": {k: found[k] for k in keys}}
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -242,8 +263,7 @@ def check_weights(model, path: Path) -> None:
     """A checkpoint of another model (names or shapes differ from ``model``'s, which may be on the meta device)
     is an error naming them, before anything is read."""
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items() if name in set(_canonical_names(model))}
-    with safe_open(str(path / "model.safetensors"), framework="pt") as handle:
-        saved = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    saved = CheckpointReader(path).names("model")
     missing = sorted(set(expected) - set(saved))
     unexpected = sorted(set(saved) - set(expected))
     reshaped = [f"{n}: {saved[n]} in the checkpoint, {expected[n]} in this model"
@@ -258,24 +278,39 @@ def check_weights(model, path: Path) -> None:
                               f"or start a new train.output_dir")
 
 
+class CheckpointWeights:
+    """A ``modeling.materialize`` source: a checkpoint's weights, each rank reading only the saved pieces that
+    overlap its own shards."""
+
+    def __init__(self, path: Path):
+        self.directory, self.what = Path(path), "train.resume"
+        self.reader = CheckpointReader(path)
+
+    def fill(self, full, targets: dict[str, tuple[torch.Tensor, Any]]) -> None:
+        with torch.no_grad():
+            for name, (tensor, shard) in targets.items():
+                if self.reader.has(f"model/{name}"):
+                    give_value(tensor, self.reader.local(f"model/{name}", shard, tuple(tensor.shape), tensor.dtype))
+
+
 def restore(engine, model, groups, path: Path) -> TrainerState:
     """After ``deepspeed.initialize``: optimizer moments (and fp32 masters), AdamW step count, LR schedule,
-    loss scaler and RNG states from ``path``, each cut to this rank's shard of the current layout."""
+    loss scaler and RNG states from ``path``, each rebuilt for this rank's shard of the current layout from
+    the saved pieces that overlap it."""
     trainer = json.loads((path / "trainer_state.json").read_text())
-    with safe_open(str(path / "optimizer.safetensors"), framework="pt") as handle:
-        saved = set(handle.keys())
-        params = _trainable(engine, model, groups)
-        by_param: dict[int, tuple[str, torch.nn.Parameter]] = {}
-        for name, param in params.items():  # a tied parameter is stored under one of its names
-            if id(param) not in by_param or f"exp_avg/{name}" in saved:
-                by_param[id(param)] = (name, param)
-        for key in optimizer_state.MOMENTS + ("master",):
-            for name, param in by_param.values():
-                if f"{key}/{name}" in saved:
-                    full = handle.get_tensor(f"{key}/{name}")
-                    optimizer_state.put(engine, param, key, shard_of(model, name, full, groups.tp_group))
-                elif key != "master":
-                    raise CheckpointError(f"{path / 'optimizer.safetensors'}: no {key} for {name}")
+    reader = CheckpointReader(path)
+    tp_shards = shards(model, groups.tp_group)
+    by_param: dict[int, tuple[str, torch.nn.Parameter]] = {}
+    for name, param in _trainable(engine, model, groups).items():  # a tied parameter is saved under one name
+        if id(param) not in by_param or reader.has(f"exp_avg/{name}"):
+            by_param[id(param)] = (name, param)
+    for key in optimizer_state.MOMENTS + ("master",):
+        for name, param in by_param.values():
+            if reader.has(f"{key}/{name}"):
+                value = reader.local(f"{key}/{name}", tp_shards[name], _local_shape(param), torch.float32)
+                optimizer_state.put(engine, param, key, value)
+            elif key != "master":
+                raise CheckpointError(f"{path}: no {key} for {name}")
     optimizer_state.set_optimizer_steps(engine, trainer["optimizer_steps"])
     _restore_lr_schedule(engine, trainer["lr_scheduler"])
     _restore_loss_scaler(engine, trainer["loss_scaler"])
@@ -333,15 +368,20 @@ def _restore_loss_scaler(engine, saved: dict[str, float]) -> None:
 def _restore_rng(path: Path, saved_layout: dict[str, Any]) -> None:
     """This rank's generators as saved; on a different world size every rank takes rank 0's (ranks share
     the seed in a fresh run too)."""
-    rank = dist.get_rank() if saved_layout["world_size"] == dist.get_world_size() else 0
-    with safe_open(str(path / "rng.safetensors"), framework="pt") as handle:
-        torch.set_rng_state(handle.get_tensor(f"torch_cpu/{rank}"))
-        if f"torch_cuda/{rank}" in handle.keys() and torch.cuda.is_available():
-            torch.cuda.set_rng_state(handle.get_tensor(f"torch_cuda/{rank}"))
+    world = saved_layout["world_size"]
+    rank = dist.get_rank() if world == dist.get_world_size() else 0
+    if (path / INDEX).is_file():
+        file, key = path / rank_file(rank, world), lambda kind: f"rng/{kind}"
+    else:  # format 1: every rank's generators in one file
+        file, key = path / "rng.safetensors", lambda kind: f"{kind}/{rank}"
+    with safe_open(str(file), framework="pt") as handle:
+        torch.set_rng_state(handle.get_tensor(key("torch_cpu")))
+        if key("torch_cuda") in handle.keys() and torch.cuda.is_available():
+            torch.cuda.set_rng_state(handle.get_tensor(key("torch_cuda")))
         meta = handle.metadata()
-    version, internal, gauss = json.loads(meta[f"python/{rank}"])
+    version, internal, gauss = json.loads(meta[key("python")])
     random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = json.loads(meta[f"numpy/{rank}"])
+    name, keys, pos, has_gauss, cached = json.loads(meta[key("numpy")])
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
@@ -371,21 +411,9 @@ def _streamed_weights(engine, model, groups, max_shard_size: str):
     None elsewhere). Every rank must call ``tensor_of`` for the same names in the same order: the owning
     stage's tensor-parallel ranks merge their shards (ZeRO-3: the data-parallel ranks gather the partitions),
     and a later stage sends the result to rank 0; data-parallel replicas of a full copy take no part."""
-    names, zero3 = _canonical_names(model), engine.zero_optimization_stage() == 3
+    zero3 = engine.zero_optimization_stage() == 3
     parameters = {n for n, _ in model.named_parameters()}
-    local = {**{n: b for n, b in model.named_buffers() if groups.is_first_stage},
-             **_local_params(engine, model, groups)}
-    specs = [None] * dist.get_world_size()
-    dist.all_gather_object(specs, (groups.pp_rank, {n: (full_shape(model, n, t), t.dtype)
-                                                     for n, t in local.items() if n in set(names)}))
-    owner, spec = {}, {}
-    for stage, held in sorted(specs, key=lambda s: s[0]):
-        for name, shape_dtype in held.items():
-            owner.setdefault(name, stage)
-            spec.setdefault(name, shape_dtype)
-    missing = [n for n in names if n not in spec]
-    if missing:
-        raise RuntimeError(f"no rank holds {missing}")
+    local, owner, spec = _holdings(engine, model, groups)
 
     def tensor_of(name: str) -> torch.Tensor | None:
         if zero3:
@@ -404,7 +432,7 @@ def _streamed_weights(engine, model, groups, max_shard_size: str):
             return full
         return None
 
-    return hf_files.shard_plan({n: spec[n] for n in names}, max_shard_size), tensor_of
+    return hf_files.shard_plan(spec, max_shard_size), tensor_of
 
 
 def _gathered_partitions(param) -> torch.Tensor | None:

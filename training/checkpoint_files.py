@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 MANIFEST = "manifest.json"
-FORMAT = "colonnade-checkpoint/1"
+FORMAT = "colonnade-checkpoint/2"  # one file per rank (``checkpoint_pieces``)
+READABLE_FORMATS = (FORMAT, "colonnade-checkpoint/1")  # 1: the full state gathered into one file per kind
 _TAG = re.compile(r"^step_(\d{7,})$")
 
 
@@ -126,9 +127,9 @@ def read_manifest(path: Path) -> dict[str, Any]:
         manifest = json.loads((path / MANIFEST).read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path / MANIFEST}: not valid JSON ({exc}); the checkpoint is damaged") from None
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r} (a checkpoint "
-                              f"written by another tool or an older colonnade)")
+    if manifest.get("format") not in READABLE_FORMATS:
+        raise CheckpointError(f"{path}: format {manifest.get('format')!r}, expected one of {READABLE_FORMATS} "
+                              f"(a checkpoint written by another tool or another colonnade)")
     return manifest
 
 

@@ -3,8 +3,9 @@
     python -m training.export runs/quickstart/checkpoints/step_0000300 my_model/
     python -m training.export runs/quickstart my_model/          # the run's newest complete checkpoint
 
-The checkpoint is verified against its manifest first; the result loads with ``from_pretrained``. Tensors are
-copied one at a time, so memory holds one weights file (``--max-shard-size``), never the model. OUT must be
+The checkpoint is verified against its manifest first; the result loads with ``from_pretrained``. Each full
+tensor is assembled from the ranks' pieces and written before the next (files of at most ``--max-shard-size``),
+so memory holds about one tensor, never the model. OUT must be
 new, empty, or an earlier export of ours (marked by ``colonnade_export.json``), which is replaced; anything
 else (a user's files, a run, the checkpoint itself) is refused with exit code 2 and left untouched.
 """
@@ -15,14 +16,9 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from training import checkpoint_files as files
 from training import hf_files
-
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
+from training.checkpoint_pieces import CheckpointReader
 
 
 def find_checkpoint(path: Path) -> Path:
@@ -40,22 +36,18 @@ def find_checkpoint(path: Path) -> Path:
 def export(checkpoint_dir: Path, out_dir: Path, trust_remote_code: bool = False,
            max_shard_size: int | str = hf_files.DEFAULT_MAX_SHARD_SIZE) -> Path:
     """``out_dir`` must be new, empty, or an earlier export of ours (``checkpoint_files.write_export``): it is
-    checked before anything is loaded, and nothing else is ever deleted. Tensors are copied one at a time into
+    checked before anything is loaded, and nothing else is ever deleted. Tensors are written one at a time into
     safetensors files of at most ``max_shard_size`` (plus an index when there are several)."""
 
     def write(tmp: Path) -> None:
-        from safetensors import safe_open
         from transformers import AutoConfig, AutoTokenizer
 
         files.verify(checkpoint_dir)
         config = AutoConfig.from_pretrained(str(checkpoint_dir), trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_dir), trust_remote_code=trust_remote_code)
-        with safe_open(str(checkpoint_dir / "model.safetensors"), framework="pt") as weights:
-            specs = {}
-            for name in weights.keys():
-                stored = weights.get_slice(name)
-                specs[name] = (tuple(stored.get_shape()), _DTYPES[stored.get_dtype()])
-            hf_files.write_weights(tmp, hf_files.shard_plan(specs, max_shard_size), weights.get_tensor)
+        reader = CheckpointReader(checkpoint_dir)
+        specs = {name: (shape, reader.dtype(f"model/{name}")) for name, shape in reader.names("model").items()}
+        hf_files.write_weights(tmp, hf_files.shard_plan(specs, max_shard_size), lambda n: reader.full(f"model/{n}"))
         hf_files.write_config_files(tmp, config, tokenizer)
 
     return files.write_export(out_dir, write, source=checkpoint_dir)

@@ -23,7 +23,7 @@ import yaml
 
 from modeling.build import (auto_class, byte_level_tokenizer, check_sequence_fits, describe, hf_config,
                             load_tokenizer, model_config, train_bpe_tokenizer, weights_source)
-from modeling.materialize import StoredWeights, empty_model, materialize
+from modeling.materialize import empty_model, materialize
 from modeling.parallelize import lm_loss, next_token_losses, tensor_parallelize
 from modeling.pipeline import check_pipeline_fits
 from modeling.tp_plans import check_tensor_parallel_fits
@@ -279,7 +279,7 @@ def _build_model(cfg: RunConfig, tokenizer, blocks: dict, resume_from: Path | No
     model = tensor_parallelize(copy.deepcopy(full), groups.tp_group, cfg.parallel.sequence_parallel,
                                cfg.parallel.tp_async_grad_reduce)
     pipeline = build_chunks(model, cfg, groups) if groups.pipeline > 1 else None
-    source = (StoredWeights(resume_from, "train.resume") if resume_from is not None
+    source = (checkpoint.CheckpointWeights(resume_from) if resume_from is not None
               else weights_source(cfg.model.pretrained, cfg.train.seed))  # every layout cuts the same full weights
     materialize(full, model, pipeline[0] if pipeline else model, source, groups.tp_group)
     return full, model, pipeline

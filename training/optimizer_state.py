@@ -4,7 +4,9 @@ AdamW keeps ``exp_avg`` and ``exp_avg_sq`` per parameter and, in mixed precision
 ZeRO 1/2 keep them for a flat fp32 partition per parameter group, split over the data-parallel group;
 ZeRO-3 partitions them per parameter; ZeRO-0 is plain AdamW. These functions hide that: ``get`` returns
 the tensor shaped like this rank's parameter (its tensor-parallel shard, gathered over data parallelism, on
-the parameter's device), ``put`` writes one. Only trainable parameters have optimizer state. Both are collective over the data-parallel group for ZeRO 1-3.
+the parameter's device), ``put`` writes one. Only trainable parameters have optimizer state. Both are
+collective over the data-parallel group for ZeRO 1-3. ``owned_part`` is what a checkpoint stores: the flat
+range of a parameter (its weights or a state) that this rank alone holds, with no communication.
 
 ZeRO 1/2 create AdamW's state lazily at the first step and only then link each parameter to its slice
 of it; resuming needs the state before that, so the slices are addressed here from DeepSpeed's
@@ -108,6 +110,37 @@ def put(engine, param: torch.nn.Parameter, key: str, value: torch.Tensor) -> Non
         return  # this rank's partition holds no fragment of the parameter
     with torch.no_grad():
         _fragment(engine, param, key).copy_(value.to(param.device, torch.float32).flatten()[_lp_range(param)])
+
+
+def owned_part(engine, tensor: torch.Tensor, key: str, dp_rank: int, dp_world: int):
+    """(first element, values) of the flattened ``tensor`` that this data-parallel rank stores for ``key``
+    ('model' for the weights or buffer, else an optimizer state) and no other replica does, or None: its ZeRO
+    partition (ZeRO-3: of every tensor; ZeRO 1/2: of trainable parameters, where the optimizer partitioned
+    them), else an even share of the replicated tensor. Values are views; nothing is communicated."""
+    stage, numel = _stage(engine), tensor.numel() if not hasattr(tensor, "ds_numel") else tensor.ds_numel
+    if stage == 3 and hasattr(tensor, "ds_tensor") and (key == "model" or tensor.requires_grad):
+        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+
+        if key != "model":
+            _ensure_zero3_state(engine)
+        values = {"model": lambda: tensor.ds_tensor, "master": lambda: safe_get_local_fp32_param(tensor)}.get(
+            key, lambda: safe_get_local_optimizer_state(tensor, key))()
+        start = dist.get_rank(tensor.ds_process_group) * tensor.ds_tensor.ds_numel
+        return _non_empty(start, values.detach().reshape(-1)[:max(0, min(values.numel(), numel - start))])
+    if stage in (1, 2) and tensor.requires_grad:
+        if tensor._hp_mapping is None:
+            return None
+        lp = _lp_range(tensor)
+        values = tensor.detach().reshape(-1)[lp] if key == "model" else _fragment(engine, tensor, key).reshape(-1)
+        return _non_empty(lp.start, values)
+    share = -(-numel // dp_world)
+    start = min(dp_rank * share, numel)
+    values = tensor.detach() if key == "model" else get(engine, tensor, key)  # ZeRO-0: no communication
+    return _non_empty(start, values.reshape(-1)[start:start + share])
+
+
+def _non_empty(start: int, values: torch.Tensor):
+    return (start, values) if values.numel() else None
 
 
 def optimizer_steps(engine) -> int:
