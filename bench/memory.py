@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 PHASES = ("load", "steps", "save", "export")
@@ -39,6 +40,8 @@ class PhasePeaks:
     def __init__(self, interval_s: float = 0.001):
         self.peaks: dict[str, int] = {}
         self.rss_peaks: dict[str, int] = {}
+        self.seconds: dict[str, float] = {}  # wall time spent in each phase
+        self._began = 0.0
         self.runtime = 0
         self.current: str | None = None
         self.interval_s = interval_s
@@ -78,10 +81,12 @@ class PhasePeaks:
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
         self.current = phase
+        self._began = time.perf_counter()
 
     def end(self) -> None:
         if self.current is None:
             return
+        self.seconds[self.current] = self.seconds.get(self.current, 0.0) + time.perf_counter() - self._began
         if self._on_gpu():
             import torch
 
@@ -146,7 +151,8 @@ def worker(args) -> None:
     formula = zero_formula_bytes(local, cfg.parallel.zero_stage, dp)
     record = {"rank": dist.get_rank(), "runtime_bytes": peaks.runtime, "local_params": local,
               "formula_bytes": sum(formula.values()), **{f"{k}_peak_bytes": v for k, v in peaks.peaks.items()},
-              **{f"{k}_rss_peak_bytes": v for k, v in peaks.rss_peaks.items()}}
+              **{f"{k}_rss_peak_bytes": v for k, v in peaks.rss_peaks.items()},
+              **{f"{k}_seconds": v for k, v in peaks.seconds.items()}}
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, record)
     if dist.get_rank() == 0:
@@ -197,17 +203,19 @@ def summarize(record: dict) -> dict:
             row[f"{phase}_above_runtime_bytes"] = max(a for a, _ in above)
             row[f"{phase}_vs_formula"] = max(a / f for a, f in above)
             row[f"{phase}_rss_peak_bytes"] = max(r[f"{phase}_rss_peak_bytes"] for r in ranks)
+            row[f"{phase}_seconds"] = max(r.get(f"{phase}_seconds", 0.0) for r in ranks)
     return row
 
 
 def report(rows: list[dict], machine: dict, command: str) -> str:
     mb = lambda b: f"{b / 2**20:,.0f}"  # noqa: E731
-    head = ["layout", "ranks", "params/rank", "formula MB", "runtime MB"] + [f"{p} MB (x formula)" for p in PHASES]
+    head = (["layout", "ranks", "params/rank", "formula MB", "runtime MB"] + [f"{p} MB (x formula)" for p in PHASES]
+            + ["save s"])
     lines = [f"# Memory per rank ({machine['date']}, {machine['cpu']}, {machine['cores']} cores, torch "
              f"{machine['torch']})", "", f"`{command}`", "",
              "Peak anonymous memory above the runtime, largest rank; in brackets the largest ratio of a rank's "
              "peak above its runtime to its model-state formula (weights + gradients + AdamW moments under its "
-             "ZeRO stage).", "",
+             "ZeRO stage). save s: the slowest rank's wall time in the checkpoint saves.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "formula_bytes" not in r:
@@ -217,6 +225,7 @@ def report(rows: list[dict], machine: dict, command: str) -> str:
                  mb(r["runtime_bytes"])]
         cells += [f"{mb(r[f'{p}_above_runtime_bytes'])} ({r[f'{p}_vs_formula']:.2f})"
                   if f"{p}_vs_formula" in r else "-" for p in PHASES]
+        cells.append(f"{r['save_seconds']:.2f}" if "save_seconds" in r else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

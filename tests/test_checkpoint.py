@@ -173,3 +173,21 @@ def test_saving_a_step_again_replaces_it_whole(tmp_path):
     final = root / "step_0000003"
     assert (final / "weights.bin").read_text() == "second" and files.verify(final)["step"] == 3
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000003"]  # nothing half-moved left
+
+
+def test_a_format_1_checkpoint_still_resumes(tmp_path):
+    """A checkpoint of the previous format (one gathered model/optimizer/rng file), written by colonnade at
+    a680fed at TP=2 (tests/fixtures/format1/make.py), resumes on one rank: steps 3 and 4 are the ones the run
+    that wrote it took. Tolerance as in the layout-change test above (TP=2 -> TP=1 summation order)."""
+    fixture = Path(__file__).parent / "fixtures" / "format1"
+    saved = tmp_path / "old" / "step_0000002"
+    shutil.copytree(fixture / "step_0000002", saved)
+    corpus = write_corpus(tmp_path / "corpus")
+    cfg = tiny_config(tmp_path / "resumed", corpus, parallel={"zero_stage": 1}, train__steps=4,
+                      train__resume=str(saved))
+    got = step_records(run_ranks(run_configs, 1, [cfg], timeout=300)[0][0])
+    written = [json.loads(line) for line in (fixture / "metrics.jsonl").read_text().splitlines()]
+    expected = [r for r in step_records(written) if r["step"] > 2]
+    assert [r["step"] for r in got] == [3, 4]
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in expected], rel=1e-5)
+    assert [r["grad_norm"] for r in got] == pytest.approx([r["grad_norm"] for r in expected], rel=1e-5)
