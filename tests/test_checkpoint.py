@@ -191,3 +191,36 @@ def test_a_format_1_checkpoint_still_resumes(tmp_path):
     assert [r["step"] for r in got] == [3, 4]
     assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in expected], rel=1e-5)
     assert [r["grad_norm"] for r in got] == pytest.approx([r["grad_norm"] for r in expected], rel=1e-5)
+
+
+def _timed_writes(cfg):
+    """Rank function: train ``cfg`` with each rank's checkpoint file taking at least 1.5 s to write; returns the
+    (start, end) wall times of this rank's writes."""
+    import time
+
+    import training.checkpoint as checkpoint
+
+    original, spans = checkpoint.write_safetensors, []
+
+    def slow_write(path, specs, tensor_of, metadata=None):
+        start = time.time()
+        time.sleep(1.5)
+        original(path, specs, tensor_of, metadata)
+        spans.append((start, time.time()))
+    checkpoint.write_safetensors = slow_write
+    from training import run
+
+    run(cfg)
+    return spans
+
+
+def test_ranks_write_their_files_at_the_same_time(tmp_path):
+    """Each rank writes its own file without waiting for another's: with every write slowed to 1.5 s, the two
+    ranks' writes overlap in time."""
+    corpus = write_corpus(tmp_path / "corpus")
+    cfg = tiny_config(tmp_path / "r", corpus, parallel={"tensor": 2, "zero_stage": 1}, train__steps=2)
+    (rank0,), (rank1,) = run_ranks(_timed_writes, 2, cfg, timeout=300)
+    assert max(rank0[0], rank1[0]) < min(rank0[1], rank1[1]), (rank0, rank1)
+    saved = tmp_path / "r" / "run" / "checkpoints" / "step_0000002"
+    assert sorted(p.name for p in saved.glob("rank-*")) == ["rank-00000-of-00002.safetensors",
+                                                            "rank-00001-of-00002.safetensors"]
