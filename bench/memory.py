@@ -10,8 +10,10 @@ the model exists: interpreter, torch, DeepSpeed, data), ``load`` (model construc
 ``steps``, ``save`` (the checkpoint), ``export`` (``output_dir/hf``). On CPU the peak is anonymous resident
 memory (what the process allocated; pages of memory-mapped safetensors files are page cache the kernel can
 drop, and are in results.json's ``rss`` peaks only). The formula is the ZeRO paper's model state per rank for
-this rank's parameters (``bench.sweep.zero_formula_bytes``): weights, gradients and AdamW moments. Activations
-are not in it: the configs used here keep them small (micro-batch 1), and the table shows what is left.
+this rank's parameters (``memory_formula_bytes``): weights, gradients, AdamW moments and, under ZeRO, the fp32
+master partition. Activations are not in it: the configs used here keep them small (micro-batch 1), and the
+table shows what is left. For the save and export phases the report also gives what the phase itself added
+above what the rank held when it began (``+added``), and the slowest rank's save time.
 Outputs in ``--out``: results.json and report.md.
 """
 
@@ -41,7 +43,9 @@ class PhasePeaks:
         self.peaks: dict[str, int] = {}
         self.rss_peaks: dict[str, int] = {}
         self.seconds: dict[str, float] = {}  # wall time spent in each phase
+        self.added: dict[str, int] = {}  # the phase's own peak: above what was held when it began
         self._began = 0.0
+        self._at_start = 0
         self.runtime = 0
         self.current: str | None = None
         self.interval_s = interval_s
@@ -72,11 +76,12 @@ class PhasePeaks:
         if self._on_gpu():
             self.runtime = self.runtime or torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
+            self._at_start = torch.cuda.memory_allocated()
         else:
             self.runtime = self.runtime or self._status("RssAnon")
             with open("/proc/self/clear_refs", "w") as refs:
                 refs.write("5")  # resets VmHWM to the current resident size (Linux >= 4.0)
-            self._sampled = self._status("RssAnon")
+            self._sampled = self._at_start = self._status("RssAnon")
             self._stop = threading.Event()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
@@ -96,6 +101,7 @@ class PhasePeaks:
             self._thread.join()
             peak, rss_peak = max(self._sampled, self._status("RssAnon")), self._status("VmHWM")
         self.peaks[self.current] = max(self.peaks.get(self.current, 0), peak)
+        self.added[self.current] = max(self.added.get(self.current, 0), peak - self._at_start)
         self.rss_peaks[self.current] = max(self.rss_peaks.get(self.current, 0), rss_peak)
         self.current = None
 
@@ -132,11 +138,22 @@ def _install(peaks: PhasePeaks) -> None:
     _around(checkpoint, "export_hf", lambda: peaks.start("export"), peaks.end)
 
 
+def memory_formula_bytes(params: int, zero_stage: int, dp: int) -> dict:
+    """The model state a rank holds for ``params`` parameters: the ZeRO paper's fp32 AdamW formula
+    (``bench.sweep.zero_formula_bytes``: weights, gradients, moments) plus, from ZeRO-1 on, the fp32 master
+    partition DeepSpeed's ZeRO optimizers keep beside the weights even in fp32 training (4 bytes / dp per
+    parameter; the paper's K = 12 counts it too)."""
+    from bench.sweep import zero_formula_bytes
+
+    formula = zero_formula_bytes(params, zero_stage, dp)
+    formula["master_bytes"] = 4 * params / dp if zero_stage >= 1 else 0
+    return formula
+
+
 def worker(args) -> None:
     import torch.distributed as dist
 
     import training.loop as loop
-    from bench.sweep import zero_formula_bytes
     from training.config import load
 
     cfg = load(args.config, args.set)
@@ -148,11 +165,12 @@ def worker(args) -> None:
     # unpartitioned (ZeRO-3 keeps the size in ds_numel); the formula divides by the data-parallel degree
     local = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
     dp = dist.get_world_size() // (cfg.parallel.tensor * cfg.parallel.pipeline)
-    formula = zero_formula_bytes(local, cfg.parallel.zero_stage, dp)
+    formula = memory_formula_bytes(local, cfg.parallel.zero_stage, dp)
     record = {"rank": dist.get_rank(), "runtime_bytes": peaks.runtime, "local_params": local,
               "formula_bytes": sum(formula.values()), **{f"{k}_peak_bytes": v for k, v in peaks.peaks.items()},
               **{f"{k}_rss_peak_bytes": v for k, v in peaks.rss_peaks.items()},
-              **{f"{k}_seconds": v for k, v in peaks.seconds.items()}}
+              **{f"{k}_seconds": v for k, v in peaks.seconds.items()},
+              **{f"{k}_added_bytes": v for k, v in peaks.added.items()}}
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, record)
     if dist.get_rank() == 0:
@@ -204,6 +222,7 @@ def summarize(record: dict) -> dict:
             row[f"{phase}_vs_formula"] = max(a / f for a, f in above)
             row[f"{phase}_rss_peak_bytes"] = max(r[f"{phase}_rss_peak_bytes"] for r in ranks)
             row[f"{phase}_seconds"] = max(r.get(f"{phase}_seconds", 0.0) for r in ranks)
+            row[f"{phase}_added_bytes"] = max(r.get(f"{phase}_added_bytes", 0) for r in ranks)
     return row
 
 
@@ -215,7 +234,8 @@ def report(rows: list[dict], machine: dict, command: str) -> str:
              f"{machine['torch']})", "", f"`{command}`", "",
              "Peak anonymous memory above the runtime, largest rank; in brackets the largest ratio of a rank's "
              "peak above its runtime to its model-state formula (weights + gradients + AdamW moments under its "
-             "ZeRO stage). save s: the slowest rank's wall time in the checkpoint saves.", "",
+             "ZeRO stage, plus the fp32 master partition DeepSpeed keeps under ZeRO); +N: what the save or export added above "
+             "what the rank held when it began. save s: the slowest rank's wall time in the checkpoint saves.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "formula_bytes" not in r:
@@ -224,6 +244,7 @@ def report(rows: list[dict], machine: dict, command: str) -> str:
         cells = [r["layout"], str(r["nproc"]), f"{r['params_per_rank'] / 1e6:.1f} M", mb(r["formula_bytes"]),
                  mb(r["runtime_bytes"])]
         cells += [f"{mb(r[f'{p}_above_runtime_bytes'])} ({r[f'{p}_vs_formula']:.2f})"
+                  + (f" +{mb(r[f'{p}_added_bytes'])}" if p in ("save", "export") else "")
                   if f"{p}_vs_formula" in r else "-" for p in PHASES]
         cells.append(f"{r['save_seconds']:.2f}" if "save_seconds" in r else "-")
         lines.append("| " + " | ".join(cells) + " |")

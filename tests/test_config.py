@@ -82,6 +82,10 @@ def test_generated_deepspeed_json():
     ds = deepspeed_config(cfg, world_size=4)
     assert ds["train_batch_size"] == 4 * 3 * 4
     assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert "reduce_bucket_size" not in ds["zero_optimization"]  # DeepSpeed's default unless asked
+    sized = deepspeed_config(validate({**MINIMAL, "parallel": {"zero_stage": 2, "bucket_size": 5 * 10**7}}), 1)
+    assert sized["zero_optimization"]["reduce_bucket_size"] == sized["zero_optimization"]["allgather_bucket_size"] \
+        == 5 * 10**7
 
 
 def test_user_deepspeed_json_batch_rule_unknown_keys_and_mismatches():

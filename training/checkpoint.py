@@ -193,8 +193,8 @@ def save(engine, model, tokenizer, groups, run_config: dict[str, Any], step: int
     local, owner, _ = _holdings(engine, model, groups)
     on_rank0(lambda: files.begin(root, step), f"starting the checkpoint of step {step}")
     staging = files.staging_dir(root, step)
-    on_every_rank(lambda: _write_rank_file(staging, engine, model, groups, kinds, local, owner),
-                  f"writing the checkpoint of step {step}")
+    written = on_every_rank(lambda: _write_rank_file(staging, engine, model, groups, kinds, local, owner),
+                            f"writing the checkpoint of step {step}")
     trainer = {
         "step": step, "consumed_samples": consumed_samples,
         "optimizer_steps": optimizer_state.optimizer_steps(engine),
@@ -213,14 +213,14 @@ def save(engine, model, tokenizer, groups, run_config: dict[str, Any], step: int
         files.write_text_atomic(staging / "run_config.yaml", yaml.safe_dump(run_config, sort_keys=False))
         files.write_atomic(staging / "config.json", lambda tmp: model.config.to_json_file(str(tmp)))
         tokenizer.save_pretrained(str(staging))
-        return files.commit(staging, step)
+        return files.commit(staging, step, dict(written))
 
     on_rank0(finish, f"saving the checkpoint of step {step}")
     return root / tag_for(step)  # on every rank: each must know the save happened
 
 
-def _write_rank_file(staging: Path, engine, model, groups, kinds, local, owner) -> None:
-    """This rank's file: for each tensor its stage owns (tensor-parallel rank 0 for one they all hold whole),
+def _write_rank_file(staging: Path, engine, model, groups, kinds, local, owner) -> tuple[str, dict]:
+    """This rank's file (returns its name and manifest entry): for each tensor its stage owns (tensor-parallel rank 0 for one they all hold whole),
     the part no data-parallel replica also writes (``optimizer_state.owned_part``), described by a ``Piece`` in the file's metadata; and its RNG states.
     Streamed tensor by tensor and fsynced (``files.write_atomic``)."""
     file = rank_file(dist.get_rank(), dist.get_world_size())
@@ -239,6 +239,7 @@ def _write_rank_file(staging: Path, engine, model, groups, kinds, local, owner) 
                 tp_shards[name], hf_files.dtype_name(part[1].dtype)).describe())
     specs = {key: (tuple(v.shape), v.dtype) for key, v in values.items()}
     files.write_atomic(staging / file, lambda tmp: write_safetensors(tmp, specs, values.__getitem__, metadata))
+    return file, files.describe_file(staging / file)  # hashed here, in parallel, not by rank 0 for all
 
 
 def _index(staging: Path, names: list[str], world: int) -> dict[str, Any]:

@@ -82,16 +82,29 @@ def begin(root: Path, step: int) -> Path:
     return staging
 
 
-def commit(staging: Path, step: int, extra: dict[str, Any] | None = None) -> Path:
-    """Hash every file of ``staging`` into the manifest, rename the directory to its final name, then
-    point ``latest`` at it. Returns the final directory."""
+def describe_file(path: Path) -> dict[str, Any]:
+    """A file's manifest entry: its size and SHA-256."""
+    return {"bytes": path.stat().st_size, "sha256": sha256(path)}
+
+
+def commit(staging: Path, step: int, described: dict[str, dict[str, Any]] | None = None) -> Path:
+    """Write the manifest of every file of ``staging`` (``described``: entries their writers already made with
+    ``describe_file``, e.g. each rank for its own file; the others are hashed here), rename the directory to
+    its final name, then point ``latest`` at it. Returns the final directory."""
+    described = described or {}
     files = sorted(p for p in staging.rglob("*") if p.is_file() and not p.name.startswith("."))
     for path in files:  # files written by other libraries (the tokenizer's) were not fsynced yet
-        with open(path, "rb+") as handle:
-            os.fsync(handle.fileno())
-    manifest = {"format": FORMAT, "step": step, **(extra or {}),
-                "files": {str(p.relative_to(staging)): {"bytes": p.stat().st_size, "sha256": sha256(p)}
-                          for p in files}}
+        if str(path.relative_to(staging)) not in described:
+            with open(path, "rb+") as handle:
+                os.fsync(handle.fileno())
+    entries = {}
+    for path in files:
+        name = str(path.relative_to(staging))
+        entry = described.get(name)
+        if entry is None or entry["bytes"] != path.stat().st_size:
+            entry = describe_file(path)
+        entries[name] = entry
+    manifest = {"format": FORMAT, "step": step, "files": entries}
     write_text_atomic(staging / MANIFEST, json.dumps(manifest, indent=1))
     _fsync_dir(staging)
     final = staging.parent / tag_for(step)

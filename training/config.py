@@ -116,6 +116,11 @@ class ParallelConfig(_Section):
                                       "ZeRO-1 (2% slower with it on the 2-core CPU box, bench/results/overlap-cpu). "
                                       "Not with pipelines at ZeRO-1 (DeepSpeed refuses it). A user DeepSpeed JSON's "
                                       "own value wins.")
+    bucket_size: int | None = Field(None, gt=0, description="Gradient elements per ZeRO bucket (DeepSpeed's "
+                                    "zero_optimization.reduce_bucket_size and allgather_bucket_size). None: DeepSpeed's "
+                                    "500 M. ZeRO 1/2 stage gradients in a buffer of this size (two with overlap_comm): "
+                                    "lower it where host or device memory is tight. A user DeepSpeed JSON's own value "
+                                    "wins.")
     schedule: Literal["gpipe", "1f1b", "interleaved"] = Field("1f1b", description="Pipeline schedule.")
     virtual_stages: int = Field(1, ge=1, description="Model chunks per pipeline rank (interleaved schedule).")
     partition: str = Field("uniform", description="'uniform', 'parameters' (balanced by parameter count) or a "
@@ -330,6 +335,8 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     overlap = cfg.parallel.overlap_comm
     if cfg.parallel.zero_stage > 0:
         zero["overlap_comm"] = cfg.parallel.zero_stage >= 2 if overlap is None else overlap
+    if cfg.parallel.zero_stage > 0 and cfg.parallel.bucket_size is not None:
+        zero["reduce_bucket_size"] = zero["allgather_bucket_size"] = cfg.parallel.bucket_size
     if cfg.parallel.zero_stage == 3:
         # Export and eval need full weights; gather them on save rather than keeping a 16-bit copy.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
