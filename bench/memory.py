@@ -7,7 +7,8 @@
 Each layout trains for real under torchrun (``train.steps`` steps, then the end-of-run save and export the
 config asks for). Every rank measures its own peak memory in each phase (``PhasePeaks``): ``runtime`` (before
 the model exists: interpreter, torch, DeepSpeed, data), ``load`` (model construction and the DeepSpeed engine),
-``steps``, ``save`` (the checkpoint), ``export`` (``output_dir/hf``). On CPU the peak is anonymous resident
+``steps`` (forward and backward passes, eval), ``optimizer`` (inside DeepSpeed's ``engine.step``: gradient
+reduction at the boundary, clipping, AdamW), ``save`` (the checkpoint), ``export`` (``output_dir/hf``). On CPU the peak is anonymous resident
 memory (what the process allocated; pages of memory-mapped safetensors files are page cache the kernel can
 drop, and are in results.json's ``rss`` peaks only). The formula is the ZeRO paper's model state per rank for
 this rank's parameters (``memory_formula_bytes``): weights, gradients, AdamW moments and, under ZeRO, the fp32
@@ -28,7 +29,7 @@ import threading
 import time
 from pathlib import Path
 
-PHASES = ("load", "steps", "save", "export")
+PHASES = ("load", "steps", "optimizer", "save", "export")
 LAYOUT_KEYS = {"tensor": "parallel.tensor", "pipeline": "parallel.pipeline", "zero": "parallel.zero_stage"}
 
 
@@ -121,6 +122,8 @@ def _around(owner, name: str, before, after=None) -> None:
 
 
 def _install(peaks: PhasePeaks) -> None:
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
     import training.loop as loop
     from training import checkpoint
     from training.pipeline import PipelineRunner
@@ -132,6 +135,7 @@ def _install(peaks: PhasePeaks) -> None:
         if "steps" not in peaks.peaks and peaks.current != "steps":
             peaks.start("steps")
 
+    _around(DeepSpeedEngine, "step", lambda: peaks.start("optimizer"), lambda: peaks.start("steps"))
     _around(loop, "_data_parallel_step", first_step)
     _around(PipelineRunner, "train_step", first_step)
     _around(checkpoint, "save", lambda: peaks.start("save"), peaks.end)
@@ -234,8 +238,9 @@ def report(rows: list[dict], machine: dict, command: str) -> str:
              f"{machine['torch']})", "", f"`{command}`", "",
              "Peak anonymous memory above the runtime, largest rank; in brackets the largest ratio of a rank's "
              "peak above its runtime to its model-state formula (weights + gradients + AdamW moments under its "
-             "ZeRO stage, plus the fp32 master partition DeepSpeed keeps under ZeRO); +N: what the save or export added above "
-             "what the rank held when it began. save s: the slowest rank's wall time in the checkpoint saves.", "",
+             "ZeRO stage, plus the fp32 master partition DeepSpeed keeps under ZeRO); +N: what the optimizer "
+             "step, save or export added above what the rank held when it began. save s: the slowest rank's wall "
+             "time in the checkpoint saves.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "formula_bytes" not in r:
@@ -244,7 +249,7 @@ def report(rows: list[dict], machine: dict, command: str) -> str:
         cells = [r["layout"], str(r["nproc"]), f"{r['params_per_rank'] / 1e6:.1f} M", mb(r["formula_bytes"]),
                  mb(r["runtime_bytes"])]
         cells += [f"{mb(r[f'{p}_above_runtime_bytes'])} ({r[f'{p}_vs_formula']:.2f})"
-                  + (f" +{mb(r[f'{p}_added_bytes'])}" if p in ("save", "export") else "")
+                  + (f" +{mb(r[f'{p}_added_bytes'])}" if p in ("optimizer", "save", "export") else "")
                   if f"{p}_vs_formula" in r else "-" for p in PHASES]
         cells.append(f"{r['save_seconds']:.2f}" if "save_seconds" in r else "-")
         lines.append("| " + " | ".join(cells) + " |")

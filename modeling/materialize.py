@@ -285,7 +285,8 @@ def materialize(full: nn.Module, local: nn.Module, kept: nn.Module, source, tp_g
     """Give values to every parameter and persistent buffer of ``kept`` (``local`` or a part of it), where
     ``local`` is ``full`` (both with meta parameters) after the tensor-parallel plan; ``source`` is a
     ``SeededInit``, ``StoredWeights`` or a checkpoint's (``training.checkpoint.CheckpointWeights``): anything
-    with ``fill(full, targets)``; stored sources also overwrite the (real) buffers. A parameter left without a value is an error naming it."""
+    with ``fill(full, targets)``; stored sources also overwrite the (real) buffers. A parameter left without a
+    value is an error naming it."""
     kept_ids = {id(t) for t in [*kept.parameters(), *kept.buffers()]}
     persistent = dict(local.state_dict(keep_vars=True))
     tensors = {**dict(local.named_parameters(remove_duplicate=False)), **persistent}

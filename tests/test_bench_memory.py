@@ -36,7 +36,7 @@ def test_memory_benchmark_runs_every_phase(tmp_path):
     rows = main(["--config", "configs/sweeps/base_tiny.yaml", "--layout", "tensor=2", "--out", str(tmp_path)])
     (row,) = rows
     assert row["nproc"] == 2 and row["formula_bytes"] > 0
-    for phase in ("load", "steps", "save", "export"):
+    for phase in ("load", "steps", "optimizer", "save", "export"):
         assert row[f"{phase}_above_runtime_bytes"] > 0, phase
     ranks = json.loads((tmp_path / "results.json").read_text())["ranks"][0]["ranks"]
     assert [r["rank"] for r in ranks] == [0, 1]

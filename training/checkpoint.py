@@ -220,9 +220,10 @@ def save(engine, model, tokenizer, groups, run_config: dict[str, Any], step: int
 
 
 def _write_rank_file(staging: Path, engine, model, groups, kinds, local, owner) -> tuple[str, dict]:
-    """This rank's file (returns its name and manifest entry): for each tensor its stage owns (tensor-parallel rank 0 for one they all hold whole),
-    the part no data-parallel replica also writes (``optimizer_state.owned_part``), described by a ``Piece`` in the file's metadata; and its RNG states.
-    Streamed tensor by tensor and fsynced (``files.write_atomic``)."""
+    """This rank's file, streamed tensor by tensor and fsynced (``files.write_atomic``); returns its name and
+    manifest entry. For each tensor its stage owns (tensor-parallel rank 0 for one they all hold whole), the
+    part no data-parallel replica also writes (``optimizer_state.owned_part``), described by a ``Piece`` in the
+    file's metadata; and the rank's RNG states."""
     file = rank_file(dist.get_rank(), dist.get_world_size())
     tp_shards = shards(model, groups.tp_group)
     values, metadata = _rng_state()

@@ -117,8 +117,9 @@ class ParallelConfig(_Section):
                                       "Not with pipelines at ZeRO-1 (DeepSpeed refuses it). A user DeepSpeed JSON's "
                                       "own value wins.")
     bucket_size: int | None = Field(None, gt=0, description="Gradient elements per ZeRO bucket (DeepSpeed's "
-                                    "zero_optimization.reduce_bucket_size and allgather_bucket_size). None: DeepSpeed's "
-                                    "500 M. ZeRO 1/2 stage gradients in a buffer of this size (two with overlap_comm): "
+                                    "zero_optimization.reduce_bucket_size and allgather_bucket_size). None: "
+                                    "DeepSpeed's 500 M. ZeRO 1/2 stage gradients in a buffer of this size (two with "
+                                    "overlap_comm): "
                                     "lower it where host or device memory is tight. A user DeepSpeed JSON's own value "
                                     "wins.")
     schedule: Literal["gpipe", "1f1b", "interleaved"] = Field("1f1b", description="Pipeline schedule.")
