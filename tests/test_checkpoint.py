@@ -224,3 +224,33 @@ def test_ranks_write_their_files_at_the_same_time(tmp_path):
     saved = tmp_path / "r" / "run" / "checkpoints" / "step_0000002"
     assert sorted(p.name for p in saved.glob("rank-*")) == ["rank-00000-of-00002.safetensors",
                                                             "rank-00001-of-00002.safetensors"]
+
+
+def test_saves_from_zero3_zero0_and_bf16_resume(tmp_path):
+    """The per-rank pieces of the other writers: ZeRO-3 partitions (with their padding) and ZeRO-0's even shares
+    at DP=2 resume on one rank (ZeRO-1 / ZeRO-2) to the uninterrupted runs' steps 6-10 (tolerance as above: only
+    the data-parallel summation order differs); bf16 at ZeRO-2 (bf16 weights, fp32 masters and moments in
+    DeepSpeed's partitions) resumes at its own layout bit for bit."""
+    corpus = write_corpus(tmp_path / "corpus")
+
+    def cfg(name, zero, ranks, resume=None, **extra):
+        return tiny_config(tmp_path / name, corpus, parallel={"zero_stage": zero}, train__steps=10,
+                           train__save_every=5, train__micro_batch_size=2, train__grad_accum=2 // ranks,
+                           train__resume=resume, **extra)
+
+    def saved(name):
+        return str(tmp_path / name / "run" / "checkpoints" / "step_0000005")
+
+    z3, z0, bf16 = cfg("z3", 3, 2), cfg("z0", 0, 2), cfg("bf16", 2, 2, precision="bf16")
+    bf16_resumed = cfg("bf16r", 2, 2, resume=saved("bf16"), precision="bf16")
+    z3_hist, z0_hist, bf16_hist, bf16r_hist = run_ranks(run_configs, 2, [z3, z0, bf16, bf16_resumed],
+                                                        timeout=600)[0]
+    from_z3, from_z0 = cfg("from_z3", 1, 1, resume=saved("z3")), cfg("from_z0", 2, 1, resume=saved("z0"))
+    from_z3_hist, from_z0_hist = run_ranks(run_configs, 1, [from_z3, from_z0], timeout=300)[0]
+    for full, resumed in ((z3_hist, from_z3_hist), (z0_hist, from_z0_hist)):
+        expected, got = step_records(full)[5:], step_records(resumed)
+        assert [r["step"] for r in got] == [6, 7, 8, 9, 10]
+        assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in expected], rel=1e-5)
+        assert [r["grad_norm"] for r in got] == pytest.approx([r["grad_norm"] for r in expected], rel=1e-5)
+    assert [(r["loss"], r["grad_norm"]) for r in step_records(bf16r_hist)] == \
+        [(r["loss"], r["grad_norm"]) for r in step_records(bf16_hist)[5:]]
