@@ -254,3 +254,35 @@ def test_saves_from_zero3_zero0_and_bf16_resume(tmp_path):
         assert [r["grad_norm"] for r in got] == pytest.approx([r["grad_norm"] for r in expected], rel=1e-5)
     assert [(r["loss"], r["grad_norm"]) for r in step_records(bf16r_hist)] == \
         [(r["loss"], r["grad_norm"]) for r in step_records(bf16_hist)[5:]]
+
+
+def _agree_on_damaged(run_dir):
+    """Rank function: ``agree_on_resume`` of ``run_dir``'s newest checkpoint, counting this rank's SHA-256s."""
+    import training.checkpoint_files as cf
+    from training.checkpoint import agree_on_resume
+    from training.loop import init_distributed
+
+    init_distributed()
+    hashed, original = [], cf.sha256
+    cf.sha256 = lambda path: hashed.append(path.name) or original(path)
+    try:
+        agree_on_resume("auto", run_dir)
+    except CheckpointError as exc:
+        return str(exc), hashed
+    return None, hashed
+
+
+def test_ranks_split_the_checks_and_all_name_a_damaged_file(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    cfg = tiny_config(tmp_path / "r", corpus, parallel={"tensor": 2, "zero_stage": 1}, train__steps=2)
+    run_ranks(run_configs, 2, [cfg])
+    saved = tmp_path / "r" / "run" / "checkpoints" / "step_0000002"
+    listed = list(json.loads((saved / files.MANIFEST).read_text())["files"])
+    damaged = saved / listed[1]  # the second file of the manifest: rank 1's share
+    data = bytearray(damaged.read_bytes())
+    data[-3] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    (err0, hashed0), (err1, hashed1) = run_ranks(_agree_on_damaged, 2, tmp_path / "r" / "run")
+    assert err0 == err1 and f"{damaged} does not match its SHA-256" in err0
+    # rank 0 hashed the even-numbered files, rank 1 the odd ones up to the damaged one, where it stopped
+    assert hashed0 == listed[::2] and hashed1 == [damaged.name]

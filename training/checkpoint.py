@@ -70,10 +70,11 @@ class TrainerState:
 
 # ------------------------------------------------------------------------------------------- resolving
 
-def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
+def resolve_resume(resume: str | None, output_dir: str | Path, share: tuple[int, int] = (0, 1)) -> Path | None:
     """``train.resume`` -> the checkpoint directory to load, verified, or None to start fresh.
     'auto' takes the newest complete checkpoint in ``output_dir`` (incomplete saves are skipped); a path
-    may be a checkpoint directory, or a ``checkpoints`` root / run directory (its newest complete one)."""
+    may be a checkpoint directory, or a ``checkpoints`` root / run directory (its newest complete one).
+    ``share``: the part of the files' SHA-256 checks done here (``checkpoint_files.verify``)."""
     if resume is None:
         return None
     if resume == "auto":
@@ -89,14 +90,15 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
             raise CheckpointError(f"train.resume={resume}: no complete checkpoint (step_* directory with a "
                                   f"{files.MANIFEST}) there")
     if found is not None:
-        files.verify(found)
+        files.verify(found, share)
     return found
 
 
 def agree_on_resume(resume: str | None, output_dir: str | Path) -> Path | None:
-    """``resolve_resume`` on rank 0 (which verifies the files), the answer shared with every rank, and every
-    rank checked to see it: a rank resuming while another starts fresh would hang the job later."""
-    found = on_rank0(lambda: resolve_resume(resume, output_dir), "finding the checkpoint to resume from")
+    """``resolve_resume`` on rank 0, the answer shared with every rank, and every rank checked to see it: a rank
+    resuming while another starts fresh would hang the job later. The ranks split the files' SHA-256 checks."""
+    share = (dist.get_rank(), dist.get_world_size())
+    found = on_rank0(lambda: resolve_resume(resume, output_dir, share), "finding the checkpoint to resume from")
     shared = [str(found) if found is not None else None]
     dist.broadcast_object_list(shared, src=0)
     chosen = Path(shared[0]) if shared[0] is not None else None
@@ -106,6 +108,8 @@ def agree_on_resume(resume: str | None, output_dir: str | Path) -> Path | None:
     if unseen.item():
         raise CheckpointError(f"train.resume: rank 0 resumes from {chosen}, which is not readable on every rank; "
                               f"train.output_dir (or the checkpoint path) must be on a filesystem all nodes share")
+    if chosen is not None:
+        on_every_rank(lambda: dist.get_rank() == 0 or files.verify(chosen, share), f"verifying {chosen}")
     return chosen
 
 

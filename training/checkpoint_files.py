@@ -146,11 +146,13 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def verify(path: Path) -> dict[str, Any]:
-    """Check every file of the manifest (size and SHA-256) before anything is loaded; the first damaged or
-    missing file is named in the error. Returns the manifest."""
+def verify(path: Path, share: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+    """Check the files of the manifest before anything is loaded: every file's presence and size, and the
+    SHA-256 of this caller's ``share`` (index, count) of them, so that the ranks of a job split the hashing
+    (``(0, 1)``: all of them). The first damaged or missing file is named in the error. Returns the manifest."""
     manifest = read_manifest(path)
-    for name, expected in manifest["files"].items():
+    index, count = share
+    for position, (name, expected) in enumerate(manifest["files"].items()):
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"checkpoint file {file} is missing; the checkpoint is incomplete")
@@ -158,7 +160,7 @@ def verify(path: Path) -> dict[str, Any]:
         if size != expected["bytes"]:
             raise CheckpointError(f"checkpoint file {file} is {size} bytes, the manifest says {expected['bytes']} "
                                   f"(truncated or overwritten); restore it or resume from another checkpoint")
-        if sha256(file) != expected["sha256"]:
+        if position % count == index and sha256(file) != expected["sha256"]:
             raise CheckpointError(f"checkpoint file {file} does not match its SHA-256 in {MANIFEST} (corrupted); "
                                   f"restore it or resume from another checkpoint")
     return manifest

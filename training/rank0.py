@@ -33,20 +33,22 @@ def on_rank0(fn: Callable[[], Any], what: str, others: Callable[[], Any] | None 
 
 def on_every_rank(fn: Callable[[], Any], what: str) -> list[Any]:
     """Run ``fn`` on every rank and return every rank's (small, picklable) result, in rank order, on every rank.
-    If it fails anywhere, every rank raises (the failed ones their own error, the others one naming the first
-    failed rank). The exchange of outcomes is the only wait between ranks."""
+    If it fails anywhere, every rank raises: the failed ranks their own error, the others the first failed
+    rank's (the same exception where it pickles, so a ``CheckpointError`` stays one; else one quoting it).
+    The exchange of outcomes is the only wait between ranks."""
     error, result = None, None
     try:
         result = fn()
     except Exception as exc:  # re-raised below, on every rank
         error = exc
     outcomes = [None] * dist.get_world_size()
-    dist.all_gather_object(outcomes, (None, result) if error is None else (f"{type(error).__name__}: {error}", None))
+    dist.all_gather_object(outcomes, (_portable(error), None if error is not None else result))
     if error is not None:
         raise error
-    failed = next(((rank, text) for rank, (text, _) in enumerate(outcomes) if text is not None), None)
+    failed = next(((rank, err) for rank, (err, _) in enumerate(outcomes) if err is not None), None)
     if failed is not None:
-        raise RuntimeError(f"{what} failed on rank {failed[0]}: {failed[1]}")
+        rank, err = failed
+        raise err if isinstance(err, Exception) else RuntimeError(f"{what} failed on rank {rank}: {err}")
     return [value for _, value in outcomes]
 
 
