@@ -50,11 +50,12 @@ def main(argv=None) -> dict:
     if not (base / "model.safetensors.index.json").is_file():
         subprocess.run([sys.executable, "-m", "bench.llama_demo", "--make-checkpoint", str(base)], check=True)
     pretrained = ["--config", CONFIG, "--set", f"model.pretrained={base}"]
-    first = memory.main(pretrained + ["--layout", "tensor=2,pipeline=2", "--out", str(work / "tp2pp2")])
+    first = memory.main(pretrained + ["--layout", "tensor=2,pipeline=2", "--out", str(work / "tp2pp2"),
+                                      "--work", str(work / "tp2pp2")])
     saved = work / "tp2pp2" / "run0" / "checkpoints" / "step_0000002"
     second = memory.main(pretrained + ["--set", f"train.resume={saved}", "--set", "train.steps=3",
                                        "--set", "train.export_hf=true", "--layout", "tensor=4",
-                                       "--out", str(work / "tp4")])
+                                       "--out", str(work / "tp4"), "--work", str(work / "tp4")])
     out.mkdir(parents=True, exist_ok=True)
     for name in ("tp2pp2", "tp4"):
         shutil.copy(work / name / "report.md", out / f"{name}.md")

@@ -23,8 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -198,9 +200,10 @@ def parse_layout(text: str) -> tuple[str, list[str], int]:
     return text, sets, degrees["tensor"] * degrees["pipeline"] * degrees["data"]
 
 
-def run_layout(args, label: str, sets: list[str], nproc: int, out: Path, index: int) -> dict:
-    out_file = out / f"layout{index}.json"
-    sets = sets + [f"train.output_dir={out / f'run{index}'}", "train.progress=false"]
+def run_layout(args, label: str, sets: list[str], nproc: int, work: Path, index: int) -> dict:
+    """Train one layout under torchrun with its run (checkpoints, export) in ``work/run{index}``."""
+    out_file = work / f"layout{index}.json"
+    sets = sets + [f"train.output_dir={work / f'run{index}'}", "train.progress=false"]
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(nproc), "--master_port",
            str(29700 + index), "-m", "bench.memory", "--worker", "--config", args.config,
            "--out-file", str(out_file)] + [x for s in args.set + sets for x in ("--set", s)]
@@ -263,7 +266,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--set", action="append", default=[], help="config override key=value (repeatable)")
     parser.add_argument("--layout", action="append", default=[],
                         help="tensor=N,pipeline=N,data=N,zero=N (repeatable; default: the config's own, 1 process)")
-    parser.add_argument("--out", default="bench/results/memory")
+    parser.add_argument("--out", default="bench/results/memory", help="where results.json and report.md go")
+    parser.add_argument("--work", help="where the runs (checkpoints, exports) go and stay; default: a temporary "
+                        "directory, removed at the end")
     parser.add_argument("--timeout", type=int, default=1800)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out-file", help=argparse.SUPPRESS)
@@ -274,7 +279,12 @@ def main(argv=None) -> list[dict]:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    records = [run_layout(args, *parse_layout(text), out, i) for i, text in enumerate(args.layout or [""])]
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-memory-"))
+    try:
+        records = [run_layout(args, *parse_layout(text), work, i) for i, text in enumerate(args.layout or [""])]
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)  # made by mkdtemp above: ours alone
     rows = [summarize(r) if r["status"] == "ok" else r for r in records]
     machine = describe()
     command = "python -m bench memory " + " ".join(argv if argv is not None else sys.argv[1:])
