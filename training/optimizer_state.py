@@ -117,14 +117,9 @@ def owned_part(engine, tensor: torch.Tensor, key: str, dp_rank: int, dp_world: i
     ('model' for the weights or buffer, else an optimizer state) and no other replica does, or None: its ZeRO
     partition (ZeRO-3: of every tensor; ZeRO 1/2: of trainable parameters, where the optimizer partitioned
     them), else an even share of the replicated tensor. Values are views; nothing is communicated."""
-    stage, numel = _stage(engine), tensor.numel() if not hasattr(tensor, "ds_numel") else tensor.ds_numel
+    stage, numel = _stage(engine), getattr(tensor, "ds_numel", tensor.numel())
     if stage == 3 and hasattr(tensor, "ds_tensor") and (key == "model" or tensor.requires_grad):
-        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
-
-        if key != "model":
-            _ensure_zero3_state(engine)
-        values = {"model": lambda: tensor.ds_tensor, "master": lambda: safe_get_local_fp32_param(tensor)}.get(
-            key, lambda: safe_get_local_optimizer_state(tensor, key))()
+        values = tensor.ds_tensor if key == "model" else _zero3_local_state(engine, tensor, key)
         start = dist.get_rank(tensor.ds_process_group) * tensor.ds_tensor.ds_numel
         return _non_empty(start, values.detach().reshape(-1)[:max(0, min(values.numel(), numel - start))])
     if stage in (1, 2) and tensor.requires_grad:
@@ -137,6 +132,14 @@ def owned_part(engine, tensor: torch.Tensor, key: str, dp_rank: int, dp_world: i
     start = min(dp_rank * share, numel)
     values = tensor.detach() if key == "model" else get(engine, tensor, key)  # ZeRO-0: no communication
     return _non_empty(start, values.reshape(-1)[start:start + share])
+
+
+def _zero3_local_state(engine, param, key: str) -> torch.Tensor:
+    """This rank's flat partition of a ZeRO-3 parameter's fp32 master ('master') or AdamW state."""
+    from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+
+    _ensure_zero3_state(engine)
+    return safe_get_local_fp32_param(param) if key == "master" else safe_get_local_optimizer_state(param, key)
 
 
 def _non_empty(start: int, values: torch.Tensor):
