@@ -12,8 +12,11 @@ reduction at the boundary, clipping, AdamW), ``save`` (the checkpoint), ``export
 memory (what the process allocated; pages of memory-mapped safetensors files are page cache the kernel can
 drop, and are in results.json's ``rss`` peaks only). The formula is the ZeRO paper's model state per rank for
 this rank's parameters (``memory_formula_bytes``): weights, gradients, AdamW moments and, under ZeRO, the fp32
-master partition. Activations are not in it: the configs used here keep them small (micro-batch 1), and the
-table shows what is left. For the save and export phases the report also gives what the phase itself added
+master partition and, under ZeRO-3, the largest layer gathered in full with its gradient (DeepSpeed's own
+estimate). Activations are not in it: the configs used here keep them small (micro-batch 1), and the table
+shows what is left. CPU ranks run with ``MALLOC_MMAP_THRESHOLD_`` (``--malloc-mmap-threshold``) so that
+resident memory follows the live tensors: with glibc's default, memory of freed tensors under 32 MB stays in
+the heap and a phase's peak carries the previous phase's high-water mark. For the save and export phases the report also gives what the phase itself added
 above what the rank held when it began (``+added``), and the slowest rank's save time.
 Outputs in ``--out``: results.json and report.md.
 """
@@ -32,6 +35,7 @@ import time
 from pathlib import Path
 
 PHASES = ("load", "steps", "optimizer", "save", "export")
+MMAP_THRESHOLD = 256 * 1024
 LAYOUT_KEYS = {"tensor": "parallel.tensor", "pipeline": "parallel.pipeline", "zero": "parallel.zero_stage"}
 
 
@@ -144,16 +148,25 @@ def _install(peaks: PhasePeaks) -> None:
     _around(checkpoint, "export_hf", lambda: peaks.start("export"), peaks.end)
 
 
-def memory_formula_bytes(params: int, zero_stage: int, dp: int) -> dict:
+def memory_formula_bytes(params: int, zero_stage: int, dp: int, largest_layer: int = 0) -> dict:
     """The model state a rank holds for ``params`` parameters: the ZeRO paper's fp32 AdamW formula
     (``bench.sweep.zero_formula_bytes``: weights, gradients, moments) plus, from ZeRO-1 on, the fp32 master
     partition DeepSpeed's ZeRO optimizers keep beside the weights even in fp32 training (4 bytes / dp per
-    parameter; the paper's K = 12 counts it too)."""
+    parameter; the paper's K = 12 counts it too), plus, under ZeRO-3, the largest layer gathered in full with
+    its full gradient (DeepSpeed's ``estimate_zero3_model_states_mem_needs``: 4 bytes per parameter of that
+    layer in 16-bit, 8 in fp32)."""
     from bench.sweep import zero_formula_bytes
 
     formula = zero_formula_bytes(params, zero_stage, dp)
     formula["master_bytes"] = 4 * params / dp if zero_stage >= 1 else 0
+    formula["gathered_layer_bytes"] = 8 * largest_layer if zero_stage == 3 else 0
     return formula
+
+
+def largest_layer_params(module) -> int:
+    """Parameters of the module holding the most directly (DeepSpeed's ``model_to_params`` rule), unpartitioned."""
+    return max((sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters(recurse=False))
+                for m in module.modules()), default=0)
 
 
 def worker(args) -> None:
@@ -171,8 +184,9 @@ def worker(args) -> None:
     # unpartitioned (ZeRO-3 keeps the size in ds_numel); the formula divides by the data-parallel degree
     local = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
     dp = dist.get_world_size() // (cfg.parallel.tensor * cfg.parallel.pipeline)
-    formula = memory_formula_bytes(local, cfg.parallel.zero_stage, dp)
+    formula = memory_formula_bytes(local, cfg.parallel.zero_stage, dp, largest_layer_params(module))
     record = {"rank": dist.get_rank(), "runtime_bytes": peaks.runtime, "local_params": local,
+              "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
               "formula_bytes": sum(formula.values()), **{f"{k}_peak_bytes": v for k, v in peaks.peaks.items()},
               **{f"{k}_rss_peak_bytes": v for k, v in peaks.rss_peaks.items()},
               **{f"{k}_seconds": v for k, v in peaks.seconds.items()},
@@ -208,6 +222,8 @@ def run_layout(args, label: str, sets: list[str], nproc: int, work: Path, index:
            str(29700 + index), "-m", "bench.memory", "--worker", "--config", args.config,
            "--out-file", str(out_file)] + [x for s in args.set + sets for x in ("--set", s)]
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // nproc)), WANDB_SILENT="true")
+    if args.malloc_mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
     if proc.returncode != 0 or not out_file.is_file():
         return {"layout": label, "nproc": nproc, "status": "failed", "log_tail": (proc.stderr or "")[-3000:]}
@@ -233,7 +249,7 @@ def summarize(record: dict) -> dict:
     return row
 
 
-def report(rows: list[dict], machine: dict, command: str) -> str:
+def report(rows: list[dict], machine: dict, command: str, threshold: int) -> str:
     mb = lambda b: f"{b / 2**20:,.0f}"  # noqa: E731
     head = (["layout", "ranks", "params/rank", "formula MB", "runtime MB"] + [f"{p} MB (x formula)" for p in PHASES]
             + ["save s"])
@@ -241,9 +257,12 @@ def report(rows: list[dict], machine: dict, command: str) -> str:
              f"{machine['torch']})", "", f"`{command}`", "",
              "Peak anonymous memory above the runtime, largest rank; in brackets the largest ratio of a rank's "
              "peak above its runtime to its model-state formula (weights + gradients + AdamW moments under its "
-             "ZeRO stage, plus the fp32 master partition DeepSpeed keeps under ZeRO); +N: what the optimizer "
+             "ZeRO stage, plus the fp32 master partition DeepSpeed keeps under ZeRO and, under ZeRO-3, the largest "
+             "layer gathered with its gradient); +N: what the optimizer "
              "step, save or export added above what the rank held when it began. save s: the slowest rank's wall "
-             "time in the checkpoint saves.", "",
+             "time in the checkpoint saves. "
+             + (f"Ranks ran with MALLOC_MMAP_THRESHOLD_={threshold} (freed tensors go back to the system)."
+                if threshold else "Ranks ran with glibc's default allocator settings."), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "formula_bytes" not in r:
@@ -270,6 +289,11 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--work", help="where the runs (checkpoints, exports) go and stay; default: a temporary "
                         "directory, removed at the end")
     parser.add_argument("--timeout", type=int, default=1800)
+    parser.add_argument("--malloc-mmap-threshold", type=int, default=MMAP_THRESHOLD, help="glibc's "
+                        "MALLOC_MMAP_THRESHOLD_ for the ranks (bytes): blocks above it are returned to the system "
+                        "when freed, so that resident memory follows the live tensors, as peak allocated memory "
+                        "does on a GPU; 0: glibc's default, whose dynamic threshold (up to 32 MB) keeps freed "
+                        "tensors' memory in the heap")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out-file", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -290,8 +314,8 @@ def main(argv=None) -> list[dict]:
     command = "python -m bench memory " + " ".join(argv if argv is not None else sys.argv[1:])
     (out / "results.json").write_text(json.dumps({"machine": machine, "command": command, "rows": rows,
                                                   "ranks": records}, indent=1))
-    (out / "report.md").write_text(report(rows, machine, command))
-    print(report(rows, machine, command))
+    (out / "report.md").write_text(report(rows, machine, command, args.malloc_mmap_threshold))
+    print(report(rows, machine, command, args.malloc_mmap_threshold))
     for r in rows:
         if r.get("status") == "failed":
             print(f"layout {r['layout']} failed:\n{r['log_tail']}", file=sys.stderr)

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from bench.memory import PhasePeaks, main, parse_layout
+from bench.memory import MMAP_THRESHOLD, PhasePeaks, largest_layer_params, main, memory_formula_bytes, parse_layout
 
 
 def test_each_phase_sees_its_own_peak_not_an_earlier_one():
@@ -40,4 +40,19 @@ def test_memory_benchmark_runs_every_phase(tmp_path):
         assert row[f"{phase}_above_runtime_bytes"] > 0, phase
     ranks = json.loads((tmp_path / "results.json").read_text())["ranks"][0]["ranks"]
     assert [r["rank"] for r in ranks] == [0, 1]
+    assert {r["malloc_mmap_threshold"] for r in ranks} == {str(MMAP_THRESHOLD)}
     assert (tmp_path / "report.md").read_text().count("| tensor=2 | 2 |") == 1
+
+
+def test_zero3_formula_adds_the_largest_layer_gathered_with_its_gradient():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=16, n_positions=32, vocab_size=100))
+    assert largest_layer_params(model) == 100 * 16  # the (tied) token embedding
+    psi = 1000
+    zero1 = memory_formula_bytes(psi, zero_stage=1, dp=2, largest_layer=100)
+    zero3 = memory_formula_bytes(psi, zero_stage=3, dp=2, largest_layer=100)
+    # fp32: weights 4 + gradients 4 bytes of the gathered layer; ZeRO-1 holds whole weights, nothing gathered
+    assert zero1["gathered_layer_bytes"] == 0 and zero3["gathered_layer_bytes"] == 8 * 100
+    assert sum(zero1.values()) == (4 + 4 + 8 / 2 + 4 / 2) * psi
+    assert sum(zero3.values()) == (4 + 4 + 8 + 4) * psi / 2 + 800

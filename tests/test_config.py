@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from training.config import (ConfigError, check_user_deepspeed_config, deepspeed_config, load, validate)
@@ -86,6 +87,19 @@ def test_generated_deepspeed_json():
     sized = deepspeed_config(validate({**MINIMAL, "parallel": {"zero_stage": 2, "bucket_size": 5 * 10**7}}), 1)
     assert sized["zero_optimization"]["reduce_bucket_size"] == sized["zero_optimization"]["allgather_bucket_size"] \
         == 5 * 10**7
+    assert "stage3_max_live_parameters" not in sized["zero_optimization"]
+    lean = deepspeed_config(validate({**MINIMAL, "parallel": {"zero_stage": 3, "zero3_live_parameters": 10**6}}), 1)
+    assert lean["zero_optimization"]["stage3_max_live_parameters"] == 10**6
+    assert lean["zero_optimization"]["stage3_max_reuse_distance"] == 10**6
+
+
+def test_adamw_is_torch_fused_kernel_unless_asked_otherwise():
+    from training.engine import build_optimizer
+
+    model = torch.nn.Linear(4, 4)
+    fused, _ = build_optimizer(model, validate(MINIMAL).optim, total_steps=3)
+    foreach, _ = build_optimizer(model, validate({**MINIMAL, "optim": {"fused": False}}).optim, total_steps=3)
+    assert fused.defaults["fused"] is True and not foreach.defaults["fused"]
 
 
 def test_user_deepspeed_json_batch_rule_unknown_keys_and_mismatches():

@@ -97,6 +97,9 @@ class OptimConfig(_Section):
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps, then cosine decay.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine floor as a fraction of lr.")
     grad_clip: float = Field(1.0, ge=0, description="Global gradient-norm clip; 0 disables.")
+    fused: bool = Field(True, description="torch's fused AdamW kernel (HF Trainer's default, adamw_torch_fused): "
+                        "the update without the foreach implementation's full-size temporaries, two fewer copies of "
+                        "the optimizer partition at the step (bench/results/memory-cpu-steps). false: foreach.")
 
 
 class EvalConfig(_Section):
@@ -122,6 +125,13 @@ class ParallelConfig(_Section):
                                     "overlap_comm): "
                                     "lower it where host or device memory is tight. A user DeepSpeed JSON's own value "
                                     "wins.")
+    zero3_live_parameters: int | None = Field(None, gt=0, description="ZeRO-3: parameters kept gathered at once "
+                                              "(DeepSpeed's stage3_max_live_parameters, where prefetching stops) "
+                                              "and the distance in parameters under which a gathered one waits for "
+                                              "its next use (stage3_max_reuse_distance). None: DeepSpeed's 1e9 each, "
+                                              "which keeps every parameter of a smaller model gathered from its "
+                                              "forward to its backward. Lower: less memory, less prefetch overlap "
+                                              "(bench/results/memory-cpu). A user DeepSpeed JSON's own value wins.")
     schedule: Literal["gpipe", "1f1b", "interleaved"] = Field("1f1b", description="Pipeline schedule.")
     virtual_stages: int = Field(1, ge=1, description="Model chunks per pipeline rank (interleaved schedule).")
     partition: str = Field("uniform", description="'uniform', 'parameters' (balanced by parameter count) or a "
@@ -341,6 +351,8 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     if cfg.parallel.zero_stage == 3:
         # Export and eval need full weights; gather them on save rather than keeping a 16-bit copy.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+        if cfg.parallel.zero3_live_parameters is not None:
+            zero["stage3_max_live_parameters"] = zero["stage3_max_reuse_distance"] = cfg.parallel.zero3_live_parameters
     return {
         "train_batch_size": micro * accum * dp,
         "train_micro_batch_size_per_gpu": micro,

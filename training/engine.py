@@ -58,8 +58,8 @@ class AdamW(torch.optim.AdamW):
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig, total_steps: int, cls=AdamW):
     """AdamW over ``param_groups`` and the warm-up/cosine ``LambdaLR``; ``cls=torch.optim.AdamW`` for
     baselines that measure torch / DeepSpeed without colonnade."""
-    optimizer = cls(param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas,
-                                  eps=optim.eps)
+    optimizer = cls(param_groups(model, optim.weight_decay), lr=optim.lr, betas=optim.betas, eps=optim.eps,
+                    fused=optim.fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim, total_steps))
     return optimizer, scheduler
 

@@ -43,17 +43,24 @@ class PipelineRunner:
             tied_weight.register_hook(self._accumulate_tied)
 
     def _accumulate_tied(self, grad):
-        self._tied_grad = grad.detach().clone() if self._tied_grad is None else self._tied_grad + grad
+        if self._tied_grad is None:
+            self._tied_grad = grad.detach().clone()
+        else:
+            self._tied_grad.add_(grad)
         return grad
 
     def _sync_tied_embeddings(self) -> None:
         """Megatron's embedding all-reduce, done through autograd so it works whatever ZeRO stage holds
         the gradients: each end adds the other end's contribution with one extra backward of
-        (w * other).sum(), whose gradient with respect to w is exactly ``other``."""
+        dot(w, others), whose gradient with respect to w is exactly ``others``. Two embedding-sized buffers
+        and the gradient that backward makes, no more: at GPT-2's vocabulary each one is a tenth of the model."""
         local = self._tied_grad if self._tied_grad is not None else torch.zeros_like(self.tied_weight)
-        total = local.clone()
-        dist.all_reduce(total, group=self.groups.embed_group)
-        self.engine.backward((self.tied_weight * (total - local)).sum(), scale_wrt_gas=False)
+        self._tied_grad = None
+        others = local.clone()
+        dist.all_reduce(others, group=self.groups.embed_group)
+        others.sub_(local)
+        del local
+        self.engine.backward(torch.dot(self.tied_weight.view(-1), others.view(-1)), scale_wrt_gas=False)
 
     def _comm(self) -> PipeComm:
         return PipeComm(self.groups.pp_ranks, self.groups.pp_rank, self.shape, self.dtype,
