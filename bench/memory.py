@@ -13,8 +13,8 @@ memory (what the process allocated; pages of memory-mapped safetensors files are
 drop, and are in results.json's ``rss`` peaks only). The formula is the ZeRO paper's model state per rank for
 this rank's parameters (``memory_formula_bytes``): weights, gradients, AdamW moments and, under ZeRO, the fp32
 master partition and, under ZeRO-3, the largest layer gathered in full with its gradient (DeepSpeed's own
-estimate). Activations are not in it: the configs used here keep them small (micro-batch 1), and the table
-shows what is left. CPU ranks run with ``MALLOC_MMAP_THRESHOLD_`` (``--malloc-mmap-threshold``) so that
+estimate), plus the activations, measured (``SavedActivations``: the most bytes of tensors autograd held for
+the backward at once during the steps). CPU ranks run with ``MALLOC_MMAP_THRESHOLD_`` (``--malloc-mmap-threshold``) so that
 resident memory follows the live tensors: with glibc's default, memory of freed tensors under 32 MB stays in
 the heap and a phase's peak carries the previous phase's high-water mark. For the save and export phases the report also gives what the phase itself added
 above what the rank held when it began (``+added``), and the slowest rank's save time.
@@ -113,6 +113,70 @@ class PhasePeaks:
         self.current = None
 
 
+class SavedActivations:
+    """The activations of the steps: bytes of the tensors autograd keeps for the backward, live at once, at
+    their peak (``torch.autograd.graph.saved_tensors_hooks``). A storage counts once however many tensors
+    view it; parameters (and views of them) are not activations. Under pipelines the micro-batches in flight
+    add up by themselves. A saved tensor counts from its forward until the backward unpacks it."""
+
+    def __init__(self):
+        self._refs: dict[int, int] = {}
+        self._bytes: dict[int, int] = {}
+        self._parameter_storages: set[int] = set()
+        self.live = 0
+        self.peak = 0
+
+    def _is_parameter(self, tensor) -> bool:
+        import torch
+
+        return (isinstance(tensor, torch.nn.Parameter) or isinstance(tensor._base, torch.nn.Parameter)
+                or tensor.untyped_storage().data_ptr() in self._parameter_storages)
+
+    def pack(self, tensor):
+        if tensor.device.type == "meta" or self._is_parameter(tensor):
+            return tensor, None
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if not self._refs.get(key):
+            self._bytes[key] = storage.nbytes()
+            self.live += self._bytes[key]
+            self.peak = max(self.peak, self.live)
+        self._refs[key] = self._refs.get(key, 0) + 1
+        return tensor, key
+
+    def unpack(self, packed):
+        tensor, key = packed
+        if key is not None and self._refs.get(key):
+            self._refs[key] -= 1
+            if not self._refs[key]:
+                self.live -= self._bytes.pop(key)
+                del self._refs[key]
+        return tensor
+
+    def reset(self, module) -> None:
+        """A new step of ``module``: what an earlier step saved and never unpacked is gone with its graph.
+        Its parameters' storages are noted now: DeepSpeed keeps them as views of flat buffers, which views
+        of the weights that a layer saves share."""
+        self._refs.clear()
+        self._bytes.clear()
+        self.live = 0
+        self._parameter_storages = {p.untyped_storage().data_ptr() for p in module.parameters()}
+
+
+def _within(owner, name: str, activations: SavedActivations, engine_of) -> None:
+    """Run ``owner.name`` with autograd's saved tensors counted by ``activations``."""
+    import torch
+
+    original = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        activations.reset(engine_of(args).module)
+        with torch.autograd.graph.saved_tensors_hooks(activations.pack, activations.unpack):
+            return original(*args, **kwargs)
+
+    setattr(owner, name, wrapper)
+
+
 def _around(owner, name: str, before, after=None) -> None:
     """Replace ``owner.name`` by a wrapper that calls ``before()`` and ``after()`` around it."""
     original = getattr(owner, name)
@@ -127,7 +191,7 @@ def _around(owner, name: str, before, after=None) -> None:
     setattr(owner, name, wrapper)
 
 
-def _install(peaks: PhasePeaks) -> None:
+def _install(peaks: PhasePeaks, activations: SavedActivations) -> None:
     from deepspeed.runtime.engine import DeepSpeedEngine
 
     import training.loop as loop
@@ -142,6 +206,8 @@ def _install(peaks: PhasePeaks) -> None:
             peaks.start("steps")
 
     _around(DeepSpeedEngine, "step", lambda: peaks.start("optimizer"), lambda: peaks.start("steps"))
+    _within(loop, "_data_parallel_step", activations, lambda args: args[1])  # (cfg, model_engine, ...)
+    _within(PipelineRunner, "train_step", activations, lambda args: args[0].engine)
     _around(loop, "_data_parallel_step", first_step)
     _around(PipelineRunner, "train_step", first_step)
     _around(checkpoint, "save", lambda: peaks.start("save"), peaks.end)
@@ -176,8 +242,8 @@ def worker(args) -> None:
     from training.config import load
 
     cfg = load(args.config, args.set)
-    peaks = PhasePeaks()
-    _install(peaks)
+    peaks, activations = PhasePeaks(), SavedActivations()
+    _install(peaks, activations)
     result = loop.run(cfg)
     peaks.end()
     module = result.engine.module
@@ -185,9 +251,10 @@ def worker(args) -> None:
     local = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
     dp = dist.get_world_size() // (cfg.parallel.tensor * cfg.parallel.pipeline)
     formula = memory_formula_bytes(local, cfg.parallel.zero_stage, dp, largest_layer_params(module))
+    formula["activation_bytes"] = activations.peak
     record = {"rank": dist.get_rank(), "runtime_bytes": peaks.runtime, "local_params": local,
               "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
-              "formula_bytes": sum(formula.values()), **{f"{k}_peak_bytes": v for k, v in peaks.peaks.items()},
+              "formula_bytes": sum(formula.values()), "activation_bytes": activations.peak, **{f"{k}_peak_bytes": v for k, v in peaks.peaks.items()},
               **{f"{k}_rss_peak_bytes": v for k, v in peaks.rss_peaks.items()},
               **{f"{k}_seconds": v for k, v in peaks.seconds.items()},
               **{f"{k}_added_bytes": v for k, v in peaks.added.items()}}
@@ -236,6 +303,7 @@ def summarize(record: dict) -> dict:
     row = {"layout": record["layout"], "nproc": record["nproc"],
            "params_per_rank": max(r["local_params"] for r in ranks),
            "formula_bytes": max(r["formula_bytes"] for r in ranks),
+           "activation_bytes": max(r.get("activation_bytes", 0) for r in ranks),
            "runtime_bytes": max(r["runtime_bytes"] for r in ranks)}
     for phase in PHASES:
         above = [(r[f"{phase}_peak_bytes"] - r["runtime_bytes"], r["formula_bytes"]) for r in ranks
@@ -251,14 +319,15 @@ def summarize(record: dict) -> dict:
 
 def report(rows: list[dict], machine: dict, command: str, threshold: int) -> str:
     mb = lambda b: f"{b / 2**20:,.0f}"  # noqa: E731
-    head = (["layout", "ranks", "params/rank", "formula MB", "runtime MB"] + [f"{p} MB (x formula)" for p in PHASES]
+    head = (["layout", "ranks", "params/rank", "formula MB", "activations MB", "runtime MB"] + [f"{p} MB (x formula)" for p in PHASES]
             + ["save s"])
     lines = [f"# Memory per rank ({machine['date']}, {machine['cpu']}, {machine['cores']} cores, torch "
              f"{machine['torch']})", "", f"`{command}`", "",
              "Peak anonymous memory above the runtime, largest rank; in brackets the largest ratio of a rank's "
-             "peak above its runtime to its model-state formula (weights + gradients + AdamW moments under its "
+             "peak above its runtime to its formula: model state (weights + gradients + AdamW moments under its "
              "ZeRO stage, plus the fp32 master partition DeepSpeed keeps under ZeRO and, under ZeRO-3, the largest "
-             "layer gathered with its gradient); +N: what the optimizer "
+             "layer gathered with its gradient) + activations (the most bytes autograd held for the backward at "
+             "once, measured; their own column); +N: what the optimizer "
              "step, save or export added above what the rank held when it began. save s: the slowest rank's wall "
              "time in the checkpoint saves. "
              + (f"Ranks ran with MALLOC_MMAP_THRESHOLD_={threshold} (freed tensors go back to the system)."
@@ -269,7 +338,7 @@ def report(rows: list[dict], machine: dict, command: str, threshold: int) -> str
             lines.append(f"| {r['layout']} | {r['nproc']} | failed |")
             continue
         cells = [r["layout"], str(r["nproc"]), f"{r['params_per_rank'] / 1e6:.1f} M", mb(r["formula_bytes"]),
-                 mb(r["runtime_bytes"])]
+                 mb(r["activation_bytes"]), mb(r["runtime_bytes"])]
         cells += [f"{mb(r[f'{p}_above_runtime_bytes'])} ({r[f'{p}_vs_formula']:.2f})"
                   + (f" +{mb(r[f'{p}_added_bytes'])}" if p in ("optimizer", "save", "export") else "")
                   if f"{p}_vs_formula" in r else "-" for p in PHASES]

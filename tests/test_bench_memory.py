@@ -56,3 +56,26 @@ def test_zero3_formula_adds_the_largest_layer_gathered_with_its_gradient():
     assert zero1["gathered_layer_bytes"] == 0 and zero3["gathered_layer_bytes"] == 8 * 100
     assert sum(zero1.values()) == (4 + 4 + 8 / 2 + 4 / 2) * psi
     assert sum(zero3.values()) == (4 + 4 + 8 + 4) * psi / 2 + 800
+
+
+def test_saved_activations_count_what_backward_keeps_not_the_parameters():
+    from bench.memory import SavedActivations
+
+    layer = torch.nn.Linear(256, 256)
+    x = torch.randn(8, 256, requires_grad=True)
+    activations = SavedActivations()
+    activations.reset(layer)
+    with torch.autograd.graph.saved_tensors_hooks(activations.pack, activations.unpack):
+        hidden = torch.relu(layer(x))  # saves x (for the weight gradient) and the relu output
+        loss = (hidden * hidden).sum()  # saves hidden (the same storage as the relu output: counted once)
+    assert activations.peak == activations.live == 2 * 8 * 256 * 4  # x and the relu output; the weight is not
+    loss.backward()
+    assert activations.live == 0 and activations.peak == 2 * 8 * 256 * 4
+
+    flat = torch.zeros(256 * 256, requires_grad=True)  # DeepSpeed's flat buffer: the weight becomes a view of it
+    layer.weight.data = flat.detach().view(256, 256)
+    activations = SavedActivations()
+    activations.reset(layer)
+    with torch.autograd.graph.saved_tensors_hooks(activations.pack, activations.unpack):
+        torch.nn.functional.linear(x, flat.view(256, 256)).sum()  # saves x and a plain view of the buffer
+    assert activations.peak == 8 * 256 * 4, "a view of a parameter's storage counted as an activation"
