@@ -132,6 +132,10 @@ class ParallelConfig(_Section):
                                               "which keeps every parameter of a smaller model gathered from its "
                                               "forward to its backward. Lower: less memory, less prefetch overlap "
                                               "(bench/results/memory-cpu). A user DeepSpeed JSON's own value wins.")
+    activation_checkpointing: Literal["none", "full", "selective"] = Field(
+        "none", description="Recompute activations in the backward (Megatron's modes): 'full' keeps only each "
+        "transformer block's input and runs the block again; 'selective' recomputes only the core attention "
+        "(scores, softmax, dropout, weighted sum). The recomputed dropout masks are the forward's.")
     schedule: Literal["gpipe", "1f1b", "interleaved"] = Field("1f1b", description="Pipeline schedule.")
     virtual_stages: int = Field(1, ge=1, description="Model chunks per pipeline rank (interleaved schedule).")
     partition: str = Field("uniform", description="'uniform', 'parameters' (balanced by parameter count) or a "

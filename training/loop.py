@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from modeling import recompute
 from modeling.build import (auto_class, byte_level_tokenizer, check_sequence_fits, describe, hf_config,
                             load_tokenizer, model_config, train_bpe_tokenizer, weights_source)
 from modeling.materialize import empty_model, materialize
@@ -278,6 +279,7 @@ def _build_model(cfg: RunConfig, tokenizer, blocks: dict, resume_from: Path | No
         checkpoint.check_weights(full, resume_from)
     model = tensor_parallelize(copy.deepcopy(full), groups.tp_group, cfg.parallel.sequence_parallel,
                                cfg.parallel.tp_async_grad_reduce)
+    recompute.apply(model, cfg.parallel.activation_checkpointing)
     pipeline = build_chunks(model, cfg, groups) if groups.pipeline > 1 else None
     source = (checkpoint.CheckpointWeights(resume_from) if resume_from is not None
               else weights_source(cfg.model.pretrained, cfg.train.seed))  # every layout cuts the same full weights
