@@ -4,20 +4,21 @@
         --layout tensor=1 --layout tensor=2 --layout pipeline=2 --layout tensor=2,pipeline=2 \\
         --layout data=2,zero=3
 
-Each layout trains for real under torchrun (``train.steps`` steps, then the end-of-run save and export the
-config asks for). Every rank measures its own peak memory in each phase (``PhasePeaks``): ``runtime`` (before
-the model exists: interpreter, torch, DeepSpeed, data), ``load`` (model construction and the DeepSpeed engine),
-``steps`` (forward and backward passes, eval), ``optimizer`` (inside DeepSpeed's ``engine.step``: gradient
-reduction at the boundary, clipping, AdamW), ``save`` (the checkpoint), ``export`` (``output_dir/hf``). On CPU the peak is anonymous resident
-memory (what the process allocated; pages of memory-mapped safetensors files are page cache the kernel can
-drop, and are in results.json's ``rss`` peaks only). The formula is the ZeRO paper's model state per rank for
-this rank's parameters (``memory_formula_bytes``): weights, gradients, AdamW moments and, under ZeRO, the fp32
-master partition and, under ZeRO-3, the largest layer gathered in full with its gradient (DeepSpeed's own
-estimate), plus the activations, measured (``SavedActivations``: the most bytes of tensors autograd held for
-the backward at once during the steps). CPU ranks run with ``MALLOC_MMAP_THRESHOLD_`` (``--malloc-mmap-threshold``) so that
-resident memory follows the live tensors: with glibc's default, memory of freed tensors under 32 MB stays in
-the heap and a phase's peak carries the previous phase's high-water mark. For the save and export phases the report also gives what the phase itself added
-above what the rank held when it began (``+added``), and the slowest rank's save time.
+Each layout trains for real under torchrun (``train.steps`` steps, then the end-of-run save and export the config
+asks for). Every rank measures its own peak memory in each phase (``PhasePeaks``): ``runtime`` (before the model
+exists: interpreter, torch, DeepSpeed, data), ``load`` (model construction and the DeepSpeed engine), ``steps``
+(forward and backward passes, eval), ``optimizer`` (inside DeepSpeed's ``engine.step``: gradient reduction at the
+boundary, clipping, AdamW), ``save`` (the checkpoint), ``export`` (``output_dir/hf``). On CPU the peak is
+anonymous resident memory (what the process allocated; pages of memory-mapped safetensors files are page cache the
+kernel can drop, and are in results.json's ``rss`` peaks only). The formula is the ZeRO paper's model state per
+rank for this rank's parameters (``memory_formula_bytes``): weights, gradients, AdamW moments and, under ZeRO, the
+fp32 master partition and, under ZeRO-3, the largest layer gathered in full with its gradient (DeepSpeed's own
+estimate), plus the activations, measured (``SavedActivations``: the most bytes of tensors autograd held for the
+backward at once during the steps). CPU ranks run with ``MALLOC_MMAP_THRESHOLD_`` (``--malloc-mmap-threshold``) so
+that resident memory follows the live tensors: with glibc's default, memory of freed tensors under 32 MB stays in
+the heap and a phase's peak carries the previous phase's high-water mark. For the save and export phases the
+report also gives what the phase itself added above what the rank held when it began (``+added``), and the slowest
+rank's save time.
 Outputs in ``--out``: results.json and report.md.
 """
 
@@ -254,7 +255,8 @@ def worker(args) -> None:
     formula["activation_bytes"] = activations.peak
     record = {"rank": dist.get_rank(), "runtime_bytes": peaks.runtime, "local_params": local,
               "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
-              "formula_bytes": sum(formula.values()), "activation_bytes": activations.peak, **{f"{k}_peak_bytes": v for k, v in peaks.peaks.items()},
+              "formula_bytes": sum(formula.values()), "activation_bytes": activations.peak,
+              **{f"{k}_peak_bytes": v for k, v in peaks.peaks.items()},
               **{f"{k}_rss_peak_bytes": v for k, v in peaks.rss_peaks.items()},
               **{f"{k}_seconds": v for k, v in peaks.seconds.items()},
               **{f"{k}_added_bytes": v for k, v in peaks.added.items()}}
@@ -319,8 +321,8 @@ def summarize(record: dict) -> dict:
 
 def report(rows: list[dict], machine: dict, command: str, threshold: int) -> str:
     mb = lambda b: f"{b / 2**20:,.0f}"  # noqa: E731
-    head = (["layout", "ranks", "params/rank", "formula MB", "activations MB", "runtime MB"] + [f"{p} MB (x formula)" for p in PHASES]
-            + ["save s"])
+    head = (["layout", "ranks", "params/rank", "formula MB", "activations MB", "runtime MB"]
+            + [f"{p} MB (x formula)" for p in PHASES] + ["save s"])
     lines = [f"# Memory per rank ({machine['date']}, {machine['cpu']}, {machine['cores']} cores, torch "
              f"{machine['torch']})", "", f"`{command}`", "",
              "Peak anonymous memory above the runtime, largest rank; in brackets the largest ratio of a rank's "
