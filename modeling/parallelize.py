@@ -10,20 +10,31 @@ import torch.distributed as dist
 from torch import nn
 
 from modeling.tp_plans import PLANS, check_tensor_parallel_fits
-from parallel.comm import gather_from_tensor_parallel_region
+from parallel.comm import comm_device, gather_from_tensor_parallel_region
 from parallel.cross_entropy import causal_lm_loss, token_loss, vocab_parallel_cross_entropy
 from parallel.layers import VocabParallelHead, join_pieces, shard_ranges
+from parallel.random import TensorParallelRNG
+from parallel.random import install as install_dropout_rng
 from parallel.tp_plan import apply_tp_plan
 
 
 def tensor_parallelize(model: nn.Module, tp_group, sequence_parallel: bool = False,
-                       async_grad_reduce: bool = False) -> nn.Module:
-    """Shard ``model`` in place over ``tp_group`` by its architecture's plan (no-op for one rank)."""
+                       async_grad_reduce: bool = False, dropout_seed: int | None = None) -> nn.Module:
+    """Shard ``model`` in place over ``tp_group`` by its architecture's plan (no-op for one rank). With
+    ``dropout_seed``, dropout on split data draws from this rank's own generator (``parallel.random``), kept
+    in ``model.tensor_parallel_rng`` for the checkpoints and the recomputation."""
     world = 1 if tp_group is None else dist.get_world_size(tp_group)
     if world == 1:
         return model
     check_tensor_parallel_fits(model.config, world)
-    return apply_tp_plan(model, PLANS[model.config.model_type], tp_group, sequence_parallel, async_grad_reduce)
+    plan = PLANS[model.config.model_type]
+    apply_tp_plan(model, plan, tp_group, sequence_parallel, async_grad_reduce)
+    if dropout_seed is not None:
+        rng = TensorParallelRNG(dropout_seed, dist.get_rank(tp_group), comm_device(tp_group))
+        blocks = model.get_submodule(plan.blocks) if sequence_parallel else None  # decoders only, as SP
+        install_dropout_rng(model, rng, blocks)
+        model.tensor_parallel_rng = rng
+    return model
 
 
 def vocab_slice(head: nn.Module) -> tuple[int, int | None]:

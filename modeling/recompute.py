@@ -46,7 +46,9 @@ def _selective(implementation: str):
 def apply(model: nn.Module, mode: str) -> None:
     """Turn on recomputation ``mode`` for the HF model ``model`` (before it is split into pipeline chunks)."""
     if mode == "full":
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        rng = getattr(model, "tensor_parallel_rng", None)  # the recomputed blocks' split dropout draws too
+        extra = {"context_fn": rng.checkpoint_contexts} if rng is not None else {}
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False, **extra})
     elif mode == "selective":
         from transformers import AttentionInterface
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface

@@ -166,9 +166,12 @@ def _holdings(engine, model, groups):
     return local, owner, {n: spec[n] for n in names}
 
 
-def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """This rank's generators: torch's as tensors, Python's and NumPy's as JSON."""
+def _rng_state(model) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """This rank's generators: torch's (and the tensor-parallel dropout generator's) as tensors, Python's and
+    NumPy's as JSON."""
     tensors = {"rng/torch_cpu": torch.get_rng_state()}
+    if getattr(model, "tensor_parallel_rng", None) is not None:
+        tensors["rng/tensor_parallel"] = model.tensor_parallel_rng.state()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         tensors["rng/torch_cuda"] = torch.cuda.get_rng_state()
     numpy_state = [v.tolist() if isinstance(v, np.ndarray) else v for v in np.random.get_state()]
@@ -230,7 +233,7 @@ def _write_rank_file(staging: Path, engine, model, groups, kinds, local, owner) 
     file's metadata; and the rank's RNG states."""
     file = rank_file(dist.get_rank(), dist.get_world_size())
     tp_shards = shards(model, groups.tp_group)
-    values, metadata = _rng_state()
+    values, metadata = _rng_state(model)
     for name, tensor in local.items():
         if owner[name] != groups.pp_rank or (tp_shards[name].dim is None and groups.tp_rank != 0):
             continue  # another stage's tied copy, or a copy every tensor-parallel rank holds: written once
@@ -323,7 +326,7 @@ def restore(engine, model, groups, path: Path) -> TrainerState:
     engine.global_steps = trainer["step"]
     engine.global_samples = trainer["consumed_samples"]
     engine.skipped_steps = trainer["skipped_steps"]
-    _restore_rng(path, trainer["layout"])
+    _restore_rng(path, trainer["layout"], groups, getattr(model, "tensor_parallel_rng", None))
     return TrainerState(trainer["step"], trainer["consumed_samples"], trainer["skipped_steps"])
 
 
@@ -371,11 +374,14 @@ def _restore_loss_scaler(engine, saved: dict[str, float]) -> None:
             setattr(scaler, key, type(current)(value))
 
 
-def _restore_rng(path: Path, saved_layout: dict[str, Any]) -> None:
+def _restore_rng(path: Path, saved_layout: dict[str, Any], groups, tensor_parallel_rng=None) -> None:
     """This rank's generators as saved; on a different world size every rank takes rank 0's (ranks share
-    the seed in a fresh run too)."""
+    the seed in a fresh run too); on a different layout the tensor-parallel dropout generator keeps its
+    fresh seed (its state belongs to the saved rank's tensor-parallel position)."""
     world = saved_layout["world_size"]
     rank = dist.get_rank() if world == dist.get_world_size() else 0
+    same_layout = (world, saved_layout.get("tensor"), saved_layout.get("pipeline")) == (
+        dist.get_world_size(), groups.tensor, groups.pipeline)
     if (path / INDEX).is_file():
         file, key = path / rank_file(rank, world), lambda kind: f"rng/{kind}"
     else:  # format 1: every rank's generators in one file
@@ -384,6 +390,8 @@ def _restore_rng(path: Path, saved_layout: dict[str, Any]) -> None:
         torch.set_rng_state(handle.get_tensor(key("torch_cpu")))
         if key("torch_cuda") in handle.keys() and torch.cuda.is_available():
             torch.cuda.set_rng_state(handle.get_tensor(key("torch_cuda")))
+        if tensor_parallel_rng is not None and same_layout and key("tensor_parallel") in handle.keys():
+            tensor_parallel_rng.load_state(handle.get_tensor(key("tensor_parallel")))
         meta = handle.metadata()
     version, internal, gauss = json.loads(meta[key("python")])
     random.setstate((version, tuple(internal), gauss))

@@ -278,7 +278,7 @@ def _build_model(cfg: RunConfig, tokenizer, blocks: dict, resume_from: Path | No
     if resume_from is not None:
         checkpoint.check_weights(full, resume_from)
     model = tensor_parallelize(copy.deepcopy(full), groups.tp_group, cfg.parallel.sequence_parallel,
-                               cfg.parallel.tp_async_grad_reduce)
+                               cfg.parallel.tp_async_grad_reduce, dropout_seed=cfg.train.seed)
     recompute.apply(model, cfg.parallel.activation_checkpointing)
     pipeline = build_chunks(model, cfg, groups) if groups.pipeline > 1 else None
     source = (checkpoint.CheckpointWeights(resume_from) if resume_from is not None
