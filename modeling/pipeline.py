@@ -92,7 +92,7 @@ class PipelineChunk(nn.Module):
         positions = torch.arange(self.seq_len, device=device).unsqueeze(0)
         shape_probe = torch.empty(batch, self.seq_len, 1, device=device, dtype=dtype)
         # Positional: the embeddings' and the cache's keyword names changed within transformers 5.x.
-        masks = {kind: MASKS[kind](self.config, shape_probe, None, None, position_ids=positions)
+        masks = {kind: MASKS[kind](self.config, shape_probe, None, None)
                  for kind in set(self.layer_types)}
         context = {"position_ids": positions, "masks": masks}
         if self.rotary is not None:

@@ -277,14 +277,20 @@ def _build_model(cfg: RunConfig, tokenizer, blocks: dict, resume_from: Path | No
                           f"but the model only {vocabulary} embeddings")
     if resume_from is not None:
         checkpoint.check_weights(full, resume_from)
-    model = tensor_parallelize(copy.deepcopy(full), groups.tp_group, cfg.parallel.sequence_parallel,
-                               cfg.parallel.tp_async_grad_reduce, dropout_seed=cfg.train.seed)
-    recompute.apply(model, cfg.parallel.activation_checkpointing)
-    pipeline = build_chunks(model, cfg, groups) if groups.pipeline > 1 else None
+    model, pipeline = rank_model(cfg, full, groups)
     source = (checkpoint.CheckpointWeights(resume_from) if resume_from is not None
               else weights_source(cfg.model.pretrained, cfg.train.seed))  # every layout cuts the same full weights
     materialize(full, model, pipeline[0] if pipeline else model, source, groups.tp_group)
     return full, model, pipeline
+
+
+def rank_model(cfg: RunConfig, full, groups: ProcessGroups):
+    """This rank's part of the model ``full`` (on the meta device, kept whole): (its tensor-parallel shard
+    with the recomputation mode on, its pipeline chunks and tied weight or None), without weights."""
+    model = tensor_parallelize(copy.deepcopy(full), groups.tp_group, cfg.parallel.sequence_parallel,
+                               cfg.parallel.tp_async_grad_reduce, dropout_seed=cfg.train.seed)
+    recompute.apply(model, cfg.parallel.activation_checkpointing)
+    return model, (build_chunks(model, cfg, groups) if groups.pipeline > 1 else None)
 
 
 def _build_engine(cfg: RunConfig, model, pipeline, ds_config: dict[str, Any], groups: ProcessGroups):

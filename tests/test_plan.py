@@ -1,0 +1,142 @@
+"""``python -m bench plan``: the planner's parameters and activations equal what real ranks hold, its
+schedules' micro-batches in flight are the schedules', and its search keeps the layouts that fit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bench import plan
+from bench.memory import SavedActivations
+from tests.dist import run_ranks
+from tests.helpers import TINY_GPT2, TINY_LLAMA, tiny_config, write_corpus
+
+DROPOUT = {"resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1}
+
+
+def _config(tmp_path, arch="gpt2", model_config=None, **parallel):
+    corpus = write_corpus(tmp_path / "corpus")
+    return tiny_config(tmp_path, corpus, model={"arch": arch, "tokenizer": "byte",
+                                                "config": model_config or {**TINY_GPT2, **DROPOUT}},
+                       parallel={"zero_stage": 1, **parallel})
+
+
+def _real_saved_bytes(cfg, tp_group=None) -> tuple[int, int, int]:
+    """(parameters, bytes autograd saved, bytes of the logits) of one micro-batch on a real CPU model: the
+    reference, measured by ``saved_tensors_hooks`` rather than by the planner's dispatch-level counter."""
+    from modeling import recompute
+    from modeling.build import auto_class, byte_level_tokenizer, model_config
+    from modeling.parallelize import lm_loss, tensor_parallelize
+
+    hf = model_config(pretrained=None, arch=cfg.model.arch, config=cfg.model.config,
+                      vocab_size=len(byte_level_tokenizer()))
+    torch.manual_seed(0)
+    model = tensor_parallelize(auto_class(hf).from_config(hf), tp_group, cfg.parallel.sequence_parallel,
+                               dropout_seed=1)
+    recompute.apply(model, cfg.parallel.activation_checkpointing)
+    model.train()
+    ids = torch.randint(0, hf.vocab_size, (cfg.train.micro_batch_size, cfg.data.seq_len))
+    saved = SavedActivations()
+    saved.reset(model)
+    with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+        logits = model(input_ids=ids).logits
+        loss = lm_loss(model, logits, ids, tp_group)
+    loss.backward()
+    return sum(p.numel() for p in model.parameters()), saved.peak, logits.nbytes
+
+
+def _assert_kept_is_saved_plus_logits(trace, saved: int, logits: int) -> None:
+    # what stays alive after the forward is what autograd saved plus the output logits; the rest is a few
+    # scalars (the loss, the token count): under 1 KB at these sizes
+    assert abs(trace.kept - (saved + logits)) < 1024, (trace.kept, saved, logits)
+
+
+@pytest.mark.parametrize("arch, model_config, mode", [
+    ("gpt2", {**TINY_GPT2, **DROPOUT}, "none"), ("gpt2", {**TINY_GPT2, **DROPOUT}, "full"),
+    ("gpt2", {**TINY_GPT2, **DROPOUT}, "selective"), ("llama", TINY_LLAMA, "none")])
+def test_one_rank_plan_counts_the_real_models_parameters_and_saved_activations(tmp_path, arch, model_config, mode):
+    cfg = _config(tmp_path, arch, model_config, activation_checkpointing=mode)
+    params, saved, logits = _real_saved_bytes(cfg)
+    (shape,) = plan.layout_shapes(cfg)
+    assert shape.params == params
+    _assert_kept_is_saved_plus_logits(shape.traces[0], saved, logits)
+
+
+def test_recomputation_shrinks_the_planned_activations(tmp_path):
+    kept = {mode: plan.layout_shapes(_config(tmp_path, activation_checkpointing=mode))[0].traces[0].kept
+            for mode in ("none", "selective", "full")}
+    assert kept["full"] < kept["selective"] < kept["none"]
+
+
+def _rank_reference(cfg_json: str):
+    import torch.distributed as dist
+
+    from parallel.groups import ProcessGroups
+    from training.config import validate
+
+    cfg = validate(json.loads(cfg_json))
+    dist.init_process_group("gloo")
+    groups = ProcessGroups.from_degrees(tensor=cfg.parallel.tensor)
+    return _real_saved_bytes(cfg, groups.tp_group)
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2-sp"])
+def test_tensor_parallel_plan_equals_each_real_ranks_shard_and_saved_activations(tmp_path, sequence_parallel):
+    cfg = _config(tmp_path, tensor=2, sequence_parallel=sequence_parallel)
+    ranks = run_ranks(_rank_reference, 2, cfg.model_dump_json(), timeout=300)
+    (shape,) = plan.layout_shapes(cfg)
+    for params, saved, logits in ranks:
+        assert shape.params == params
+        _assert_kept_is_saved_plus_logits(shape.traces[0], saved, logits)
+
+
+def test_pipeline_stages_hold_their_chunks_parameters(tmp_path):
+    cfg = _config(tmp_path, model_config={**TINY_GPT2, "n_layer": 4}, pipeline=2)
+    one = plan.layout_shapes(_config(tmp_path, model_config={**TINY_GPT2, "n_layer": 4}))[0]
+    first, last = plan.layout_shapes(cfg)
+    # the last stage's output head is the tied embedding's copy: counted on both ends, as the run holds it
+    assert first.params + last.params == one.params + first.tied
+    assert first.tied == last.tied > 0
+    assert len(first.traces) == len(last.traces) == 1
+
+
+@pytest.mark.parametrize("schedule, p, m, v, expected", [
+    ("gpipe", 4, 8, 1, [8, 8, 8, 8]),
+    ("1f1b", 4, 8, 1, [4, 3, 2, 1]),
+    ("1f1b", 4, 2, 1, [2, 2, 2, 1]),
+    # chunk micro-batches: Megatron's warm-up forwards (p - rank - 1) * 2 + (v - 1) * p, then one more
+    ("interleaved", 2, 4, 2, [5, 3])])
+def test_in_flight_micro_batches_follow_the_schedule(schedule, p, m, v, expected):
+    traces = [plan.ChunkTrace(kept=1, forward_peak=1, backward_peak=0) for _ in range(v)]
+    assert [plan.in_flight_peak(traces, schedule, p, m, rank, v)[0] for rank in range(p)] == expected
+
+
+def test_no_pipeline_holds_one_micro_batch_at_a_time():
+    traces = [plan.ChunkTrace(kept=10, forward_peak=12, backward_peak=5)]
+    assert plan.in_flight_peak(traces, "1f1b", 1, 4, 0, 1) == (10, 15)
+
+
+def test_search_keeps_the_layouts_that_fit_fastest_first(tmp_path, capsys):
+    cfg = _config(tmp_path, model_config={**TINY_GPT2, "n_layer": 4})
+    config_file = tmp_path / "run.json"
+    config_file.write_text(cfg.model_dump_json())
+    argv = ["--config", str(config_file), "--world-size", "4", "--set", "train.grad_accum=2"]
+    everything = plan.main(argv + ["--device-memory", "1TiB"])
+    assert all(r["fits"] for r in everything) and len({r["layout"] for r in everything}) >= 4
+    budget = sorted(r["peak_bytes"] for r in everything)[len(everything) // 2]
+    rows = plan.main(argv + ["--device-memory", str(int(budget))])
+    fitting = [r for r in rows if r["fits"]]
+    assert fitting and all(r["peak_bytes"] <= budget for r in fitting)
+    assert all(r["peak_bytes"] > budget for r in rows if not r["fits"])
+    assert rows[: len(fitting)] == fitting  # the layouts that fit come first, fastest first
+    speeds = [r["tokens_per_s"] for r in fitting]
+    assert speeds == sorted(speeds, reverse=True)
+    assert "fit" in capsys.readouterr().out
+
+
+def test_parse_bytes():
+    assert plan.parse_bytes("80GiB") == 80 * 2**30
+    assert plan.parse_bytes("512 MB") == 512 * 10**6
+    assert plan.parse_bytes("1e9") == 10**9
