@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import shlex
 import sys
 import weakref
 from dataclasses import dataclass, field
@@ -149,7 +150,8 @@ class StagePlan:
         return max(self.steps, self.optimizer)
 
 
-def _chunk_inputs(chunk, cfg, device="meta") -> dict:
+def _batch(cfg, device="meta") -> dict:
+    """One micro-batch of token ids (their values do not matter to memory)."""
     b, s = cfg.train.micro_batch_size, cfg.data.seq_len
     ids = torch.zeros(b, s, dtype=torch.long, device=device)
     if cfg.data.source_field:
@@ -174,7 +176,7 @@ def _forward(module, cfg, groups, spec):
     from parallel.cross_entropy import causal_lm_loss
     from training import seq2seq
 
-    batch = _chunk_inputs(module, cfg)
+    batch = _batch(cfg)
     if spec is None:  # the whole model, no pipeline
         if cfg.data.source_field:
             return None, seq2seq.step_loss(_Bare(module), batch, groups)
@@ -194,10 +196,20 @@ def _traced_pass(module, cfg, groups, spec, device: str) -> tuple[int, int, int]
     what was alive when it began."""
     from unittest import mock
 
+    from transformers import PreTrainedModel, masking_utils
+
     live = LiveBytes()
-    # transformers looks at the position ids' values for packed sequences, which meta tensors do not have;
-    # the training blocks' positions are 0..seq_len-1, never packed
-    with (mock.patch("transformers.masking_utils.find_packed_sequence_indices", return_value=None),
+    causal_skip = masking_utils._ignore_causal_mask_sdpa
+    # transformers looks at values that meta tensors do not have: the position ids, for packed sequences (the
+    # training blocks' positions are 0..seq_len-1, never packed), and the padding masks, to skip a mask when
+    # nothing is padded: decoders never are here (packed blocks; a seq2seq decoder's mask is the model's own
+    # ones), an encoder's sources are (the mask is built, as for a batch of sources of several lengths); and
+    # the token ids, to warn about padding
+    with (mock.patch.object(masking_utils, "find_packed_sequence_indices", return_value=None),
+          mock.patch.object(PreTrainedModel, "warn_if_padding_and_no_attention_mask", lambda *args: None),
+          mock.patch.object(masking_utils, "_ignore_causal_mask_sdpa",
+                            lambda padding_mask, *args, **kwargs: causal_skip(None, *args, **kwargs)),
+          mock.patch.object(masking_utils, "_ignore_bidirectional_mask_sdpa", return_value=False),
           mock.patch("torch.nn.functional.scaled_dot_product_attention", attention_as_on(device)), live):
         start = live.reset_peak()
         out, loss = _forward(module, cfg, groups, spec)
@@ -259,18 +271,16 @@ def _fake_world(world: int, rank: int) -> None:
 
 
 def full_meta_model(cfg):
-    """The whole model of ``cfg`` on the meta device, with the run's vocabulary (a BPE tokenizer at its
-    configured size)."""
-    from modeling.build import auto_class, byte_level_tokenizer, load_tokenizer, model_config
+    """The whole model of ``cfg`` on the meta device, as the run builds it (a BPE tokenizer at its configured
+    size; its special tokens are the byte-level tokenizer's)."""
+    from modeling.build import auto_class, byte_level_tokenizer, load_tokenizer
     from modeling.materialize import empty_model
+    from training.loop import run_model_config
 
-    vocab = None
-    if cfg.model.arch:
-        choice = cfg.model.tokenizer or "byte"
-        vocab = (len(byte_level_tokenizer()) if choice == "byte" else cfg.model.bpe_vocab_size if choice == "bpe"
-                 else len(load_tokenizer(choice, cfg.model.trust_remote_code)))
-    hf = model_config(pretrained=cfg.model.pretrained, arch=cfg.model.arch, config=cfg.model.config,
-                      vocab_size=vocab, trust_remote_code=cfg.model.trust_remote_code)
+    choice = cfg.model.tokenizer or (cfg.model.pretrained if cfg.model.pretrained else "byte")
+    directory = choice not in ("byte", "bpe")
+    tokenizer = load_tokenizer(choice, cfg.model.trust_remote_code) if directory else byte_level_tokenizer()
+    hf = run_model_config(cfg, tokenizer, cfg.model.bpe_vocab_size if choice == "bpe" else None)
     model = empty_model(auto_class(hf), hf, cfg.model.trust_remote_code)
     return model if cfg.precision == "fp32" else model.to(getattr(torch, {"bf16": "bfloat16"}.get(cfg.precision,
                                                                                                "float16")))
@@ -288,8 +298,10 @@ class StageShape:
     traces: list[ChunkTrace]
 
 
-def stage_shape(cfg, full, stage: int, device: str = "cpu") -> StageShape:
-    """Pipeline stage ``stage`` of the layout of ``cfg`` (tensor rank 0; the others hold the same)."""
+def stage_shape(cfg, full, stage: int, device: str = "cpu", traced: dict | None = None) -> StageShape:
+    """Pipeline stage ``stage`` of the layout of ``cfg`` (tensor rank 0; the others hold the same). ``traced``:
+    traces of chunks already seen in this layout, by what a chunk is (its blocks' count and kinds, whether it
+    embeds, whether it has the head): the middle stages of a pipeline are traced once."""
     from bench.memory import largest_layer_params
     from parallel.groups import ProcessGroups, rank_grid
     from training.loop import rank_model
@@ -298,12 +310,19 @@ def stage_shape(cfg, full, stage: int, device: str = "cpu") -> StageShape:
     _fake_world(t * p, int(rank_grid(t, p, 1)[stage, 0, 0]))
     groups = ProcessGroups.from_degrees(tensor=t, pipeline=p)
     model, pipeline = rank_model(cfg, full, groups)
-    modules = list(pipeline[0]) if pipeline else [model]
+    modules = [module.to("meta") for module in (pipeline[0] if pipeline else [model])]  # buffers made on the host too
+    traced = {} if traced is None else traced
+    traces = []
+    for module in modules:
+        spec = module.spec if pipeline else None
+        kind = (len(spec.blocks), tuple(module.layer_types), spec.embed, spec.head) if spec else None
+        if kind not in traced:
+            traced[kind] = trace_chunk(module, cfg, groups, spec, device)
+        traces.append(traced[kind])
     tied = pipeline[1].numel() if pipeline and pipeline[1] is not None else 0
     return StageShape(stage=stage, params=sum(x.numel() for module in modules for x in module.parameters()),
                       largest_layer=max(largest_layer_params(module) for module in modules), tied=tied,
-                      traces=[trace_chunk(module, cfg, groups, module.spec if pipeline else None, device)
-                              for module in modules])
+                      traces=traces)
 
 
 def model_state_bytes(params: int, zero_stage: int, data: int, largest_layer: int, precision: str) -> dict:
@@ -344,7 +363,8 @@ def layout_shapes(cfg, full=None, device: str = "cpu") -> list[StageShape]:
 
     full = full if full is not None else full_meta_model(cfg)
     try:
-        return [stage_shape(cfg, full, stage, device) for stage in range(cfg.parallel.pipeline)]
+        traced = {}
+        return [stage_shape(cfg, full, stage, device, traced) for stage in range(cfg.parallel.pipeline)]
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -355,19 +375,29 @@ def plan_layout(cfg, data: int, full=None, device: str = "cpu") -> list[StagePla
             for shape in layout_shapes(cfg, full, device)]
 
 
-def _layout_config(args, text: str):
+def _layout_config(config: str, overrides: list[str], text: str):
     """(config of the layout string, its data-parallel degree) for ``bench.memory.parse_layout`` strings."""
     from bench.memory import parse_layout
     from training.config import load
 
     _, sets, nproc = parse_layout(text)
-    cfg = load(args.config, args.set + sets)
+    cfg = load(config, overrides + sets)
     return cfg, nproc // (cfg.parallel.tensor * cfg.parallel.pipeline)
+
+
+def memory_run(results: Path) -> tuple[str, list[str]]:
+    """(config file, overrides) of the ``bench memory`` command that wrote ``results``."""
+    command = shlex.split(json.loads(results.read_text())["command"])
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--config")
+    parser.add_argument("--set", action="append", default=[])
+    known, _ = parser.parse_known_args(command[command.index("memory") + 1:])
+    return known.config, known.set
 
 
 def _row(label: str, cfg, data: int, stages: list[StagePlan]) -> dict:
     worst = max(stages, key=lambda s: s.peak)
-    return {"layout": label or "(config)", "data": data, "zero": cfg.parallel.zero_stage,
+    return {"layout": label, "data": data, "zero": cfg.parallel.zero_stage,
             "recompute": cfg.parallel.activation_checkpointing, "stage": worst.stage, "params": worst.params,
             "model_state_bytes": sum(worst.model_state.values()), "activation_bytes": worst.activations,
             "steps_bytes": worst.steps, "optimizer_bytes": worst.optimizer, "peak_bytes": worst.peak}
@@ -375,15 +405,16 @@ def _row(label: str, cfg, data: int, stages: list[StagePlan]) -> dict:
 
 def plan_table(rows: list[dict]) -> str:
     mb = lambda b: f"{b / MIB:,.0f}"  # noqa: E731
-    lines = ["| layout | ZeRO | recompute | largest stage | params/rank | model state MB | activations MB | "
-             "steps MB | optimizer MB | planned peak MB |" + (" measured MB | error |" if "measured_bytes" in rows[0]
-                                                               else ""), "|" + "---|" * (12 if "measured_bytes" in rows[0] else 10)]
+    checked = "measured_bytes" in rows[0]
+    head = ((["run"] if checked else []) + ["layout", "ZeRO", "recompute", "largest stage", "params/rank",
+            "model state MB", "activations MB", "steps MB", "optimizer MB", "planned peak MB"]
+            + (["measured MB", "error"] if checked else []))
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["layout"], str(r["zero"]), r["recompute"], str(r["stage"]), f"{r['params'] / 1e6:.1f} M",
-                 mb(r["model_state_bytes"]), mb(r["activation_bytes"]), mb(r["steps_bytes"]),
-                 mb(r["optimizer_bytes"]), mb(r["peak_bytes"])]
-        if "measured_bytes" in r:
-            cells += [mb(r["measured_bytes"]), f"{r['error']:+.1%}"]
+        cells = (([r["run"]] if checked else []) + [
+            r["layout"], str(r["zero"]), r["recompute"], str(r["stage"]), f"{r['params'] / 1e6:.1f} M",
+            mb(r["model_state_bytes"]), mb(r["activation_bytes"]), mb(r["steps_bytes"]), mb(r["optimizer_bytes"]),
+            mb(r["peak_bytes"])] + ([mb(r["measured_bytes"]), f"{r['error']:+.1%}"] if checked else []))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -431,8 +462,18 @@ def candidates(args, world: int, global_batch: int):
             yield f"tensor={t},pipeline={p},data={data}", cfg, data
 
 
+def flops_per_token(recompute: str, params: int, layers: int, hidden: int, seq_len: int) -> float:
+    """Hardware FLOPs per token of a training step (Megatron's count): 6 per parameter plus the attention
+    scores and weighted sum (12 x layers x hidden x seq_len forward and backward), plus what recomputation runs
+    again: the whole forward of the blocks for ``full`` (2 per parameter and the attention's forward, 4 x
+    layers x hidden x seq_len), the attention's forward for ``selective``."""
+    attention_forward = 4 * layers * hidden * seq_len
+    again = {"none": 0, "selective": attention_forward, "full": 2 * params + attention_forward}[recompute]
+    return 6 * params + 3 * attention_forward + again
+
+
 def step_seconds(cfg, hf, data: int, stages: list[StagePlan], fits: dict, device_flops: float) -> dict:
-    """A step-time estimate: 6 x parameters x tokens of compute (plus the recomputed forward) at
+    """A step-time estimate: the step's FLOPs (``flops_per_token``, recomputation included) at
     ``device_flops`` per rank, stretched by the pipeline bubble (p - 1) / (v m), plus the communication the
     fits predict, not overlapped: per micro-batch and block 4 tensor-parallel all-reduces of the hidden states
     (forward 2, backward 2), per step the data-parallel reduction of the gradients (ZeRO-3: the parameters
@@ -444,8 +485,9 @@ def step_seconds(cfg, hf, data: int, stages: list[StagePlan], fits: dict, device
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len
     width = 2 if cfg.precision != "fp32" else 4
     params = sum(s.params for s in stages) * par.tensor
-    recompute = {"none": 0.0, "selective": 0.03, "full": 1 / 3}[par.activation_checkpointing]
-    compute = 6 * params * tokens * m * data * (1 + recompute) / (par.tensor * par.pipeline * data * device_flops)
+    per_token = flops_per_token(par.activation_checkpointing, params, hf.num_hidden_layers, hf.hidden_size,
+                                cfg.data.seq_len)
+    compute = per_token * tokens * m * data / (par.tensor * par.pipeline * data * device_flops)
     bubble = (par.pipeline - 1) / (par.virtual_stages * m)
     hidden_bytes = tokens * width * hf.hidden_size
     layers = hf.num_hidden_layers / par.pipeline
@@ -504,12 +546,12 @@ def parse_bytes(text: str) -> int:
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="python -m bench plan", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True)
+    parser.add_argument("--config", help="the run config (YAML); with --check, each results file's own")
     parser.add_argument("--set", action="append", default=[], help="config override key=value (repeatable)")
     parser.add_argument("--layout", action="append", default=[], help="tensor=N,pipeline=N,data=N,zero=N "
                         "(repeatable; default: the config's own at one data-parallel rank)")
-    parser.add_argument("--check", help="a `bench memory` results.json: plan its layouts and compare with the "
-                        "measured peaks")
+    parser.add_argument("--check", action="append", default=[], help="a `bench memory` results.json (repeatable): "
+                        "plan its layouts with its own config and overrides and compare with the measured peaks")
     parser.add_argument("--device-memory", type=parse_bytes, help="memory per device, e.g. 80GiB: search the "
                         "layouts of --world-size ranks that fit")
     parser.add_argument("--world-size", type=int)
@@ -527,8 +569,10 @@ def main(argv=None) -> list[dict]:
                         help="the devices the run trains on: which attention kernel the activations follow "
                         "(default: this machine's)")
     parser.add_argument("--top", type=int, default=15)
-    parser.add_argument("--out", help="write the rows as JSON here")
+    parser.add_argument("--out", help="a directory for results.json (the rows) and report.md")
     args = parser.parse_args(argv)
+    if not args.config and not args.check:
+        parser.error("--config is required (or --check with bench memory results)")
     if (args.device_memory is None) != (args.world_size is None):
         parser.error("--device-memory and --world-size go together")
     if args.device_memory is not None:
@@ -538,32 +582,54 @@ def main(argv=None) -> list[dict]:
         args.global_batch = args.global_batch or base.train.micro_batch_size * base.train.grad_accum * args.world_size
         rows = search(args)
         fitting = sum(r["fits"] for r in rows)
-        print(f"{fitting} of {len(rows)} layouts of {args.world_size} ranks fit {args.device_memory / 2**30:.1f} GiB "
-              f"(global batch {args.global_batch} sequences):\n")
-        print(search_table(rows, args.top))
+        text = (f"{fitting} of {len(rows)} layouts of {args.world_size} ranks fit {args.device_memory / 2**30:.1f} "
+                f"GiB per device (global batch {args.global_batch} sequences; communication priced by "
+                f"{args.comm_fit}, compute at {args.device_tflops:g} TFLOP/s):\n\n" + search_table(rows, args.top))
     else:
         rows = plan_rows(args)
-        print(plan_table(rows))
+        text = plan_table(rows)
+    print(text)
     if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=1))
+        _write(Path(args.out), rows, text, argv)
     if args.check and any(abs(r["error"]) > 0.15 for r in rows):
         print("bench plan: some layouts are more than 15% off the measured peak", file=sys.stderr)
     return rows
 
 
+def _write(out: Path, rows: list[dict], text: str, argv) -> None:
+    from bench.machine import describe
+
+    machine = describe()
+    command = "python -m bench plan " + " ".join(argv if argv is not None else sys.argv[1:])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"machine": machine, "command": command, "rows": rows}, indent=1))
+    (out / "report.md").write_text(f"# Memory plan ({machine['date']}, {machine['cpu']}, torch {machine['torch']})"
+                                   f"\n\n`{command}`\n\n{text}")
+
+
 def plan_rows(args) -> list[dict]:
-    """One row per layout (``--layout`` or the layouts of ``--check``), with the measurement when checking."""
-    measured = measured_peaks(Path(args.check)) if args.check else {}
-    layouts = args.layout or list(measured) or [""]
+    """One row per layout: ``--layout`` (or the config's own) of ``--config``, or every layout of each
+    ``--check`` results file, planned with that run's own config and overrides, next to its measured peak."""
+    if not args.check:
+        return [_planned_row(args.config, args.set, text, args.device) for text in args.layout or [""]]
     rows = []
-    for text in layouts:
-        cfg, data = _layout_config(args, text)
-        row = _row(text, cfg, data, plan_layout(cfg, data, device=args.device))
-        if text in measured:
-            row["measured_bytes"] = measured[text]
-            row["error"] = row["peak_bytes"] / measured[text] - 1
-        rows.append(row)
+    for results in map(Path, args.check):
+        config, overrides = memory_run(results)
+        for text, measured in measured_peaks(results).items():
+            row = _planned_row(config, overrides + args.set, text, args.device)
+            row.update(run=results.parent.name, measured_bytes=measured, error=row["peak_bytes"] / measured - 1)
+            rows.append(row)
     return rows
+
+
+def _planned_row(config: str, overrides: list[str], text: str, device: str) -> dict:
+    cfg, data = _layout_config(config, overrides, text)
+    return _row(text or _describe(cfg), cfg, data, plan_layout(cfg, data, device=device))
+
+
+def _describe(cfg) -> str:
+    par = cfg.parallel
+    return f"tensor={par.tensor},pipeline={par.pipeline}" + (",sequence_parallel" if par.sequence_parallel else "")
 
 
 if __name__ == "__main__":

@@ -231,9 +231,12 @@ def summarize(point: dict, nproc: int, raw: dict, config_path: str, sets: list[s
         name = torch.cuda.get_device_name(0)
         peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
         if peak:
-            flops_token = 6 * params + 12 * info["layers"] * info["hidden"] * cfg.data.seq_len
-            record["mfu"] = record["tokens_per_s"] * flops_token / (peak * 1e12 * nproc)
-            record["hfu"] = record["mfu"]  # no activation recomputation, so hardware FLOPs = model FLOPs
+            from bench.plan import flops_per_token
+
+            shape = (params, info["layers"], info["hidden"], cfg.data.seq_len)
+            record["mfu"] = record["tokens_per_s"] * flops_per_token("none", *shape) / (peak * 1e12 * nproc)
+            hardware = flops_per_token(cfg.parallel.activation_checkpointing, *shape)  # recomputation counted
+            record["hfu"] = record["tokens_per_s"] * hardware / (peak * 1e12 * nproc)
     return record
 
 

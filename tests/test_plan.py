@@ -140,3 +140,33 @@ def test_parse_bytes():
     assert plan.parse_bytes("80GiB") == 80 * 2**30
     assert plan.parse_bytes("512 MB") == 512 * 10**6
     assert plan.parse_bytes("1e9") == 10**9
+
+
+def test_plan_within_15_percent_of_the_committed_cpu_measurements():
+    """The planner against ``bench memory``'s measured peaks at the CPU sweep grid's layouts (GPT-2 124 M,
+    ``bench/results/plan-grid-cpu``) and with recomputation at TP=2 + SP (``bench/results/plan-recompute-cpu``):
+    the issue's bar is 15 %; on 2026-12-05 the errors were -9.5 % to +1.8 %."""
+    from pathlib import Path
+
+    checks = ["bench/results/plan-grid-cpu/results.json",
+              *sorted(str(p) for p in Path("bench/results/plan-recompute-cpu").glob("tp2-sp-*/results.json"))]
+    rows = plan.main([arg for check in checks for arg in ("--check", check)] + ["--device", "cpu"])
+    assert len(rows) == 19
+    assert all(abs(r["error"]) <= 0.15 for r in rows), [(r["run"], r["layout"], r["error"]) for r in rows]
+
+
+@pytest.mark.parametrize("arch", ["t5", "marian"])
+def test_encoder_decoder_models_are_planned_with_their_sequence_to_sequence_loss(tmp_path, arch):
+    from modeling.build import auto_class, byte_level_tokenizer
+    from tests.test_seq2seq_training import MARIAN, T5_SMALL, seq2seq_config, toy_task
+    from training.loop import run_model_config
+
+    task = toy_task(tmp_path / "task", train=8, valid=2)
+    config = dict(T5_SMALL if arch == "t5" else MARIAN)
+    configs = {mode: seq2seq_config(tmp_path, task, model__arch=arch, model__config=config, parallel__tensor=2,
+                                    parallel__activation_checkpointing=mode) for mode in ("none", "full")}
+    shapes = {mode: plan.layout_shapes(cfg)[0] for mode, cfg in configs.items()}
+    hf = run_model_config(configs["none"], byte_level_tokenizer())  # the run's own, special tokens included
+    dense = sum(p.numel() for p in auto_class(hf).from_config(hf).parameters())
+    assert dense / 2 < shapes["none"].params < dense  # split weights halved, norms and biases whole
+    assert 0 < shapes["full"].traces[0].kept < shapes["none"].traces[0].kept

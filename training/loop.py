@@ -254,19 +254,25 @@ def _console(message: str) -> None:
         tqdm.write(message)
 
 
+def run_model_config(cfg: RunConfig, tokenizer, vocab_size: int | None = None):
+    """The run's HF config: the checkpoint's, or ``model.config`` with the tokenizer's special tokens and its
+    size (or ``vocab_size``) for a from-scratch run."""
+    special = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+               if getattr(tokenizer, k) is not None}
+    if cfg.data.source_field and tokenizer.pad_token_id is not None:
+        special["decoder_start_token_id"] = tokenizer.pad_token_id  # T5 / Marian convention
+    return model_config(pretrained=cfg.model.pretrained, arch=cfg.model.arch,
+                        config={**special, **cfg.model.config} if cfg.model.arch else {},
+                        vocab_size=(vocab_size or len(tokenizer)) if cfg.model.arch else None,
+                        trust_remote_code=cfg.model.trust_remote_code)
+
+
 def _build_model(cfg: RunConfig, tokenizer, blocks: dict, resume_from: Path | None, groups: ProcessGroups):
     """This rank's part of the model (its tensor-parallel shard; with pipelines, its chunks) with its starting
     weights, checked against the tokenized data. The whole model exists only on the meta device (no storage):
     a rank holds its share plus one full tensor at a time (``modeling.materialize``).
     Returns (the full meta model, this rank's model, its pipeline chunks and tied weight or None)."""
-    special = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-               if getattr(tokenizer, k) is not None}
-    if cfg.data.source_field and tokenizer.pad_token_id is not None:
-        special["decoder_start_token_id"] = tokenizer.pad_token_id  # T5 / Marian convention
-    hf = model_config(pretrained=cfg.model.pretrained, arch=cfg.model.arch,
-                      config={**special, **cfg.model.config} if cfg.model.arch else {},
-                      vocab_size=len(tokenizer) if cfg.model.arch else None,
-                      trust_remote_code=cfg.model.trust_remote_code)
+    hf = run_model_config(cfg, tokenizer)
     full = empty_model(auto_class(hf), hf, cfg.model.trust_remote_code)
     vocabulary = full.get_input_embeddings().num_embeddings
     for key, key_blocks in blocks.items():
