@@ -132,6 +132,11 @@ class ParallelConfig(_Section):
                                               "which keeps every parameter of a smaller model gathered from its "
                                               "forward to its backward. Lower: less memory, less prefetch overlap "
                                               "(bench/results/memory-cpu). A user DeepSpeed JSON's own value wins.")
+    offload: Literal["none", "optimizer", "optimizer+params"] = Field(
+        "none", description="ZeRO offload to host memory (DeepSpeed's zero_optimization.offload_optimizer / "
+        "offload_param): 'optimizer' keeps the fp32 master weights and AdamW moments on the CPU and steps them "
+        "there (ZeRO 1-3); 'optimizer+params' also keeps the parameters there between uses (ZeRO-3). The "
+        "optimizer is colonnade's torch AdamW on CPU tensors. A user DeepSpeed JSON's own offload sections win.")
     activation_checkpointing: Literal["none", "full", "selective"] = Field(
         "none", description="Recompute activations in the backward (Megatron's modes): 'full' keeps only each "
         "transformer block's input and runs the block again; 'selective' recomputes only the core attention "
@@ -209,6 +214,13 @@ class RunConfig(_Section):
                 check_schedule(par.schedule, par.pipeline, self.train.grad_accum, par.virtual_stages)
             except ValueError as exc:
                 raise ValueError(str(exc)) from None
+        if par.offload != "none" and par.zero_stage == 0:
+            raise ValueError(f"parallel.offload={par.offload} needs ZeRO: DeepSpeed offloads the optimizer state of "
+                             f"its ZeRO partitions (stages 1-3); set parallel.zero_stage=1, 2 or 3")
+        if par.offload == "optimizer+params" and par.zero_stage != 3:
+            raise ValueError(f"parallel.offload=optimizer+params with parallel.zero_stage={par.zero_stage}: "
+                             f"DeepSpeed offloads parameters only under ZeRO-3, which partitions them; set "
+                             f"parallel.zero_stage=3 or parallel.offload=optimizer")
         if self.parallel.tensor > 1 and self.parallel.zero_stage == 3:
             raise ValueError("parallel.zero_stage=3 with parallel.tensor>1 is not supported: ZeRO-3 gathers "
                              "each parameter over the data-parallel group around every module call, and our "
@@ -357,6 +369,11 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
         if cfg.parallel.zero3_live_parameters is not None:
             zero["stage3_max_live_parameters"] = zero["stage3_max_reuse_distance"] = cfg.parallel.zero3_live_parameters
+    offload = {"device": "cpu", "pin_memory": True}  # pinned host memory: faster copies to and from a GPU
+    if cfg.parallel.offload != "none":
+        zero["offload_optimizer"] = dict(offload)
+    if cfg.parallel.offload == "optimizer+params":
+        zero["offload_param"] = dict(offload)
     return {
         "train_batch_size": micro * accum * dp,
         "train_micro_batch_size_per_gpu": micro,
@@ -371,6 +388,8 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         "wall_clock_breakdown": False,
         # Pipelines call backward once per micro-batch and chunk, then step() once: reduce there.
         **({"managed_gradient_accumulation": False} if cfg.parallel.pipeline > 1 else {}),
+        # DeepSpeed refuses a client optimizer with offload unless told: ours steps on the CPU
+        **({"zero_force_ds_cpu_optimizer": False} if cfg.parallel.offload != "none" else {}),
     }
 
 
@@ -533,7 +552,7 @@ def _merge(user: dict[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
         merged[name] = {**ours[name], **user.get(name, {})}
     if "managed_gradient_accumulation" in ours:
         merged["managed_gradient_accumulation"] = False
-    if _offloads(user):  # DeepSpeed refuses a client optimizer with offload unless told: ours steps on the CPU
+    if _offloads(merged):  # DeepSpeed refuses a client optimizer with offload unless told: ours steps on the CPU
         merged.setdefault("zero_force_ds_cpu_optimizer", False)
     return merged
 
