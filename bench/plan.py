@@ -575,25 +575,33 @@ def main(argv=None) -> list[dict]:
         parser.error("--config is required (or --check with bench memory results)")
     if (args.device_memory is None) != (args.world_size is None):
         parser.error("--device-memory and --world-size go together")
-    if args.device_memory is not None:
-        from training.config import load
-
-        base = load(args.config, args.set)
-        args.global_batch = args.global_batch or base.train.micro_batch_size * base.train.grad_accum * args.world_size
-        rows = search(args)
-        fitting = sum(r["fits"] for r in rows)
-        text = (f"{fitting} of {len(rows)} layouts of {args.world_size} ranks fit {args.device_memory / 2**30:.1f} "
-                f"GiB per device (global batch {args.global_batch} sequences; communication priced by "
-                f"{args.comm_fit}, compute at {args.device_tflops:g} TFLOP/s):\n\n" + search_table(rows, args.top))
-    else:
-        rows = plan_rows(args)
-        text = plan_table(rows)
+    try:
+        rows, text = _search_text(args) if args.device_memory is not None else _plan_text(args)
+    except (ValueError, OSError, KeyError) as exc:  # a bad config, layout or file: one line, no traceback
+        raise SystemExit(f"bench plan: {exc}") from None
     print(text)
     if args.out:
         _write(Path(args.out), rows, text, argv)
     if args.check and any(abs(r["error"]) > 0.15 for r in rows):
         print("bench plan: some layouts are more than 15% off the measured peak", file=sys.stderr)
     return rows
+
+
+def _search_text(args) -> tuple[list[dict], str]:
+    from training.config import load
+
+    base = load(args.config, args.set)
+    args.global_batch = args.global_batch or base.train.micro_batch_size * base.train.grad_accum * args.world_size
+    rows = search(args)
+    fitting = sum(r["fits"] for r in rows)
+    return rows, (f"{fitting} of {len(rows)} layouts of {args.world_size} ranks fit {args.device_memory / 2**30:.1f} "
+                  f"GiB per device (global batch {args.global_batch} sequences; communication priced by "
+                  f"{args.comm_fit}, compute at {args.device_tflops:g} TFLOP/s):\n\n" + search_table(rows, args.top))
+
+
+def _plan_text(args) -> tuple[list[dict], str]:
+    rows = plan_rows(args)
+    return rows, plan_table(rows)
 
 
 def _write(out: Path, rows: list[dict], text: str, argv) -> None:

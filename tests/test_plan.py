@@ -170,3 +170,12 @@ def test_encoder_decoder_models_are_planned_with_their_sequence_to_sequence_loss
     dense = sum(p.numel() for p in auto_class(hf).from_config(hf).parameters())
     assert dense / 2 < shapes["none"].params < dense  # split weights halved, norms and biases whole
     assert 0 < shapes["full"].traces[0].kept < shapes["none"].traces[0].kept
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config", "no/such.yaml"], r"bench plan: config file no/such.yaml does not exist"),
+    (["--check", "no/such/results.json"], r"bench plan: .*no/such/results.json"),
+    (["--config", "configs/memory_gpt2.yaml", "--layout", "tensor=5"], r"bench plan: .*parallel.tensor=5")])
+def test_bad_input_is_one_line_naming_it(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        plan.main(argv)
