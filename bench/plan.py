@@ -1,14 +1,15 @@
 """Memory per rank before any run, and the layouts that fit a machine.
 
     python -m bench plan --config configs/memory_gpt2.yaml --layout tensor=2,pipeline=2 --layout data=2,zero=2
-    python -m bench plan --config configs/memory_llama.yaml --device-memory 80GiB --world-size 64
+    python -m bench plan --config configs/plan_llama7b.yaml --device cuda --device-memory 40GiB --world-size 8
+    python -m bench plan --check bench/results/plan-grid-cpu/results.json
 
 For each layout and each pipeline stage (the tensor-parallel ranks of a stage hold the same amounts):
 
 - **model state**: this rank's parameters, counted on the real model (built on the meta device and cut by the
   run's own tensor-parallel plan and pipeline split, under a fake process group of the layout's size: no
   weights, no other process), times the bytes of weights, gradients, AdamW moments and DeepSpeed's fp32 master
-  partition under the ZeRO stage (``bench.memory.memory_formula_bytes``);
+  partition under the ZeRO stage and precision (``model_state_bytes``);
 - **activations**: one micro-batch of each of this rank's chunks runs forward and backward on the meta device
   under the same fake group (TorchTitan's former estimator did the same with fake tensors): ``LiveBytes`` counts
   every tensor the operations make until it is freed. That gives what autograd keeps per micro-batch (with the
@@ -25,8 +26,8 @@ above the process's fixed runtime (interpreter, torch, DeepSpeed), which the pla
 
 With ``--device-memory`` and ``--world-size``, every layout of that many ranks (tensor x pipeline x data, ZeRO
 0-3, the config's recomputation mode unless ``--recompute all``) is planned; those whose largest rank fits are
-ranked by a step-time estimate: compute at ``--device-tflops``, stretched by the pipeline bubble and by
-recomputation, plus the communication a ``bench comm`` fit (``--comm-fit``) predicts for the tensor-parallel
+ranked by a step-time estimate: the step's FLOPs with recomputation (``flops_per_token``) at
+``--device-tflops``, stretched by the pipeline bubble, plus the communication a ``bench comm`` fit (``--comm-fit``) predicts for the tensor-parallel
 all-reduces, the data-parallel gradient reduction and the pipeline sends.
 """
 
