@@ -43,7 +43,7 @@ def test_wrong_type_and_impossible_values(tmp_path):
         validate({**MINIMAL, "model": {"arch": "gpt2", "pretrained": "/ckpt"}})
     with pytest.raises(ConfigError, match="parallel.zero_stage=3 with parallel.tensor>1 is not supported"):
         validate({**MINIMAL, "parallel": {"tensor": 2, "zero_stage": 3}})
-    with pytest.raises(ConfigError, match="parallel.zero_stage=0 with parallel.pipeline=2: pipelines run with ZeRO 1 or 2"):
+    with pytest.raises(ConfigError, match="parallel.zero_stage=0 with parallel.pipeline=2: ZeRO-0 is not wired"):
         validate({**MINIMAL, "parallel": {"pipeline": 2}})
     with pytest.raises(ConfigError, match="interleaved needs train.grad_accum .* multiple of parallel.pipeline"):
         validate({**MINIMAL, "parallel": {"pipeline": 2, "zero_stage": 1, "schedule": "interleaved",

@@ -430,13 +430,13 @@ def _streamed_weights(engine, model, groups, max_shard_size: str):
     local, owner, spec = _holdings(engine, model, groups)
 
     def tensor_of(name: str) -> torch.Tensor | None:
-        if zero3:
-            return _gathered_partitions(local[name]) if name in parameters else local[name]
-        if groups.dp_rank != 0:
-            return None
         stage, source = owner[name], groups.pp_ranks[owner[name]]
         if groups.pp_rank == stage:
-            full = merge_tensor(model, name, local[name].detach(), groups.tp_group)
+            held = _gathered_partitions(local[name]) if zero3 and name in parameters else local[name].detach()
+        if groups.dp_rank != 0:
+            return None
+        if groups.pp_rank == stage:
+            full = merge_tensor(model, name, held, groups.tp_group)
             if stage == 0 or groups.tp_rank != 0:
                 return full if dist.get_rank() == 0 else None
             dist.send(full, dst=groups.pp_ranks[0])
@@ -450,11 +450,12 @@ def _streamed_weights(engine, model, groups, max_shard_size: str):
 
 
 def _gathered_partitions(param) -> torch.Tensor | None:
-    """A ZeRO-3 parameter's full value on rank 0 (collective over its data-parallel group)."""
+    """This rank's full (tensor-parallel) piece of a ZeRO-3 parameter on data-parallel rank 0 (collective over
+    the parameter's data-parallel group)."""
     import deepspeed
 
     with deepspeed.zero.GatheredParameters([param]):
-        return param.detach().clone() if dist.get_rank() == 0 else None
+        return param.detach().clone() if dist.get_rank(param.ds_process_group) == 0 else None
 
 
 def check_export_dir(out_dir: Path) -> None:

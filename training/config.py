@@ -185,13 +185,9 @@ class RunConfig(_Section):
             raise ValueError(f"optim.warmup_steps={self.optim.warmup_steps} exceeds train.steps="
                              f"{self.train.steps}: lower the warm-up or train longer")
         par = self.parallel
-        if par.pipeline > 1 and par.zero_stage not in (1, 2):
-            raise ValueError(f"parallel.zero_stage={par.zero_stage} with parallel.pipeline={par.pipeline}: "
-                             f"pipelines run with ZeRO 1 or 2. ZeRO-3 would gather every stage's parameters "
-                             f"around each micro-batch's forward and backward, re-fetching them p times per "
-                             f"step for no memory gain over ZeRO-2 (each stage already holds only its layers); "
-                             f"ZeRO-0 is not wired to the pipeline's deferred gradient reduction. Set "
-                             f"parallel.zero_stage=1 or 2")
+        if par.pipeline > 1 and par.zero_stage == 0:
+            raise ValueError(f"parallel.zero_stage=0 with parallel.pipeline={par.pipeline}: ZeRO-0 is not wired to "
+                             f"the pipeline's deferred gradient reduction; set parallel.zero_stage=1, 2 or 3")
         if self.precision != "fp32" and par.zero_stage == 0:
             raise ValueError(f"precision={self.precision} with parallel.zero_stage=0: DeepSpeed then wraps AdamW in "
                              f"its fp16/bf16 optimizer, whose fp32 master weights and moments our layout-agnostic "

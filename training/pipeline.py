@@ -1,9 +1,10 @@
 """Pipeline-parallel training and eval steps: our schedules driving this rank's chunks inside one
-DeepSpeed engine (ZeRO 1/2 over the data-parallel group, unmanaged gradient accumulation so that one
+DeepSpeed engine (ZeRO 1-3 over the data-parallel group, unmanaged gradient accumulation so that one
 ``engine.step()`` reduces and applies the gradients of all micro-batches)."""
 
 from __future__ import annotations
 
+import deepspeed
 import torch
 import torch.distributed as dist
 
@@ -28,7 +29,20 @@ def build_chunks(model, cfg, groups):
         tied_weight = model.get_input_embeddings().weight
         if groups.is_last_stage:
             tied_weight.ds_pipe_replicated = True  # counted once (on the first stage) in the global norm
+    if cfg.parallel.zero_stage == 3:
+        _count_once_in_zero3_norm(chunks, groups)
     return chunks, tied_weight
+
+
+def _count_once_in_zero3_norm(chunks, groups) -> None:
+    """ZeRO-3's gradient norm counts a parameter on every model-parallel rank (TP x PP) when it is marked
+    ``model_parallel`` and on model-parallel rank 0 only otherwise: mark what this rank alone holds (every
+    stage's own layers; tensor-parallel shards; replicated ones on tensor rank 0), not the last stage's tied
+    copy."""
+    for param in chunks.parameters():
+        own = getattr(param, "tensor_model_parallel", False) or groups.tp_rank == 0
+        if own and not getattr(param, "ds_pipe_replicated", False):
+            param.model_parallel = True
 
 
 class PipelineRunner:
@@ -38,6 +52,7 @@ class PipelineRunner:
         self.shape = (cfg.train.micro_batch_size, cfg.data.seq_len, hidden_size)
         self.dtype = next(engine.module.parameters()).dtype
         self.last_stats = None
+        self.zero3 = engine.zero_optimization_stage() == 3
         self._tied_grad = None  # this stage's gradient of the tied embedding, summed over the step
         if tied_weight is not None:
             tied_weight.register_hook(self._accumulate_tied)
@@ -60,7 +75,21 @@ class PipelineRunner:
         dist.all_reduce(others, group=self.groups.embed_group)
         others.sub_(local)
         del local
-        self.engine.backward(torch.dot(self.tied_weight.view(-1), others.view(-1)), scale_wrt_gas=False)
+        with deepspeed.zero.GatheredParameters([self.tied_weight], enabled=hasattr(self.tied_weight, "ds_id")):
+            self.engine.backward(torch.dot(self.tied_weight.view(-1), others.view(-1)), scale_wrt_gas=False)
+
+    def _new_pass(self) -> None:
+        """ZeRO-3 resets its backward-hook bookkeeping in ``engine.forward``, which our chunks bypass."""
+        if self.zero3:
+            self.engine.optimizer.clear_backward_seen_flag()
+
+    def _new_step(self) -> None:
+        """ZeRO-3 copies the gradients of the step's first backward into its partition buffers and adds the
+        later ones; a pipeline's first backward need not reach every parameter of the rank (interleaved: the
+        last chunk's comes first), so every step starts from zeroed buffers and adds throughout."""
+        if self.zero3:
+            self.engine.optimizer.grad_partitions_flat_buffer.zero_()
+            self.engine.optimizer.micro_step_id = 1
 
     def _comm(self) -> PipeComm:
         return PipeComm(self.groups.pp_ranks, self.groups.pp_rank, self.shape, self.dtype,
@@ -72,6 +101,7 @@ class PipelineRunner:
         losses = []
 
         def forward_step(chunk: int, microbatch: int, x):
+            self._new_pass()
             module = chunks[chunk]
             batch = batches.batch(step, microbatch) if (module.spec.embed or module.spec.head) else None
             out = module(batch["input_ids"].to(device) if module.spec.embed else x)
@@ -87,9 +117,11 @@ class PipelineRunner:
 
         ops = ORDERS[self.cfg.parallel.schedule](self.p, m, self.groups.pp_rank, self.v)
         self._tied_grad = None
+        self._new_step()
         self.last_stats = run_schedule(ops, p=self.p, v=self.v, rank=self.groups.pp_rank, comm=self._comm(),
                                        forward_step=forward_step, backward_step=backward_step)
         if self.tied_weight is not None:
+            self._new_pass()
             self._sync_tied_embeddings()
         self.engine.step()
         return self._mean_over_pipeline(losses)
