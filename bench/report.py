@@ -29,11 +29,11 @@ def report_markdown(records: list[dict], spec: dict, machine: dict, figures: lis
              f"{machine['date']}. Base config `{spec['base']}`; {spec.get('warmup_steps', 2)} warm-up + "
              f"{spec.get('timed_steps', 4)} timed steps per point (medians; the slowest rank's step).", "",
              "| point | procs | status | tokens/s | step s | fwd s | bwd s | opt s | comm TP s | comm DP s | comm PP s | "
-             "comm share | scaling eff. | bubble meas./theory | grad bytes / formula | opt-state bytes / formula | "
-             "peak RSS MiB |", "|" + "---|" * 17]
+             "comm share | scaling eff. | bubble meas./theory | param bytes / formula | grad bytes / formula | "
+             "opt-state bytes / formula | peak RSS MiB |", "|" + "---|" * 18]
     for r in records:
         if r.get("status") != "ok":
-            lines.append(f"| {layout_label(r)} | {r['nproc']} | failed: {r.get('error', '')[:160]} |" + " |" * 14)
+            lines.append(f"| {layout_label(r)} | {r['nproc']} | failed: {r.get('error', '')[:160]} |" + " |" * 15)
             continue
         bubble = (f"{r['bubble_measured']:.3f} / {r['bubble_theory']:.3f}" if "bubble_theory" in r else "—")
         lines.append(
@@ -41,7 +41,8 @@ def report_markdown(records: list[dict], spec: dict, machine: dict, figures: lis
             f"{r['forward']:.3f} | {r['backward']:.3f} | {r['optimizer']:.3f} | {r['comm_tp_s']:.3f} | "
             f"{r['comm_dp_s']:.3f} | {r['comm_pp_s']:.3f} | {r['comm_share']:.1%} | "
             f"{_fmt(r.get('scaling_efficiency'))} {r.get('scaling', '')} | "
-            f"{bubble} | {_fmt(r.get('gradient_vs_formula'), 4)} | {r['optimizer_state_vs_formula']:.3f} | "
+            f"{bubble} | {_fmt(r.get('param_vs_formula'), 4)} | {_fmt(r.get('gradient_vs_formula'), 4)} | "
+            f"{r['optimizer_state_vs_formula']:.3f} | "
             f"{r['peak_rss_bytes_max'] / 2**20:.0f} |")
     if baselines:
         rounds = spec.get("baseline_rounds", 1)

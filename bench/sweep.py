@@ -74,6 +74,12 @@ def _optimizer_state_bytes(optimizer) -> int:
                if hasattr(t, "numel") and t.dim() > 0)
 
 
+def _param_bytes(module) -> int:
+    """Bytes of parameters this rank holds between steps: its ZeRO-3 partitions (``ds_tensor``, with their
+    padding), else the tensors themselves."""
+    return sum(t.numel() * t.element_size() for t in (getattr(p, "ds_tensor", p) for p in module.parameters()))
+
+
 def _gradient_bytes(engine) -> int:
     """Bytes of gradient storage this rank holds now: the parameters' ``.grad`` (ZeRO-0/1 accumulate full
     gradients there between steps) and DeepSpeed's partitioned gradient buffers (ZeRO-2 frees ``.grad`` after
@@ -160,7 +166,7 @@ def worker(args) -> None:
         **{f"{k}_wait_s": statistics.median(s["wait"].get(k, 0.0) for s in probed) for k in groups},
         **{f"{k}_predicted_s": statistics.median(s["predicted"].get(k, 0.0) for s in probed) for k in groups},
         "model_params_local": local_params,
-        "param_bytes": sum(p.numel() * p.element_size() for p in engine.module.parameters()),
+        "param_bytes": _param_bytes(engine.module),
         "optimizer_state_bytes": _optimizer_state_bytes(engine.optimizer),
         # None where no gradient storage was found (ZeRO-2 under unmanaged accumulation, i.e. our pipelines,
         # keeps it in DeepSpeed buffers this probe does not know)
@@ -206,9 +212,10 @@ def summarize(point: dict, nproc: int, raw: dict, config_path: str, sets: list[s
               "optimizer_state_bytes_rank0": ranks[0]["optimizer_state_bytes"],
               "peak_rss_bytes_max": max(r["peak_rss_bytes"] for r in ranks), "model_params": params}
     dp = nproc // (cfg.parallel.tensor * cfg.parallel.pipeline)
-    local = ranks[0]["model_params_local"] if cfg.parallel.zero_stage != 3 else sum(r["model_params_local"] for r in ranks) // nproc * dp
+    local = ranks[0]["model_params_local"]  # rank 0's stage and tensor shard, unpartitioned (ZeRO-3: ds_numel)
     formula = zero_formula_bytes(local, cfg.parallel.zero_stage, dp)
     record.update({f"formula_{k}": v for k, v in formula.items()})
+    record["param_vs_formula"] = record["param_bytes_rank0"] / formula["param_bytes"]
     record["optimizer_state_vs_formula"] = record["optimizer_state_bytes_rank0"] / formula["optimizer_state_bytes"]
     if record["gradient_bytes_rank0"] is not None:
         record["gradient_vs_formula"] = record["gradient_bytes_rank0"] / formula["gradient_bytes"]

@@ -41,8 +41,8 @@ def test_wrong_type_and_impossible_values(tmp_path):
         validate({**MINIMAL, "data": {"train_files": ["x"]}})
     with pytest.raises(ConfigError, match="exactly one of model.pretrained"):
         validate({**MINIMAL, "model": {"arch": "gpt2", "pretrained": "/ckpt"}})
-    with pytest.raises(ConfigError, match="parallel.zero_stage=3 with parallel.tensor>1 is not supported"):
-        validate({**MINIMAL, "parallel": {"tensor": 2, "zero_stage": 3}})
+    with pytest.raises(ConfigError, match="parallel.zero_stage=3 with both parallel.tensor>1 and parallel.pipeline>1"):
+        validate({**MINIMAL, "parallel": {"tensor": 2, "pipeline": 2, "zero_stage": 3}})
     with pytest.raises(ConfigError, match="parallel.zero_stage=0 with parallel.pipeline=2: ZeRO-0 is not wired"):
         validate({**MINIMAL, "parallel": {"pipeline": 2}})
     with pytest.raises(ConfigError, match="interleaved needs train.grad_accum .* multiple of parallel.pipeline"):

@@ -35,6 +35,52 @@ def test_tp2_dp2_zero0_1_2_match_single_process(tmp_path):
         assert [r["grad_norm"] for r in steps] == pytest.approx(ref_norm, rel=NORM_TOL), name
 
 
+def test_tp2_dp2_zero3_matches_single_process_resumes_elsewhere_and_exports(tmp_path):
+    """ZeRO-3 partitions each tensor-parallel rank's shards (and its copies of the replicated weights) over
+    the data-parallel group; DeepSpeed gathers them around each module's forward and backward, the tied,
+    vocabulary-parallel GPT-2 embedding included. GPT-2 (with and without sequence parallelism) and Llama
+    match their references for 10 steps with clipping active; GPT-2's step-5 checkpoint resumes on one
+    process (ZeRO-1) and at PP=2 x DP=2 (ZeRO-3) to the same steps 6-10, and the exports agree."""
+    from tests.helpers import TINY_LLAMA
+
+    corpus = write_corpus(tmp_path / "corpus")
+    common = dict(parallel__zero_stage=3, parallel__tensor=2, model__config=dict(TINY_GPT2, n_head=4))
+    llama = {"arch": "llama", "tokenizer": "byte", "config": TINY_LLAMA}
+    cfgs = [tiny_config(tmp_path / "z3", corpus, train__save_every=5, train__export_hf=True, **common),
+            tiny_config(tmp_path / "z3sp", corpus, parallel__sequence_parallel=True, **common),
+            tiny_config(tmp_path / "llama", corpus, **{**common, "model": llama})]
+    references = [reference_losses(cfg, global_batch=2 * 1 * 2) for cfg in (cfgs[0], cfgs[2])]
+    assert min(max(norms) for _, norms in references) > cfgs[0].optim.grad_clip, "clipping must be active"
+    histories = run_ranks(run_configs, 4, cfgs, timeout=600)[0]
+    for name, history, (ref_loss, ref_norm) in zip(("GPT-2", "GPT-2 + SP", "Llama"), histories,
+                                                  (references[0], references[0], references[1])):
+        steps = step_records(history)
+        assert len(steps) == 10, name
+        assert [r["loss"] for r in steps] == pytest.approx(ref_loss, rel=LOSS_TOL), name
+        assert [r["grad_norm"] for r in steps] == pytest.approx(ref_norm, rel=NORM_TOL), name
+
+    saved = str(tmp_path / "z3" / "run" / "checkpoints" / "step_0000005")
+    model = dict(model__config=dict(TINY_GPT2, n_head=4), train__resume=saved)
+    single = tiny_config(tmp_path / "single", corpus, parallel__zero_stage=1, train__grad_accum=2,
+                         train__export_hf=True, **model)
+    piped = tiny_config(tmp_path / "pp2", corpus, parallel__zero_stage=3, parallel__pipeline=2, **model)
+    (single_hist,) = run_ranks(run_configs, 1, [single], timeout=300)[0]
+    (piped_hist,) = run_ranks(run_configs, 4, [piped], timeout=300)[0]
+    expected = step_records(histories[0])[5:]
+    for got in (step_records(single_hist), step_records(piped_hist)):
+        assert [r["step"] for r in got] == [6, 7, 8, 9, 10]
+        # Only the fp32 summation order differs (as in test_checkpoint): 1e-5 relative.
+        assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in expected], rel=1e-5)
+        assert [r["grad_norm"] for r in got] == pytest.approx([r["grad_norm"] for r in expected], rel=1e-5)
+    from safetensors.torch import load_file
+
+    exported = load_file(tmp_path / "z3" / "run" / "hf" / "model.safetensors")
+    final = load_file(tmp_path / "single" / "run" / "hf" / "model.safetensors")
+    assert exported.keys() == final.keys()
+    for name in final:  # the same 5 steps from the same state: equal up to the summation order
+        torch.testing.assert_close(exported[name], final[name], rtol=1e-4, atol=1e-6)
+
+
 def _train_and_probe(cfg, probe_ids):
     """Train, then return the trained TP model's full logits on ``probe_ids`` (rank 0's view)."""
     from parallel.comm import gather_from_tensor_parallel_region

@@ -217,12 +217,11 @@ class RunConfig(_Section):
             raise ValueError(f"parallel.offload=optimizer+params with parallel.zero_stage={par.zero_stage}: "
                              f"DeepSpeed offloads parameters only under ZeRO-3, which partitions them; set "
                              f"parallel.zero_stage=3 or parallel.offload=optimizer")
-        if self.parallel.tensor > 1 and self.parallel.zero_stage == 3:
-            raise ValueError("parallel.zero_stage=3 with parallel.tensor>1 is not supported: ZeRO-3 gathers "
-                             "each parameter over the data-parallel group around every module call, and our "
-                             "tensor-parallel layers (and the tied, sharded vocabulary weight) are not "
-                             "registered with its partitioner; use zero_stage 1 or 2 (tensor parallelism "
-                             "already shards the weights) or parallel.tensor=1")
+        if par.zero_stage == 3 and par.tensor > 1 and par.pipeline > 1:
+            raise ValueError("parallel.zero_stage=3 with both parallel.tensor>1 and parallel.pipeline>1 is not "
+                             "supported: DeepSpeed's ZeRO-3 gradient norm ignores ds_pipe_replicated, so the last "
+                             "stage's vocabulary-parallel copy of a tied embedding would be counted twice; use "
+                             "zero_stage 1 or 2 for 3D layouts, or ZeRO-3 with only one of tensor / pipeline")
         if (self.data.source_field is None) != (self.data.target_field is None):
             raise ValueError("set both data.source_field and data.target_field (encoder-decoder runs) or neither")
         if self.data.source_field is not None and par.pipeline > 1:
