@@ -49,30 +49,96 @@ def tiny_config(tmp: Path, corpus: Path, **sections):
 
 
 def reference_losses(cfg, global_batch: int) -> tuple[list[float], list[float]]:
-    """Plain transformers + torch.optim.AdamW, one process, the same blocks in the same global order:
-    per-step loss and pre-clip gradient norm."""
-    from modeling.build import build_model, byte_level_tokenizer
-    from training import data
-    from training.engine import lr_lambda, param_groups
+    """Plain transformers + torch, one process, independent of colonnade's data pipeline, schedule, parameter
+    groups and loss: its own tokenization and packing of the files, its own data order, torch's AdamW and the
+    schedule formula written here, HF's own loss. Only the step-0 weights come from colonnade's seeded
+    initialisation (``build_model``), copied into a model built by transformers. Per-step loss and pre-clip
+    gradient norm."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    tok = byte_level_tokenizer()
-    files = data.expand_files(cfg.data.train_files, "data.train_files")
-    blocks = data.tokenize_and_pack(data.load_texts(files, "t", "text", None), tok, cfg.data.seq_len, "t")
-    special = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
-    model = build_model(pretrained=None, arch=cfg.model.arch, config={**special, **cfg.model.config},
-                        vocab_size=len(tok), seed=cfg.train.seed)
+    from modeling.build import build_model, byte_level_tokenizer
+
+    blocks = reference_blocks(cfg.data.train_files, cfg.data.seq_len)
+    config = AutoConfig.for_model(cfg.model.arch, **cfg.model.config, vocab_size=BYTE_VOCAB, **BYTE_SPECIALS)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    initial = build_model(pretrained=None, arch=cfg.model.arch, config={**BYTE_SPECIALS, **cfg.model.config},
+                          vocab_size=len(byte_level_tokenizer()), seed=cfg.train.seed)
+    model.load_state_dict(initial.state_dict())
+    del initial
     model.train()
-    opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+    opt = torch.optim.AdamW(reference_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                             betas=cfg.optim.betas, eps=cfg.optim.eps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.optim, cfg.train.steps))
-    order = data.GlobalOrder(len(blocks), cfg.train.seed)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: reference_lr_multiplier(cfg.optim, step,
+                                                                                        cfg.train.steps))
+    order = reference_order(len(blocks), cfg.train.seed, cfg.train.steps * global_batch)
     losses, norms = [], []
     for step in range(cfg.train.steps):
-        ids = blocks[[order[p] for p in range(step * global_batch, (step + 1) * global_batch)]]["input_ids"]
+        ids = blocks[order[step * global_batch:(step + 1) * global_batch]]
         loss, norm = reference_update(model, opt, sched, model(input_ids=ids, labels=ids).loss, cfg.optim.grad_clip)
         losses.append(loss)
         norms.append(norm)
     return losses, norms
+
+
+# The byte tokenizer's documented layout: the 256 byte symbols in code-point order, then bos, eos, pad, unk.
+BYTE_VOCAB = 260
+BYTE_SPECIALS = {"bos_token_id": 256, "eos_token_id": 257, "pad_token_id": 258}
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (Radford et al.'s encoder.py)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    codes, extra = printable[:], 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, codes)))
+
+
+def reference_blocks(patterns: list[str], seq_len: int) -> torch.Tensor:
+    """The documented data rule, written out: each text file (in sorted order) is one document of byte tokens
+    followed by EOS; all are concatenated and cut into ``seq_len`` blocks, the remainder dropped."""
+    import glob
+
+    symbols = _bytes_to_unicode()
+    token_of = {byte: rank for rank, byte in enumerate(sorted(range(256), key=lambda b: symbols[b]))}
+    stream = []
+    for path in sorted(f for pattern in patterns for f in glob.glob(pattern)):
+        stream += [token_of[b] for b in Path(path).read_bytes()] + [BYTE_SPECIALS["eos_token_id"]]
+    usable = len(stream) // seq_len * seq_len
+    return torch.tensor(stream[:usable]).view(-1, seq_len)
+
+
+def reference_order(num_blocks: int, seed: int, count: int) -> list[int]:
+    """The documented order: a fresh permutation of the blocks every epoch, torch.randperm seeded with
+    seed * 1_000_003 + epoch; the first ``count`` positions."""
+    order, epoch = [], 0
+    while len(order) < count:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order += torch.randperm(num_blocks, generator=generator).tolist()
+        epoch += 1
+    return order[:count]
+
+
+def reference_lr_multiplier(optim, step: int, total_steps: int) -> float:
+    """The documented schedule: linear warm-up over ``warmup_steps`` (step 0 at 1/warmup), then a half cosine
+    from 1 down to ``min_lr_ratio`` at ``total_steps``."""
+    import math
+
+    if step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    progress = min(1.0, (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps))
+    return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * (1 + math.cos(math.pi * progress)) / 2
+
+
+def reference_param_groups(model, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (and embeddings), none on biases and norms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
 def reference_update(model, opt, sched, loss, grad_clip: float) -> tuple[float, float]:

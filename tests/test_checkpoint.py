@@ -69,8 +69,8 @@ def test_resume_at_other_layouts_continues_the_run(tmp_path):
         assert [r["step"] for r in got] == [6, 7, 8, 9, 10]
         # Same weights, moments, LR and data order; only fp32 summation order differs between layouts
         # (tensor-parallel partial sums, pipeline/DP gradient reductions). Measured: <= 6.4e-8 relative on the
-        # loss and 1.2e-7 on the grad norm over the 5 steps; 1e-5 leaves 150x for that. A wrong shard
-        # (q|k|v blocks cut in the wrong order) gave 4.3e-4 and losing the Adam moments 2e-2: both fail.
+        # loss and 1.2e-7 on the grad norm over the 5 steps; 1e-5 leaves 150x for that. Losing the Adam
+        # moments misses by 2e-2 (checked below).
         assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in expected], rel=1e-5)
         assert [r["grad_norm"] for r in got] == pytest.approx([r["grad_norm"] for r in expected], rel=1e-5)
         assert [r["lr"] for r in got] == pytest.approx([r["lr"] for r in expected], rel=1e-12)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.dist import run_ranks
-from tests.helpers import run_config, TINY_GPT2, tiny_config, write_corpus
+from tests.helpers import reference_blocks, reference_order, run_config, TINY_GPT2, tiny_config, write_corpus
 
 
 
@@ -14,7 +14,6 @@ def test_finetune_from_local_checkpoint_starts_from_its_loss(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from modeling.build import byte_level_tokenizer
-    from training import data
 
     tok = byte_level_tokenizer()
     torch.manual_seed(0)
@@ -29,10 +28,8 @@ def test_finetune_from_local_checkpoint_starts_from_its_loss(tmp_path):
                       model__pretrained=str(ckpt), train__steps=2)
     first = [r for r in run_ranks(run_config, 1, cfg)[0] if "loss" in r][0]
 
-    files = data.expand_files(cfg.data.train_files, "t")
-    blocks = data.tokenize_and_pack(data.load_texts(files, "t", "text", None), tok, cfg.data.seq_len, "t")
-    order = data.GlobalOrder(len(blocks), cfg.train.seed)
-    ids = blocks[[order[p] for p in range(cfg.train.micro_batch_size)]]["input_ids"]
+    blocks = reference_blocks(cfg.data.train_files, cfg.data.seq_len)  # the data rule, not colonnade's code
+    ids = blocks[reference_order(len(blocks), cfg.train.seed, cfg.train.micro_batch_size)]
     with torch.no_grad():
         expected = float(model(input_ids=ids, labels=ids).loss)
     # Identical weights and batch in one process: only fp32 kernel-order noise.

@@ -115,3 +115,34 @@ def _generate(name):
 @pytest.mark.parametrize("name", ["t5-gated", "marian"])
 def test_tp2_generation_equals_dense_generate(name):
     run_ranks(_generate, 2, name, timeout=300)
+
+
+def _compare_without_cross_attention_entry(name):
+    """Rank function: ``_compare`` with the encoder states of each cross-attention left out of the region
+    entry; the assertion message when the comparison fails, None when it passes."""
+    import parallel.tp_plan as plan
+
+    def hidden_states_only(args, kwargs, fn):
+        if "hidden_states" in kwargs:
+            return args, dict(kwargs, hidden_states=fn(kwargs["hidden_states"]))
+        return (fn(args[0]),) + tuple(args[1:]), kwargs
+
+    plan._replace_hidden_states = hidden_states_only
+    try:
+        _compare(name)
+    except AssertionError as exc:
+        return str(exc)
+    return None
+
+
+def test_without_the_cross_attention_entry_the_encoder_gradients_are_wrong():
+    """The encoder states' gradient is partial on each rank inside the cross-attention's region: without
+    the entry's all-reduce in the backward, the comparison above fails."""
+    import re
+
+    failures = run_ranks(_compare_without_cross_attention_entry, 2, "t5", timeout=300)
+    assert all(failures), "the mutated model still matched HF"
+    # Measured: the shared embedding's gradient (which the encoder's inputs reach) off by 2.6e-2 absolute.
+    for message in failures:
+        worst = float(re.search(r"Greatest absolute difference: ([0-9.e-]+)", message).group(1))
+        assert worst > 10 * TOL["atol"], message

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from tests.dist import run_ranks
-from tests.helpers import reference_update, run_configs, step_records
+from tests.helpers import (reference_lr_multiplier, reference_param_groups, reference_update, run_configs,
+                           step_records)
 from training.config import validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,10 +52,10 @@ def seq2seq_config(tmp: Path, task: Path, **sections):
 
 def seq2seq_reference(cfg, dp: int) -> tuple[list[float], list[float]]:
     """transformers' MarianMTModel + torch AdamW, one process: each step's loss is the mean of the HF losses
-    of the same dp x accum micro-batches the parallel run reads; returns losses and pre-clip norms."""
+    of the same dp x accum micro-batches the parallel run reads (colonnade's pairs pipeline and order; the
+    schedule and parameter groups are the reference's own); returns losses and pre-clip norms."""
     from modeling.build import build_model, byte_level_tokenizer
     from training import data
-    from training.engine import lr_lambda, param_groups
 
     tok = byte_level_tokenizer()
     pairs = data.load_pairs(data.expand_files(cfg.data.train_files, "t"), "t", "en", "xx", None)
@@ -63,9 +64,10 @@ def seq2seq_reference(cfg, dp: int) -> tuple[list[float], list[float]]:
                "decoder_start_token_id": tok.pad_token_id}
     model = build_model(pretrained=None, arch="marian", config={**special, **cfg.model.config},
                         vocab_size=len(tok), seed=cfg.train.seed)
-    opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas,
-                            eps=cfg.optim.eps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.optim, cfg.train.steps))
+    opt = torch.optim.AdamW(reference_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                            betas=cfg.optim.betas, eps=cfg.optim.eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: reference_lr_multiplier(cfg.optim, step,
+                                                                                        cfg.train.steps))
     plan = data.BatchPlan(cfg.train.micro_batch_size, cfg.train.grad_accum, dp)
     ranks = [data.TrainBatches(examples, plan, r, cfg.train.seed, pad_id=tok.pad_token_id) for r in range(dp)]
     losses, norms = [], []
@@ -185,3 +187,32 @@ def test_task_and_model_must_agree(tmp_path):
                     "train": {"steps": 1}})
     with pytest.raises(ConfigError, match="'marian' is an encoder-decoder model: set data.source_field"):
         check_task_fits(cfg, MarianConfig())
+
+
+def _train_then_train_unshifted(cfg, mutated):
+    """Rank function: train ``cfg``, then ``mutated`` with the decoder fed the labels unshifted (padding for
+    -100) instead of the model's shift-right rule."""
+    import training.seq2seq as seq2seq
+
+    correct = run_configs([cfg])[0]
+
+    def unshifted_logits(model_engine, batch):
+        labels = batch["labels"]
+        decoder_input_ids = labels.masked_fill(labels == -100, model_engine.module.config.pad_token_id)
+        return model_engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            decoder_input_ids=decoder_input_ids).logits
+
+    seq2seq._logits = unshifted_logits
+    return correct, run_configs([mutated])[0]
+
+
+def test_feeding_the_labels_unshifted_fails_the_parity_check(tmp_path):
+    task = toy_task(tmp_path / "task", train=96, valid=8)
+    cfg, mutated = (seq2seq_config(tmp_path / name, task, eval__bleu=False, train__steps=4)
+                    for name in ("right", "unshifted"))
+    ref_loss, _ = seq2seq_reference(cfg, dp=1)
+    correct, wrong = run_ranks(_train_then_train_unshifted, 1, cfg, mutated, timeout=300)[0]
+    assert [r["loss"] for r in step_records(correct)] == pytest.approx(ref_loss, rel=LOSS_TOL)
+    # Measured: 3.7e-3 at the worst of the 4 steps (37x the tolerance): the decoder sees the token to predict.
+    worst = max(abs(r["loss"] - e) / e for r, e in zip(step_records(wrong), ref_loss))
+    assert worst > 10 * LOSS_TOL, f"the unshifted run is only {worst:.2e} from the reference"
