@@ -1,0 +1,86 @@
+"""bench diverge names the module where a layout parts from one process, for planted bugs, and reports
+correct layouts equal."""
+
+from __future__ import annotations
+
+import contextlib
+
+from tests.dist import run_ranks
+from tests.helpers import TINY_GPT2, tiny_config, write_corpus
+
+FOUR_LAYERS = dict(TINY_GPT2, n_layer=4, n_head=4)
+
+
+@contextlib.contextmanager
+def _planted(bug: str | None):
+    """One bug in colonnade, for the duration of a capture."""
+    import parallel.tp_plan as tp_plan
+    import training.loop as loop
+    import training.pipeline as pipeline
+    from parallel.partition import StageSpec
+
+    saved = {"build": loop._build_engine, "enter": tp_plan._enter_region_at_input, "specs": pipeline.stage_specs}
+    if bug == "scaled shard":  # tensor rank 1's half of block 1's MLP input weight 1 % too large
+        def build(cfg, model, pipe, ds_config, groups):
+            if groups.tp_rank == 1:
+                model.transformer.h[1].mlp.c_fc.weight.data.mul_(1.01)
+            return saved["build"](cfg, model, pipe, ds_config, groups)
+        loop._build_engine = build
+    elif bug == "no backward all-reduce":  # block 1's MLP enters the region without its backward all-reduce
+        mlps = []
+
+        def enter(module, *args):
+            if type(module).__name__ == "GPT2MLP":
+                mlps.append(module)
+                if len(mlps) == 2:
+                    return None
+            return saved["enter"](module, *args)
+        tp_plan._enter_region_at_input = enter
+    elif bug == "stage boundary":  # the second stage starts one block late: block 2 never runs
+        def specs(*args):
+            first, second = saved["specs"](*args)
+            return [first, StageSpec(range(second.blocks.start + 1, second.blocks.stop), head=second.head)]
+        pipeline.stage_specs = specs
+    try:
+        yield
+    finally:
+        loop._build_engine, tp_plan._enter_region_at_input, pipeline.stage_specs = saved.values()
+
+
+def _captures(jobs):
+    """Rank function: ``bench.diverge.capture`` of each (config, output directory, planted bug) in turn."""
+    from bench.diverge import capture
+
+    for cfg, out, bug in jobs:
+        with _planted(bug):
+            capture(cfg, out)
+
+
+def test_diverge_names_the_module_of_each_planted_bug_and_equal_layouts_equal(tmp_path):
+    from bench.diverge import compare, report
+
+    corpus = write_corpus(tmp_path / "corpus")
+
+    def config(name, **layout):
+        return tiny_config(tmp_path / name, corpus, model__config=FOUR_LAYERS, train__steps=1, train__grad_accum=2,
+                           optim__warmup_steps=0, train__save_final=False,
+                           parallel__zero_stage=1, **layout)
+
+    single = tmp_path / "single"
+    run_ranks(_captures, 1, [(config("one"), single, None)], timeout=300)
+    jobs = {"tp2": (config("tp2", parallel__tensor=2), None),
+            "scaled shard": (config("tp2s", parallel__tensor=2), "scaled shard"),
+            "no backward all-reduce": (config("tp2r", parallel__tensor=2), "no backward all-reduce"),
+            "pp2": (config("pp2", parallel__pipeline=2), None),
+            "stage boundary": (config("pp2b", parallel__pipeline=2), "stage boundary")}
+    run_ranks(_captures, 2, [(cfg, tmp_path / name, bug) for name, (cfg, bug) in jobs.items()], timeout=600)
+    results = {name: compare(tmp_path / name, single, tol=1e-4) for name in jobs}
+
+    assert results["tp2"]["first"] is None, report(results["tp2"], "TP=2", "one process")
+    assert results["pp2"]["first"] is None, report(results["pp2"], "PP=2", "one process")
+    kind, module, (status, _) = results["scaled shard"]["first"]
+    assert (kind, module, status) == ("forward output", "transformer.h.1.mlp.c_fc", "differs")
+    kind, module, (status, _) = results["no backward all-reduce"]["first"]
+    assert (kind, module, status) == ("input gradient", "transformer.h.1.mlp", "differs")
+    kind, module, (status, _) = results["stage boundary"]["first"]
+    assert (kind, module, status) == ("forward output", "transformer.h.2.ln_1", "missing")  # block 2's first
