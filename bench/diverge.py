@@ -347,7 +347,7 @@ def _run_layout(args, text: str, work: Path, index: int) -> tuple[str, Path]:
     items = [item for item in text.split(",") if item]
     overrides = [item for item in items if "." in item.partition("=")[0]]  # parallel.schedule=gpipe, ...
     degrees = [item for item in items if item not in overrides]
-    label, sets, nproc = parse_layout(",".join(degrees))
+    label, sets, nproc = parse_layout(",".join(degrees), "bench diverge")
     sets = NEUTRAL + sets + overrides + _same_global_batch(args, dict(item.split("=", 1) for item in degrees))
     out = work / f"layout{index}"
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(nproc), "--master_port",
@@ -363,9 +363,12 @@ def _run_layout(args, text: str, work: Path, index: int) -> tuple[str, Path]:
 def _same_global_batch(args, layout: dict) -> list[str]:
     """The config's global batch (micro_batch_size x grad_accum, one data-parallel rank) at every layout: at
     data=d each rank takes grad_accum/d micro-batches, else micro_batch_size/d samples."""
-    from training.config import load
+    from training.config import ConfigError, load
 
-    cfg, data = load(args.config, args.set), int(layout.get("data", 1))
+    try:
+        cfg, data = load(args.config, args.set + FORCED), int(layout.get("data", 1))
+    except (ConfigError, OSError) as exc:
+        raise SystemExit(f"bench diverge: {exc}") from None
     micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum
     if accum % data == 0:
         return [f"train.grad_accum={accum // data}"]

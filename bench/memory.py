@@ -267,14 +267,14 @@ def worker(args) -> None:
     loop.finish_process()
 
 
-def parse_layout(text: str) -> tuple[str, list[str], int]:
+def parse_layout(text: str, prog: str = "bench memory") -> tuple[str, list[str], int]:
     """'tensor=2,pipeline=2,data=1,zero=1' -> (label, config overrides, processes)."""
     degrees = {"tensor": 1, "pipeline": 1, "data": 1}
     sets = []
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
         if key not in {*degrees, *LAYOUT_KEYS} or not value.isdigit():
-            raise SystemExit(f"bench memory: --layout {text!r}: {item!r} is not one of "
+            raise SystemExit(f"{prog}: --layout {text!r}: {item!r} is not one of "
                              f"{', '.join(k + '=N' for k in ('tensor', 'pipeline', 'data', 'zero'))}")
         if key in degrees:
             degrees[key] = int(value)

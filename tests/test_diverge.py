@@ -84,3 +84,21 @@ def test_diverge_names_the_module_of_each_planted_bug_and_equal_layouts_equal(tm
     assert (kind, module, status) == ("input gradient", "transformer.h.1.mlp", "differs")
     kind, module, (status, _) = results["stage boundary"]["first"]
     assert (kind, module, status) == ("forward output", "transformer.h.2.ln_1", "missing")  # block 2's first
+
+
+def test_bad_input_is_one_line(tmp_path):
+    import pytest
+
+    from bench.diverge import main
+
+    corpus = write_corpus(tmp_path / "corpus")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {{arch: gpt2, tokenizer: byte, config: {{n_layer: 2, n_head: 2, n_embd: 32}}}}\n"
+                      f"data: {{train_files: ['{corpus}/part0.txt'], seq_len: 32}}\n"
+                      f"train: {{micro_batch_size: 2, grad_accum: 2, output_dir: {tmp_path / 'run'}}}\n")
+    with pytest.raises(SystemExit, match="'foo=3' is not one of tensor=N"):
+        main(["--config", str(config), "--layout", "tensor=2,foo=3", "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="data=3 divides neither train.grad_accum=2"):
+        main(["--config", str(config), "--layout", "data=3", "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="bench diverge: .*nope.yaml"):
+        main(["--config", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "o")])
