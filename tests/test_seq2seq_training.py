@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from tests.dist import run_ranks
-from tests.helpers import (reference_lr_multiplier, reference_param_groups, reference_update, run_configs,
-                           step_records)
+from tests.helpers import (BYTE_SPECIALS, BYTE_VOCAB, byte_tokens, reference_lr_multiplier, reference_order,
+                           reference_param_groups, reference_update, run_configs, step_records)
 from training.config import validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,33 +51,45 @@ def seq2seq_config(tmp: Path, task: Path, **sections):
 
 
 def seq2seq_reference(cfg, dp: int) -> tuple[list[float], list[float]]:
-    """transformers' MarianMTModel + torch AdamW, one process: each step's loss is the mean of the HF losses
-    of the same dp x accum micro-batches the parallel run reads (colonnade's pairs pipeline and order; the
-    schedule and parameter groups are the reference's own); returns losses and pre-clip norms."""
-    from modeling.build import build_model, byte_level_tokenizer
-    from training import data
+    """transformers' MarianMTModel + torch AdamW, one process, independent of colonnade's data pipeline: the
+    records read, tokenized (byte rule, truncated, EOS), ordered and padded here by the documented rules. Each
+    step's loss is the mean of the HF losses of the dp x accum micro-batches the parallel run reads (micro-batch
+    k of data rank r holds positions (k * dp + r) * micro ... of the step). Only the step-0 weights come from
+    colonnade's seeded init. Returns losses and pre-clip norms."""
+    import json
 
-    tok = byte_level_tokenizer()
-    pairs = data.load_pairs(data.expand_files(cfg.data.train_files, "t"), "t", "en", "xx", None)
-    examples = data.tokenize_pairs(pairs, tok, cfg.data.seq_len, cfg.data.max_target_len, "t")
-    special = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
-               "decoder_start_token_id": tok.pad_token_id}
-    model = build_model(pretrained=None, arch="marian", config={**special, **cfg.model.config},
-                        vocab_size=len(tok), seed=cfg.train.seed)
+    from modeling.build import build_model
+
+    eos, pad = BYTE_SPECIALS["eos_token_id"], BYTE_SPECIALS["pad_token_id"]
+    records = [json.loads(line) for f in cfg.data.train_files for line in Path(f).read_text().splitlines() if line]
+    sources = [byte_tokens(r["en"].encode())[:cfg.data.seq_len - 1] + [eos] for r in records]
+    targets = [byte_tokens(r["xx"].encode())[:cfg.data.max_target_len - 1] + [eos] for r in records]
+    model = build_model(pretrained=None, arch="marian", config={**BYTE_SPECIALS, "decoder_start_token_id": pad,
+                                                                 **cfg.model.config},
+                        vocab_size=BYTE_VOCAB, seed=cfg.train.seed)
     opt = torch.optim.AdamW(reference_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                             betas=cfg.optim.betas, eps=cfg.optim.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: reference_lr_multiplier(cfg.optim, step,
                                                                                         cfg.train.steps))
-    plan = data.BatchPlan(cfg.train.micro_batch_size, cfg.train.grad_accum, dp)
-    ranks = [data.TrainBatches(examples, plan, r, cfg.train.seed, pad_id=tok.pad_token_id) for r in range(dp)]
+    micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum
+    order = reference_order(len(records), cfg.train.seed, cfg.train.steps * micro * accum * dp)
     losses, norms = [], []
     for step in range(cfg.train.steps):
-        micro = [b.batch(step, k) for k in range(cfg.train.grad_accum) for b in ranks]
-        loss, norm = reference_update(model, opt, sched, sum(model(**m).loss for m in micro) / len(micro),
+        batches = [_padded([order[step * micro * accum * dp + i * micro + j] for j in range(micro)], sources,
+                           targets, pad) for i in range(accum * dp)]
+        loss, norm = reference_update(model, opt, sched, sum(model(**b).loss for b in batches) / len(batches),
                                       cfg.optim.grad_clip)
         losses.append(loss)
         norms.append(norm)
     return losses, norms
+
+
+def _padded(rows: list[int], sources, targets, pad: int) -> dict[str, torch.Tensor]:
+    """Padded to the longest source and target: attention mask 0 and labels -100 at padding."""
+    width, height = max(len(sources[r]) for r in rows), max(len(targets[r]) for r in rows)
+    input_ids = torch.tensor([sources[r] + [pad] * (width - len(sources[r])) for r in rows])
+    labels = torch.tensor([targets[r] + [-100] * (height - len(targets[r])) for r in rows])
+    return {"input_ids": input_ids, "attention_mask": (input_ids != pad).long(), "labels": labels}
 
 
 def test_zero2_tp2_and_zero3_dp4_and_zero3_tp2_match_single_process(tmp_path):

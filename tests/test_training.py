@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.dist import run_ranks
-from tests.helpers import run_config, run_configs, step_records, tiny_config, write_corpus
+from tests.helpers import reference_blocks, run_config, run_configs, step_records, tiny_config, write_corpus
 
 
 
@@ -56,16 +56,9 @@ def test_resume_matches_uninterrupted_run_and_export_reloads(tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(out / "hf")
     assert (out / "hf" / "model.safetensors").is_file()
-    from training import data
-    from modeling.parallelize import next_token_losses
-    from modeling.build import load_tokenizer
-
-    tok = load_tokenizer(out / "hf")
-    files = data.expand_files(full.data.valid_files, "v")
-    blocks = data.tokenize_and_pack(data.load_texts(files, "v", "text", None), tok, full.data.seq_len, "v")
+    ids = reference_blocks(full.data.valid_files, full.data.seq_len)  # the data rule, not colonnade's code
     with torch.no_grad():
-        ids = blocks[:]["input_ids"]
-        nll = next_token_losses(model, model(input_ids=ids).logits, ids, None).sum() / (ids.numel() - ids.shape[0])
+        nll = model(input_ids=ids, labels=ids).loss  # HF's own mean next-token loss over every block
     # Same weights, same blocks; only the summation order of the eval batches differs.
     assert float(nll) == pytest.approx(final_eval["eval_loss"], rel=1e-5)
 
