@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -178,6 +179,12 @@ def test_stalled_rank_ends_the_job_with_a_timeout_error(tmp_path):
     assert code != 0
     assert ("rank 0: a collective did not complete within parallel.timeout_s=5 s during training step 3" in out), \
         out[-3000:]
+    # Every rank prints the flight recorder's verdict: rank 1 never entered the step's gradient all-reduce
+    # (it waits in a barrier of a side group that rank 0 never entered).
+    for rank in (0, 1):
+        line = next(x for x in out.splitlines() if x.startswith(f"colonnade (rank {rank}): error: rank {rank}:"))
+        assert re.search(r"Flight recorder: rank\(s\) \[1\] never entered all_reduce #\d+ \(shape \[\d+\]\) on "
+                         r"group 0 of ranks \[0, 1\], in which rank\(s\) \[0\] wait; rank 1 is in barrier #1", line), line
     # Both ranks wait inside a collective; both time out after 5 s and exit: measured 18 s from launch
     # (start-up ~12 s, the errors 5.0 s after the stall); the bound leaves room for a loaded CI box.
     assert took < 90, f"{took:.0f}s\n{out[-4000:]}"

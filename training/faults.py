@@ -99,8 +99,22 @@ def is_timeout(exc: BaseException) -> bool:
 
 
 def timeout_error(exc: BaseException, rank: int, timeout_s: float, operation: str) -> CollectiveTimeout:
+    """The timeout named: what this rank was doing, and the flight recorder's verdict on who is behind (every
+    live rank reaches the same one)."""
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return CollectiveTimeout(
         f"rank {rank}: a collective did not complete within parallel.timeout_s={timeout_s:g} s during {operation} "
-        f"({first_line}). Another rank is stalled or gone; check its log. Raise parallel.timeout_s if steps are "
-        f"legitimately this slow")
+        f"({first_line}). {_who_is_behind(timeout_s)}. Raise parallel.timeout_s if steps are legitimately this slow")
+
+
+def _who_is_behind(timeout_s: float) -> str:
+    from parallel import flight
+
+    recorder = flight.installed()
+    if recorder is None:
+        return "Another rank is stalled or gone; check its log"
+    try:
+        reports = flight.exchange(recorder, wait_s=min(timeout_s, 30.0))
+    except Exception as exc:  # the rendezvous store went with the rank that hosted it
+        return f"Another rank is stalled or gone (no flight records: {type(exc).__name__}); check its log"
+    return f"Flight recorder: {flight.verdict(reports, dist.get_world_size())}"

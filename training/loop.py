@@ -28,6 +28,7 @@ from modeling.materialize import empty_model, materialize
 from modeling.parallelize import lm_loss, next_token_losses, tensor_parallelize
 from modeling.pipeline import check_pipeline_fits
 from modeling.tp_plans import check_tensor_parallel_fits
+from parallel.flight import FlightRecorder
 from parallel.grad_norm import global_grad_norm
 from parallel.groups import ProcessGroups
 from training import checkpoint, data, engine as engine_lib, seq2seq
@@ -85,6 +86,7 @@ def init_distributed(timeout_s: float | None = None) -> None:
     with contextlib.redirect_stdout(io.StringIO()):  # "DeepSpeed ... shm_comm_op built successfully", per rank
         deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False,
                                    **timeout)
+    FlightRecorder().install()  # names the rank that is behind when a collective times out
 
 
 def check_task_fits(cfg: RunConfig, model_config) -> None:

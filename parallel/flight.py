@@ -1,0 +1,149 @@
+"""A flight recorder for hangs: every collective and point-to-point call this process makes through
+``torch.distributed`` (ours and DeepSpeed's) is counted per process group and kept in a small ring buffer
+(group, sequence number, operation, shape). When a collective times out, every rank that is still alive
+publishes its record to the job's rendezvous store and reads the others', and all print the same verdict:
+which rank is behind, on which group, at which operation it never entered.
+
+No tensor is read and nothing is synchronised: a call costs one counter and one tuple, on the host.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import inspect
+import json
+import time
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+OPERATIONS = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
+              "broadcast", "reduce", "barrier", "all_to_all_single", "all_gather_object", "broadcast_object_list",
+              "send", "recv", "batch_isend_irecv")
+# isend / irecv stay unwrapped: P2POp accepts only torch's own functions (each P2POp of a batch is recorded)
+POINT_TO_POINT = {"send", "recv", "isend", "irecv"}
+
+
+@dataclass(frozen=True)
+class Call:
+    group: str              # "name:ranks" of the process group (groups with the same ranks differ by name)
+    seq: int                # this call's number on that group, from 1
+    operation: str
+    shape: tuple[int, ...]
+
+
+class FlightRecorder:
+    """Wraps the ``torch.distributed`` functions in ``OPERATIONS`` for the life of the process (``install``)."""
+
+    def __init__(self, capacity: int = 64):
+        self.calls: collections.deque[Call] = collections.deque(maxlen=capacity)
+        self.counts: dict[str, int] = collections.Counter()
+        self._names: dict[int, str] = {}
+
+    def install(self) -> "FlightRecorder":
+        for name in OPERATIONS:
+            original = getattr(dist, name, None)
+            if original is not None and not hasattr(original, "flight_recorded"):
+                setattr(dist, name, self._wrap(name, original))
+        return self
+
+    def _wrap(self, name: str, original):
+        signature = inspect.signature(original)
+
+        @functools.wraps(original)
+        def recorded(*args, **kwargs):
+            self.record(name, signature.bind_partial(*args, **kwargs).arguments)
+            return original(*args, **kwargs)
+
+        recorded.flight_recorded = True
+        recorded.recorder = self
+        return recorded
+
+    def record(self, name: str, arguments: dict) -> None:
+        if name == "batch_isend_irecv":
+            for op in arguments["p2p_op_list"]:
+                self.record(op.op.__name__, {"group": op.group, "dst": op.peer, "tensor": op.tensor})
+            return
+        group = self._group_name(arguments.get("group"))
+        if name in POINT_TO_POINT:
+            peer = arguments.get("dst", arguments.get("src"))
+            group = f"{group}:pair{sorted({dist.get_rank(), peer})}" if peer is not None else group
+        self.counts[group] += 1
+        tensor = arguments.get("tensor", arguments.get("output_tensor", arguments.get("output")))
+        shape = tuple(tensor.shape) if hasattr(tensor, "shape") else ()
+        self.calls.append(Call(group, self.counts[group], name, shape))
+
+    def _group_name(self, group) -> str:
+        key = id(group)
+        if key not in self._names:
+            pg = group if group is not None else dist.group.WORLD
+            self._names[key] = f"group {pg.group_name} of ranks {dist.get_process_group_ranks(pg)}"
+        return self._names[key]
+
+    def report(self) -> dict:
+        """What this rank publishes: its count per group and its last calls (the last one it is waiting in)."""
+        return {"counts": [[g, n] for g, n in self.counts.items()],
+                "calls": [[c.group, c.seq, c.operation, list(c.shape)] for c in self.calls]}
+
+
+def exchange(recorder: FlightRecorder, wait_s: float) -> dict[int, dict]:
+    """Publish this rank's report on the rendezvous store and collect every rank's that arrives within
+    ``wait_s`` (a rank stalled outside any collective, or gone, sends none)."""
+    store = dist.distributed_c10d._get_default_store()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    store.set(f"colonnade/flight/{rank}", json.dumps(recorder.report()))
+    reports, deadline = {}, time.monotonic() + wait_s
+    while len(reports) < world:
+        for other in range(world):
+            key = f"colonnade/flight/{other}"
+            if other not in reports and store.check([key]):
+                reports[other] = json.loads(store.get(key))
+        if len(reports) < world and time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    return reports
+
+
+def verdict(reports: dict[int, dict], world: int) -> str:
+    """Who is behind: for each group, the ranks whose count is below the highest, with the call the others
+    are waiting in; ranks that sent no report are named too."""
+    lines = []
+    silent = [r for r in range(world) if r not in reports]
+    counts = collections.defaultdict(dict)
+    calls = {}
+    for rank, report in reports.items():
+        for group, n in report["counts"]:
+            counts[group][rank] = n
+        for group, seq, operation, shape in report["calls"]:
+            calls[(group, seq)] = (operation, tuple(shape))
+    for group, by_rank in sorted(counts.items()):
+        members = _members(group)
+        ahead = max(by_rank.values())
+        behind = sorted(r for r in members if (r in reports and by_rank.get(r, 0) < ahead) or r in silent)
+        if behind:
+            operation, shape = calls.get((group, ahead), ("?", ()))
+            waiting = sorted(r for r, n in by_rank.items() if n == ahead)
+            lines.append(f"rank(s) {behind} never entered {operation} #{ahead} (shape {list(shape)}) on {group}, "
+                         f"in which rank(s) {waiting} wait; "
+                         + "; ".join(f"rank {r} is in {_last(reports[r])}" if r in reports else
+                                     f"rank {r} sent no report (stalled outside any collective, or gone)"
+                                     for r in behind))
+    return "; ".join(lines) if lines else "every rank entered the same calls (a slow collective, not a missing one)"
+
+
+def _members(group: str) -> list[int]:
+    """The ranks of "group N of ranks [..]" (the pair, for "...:pair[a, b]")."""
+    return json.loads(group.rpartition("pair")[2] if ":pair" in group else group.rpartition("ranks ")[2])
+
+
+def _last(report: dict) -> str:
+    if not report["calls"]:
+        return "no collective yet"
+    group, seq, operation, shape = report["calls"][-1]
+    return f"{operation} #{seq} (shape {shape}) on {group}"
+
+
+def installed() -> FlightRecorder | None:
+    """The recorder ``install`` put in place in this process, if any."""
+    return getattr(dist.all_reduce, "recorder", None)
