@@ -1,11 +1,12 @@
 # `make train`: set up .venv (first time) and train configs/quickstart.yaml on NPROC CPU/GPU processes.
-# `make test`: set up .venv (first time) and run the test suite.
+# `make test`: set up .venv (first time) and run the test suite (what CI runs).
+# `make test-fast`: the unit and single-process tests plus small multi-process parity checks (~2.5 min).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 NPROC ?= 2
 CONFIG ?= configs/quickstart.yaml
 
-.PHONY: train test setup clean
+.PHONY: train test test-fast setup clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt scripts/setup_env.sh
 	bash scripts/setup_env.sh $(VENV)
@@ -18,6 +19,13 @@ train: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+FAST_TESTS := test_config test_imports test_pipeline_schedules test_checkpoint_pieces test_hf_files \
+	test_safe_loading test_strict_device test_flight test_bench_cpu_adam test_materialize test_zero_parity \
+	test_reference_independence
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q $(FAST_TESTS:%=tests/%.py) $(PYTEST_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -89,7 +89,8 @@ class _HostTracker(TorchFunctionMode):
 def _our_caller() -> str | None:
     """'file:line' of the colonnade function that called into torch.distributed, or None."""
     frame = sys._getframe(2)
-    while frame is not None and frame.f_globals.get("__name__", "").startswith("torch"):
+    while frame is not None and (frame.f_globals.get("__name__", "").startswith("torch")
+                                 or frame.f_globals.get("__name__") == "parallel.flight"):  # its recording wrapper
         frame = frame.f_back
     if frame is not None and frame.f_code.co_filename.startswith(OURS):
         return f"{Path(frame.f_code.co_filename).relative_to(ROOT)}:{frame.f_lineno}"
