@@ -35,7 +35,7 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
 def load_sweep(path: str | Path) -> dict:
     spec = yaml.safe_load(Path(path).read_text())
     unknown = set(spec) - {"name", "base", "set", "grid", "warmup_steps", "timed_steps", "comm_probe_steps",
-                           "timeout_s", "comm_fit", "wandb", "baselines", "baseline_rounds"}
+                           "timeout_s", "comm_fit", "wandb", "baselines", "baseline_rounds", "exclude"}
     if unknown:
         raise ValueError(f"{path}: unknown sweep keys {sorted(unknown)}")
     for key in ("name", "base", "grid"):
@@ -45,9 +45,12 @@ def load_sweep(path: str | Path) -> dict:
 
 
 def points(spec: dict) -> list[dict]:
-    """Cartesian product of the grid; each point a dict of dotted key -> value (``data`` = DP degree)."""
+    """Cartesian product of the grid, less the points matching an ``exclude`` entry (a dict of some of the
+    grid's keys); each point a dict of dotted key -> value (``data`` = DP degree)."""
     keys = list(spec["grid"])
-    return [dict(zip(keys, values)) for values in itertools.product(*(spec["grid"][k] for k in keys))]
+    grid = [dict(zip(keys, values)) for values in itertools.product(*(spec["grid"][k] for k in keys))]
+    excluded = spec.get("exclude", [])
+    return [p for p in grid if not any(all(p.get(k) == v for k, v in rule.items()) for rule in excluded)]
 
 
 def point_overrides(spec: dict, point: dict) -> tuple[list[str], int]:

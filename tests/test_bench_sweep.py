@@ -75,6 +75,12 @@ def test_wandb_agent_parameters_map_onto_config_keys():
     assert args.overrides == ["optim.lr=0.01"]
 
 
+def test_exclude_drops_the_matching_points_of_the_grid():
+    spec = {"grid": {"data": [1, 2], "parallel.tensor": [1, 2]}, "exclude": [{"data": 2, "parallel.tensor": 2}]}
+    assert points(spec) == [{"data": 1, "parallel.tensor": 1}, {"data": 1, "parallel.tensor": 2},
+                            {"data": 2, "parallel.tensor": 1}]
+
+
 def test_every_committed_sweep_point_is_a_valid_config(monkeypatch):
     """Sweeps that cannot run here (the GPU check, the GPU grid) are at least valid: each point's config
     passes the same validation train.py applies, at the world size the sweep would launch."""
