@@ -13,6 +13,11 @@ def layout_label(r: dict) -> str:
     return " ".join(f"{k.split('.')[-1]}={r[k]}" for k in [*(k for k in LAYOUT_KEYS if k in r), *others])
 
 
+def _one_line(error: str, width: int = 240) -> str:
+    """A failed point's error in a table cell: its lines joined (a config error's reason is on its second)."""
+    return " ".join(error.split())[:width].replace("|", "/")
+
+
 def _fmt(value, digits=3) -> str:
     if value is None:
         return "—"
@@ -33,7 +38,7 @@ def report_markdown(records: list[dict], spec: dict, machine: dict, figures: lis
              "opt-state bytes / formula | peak RSS MiB |", "|" + "---|" * 18]
     for r in records:
         if r.get("status") != "ok":
-            lines.append(f"| {layout_label(r)} | {r['nproc']} | failed: {r.get('error', '')[:160]} |" + " |" * 15)
+            lines.append(f"| {layout_label(r)} | {r['nproc']} | failed: {_one_line(r.get('error', ''))} |" + " |" * 15)
             continue
         bubble = (f"{r['bubble_measured']:.3f} / {r['bubble_theory']:.3f}" if "bubble_theory" in r else "—")
         lines.append(
@@ -54,7 +59,7 @@ def report_markdown(records: list[dict], spec: dict, machine: dict, figures: lis
                   "|---|---|---|---|---|---|---|"]
         for r in baselines:
             if r.get("status") != "ok":
-                lines.append(f"| {r['baseline']} | {layout_label(r)} | {r['nproc']} | failed: {r.get('error', '')[:160]} | | | |")
+                lines.append(f"| {r['baseline']} | {layout_label(r)} | {r['nproc']} | failed: {_one_line(r.get('error', ''))} | | | |")
                 continue
             lines.append(f"| {r['baseline']} | {layout_label(r)} | {r['nproc']} | ok | {r['tokens_per_s']:.0f} | "
                          f"{_fmt(r.get('colonnade_tokens_per_s'), 4)} | {_fmt(r.get('colonnade_vs_baseline'))} |")

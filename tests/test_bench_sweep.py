@@ -56,6 +56,7 @@ def test_sweep_two_points_one_failing(tmp_path, monkeypatch):
     assert len(list(csv.DictReader((out / "results.csv").open()))) == 7
     report = (out / "report.md").read_text()
     assert "| tensor=2" in report and "failed" in report and "| pipelining |" in report
+    assert "does not divide the model's attention heads" in report  # the reason, not only the error's first line
     assert "predicted / measured" in report
     for png in ("throughput.png", "comm_share.png", "memory.png"):
         assert (out / png).stat().st_size > 1000
