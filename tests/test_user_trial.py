@@ -4,7 +4,6 @@ tracebacks."""
 
 from __future__ import annotations
 
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import pytest
 import yaml
 
 from tests.dist import run_ranks
-from tests.helpers import tiny_config, write_corpus
+from tests.helpers import reference_lr_multiplier, tiny_config, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,11 +25,11 @@ def _train(cfgs):
 
 
 def _expected_lr(peak: float, step_index: int, warmup: int, steps: int, floor: float) -> float:
-    """Linear warm-up then cosine to ``peak * floor``, written here independently of training/engine.py."""
-    if step_index < warmup:
-        return peak * (step_index + 1) / warmup
-    progress = (step_index - warmup) / (steps - warmup)
-    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+    """The reference schedule (``tests/helpers.reference_lr_multiplier``, written independently of
+    training/engine.py) at ``peak``."""
+    from types import SimpleNamespace
+
+    return peak * reference_lr_multiplier(SimpleNamespace(warmup_steps=warmup, min_lr_ratio=floor), step_index, steps)
 
 
 def test_changed_lr_on_resume_takes_effect_and_is_announced(tmp_path, capfd):
