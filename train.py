@@ -50,13 +50,14 @@ def wandb_agent_overrides(unknown: list[str], parser: argparse.ArgumentParser) -
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from training.config import (ConfigError, deepspeed_config, load, load_user_deepspeed_config)
+    from training.config import (ConfigError, deepspeed_config, for_world, load, load_user_deepspeed_config)
     from training.faults import CollectiveTimeout, TrainingStopped
 
     try:
         cfg = load(args.config, args.overrides)
         if args.print_config:
             world = int(os.environ.get("WORLD_SIZE", "1"))
+            cfg = for_world(cfg, world)
             ds = (load_user_deepspeed_config(args.deepspeed_config, cfg, world) if args.deepspeed_config
                   else deepspeed_config(cfg, world))
             from training.describe import layout, planned_model

@@ -26,6 +26,8 @@ def main() -> None:
     parser.add_argument("--sigterm-rank", type=int, default=None)
     parser.add_argument("--sigterm-step", type=int, default=1)
     parser.add_argument("--config-error-rank", type=int, default=None)
+    parser.add_argument("--slow-save-step", type=int, default=None)
+    parser.add_argument("--slow-save-s", type=float, default=0.0)
     args, rest = parser.parse_known_args()
     rest = rest[1:] if rest[:1] == ["--"] else rest
 
@@ -49,6 +51,8 @@ def main() -> None:
         return original(cfg, engine, batches, groups, step, device)
 
     loop._data_parallel_step = stalling_step
+    if args.slow_save_step is not None:
+        _slow_down_save(f"step_{args.slow_save_step:07d}", args.slow_save_s)
     if rank == args.config_error_rank:
         import training.config as config
 
@@ -66,6 +70,21 @@ def main() -> None:
         traceback.print_exc()
         code = 1
     loop.finish_process(code)
+
+
+def _slow_down_save(tag: str, seconds: float) -> None:
+    import time
+
+    import training.checkpoint as checkpoint
+
+    original = checkpoint.write_safetensors
+
+    def slow_write(path, *args, **kwargs):
+        if tag in str(path):
+            time.sleep(seconds)
+        return original(path, *args, **kwargs)
+
+    checkpoint.write_safetensors = slow_write
 
 
 if __name__ == "__main__":

@@ -28,3 +28,4 @@ def test_torch_candidates_reach_the_same_weights_and_the_report_names_them():
 def test_bad_sizes_are_one_line():
     with pytest.raises(SystemExit, match="--params, --steps and --threads must be positive"):
         main(["--params", "0"])
+

@@ -286,3 +286,66 @@ def test_ranks_split_the_checks_and_all_name_a_damaged_file(tmp_path):
     assert err0 == err1 and f"{damaged} does not match its SHA-256" in err0
     # rank 0 hashed the even-numbered files, rank 1 the odd ones up to the damaged one, where it stopped
     assert hashed0 == listed[::2] and hashed1 == [damaged.name]
+
+
+def _slow_writes_and_step_ends(cfg, delay: float, skip_host_copy: bool = False):
+    """Rank function: train ``cfg`` with each checkpoint file write taking ``delay`` s more; returns (history,
+    the wall times at which each step ended, the (start, end) wall times of this rank's file writes).
+    ``skip_host_copy``: the mutation that writes the live state instead of its copy."""
+    import time
+
+    import training.checkpoint as checkpoint
+    import training.loop as loop
+
+    original_write, original_step, spans, step_ends = checkpoint.write_safetensors, loop._data_parallel_step, [], []
+
+    def slow_write(path, specs, tensor_of, metadata=None):
+        start = time.time()
+        time.sleep(delay)
+        original_write(path, specs, tensor_of, metadata)
+        spans.append((start, time.time()))
+
+    def timed_step(*args):
+        result = original_step(*args)
+        step_ends.append(time.time())
+        return result
+
+    checkpoint.write_safetensors, loop._data_parallel_step = slow_write, timed_step
+    if skip_host_copy:
+        checkpoint._host_copy = lambda *snapshot: snapshot
+    from training import run
+
+    return run(cfg).history, step_ends, spans
+
+
+def test_async_saves_write_what_sync_saves_write_while_training_goes_on(tmp_path):
+    """train.async_save at DP=2 (ZeRO-1: partitioned moments), every file write slowed by 1 s: the steps after
+    a save end before its files are written (training goes on), the losses equal the synchronous run's, and
+    every checkpoint is byte for byte the synchronous one (equal manifests: sizes and SHA-256 of every file but
+    the run's own config)."""
+    corpus = write_corpus(tmp_path / "corpus")
+
+    def cfg(name, async_save):
+        return tiny_config(tmp_path / name, corpus, parallel={"zero_stage": 1}, train__steps=6,
+                           train__save_every=2, train__async_save=async_save)
+
+    (sync_hist, sync_ends, sync_spans), _ = run_ranks(_slow_writes_and_step_ends, 2, cfg("sync", False), 1.0,
+                                                      timeout=300)
+    (async_hist, async_ends, async_spans), _ = run_ranks(_slow_writes_and_step_ends, 2, cfg("async", True), 1.0,
+                                                         timeout=300)
+    assert sync_ends[2] > sync_spans[0][1], "a synchronous save blocks the next step"
+    assert async_ends[2] < async_spans[0][1], "step 3 ended only after the step-2 checkpoint was written"
+    assert [r["loss"] for r in step_records(async_hist)] == [r["loss"] for r in step_records(sync_hist)]
+    for step in (2, 4, 6):
+        tag = f"step_{step:07d}"
+        sync_dir, async_dir = (tmp_path / n / "run" / "checkpoints" / tag for n in ("sync", "async"))
+        written = [files.read_manifest(d)["files"] for d in (sync_dir, async_dir)]
+        for manifest in written:
+            manifest.pop("run_config.yaml")  # the run's own config: output_dir and async_save differ
+        assert written[0] == written[1], tag
+        assert not [p.name for p in async_dir.iterdir() if p.name.startswith(".")], "markers left behind"
+    assert resolve_resume("auto", tmp_path / "async" / "run").name == "step_0000006"
+    run_ranks(_slow_writes_and_step_ends, 2, cfg("live", True), 1.0, True, timeout=300)
+    live, sync = (tmp_path / n / "run" / "checkpoints" / "step_0000002" for n in ("live", "sync"))
+    assert files.read_manifest(live)["files"]["rank-00000-of-00002.safetensors"] != \
+        files.read_manifest(sync)["files"]["rank-00000-of-00002.safetensors"], "the mutation went unnoticed"

@@ -133,3 +133,42 @@ def test_print_config_cli(tmp_path):
     bad = subprocess.run([sys.executable, "train.py", "--config", "configs/quickstart.yaml", "--print-config",
                           "--set", "optim.lrr=1"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "did you mean optim.lr?" in bad.stderr
+
+
+def test_global_batch_size_derives_grad_accum_for_each_world_size():
+    """train.global_batch_size fixes the batch; grad_accum follows the data-parallel size (an elastic restart on
+    fewer nodes); a size it does not divide, or a grad_accum that disagrees, is one error naming the keys."""
+    from training.config import for_world
+
+    raw = {**MINIMAL, "train": {"steps": 5, "micro_batch_size": 2, "global_batch_size": 16},
+           "parallel": {"tensor": 2}}
+    cfg = validate(raw)
+    assert [for_world(cfg, world).train.grad_accum for world in (2, 4, 8, 16)] == [8, 4, 2, 1]
+    assert deepspeed_config(for_world(cfg, 4), 4)["train_batch_size"] == 16
+    saved = for_world(cfg, 8).to_dict()  # what config.yaml records: no grad_accum, so it runs at any size
+    assert "grad_accum" not in saved["train"] and for_world(validate(saved), 2).train.grad_accum == 8
+    with pytest.raises(ConfigError, match=r"train.global_batch_size=16 is not divisible by "
+                                          r"train.micro_batch_size=2 x data-parallel size 3 \(world size 6"):
+        for_world(cfg, 6)
+    both = validate({**raw, "train": {**raw["train"], "grad_accum": 2}})
+    assert for_world(both, 8).train.grad_accum == 2
+    with pytest.raises(ConfigError, match="train.grad_accum=2 and train.global_batch_size=16 disagree"):
+        for_world(both, 4)
+    assert for_world(validate(MINIMAL), 4) == validate(MINIMAL)  # without it: grad_accum as written
+    piped = validate({**raw, "parallel": {"pipeline": 2, "zero_stage": 1, "schedule": "interleaved",
+                                          "virtual_stages": 2},
+                      "train": {"steps": 5, "micro_batch_size": 8, "global_batch_size": 16}})
+    assert for_world(piped, 2).train.grad_accum == 2  # the schedule's check runs on the derived value
+    with pytest.raises(ConfigError, match=r"interleaved needs train.grad_accum \(micro-batches, 1\)"):
+        for_world(piped, 4)
+
+
+def test_an_elastic_restart_resumes_its_own_run(monkeypatch):
+    from training import elastic
+
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
+    assert elastic.resume_setting(None) is None and elastic.resume_setting("auto") == "auto"
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert elastic.resume_setting(None) is None
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")
+    assert elastic.resume_setting(None) == "auto" and elastic.resume_setting("/ckpt") == "/ckpt"

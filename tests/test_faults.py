@@ -87,7 +87,8 @@ def _finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str, float]:
 
 
 def _workers(proc: subprocess.Popen) -> list[psutil.Process]:
-    return [p for p in psutil.Process(proc.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline())]
+    return [p for p in psutil.Process(proc.pid).children(recursive=True)
+            if any(script in " ".join(p.cmdline()) for script in ("train.py", "fault_driver.py"))]
 
 
 def _resume_to_end(tmp: Path, corpus: Path, name: str) -> dict[int, float]:
@@ -126,6 +127,28 @@ def test_killed_rank_ends_the_job_and_auto_resume_continues_exactly(reference):
     assert [resumed[s] for s in after] == [expected[s] for s in after]
     assert [r["step"] for r in _records(tmp / "killed") if "loss" in r] == list(range(1, STEPS + 1)), \
         "records the killed run wrote after its last checkpoint are dropped on resume"
+
+
+def test_sigkill_during_a_background_save_resumes_from_the_previous_checkpoint(reference):
+    """train.async_save with the write of step 50's checkpoint slowed to a minute: training goes on past step
+    50 while it is written; a rank killed then leaves step 25 the newest complete checkpoint, and the resumed run
+    continues from it exactly."""
+    tmp, corpus, expected = reference
+    run_dir, saving = tmp / "async_killed", 2 * SAVE_EVERY
+    proc = _launch("tests/fault_driver.py", _write_config(tmp, corpus, "async_killed", async_save=True),
+                   "--slow-save-step", str(saving), "--slow-save-s", "60", "--")
+    _wait_for_step(proc, run_dir, saving + 3)
+    from training.checkpoint import resolve_resume
+
+    partial = run_dir / "checkpoints" / f".step_{saving:07d}.partial"
+    assert partial.is_dir() and resolve_resume("auto", run_dir).name == f"step_{SAVE_EVERY:07d}"
+    os.kill(_workers(proc)[-1].pid, signal.SIGKILL)
+    code, out, _ = _finish(proc, timeout=120)
+    assert code != 0
+    assert resolve_resume("auto", run_dir).name == f"step_{SAVE_EVERY:07d}", "the interrupted save counts as done"
+    resumed = _resume_to_end(tmp, corpus, "async_killed")
+    after = list(range(SAVE_EVERY + 1, STEPS + 1))
+    assert [resumed[s] for s in after] == [expected[s] for s in after]
 
 
 def test_sigterm_saves_a_complete_checkpoint_that_resumes_exactly(reference):

@@ -1,6 +1,6 @@
 """Two nodes on one machine: each a network namespace with its own address, joined by a veth pair, each
-running ``torchrun --nnodes 2`` with the c10d rendezvous on node 0's address. The job must train to the
-same losses as the same config on one node."""
+running ``torchrun`` with the c10d rendezvous on node 0's address. The job must train to the same losses as
+the same config on one node; with ``--nnodes 1:2`` it must go on alone when the other node dies."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -98,3 +100,106 @@ def test_two_namespace_nodes_train_like_one_node(tmp_path, two_hosts):
     # Same global batch and data order; the 2-way gradient average is a + b either way (commutative in fp32),
     # so the losses are identical whichever node the rendezvous made rank 0.
     assert _losses(tmp_path / "two_nodes") == _losses(tmp_path / "one_node")
+
+
+ELASTIC_STEPS, ELASTIC_SAVE_EVERY, GLOBAL_BATCH = 24, 6, 4
+
+
+def _elastic_config(tmp: Path, corpus: Path, name: str, **train) -> Path:
+    """TP=2 on every node; the global batch is fixed, so grad_accum is 1 at DP=2 and 2 at DP=1."""
+    raw = {"model": {"arch": "gpt2", "tokenizer": "byte", "config": TINY_GPT2},
+           "data": {"train_files": [str(corpus / "part[0-2].txt")], "seq_len": 32},
+           "train": {"steps": ELASTIC_STEPS, "micro_batch_size": 2, "global_batch_size": GLOBAL_BATCH,
+                     "save_every": ELASTIC_SAVE_EVERY, "output_dir": str(tmp / name), "progress": False,
+                     "export_hf": False, "log_sample_ids": True, **train},
+           "optim": {"warmup_steps": 3},
+           "parallel": {"tensor": 2, "zero_stage": 1, "timeout_s": 60}, "logging": {"wandb": {"mode": "disabled"}}}
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _torchrun(nproc: int, config: Path) -> subprocess.CompletedProcess:
+    done = subprocess.run([TORCHRUN, "--nproc_per_node", str(nproc), "--master_port", str(free_port()), "train.py",
+                           "--config", str(config)], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _steps_done(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return max((json.loads(line)["step"] for line in lines if line.endswith("}") and '"loss"' in line), default=0)
+
+
+def _sample_ids(run_dir: Path) -> dict[int, list[tuple[int, int]]]:
+    """step -> [(sample id, attempt)] over every data-parallel rank's sample log."""
+    by_step: dict[int, list[tuple[int, int]]] = {}
+    for path in sorted((run_dir / "samples").glob("rank-*.jsonl")):
+        for record in map(json.loads, path.read_text().splitlines()):
+            by_step.setdefault(record["step"], []).extend((i, record["attempt"]) for i in record["ids"])
+    return by_step
+
+
+def _layout_of(run_dir: Path, step: int) -> dict:
+    state = run_dir / "checkpoints" / f"step_{step:07d}" / "trainer_state.json"
+    return json.loads(state.read_text())["layout"]
+
+
+def test_a_node_lost_mid_run_the_other_goes_on_alone(tmp_path, two_hosts):
+    """torchrun --nnodes 1:2 on two namespace nodes (TP=2 x DP=2); node B is killed (every process, SIGKILL)
+    after step 14. Node A's workers fail, its agent restarts them alone (world 2, DP=1, grad_accum 2) from the
+    step-12 checkpoint, and the run finishes. Its losses equal those of a run that was not interrupted and
+    switched to that layout at step 12 (4 processes to step 12, then 2 processes resumed from that checkpoint:
+    the same floats); every step trained on exactly the samples of the documented data order, none twice."""
+    corpus = write_corpus(tmp_path / "corpus")
+    run_dir, config = tmp_path / "elastic", _elastic_config(tmp_path, corpus, "elastic")
+    master, port = two_hosts[0][2], free_port()
+    nodes = [subprocess.Popen(["ip", "netns", "exec", ns, TORCHRUN, "--nnodes", "1:2", "--nproc_per_node", "2",
+                               "--max-restarts", "2", "--monitor-interval", "0.5", "--rdzv_backend", "c10d",
+                               "--rdzv_endpoint", f"{master}:{port}", "--rdzv_id", "colonnade-elastic",
+                               "--rdzv_conf", f"is_host={int(address == master)},last_call_timeout=10",
+                               "--local_addr", address, "train.py", "--config", str(config)],
+                              cwd=ROOT, env=_env(GLOO_SOCKET_IFNAME=link), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+             for ns, link, address in two_hosts]
+    try:
+        deadline = time.monotonic() + 240
+        while _steps_done(run_dir) < 2 * ELASTIC_SAVE_EVERY + 2:
+            assert time.monotonic() < deadline and all(n.poll() is None for n in nodes), \
+                [n.communicate()[0][-2000:] for n in nodes if n.poll() is not None]
+            time.sleep(0.05)
+        node_b = [psutil.Process(nodes[1].pid), *psutil.Process(nodes[1].pid).children(recursive=True)]
+        for process in node_b:  # the whole node at once: its agent and its workers
+            process.kill()
+        try:
+            out_a = nodes[0].communicate(timeout=240)[0]
+        except subprocess.TimeoutExpired as exc:
+            nodes[0].kill()
+            raise AssertionError(f"node A did not finish: {(exc.output or b'').decode()[-6000:]}") from None
+    finally:
+        for node in nodes:
+            node.kill()
+    assert nodes[0].returncode == 0, out_a[-4000:]
+    assert "elastic restart 1 of this job (torchrun): world size 2" in out_a, out_a[-4000:]
+    assert "resuming from" in out_a and f"step_{2 * ELASTIC_SAVE_EVERY:07d}" in out_a, out_a[-4000:]
+    switch = 2 * ELASTIC_SAVE_EVERY
+    assert _layout_of(run_dir, switch)["data"] == 2 and _layout_of(run_dir, ELASTIC_STEPS)["data"] == 1
+
+    before = _elastic_config(tmp_path, corpus, "before")
+    _torchrun(4, before)
+    after = _elastic_config(tmp_path, corpus, "after", resume=str(tmp_path / "before" / "checkpoints" / f"step_{switch:07d}"))
+    _torchrun(2, after)
+    got, first, second = (_losses(tmp_path / name) for name in ("elastic", "before", "after"))
+    assert len(got) == ELASTIC_STEPS
+    assert got[:switch] == first[:switch] and got[switch:] == second, (got, first, second)
+
+    from tests.helpers import reference_blocks, reference_order
+
+    blocks = reference_blocks([str(corpus / "part[0-2].txt")], 32)
+    order = reference_order(len(blocks), 1234, ELASTIC_STEPS * GLOBAL_BATCH)
+    ids = _sample_ids(run_dir)
+    assert sorted(ids) == list(range(1, ELASTIC_STEPS + 1))
+    for step, seen in ids.items():
+        assert sorted(i for i, _ in seen) == sorted(order[(step - 1) * GLOBAL_BATCH:step * GLOBAL_BATCH]), step
+        assert {attempt for _, attempt in seen} == {0 if step <= switch else 1}, step

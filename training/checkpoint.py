@@ -27,6 +27,7 @@ directory.
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from modeling.materialize import give_value
 from modeling.parallelize import full_shape, shards
 from modeling.parallelize import full_tensor as merge_tensor
 from parallel.comm import comm_device
+from training import background_save
 from training import checkpoint_files as files
 from training import hf_files
 from training import optimizer_state
@@ -191,18 +193,42 @@ def rank_file(rank: int, world: int) -> str:
 
 
 def save(engine, model, tokenizer, groups, run_config: dict[str, Any], step: int, consumed_samples: int,
-         output_dir: str | Path) -> Path:
+         output_dir: str | Path, background=None, timeout_s: float = 1800.0) -> Path:
     """Write the checkpoint of ``step``; collective over all ranks. Every rank writes its own file in
-    parallel; rank 0 then indexes them and commits. Returns its directory on every rank."""
+    parallel; rank 0 then indexes them and commits. Returns its directory on every rank.
+    With ``background`` (a ``BackgroundSave``, for ``train.async_save``) the save in flight is waited for,
+    this rank's part is copied to host memory, and a thread writes it while training goes on; rank 0's thread
+    commits once every rank's file is written (or fails after ``timeout_s``); the directory is complete only
+    after ``background.wait()``."""
+    if background is not None:
+        background.wait()  # at most one save in flight
     root = checkpoint_root(output_dir)
     precision = run_config.get("precision", "fp32")
     kinds = ("model",) + optimizer_state.MOMENTS + (("master",) if precision != "fp32" else ())
     local, owner, _ = _holdings(engine, model, groups)
     on_rank0(lambda: files.begin(root, step), f"starting the checkpoint of step {step}")
     staging = files.staging_dir(root, step)
-    written = on_every_rank(lambda: _write_rank_file(staging, engine, model, groups, kinds, local, owner),
-                            f"writing the checkpoint of step {step}")
-    trainer = {
+    trainer = copy.deepcopy(_trainer_state(engine, groups, step, consumed_samples, precision))  # as of now
+
+    def finish(written: dict[str, dict]) -> Path:
+        return _commit(staging, model, tokenizer, run_config, trainer, step, written)
+
+    def rank_values():
+        return _rank_values(engine, model, groups, kinds, local, owner)
+
+    if background is None:
+        written = on_every_rank(lambda: _write_rank_file(staging, *rank_values()), f"writing the checkpoint of step {step}")
+        on_rank0(lambda: finish(dict(written)), f"saving the checkpoint of step {step}")
+    else:
+        pieces = {}
+        on_every_rank(lambda: pieces.update(snapshot=_host_copy(*rank_values())),
+                      f"copying the checkpoint of step {step} to host memory")
+        background.start(step, lambda: _write_in_background(staging, pieces["snapshot"], finish, timeout_s))
+    return root / tag_for(step)  # on every rank: each must know the save happened
+
+
+def _trainer_state(engine, groups, step: int, consumed_samples: int, precision: str) -> dict[str, Any]:
+    return {
         "step": step, "consumed_samples": consumed_samples,
         "optimizer_steps": optimizer_state.optimizer_steps(engine),
         "skipped_steps": int(getattr(engine, "skipped_steps", 0)),
@@ -213,24 +239,24 @@ def save(engine, model, tokenizer, groups, run_config: dict[str, Any], step: int
                    "precision": precision},
     }
 
-    def finish() -> Path:
-        index = _index(staging, _canonical_names(model), dist.get_world_size())
-        files.write_text_atomic(staging / INDEX, json.dumps(index, indent=None))
-        files.write_text_atomic(staging / "trainer_state.json", json.dumps(trainer, indent=1))
-        files.write_text_atomic(staging / "run_config.yaml", yaml.safe_dump(run_config, sort_keys=False))
-        files.write_atomic(staging / "config.json", lambda tmp: model.config.to_json_file(str(tmp)))
-        tokenizer.save_pretrained(str(staging))
-        return files.commit(staging, step, dict(written))
 
-    on_rank0(finish, f"saving the checkpoint of step {step}")
-    return root / tag_for(step)  # on every rank: each must know the save happened
+def _commit(staging: Path, model, tokenizer, run_config, trainer, step: int, written: dict[str, dict]) -> Path:
+    """Rank 0, once every rank's file is written: the index, the trainer state and the run files, then
+    ``files.commit`` (manifest, rename)."""
+    index = _index(staging, _canonical_names(model), trainer["layout"]["world_size"])
+    files.write_text_atomic(staging / INDEX, json.dumps(index, indent=None))
+    files.write_text_atomic(staging / "trainer_state.json", json.dumps(trainer, indent=1))
+    files.write_text_atomic(staging / "run_config.yaml", yaml.safe_dump(run_config, sort_keys=False))
+    files.write_atomic(staging / "config.json", lambda tmp: model.config.to_json_file(str(tmp)))
+    tokenizer.save_pretrained(str(staging))
+    return files.commit(staging, step, written)
 
 
-def _write_rank_file(staging: Path, engine, model, groups, kinds, local, owner) -> tuple[str, dict]:
-    """This rank's file, streamed tensor by tensor and fsynced (``files.write_atomic``); returns its name and
-    manifest entry. For each tensor its stage owns (tensor-parallel rank 0 for one they all hold whole), the
-    part no data-parallel replica also writes (``optimizer_state.owned_part``), described by a ``Piece`` in the
-    file's metadata; and the rank's RNG states."""
+def _rank_values(engine, model, groups, kinds, local, owner) -> tuple[str, dict, dict]:
+    """(this rank's file name, its tensors by key, its metadata): for each tensor its stage owns
+    (tensor-parallel rank 0 for one they all hold whole), the part no data-parallel replica also writes
+    (``optimizer_state.owned_part``, views of the live state), described by a ``Piece`` in the metadata;
+    and the rank's RNG states."""
     file = rank_file(dist.get_rank(), dist.get_world_size())
     tp_shards = shards(model, groups.tp_group)
     values, metadata = _rng_state(model)
@@ -245,9 +271,33 @@ def _write_rank_file(staging: Path, engine, model, groups, kinds, local, owner) 
             metadata[f"{kind}/{name}"] = json.dumps(Piece(
                 file, f"{kind}/{name}", start, part[1].numel(), _local_shape(tensor), full_shape(model, name, tensor),
                 tp_shards[name], hf_files.dtype_name(part[1].dtype)).describe())
+    return file, values, metadata
+
+
+def _host_copy(file: str, values: dict, metadata: dict) -> tuple[str, dict, dict]:
+    """The rank's part copied to host memory, so training may change the live state while it is written."""
+    return file, {key: value.detach().to("cpu", copy=True) for key, value in values.items()}, metadata
+
+
+def _write_rank_file(staging: Path, file: str, values: dict, metadata: dict) -> tuple[str, dict]:
+    """This rank's file, streamed tensor by tensor and fsynced (``files.write_atomic``); returns its name and
+    manifest entry."""
     specs = {key: (tuple(v.shape), v.dtype) for key, v in values.items()}
     files.write_atomic(staging / file, lambda tmp: write_safetensors(tmp, specs, values.__getitem__, metadata))
     return file, files.describe_file(staging / file)  # hashed here, in parallel, not by rank 0 for all
+
+
+def _write_in_background(staging: Path, snapshot, finish, timeout_s: float) -> None:
+    """A ``BackgroundSave`` thread: write this rank's file and report it; rank 0 then commits once every rank
+    has. No collectives: the step loop's own run meanwhile."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        background_save.report_written(staging, rank, *_write_rank_file(staging, *snapshot))
+    except BaseException as exc:
+        background_save.report_failed(staging, rank, exc)
+        raise
+    if rank == 0:
+        finish(background_save.await_ranks(staging, world, timeout_s))
 
 
 def _index(staging: Path, names: list[str], world: int) -> dict[str, Any]:

@@ -67,6 +67,11 @@ class TrainConfig(_Section):
     steps: int = Field(gt=0, description="Optimizer steps to run.")
     micro_batch_size: int = Field(1, gt=0, description="Sequences per micro-batch per data-parallel rank.")
     grad_accum: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step.")
+    global_batch_size: int | None = Field(None, gt=0, description="Sequences per optimizer step over all "
+                                          "data-parallel ranks. When set, grad_accum is derived at launch as "
+                                          "global_batch_size / (micro_batch_size x data-parallel size), so the "
+                                          "batch stays the same when an elastic restart changes the number of "
+                                          "nodes; None = micro_batch_size x grad_accum x data-parallel size.")
     seed: int = Field(1234, description="Seeds weights (from scratch), dropout and the data order.")
     output_dir: str = Field("runs/default", description="Metrics, checkpoints and the HF export.")
     log_every: int = Field(1, gt=0, description="Steps between metric records.")
@@ -77,6 +82,10 @@ class TrainConfig(_Section):
     eval_first: bool = Field(False, description="Also evaluate before the first step (logged as step 0).")
     save_every: int = Field(0, ge=0, description="Steps between checkpoints; 0 = only at the end.")
     save_final: bool = Field(True, description="Write a checkpoint at the end (benchmarks turn it off).")
+    async_save: bool = Field(False, description="Checkpoints are copied to host memory at the step boundary "
+                             "and written by a background thread while training goes on (one save in flight; "
+                             "the next save, the end of the run or a stop signal waits for it). Costs host "
+                             "memory for one copy of this rank's checkpoint share.")
     resume: str | None = Field(None, description="'auto' (latest in output_dir) or a checkpoint dir.")
     export_hf: bool = Field(True, description="Write output_dir/hf (save_pretrained) at the end.")
     export_max_shard_size: str = Field("2GB", pattern=r"^\s*[0-9]+(\.[0-9]+)?\s*([KMGT]B|[kmgt]b)\s*$",
@@ -84,9 +93,19 @@ class TrainConfig(_Section):
                                        "models get model-0000k-of-0000n.safetensors + index, as save_pretrained "
                                        "writes; rank 0 holds one such file at a time.")
     progress: bool = Field(True, description="Progress bar on rank 0.")
+    log_sample_ids: bool = Field(False, description="Each data-parallel rank's input reader appends the ids "
+                                 "(indices into the packed training set) of the sequences of every step to "
+                                 "output_dir/samples/rank-NNNNN.jsonl, with the elastic restart attempt: an audit "
+                                 "that restarts skip and repeat no sample.")
     max_consecutive_skips: int = Field(10, gt=0, description="Steps with a non-finite loss or gradient are "
                                        "skipped on every rank (logged, counted in skipped_steps); this many in a "
                                        "row stop the run.")
+
+
+    @property
+    def derives_grad_accum(self) -> bool:
+        """grad_accum comes from global_batch_size at launch (``for_world``)."""
+        return self.global_batch_size is not None and "grad_accum" not in self.model_fields_set
 
 
 class OptimConfig(_Section):
@@ -205,7 +224,7 @@ class RunConfig(_Section):
                              "turn one of them off")
         if par.pipeline == 1 and (par.virtual_stages != 1 or par.schedule == "interleaved"):
             raise ValueError("parallel.virtual_stages / parallel.schedule=interleaved need parallel.pipeline > 1")
-        if par.pipeline > 1:
+        if par.pipeline > 1 and not self.train.derives_grad_accum:  # else checked once it is derived
             try:
                 check_schedule(par.schedule, par.pipeline, self.train.grad_accum, par.virtual_stages)
             except ValueError as exc:
@@ -241,7 +260,12 @@ class RunConfig(_Section):
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        """The config as YAML would hold it; with train.global_batch_size, train.grad_accum (derived for each
+        world size by ``for_world``) is left out, so a saved config.yaml runs at any data-parallel size."""
+        raw = self.model_dump(mode="json")
+        if self.train.global_batch_size is not None:
+            del raw["train"]["grad_accum"]
+        return raw
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -346,6 +370,26 @@ def data_parallel_size(cfg: RunConfig, world_size: int) -> int:
                           f" = {model_parallel} does not divide the world size {world_size}: launch a "
                           f"multiple of {model_parallel} processes or change the degrees")
     return world_size // model_parallel
+
+
+def for_world(cfg: RunConfig, world_size: int) -> RunConfig:
+    """``cfg`` for a launch of ``world_size`` processes: with ``train.global_batch_size`` its grad_accum derived
+    (and checked, e.g. against the pipeline schedule); otherwise ``cfg`` itself."""
+    if cfg.train.global_batch_size is None:
+        return cfg
+    dp, micro, total = data_parallel_size(cfg, world_size), cfg.train.micro_batch_size, cfg.train.global_batch_size
+    where = (f"train.micro_batch_size={micro} x data-parallel size {dp} (world size {world_size} / tensor "
+             f"{cfg.parallel.tensor} x pipeline {cfg.parallel.pipeline})")
+    if total % (micro * dp):
+        raise ConfigError(f"train.global_batch_size={total} is not divisible by {where}; choose a global batch "
+                          f"that every data-parallel size the job may run at divides, or another micro_batch_size")
+    accum = total // (micro * dp)
+    if not cfg.train.derives_grad_accum and cfg.train.grad_accum != accum:
+        raise ConfigError(f"train.grad_accum={cfg.train.grad_accum} and train.global_batch_size={total} disagree: "
+                          f"{where} gives grad_accum {accum}; remove train.grad_accum (it is derived)")
+    raw = cfg.to_dict()
+    raw["train"]["grad_accum"] = accum
+    return validate(raw, source=f"train.global_batch_size={total} at world size {world_size}")
 
 
 def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:

@@ -253,8 +253,12 @@ class TrainBatches:
         self.order = GlobalOrder(len(blocks), seed)
         self.pad_id = pad_id
 
+    def ids(self, step: int, micro_index: int) -> list[int]:
+        """The blocks (indices into the packed training set) of this rank's micro-batch."""
+        return [self.order[self.sample_offset + p] for p in self.plan.positions(step, micro_index, self.dp_rank)]
+
     def batch(self, step: int, micro_index: int) -> dict[str, torch.Tensor]:
-        idx = [self.order[self.sample_offset + p] for p in self.plan.positions(step, micro_index, self.dp_rank)]
+        idx = self.ids(step, micro_index)
         if self.pad_id is not None:
             return pad_pairs(self.blocks.select(idx)[:], self.pad_id)
         input_ids = self.blocks[idx]["input_ids"]

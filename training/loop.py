@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import yaml
+from transformers import set_seed
 
 from modeling import recompute
 from modeling.build import (auto_class, byte_level_tokenizer, check_sequence_fits, describe, hf_config,
@@ -31,13 +32,14 @@ from modeling.tp_plans import check_tensor_parallel_fits
 from parallel.flight import FlightRecorder
 from parallel.grad_norm import global_grad_norm
 from parallel.groups import ProcessGroups
-from training import checkpoint, data, engine as engine_lib, seq2seq
+from training import checkpoint, data, elastic, engine as engine_lib, seq2seq
 from training.rank0 import on_rank0, rank0_first
+from training.background_save import BackgroundSave
 from training.faults import NonFiniteSteps, StopSignals, TrainingStopped, is_timeout, timeout_error
 from training.pipeline import PipelineRunner, build_chunks
-from training.config import ConfigError, RunConfig, deepspeed_config, load_user_deepspeed_config
+from training.config import ConfigError, RunConfig, deepspeed_config, for_world, load_user_deepspeed_config
 from training.describe import layout
-from training.metrics import MetricsSink, perplexity, sum_over
+from training.metrics import MetricsSink, SampleLog, perplexity, sum_over
 
 
 
@@ -83,6 +85,7 @@ def init_distributed(timeout_s: float | None = None) -> None:
     # must keep working): not the user's business.
     warnings.filterwarnings("ignore", category=FutureWarning,
                             message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
+    elastic.init_process_group(accel.communication_backend_name(), timeout.get("timeout"))
     with contextlib.redirect_stdout(io.StringIO()):  # "DeepSpeed ... shm_comm_op built successfully", per rank
         deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False,
                                    **timeout)
@@ -227,9 +230,13 @@ def _check_inputs(cfg: RunConfig, deepspeed_config_file: str | None) -> _Inputs:
     check_sequence_fits(model_config, cfg.data.seq_len, cfg.data.max_target_len if cfg.data.source_field else None)
     check_tensor_parallel_fits(model_config, cfg.parallel.tensor)
     check_pipeline_fits(model_config, cfg.parallel.pipeline, cfg.parallel.virtual_stages, cfg.parallel.partition)
-    resume_from = checkpoint.agree_on_resume(cfg.train.resume, cfg.train.output_dir)
+    resume = elastic.resume_setting(cfg.train.resume)
+    if resume != cfg.train.resume:
+        _console(f"elastic restart {elastic.restart_count()} of this job (torchrun): world size {world}, "
+                 f"continuing from the newest complete checkpoint in {cfg.train.output_dir}")
+    resume_from = checkpoint.agree_on_resume(resume, cfg.train.output_dir)
     leftover = checkpoint.existing_checkpoint(cfg.train.output_dir) if resume_from is None else None
-    if leftover is not None and cfg.train.resume is None:
+    if leftover is not None and resume is None:
         raise ConfigError(f"train.output_dir={cfg.train.output_dir} already holds checkpoints of another run: "
                           f"set train.resume=auto to continue it, or choose a new train.output_dir")
     if leftover is not None:
@@ -334,9 +341,10 @@ def run(cfg: RunConfig, deepspeed_config_file: str | None = None) -> RunResult:
     """Train according to ``cfg``; collective over all ranks of the launched job. Nothing is written to
     ``train.output_dir`` until every check of the input has passed."""
     init_distributed(cfg.parallel.timeout_s)
+    cfg = for_world(cfg, dist.get_world_size())
     inputs = _check_inputs(cfg, deepspeed_config_file)
     groups = ProcessGroups.from_degrees(cfg.parallel.tensor, cfg.parallel.pipeline, timeout_s=cfg.parallel.timeout_s)
-    torch.manual_seed(cfg.train.seed)
+    set_seed(cfg.train.seed)  # Python's, NumPy's and torch's generators, as HF Trainer seeds them
     tokenizer = build_tokenizer(cfg, inputs.train_files, inputs.resume_from)
     train_blocks, valid_blocks = build_data(cfg, tokenizer, inputs.train_files, inputs.valid_files)
     plan = data.BatchPlan(cfg.train.micro_batch_size, cfg.train.grad_accum, groups.data)
@@ -364,12 +372,23 @@ def run(cfg: RunConfig, deepspeed_config_file: str | None = None) -> RunResult:
                        runner=runner)
     loop = _Loop(cfg, model_engine, runner, model, tokenizer, groups, batches, valid_blocks, sink, result,
                  tokens_per_step=None if cfg.data.source_field else plan.global_batch * cfg.data.seq_len,
-                 sample_offset=sample_offset, skipped_before=resumed.skipped_steps if resumed else 0)
+                 sample_offset=sample_offset, skipped_before=resumed.skipped_steps if resumed else 0,
+                 samples=_sample_log(cfg, groups, start_step))
     try:
         loop.run(start_step)
     finally:
         sink.close()
+        if loop.samples is not None:
+            loop.samples.close()
     return result
+
+
+def _sample_log(cfg: RunConfig, groups: ProcessGroups, start_step: int) -> SampleLog | None:
+    """``train.log_sample_ids``: the log, holding the records up to ``start_step`` (collective)."""
+    if not cfg.train.log_sample_ids:
+        return None
+    on_rank0(lambda: SampleLog.prepare(cfg.train.output_dir, start_step), "preparing the sample-id log")
+    return SampleLog(cfg.train.output_dir, groups.dp_rank, groups.tp_rank == 0 and groups.pp_rank == 0)
 
 
 def _data_parallel_step(cfg, model_engine, batches, groups, step: int, device) -> tuple[float, float]:
@@ -399,19 +418,21 @@ class _Loop:
     and a stop signal turned into a saved checkpoint. ``operation`` names what it is doing (for errors)."""
 
     def __init__(self, cfg, engine, runner, model, tokenizer, groups, batches, valid_blocks, sink, result, *,
-                 tokens_per_step, sample_offset, skipped_before):
+                 tokens_per_step, sample_offset, skipped_before, samples=None):
         self.cfg, self.engine, self.runner, self.model, self.tokenizer = cfg, engine, runner, model, tokenizer
         self.groups, self.batches, self.valid_blocks, self.sink, self.result = groups, batches, valid_blocks, sink, result
-        self.tokens_per_step, self.sample_offset = tokens_per_step, sample_offset
+        self.tokens_per_step, self.sample_offset, self.samples = tokens_per_step, sample_offset, samples
         self.nonfinite = NonFiniteSteps(cfg.train.max_consecutive_skips, skipped_before)
         self.operation = "setup"
         self.last_saved: Path | None = None
+        self.background = BackgroundSave() if cfg.train.async_save else None
 
     def run(self, start_step: int) -> None:
         """Train, export, and say where the results are; a collective timeout names what was running."""
         cfg, out = self.cfg, Path(self.cfg.train.output_dir)
         try:
             self.train(start_step)
+            self.finish_saves()
             if cfg.train.export_hf:
                 self.operation = "the final Hugging Face export"
                 checkpoint.export_hf(self.engine, self.model, self.tokenizer, out / "hf", self.groups,
@@ -428,11 +449,24 @@ class _Loop:
         _console(f"done: {cfg.train.steps} steps; " + "; ".join(written))
 
     def save(self, step: int) -> Path:
+        """Save the checkpoint of ``step`` and log how long the step loop waited for it (``checkpoint_s``:
+        the whole save, or with ``train.async_save`` the copy to host memory and any wait for the previous)."""
         self.operation = f"the checkpoint save of step {step}"
+        started = time.perf_counter()
         consumed = self.sample_offset + step * self.batches.plan.global_batch
         self.last_saved = checkpoint.save(self.engine, self.model, self.tokenizer, self.groups, self.cfg.to_dict(),
-                                          step, consumed, self.cfg.train.output_dir)
+                                          step, consumed, self.cfg.train.output_dir, self.background,
+                                          self.cfg.parallel.timeout_s)
+        record = {"step": step, "checkpoint_s": time.perf_counter() - started}
+        self.sink.log(record)
+        self.result.history.append(record)
         return self.last_saved
+
+    def finish_saves(self) -> None:
+        """Wait for the checkpoint being written in the background (``train.async_save``), if any."""
+        if self.background is not None and self.background.in_flight is not None:
+            self.operation = f"the background write of the checkpoint of step {self.background.in_flight}"
+            self.background.wait()
 
     def train(self, start_step: int) -> None:
         from tqdm import tqdm
@@ -446,6 +480,9 @@ class _Loop:
             for step in range(start_step, cfg.train.steps):
                 self.operation = f"training step {step + 1} (forward, backward, gradient reduction, optimizer step)"
                 record = self.step(step)
+                if self.samples is not None:
+                    ids = [i for micro in range(cfg.train.grad_accum) for i in self.batches.ids(step, micro)]
+                    self.samples.record(step + 1, ids, elastic.restart_count())
                 if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps or "skipped" in record:
                     self.sink.log(record)
                     self.result.history.append(record)
@@ -463,6 +500,7 @@ class _Loop:
                 signum = signals.requested()
                 if signum and not done:
                     saved = saved or self.save(step + 1)
+                    self.finish_saves()
                     name = signal.Signals(signum).name
                     raise TrainingStopped(f"stopped by {name} after step {step + 1}; complete checkpoint in {saved}; "
                                           f"continue with --set train.resume=auto", exit_code=128 + signum)

@@ -36,6 +36,44 @@ def _step_of(line: str) -> float:
         return math.inf
 
 
+def keep_until(path: Path, step: int) -> None:
+    """Drop the records of ``path`` (JSON lines) after ``step``: those a crashed run wrote after the checkpoint
+    a resumed run continues from."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if _step_of(line) <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)  # a crash here leaves the old file or the trimmed one, never a cut one
+
+
+class SampleLog:
+    """``train.log_sample_ids``: the ids of the training sequences of every step, one JSON line per step in
+    ``output_dir/samples/rank-NNNNN.jsonl`` per data-parallel rank (written by its tensor-parallel rank 0 of the
+    first pipeline stage). ``prepare`` (rank 0, before training) keeps what a resumed run continues from."""
+
+    def __init__(self, output_dir: str | Path, dp_rank: int, is_writer: bool):
+        self.directory = Path(output_dir) / "samples"
+        self._file = None
+        if is_writer:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._file = (self.directory / f"rank-{dp_rank:05d}.jsonl").open("a")
+
+    @staticmethod
+    def prepare(output_dir: str | Path, resume_after_step: int) -> None:
+        for path in sorted((Path(output_dir) / "samples").glob("rank-*.jsonl")):
+            keep_until(path, resume_after_step)
+
+    def record(self, step: int, ids: list[int], attempt: int) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps({"step": step, "ids": ids, "attempt": attempt}) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
 class MetricsSink:
     """Rank 0 writes ``metrics.jsonl`` (one object per record) and mirrors records to W&B; other ranks
     write nothing. W&B mode 'disabled' never imports wandb. A resumed run (``resume_after_step``) keeps the
@@ -50,12 +88,8 @@ class MetricsSink:
         if not is_writer:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if resume_after_step is not None and self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resume_after_step]
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.path)  # a crash here leaves the old file or the trimmed one, never a cut one
+        if resume_after_step is not None:
+            keep_until(self.path, resume_after_step)
         self._file = self.path.open("a" if resume_after_step is not None else "w")
         if wandb_cfg.mode != "disabled":
             import wandb

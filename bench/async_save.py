@@ -1,0 +1,126 @@
+"""What a checkpoint costs the step loop: no saves, synchronous saves, and ``train.async_save``, on the same
+run, timed in the same process.
+
+    python -m bench async_save --out bench/results/async-save-cpu
+
+Each variant trains the same GPT-2 for ``--steps`` steps, saving every ``--save-every`` (the async variant's
+last save is waited for before the clock stops; the default leaves steps after it, as in a long run). The variants alternate over ``--rounds`` (none, sync, async,
+async, sync, none, ...). Reported: the median wall time of each variant's step loop, the cost per save
+((variant - no saves) / saves), the async/sync ratio of that cost, and the loop's own ``checkpoint_s`` records
+(how long each save held the step loop)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+VARIANTS = ("none", "sync", "async")
+
+
+def _config(args, out: Path, variant: str):
+    from training.config import validate
+
+    return validate({
+        "model": {"arch": "gpt2", "tokenizer": "byte",
+                  "config": {"n_layer": args.layers, "n_head": 8, "n_embd": args.hidden, "n_positions": args.seq_len}},
+        "data": {"train_files": [args.files], "seq_len": args.seq_len},
+        "train": {"steps": args.steps, "micro_batch_size": 1, "output_dir": str(out), "progress": False,
+                  "export_hf": False, "save_final": False, "save_every": 0 if variant == "none" else args.save_every,
+                  "async_save": variant == "async"},
+        "parallel": {"zero_stage": 1},
+        "logging": {"wandb": {"mode": "disabled"}},
+    })
+
+
+def time_variant(args, variant: str) -> dict:
+    """One run of ``variant`` in a fresh output directory: its step-loop seconds and ``checkpoint_s`` records."""
+    import training.loop as loop
+
+    spans = {}
+    original = loop._Loop.run
+
+    def timed_run(self, start_step):
+        started = time.perf_counter()
+        self.train(start_step)
+        self.finish_saves()
+        spans["loop_s"] = time.perf_counter() - started
+
+    loop._Loop.run = timed_run
+    try:
+        with tempfile.TemporaryDirectory(dir=args.scratch) as out:
+            result = loop.run(_config(args, Path(out), variant))
+    finally:
+        loop._Loop.run = original
+    saves = [r["checkpoint_s"] for r in result.history if "checkpoint_s" in r]
+    params = sum(p.numel() for p in result.model.parameters())
+    return {"variant": variant, "loop_s": spans["loop_s"], "checkpoint_s": saves, "params": params}
+
+
+def run(args) -> dict:
+    from bench.machine import describe
+
+    order = [v for r in range(args.rounds) for v in (VARIANTS if r % 2 == 0 else VARIANTS[::-1])]
+    runs = [time_variant(args, variant) for variant in order]
+    params = runs[0]["params"]
+    saves = args.steps // args.save_every
+    median = {v: statistics.median(r["loop_s"] for r in runs if r["variant"] == v) for v in VARIANTS}
+    per_save = {v: (median[v] - median["none"]) / saves for v in ("sync", "async")}
+    blocked = {v: statistics.median(s for r in runs if r["variant"] == v for s in r["checkpoint_s"])
+               for v in ("sync", "async")}
+    return {"machine": describe(), "params": params, "checkpoint_bytes": params * 4 * 3, "steps": args.steps,
+            "save_every": args.save_every, "saves_per_run": saves, "rounds": args.rounds, "runs": runs,
+            "median_loop_s": median, "cost_per_save_s": per_save, "median_checkpoint_s": blocked,
+            "async_over_sync": per_save["async"] / per_save["sync"] if per_save["sync"] > 0 else None}
+
+
+def report(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"# Checkpoint cost to the step loop: GPT-2 of {result['params'] / 1e6:.1f} M parameters "
+             f"({result['checkpoint_bytes'] / 1e9:.2f} GB of weights and AdamW moments per save)", "",
+             f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['date']}; one process, ZeRO-1, fp32; "
+             f"{result['steps']} steps, a save every {result['save_every']} ({result['saves_per_run']} per run); "
+             f"median of {result['rounds']} runs per variant, alternated.", "",
+             "| variant | step loop s | cost per save s | save holds the loop s (median) |", "|---|---|---|---|"]
+    for v in VARIANTS:
+        cost = result["cost_per_save_s"].get(v)
+        held = result["median_checkpoint_s"].get(v)
+        lines.append(f"| {v} | {result['median_loop_s'][v]:.2f} | {'' if cost is None else f'{cost:.2f}'} | "
+                     f"{'' if held is None else f'{held:.2f}'} |")
+    ratio = result["async_over_sync"]
+    lines += ["", f"async / sync cost per save: **{ratio:.2f}**" if ratio is not None else "sync saves cost nothing"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench async_save", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--files", default="{stdlib}/[a-f]*.py", help="training text (glob)")
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=15, help="default 15: the last save (step 12) has steps "
+                        "after it to overlap, as every save of a long run has")
+    parser.add_argument("--save-every", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--scratch", default=None, help="directory for the runs' checkpoints (default: the system's)")
+    parser.add_argument("--out", help="directory for results.json and report.md")
+    args = parser.parse_args(argv)
+    if min(args.layers, args.hidden, args.steps, args.save_every, args.rounds) < 1 or args.save_every > args.steps:
+        raise SystemExit("bench async_save: --layers, --hidden, --steps, --save-every, --rounds must be positive, "
+                         "--save-every at most --steps")
+    result = run(args)
+    text = report(result)
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(result, indent=1))
+        (out / "report.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
