@@ -113,3 +113,23 @@ def test_pp2_dp2_zero3_matches_single_process_resumes_elsewhere_and_exports(tmp_
     (tp2_hist,) = run_ranks(run_configs, 4, [tp2], timeout=300)[0]
     assert_resumes_continue(z3_hist, [single_hist, tp2_hist])
     assert_exports_agree(tmp_path / "z3" / "run", tmp_path / "single" / "run")
+
+
+def test_sequence_parallel_with_pipelines_matches_single_process(tmp_path):
+    """TP=2 with sequence parallelism x PP=2 (the sequence-split hidden state crosses the stages: half the
+    sequence per message), GPT-2 with 1F1B and Llama with the interleaved schedule, against the single
+    process."""
+    from tests.helpers import TINY_LLAMA
+
+    corpus = write_corpus(tmp_path / "corpus")
+    common = dict(parallel__tensor=2, parallel__pipeline=2, parallel__zero_stage=1, parallel__sequence_parallel=True,
+                  train__grad_accum=2)
+    llama = {"arch": "llama", "tokenizer": "byte", "config": dict(TINY_LLAMA, num_hidden_layers=4)}
+    cfgs = [tiny_config(tmp_path / "gpt2", corpus, model__config=FOUR_LAYERS, **common),
+            tiny_config(tmp_path / "llama", corpus, parallel__schedule="interleaved", parallel__virtual_stages=2,
+                        **{**common, "model": llama})]
+    references = [reference_losses(cfg, global_batch=2 * 2) for cfg in cfgs]
+    histories = run_ranks(run_configs, 4, cfgs, timeout=900)[0]
+    for name, history, (ref_loss, ref_norm) in zip(("GPT-2 SP x PP 1F1B", "Llama SP x PP interleaved"), histories,
+                                                   references):
+        _check([history], [name], ref_loss, ref_norm)

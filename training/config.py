@@ -219,9 +219,6 @@ class RunConfig(_Section):
         if par.pipeline > 1 and self.precision == "fp16":
             raise ValueError("precision=fp16 with parallel.pipeline>1 is not supported (loss scaling across "
                              "stages); use bf16 or fp32")
-        if par.pipeline > 1 and par.sequence_parallel:
-            raise ValueError("parallel.sequence_parallel with parallel.pipeline>1 is not supported yet; "
-                             "turn one of them off")
         if par.pipeline == 1 and (par.virtual_stages != 1 or par.schedule == "interleaved"):
             raise ValueError("parallel.virtual_stages / parallel.schedule=interleaved need parallel.pipeline > 1")
         if par.pipeline > 1 and not self.train.derives_grad_accum:  # else checked once it is derived

@@ -49,7 +49,9 @@ class PipelineRunner:
     def __init__(self, engine, cfg, groups, tied_weight, hidden_size: int):
         self.engine, self.cfg, self.groups, self.tied_weight = engine, cfg, groups, tied_weight
         self.p, self.v = groups.pipeline, cfg.parallel.virtual_stages
-        self.shape = (cfg.train.micro_batch_size, cfg.data.seq_len, hidden_size)
+        # With sequence parallelism the hidden state between blocks is this rank's part of the sequence.
+        sequence = cfg.data.seq_len // (groups.tensor if cfg.parallel.sequence_parallel else 1)
+        self.shape = (cfg.train.micro_batch_size, sequence, hidden_size)
         self.dtype = next(engine.module.parameters()).dtype
         self.last_stats = None
         self.zero3 = engine.zero_optimization_stage() == 3
