@@ -12,6 +12,7 @@ from tests.helpers import (assert_exports_agree, assert_resumes_continue, refere
 # fp32 as in test_zero_parity / test_tp_training: ~1e-6 relative observed over 10 steps.
 LOSS_TOL = 1e-4
 NORM_TOL = 1e-4
+FP16_LOSS_TOL = 1e-3  # fp16 PP=2 x DP=2 vs the fp32 reference: 2.4e-5 relative measured over 10 steps
 FOUR_LAYERS = dict(TINY_GPT2, n_layer=4, n_head=4)
 
 
@@ -133,3 +134,69 @@ def test_sequence_parallel_with_pipelines_matches_single_process(tmp_path):
     for name, history, (ref_loss, ref_norm) in zip(("GPT-2 SP x PP 1F1B", "Llama SP x PP interleaved"), histories,
                                                    references):
         _check([history], [name], ref_loss, ref_norm)
+
+
+def _fp16_pipeline(cfg, overflow_step=None, mutation=None):
+    """Rank function: train ``cfg`` in fp16 on the CPU (DeepSpeed refuses fp16 on a CPU accelerator, but its
+    CPU kernels run it: the flag is forced here, for the test only). ``overflow_step``: an inf enters a gradient
+    of pipeline stage 0 only, at that step. ``mutation`` 'scale-twice': the bug where a stage's backward of a
+    received (already scaled) gradient is scaled again. Returns (history, (pipeline rank, the steps whose update
+    was skipped on this rank, this rank's final loss scale))."""
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    import training.loop as loop
+    import training.pipeline as pipeline
+
+    get_accelerator().is_fp16_supported = lambda: True
+    if mutation == "scale-twice":
+        pipeline.PipelineRunner._loss_scale = lambda self: 1.0
+    original, skipped = loop._Loop.step, []
+
+    def step(self, index):
+        handle = None
+        if index + 1 == overflow_step and self.groups.pp_rank == 0:
+            param = next(p for p in self.engine.module.parameters() if p.requires_grad)
+            handle = param.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+        record = original(self, index)
+        if handle is not None:
+            handle.remove()
+        if not self.engine.was_step_applied():
+            skipped.append(index + 1)
+        return record
+
+    loop._Loop.step = step
+    from training.faults import TrainingStopped
+
+    try:
+        result = loop.run(cfg)
+    except TrainingStopped as stopped:
+        return str(stopped), None
+    return result.history, (result.groups.pp_rank, skipped, float(result.engine.optimizer.loss_scale))
+
+
+def test_fp16_with_pipelines_scales_once_and_an_overflow_on_one_stage_skips_everywhere(tmp_path):
+    """fp16 with dynamic loss scaling at PP=2 x DP=2 (tied GPT-2 embeddings, whose sync backward carries the
+    scale too): the losses follow the fp32 single-process reference within fp16's rounding; the mutation that
+    scales a received gradient a second time does not. An inf in one gradient of stage 0 at step 3 skips that
+    step on every rank and leaves every rank's loss scale alike."""
+    corpus = write_corpus(tmp_path / "corpus")
+
+    def cfg(name):
+        return tiny_config(tmp_path / name, corpus, parallel__pipeline=2, parallel__zero_stage=1, precision="fp16",
+                           model__config=FOUR_LAYERS, train__grad_accum=2)
+
+    ref_loss, _ = reference_losses(cfg("good"), global_batch=2 * 2 * 2)
+    runs = {name: run_ranks(_fp16_pipeline, 4, cfg(name), overflow, mutation, timeout=600)
+            for name, overflow, mutation in (("good", None, None), ("overflow", 3, None),
+                                             ("twice", None, "scale-twice"))}
+    good_loss = [r["loss"] for r in step_records(runs["good"][0][0])]
+    good_ranks = [rank for _, rank in runs["good"]]
+    print("fp16 PP vs fp32 reference:", np.max(np.abs(np.array(good_loss) / np.array(ref_loss) - 1)))
+    assert good_loss == pytest.approx(ref_loss, rel=FP16_LOSS_TOL)
+    assert "consecutive steps had a non-finite loss or gradient" in runs["twice"][0][0], \
+        "scaled twice, every step overflows: the mutation went unnoticed"
+    overflow_ranks = [rank for _, rank in runs["overflow"]]
+    skipped = {stage_skips for _, stage_skips, _ in [(r[0], tuple(r[1]), r[2]) for r in overflow_ranks]}
+    assert skipped == {tuple(sorted(set(good_ranks[0][1]) | {3}))}, overflow_ranks
+    assert len({scale for *_, scale in overflow_ranks}) == 1, overflow_ranks  # one scaler state on every rank

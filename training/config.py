@@ -216,9 +216,6 @@ class RunConfig(_Section):
             raise ValueError("parallel.overlap_comm=true with parallel.pipeline>1 at parallel.zero_stage=1: DeepSpeed "
                              "overlaps the gradient reduction only at ZeRO-2 when colonnade's pipeline schedule "
                              "drives the accumulation; use zero_stage=2 or leave overlap_comm unset")
-        if par.pipeline > 1 and self.precision == "fp16":
-            raise ValueError("precision=fp16 with parallel.pipeline>1 is not supported (loss scaling across "
-                             "stages); use bf16 or fp32")
         if par.pipeline == 1 and (par.virtual_stages != 1 or par.schedule == "interleaved"):
             raise ValueError("parallel.virtual_stages / parallel.schedule=interleaved need parallel.pipeline > 1")
         if par.pipeline > 1 and not self.train.derives_grad_accum:  # else checked once it is derived

@@ -66,7 +66,12 @@ class PipelineRunner:
             self._tied_grad.add_(grad)
         return grad
 
-    def _sync_tied_embeddings(self) -> None:
+    def _loss_scale(self) -> float:
+        """fp16's dynamic loss scale, 1.0 in fp32 / bf16 (DeepSpeed multiplies every backward's loss by it).
+        A plain float, fixed within a step: reading it costs no device sync."""
+        return float(getattr(self.engine.optimizer, "loss_scale", 1.0))
+
+    def _sync_tied_embeddings(self, scale: float) -> None:
         """Megatron's embedding all-reduce, done through autograd so it works whatever ZeRO stage holds
         the gradients: each end adds the other end's contribution with one extra backward of
         dot(w, others), whose gradient with respect to w is exactly ``others``. Two embedding-sized buffers
@@ -78,7 +83,9 @@ class PipelineRunner:
         others.sub_(local)
         del local
         with deepspeed.zero.GatheredParameters([self.tied_weight], enabled=hasattr(self.tied_weight, "ds_id")):
-            self.engine.backward(torch.dot(self.tied_weight.view(-1), others.view(-1)), scale_wrt_gas=False)
+            # ``others`` carries the loss scale already (a gradient of this step): the surrogate's cancels
+            surrogate = torch.dot(self.tied_weight.view(-1).float(), others.view(-1).float()) / scale
+            self.engine.backward(surrogate, scale_wrt_gas=False)
 
     def _new_pass(self) -> None:
         """ZeRO-3 resets its backward-hook bookkeeping in ``engine.forward``, which our chunks bypass."""
@@ -114,8 +121,13 @@ class PipelineRunner:
             losses.append(loss.detach())  # stays on the device: no host wait per micro-batch
             return loss / m  # the gradient of the mean over micro-batches
 
+        scale = self._loss_scale()
+
         def backward_step(output, grad):
-            self.engine.backward(output if grad is None else (output * grad).sum(), scale_wrt_gas=False)
+            if grad is None:  # the loss: DeepSpeed multiplies it by the loss scale
+                self.engine.backward(output, scale_wrt_gas=False)
+            else:  # the received gradient carries the loss scale already: the surrogate's scaling cancels
+                self.engine.backward((output.float() * grad.float()).sum() / scale, scale_wrt_gas=False)
 
         ops = ORDERS[self.cfg.parallel.schedule](self.p, m, self.groups.pp_rank, self.v)
         self._tied_grad = None
@@ -124,7 +136,7 @@ class PipelineRunner:
                                        forward_step=forward_step, backward_step=backward_step)
         if self.tied_weight is not None:
             self._new_pass()
-            self._sync_tied_embeddings()
+            self._sync_tied_embeddings(scale)
         self.engine.step()
         return self._mean_over_pipeline(losses)
 
