@@ -308,6 +308,8 @@ def stage_shape(cfg, full, stage: int, device: str = "cpu", traced: dict | None 
     from training.loop import rank_model
 
     t, p = cfg.parallel.tensor, cfg.parallel.pipeline
+    if cfg.parallel.partition == "measured":  # no probe under the fake world: parameter counts stand in for times
+        cfg = cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={"partition": "parameters"})})
     _fake_world(t * p, int(rank_grid(t, p, 1)[stage, 0, 0]))
     groups = ProcessGroups.from_degrees(tensor=t, pipeline=p)
     model, pipeline = rank_model(cfg, full, groups)

@@ -82,9 +82,25 @@ def report_markdown(records: list[dict], spec: dict, machine: dict, figures: lis
         lines += ["", f"Collectives, raw `torch.distributed` vs colonnade's layer (`{spec['comm_fit']}`, "
                   f"{comm['nproc']} processes, {comm['machine']['date']}). " + summary(comm["rows"], comm["fit"])]
     lines += ["", "Forward / backward / optimizer include the communication issued inside them; the comm columns "
-              "break that out per group.", ""]
+              "break that out per group. Bubble measured: 1 − (forward + backward) / (step − optimizer), the idle "
+              "share of the pipeline phase (the optimizer step after the flush is work, not bubble); theory: "
+              "(p − 1) / (v·m + p − 1).", ""]
+    lines += _rounds_table(records)
     lines += [f"![{Path(f).stem}]({Path(f).name})" for f in figures]
     return "\n".join(lines) + "\n"
+
+
+def _rounds_table(records: list[dict]) -> list[str]:
+    """Each round of the points a sweep ran ``rounds`` times in ABBA order (the table above shows medians)."""
+    repeated = [r for r in records if "rounds_step_s" in r]
+    if not repeated:
+        return []
+    lines = ["Rounds (ABBA order; the table above holds each point's median):", "",
+             "| point | step s per round | bubble per round |", "|---|---|---|"]
+    for r in repeated:
+        bubbles = ", ".join(f"{b:.3f}" for b in r.get("rounds_bubble", []))
+        lines.append(f"| {layout_label(r)} | {', '.join(f'{s:.3f}' for s in r['rounds_step_s'])} | {bubbles or '—'} |")
+    return lines + [""]
 
 
 def plots(records: list[dict], out: Path) -> list[str]:

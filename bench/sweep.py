@@ -35,7 +35,7 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
 def load_sweep(path: str | Path) -> dict:
     spec = yaml.safe_load(Path(path).read_text())
     unknown = set(spec) - {"name", "base", "set", "grid", "warmup_steps", "timed_steps", "comm_probe_steps",
-                           "timeout_s", "comm_fit", "wandb", "baselines", "baseline_rounds", "exclude"}
+                           "timeout_s", "comm_fit", "wandb", "baselines", "baseline_rounds", "exclude", "rounds"}
     if unknown:
         raise ValueError(f"{path}: unknown sweep keys {sorted(unknown)}")
     for key in ("name", "base", "grid"):
@@ -223,9 +223,10 @@ def summarize(point: dict, nproc: int, raw: dict, config_path: str, sets: list[s
     if record["gradient_bytes_rank0"] is not None:
         record["gradient_vs_formula"] = record["gradient_bytes_rank0"] / formula["gradient_bytes"]
     p, m, v = cfg.parallel.pipeline, cfg.train.grad_accum, cfg.parallel.virtual_stages
-    if p > 1:
+    if p > 1:  # the idle share of the pipeline phase: the optimizer step after the flush is work, not bubble
         busy = statistics.mean(r["forward_s"] + r["backward_s"] for r in ranks)
-        record["bubble_measured"] = max(0.0, 1 - busy / step_s)
+        pipeline_s = step_s - statistics.mean(r["optimizer_s"] for r in ranks)
+        record["bubble_measured"] = max(0.0, 1 - busy / pipeline_s)
         record["bubble_theory"] = (p - 1) / (v * m + p - 1)
     # predicted vs measured: the per-call latency + bandwidth prediction against the barrier-separated
     # transfer time of the same calls (TP and DP collectives; pipeline receives also wait for the sender's
@@ -248,6 +249,20 @@ def summarize(point: dict, nproc: int, raw: dict, config_path: str, sets: list[s
             hardware = flops_per_token(cfg.parallel.activation_checkpointing, *shape)  # recomputation counted
             record["hfu"] = record["tokens_per_s"] * hardware / (peak * 1e12 * nproc)
     return record
+
+
+def median_run(runs: list[dict]) -> dict:
+    """One point's record over its ``rounds`` runs: the run of median step time, with every run's step time
+    and bubble beside it."""
+    done = sorted((r for r in runs if r["status"] == "ok"), key=lambda r: r["step_s"])
+    if len(runs) == 1 or not done:
+        return runs[0]
+    chosen = dict(done[(len(done) - 1) // 2])
+    chosen["rounds_step_s"] = [r["step_s"] for r in runs if r["status"] == "ok"]
+    if "bubble_measured" in chosen:
+        chosen["rounds_bubble"] = [r["bubble_measured"] for r in runs if r["status"] == "ok"]
+        chosen["bubble_measured"] = statistics.median(chosen["rounds_bubble"])
+    return chosen
 
 
 def run_point(spec: dict, point: dict, out: Path, index: int) -> dict:
@@ -421,11 +436,15 @@ def main(argv=None) -> list[dict]:
     grid = points(spec)
     baselines = spec.get("baselines", [])
     records, baseline_records = [], []
-    with tqdm(total=len(grid) + len(baselines), unit="point", desc=spec["name"]) as bar:
-        for index, point in enumerate(grid):
-            bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in point.items()))
-            records.append(run_point(spec, point, out, index))
-            bar.update(1)
+    rounds = spec.get("rounds", 1)
+    with tqdm(total=len(grid) * rounds + len(baselines), unit="point", desc=spec["name"]) as bar:
+        runs: dict[int, list[dict]] = {}
+        for round_ in range(rounds):  # ABBA: every other round runs the grid backwards
+            for index in (range(len(grid)) if round_ % 2 == 0 else reversed(range(len(grid)))):
+                bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in grid[index].items()))
+                runs.setdefault(index, []).append(run_point(spec, grid[index], out, index + round_ * len(grid)))
+                bar.update(1)
+        records += [median_run(runs[index]) for index in range(len(grid))]
         for index, entry in enumerate(baselines):
             bar.set_postfix_str(f"baseline {entry['kind']}")
             baseline_records.append(run_baseline(spec, entry, out, index, records))

@@ -146,7 +146,7 @@ def check_pipeline_fits(hf_config, pipeline: int, virtual_stages: int, partition
                          f"chunks do not divide the model's {layers} layers")
     from parallel.partition import stage_specs
 
-    stage_specs(layers, pipeline, virtual_stages, partition if partition != "parameters" else "uniform")
+    stage_specs(layers, pipeline, virtual_stages, partition if partition not in ("parameters", "measured") else "uniform")
 
 
 def _check_layer_types(hf_config, pipeline: int) -> None:

@@ -95,14 +95,14 @@ def parse_layout(layout: str, num_layers: int, chunks: int) -> list[StageSpec]:
 
 def stage_specs(num_layers: int, pipeline: int, virtual_stages: int = 1, method: str = "uniform",
                 block_weights: list[int] | None = None) -> list[StageSpec]:
-    """All ``pipeline * virtual_stages`` chunks in model order. ``method``: 'uniform', 'parameters'
-    (balanced by ``block_weights``) or an explicit layout string."""
+    """All ``pipeline * virtual_stages`` chunks in model order. ``method``: 'uniform', 'parameters' or
+    'measured' (balanced by ``block_weights``: parameter counts, measured times) or an explicit layout string."""
     chunks = pipeline * virtual_stages
     if method == "uniform":
         ranges = uniform(num_layers, chunks)
-    elif method == "parameters":
+    elif method in ("parameters", "measured"):
         if block_weights is None or len(block_weights) != num_layers:
-            raise ValueError("partition by parameters needs one weight per block")
+            raise ValueError(f"partition by {method} needs one weight per block")
         ranges = balanced(block_weights, chunks)
     else:
         return parse_layout(method, num_layers, chunks)
@@ -112,3 +112,9 @@ def stage_specs(num_layers: int, pipeline: int, virtual_stages: int = 1, method:
 def chunks_of_rank(specs: list[StageSpec], pipeline: int, pp_rank: int) -> list[StageSpec]:
     """The chunks that pipeline rank ``pp_rank`` runs, in order (model chunk ``c`` is on rank ``c % p``)."""
     return specs[pp_rank::pipeline]
+
+
+def layout_string(specs: list[StageSpec]) -> str:
+    """The layout-string form of ``specs`` (what ``parse_layout`` reads): 'E,t,t|t,t,L'."""
+    return "|".join(",".join((["E"] if s.embed else []) + ["t"] * len(s.blocks) + (["L"] if s.head else []))
+                    for s in specs)

@@ -103,3 +103,20 @@ def test_every_committed_sweep_point_is_a_valid_config(monkeypatch):
             checked += 1
     if checked < 20:
         pytest.fail(f"only {checked} sweep points found")
+
+
+def test_rounds_report_the_median_run_and_every_round():
+    """``rounds:`` repeats each point (ABBA); the record is the run of median step time, the bubble the median of
+    the rounds', and the report lists every round."""
+    from bench.report import _rounds_table
+    from bench.sweep import median_run
+
+    def run(step_s, bubble):
+        return {"parallel.pipeline": 2, "nproc": 2, "status": "ok", "step_s": step_s, "bubble_measured": bubble}
+
+    chosen = median_run([run(0.7, 0.30), run(0.5, 0.20), run(0.6, 0.22), {"status": "failed", "nproc": 2}])
+    assert chosen["step_s"] == 0.6 and chosen["bubble_measured"] == 0.22
+    assert chosen["rounds_step_s"] == [0.7, 0.5, 0.6] and chosen["rounds_bubble"] == [0.30, 0.20, 0.22]
+    assert median_run([run(0.5, 0.2)]) == run(0.5, 0.2)
+    text = "\n".join(_rounds_table([chosen]))
+    assert "| 0.700, 0.500, 0.600 | 0.300, 0.200, 0.220 |" in text

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -200,3 +202,47 @@ def test_fp16_with_pipelines_scales_once_and_an_overflow_on_one_stage_skips_ever
     skipped = {stage_skips for _, stage_skips, _ in [(r[0], tuple(r[1]), r[2]) for r in overflow_ranks]}
     assert skipped == {tuple(sorted(set(good_ranks[0][1]) | {3}))}, overflow_ranks
     assert len({scale for *_, scale in overflow_ranks}) == 1, overflow_ranks  # one scaler state on every rank
+
+
+def _measured_with_a_slow_block(cfg):
+    """Rank function: ``stage_costs.measure`` on the run's meta model with block 0 slowed by 30 ms per forward;
+    returns (the costs, the layout string the measured partition cuts)."""
+    import time
+
+    import torch
+
+    from modeling.build import auto_class, byte_level_tokenizer
+    from modeling.materialize import empty_model
+    from parallel.groups import ProcessGroups
+    from parallel.partition import layout_string, stage_specs
+    from training import stage_costs
+    from training.loop import init_distributed, rank_model, run_model_config
+
+    init_distributed()
+    groups = ProcessGroups.from_degrees(1, 1)
+    hf = run_model_config(cfg, byte_level_tokenizer())
+    full = empty_model(auto_class(hf), hf)
+    model, _ = rank_model(cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={"pipeline": 1})}),
+                          full, groups)
+    model.transformer.h[0].register_forward_pre_hook(lambda module, args: time.sleep(0.03))
+    costs = stage_costs.measure(model, cfg, groups, torch.device("cpu"))
+    specs = stage_specs(4, 2, 1, "measured", stage_costs.block_weights(costs))
+    assert all(p.is_meta for p in model.parameters()), "the probe leaves the model on the meta device"
+    return costs, layout_string(specs)
+
+
+def test_measured_partition_balances_a_slow_block_and_trains_like_one_process(tmp_path):
+    """parallel.partition=measured: a block made 30 ms slower is measured so and gets a stage of its own
+    (uniform would give 'E,t,t|t,t,L'); a PP=2 run with it matches the single process, and says and saves the
+    layout it chose."""
+    corpus = write_corpus(tmp_path / "corpus")
+    cfg = tiny_config(tmp_path / "measured", corpus, parallel__pipeline=2, parallel__zero_stage=1,
+                      parallel__partition="measured", model__config=FOUR_LAYERS, train__grad_accum=2)
+    ((costs, layout),) = run_ranks(_measured_with_a_slow_block, 1, cfg, timeout=300)
+    assert costs["blocks"][0] > 0.03 > max(costs["blocks"][1:]), costs
+    assert layout == "E,t|t,t,t,L"
+    ref_loss, ref_norm = reference_losses(cfg, global_batch=2 * 2)
+    histories = run_ranks(run_configs, 2, [cfg], timeout=600)[0]
+    _check(histories, ["PP2 measured partition"], ref_loss, ref_norm)
+    saved = json.loads((tmp_path / "measured" / "run" / "pipeline_partition.json").read_text())
+    assert saved["partition"].count("|") == 1 and len(saved["seconds"]["blocks"]) == 4

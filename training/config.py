@@ -162,7 +162,9 @@ class ParallelConfig(_Section):
         "(scores, softmax, dropout, weighted sum). The recomputed dropout masks are the forward's.")
     schedule: Literal["gpipe", "1f1b", "interleaved"] = Field("1f1b", description="Pipeline schedule.")
     virtual_stages: int = Field(1, ge=1, description="Model chunks per pipeline rank (interleaved schedule).")
-    partition: str = Field("uniform", description="'uniform', 'parameters' (balanced by parameter count) or a "
+    partition: str = Field("uniform", description="'uniform', 'parameters' (balanced by parameter count), "
+                           "'measured' (balanced by each item's forward + backward time, probed before the run; "
+                           "the chosen layout is printed and saved in output_dir/pipeline_partition.json) or a "
                            "layout string such as 'E,t,t|t,t,L' (E embedding, t block, L head + loss).")
     p2p_timeout_s: float = Field(600.0, gt=0, description="A pipeline receive waiting longer fails the job.")
     timeout_s: float = Field(1800.0, gt=0, description="A collective (all-reduce, gather, ...) not complete after "

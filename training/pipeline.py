@@ -4,6 +4,9 @@ DeepSpeed engine (ZeRO 1-3 over the data-parallel group, unmanaged gradient accu
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import deepspeed
 import torch
 import torch.distributed as dist
@@ -13,15 +16,14 @@ from modeling.pipeline import block_parameter_counts, num_blocks, split_chunks
 from parallel.comm import comm_device
 from parallel.cross_entropy import causal_lm_loss, vocab_parallel_cross_entropy
 from parallel.p2p import PipeComm
-from parallel.partition import chunks_of_rank, stage_specs
+from parallel.partition import chunks_of_rank, layout_string, stage_specs
 from parallel.schedules import ORDERS, Op, run_schedule
+from training import stage_costs
 
 
 def build_chunks(model, cfg, groups):
     """This rank's model chunks, with tied input/output embeddings prepared for the embedding group."""
-    specs = stage_specs(num_blocks(model), cfg.parallel.pipeline, cfg.parallel.virtual_stages,
-                        cfg.parallel.partition,
-                        block_parameter_counts(model) if cfg.parallel.partition == "parameters" else None)
+    specs = _stage_specs(model, cfg, groups)
     tied = model.get_input_embeddings().weight is model.get_output_embeddings().weight
     chunks = split_chunks(model, chunks_of_rank(specs, groups.pipeline, groups.pp_rank), cfg.data.seq_len)
     tied_weight = None
@@ -32,6 +34,27 @@ def build_chunks(model, cfg, groups):
     if cfg.parallel.zero_stage == 3:
         _count_once_in_zero3_norm(chunks, groups)
     return chunks, tied_weight
+
+
+def _stage_specs(model, cfg, groups):
+    """Every chunk's items by ``parallel.partition``; 'measured' probes the items' times (collective), says
+    the layout it chose and saves it with the run (``output_dir/pipeline_partition.json``)."""
+    method, weights = cfg.parallel.partition, None
+    if method == "parameters":
+        weights = block_parameter_counts(model)
+    elif method == "measured":
+        costs = stage_costs.measure(model, cfg, groups, comm_device())
+        weights = stage_costs.block_weights(costs)
+    specs = stage_specs(num_blocks(model), cfg.parallel.pipeline, cfg.parallel.virtual_stages, method, weights)
+    if method == "measured" and dist.get_rank() == 0:
+        chosen = layout_string(specs)
+        out = Path(cfg.train.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "pipeline_partition.json").write_text(json.dumps({"partition": chosen, "seconds": costs}, indent=1))
+        print(f"parallel.partition=measured: {chosen} (forward + backward ms: embedding {costs['embed'] * 1e3:.2f}, "
+              f"blocks {', '.join(f'{s * 1e3:.2f}' for s in costs['blocks'])}, head + loss {costs['head'] * 1e3:.2f}); "
+              f"set parallel.partition to that string to reuse it", flush=True)
+    return specs
 
 
 def _count_once_in_zero3_norm(chunks, groups) -> None:
