@@ -39,7 +39,7 @@ def main() -> None:
     original = loop._data_parallel_step
     side = {}
 
-    def stalling_step(cfg, engine, batches, groups, step, device):
+    def inject(cfg, step):
         if "group" not in side:  # collective: every rank makes it at the first step
             side["group"] = dist.new_group(list(range(dist.get_world_size())),
                                            timeout=timedelta(seconds=cfg.parallel.timeout_s))
@@ -48,9 +48,21 @@ def main() -> None:
             dist.barrier(group=side["group"])
         if rank == args.sigterm_rank and step + 1 == args.sigterm_step:
             os.kill(os.getpid(), signal.SIGTERM)
+
+    def stalling_step(cfg, engine, batches, groups, step, device):
+        inject(cfg, step)
         return original(cfg, engine, batches, groups, step, device)
 
+    from training.pipeline import PipelineRunner
+
+    pipeline_step = PipelineRunner.train_step
+
+    def stalling_pipeline_step(self, batches, step):
+        inject(self.cfg, step)
+        return pipeline_step(self, batches, step)
+
     loop._data_parallel_step = stalling_step
+    PipelineRunner.train_step = stalling_pipeline_step
     if args.slow_save_step is not None:
         _slow_down_save(f"step_{args.slow_save_step:07d}", args.slow_save_s)
     if rank == args.config_error_rank:

@@ -213,6 +213,27 @@ def test_stalled_rank_ends_the_job_with_a_timeout_error(tmp_path):
     assert took < 90, f"{took:.0f}s\n{out[-4000:]}"
 
 
+def test_stalled_pipeline_stage_names_itself_on_every_rank(tmp_path):
+    """PP=2: stage 1 stalls at step 3 in a collective stage 0 never enters; stage 0 waits for its gradient
+    message. Stage 0's receive times out after parallel.p2p_timeout_s and names the peer; both ranks print the
+    flight recorder's verdict naming rank 1 and where it is."""
+    corpus = write_corpus(tmp_path / "corpus")
+    config = _write_config(tmp_path, corpus, "stalled_pipeline", steps=20, save_every=0)
+    raw = yaml.safe_load(config.read_text())
+    raw["parallel"].update(timeout_s=8, p2p_timeout_s=5, pipeline=2)
+    raw["model"]["config"]["n_layer"] = 2
+    config.write_text(yaml.safe_dump(raw))
+    proc = _launch("tests/fault_driver.py", config, "--stall-rank", "1", "--stall-step", "3", "--")
+    code, out, took = _finish(proc, timeout=180)
+    assert code != 0
+    line = next((x for x in out.splitlines() if x.startswith("colonnade (rank 0): error: rank 0: pipeline rank 0: "
+                                                             "no ")), None)
+    assert line is not None and "from global rank 1 within 5s" in line and "during training step 3" in line, \
+        out[-3000:]
+    assert "Flight recorder: rank(s) [1]" in line and "rank 1 is in barrier #1" in line, line
+    assert "Raise parallel.p2p_timeout_s" in line
+
+
 def _train_with_nan(cases):
     """Rank function: run each (config, steps whose loss is NaN on rank 1); return per case the step records
     and the final weights, or the error message."""

@@ -13,6 +13,8 @@ import threading
 import torch
 import torch.distributed as dist
 
+from parallel.p2p import PipelineTimeout
+
 log = logging.getLogger("colonnade")
 
 
@@ -91,7 +93,10 @@ class NonFiniteSteps:
 
 
 def is_timeout(exc: BaseException) -> bool:
-    """A collective's timeout as gloo / NCCL / the store raise it (not our own errors, whose paths may say anything)."""
+    """A collective's timeout as gloo / NCCL / the store raise it, or a pipeline receive's (not our own errors,
+    whose paths may say anything)."""
+    if isinstance(exc, PipelineTimeout):
+        return True
     if isinstance(exc, (TrainingStopped, CollectiveTimeout)) or not isinstance(exc, RuntimeError):
         return False
     text = str(exc).lower()
@@ -102,6 +107,9 @@ def timeout_error(exc: BaseException, rank: int, timeout_s: float, operation: st
     """The timeout named: what this rank was doing, and the flight recorder's verdict on who is behind (every
     live rank reaches the same one)."""
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, PipelineTimeout):
+        return CollectiveTimeout(f"rank {rank}: {first_line}, during {operation}. {_who_is_behind(timeout_s)}. "
+                                 f"Raise parallel.p2p_timeout_s if stages are legitimately this slow")
     return CollectiveTimeout(
         f"rank {rank}: a collective did not complete within parallel.timeout_s={timeout_s:g} s during {operation} "
         f"({first_line}). {_who_is_behind(timeout_s)}. Raise parallel.timeout_s if steps are legitimately this slow")
