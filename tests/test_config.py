@@ -172,3 +172,13 @@ def test_an_elastic_restart_resumes_its_own_run(monkeypatch):
     assert elastic.resume_setting(None) is None
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")
     assert elastic.resume_setting(None) == "auto" and elastic.resume_setting("/ckpt") == "/ckpt"
+
+
+def test_docs_config_md_is_the_schema():
+    """docs/config.md is generated from the schema: a key added, removed or redescribed without regenerating
+    fails here (the fix: python -m training.config_doc)."""
+    from training.config_doc import DOC, render
+
+    assert DOC.read_text() == render(), "docs/config.md is stale: run python -m training.config_doc"
+    assert "| `train.global_batch_size` | int \\| None | null |" in render()  # every section's keys are listed
+    assert "| `logging.wandb.mode` |" in render() and "| `precision` |" in render()
