@@ -27,7 +27,6 @@ def _rank_world(group) -> tuple[int, int]:
 def mark_sharded(param: nn.Parameter, partition_dim: int, full_size: int, fused_chunks: int = 1) -> None:
     param.tensor_model_parallel = True
     param.partition_dim = partition_dim
-    param.partition_stride = 1
     param.tp_full_size = full_size
     param.tp_fused_chunks = fused_chunks
 

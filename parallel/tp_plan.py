@@ -183,8 +183,7 @@ def apply_tp_plan(model: nn.Module, plan: TPPlan, group, sequence_parallel: bool
         blocks[0].register_forward_pre_hook(_sequence_scatter_hook(group), with_kwargs=True)
         blocks[-1].register_forward_hook(_sequence_gather_hook(group))
         for name, param in blocks.named_parameters():
-            if not getattr(param, "tensor_model_parallel", False):
-                param.sequence_parallel = True
+            if not getattr(param, "tensor_model_parallel", False):  # replicated, fed by this rank's part only
                 param.register_hook(lambda grad: all_reduce_sum(grad.clone(), group))
     return model
 

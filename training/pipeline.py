@@ -76,7 +76,6 @@ class PipelineRunner:
         sequence = cfg.data.seq_len // (groups.tensor if cfg.parallel.sequence_parallel else 1)
         self.shape = (cfg.train.micro_batch_size, sequence, hidden_size)
         self.dtype = next(engine.module.parameters()).dtype
-        self.last_stats = None
         self.zero3 = engine.zero_optimization_stage() == 3
         self._tied_grad = None  # this stage's gradient of the tied embedding, summed over the step
         if tied_weight is not None:
@@ -155,8 +154,8 @@ class PipelineRunner:
         ops = ORDERS[self.cfg.parallel.schedule](self.p, m, self.groups.pp_rank, self.v)
         self._tied_grad = None
         self._new_step()
-        self.last_stats = run_schedule(ops, p=self.p, v=self.v, rank=self.groups.pp_rank, comm=self._comm(),
-                                       forward_step=forward_step, backward_step=backward_step)
+        run_schedule(ops, p=self.p, v=self.v, rank=self.groups.pp_rank, comm=self._comm(),
+                     forward_step=forward_step, backward_step=backward_step)
         if self.tied_weight is not None:
             self._new_pass()
             self._sync_tied_embeddings(scale)
