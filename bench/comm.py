@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -103,7 +100,7 @@ def _operations(op: str, nbytes: int, rank: int, world: int, device, dtype):
     shard = torch.ones(elements // world, dtype=dtype, device=device)
     group = dist.group.WORLD
     if op == "all_reduce":
-        return (lambda: dist.all_reduce(x)), (lambda: comm._all_reduce(x, group))
+        return (lambda: dist.all_reduce(x)), (lambda: comm.all_reduce(x, group))
     if op == "all_gather":
         return ((lambda: dist.all_gather_into_tensor(torch.empty_like(x), shard)),
                 (lambda: comm.all_gather_along(shard, 0, group)))
@@ -225,11 +222,12 @@ def main(argv=None) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         out_file = Path(tmp) / "rows.json"
-        cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(args.nproc), "-m",
-               "bench.comm", "--worker", "--out-file", str(out_file), "--ops", args.ops, "--min-size",
-               args.min_size, "--max-size", args.max_size, "--iters", str(args.iters),
-               "--rounds", str(args.rounds)]
-        proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True)
+        from bench.launch import torchrun
+
+        proc = torchrun("bench.comm", args.nproc, ["--worker", "--out-file", str(out_file), "--ops", args.ops,
+                                                   "--min-size", args.min_size, "--max-size", args.max_size,
+                                                   "--iters", str(args.iters), "--rounds", str(args.rounds)],
+                        threads=1)
         if proc.returncode != 0:
             raise RuntimeError(f"comm benchmark failed:\n{proc.stderr[-4000:]}")
         rows = json.loads(out_file.read_text())

@@ -16,9 +16,6 @@ no weight of their own) are listed as not comparable."""
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -350,11 +347,11 @@ def _run_layout(args, text: str, work: Path, index: int) -> tuple[str, Path]:
     label, sets, nproc = parse_layout(",".join(degrees), "bench diverge")
     sets = NEUTRAL + sets + overrides + _same_global_batch(args, dict(item.split("=", 1) for item in degrees))
     out = work / f"layout{index}"
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(nproc), "--master_port",
-           str(29800 + index), "-m", "bench.diverge", "--worker", "--config", args.config, "--out", str(out)]
-    cmd += [x for s in args.set + sets + FORCED + [f"train.output_dir={work / f'run{index}'}"] for x in ("--set", s)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // nproc)), WANDB_SILENT="true")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    from bench.launch import torchrun
+
+    proc = torchrun("bench.diverge", nproc, ["--worker", "--config", args.config, "--out", str(out)],
+                    sets=args.set + sets + FORCED + [f"train.output_dir={work / f'run{index}'}"], port=29800 + index,
+                    timeout=args.timeout)
     if proc.returncode != 0:
         raise SystemExit(f"bench diverge: layout {label} failed:\n{(proc.stderr or proc.stdout)[-3000:]}")
     return text, out

@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -208,10 +206,10 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out_file = Path(tmp) / "eval.json"
         forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--out" and a != args.out]
-        cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(args.tensor * args.pipeline),
-               "-m", "bench.eval", "--worker", "--out-file", str(out_file)] + forwarded
-        proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", WANDB_SILENT="true"),
-                              capture_output=True, text=True)
+        from bench.launch import torchrun
+
+        proc = torchrun("bench.eval", args.tensor * args.pipeline, ["--worker", "--out-file", str(out_file)] + forwarded,
+                        threads=1)
         if proc.returncode != 0:
             raise RuntimeError(f"eval failed:\n{proc.stderr[-4000:]}")
         result = json.loads(out_file.read_text())

@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -287,13 +286,11 @@ def run_layout(args, label: str, sets: list[str], nproc: int, work: Path, index:
     """Train one layout under torchrun with its run (checkpoints, export) in ``work/run{index}``."""
     out_file = work / f"layout{index}.json"
     sets = sets + [f"train.output_dir={work / f'run{index}'}", "train.progress=false"]
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(nproc), "--master_port",
-           str(29700 + index), "-m", "bench.memory", "--worker", "--config", args.config,
-           "--out-file", str(out_file)] + [x for s in args.set + sets for x in ("--set", s)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // nproc)), WANDB_SILENT="true")
-    if args.malloc_mmap_threshold:
-        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    from bench.launch import torchrun
+
+    env = {"MALLOC_MMAP_THRESHOLD_": str(args.malloc_mmap_threshold)} if args.malloc_mmap_threshold else None
+    proc = torchrun("bench.memory", nproc, ["--worker", "--config", args.config, "--out-file", str(out_file)],
+                    sets=args.set + sets, port=29700 + index, timeout=args.timeout, env=env)
     if proc.returncode != 0 or not out_file.is_file():
         return {"layout": label, "nproc": nproc, "status": "failed", "log_tail": (proc.stderr or "")[-3000:]}
     return {"layout": label, "nproc": nproc, "status": "ok", "ranks": json.loads(out_file.read_text())}

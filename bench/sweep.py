@@ -19,11 +19,9 @@ import argparse
 import csv
 import itertools
 import json
-import os
 import resource
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -281,15 +279,12 @@ def run_point(spec: dict, point: dict, out: Path, index: int) -> dict:
 
 
 def _launch(spec: dict, nproc: int, index: int, extra: list[str], sets: list[str]) -> subprocess.CompletedProcess | str:
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(nproc), "--master_port",
-           str(29500 + 17 * (index % 200) + 7), "-m", "bench.sweep", "--config", spec["base"],
-           "--warmup", str(spec.get("warmup_steps", 2)), "--timed", str(spec.get("timed_steps", 4)), *extra]
-    for item in sets:
-        cmd += ["--set", item]
-    threads = max(1, (os.cpu_count() or 1) // nproc)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), WANDB_SILENT="true", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
+    from bench.launch import torchrun
+
     try:
-        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=spec.get("timeout_s", 900))
+        return torchrun("bench.sweep", nproc, ["--config", spec["base"], "--warmup", str(spec.get("warmup_steps", 2)),
+                                               "--timed", str(spec.get("timed_steps", 4)), *extra],
+                        sets=sets, port=29500 + 17 * (index % 200) + 7, timeout=spec.get("timeout_s", 900))
     except subprocess.TimeoutExpired:
         return f"timed out after {spec.get('timeout_s', 900)}s"
 

@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -82,12 +79,12 @@ def worker(args) -> None:
 
 def launch(tensor: int, threads: int, args, tmp: Path) -> dict:
     out_dir = tmp / f"tp{tensor}"
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(tensor), "-m", "bench.tp",
-           "--worker", "--tensor", str(tensor), "--threads", str(threads), "--out-dir", str(out_dir),
-           "--files", args.files, "--seq-len", str(args.seq_len), "--micro-batch-size", str(args.micro_batch_size),
-           "--warmup", str(args.warmup), "--steps", str(args.steps)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), WANDB_SILENT="true", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    from bench.launch import torchrun
+
+    proc = torchrun("bench.tp", tensor, ["--worker", "--tensor", str(tensor), "--threads", str(threads), "--out-dir",
+                                         str(out_dir), "--files", args.files, "--seq-len", str(args.seq_len),
+                                         "--micro-batch-size", str(args.micro_batch_size), "--warmup",
+                                         str(args.warmup), "--steps", str(args.steps)], threads=threads)
     if proc.returncode != 0:
         raise RuntimeError(f"TP={tensor} run failed:\n{proc.stderr[-4000:]}")
     result = json.loads((out_dir / "result.json").read_text())

@@ -28,16 +28,18 @@ def _world(group) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
-def start_all_reduce(x: torch.Tensor, group) -> tuple[torch.Tensor, dist.Work]:
-    """Launch a sum over ``group`` (in place on a contiguous ``x``); read the result after ``work.wait()``."""
+def start_all_reduce(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> tuple[torch.Tensor, dist.Work]:
+    """Launch a reduction over ``group`` (in place on a contiguous ``x``); read the result after ``work.wait()``."""
     x = x.contiguous()
-    return x, dist.all_reduce(x, group=group, async_op=True)
+    return x, dist.all_reduce(x, op=op, group=group, async_op=True)
 
 
-def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+def all_reduce(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """Plain (non-autograd) reduction over ``group``, in place on a contiguous ``x``; returns the result (``x``
+    itself on a group of one or none)."""
     if _world(group) == 1:
         return x
-    x, work = start_all_reduce(x, group)
+    x, work = start_all_reduce(x, group, op)
     work.wait()
     return x
 
@@ -88,13 +90,13 @@ class _CopyToRegion(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_reduce(grad, ctx.group), None
+        return all_reduce(grad, ctx.group), None
 
 
 class _ReduceFromRegion(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
-        return _all_reduce(x, group)
+        return all_reduce(x, group)
 
     @staticmethod
     def backward(ctx, grad):
@@ -183,8 +185,3 @@ def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor, group) -> torch.
     """Forward: reduce-scatter the sequence (sum partial results, keep this rank's chunk).
     Backward: all-gather the sequence."""
     return x if _skip(group) else _ReduceScatterToSequence.apply(x, group)
-
-
-def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
-    """Plain (non-autograd) in-place sum over ``group``; used for gradients of sequence-parallel norms."""
-    return _all_reduce(x, group)

@@ -11,11 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-
-def _all_reduce(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(x, op=op, group=group)
-    return x
+from parallel.comm import all_reduce
 
 
 # --- numerics (no communication) -------------------------------------------------------------------
@@ -38,12 +34,12 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, target, group, vocab_start, valid):
         logits = _shifted_logits(logits, valid)
         local_max = logits.max(dim=-1).values
-        logits = logits - _all_reduce(local_max, group, dist.ReduceOp.MAX).unsqueeze(-1)
+        logits = logits - all_reduce(local_max, group, dist.ReduceOp.MAX).unsqueeze(-1)
         local_target, outside = _target_positions(target, vocab_start, logits.shape[-1])
         target_logit = logits.gather(-1, local_target.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
-        target_logit = _all_reduce(target_logit, group)
+        target_logit = all_reduce(target_logit, group)
         exp = logits.exp()
-        sum_exp = _all_reduce(exp.sum(dim=-1), group)
+        sum_exp = all_reduce(exp.sum(dim=-1), group)
         softmax = exp.div_(sum_exp.unsqueeze(-1))
         ctx.save_for_backward(softmax, local_target, outside)
         return sum_exp.log() - target_logit

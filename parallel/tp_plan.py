@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from parallel.comm import (SEQ_DIM, all_reduce_sum, gather_from_tensor_parallel_region,
+from parallel.comm import (SEQ_DIM, all_reduce, gather_from_tensor_parallel_region,
                            scatter_to_sequence_parallel_region)
 from parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead,
                              mark_sharded)
@@ -177,15 +177,22 @@ def apply_tp_plan(model: nn.Module, plan: TPPlan, group, sequence_parallel: bool
         _shard_vocab_buffer(model, name, model.get_output_embeddings())
     _check_covered(model, plan)
     if sequence_parallel:
-        if not isinstance(plan.blocks, str):
-            raise ValueError("sequence parallelism is implemented for decoder-only models")
-        blocks = model.get_submodule(plan.blocks)
-        blocks[0].register_forward_pre_hook(_sequence_scatter_hook(group), with_kwargs=True)
-        blocks[-1].register_forward_hook(_sequence_gather_hook(group))
-        for name, param in blocks.named_parameters():
-            if not getattr(param, "tensor_model_parallel", False):  # replicated, fed by this rank's part only
-                param.register_hook(lambda grad: all_reduce_sum(grad.clone(), group))
+        _split_sequence_between_blocks(model, plan, group)
     return model
+
+
+def _split_sequence_between_blocks(model: nn.Module, plan: TPPlan, group) -> None:
+    """Sequence parallelism: the hidden state is split along the sequence from the first block's input to the
+    last block's output; the replicated parameters inside (norms), fed by this rank's part only, sum their
+    gradients over the group."""
+    if not isinstance(plan.blocks, str):
+        raise ValueError("sequence parallelism is implemented for decoder-only models")
+    blocks = model.get_submodule(plan.blocks)
+    blocks[0].register_forward_pre_hook(_sequence_scatter_hook(group), with_kwargs=True)
+    blocks[-1].register_forward_hook(_sequence_gather_hook(group))
+    for param in blocks.parameters():
+        if not getattr(param, "tensor_model_parallel", False):
+            param.register_hook(lambda grad: all_reduce(grad.clone(), group))
 
 
 def _shard_heads_embedding(module: nn.Embedding, group) -> None:

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from parallel.groups import check_degrees
 from parallel.schedules import check_schedule
 
 
@@ -360,12 +361,11 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
 # ----------------------------------------------------------------------------------- DeepSpeed JSON
 
 def data_parallel_size(cfg: RunConfig, world_size: int) -> int:
-    model_parallel = cfg.parallel.tensor * cfg.parallel.pipeline
-    if world_size % model_parallel:
-        raise ConfigError(f"parallel.tensor={cfg.parallel.tensor} x parallel.pipeline={cfg.parallel.pipeline}"
-                          f" = {model_parallel} does not divide the world size {world_size}: launch a "
-                          f"multiple of {model_parallel} processes or change the degrees")
-    return world_size // model_parallel
+    """The data-parallel degree of ``world_size`` processes (``parallel.groups.check_degrees``' rule)."""
+    try:
+        return check_degrees(cfg.parallel.tensor, cfg.parallel.pipeline, world_size)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def for_world(cfg: RunConfig, world_size: int) -> RunConfig:

@@ -1,0 +1,23 @@
+"""The bench commands' worker launch: ``python -m <module> ...`` as ``nproc`` processes under torchrun."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def torchrun(module: str, nproc: int, args: list[str], *, sets: list[str] = (), port: int | None = None,
+             threads: int | None = None, timeout: float | None = None,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``module``'s worker on ``nproc`` processes and wait: ``args``, then each of ``sets`` as ``--set``;
+    ``threads`` per process (default: the cores shared out); W&B and datasets' progress bars quiet. Raises
+    ``subprocess.TimeoutExpired`` after ``timeout`` seconds."""
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(nproc)]
+    cmd += ["--master_port", str(port)] if port is not None else []
+    cmd += ["-m", module, *args, *[x for item in sets for x in ("--set", item)]]
+    threads = threads or max(1, (os.cpu_count() or 1) // nproc)
+    environment = dict(os.environ, OMP_NUM_THREADS=str(threads), WANDB_SILENT="true",
+                       HF_DATASETS_DISABLE_PROGRESS_BARS="1", **(env or {}))
+    return subprocess.run(cmd, env=environment, capture_output=True, text=True, timeout=timeout)
