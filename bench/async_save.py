@@ -12,7 +12,6 @@ async, sync, none, ...). Reported: the median wall time of each variant's step l
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -113,13 +112,9 @@ def main(argv=None) -> None:
         raise SystemExit("bench async_save: --layers, --hidden, --steps, --save-every, --rounds must be positive, "
                          "--save-every at most --steps")
     result = run(args)
-    text = report(result)
-    print(text)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(result, indent=1))
-        (out / "report.md").write_text(text)
+    from bench.machine import publish
+
+    publish(result, report(result), args.out)
 
 
 if __name__ == "__main__":

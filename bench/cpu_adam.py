@@ -10,10 +10,8 @@ compared with torch's as a check that the candidates compute the same update."""
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 
 def _candidates() -> dict:
@@ -103,10 +101,6 @@ def main(argv=None) -> None:
     if args.params < 1 or args.steps < 1 or args.warmup < 0 or args.threads < 1:
         raise SystemExit("bench cpu_adam: --params, --steps and --threads must be positive, --warmup >= 0")
     result = run(int(args.params), args.steps, args.warmup, args.threads)
-    text = report(result)
-    print(text)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(result, indent=1))
-        (out / "report.md").write_text(text)
+    from bench.machine import publish
+
+    publish(result, report(result), args.out)

@@ -26,3 +26,16 @@ def describe() -> dict:
 def slug(info: dict) -> str:
     device = info.get("gpu") or f"cpu{info['cores']}"
     return f"{device.replace(' ', '-').lower()}-{info['date']}"
+
+
+def publish(result: dict, text: str, out: str | None) -> None:
+    """Print a benchmark's report and, with ``out``, store it there as results.json and report.md."""
+    import json
+    from pathlib import Path
+
+    print(text)
+    if out:
+        directory = Path(out)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "results.json").write_text(json.dumps(result, indent=1))
+        (directory / "report.md").write_text(text)
