@@ -29,23 +29,42 @@ def per_layer(config, layer: int) -> str:  # Qwen2Model.forward
     return config.layer_types[layer]
 
 
+def gpt2_embed(parts: nn.ModuleDict, ids: torch.Tensor, context: dict) -> torch.Tensor:  # GPT2Model.forward
+    return parts["drop"](parts["wte"](ids) + parts["wpe"](context["position_ids"]))
+
+
+def token_embed(parts: nn.ModuleDict, ids: torch.Tensor, context: dict) -> torch.Tensor:  # LlamaModel.forward
+    return parts["embed_tokens"](ids)
+
+
+def gpt2_block(block: nn.Module, x: torch.Tensor, mask, context: dict):
+    return block(x, None, mask, position_ids=context["position_ids"])
+
+
+def rotary_block(block: nn.Module, x: torch.Tensor, mask, context: dict):
+    return block(x, attention_mask=mask, position_embeddings=context["rope"], position_ids=context["position_ids"])
+
+
 @dataclass(frozen=True)
 class DecoderLayout:
-    """Where an architecture keeps its parts (module paths in the HF model), and which attention mask (a key
-    of MASKS) its forward gives block ``i``: ``layer_type(config, i)``."""
+    """An architecture's pipeline adapter: where it keeps its parts (module paths in the HF model; the last
+    path of ``head`` is the output layer, the one before it the final norm), how its forward embeds and calls a
+    block, and which attention mask (a key of MASKS) it gives block ``i``: ``layer_type(config, i)``."""
 
     embed: tuple[str, ...]
     blocks: str
     head: tuple[str, ...]
+    embed_tokens: Callable[[nn.ModuleDict, torch.Tensor, dict], torch.Tensor]
+    run_block: Callable[[nn.Module, torch.Tensor, object, dict], object]
     rotary: str | None = None
     layer_type: Callable[[object, int], str] = all_full
 
 
 LAYOUTS = {
     "gpt2": DecoderLayout(embed=("transformer.wte", "transformer.wpe", "transformer.drop"), blocks="transformer.h",
-                          head=("transformer.ln_f", "lm_head")),
+                          head=("transformer.ln_f", "lm_head"), embed_tokens=gpt2_embed, run_block=gpt2_block),
     "llama": DecoderLayout(embed=("model.embed_tokens",), blocks="model.layers", head=("model.norm", "lm_head"),
-                           rotary="model.rotary_emb"),
+                           embed_tokens=token_embed, run_block=rotary_block, rotary="model.rotary_emb"),
 }
 LAYOUTS["mistral"] = replace(LAYOUTS["llama"], layer_type=sliding_if_window)
 LAYOUTS["qwen2"] = replace(LAYOUTS["llama"], layer_type=per_layer)
@@ -70,7 +89,7 @@ class PipelineChunk(nn.Module):
     def __init__(self, model: nn.Module, spec: StageSpec, seq_len: int):
         super().__init__()
         layout = layout_of(model)
-        self.spec, self.seq_len, self.model_type = spec, seq_len, model.config.model_type
+        self.spec, self.seq_len, self.layout = spec, seq_len, layout
         self.config = model.config
         self.parts = nn.ModuleDict()
         if spec.embed:
@@ -104,21 +123,13 @@ class PipelineChunk(nn.Module):
         dtype = next(self.parameters()).dtype
         context = self._context(batch, x.device, dtype)
         if self.spec.embed:
-            if self.model_type == "gpt2":
-                x = self.parts["drop"](self.parts["wte"](x) + self.parts["wpe"](context["position_ids"]))
-            else:
-                x = self.parts["embed_tokens"](x)
+            x = self.layout.embed_tokens(self.parts, x, context)
         for block, kind in zip(self.blocks, self.layer_types):
-            mask = context["masks"][kind]
-            if self.model_type == "gpt2":
-                x = block(x, None, mask, position_ids=context["position_ids"])
-            else:
-                x = block(x, attention_mask=mask, position_embeddings=context["rope"],
-                          position_ids=context["position_ids"])
+            x = self.layout.run_block(block, x, context["masks"][kind], context)
             x = x[0] if isinstance(x, tuple) else x
         if self.spec.head:
-            norm = self.parts["ln_f"] if self.model_type == "gpt2" else self.parts["norm"]
-            x = self.parts["lm_head"](norm(x))
+            norm, output = (path.rsplit(".", 1)[-1] for path in self.layout.head)
+            x = self.parts[output](self.parts[norm](x))
         return x
 
 
