@@ -252,6 +252,8 @@ def in_flight_peak(traces: list[ChunkTrace], schedule: str, p: int, m: int, rank
     held = kept_peak = peak = 0
     for op in ops:
         trace = traces[op.chunk]
+        if op.kind == "W":  # not modelled: ZB-H1 keeps the linear layers' inputs and output gradients until W
+            continue
         if op.kind == "F":
             peak = max(peak, held + trace.forward_peak)
             held += trace.kept

@@ -32,8 +32,32 @@ def report_markdown(records: list[dict], spec: dict, machine: dict, figures: lis
     lines = [f"# Sweep `{spec['name']}`", "",
              f"Machine: {machine.get('gpu') or machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, "
              f"{machine['date']}. Base config `{spec['base']}`; {spec.get('warmup_steps', 2)} warm-up + "
-             f"{spec.get('timed_steps', 4)} timed steps per point (medians; the slowest rank's step).", "",
-             "| point | procs | status | tokens/s | step s | fwd s | bwd s | opt s | comm TP s | comm DP s | comm PP s | "
+             f"{spec.get('timed_steps', 4)} timed steps per point (medians; the slowest rank's step).", ""]
+    lines += _points_table(records)
+    if baselines:
+        lines += _baselines_table(baselines, spec.get("baseline_rounds", 1))
+    lines += _prediction_table(records)
+    if spec.get("comm_fit") and Path(spec["comm_fit"]).is_file():
+        import json
+
+        from bench.comm import summary
+
+        comm = json.loads(Path(spec["comm_fit"]).read_text())
+        lines += ["", f"Collectives, raw `torch.distributed` vs colonnade's layer (`{spec['comm_fit']}`, "
+                  f"{comm['nproc']} processes, {comm['machine']['date']}). " + summary(comm["rows"], comm["fit"])]
+    lines += ["", "Forward / backward / optimizer include the communication issued inside them; the comm columns "
+              "break that out per group. Bubble measured: 1 − (forward + backward) / (step − optimizer), the idle "
+              "share of the pipeline phase (the optimizer step after the flush is work, not bubble); theory: the "
+              "schedule's operation lists played on a clock (`parallel.schedules.simulate`): (p − 1) / (v·m + p − 1) "
+              "for GPipe and the 1F1B family; for ZB-H1 from the measured forward : backward ratio, half of the "
+              "backward taken as weight gradients.", ""]
+    lines += _rounds_table(records)
+    lines += [f"![{Path(f).stem}]({Path(f).name})" for f in figures]
+    return "\n".join(lines) + "\n"
+
+
+def _points_table(records: list[dict]) -> list[str]:
+    lines = ["| point | procs | status | tokens/s | step s | fwd s | bwd s | opt s | comm TP s | comm DP s | comm PP s | "
              "comm share | scaling eff. | bubble meas./theory | param bytes / formula | grad bytes / formula | "
              "opt-state bytes / formula | peak RSS MiB |", "|" + "---|" * 18]
     for r in records:
@@ -49,45 +73,38 @@ def report_markdown(records: list[dict], spec: dict, machine: dict, figures: lis
             f"{bubble} | {_fmt(r.get('param_vs_formula'), 4)} | {_fmt(r.get('gradient_vs_formula'), 4)} | "
             f"{r['optimizer_state_vs_formula']:.3f} | "
             f"{r['peak_rss_bytes_max'] / 2**20:.0f} |")
-    if baselines:
-        rounds = spec.get("baseline_rounds", 1)
-        how = (f"{rounds} alternating rounds of the baseline and a fresh run of the colonnade point (ABBA), "
-               f"medians" if rounds > 1 else "the colonnade number is the grid point's")
-        lines += ["", "Baselines on the same model, data, batch and steps, run in the same sweep "
-                  f"(colonnade tokens/s ÷ baseline tokens/s; {how}):", "",
-                  "| baseline | point | procs | status | baseline tokens/s | colonnade tokens/s | colonnade / baseline |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in baselines:
-            if r.get("status") != "ok":
-                lines.append(f"| {r['baseline']} | {layout_label(r)} | {r['nproc']} | failed: {_one_line(r.get('error', ''))} | | | |")
-                continue
-            lines.append(f"| {r['baseline']} | {layout_label(r)} | {r['nproc']} | ok | {r['tokens_per_s']:.0f} | "
-                         f"{_fmt(r.get('colonnade_tokens_per_s'), 4)} | {_fmt(r.get('colonnade_vs_baseline'))} |")
+    return lines
+
+
+def _baselines_table(baselines: list[dict], rounds: int) -> list[str]:
+    how = (f"{rounds} alternating rounds of the baseline and a fresh run of the colonnade point (ABBA), "
+           f"medians" if rounds > 1 else "the colonnade number is the grid point's")
+    lines = ["", "Baselines on the same model, data, batch and steps, run in the same sweep "
+             f"(colonnade tokens/s ÷ baseline tokens/s; {how}):", "",
+             "| baseline | point | procs | status | baseline tokens/s | colonnade tokens/s | colonnade / baseline |",
+             "|---|---|---|---|---|---|---|"]
+    for r in baselines:
+        if r.get("status") != "ok":
+            lines.append(f"| {r['baseline']} | {layout_label(r)} | {r['nproc']} | failed: {_one_line(r.get('error', ''))} | | | |")
+            continue
+        lines.append(f"| {r['baseline']} | {layout_label(r)} | {r['nproc']} | ok | {r['tokens_per_s']:.0f} | "
+                     f"{_fmt(r.get('colonnade_tokens_per_s'), 4)} | {_fmt(r.get('colonnade_vs_baseline'))} |")
+    return lines
+
+
+def _prediction_table(records: list[dict]) -> list[str]:
     predicted = [r for r in records if r.get("comm_measured_s")]
-    if predicted:
-        lines += ["", "TP + DP communication per step: predicted call by call from the `bench comm` latency + bandwidth "
-                  "fit, vs the measured transfer time of the same calls (a barrier before each collective separates "
-                  "the wait for the group's slowest rank, shown apart):", "",
-                  "| point | procs | predicted s | measured transfer s | predicted / measured | wait s |",
-                  "|---|---|---|---|---|---|"]
-        for r in predicted:
-            lines.append(f"| {layout_label(r)} | {r['nproc']} | {r['comm_predicted_s']:.4f} | {r['comm_measured_s']:.4f} | "
-                         f"{r['comm_predicted_s'] / r['comm_measured_s']:.2f} | {r['comm_wait_s']:.4f} |")
-    if spec.get("comm_fit") and Path(spec["comm_fit"]).is_file():
-        import json
-
-        from bench.comm import summary
-
-        comm = json.loads(Path(spec["comm_fit"]).read_text())
-        lines += ["", f"Collectives, raw `torch.distributed` vs colonnade's layer (`{spec['comm_fit']}`, "
-                  f"{comm['nproc']} processes, {comm['machine']['date']}). " + summary(comm["rows"], comm["fit"])]
-    lines += ["", "Forward / backward / optimizer include the communication issued inside them; the comm columns "
-              "break that out per group. Bubble measured: 1 − (forward + backward) / (step − optimizer), the idle "
-              "share of the pipeline phase (the optimizer step after the flush is work, not bubble); theory: "
-              "(p − 1) / (v·m + p − 1).", ""]
-    lines += _rounds_table(records)
-    lines += [f"![{Path(f).stem}]({Path(f).name})" for f in figures]
-    return "\n".join(lines) + "\n"
+    if not predicted:
+        return []
+    lines = ["", "TP + DP communication per step: predicted call by call from the `bench comm` latency + bandwidth "
+             "fit, vs the measured transfer time of the same calls (a barrier before each collective separates "
+             "the wait for the group's slowest rank, shown apart):", "",
+             "| point | procs | predicted s | measured transfer s | predicted / measured | wait s |",
+             "|---|---|---|---|---|---|"]
+    for r in predicted:
+        lines.append(f"| {layout_label(r)} | {r['nproc']} | {r['comm_predicted_s']:.4f} | {r['comm_measured_s']:.4f} | "
+                     f"{r['comm_predicted_s'] / r['comm_measured_s']:.2f} | {r['comm_wait_s']:.4f} |")
+    return lines
 
 
 def _rounds_table(records: list[dict]) -> list[str]:
@@ -104,24 +121,29 @@ def _rounds_table(records: list[dict]) -> list[str]:
 
 
 def plots(records: list[dict], out: Path) -> list[str]:
+    """The sweep's figures (throughput, communication share, memory vs formula, bubble) as PNGs in ``out``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ok = [r for r in records if r.get("status") == "ok" and "baseline" not in r]
+    piped = [r for r in ok if "bubble_theory" in r]
     figures = []
-    if not ok:
-        return figures
-
-    def save(fig, name):
-        path = out / name
+    for name, draw, points in (("throughput.png", _throughput, ok), ("comm_share.png", _comm_share, ok),
+                               ("memory.png", _memory, ok), ("bubble.png", _bubble, piped)):
+        if not points:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        draw(ax, points)
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        fig.savefig(out / name, dpi=110)
         plt.close(fig)
-        figures.append(str(path))
+        figures.append(str(out / name))
+    return figures
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+
+def _throughput(ax, ok: list[dict]) -> None:
     by_layout: dict[str, list] = {}
     for r in ok:
         key = " ".join(f"{k.split('.')[-1]}={r[k]}" for k in LAYOUT_KEYS if k in r and k != "data")
@@ -129,46 +151,36 @@ def plots(records: list[dict], out: Path) -> list[str]:
     for key, pts in by_layout.items():
         pts.sort()
         ax.plot([p for p, _ in pts], [t for _, t in pts], marker="o", label=key or "all")
-    ax.set_xlabel("processes")
-    ax.set_ylabel("tokens/s")
-    ax.set_title("Throughput vs processes")
+    ax.set(xlabel="processes", ylabel="tokens/s", title="Throughput vs processes")
     ax.legend(fontsize=7)
-    save(fig, "throughput.png")
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    labels = [layout_label(r) for r in ok]
+
+def _comm_share(ax, ok: list[dict]) -> None:
     bottom = [0.0] * len(ok)
     for group in ("comm_tp_s", "comm_dp_s", "comm_pp_s"):
         share = [r[group] / r["step_s"] for r in ok]
         ax.bar(range(len(ok)), share, bottom=bottom, label=group.split("_")[1].upper())
         bottom = [b + s for b, s in zip(bottom, share)]
-    ax.set_xticks(range(len(ok)), labels, rotation=60, ha="right", fontsize=6)
-    ax.set_ylabel("share of step time")
-    ax.set_title("Communication share per group")
+    ax.set_xticks(range(len(ok)), [layout_label(r) for r in ok], rotation=60, ha="right", fontsize=6)
+    ax.set(ylabel="share of step time", title="Communication share per group")
     ax.legend()
-    save(fig, "comm_share.png")
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+
+def _memory(ax, ok: list[dict]) -> None:
     x = range(len(ok))
     bars = (("optimizer_state_bytes_rank0", "optimizer state, measured"), ("formula_optimizer_state_bytes", "formula"),
             ("gradient_bytes_rank0", "gradients, measured"), ("formula_gradient_bytes", "formula"))
     for offset, (key, label) in zip((-0.3, -0.1, 0.1, 0.3), bars):
         ax.bar([i + offset for i in x], [(r[key] or 0) / 2**20 for r in ok], width=0.2, label=label)
-    ax.set_xticks(list(x), labels, rotation=60, ha="right", fontsize=6)
-    ax.set_ylabel("bytes per rank (MiB)")
-    ax.set_title("Memory per rank by ZeRO stage vs formula")
+    ax.set_xticks(list(x), [layout_label(r) for r in ok], rotation=60, ha="right", fontsize=6)
+    ax.set(ylabel="bytes per rank (MiB)", title="Memory per rank by ZeRO stage vs formula")
     ax.legend(fontsize=7)
-    save(fig, "memory.png")
 
-    piped = [r for r in ok if "bubble_theory" in r]
-    if piped:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        x = range(len(piped))
-        ax.bar([i - 0.2 for i in x], [r["bubble_measured"] for r in piped], width=0.4, label="measured")
-        ax.bar([i + 0.2 for i in x], [r["bubble_theory"] for r in piped], width=0.4, label="(p-1)/(vm+p-1)")
-        ax.set_xticks(list(x), [layout_label(r) for r in piped], rotation=60, ha="right", fontsize=6)
-        ax.set_ylabel("bubble share")
-        ax.set_title("Pipeline bubble: measured vs theory")
-        ax.legend()
-        save(fig, "bubble.png")
-    return figures
+
+def _bubble(ax, piped: list[dict]) -> None:
+    x = range(len(piped))
+    ax.bar([i - 0.2 for i in x], [r["bubble_measured"] for r in piped], width=0.4, label="measured")
+    ax.bar([i + 0.2 for i in x], [r["bubble_theory"] for r in piped], width=0.4, label="theory (simulated schedule)")
+    ax.set_xticks(list(x), [layout_label(r) for r in piped], rotation=60, ha="right", fontsize=6)
+    ax.set(ylabel="bubble share", title="Pipeline bubble: measured vs theory")
+    ax.legend()

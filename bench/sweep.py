@@ -27,6 +27,8 @@ from pathlib import Path
 
 import yaml
 
+from parallel.schedules import simulate
+
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
 
 
@@ -102,13 +104,11 @@ def _gradient_bytes(engine) -> int:
 
 
 def worker(args) -> None:
-    import torch
     import torch.distributed as dist
 
     import training.loop as loop
     from bench.instrument import StepProbe, install
     from training.config import load
-    from training.pipeline import PipelineRunner
 
     cfg = load(args.config, args.set)
     loop.init_distributed()
@@ -116,13 +116,31 @@ def worker(args) -> None:
     fits = json.loads(Path(args.comm_fit).read_text())["fit"] if args.comm_fit else None
     probe = StepProbe(cfg.parallel.tensor, cfg.parallel.pipeline, world, rank, fits)
     install(probe)
+    per_step = _time_each_step(probe, barrier_after=args.warmup + args.timed)
+    gradient_bytes = _count_gradient_bytes()
+    result = loop.run(cfg)
+    summary = {"rank": rank, **_step_medians(per_step, args.warmup, args.timed),
+               **_rank_memory(result.engine, cfg, gradient_bytes)}
+    gathered = [None] * world
+    dist.all_gather_object(gathered, summary)
+    if rank == 0:
+        Path(args.out_file).write_text(json.dumps({"ranks": gathered, "history": result.history}))
+    loop.finish_process()
+
+
+def _time_each_step(probe, barrier_after: int) -> list[dict]:
+    """Wrap the training step (data-parallel and pipeline) to record its wall time and the probe's per-step
+    totals; the steps after ``barrier_after`` put a barrier before each collective, to split the time spent
+    waiting for the slowest rank from the transfer itself. Returns the list the records go to."""
+    import training.loop as loop
+    from bench.instrument import StepProbe
+    from training.pipeline import PipelineRunner
+
     per_step = []
 
     def measured(fn):
         def wrapper(*a, **k):
-            # the steps after the timed ones put a barrier before each collective, to split the time spent
-            # waiting for the slowest rank from the transfer itself
-            probe.barrier = len(per_step) >= args.warmup + args.timed
+            probe.barrier = len(per_step) >= barrier_after
             before = probe.snapshot()
             started = time.perf_counter()
             out = fn(*a, **k)
@@ -132,40 +150,56 @@ def worker(args) -> None:
 
     loop._data_parallel_step = measured(loop._data_parallel_step)
     PipelineRunner.train_step = measured(PipelineRunner.train_step)
+    return per_step
+
+
+def _count_gradient_bytes() -> list[int]:
+    """The gradient storage after every backward and before every step (the peak is what the formula
+    bounds), in the returned list."""
     from deepspeed.runtime.engine import DeepSpeedEngine
 
-    gradient_bytes = []  # after every backward and before every step: the peak is what the formula bounds
+    counts = []
     original_backward, original_step = DeepSpeedEngine.backward, DeepSpeedEngine.step
 
     def backward_then_count(engine, *a, **k):
         out = original_backward(engine, *a, **k)
-        gradient_bytes.append(_gradient_bytes(engine))
+        counts.append(_gradient_bytes(engine))
         return out
 
     def count_then_step(engine, *a, **k):
-        gradient_bytes.append(_gradient_bytes(engine))
+        counts.append(_gradient_bytes(engine))
         return original_step(engine, *a, **k)
 
     DeepSpeedEngine.backward, DeepSpeedEngine.step = backward_then_count, count_then_step
-    result = loop.run(cfg)
-    engine = result.engine
-    local_params = sum(p.numel() for p in engine.module.parameters())
-    if cfg.parallel.zero_stage == 3:
-        local_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
-    timed = per_step[args.warmup:args.warmup + args.timed]
-    probed = per_step[args.warmup + args.timed:] or timed
+    return counts
+
+
+def _step_medians(per_step: list[dict], warmup: int, timed: int) -> dict:
+    """Medians over the timed steps (and, for the barrier-separated transfer and wait, the probe steps)."""
+    timed_steps = per_step[warmup:warmup + timed]
+    probed = per_step[warmup + timed:] or timed_steps
     groups = ("comm_tp", "comm_dp", "comm_pp")
-    summary = {
-        "rank": rank,
-        "step_s": statistics.median(s["wall_s"] for s in timed),
-        **{f"{k}_s": statistics.median(s["seconds"].get(k, 0.0) for s in timed)
-           for k in ("forward", "backward", "optimizer", "comm_tp", "comm_dp", "comm_pp", "comm_other")},
-        **{f"{k}_bytes": statistics.median(s["bytes"].get(k, 0) for s in timed)
-           for k in ("comm_tp", "comm_dp", "comm_pp")},
-        **{f"{k}_calls": statistics.median(s["calls"].get(k, 0) for s in timed) for k in groups},
-        **{f"{k}_transfer_s": statistics.median(s["seconds"].get(k, 0.0) for s in probed) for k in groups},
-        **{f"{k}_wait_s": statistics.median(s["wait"].get(k, 0.0) for s in probed) for k in groups},
-        **{f"{k}_predicted_s": statistics.median(s["predicted"].get(k, 0.0) for s in probed) for k in groups},
+
+    def median(steps, kind, key, default=0.0):
+        return statistics.median(s[kind].get(key, default) for s in steps)
+
+    return {"step_s": statistics.median(s["wall_s"] for s in timed_steps),
+            **{f"{k}_s": median(timed_steps, "seconds", k)
+               for k in ("forward", "backward", "optimizer", "comm_tp", "comm_dp", "comm_pp", "comm_other")},
+            **{f"{k}_bytes": median(timed_steps, "bytes", k, 0) for k in groups},
+            **{f"{k}_calls": median(timed_steps, "calls", k, 0) for k in groups},
+            **{f"{k}_transfer_s": median(probed, "seconds", k) for k in groups},
+            **{f"{k}_wait_s": median(probed, "wait", k) for k in groups},
+            **{f"{k}_predicted_s": median(probed, "predicted", k) for k in groups}}
+
+
+def _rank_memory(engine, cfg, gradient_bytes: list[int]) -> dict:
+    import torch
+
+    params = engine.module.parameters()
+    local_params = sum((getattr(p, "ds_numel", p.numel()) if cfg.parallel.zero_stage == 3 else p.numel())
+                       for p in params)
+    return {
         "model_params_local": local_params,
         "param_bytes": _param_bytes(engine.module),
         "optimizer_state_bytes": _optimizer_state_bytes(engine.optimizer),
@@ -175,11 +209,6 @@ def worker(args) -> None:
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
     }
-    gathered = [None] * world
-    dist.all_gather_object(gathered, summary)
-    if rank == 0:
-        Path(args.out_file).write_text(json.dumps({"ranks": gathered, "history": result.history}))
-    loop.finish_process()
 
 
 def _full_params(config_path: str, sets: list[str]) -> tuple[int, dict]:
@@ -225,7 +254,10 @@ def summarize(point: dict, nproc: int, raw: dict, config_path: str, sets: list[s
         busy = statistics.mean(r["forward_s"] + r["backward_s"] for r in ranks)
         pipeline_s = step_s - statistics.mean(r["optimizer_s"] for r in ranks)
         record["bubble_measured"] = max(0.0, 1 - busy / pipeline_s)
-        record["bubble_theory"] = (p - 1) / (v * m + p - 1)
+        # the schedule's own op lists on a clock (1F1B family: (p-1)/(vm+p-1) whatever the times; ZB-H1: by
+        # the measured forward : backward ratio, half of the backward taken as weight gradients)
+        record["bubble_theory"] = simulate(cfg.parallel.schedule, p, m, v, statistics.mean(r["forward_s"] for r in ranks),
+                                           statistics.mean(r["backward_s"] for r in ranks))["bubble"]
     # predicted vs measured: the per-call latency + bandwidth prediction against the barrier-separated
     # transfer time of the same calls (TP and DP collectives; pipeline receives also wait for the sender's
     # compute, so they are not a transfer time)

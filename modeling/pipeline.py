@@ -7,12 +7,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 from torch import nn
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.pytorch_utils import Conv1D
 
 from parallel.partition import StageSpec
+from parallel.weight_grad import WeightGradStore, linear
 
 MASKS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
 
@@ -136,6 +139,21 @@ class PipelineChunk(nn.Module):
 def split_chunks(model: nn.Module, specs: list[StageSpec], seq_len: int) -> nn.ModuleList:
     """This rank's chunks (in local order) as one module, ready to be wrapped by DeepSpeed."""
     return nn.ModuleList(PipelineChunk(model, spec, seq_len) for spec in specs)
+
+
+def defer_weight_grads(module: nn.Module, store: WeightGradStore) -> None:
+    """Every linear layer of ``module`` leaves its weight gradient to ``store`` (a zero-bubble schedule's W
+    pass): our tensor-parallel layers read their ``weight_grad_store``; HF's ``nn.Linear`` and GPT-2's
+    ``Conv1D`` (Y = X W + b) get a forward through ``parallel.weight_grad.linear``."""
+    for sub in module.modules():
+        if hasattr(type(sub), "weight_grad_store"):
+            sub.weight_grad_store = store
+        elif isinstance(sub, (nn.Linear, Conv1D)):
+            sub.forward = partial(_deferring_forward, sub, store, isinstance(sub, Conv1D))
+
+
+def _deferring_forward(layer: nn.Module, store: WeightGradStore, transposed: bool, x: torch.Tensor) -> torch.Tensor:
+    return linear(x, layer.weight, layer.bias, store, transposed)
 
 
 def block_parameter_counts(model: nn.Module) -> list[int]:

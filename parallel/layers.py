@@ -18,6 +18,7 @@ from torch import nn
 from parallel.comm import (gather_from_tensor_parallel_region, reduce_from_tensor_parallel_region,
                            reduce_scatter_to_sequence_parallel_region)
 from parallel.region import RegionEntry, column_linear
+from parallel.weight_grad import WeightGradStore, linear
 
 
 def _rank_world(group) -> tuple[int, int]:
@@ -82,6 +83,8 @@ class ColumnParallelLinear(nn.Module):
     Output: Y_i (this rank's columns), or the full Y with ``gather_output``.
     """
 
+    weight_grad_store: WeightGradStore | None = None  # set by a zero-bubble schedule: dW waits for its W pass
+
     def __init__(self, in_features: int, out_features: int, *, group, bias: bool = True,
                  gather_output: bool = False, enter_region: bool = True, sequence_parallel: bool = False,
                  async_grad_reduce: bool = False, fused_chunks: int = 1, dtype=None):
@@ -117,7 +120,7 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.entry is not None:
             x = self.entry(x)
-        y = column_linear(x, self.weight, self.bias)
+        y = column_linear(x, self.weight, self.bias, self.weight_grad_store)
         return gather_from_tensor_parallel_region(y, self.group) if self.gather_output else y
 
 
@@ -126,6 +129,8 @@ class RowParallelLinear(nn.Module):
     rank i computes X_i A_i; the partial sums are all-reduced (reduce-scattered over the sequence with
     ``sequence_parallel``), then b (replicated) is added once.
     """
+
+    weight_grad_store: WeightGradStore | None = None  # as ColumnParallelLinear's
 
     def __init__(self, in_features: int, out_features: int, *, group, bias: bool = True,
                  sequence_parallel: bool = False, dtype=None):
@@ -154,7 +159,7 @@ class RowParallelLinear(nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        partial = F.linear(x, self.weight)
+        partial = linear(x, self.weight, None, self.weight_grad_store)
         y = (reduce_scatter_to_sequence_parallel_region(partial, self.group) if self.sequence_parallel
              else reduce_from_tensor_parallel_region(partial, self.group))
         return y if self.bias is None else y + self.bias

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from parallel.comm import (SEQ_DIM, all_gather_along, copy_to_tensor_parallel_region,
                            gather_from_sequence_parallel_region, start_all_reduce, start_reduce_scatter)
+from parallel.weight_grad import WeightGradStore, linear, weight_gradient
 
 
 class _PendingWeightGrads:
@@ -36,11 +37,9 @@ class _PendingWeightGrads:
         self.grad_outputs.setdefault(weight_id, []).append(grad_output)
 
     def weight_grad(self, weight: torch.Tensor, entered: torch.Tensor) -> torch.Tensor | None:
-        grads = self.grad_outputs.pop(id(weight), [])
-        x = entered.reshape(-1, entered.shape[-1])
         total = None
-        for grad_output in grads:
-            dw = grad_output.reshape(-1, grad_output.shape[-1]).t() @ x
+        for grad_output in self.grad_outputs.pop(id(weight), []):
+            dw = weight_gradient(entered, grad_output)
             total = dw if total is None else total + dw
         return total
 
@@ -105,9 +104,11 @@ class RegionEntry:
         return entered
 
 
-def column_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear, leaving the weight gradient to the entry that ``x`` came out of, if it owns ``weight``."""
+def column_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  store: WeightGradStore | None = None) -> torch.Tensor:
+    """F.linear, leaving the weight gradient to the entry that ``x`` came out of, if it owns ``weight``, else
+    to ``store`` (a zero-bubble schedule's W pass) if one is given."""
     pending = getattr(x, "tp_pending_weight_grads", None)
     if pending is None or not pending.owns(weight) or not torch.is_grad_enabled():
-        return F.linear(x, weight, bias)
+        return linear(x, weight, bias, store)
     return _LinearWithDeferredWeightGrad.apply(x, weight.detach(), bias, pending, id(weight))

@@ -45,6 +45,10 @@ def test_wrong_type_and_impossible_values(tmp_path):
         validate({**MINIMAL, "parallel": {"tensor": 2, "pipeline": 2, "zero_stage": 3}})
     with pytest.raises(ConfigError, match="parallel.zero_stage=0 with parallel.pipeline=2: ZeRO-0 is not wired"):
         validate({**MINIMAL, "parallel": {"pipeline": 2}})
+    with pytest.raises(ConfigError, match="schedule=zb-h1 with parallel.zero_stage=3 is not supported"):
+        validate({**MINIMAL, "parallel": {"pipeline": 2, "zero_stage": 3, "schedule": "zb-h1"}})
+    with pytest.raises(ConfigError, match="schedule=zb-h1 need parallel.pipeline > 1"):
+        validate({**MINIMAL, "parallel": {"schedule": "zb-h1"}})
     with pytest.raises(ConfigError, match="interleaved needs train.grad_accum .* multiple of parallel.pipeline"):
         validate({**MINIMAL, "parallel": {"pipeline": 2, "zero_stage": 1, "schedule": "interleaved",
                                           "virtual_stages": 2}, "train": {"steps": 5, "grad_accum": 3}})

@@ -36,11 +36,25 @@ def test_simulated_bubble_matches_theory(p, m, v):
     assert "bubble" in render(simulate(schedules[0], p, m, v))
 
 
+@pytest.mark.parametrize("p,m", [(2, 2), (2, 4), (3, 5), (4, 4), (4, 8), (5, 10)])
+def test_simulated_zb_h1_bubble_matches_its_formula(p, m):
+    """Qi et al. 2023: ZB-H1 idles (p-1)(T_F + T_B - T_W) per rank where 1F1B idles (p-1)(T_F + T_B + T_W)
+    (T_B: the input-gradient part of the backward), when T_W <= T_F and T_W <= T_B and m >= p."""
+    for forward, input_grad, weight in [(1, 1, 1), (1, 1.5, 0.5), (2, 1, 1), (1, 2, 0.25)]:
+        sim = simulate("zb-h1", p, m, 1, forward, input_grad + weight, weight)
+        idle = (p - 1) * (forward + input_grad - weight)
+        assert sim["bubble"] == pytest.approx(idle / (idle + m * (forward + input_grad + weight)), abs=1e-9)
+        assert sim["bubble"] < simulate("1f1b", p, m, 1, forward, input_grad + weight, weight)["bubble"]
+    assert "W" in render(simulate("zb-h1", p, m))
+
+
 def test_schedule_validation():
     with pytest.raises(ValueError, match="multiple of parallel.pipeline"):
         check_schedule("interleaved", 4, 6, 2)
     with pytest.raises(ValueError, match="needs parallel.schedule=interleaved"):
         check_schedule("1f1b", 2, 4, 2)
+    with pytest.raises(ValueError, match="zb-h1 runs one chunk per rank"):
+        check_schedule("zb-h1", 2, 4, 2)
 
 
 GPT2 = dict(n_layer=8, n_head=2, n_embd=32, n_positions=16, vocab_size=97, resid_pdrop=0.0, embd_pdrop=0.0,
@@ -53,11 +67,12 @@ def _pipeline_grads(cases):
     import torch.distributed as dist
 
     from modeling.build import build_model
-    from modeling.pipeline import split_chunks
+    from modeling.pipeline import defer_weight_grads, split_chunks
     from parallel.cross_entropy import causal_lm_loss
     from parallel.p2p import PipeComm
     from parallel.partition import chunks_of_rank
     from parallel.schedules import run_schedule
+    from parallel.weight_grad import WeightGradStore
     from training.loop import init_distributed
 
     init_distributed()
@@ -82,12 +97,22 @@ def _pipeline_grads(cases):
                 return loss
             return out
 
-        def backward_step(y, grad):
-            torch.autograd.backward(y, grad)
+        store = WeightGradStore()
+        if schedule == "zb-h1":
+            defer_weight_grads(chunks, store)
+
+        def backward_step(y, grad, chunk, k, store=store):
+            with store.collecting((chunk, k)):
+                torch.autograd.backward(y, grad)
+
+        def weight_step(chunk, k, store=store):
+            for weight, grad in store.weight_grads((chunk, k)):
+                weight.grad = grad if weight.grad is None else weight.grad + grad
 
         comm = PipeComm(list(range(p)), rank, (2, 16, 32), torch.float32, torch.device("cpu"), timeout_s=60)
         stats = run_schedule(ORDERS[schedule](p, m, rank, v), p=p, v=v, rank=rank, comm=comm,
-                             forward_step=forward_step, backward_step=backward_step)
+                             forward_step=forward_step, backward_step=backward_step, weight_step=weight_step)
+        assert not store.pending(), f"{schedule}: W ops left {store.pending()}"
         if rank == p - 1:
             torch.testing.assert_close(sum(losses), ref_loss.detach(), rtol=1e-5, atol=1e-6)
         ref_grads = dict(ref.named_parameters(remove_duplicate=False))
@@ -110,15 +135,15 @@ def _pipeline_grads(cases):
 # wrong chunk (both off by >1e-2).
 @pytest.mark.parametrize("p", [2, 4])
 def test_schedules_match_single_process_gradients(p):
-    cases = [(s, m, 1) for s in ("gpipe", "1f1b") for m in (1, p, 2 * p)]
+    cases = [(s, m, 1) for s in ("gpipe", "1f1b", "zb-h1") for m in (1, p, 2 * p)]
     cases += [("interleaved", m, 2) for m in (p, 2 * p)]  # needs m % p == 0 (validated), so no m = 1
     per_rank = run_ranks(_pipeline_grads, p, cases, timeout=400)
     stage0 = {(s, m, v): peak for s, m, v, peak in per_rank[0]}
     for (schedule, m, v), peak in stage0.items():
         if schedule == "gpipe":
             assert peak == m  # GPipe holds every micro-batch's activations
-        elif schedule == "1f1b":
-            assert peak == min(p, m)  # 1F1B: never more than p on stage 0
+        elif schedule in ("1f1b", "zb-h1"):
+            assert peak == min(p, m)  # 1F1B (and ZB-H1, its order): never more than p on stage 0
 
 
 def _fail_mid_schedule():
@@ -140,7 +165,7 @@ def _fail_mid_schedule():
 
     try:
         run_schedule(one_f_one_b_order(2, 4, rank), p=2, v=1, rank=rank, comm=comm, forward_step=forward_step,
-                     backward_step=lambda y, g: torch.autograd.backward(y, g))
+                     backward_step=lambda y, g, *_: torch.autograd.backward(y, g))
     except PipelineTimeout as exc:
         return f"timeout: {exc}"
     except RuntimeError as exc:
@@ -211,7 +236,7 @@ def test_adjacent_stages_exchange_in_the_steady_state_with_batched_operations():
     assert ["irecv", "isend"] in batches0 and ["irecv", "isend"] in batches1
 
 
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved"])
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved", "zb-h1"])
 def test_every_schedule_posts_messages_in_the_same_order_on_both_sides(schedule):
     """Untagged p2p (NCCL has no tags) matches a pair's sends and receives in posting order: for every pair of
     stages, the sender's messages and the receiver's receives come in the same order (interleaved at p=2 mixes

@@ -138,6 +138,26 @@ def test_sequence_parallel_with_pipelines_matches_single_process(tmp_path):
         _check([history], [name], ref_loss, ref_norm)
 
 
+def test_zero_bubble_schedule_matches_single_process(tmp_path):
+    """ZB-H1 (backward split into B and W ops) inside DeepSpeed engines: GPT-2 PP=2 x DP=2 at ZeRO-2 (Conv1D
+    blocks, the tied head's deferred gradient meeting the embedding sync) and Llama TP=2 x PP=2 with sequence
+    parallelism at ZeRO-1 (the tensor-parallel layers' deferred gradients), against the single process."""
+    from tests.helpers import TINY_LLAMA
+
+    corpus = write_corpus(tmp_path / "corpus")
+    llama = {"arch": "llama", "tokenizer": "byte", "config": dict(TINY_LLAMA, num_hidden_layers=4)}
+    cfgs = [tiny_config(tmp_path / "gpt2", corpus, parallel__pipeline=2, parallel__zero_stage=2,
+                        parallel__schedule="zb-h1", model__config=FOUR_LAYERS, train__grad_accum=4),
+            tiny_config(tmp_path / "llama", corpus, parallel__tensor=2, parallel__pipeline=2, parallel__zero_stage=1,
+                        parallel__sequence_parallel=True, parallel__schedule="zb-h1", train__grad_accum=4,
+                        model=llama)]
+    references = [reference_losses(cfgs[0], global_batch=2 * 4 * 2), reference_losses(cfgs[1], global_batch=2 * 4)]
+    histories = run_ranks(run_configs, 4, cfgs, timeout=900)[0]
+    for name, history, (ref_loss, ref_norm) in zip(("GPT-2 PP2xDP2 ZeRO-2 ZB-H1", "Llama SP TP2xPP2 ZeRO-1 ZB-H1"),
+                                                   histories, references):
+        _check([history], [name], ref_loss, ref_norm)
+
+
 def _fp16_pipeline(cfg, overflow_step=None, mutation=None):
     """Rank function: train ``cfg`` in fp16 on the CPU (DeepSpeed refuses fp16 on a CPU accelerator, but its
     CPU kernels run it: the flag is forced here, for the test only). ``overflow_step``: an inf enters a gradient
@@ -179,23 +199,25 @@ def _fp16_pipeline(cfg, overflow_step=None, mutation=None):
 
 def test_fp16_with_pipelines_scales_once_and_an_overflow_on_one_stage_skips_everywhere(tmp_path):
     """fp16 with dynamic loss scaling at PP=2 x DP=2 (tied GPT-2 embeddings, whose sync backward carries the
-    scale too): the losses follow the fp32 single-process reference within fp16's rounding; the mutation that
+    scale too), with 1F1B and ZB-H1: the losses follow the fp32 single-process reference within fp16's rounding; the mutation that
     scales a received gradient a second time does not. An inf in one gradient of stage 0 at step 3 skips that
     step on every rank and leaves every rank's loss scale alike."""
     corpus = write_corpus(tmp_path / "corpus")
 
-    def cfg(name):
+    def cfg(name, schedule="1f1b"):
         return tiny_config(tmp_path / name, corpus, parallel__pipeline=2, parallel__zero_stage=1, precision="fp16",
-                           model__config=FOUR_LAYERS, train__grad_accum=2)
+                           parallel__schedule=schedule, model__config=FOUR_LAYERS, train__grad_accum=2)
 
     ref_loss, _ = reference_losses(cfg("good"), global_batch=2 * 2 * 2)
-    runs = {name: run_ranks(_fp16_pipeline, 4, cfg(name), overflow, mutation, timeout=600)
-            for name, overflow, mutation in (("good", None, None), ("overflow", 3, None),
-                                             ("twice", None, "scale-twice"))}
-    good_loss = [r["loss"] for r in step_records(runs["good"][0][0])]
+    runs = {name: run_ranks(_fp16_pipeline, 4, cfg(name, schedule), overflow, mutation, timeout=600)
+            for name, schedule, overflow, mutation in (("good", "1f1b", None, None), ("zb", "zb-h1", None, None),
+                                                       ("overflow", "1f1b", 3, None),
+                                                       ("twice", "1f1b", None, "scale-twice"))}
     good_ranks = [rank for _, rank in runs["good"]]
-    print("fp16 PP vs fp32 reference:", np.max(np.abs(np.array(good_loss) / np.array(ref_loss) - 1)))
-    assert good_loss == pytest.approx(ref_loss, rel=FP16_LOSS_TOL)
+    for name in ("good", "zb"):  # ZB-H1: the W passes hand over gradients that carry the scale, once
+        losses = [r["loss"] for r in step_records(runs[name][0][0])]
+        print(f"fp16 PP ({name}) vs fp32 reference:", np.max(np.abs(np.array(losses) / np.array(ref_loss) - 1)))
+        assert losses == pytest.approx(ref_loss, rel=FP16_LOSS_TOL), name
     assert "consecutive steps had a non-finite loss or gradient" in runs["twice"][0][0], \
         "scaled twice, every step overflows: the mutation went unnoticed"
     overflow_ranks = [rank for _, rank in runs["overflow"]]

@@ -161,7 +161,9 @@ class ParallelConfig(_Section):
         "none", description="Recompute activations in the backward (Megatron's modes): 'full' keeps only each "
         "transformer block's input and runs the block again; 'selective' recomputes only the core attention "
         "(scores, softmax, dropout, weighted sum). The recomputed dropout masks are the forward's.")
-    schedule: Literal["gpipe", "1f1b", "interleaved"] = Field("1f1b", description="Pipeline schedule.")
+    schedule: Literal["gpipe", "1f1b", "interleaved", "zb-h1"] = Field(
+        "1f1b", description="Pipeline schedule; zb-h1 splits the backward so that weight gradients fill 1F1B's "
+                            "bubble (ZeRO-1/2).")
     virtual_stages: int = Field(1, ge=1, description="Model chunks per pipeline rank (interleaved schedule).")
     partition: str = Field("uniform", description="'uniform', 'parameters' (balanced by parameter count), "
                            "'measured' (balanced by each item's forward + backward time, probed before the run; "
@@ -219,8 +221,12 @@ class RunConfig(_Section):
             raise ValueError("parallel.overlap_comm=true with parallel.pipeline>1 at parallel.zero_stage=1: DeepSpeed "
                              "overlaps the gradient reduction only at ZeRO-2 when colonnade's pipeline schedule "
                              "drives the accumulation; use zero_stage=2 or leave overlap_comm unset")
-        if par.pipeline == 1 and (par.virtual_stages != 1 or par.schedule == "interleaved"):
-            raise ValueError("parallel.virtual_stages / parallel.schedule=interleaved need parallel.pipeline > 1")
+        if par.pipeline == 1 and (par.virtual_stages != 1 or par.schedule in ("interleaved", "zb-h1")):
+            raise ValueError(f"parallel.virtual_stages / parallel.schedule={par.schedule} need parallel.pipeline > 1")
+        if par.schedule == "zb-h1" and par.zero_stage == 3:
+            raise ValueError("parallel.schedule=zb-h1 with parallel.zero_stage=3 is not supported: the W passes hand "
+                             "weight gradients to parameters that ZeRO-3 has released; use zero_stage 1 or 2 "
+                             "(or schedule 1f1b with ZeRO-3)")
         if par.pipeline > 1 and not self.train.derives_grad_accum:  # else checked once it is derived
             try:
                 check_schedule(par.schedule, par.pipeline, self.train.grad_accum, par.virtual_stages)

@@ -5,6 +5,7 @@ DeepSpeed engine (ZeRO 1-3 over the data-parallel group, unmanaged gradient accu
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import deepspeed
@@ -12,12 +13,13 @@ import torch
 import torch.distributed as dist
 
 from modeling.parallelize import vocab_slice
-from modeling.pipeline import block_parameter_counts, num_blocks, split_chunks
+from modeling.pipeline import block_parameter_counts, defer_weight_grads, num_blocks, split_chunks
 from parallel.comm import comm_device
 from parallel.cross_entropy import causal_lm_loss, vocab_parallel_cross_entropy
 from parallel.p2p import PipeComm
 from parallel.partition import chunks_of_rank, layout_string, stage_specs
-from parallel.schedules import ORDERS, Op, run_schedule
+from parallel.schedules import ORDERS, SPLIT_BACKWARD, Op, run_schedule
+from parallel.weight_grad import WeightGradStore
 from training import stage_costs
 
 
@@ -68,6 +70,23 @@ def _count_once_in_zero3_norm(chunks, groups) -> None:
             param.model_parallel = True
 
 
+class _GradientCarrier(torch.autograd.Function):
+    """A scalar (zero, never read) whose gradient with respect to each of ``weights`` is the matching one of
+    ``grads``: ``engine.backward`` of it hands precomputed gradients to the parameters. DeepSpeed multiplies
+    it by the loss scale first; the division by ``scale`` cancels that, as the gradients carry it already."""
+
+    @staticmethod
+    def forward(ctx, scale, grads, *weights):
+        ctx.scale, ctx.grads = scale, grads
+        return weights[0].new_zeros((), dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        factor = grad_output / ctx.scale  # exactly 1: the loss scale is a power of two (1 without fp16)
+        grads, ctx.grads = ctx.grads, None
+        return (None, None, *(g * factor.to(g.dtype) for g in grads))
+
+
 class PipelineRunner:
     def __init__(self, engine, cfg, groups, tied_weight, hidden_size: int):
         self.engine, self.cfg, self.groups, self.tied_weight = engine, cfg, groups, tied_weight
@@ -80,6 +99,10 @@ class PipelineRunner:
         self._tied_grad = None  # this stage's gradient of the tied embedding, summed over the step
         if tied_weight is not None:
             tied_weight.register_hook(self._accumulate_tied)
+        self.weight_grads = None  # a split schedule's weight gradients between its B and W ops
+        if cfg.parallel.schedule in SPLIT_BACKWARD:
+            self.weight_grads = WeightGradStore()
+            defer_weight_grads(engine.module, self.weight_grads)
 
     def _accumulate_tied(self, grad):
         if self._tied_grad is None:
@@ -94,10 +117,9 @@ class PipelineRunner:
         return float(getattr(self.engine.optimizer, "loss_scale", 1.0))
 
     def _sync_tied_embeddings(self, scale: float) -> None:
-        """Megatron's embedding all-reduce, done through autograd so it works whatever ZeRO stage holds
-        the gradients: each end adds the other end's contribution with one extra backward of
-        dot(w, others), whose gradient with respect to w is exactly ``others``. Two embedding-sized buffers
-        and the gradient that backward makes, no more: at GPT-2's vocabulary each one is a tenth of the model."""
+        """Megatron's embedding all-reduce, done through the engine's backward so that it works whatever ZeRO
+        stage holds the gradients: each end adds the other end's contribution. Two embedding-sized buffers,
+        no more: at GPT-2's vocabulary each one is a tenth of the model."""
         local = self._tied_grad if self._tied_grad is not None else torch.zeros_like(self.tied_weight)
         self._tied_grad = None
         others = local.clone()
@@ -105,9 +127,30 @@ class PipelineRunner:
         others.sub_(local)
         del local
         with deepspeed.zero.GatheredParameters([self.tied_weight], enabled=hasattr(self.tied_weight, "ds_id")):
-            # ``others`` carries the loss scale already (a gradient of this step): the surrogate's cancels
-            surrogate = torch.dot(self.tied_weight.view(-1).float(), others.view(-1).float()) / scale
-            self.engine.backward(surrogate, scale_wrt_gas=False)
+            self._hand_over([(self.tied_weight, others)], scale)
+
+    def _hand_over(self, grads: list[tuple[torch.nn.Parameter, torch.Tensor]], scale: float) -> None:
+        """Add gradients computed outside autograd (they carry this step's loss scale, like every gradient of
+        the step) to their parameters through one ``engine.backward``, so DeepSpeed's gradient hooks take
+        them as they take any other."""
+        weights, values = zip(*grads)
+        self.engine.backward(_GradientCarrier.apply(scale, values, *weights), scale_wrt_gas=False)
+
+    def _backward_step(self, output, grad, chunk: int, microbatch: int) -> None:
+        """A B op; a split schedule files the weight gradients' inputs for the W op of (chunk, micro-batch)."""
+        store = self.weight_grads
+        with store.collecting((chunk, microbatch)) if store is not None else nullcontext():
+            if grad is None:  # the loss: DeepSpeed multiplies it by the loss scale
+                self.engine.backward(output, scale_wrt_gas=False)
+            else:  # the received gradient carries the loss scale already: the surrogate's scaling cancels
+                surrogate = (output.float() * grad.float()).sum() / self._loss_scale()
+                self.engine.backward(surrogate, scale_wrt_gas=False)
+
+    def _weight_step(self, chunk: int, microbatch: int) -> None:
+        """A split schedule's W op: the weight gradients the B op of (chunk, micro-batch) left."""
+        grads = self.weight_grads.weight_grads((chunk, microbatch))
+        if grads:
+            self._hand_over(grads, self._loss_scale())
 
     def _new_pass(self) -> None:
         """ZeRO-3 resets its backward-hook bookkeeping in ``engine.forward``, which our chunks bypass."""
@@ -143,22 +186,14 @@ class PipelineRunner:
             losses.append(loss.detach())  # stays on the device: no host wait per micro-batch
             return loss / m  # the gradient of the mean over micro-batches
 
-        scale = self._loss_scale()
-
-        def backward_step(output, grad):
-            if grad is None:  # the loss: DeepSpeed multiplies it by the loss scale
-                self.engine.backward(output, scale_wrt_gas=False)
-            else:  # the received gradient carries the loss scale already: the surrogate's scaling cancels
-                self.engine.backward((output.float() * grad.float()).sum() / scale, scale_wrt_gas=False)
-
         ops = ORDERS[self.cfg.parallel.schedule](self.p, m, self.groups.pp_rank, self.v)
         self._tied_grad = None
         self._new_step()
         run_schedule(ops, p=self.p, v=self.v, rank=self.groups.pp_rank, comm=self._comm(),
-                     forward_step=forward_step, backward_step=backward_step)
+                     forward_step=forward_step, backward_step=self._backward_step, weight_step=self._weight_step)
         if self.tied_weight is not None:
             self._new_pass()
-            self._sync_tied_embeddings(scale)
+            self._sync_tied_embeddings(self._loss_scale())
         self.engine.step()
         return self._mean_over_pipeline(losses)
 
