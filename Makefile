@@ -18,7 +18,7 @@ train: $(VENV)/.installed
 	$(VENV)/bin/torchrun --nproc_per_node $(NPROC) train.py --config $(CONFIG) $(ARGS)
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=25 tests $(PYTEST_ARGS)
 
 FAST_TESTS := test_config test_imports test_pipeline_schedules test_checkpoint_pieces test_hf_files \
 	test_safe_loading test_strict_device test_flight test_bench_cpu_adam test_materialize test_zero_parity \

@@ -3,15 +3,16 @@
 A linear layer's backward is two GEMMs of the same cost: dX = dY W, which the previous pipeline stage waits
 for, and dW = dY^T X, which nothing waits for. While a ``WeightGradStore`` is attached, ``linear`` computes
 dX (and the bias gradient, a cheap sum) in backward and files (X, dY) under the key of the pass that is
-running (``collecting``); ``weight_grads(key)`` later turns them into one gradient per weight. The caller
-hands those gradients to the parameters (``training.pipeline`` does it through the engine's backward, so
-DeepSpeed's gradient hooks see them like any other gradient).
+running (``collecting``); ``take(key)`` later gives the weights and the function that turns those pairs into one
+gradient per weight. The caller hands those gradients to the parameters (``training.pipeline`` computes and
+hands them inside the engine's backward, so DeepSpeed's gradient hooks see them like any other gradient).
 
 X and dY stay alive from the B pass to the W pass: the memory the schedule trades for the bubble.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -46,15 +47,26 @@ class WeightGradStore:
                                "a backward that is not a B pass")
         self._pending.setdefault(self._filing, []).append((weight, x, grad_output, transposed))
 
+    def take(self, key) -> tuple[list[torch.nn.Parameter], Callable[[], list[torch.Tensor]]]:
+        """The weights the B pass ``key`` left gradients for, and the function that computes those gradients
+        (one per weight, summed where a weight was used twice), to run where the W pass's time is counted."""
+        filed = self._pending.pop(key, [])
+        weights = list({id(weight): weight for weight, *_ in filed}.values())
+
+        def gradients() -> list[torch.Tensor]:
+            sums: dict[int, torch.Tensor] = {}
+            for weight, x, grad_output, transposed in filed:
+                dw = weight_gradient(x, grad_output, transposed)
+                sums[id(weight)] = sums[id(weight)] + dw if id(weight) in sums else dw
+            filed.clear()  # X and dY are free once their product is
+            return [sums[id(weight)] for weight in weights]
+
+        return weights, gradients
+
     def weight_grads(self, key) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
-        """The gradients the B pass ``key`` left, one per weight (summed where a weight was used twice)."""
-        grads: dict[int, tuple[torch.nn.Parameter, torch.Tensor]] = {}
-        for weight, x, grad_output, transposed in self._pending.pop(key, []):
-            dw = weight_gradient(x, grad_output, transposed)
-            if id(weight) in grads:
-                dw = grads[id(weight)][1] + dw
-            grads[id(weight)] = (weight, dw)
-        return list(grads.values())
+        """``take``, computed at once: (weight, gradient) pairs."""
+        weights, gradients = self.take(key)
+        return list(zip(weights, gradients()))
 
     def pending(self) -> list:
         """The keys of B passes whose weight gradients no W pass has taken yet."""

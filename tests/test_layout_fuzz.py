@@ -1,5 +1,5 @@
-"""A fuzz of layouts: random valid combinations of tensor, pipeline and data degrees, ZeRO stage, schedule,
-virtual stages, sequence parallelism, micro-batch size, gradient accumulation and architecture train 3 steps
+"""A fuzz of layouts: random valid combinations of tensor, pipeline and data degrees, ZeRO stage, schedule
+(ZB-H1 included), virtual stages, sequence parallelism, micro-batch size, gradient accumulation and architecture train 3 steps
 and match the independent single-process reference.
 
     FUZZ_DRAWS=40 FUZZ_SEED=1 python -m pytest -s tests/test_layout_fuzz.py     # a longer run
@@ -31,7 +31,7 @@ TOL = 1e-4  # the parity tests' (test_pipeline_training): fp32 summation order o
 def draw(rng: random.Random) -> dict:
     """One combination (not yet checked against the config's rules)."""
     tensor, pipeline, data = (rng.choice([1, 2]) for _ in range(3))
-    schedule = rng.choice(["1f1b", "gpipe", "interleaved"]) if pipeline > 1 else "1f1b"
+    schedule = rng.choice(["1f1b", "gpipe", "interleaved", "zb-h1"]) if pipeline > 1 else "1f1b"
     return {"arch": rng.choice(sorted(ARCHS)), "tensor": tensor, "pipeline": pipeline, "data": data,
             "zero_stage": rng.choice([0, 1, 2, 3]), "schedule": schedule,
             "virtual_stages": 2 if schedule == "interleaved" else 1,

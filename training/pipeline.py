@@ -71,19 +71,21 @@ def _count_once_in_zero3_norm(chunks, groups) -> None:
 
 
 class _GradientCarrier(torch.autograd.Function):
-    """A scalar (zero, never read) whose gradient with respect to each of ``weights`` is the matching one of
-    ``grads``: ``engine.backward`` of it hands precomputed gradients to the parameters. DeepSpeed multiplies
-    it by the loss scale first; the division by ``scale`` cancels that, as the gradients carry it already."""
+    """A scalar (zero, never read) whose gradients with respect to ``weights`` are what ``gradients()`` returns,
+    computed in its backward: ``engine.backward`` of it hands gradients made outside autograd to the
+    parameters, inside the engine's backward. DeepSpeed multiplies it by the loss scale first; the division by
+    ``scale`` cancels that, as the gradients carry it already."""
 
     @staticmethod
-    def forward(ctx, scale, grads, *weights):
-        ctx.scale, ctx.grads = scale, grads
+    def forward(ctx, scale, gradients, *weights):
+        ctx.scale, ctx.gradients = scale, gradients
         return weights[0].new_zeros((), dtype=torch.float32)
 
     @staticmethod
     def backward(ctx, grad_output):
         factor = grad_output / ctx.scale  # exactly 1: the loss scale is a power of two (1 without fp16)
-        grads, ctx.grads = ctx.grads, None
+        grads = ctx.gradients()
+        ctx.gradients = None
         return (None, None, *(g * factor.to(g.dtype) for g in grads))
 
 
@@ -127,14 +129,13 @@ class PipelineRunner:
         others.sub_(local)
         del local
         with deepspeed.zero.GatheredParameters([self.tied_weight], enabled=hasattr(self.tied_weight, "ds_id")):
-            self._hand_over([(self.tied_weight, others)], scale)
+            self._hand_over([self.tied_weight], lambda: [others], scale)
 
-    def _hand_over(self, grads: list[tuple[torch.nn.Parameter, torch.Tensor]], scale: float) -> None:
-        """Add gradients computed outside autograd (they carry this step's loss scale, like every gradient of
-        the step) to their parameters through one ``engine.backward``, so DeepSpeed's gradient hooks take
-        them as they take any other."""
-        weights, values = zip(*grads)
-        self.engine.backward(_GradientCarrier.apply(scale, values, *weights), scale_wrt_gas=False)
+    def _hand_over(self, weights: list[torch.nn.Parameter], gradients, scale: float) -> None:
+        """Add gradients made outside autograd (``gradients()``, computed in the backward; they carry this
+        step's loss scale, like every gradient of the step) to ``weights`` through one ``engine.backward``, so
+        DeepSpeed's gradient hooks take them as they take any other."""
+        self.engine.backward(_GradientCarrier.apply(scale, gradients, *weights), scale_wrt_gas=False)
 
     def _backward_step(self, output, grad, chunk: int, microbatch: int) -> None:
         """A B op; a split schedule files the weight gradients' inputs for the W op of (chunk, micro-batch)."""
@@ -148,9 +149,9 @@ class PipelineRunner:
 
     def _weight_step(self, chunk: int, microbatch: int) -> None:
         """A split schedule's W op: the weight gradients the B op of (chunk, micro-batch) left."""
-        grads = self.weight_grads.weight_grads((chunk, microbatch))
-        if grads:
-            self._hand_over(grads, self._loss_scale())
+        weights, gradients = self.weight_grads.take((chunk, microbatch))
+        if weights:
+            self._hand_over(weights, gradients, self._loss_scale())
 
     def _new_pass(self) -> None:
         """ZeRO-3 resets its backward-hook bookkeeping in ``engine.forward``, which our chunks bypass."""
