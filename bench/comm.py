@@ -15,6 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.launch import add_worker_arguments, ran_as_worker
+
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "send_recv")
 
 
@@ -209,14 +211,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--iters", type=int, default=20, help="iterations at 1 MiB (scaled by size)")
     parser.add_argument("--rounds", type=int, default=6, help="alternating raw/colonnade rounds per size (medians)")
     parser.add_argument("--out", default="bench/results")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--out-file", help=argparse.SUPPRESS)
+    add_worker_arguments(parser)
     args = parser.parse_args(argv)
-    if args.worker:
-        worker(args)
-        from training.loop import finish_process
-
-        finish_process()
+    if ran_as_worker(args, worker):
         return {}
     from bench.machine import describe, slug
 

@@ -19,6 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench.launch import add_worker_arguments, ran_as_worker
+
 
 def windows(num_tokens: int, max_length: int, stride: int):
     """(begin, end, new_tokens) per window, as in the transformers perplexity guide."""
@@ -194,14 +196,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--tensor", type=int, default=1)
     parser.add_argument("--pipeline", type=int, default=1)
     parser.add_argument("--out", help="write the result JSON here")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--out-file", help=argparse.SUPPRESS)
+    add_worker_arguments(parser)
     args = parser.parse_args(argv)
-    if args.worker:
-        worker(args)
-        from training.loop import finish_process
-
-        finish_process()
+    if ran_as_worker(args, worker):
         return {}
     with tempfile.TemporaryDirectory() as tmp:
         out_file = Path(tmp) / "eval.json"

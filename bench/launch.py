@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -21,3 +22,21 @@ def torchrun(module: str, nproc: int, args: list[str], *, sets: list[str] = (), 
     environment = dict(os.environ, OMP_NUM_THREADS=str(threads), WANDB_SILENT="true",
                        HF_DATASETS_DISABLE_PROGRESS_BARS="1", **(env or {}))
     return subprocess.run(cmd, env=environment, capture_output=True, text=True, timeout=timeout)
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """The hidden flags a command passes to its own workers: ``--worker`` and where to write (``--out-file``)."""
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out-file", help=argparse.SUPPRESS)
+
+
+def ran_as_worker(args, worker) -> bool:
+    """In one of the command's torchrun workers (``--worker``): run ``worker(args)``, then end the process
+    (``training.loop.finish_process``; it does not return). Elsewhere: False."""
+    if not args.worker:
+        return False
+    worker(args)
+    from training.loop import finish_process
+
+    finish_process()
+    return True

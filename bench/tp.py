@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.launch import add_worker_arguments, ran_as_worker
+
 GPT2_SMALL = {"n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 1024, "vocab_size": 50257}
 
 
@@ -107,15 +109,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--out", default="bench/results")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    add_worker_arguments(parser)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--out-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.worker:
-        worker(args)
-        from training.loop import finish_process
-
-        finish_process()
+    if ran_as_worker(args, worker):
         return {}
 
     from bench.machine import describe, slug

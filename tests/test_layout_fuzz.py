@@ -1,9 +1,10 @@
 """A fuzz of layouts: random valid combinations of tensor, pipeline and data degrees, ZeRO stage, schedule
-(ZB-H1 included), virtual stages, sequence parallelism, micro-batch size, gradient accumulation and architecture train 3 steps
-and match the independent single-process reference.
+(ZB-H1 included), virtual stages, sequence parallelism, micro-batch size, gradient accumulation and
+architecture train 3 steps and match the independent single-process reference.
 
     FUZZ_DRAWS=40 FUZZ_SEED=1 python -m pytest -s tests/test_layout_fuzz.py     # a longer run
     FUZZ_SEED=1 FUZZ_ONLY=7 python -m pytest -s tests/test_layout_fuzz.py       # one draw again
+    FUZZ_SCHEDULE=zb-h1 FUZZ_DRAWS=6 python -m pytest -s tests/test_layout_fuzz.py  # only one schedule's draws
 
 The default (4 draws, seed 2026) keeps the test suite short; a failing draw's message is the command that
 reproduces it."""
@@ -39,13 +40,16 @@ def draw(rng: random.Random) -> dict:
             "micro_batch_size": rng.choice([1, 2]), "grad_accum": rng.choice([1, 2, 4])}
 
 
-def valid_draws(seed: int, count: int, corpus, tmp) -> list[tuple[int, dict, object]]:
-    """The first ``count`` draws of ``seed`` that the config accepts and fit ``MAX_PROCS`` processes."""
+def valid_draws(seed: int, count: int, corpus, tmp, schedule: str | None = None) -> list[tuple[int, dict, object]]:
+    """The first ``count`` draws of ``seed`` that the config accepts and fit ``MAX_PROCS`` processes (with
+    ``schedule``: only pipelines of that schedule)."""
     rng, found, index = random.Random(seed), [], 0
     while len(found) < count:
         point = draw(rng)
         index += 1
         if point["tensor"] * point["pipeline"] * point["data"] > MAX_PROCS:
+            continue
+        if schedule is not None and (point["pipeline"] == 1 or point["schedule"] != schedule):
             continue
         try:
             cfg = config_of(point, corpus, tmp / f"draw{index}")
@@ -67,7 +71,8 @@ def test_random_layouts_match_the_single_process_reference(tmp_path):
     seed, draws = int(os.environ.get("FUZZ_SEED", 2026)), int(os.environ.get("FUZZ_DRAWS", 4))
     only = os.environ.get("FUZZ_ONLY")
     corpus = write_corpus(tmp_path / "corpus")
-    chosen = valid_draws(seed, draws if only is None else int(only), corpus, tmp_path)
+    chosen = valid_draws(seed, draws if only is None else int(only), corpus, tmp_path,
+                         os.environ.get("FUZZ_SCHEDULE"))
     if only is not None:
         chosen = [d for d in chosen if d[0] == int(only)] or pytest.skip(f"draw {only} is not a valid one")
     started, failures = time.monotonic(), []

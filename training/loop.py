@@ -370,7 +370,7 @@ def run(cfg: RunConfig, deepspeed_config_file: str | None = None) -> RunResult:
                        {**cfg.to_dict(), "layout": groups.describe()}, resume_after_step=start_step if resumed else None)
     result = RunResult(output_dir=Path(cfg.train.output_dir), engine=model_engine, groups=groups, model=model,
                        runner=runner)
-    loop = _Loop(cfg, model_engine, runner, model, tokenizer, groups, batches, valid_blocks, sink, result,
+    loop = _Loop(cfg, result, tokenizer, batches, valid_blocks, sink,
                  tokens_per_step=None if cfg.data.source_field else plan.global_batch * cfg.data.seq_len,
                  sample_offset=sample_offset, skipped_before=resumed.skipped_steps if resumed else 0,
                  samples=_sample_log(cfg, groups, start_step))
@@ -417,10 +417,12 @@ class _Loop:
     """The step loop of one run: steps, logging, eval and checkpoint cadence, skipped non-finite steps,
     and a stop signal turned into a saved checkpoint. ``operation`` names what it is doing (for errors)."""
 
-    def __init__(self, cfg, engine, runner, model, tokenizer, groups, batches, valid_blocks, sink, result, *,
-                 tokens_per_step, sample_offset, skipped_before, samples=None):
-        self.cfg, self.engine, self.runner, self.model, self.tokenizer = cfg, engine, runner, model, tokenizer
-        self.groups, self.batches, self.valid_blocks, self.sink, self.result = groups, batches, valid_blocks, sink, result
+    def __init__(self, cfg, result: RunResult, tokenizer, batches, valid_blocks, sink, *, tokens_per_step,
+                 sample_offset, skipped_before, samples=None):
+        """``result``: the run's engine, runner, model and groups, and the history this loop fills."""
+        self.cfg, self.result, self.tokenizer, self.sink = cfg, result, tokenizer, sink
+        self.batches, self.valid_blocks = batches, valid_blocks
+        self.engine, self.runner, self.model, self.groups = result.engine, result.runner, result.model, result.groups
         self.tokens_per_step, self.sample_offset, self.samples = tokens_per_step, sample_offset, samples
         self.nonfinite = NonFiniteSteps(cfg.train.max_consecutive_skips, skipped_before)
         self.operation = "setup"
