@@ -94,7 +94,10 @@ class RegionEntry:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.group is None or dist.get_world_size(self.group) == 1:
             return x
-        if not (self.overlap and torch.is_grad_enabled()):
+        # Under a zero-bubble schedule the W op computes these layers' weight gradients: no GEMM is left in the
+        # backward to overlap the collective with.
+        deferred = any(getattr(layer, "weight_grad_store", None) is not None for layer in self.layers)
+        if not (self.overlap and torch.is_grad_enabled()) or deferred:
             return (gather_from_sequence_parallel_region(x, self.group) if self.sequence_parallel
                     else copy_to_tensor_parallel_region(x, self.group))
         weights = [layer.weight for layer in self.layers]

@@ -101,3 +101,47 @@ def test_an_input_without_gradient_keeps_the_weight_gradient_in_the_backward():
     with store.collecting(0):
         linear(torch.randn(2, 5), weight, None, store).sum().backward()
     assert weight.grad is not None and not store.pending()
+
+
+def _tensor_parallel_split():
+    """Rank function (TP=2): a column-parallel layer whose region entry overlaps its all-reduce with the
+    weight-gradient GEMM, then a row-parallel layer; with a store attached, the B pass leaves both weights
+    without gradients (the entry does not take the column layer's) and the W pass gives the overlapped
+    path's gradients. Returns the largest difference."""
+    import torch.distributed as dist
+
+    from parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from training.loop import init_distributed
+
+    init_distributed()
+    torch.manual_seed(0)
+    w1, w2, x = torch.randn(8, 4), torch.randn(4, 8), torch.randn(3, 4)
+    group = dist.group.WORLD
+
+    def layers():
+        return (ColumnParallelLinear.from_dense(w1, None, group=group, async_grad_reduce=True),
+                RowParallelLinear.from_dense(w2, None, group=group))
+
+    def loss(column, row, inputs):
+        return row(torch.nn.functional.gelu(column(inputs))).pow(2).sum()
+
+    column, row = layers()
+    plain_x = x.clone().requires_grad_()
+    loss(column, row, plain_x).backward()
+    split_column, split_row = layers()
+    store = WeightGradStore()
+    split_column.weight_grad_store = split_row.weight_grad_store = store
+    split_x = x.clone().requires_grad_()
+    with store.collecting(0):
+        loss(split_column, split_row, split_x).backward()
+    assert split_column.weight.grad is None and split_row.weight.grad is None
+    grads = dict((id(w), g) for w, g in store.weight_grads(0))
+    return max(float((grads[id(split_column.weight)] - column.weight.grad).abs().max()),
+               float((grads[id(split_row.weight)] - row.weight.grad).abs().max()),
+               float((split_x.grad - plain_x.grad).abs().max()))
+
+
+def test_tensor_parallel_layers_defer_their_weight_gradients_even_with_the_overlapped_all_reduce():
+    from tests.dist import run_ranks
+
+    assert max(run_ranks(_tensor_parallel_split, 2, timeout=120)) < 1e-5
