@@ -208,6 +208,12 @@ class RunConfig(_Section):
         if self.optim.warmup_steps > self.train.steps:
             raise ValueError(f"optim.warmup_steps={self.optim.warmup_steps} exceeds train.steps="
                              f"{self.train.steps}: lower the warm-up or train longer")
+        self._check_zero_rules()
+        self._check_pipeline_rules()
+        self._check_model_kind_rules()
+        return self
+
+    def _check_zero_rules(self) -> None:
         par = self.parallel
         if par.pipeline > 1 and par.zero_stage == 0:
             raise ValueError(f"parallel.zero_stage=0 with parallel.pipeline={par.pipeline}: ZeRO-0 is not wired to "
@@ -217,6 +223,21 @@ class RunConfig(_Section):
                              f"its fp16/bf16 optimizer, whose fp32 master weights and moments our layout-agnostic "
                              f"checkpoints do not read; use parallel.zero_stage=1 (the same memory at one data-parallel "
                              f"rank, sharded masters and moments at more)")
+        if par.offload != "none" and par.zero_stage == 0:
+            raise ValueError(f"parallel.offload={par.offload} needs ZeRO: DeepSpeed offloads the optimizer state of "
+                             f"its ZeRO partitions (stages 1-3); set parallel.zero_stage=1, 2 or 3")
+        if par.offload == "optimizer+params" and par.zero_stage != 3:
+            raise ValueError(f"parallel.offload=optimizer+params with parallel.zero_stage={par.zero_stage}: "
+                             f"DeepSpeed offloads parameters only under ZeRO-3, which partitions them; set "
+                             f"parallel.zero_stage=3 or parallel.offload=optimizer")
+        if par.zero_stage == 3 and par.tensor > 1 and par.pipeline > 1:
+            raise ValueError("parallel.zero_stage=3 with both parallel.tensor>1 and parallel.pipeline>1 is not "
+                             "supported: DeepSpeed's ZeRO-3 gradient norm ignores ds_pipe_replicated, so the last "
+                             "stage's vocabulary-parallel copy of a tied embedding would be counted twice; use "
+                             "zero_stage 1 or 2 for 3D layouts, or ZeRO-3 with only one of tensor / pipeline")
+
+    def _check_pipeline_rules(self) -> None:
+        par = self.parallel
         if par.pipeline > 1 and par.zero_stage == 1 and par.overlap_comm:
             raise ValueError("parallel.overlap_comm=true with parallel.pipeline>1 at parallel.zero_stage=1: DeepSpeed "
                              "overlaps the gradient reduction only at ZeRO-2 when colonnade's pipeline schedule "
@@ -232,18 +253,10 @@ class RunConfig(_Section):
                 check_schedule(par.schedule, par.pipeline, self.train.grad_accum, par.virtual_stages)
             except ValueError as exc:
                 raise ValueError(str(exc)) from None
-        if par.offload != "none" and par.zero_stage == 0:
-            raise ValueError(f"parallel.offload={par.offload} needs ZeRO: DeepSpeed offloads the optimizer state of "
-                             f"its ZeRO partitions (stages 1-3); set parallel.zero_stage=1, 2 or 3")
-        if par.offload == "optimizer+params" and par.zero_stage != 3:
-            raise ValueError(f"parallel.offload=optimizer+params with parallel.zero_stage={par.zero_stage}: "
-                             f"DeepSpeed offloads parameters only under ZeRO-3, which partitions them; set "
-                             f"parallel.zero_stage=3 or parallel.offload=optimizer")
-        if par.zero_stage == 3 and par.tensor > 1 and par.pipeline > 1:
-            raise ValueError("parallel.zero_stage=3 with both parallel.tensor>1 and parallel.pipeline>1 is not "
-                             "supported: DeepSpeed's ZeRO-3 gradient norm ignores ds_pipe_replicated, so the last "
-                             "stage's vocabulary-parallel copy of a tied embedding would be counted twice; use "
-                             "zero_stage 1 or 2 for 3D layouts, or ZeRO-3 with only one of tensor / pipeline")
+
+    def _check_model_kind_rules(self) -> None:
+        """Encoder-decoder runs and sequence parallelism."""
+        par = self.parallel
         if (self.data.source_field is None) != (self.data.target_field is None):
             raise ValueError("set both data.source_field and data.target_field (encoder-decoder runs) or neither")
         if self.data.source_field is not None and par.pipeline > 1:
@@ -260,7 +273,6 @@ class RunConfig(_Section):
         if self.parallel.sequence_parallel and self.data.seq_len % self.parallel.tensor:
             raise ValueError(f"parallel.sequence_parallel: data.seq_len={self.data.seq_len} must be divisible "
                              f"by parallel.tensor={self.parallel.tensor}")
-        return self
 
     def to_dict(self) -> dict[str, Any]:
         """The config as YAML would hold it; with train.global_batch_size, train.grad_accum (derived for each
