@@ -7,7 +7,8 @@ column-parallel layers produced only their part of it.
 With ``overlap`` (Megatron's asynchronous tensor-parallel all-reduce) the entry also owns the weight gradients
 of the column-parallel layers that read its output: those layers compute only their input gradient, the entry
 launches the collective on the summed input gradient, computes the weight gradients (one GEMM per layer, the
-same ``dY^T X`` autograd would do) while it runs, and then waits. The weight gradients still leave through
+same ``dY^T X`` autograd would do) while it runs, and then waits. With sequence parallelism it keeps only this
+rank's part of the sequence for that and gathers it again in the backward (Megatron does the same). The weight gradients still leave through
 autograd (the weights are inputs of the entry), so gradient hooks such as DeepSpeed's fire as usual, and a
 fused q|k|v or gate|up needs one collective, not one per layer.
 """
@@ -49,14 +50,16 @@ class _OverlappedEntry(torch.autograd.Function):
     def forward(ctx, x, pending, group, sequence_parallel, *weights):
         ctx.pending, ctx.group, ctx.sequence_parallel = pending, group, sequence_parallel
         ctx.weights = weights  # parameters: alive for the whole step anyway
-        entered = all_gather_along(x, SEQ_DIM, group) if sequence_parallel else x
-        ctx.save_for_backward(entered)
-        return entered
+        # With sequence parallelism only this rank's part of the sequence is kept for the backward, which
+        # gathers it again (Megatron's trade: one more all-gather for 1/tensor of the bytes held)
+        ctx.save_for_backward(x)
+        return all_gather_along(x, SEQ_DIM, group) if sequence_parallel else x
 
     @staticmethod
     def backward(ctx, grad):
         (entered,) = ctx.saved_tensors
         if ctx.sequence_parallel:
+            entered = all_gather_along(entered, SEQ_DIM, ctx.group)
             grad_input, work = start_reduce_scatter(grad, SEQ_DIM, ctx.group)
         else:
             grad_input, work = start_all_reduce(grad, ctx.group)

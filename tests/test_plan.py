@@ -34,7 +34,7 @@ def _real_saved_bytes(cfg, tp_group=None) -> tuple[int, int, int]:
                       vocab_size=len(byte_level_tokenizer()))
     torch.manual_seed(0)
     model = tensor_parallelize(auto_class(hf).from_config(hf), tp_group, cfg.parallel.sequence_parallel,
-                               dropout_seed=1)
+                               cfg.parallel.tp_async_grad_reduce, dropout_seed=1)  # as training builds it
     recompute.apply(model, cfg.parallel.activation_checkpointing)
     model.train()
     ids = torch.randint(0, hf.vocab_size, (cfg.train.micro_batch_size, cfg.data.seq_len))

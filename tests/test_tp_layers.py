@@ -120,7 +120,8 @@ def test_layer_test_can_fail():
 def _region_overlaps_weight_grads(sequence_parallel):
     """Two column layers (q and k) entering one region with async_grad_reduce: the entry's backward launches
     one collective, computes both weight gradients, then waits; the results equal the dense layers', and the
-    gradient hooks DeepSpeed relies on fire once per weight."""
+    gradient hooks DeepSpeed relies on fire once per weight. What the forward keeps for the backward is the
+    entry's input: with sequence parallelism this rank's part of the sequence, not the gathered whole."""
     import parallel.region as region
     from parallel.comm import scatter_to_sequence_parallel_region
     from parallel.layers import ColumnParallelLinear
@@ -162,10 +163,23 @@ def _region_overlaps_weight_grads(sequence_parallel):
 
     setattr(region, launch_name, logged_launch)
     region._PendingWeightGrads.weight_grad = logged_weight_grad
+    weights = {p.untyped_storage().data_ptr() for layer in layers for p in layer.parameters()}
+    saved = {}  # storage -> bytes of the activations the entry and the layers keep for the backward
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in weights:
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
     try:
         xt = x_full.clone().requires_grad_()
-        entered = entry(scatter_to_sequence_parallel_region(xt, group) if sequence_parallel else xt)
-        sum((layer(entered) * up.chunk(world, dim=-1)[rank]).sum() for layer, up in zip(layers, upstream)).backward()
+        local = scatter_to_sequence_parallel_region(xt, group) if sequence_parallel else xt
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            entered = entry(local)
+            outputs = [layer(entered) for layer in layers]
+        # this rank's part of the sequence only (Megatron's): the backward gathers it again
+        assert sum(saved.values()) == local.nbytes, (saved, local.nbytes)
+        sum((out * up.chunk(world, dim=-1)[rank]).sum() for out, up in zip(outputs, upstream)).backward()
     finally:
         setattr(region, launch_name, launch)
         region._PendingWeightGrads.weight_grad = weight_grad

@@ -115,14 +115,16 @@ def _count_block_collectives(sequence_parallel, arch="gpt2", async_grad_reduce=T
 
 def test_collectives_per_block():
     """Megatron's figure: 2 all-reduces forward and 2 backward per layer and micro-batch; with sequence
-    parallelism 2 all-gathers + 2 reduce-scatters each way instead, plus the sum of the gradients of the
+    parallelism 2 all-gathers + 2 reduce-scatters each way instead (backward: 2 more all-gathers, of the regions'
+    inputs kept split), plus the sum of the gradients of the
     block's replicated parameters (2 norms x weight, bias + 2 row biases = 6 all-reduces) that sequence
     parallelism needs because each rank saw only its part of the sequence."""
     forward, backward = run_ranks(_count_block_collectives, 2, False, timeout=300)[0]
     assert forward == {"all_reduce": 2} and backward == {"all_reduce": 2}
     forward, backward = run_ranks(_count_block_collectives, 2, True, timeout=300)[0]
     assert forward == {"all_gather_into_tensor": 2, "reduce_scatter_tensor": 2}
-    assert backward == {"all_gather_into_tensor": 2, "reduce_scatter_tensor": 2, "all_reduce": 6}
+    # the backward gathers each region's input again (it kept only this rank's part), as Megatron's does
+    assert backward == {"all_gather_into_tensor": 4, "reduce_scatter_tensor": 2, "all_reduce": 6}
 
 
 @pytest.mark.parametrize("async_grad_reduce", [True, False])
