@@ -94,13 +94,15 @@ class RegionEntry:
         self.group, self.layers = group, layers
         self.sequence_parallel, self.overlap = sequence_parallel, overlap
 
+    def weights_wait_for_w(self) -> bool:
+        """Under a zero-bubble schedule the W op computes these layers' weight gradients: no GEMM is left in the
+        backward to overlap the collective with."""
+        return any(getattr(layer, "weight_grad_store", None) is not None for layer in self.layers)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.group is None or dist.get_world_size(self.group) == 1:
             return x
-        # Under a zero-bubble schedule the W op computes these layers' weight gradients: no GEMM is left in the
-        # backward to overlap the collective with.
-        deferred = any(getattr(layer, "weight_grad_store", None) is not None for layer in self.layers)
-        if not (self.overlap and torch.is_grad_enabled()) or deferred:
+        if not (self.overlap and torch.is_grad_enabled()) or self.weights_wait_for_w():
             return (gather_from_sequence_parallel_region(x, self.group) if self.sequence_parallel
                     else copy_to_tensor_parallel_region(x, self.group))
         weights = [layer.weight for layer in self.layers]

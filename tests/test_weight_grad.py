@@ -103,17 +103,20 @@ def test_an_input_without_gradient_keeps_the_weight_gradient_in_the_backward():
     assert weight.grad is not None and not store.pending()
 
 
-def _tensor_parallel_split():
+def _tensor_parallel_split(mutation: bool = False):
     """Rank function (TP=2): a column-parallel layer whose region entry overlaps its all-reduce with the
     weight-gradient GEMM, then a row-parallel layer; with a store attached, the B pass leaves both weights
     without gradients (the entry does not take the column layer's) and the W pass gives the overlapped
-    path's gradients. Returns the largest difference."""
+    path's gradients. Returns the largest difference. ``mutation``: the entry ignores the store."""
     import torch.distributed as dist
 
     from parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from parallel.region import RegionEntry
     from training.loop import init_distributed
 
     init_distributed()
+    if mutation:
+        RegionEntry.weights_wait_for_w = lambda self: False
     torch.manual_seed(0)
     w1, w2, x = torch.randn(8, 4), torch.randn(4, 8), torch.randn(3, 4)
     group = dist.group.WORLD
@@ -145,3 +148,5 @@ def test_tensor_parallel_layers_defer_their_weight_gradients_even_with_the_overl
     from tests.dist import run_ranks
 
     assert max(run_ranks(_tensor_parallel_split, 2, timeout=120)) < 1e-5
+    with pytest.raises(RuntimeError, match="split_column.weight.grad is None"):
+        run_ranks(_tensor_parallel_split, 2, True, timeout=120)  # the entry computed the column layer's dW in B
