@@ -32,7 +32,7 @@ from modeling.tp_plans import check_tensor_parallel_fits
 from parallel.flight import FlightRecorder
 from parallel.grad_norm import global_grad_norm
 from parallel.groups import ProcessGroups
-from training import checkpoint, data, elastic, engine as engine_lib, seq2seq
+from training import checkpoint, data, elastic, engine as engine_lib, host_memory, seq2seq
 from training.rank0 import on_rank0, rank0_first
 from training.background_save import BackgroundSave
 from training.faults import NonFiniteSteps, StopSignals, TrainingStopped, is_timeout, timeout_error
@@ -78,6 +78,7 @@ def init_distributed(timeout_s: float | None = None) -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
     accel = get_accelerator()
+    host_memory.release_freed_tensors(accel.device_name())
     if accel.device_name() == "cuda":
         accel.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
