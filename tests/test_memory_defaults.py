@@ -1,13 +1,70 @@
-"""Memory defaults (issue 30 point 4): glibc returns freed tensors to the system in CPU ranks."""
+"""Memory defaults (issue 30 point 4): ZeRO buckets sized by the model, as HF Trainer's "auto"; glibc returns
+freed tensors to the system in CPU ranks."""
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
+import torch
+import transformers
 
 from tests.conftest import ROOT
+from tests.dist import run_ranks
+from tests.helpers import tiny_config, write_corpus
+from training.config import check_user_deepspeed_config, deepspeed_config, validate
+from training.engine import fill_model_sized_buckets
+
+MINIMAL = {"model": {"arch": "gpt2"}, "data": {"train_files": ["x.txt"], "seq_len": 16}, "train": {"steps": 5}}
+
+
+def _zero(stage: int, hidden_size=None, **parallel) -> dict:
+    cfg = validate({**MINIMAL, "parallel": {"zero_stage": stage, **parallel}})
+    return deepspeed_config(cfg, 1, hidden_size=hidden_size)["zero_optimization"]
+
+
+def test_buckets_follow_the_hidden_size_unless_set():
+    hidden = 1536  # bench/llama_demo.py's Llama: 2.36 M elements, 9 MB per fp32 bucket where DeepSpeed's are 2 GB
+    zero2 = _zero(2, hidden)
+    assert zero2["reduce_bucket_size"] == zero2["allgather_bucket_size"] == hidden**2
+    assert "stage3_prefetch_bucket_size" not in zero2
+    zero3 = _zero(3, hidden)
+    assert (zero3["reduce_bucket_size"], zero3["stage3_prefetch_bucket_size"],
+            zero3["stage3_param_persistence_threshold"]) == (hidden**2, int(0.9 * hidden**2), 10 * hidden)
+    assert _zero(2, hidden, bucket_size=5 * 10**7)["reduce_bucket_size"] == 5 * 10**7  # the config's own value
+    assert "reduce_bucket_size" not in _zero(0, hidden)
+    assert "reduce_bucket_size" not in _zero(2)  # no model known: the engine fills it
+
+
+def test_a_user_json_keeps_its_value_and_auto_means_the_model_sized_one():
+    cfg = validate({**MINIMAL, "parallel": {"zero_stage": 3}})
+    model = torch.nn.Linear(2, 2)
+    model.config = transformers.GPT2Config(n_embd=64)
+    user = {"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": 1000,
+                                  "stage3_param_persistence_threshold": "auto"}}
+    merged = check_user_deepspeed_config(user, cfg, 1)
+    fill_model_sized_buckets(merged, model)
+    assert {k: v for k, v in merged["zero_optimization"].items() if "bucket" in k or "persistence" in k} == {
+        "reduce_bucket_size": 64**2, "allgather_bucket_size": 64**2, "stage3_prefetch_bucket_size": 1000,
+        "stage3_param_persistence_threshold": 640}
+
+
+def _bucket_sizes(cfg):
+    from training import run
+
+    engine = run(cfg).engine
+    return engine.zero_reduce_bucket_size(), engine.zero_allgather_bucket_size()
+
+
+def test_a_run_uses_and_records_model_sized_buckets(tmp_path):
+    cfg = tiny_config(tmp_path, write_corpus(tmp_path / "corpus"), parallel__zero_stage=2, train__steps=2,
+                      train__eval_batches=1)
+    hidden = cfg.model.config["n_embd"]
+    assert run_ranks(_bucket_sizes, 1, cfg)[0] == (hidden**2, hidden**2)  # what DeepSpeed's engine was given
+    written = json.loads((tmp_path / "run" / "deepspeed.json").read_text())["zero_optimization"]
+    assert written["reduce_bucket_size"] == written["allgather_bucket_size"] == hidden**2
 
 # A freed 20 MB tensor raises glibc's dynamic mmap threshold to 20 MB (and its trim threshold to 40 MB), so
 # that a later 8 MB tensor comes from the heap, which keeps it resident when freed. With the fixed 256 KB

@@ -140,11 +140,13 @@ class ParallelConfig(_Section):
                                       "Not with pipelines at ZeRO-1 (DeepSpeed refuses it). A user DeepSpeed JSON's "
                                       "own value wins.")
     bucket_size: int | None = Field(None, gt=0, description="Gradient elements per ZeRO bucket (DeepSpeed's "
-                                    "zero_optimization.reduce_bucket_size and allgather_bucket_size). None: "
-                                    "DeepSpeed's 500 M. ZeRO 1/2 stage gradients in a buffer of this size (two with "
-                                    "overlap_comm): "
-                                    "lower it where host or device memory is tight. A user DeepSpeed JSON's own value "
-                                    "wins.")
+                                    "zero_optimization.reduce_bucket_size and allgather_bucket_size). None: the "
+                                    "model's hidden_size squared, HF Trainer's \"auto\" (and under ZeRO-3 "
+                                    "stage3_prefetch_bucket_size 0.9 x hidden_size squared, "
+                                    "stage3_param_persistence_threshold 10 x hidden_size), instead of DeepSpeed's "
+                                    "500 M, which holds 2 GB per fp32 buffer whatever the model. ZeRO 1/2 stage "
+                                    "gradients in a buffer of this size (two with overlap_comm). A user DeepSpeed "
+                                    "JSON's own value wins; its \"auto\" means this default.")
     zero3_live_parameters: int | None = Field(None, gt=0, description="ZeRO-3: parameters kept gathered at once "
                                               "(DeepSpeed's stage3_max_live_parameters, where prefetching stops) "
                                               "and the distance in parameters under which a gathered one waits for "
@@ -406,15 +408,31 @@ def for_world(cfg: RunConfig, world_size: int) -> RunConfig:
     return validate(raw, source=f"train.global_batch_size={total} at world size {world_size}")
 
 
-def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+def model_sized_buckets(hidden_size: int, zero_stage: int) -> dict[str, int]:
+    """HF Trainer's "auto" ZeRO sizes from the model's hidden size (transformers/integrations/deepspeed.py,
+    ``HfTrainerDeepSpeedConfig.trainer_config_finalize``): reduce_bucket_size hidden², and under ZeRO-3
+    stage3_prefetch_bucket_size 0.9 hidden² and stage3_param_persistence_threshold 10 hidden.
+    allgather_bucket_size (ZeRO 1/2's parameter all-gather after the step) follows reduce_bucket_size."""
+    sizes = {"reduce_bucket_size": hidden_size**2, "allgather_bucket_size": hidden_size**2} if zero_stage else {}
+    if zero_stage == 3:
+        sizes.update(stage3_prefetch_bucket_size=int(0.9 * hidden_size**2),
+                     stage3_param_persistence_threshold=10 * hidden_size)
+    return sizes
+
+
+def deepspeed_config(cfg: RunConfig, world_size: int, hidden_size: int | None = None) -> dict[str, Any]:
     """The DeepSpeed JSON for this run. The optimizer and LR schedule are built by colonnade from
-    ``optim.*`` and handed to ``deepspeed.initialize``, so they are not in the JSON."""
+    ``optim.*`` and handed to ``deepspeed.initialize``, so they are not in the JSON. Bucket sizes the config
+    leaves to the model (``model_sized_buckets``) need ``hidden_size``; without it they are left out and
+    ``training.engine.build`` fills them from the model it wraps."""
     dp = data_parallel_size(cfg, world_size)
     micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum
     zero: dict[str, Any] = {"stage": cfg.parallel.zero_stage}
     overlap = cfg.parallel.overlap_comm
     if cfg.parallel.zero_stage > 0:
         zero["overlap_comm"] = cfg.parallel.zero_stage >= 2 if overlap is None else overlap
+    if hidden_size is not None:
+        zero.update(model_sized_buckets(hidden_size, cfg.parallel.zero_stage))
     if cfg.parallel.zero_stage > 0 and cfg.parallel.bucket_size is not None:
         zero["reduce_bucket_size"] = zero["allgather_bucket_size"] = cfg.parallel.bucket_size
     if cfg.parallel.zero_stage == 3:
@@ -494,9 +512,10 @@ def _check_top_level_keys(user: dict[str, Any], source: str) -> None:
                           f"silently ignore them; remove or rename them.")
 
 
-# "auto" under these keys means DeepSpeed's own default (HF computes them from the hidden size).
-_AUTO_MEANS_DEEPSPEED_DEFAULT = frozenset({"reduce_bucket_size", "allgather_bucket_size",
-                                           "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"})
+# "auto" under these keys means the model-sized value (``model_sized_buckets``, as in HF Trainer): colonnade's
+# when the generated JSON has it, else left out for ``training.engine.build`` to fill from the model.
+_AUTO_MEANS_MODEL_SIZED = frozenset({"reduce_bucket_size", "allgather_bucket_size",
+                                     "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"})
 
 
 def _fill_auto(user: dict[str, Any], ours: dict[str, Any], cfg: RunConfig, source: str) -> dict[str, Any]:
@@ -512,8 +531,8 @@ def _fill_auto(user: dict[str, Any], ours: dict[str, Any], cfg: RunConfig, sourc
                 out[key] = fill(value, where)
             elif value != "auto":
                 out[key] = value
-            elif where[0] == "scheduler" or key in _AUTO_MEANS_DEEPSPEED_DEFAULT:
-                continue  # our warm-up + cosine schedule / DeepSpeed's default
+            elif where[0] == "scheduler" or (key in _AUTO_MEANS_MODEL_SIZED and _lookup(ours, where) is None):
+                continue  # our warm-up + cosine schedule / sized by the engine from the model
             elif where[:2] == ("optimizer", "params") and key in optim:
                 out[key] = optim[key]
             elif _lookup(ours, where) is not None:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from parallel.comm import comm_device
-from training.config import ConfigError, OptimConfig
+from training.config import ConfigError, OptimConfig, model_sized_buckets
 
 
 def lr_lambda(optim: OptimConfig, total_steps: int):
@@ -81,14 +81,38 @@ def _not_untested_optimizer(record) -> bool:
     return "untested optimizer" not in record.getMessage()
 
 
+def hidden_size_of(model: torch.nn.Module) -> int | None:
+    """The hidden size HF Trainer sizes ZeRO's buckets by (transformers/integrations/deepspeed.py): the config's
+    ``hidden_size``, else the largest of ``hidden_sizes``, else the same of its ``text_config``; from the first
+    module with an HF config (a pipeline chunk's layers carry the model's)."""
+    config = next((m.config for m in model.modules() if hasattr(getattr(m, "config", None), "to_dict")), None)
+    for source in (config, getattr(config, "text_config", None)):
+        if getattr(source, "hidden_size", None):
+            return int(source.hidden_size)
+        if getattr(source, "hidden_sizes", None):
+            return int(max(source.hidden_sizes))
+    return None
+
+
+def fill_model_sized_buckets(ds_config: dict[str, Any], model: torch.nn.Module) -> None:
+    """The ZeRO bucket sizes ``ds_config`` leaves out, sized by ``model``'s hidden size (``model_sized_buckets``),
+    written into ``ds_config`` (the run records it in deepspeed.json); a model without one keeps DeepSpeed's."""
+    zero = ds_config.get("zero_optimization", {})
+    hidden = hidden_size_of(model) if zero.get("stage", 0) else None
+    for key, value in (model_sized_buckets(hidden, zero["stage"]) if hidden else {}).items():
+        zero.setdefault(key, value)
+
+
 def build(model: torch.nn.Module, optim: OptimConfig, total_steps: int, ds_config: dict[str, Any], groups):
-    """Wrap ``model`` in a DeepSpeed engine whose ZeRO works over ``groups``' data-parallel group."""
+    """Wrap ``model`` in a DeepSpeed engine whose ZeRO works over ``groups``' data-parallel group; bucket sizes
+    ``ds_config`` leaves out are filled in it from the model's hidden size."""
     import deepspeed
     from deepspeed.utils import logger as deepspeed_logger
 
     if _not_untested_optimizer not in deepspeed_logger.filters:
         deepspeed_logger.addFilter(_not_untested_optimizer)
 
+    fill_model_sized_buckets(ds_config, model)
     optimizer, scheduler = build_optimizer(model, optim, total_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, mpu=groups, dist_init_required=False)
