@@ -34,6 +34,8 @@ import threading
 import time
 from pathlib import Path
 
+from bench.cli import RESULTS
+
 PHASES = ("load", "steps", "optimizer", "save", "export")
 MMAP_THRESHOLD = 256 * 1024
 LAYOUT_KEYS = {"tensor": "parallel.tensor", "pipeline": "parallel.pipeline", "zero": "parallel.zero_stage"}
@@ -273,8 +275,10 @@ def parse_layout(text: str, prog: str = "bench memory") -> tuple[str, list[str],
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
         if key not in {*degrees, *LAYOUT_KEYS} or not value.isdigit():
-            raise SystemExit(f"{prog}: --layout {text!r}: {item!r} is not one of "
-                             f"{', '.join(k + '=N' for k in ('tensor', 'pipeline', 'data', 'zero'))}")
+            from bench.cli import fail
+
+            fail(prog, f"--layout {text!r}: {item!r} is not one of "
+                       f"{', '.join(k + '=N' for k in ('tensor', 'pipeline', 'data', 'zero'))}")
         if key in degrees:
             degrees[key] = int(value)
         if key in LAYOUT_KEYS:
@@ -353,7 +357,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--set", action="append", default=[], help="config override key=value (repeatable)")
     parser.add_argument("--layout", action="append", default=[],
                         help="tensor=N,pipeline=N,data=N,zero=N (repeatable; default: the config's own, 1 process)")
-    parser.add_argument("--out", default="bench/results/memory", help="where results.json and report.md go")
+    parser.add_argument("--out", default=str(RESULTS / "memory"), help="where results.json and report.md go "
+                        "(default: this repository's bench/results/memory, whatever the current directory)")
     parser.add_argument("--work", help="where the runs (checkpoints, exports) go and stay; default: a temporary "
                         "directory, removed at the end")
     parser.add_argument("--timeout", type=int, default=1800)
@@ -367,13 +372,18 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args)
+    from bench.cli import check_config
     from bench.machine import describe
 
+    layouts = [parse_layout(text) for text in args.layout or [""]]
+    for label, sets, nproc in layouts:  # every layout's config as train.py would check it, before any launch
+        check_config("bench memory" + (f" --layout {label}" if label else ""), args.config, args.set + sets, nproc)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    print(f"bench memory: results.json and report.md go to {out.resolve()}", file=sys.stderr)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-memory-"))
     try:
-        records = [run_layout(args, *parse_layout(text), work, i) for i, text in enumerate(args.layout or [""])]
+        records = [run_layout(args, *layout, work, i) for i, layout in enumerate(layouts)]
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)  # made by mkdtemp above: ours alone
