@@ -51,7 +51,7 @@ def wandb_agent_overrides(unknown: list[str], parser: argparse.ArgumentParser) -
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from training.config import (ConfigError, deepspeed_config, for_world, load, load_user_deepspeed_config)
-    from training.faults import CollectiveTimeout, TrainingStopped
+    from training.faults import CollectiveTimeout, PeerLost, TrainingStopped
 
     try:
         cfg = load(args.config, args.overrides)
@@ -73,9 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         training.run(cfg, args.deepspeed_config)
     except (ConfigError, OSError, ValueError) as exc:  # bad input, unreadable / unwritable paths
         return _fail(f"error: {exc}", 2)
-    except TrainingStopped as exc:  # every rank says where it stopped
-        return _fail(str(exc), exc.exit_code, rank0_reports=False)
-    except CollectiveTimeout as exc:  # every rank names the collective it waited in
+    except TrainingStopped as exc:  # every rank stopped after the same step: rank 0 says where
+        return _fail(str(exc), exc.exit_code, only_rank0=True)
+    except (CollectiveTimeout, PeerLost) as exc:  # every rank names the collective it waited in / the lost peer
         return _fail(f"error: {exc}", 4, rank0_reports=False)
     return 0
 
@@ -86,8 +86,10 @@ def main(argv: list[str] | None = None) -> int:
 REPORT_GRACE_S = 10.0
 
 
-def _fail(message: str, code: int, *, rank0_reports: bool = True) -> int:
+def _fail(message: str, code: int, *, rank0_reports: bool = True, only_rank0: bool = False) -> int:
     rank = int(os.environ.get("RANK", "0"))
+    if only_rank0 and rank != 0:
+        return code
     if rank0_reports and rank != 0:
         time.sleep(REPORT_GRACE_S)
     print(f"colonnade (rank {rank}): {message}", file=sys.stderr, flush=True)
@@ -101,6 +103,9 @@ if __name__ == "__main__":
         code = main()
     except SystemExit as exc:  # argparse: --help (0) and usage errors (2), already printed
         code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else _fail(str(exc.code), 1)
+    except KeyboardInterrupt:  # a second Ctrl-C: the first one's orderly stop and save were not waited for
+        code = _fail("interrupted by a second Ctrl-C: stopped at once, without saving the current step; "
+                     "continue from the newest checkpoint with --set train.resume=auto", 130, only_rank0=True)
     except BaseException:  # printed, then the process ends without the interpreter's shutdown (see finish_process)
         import traceback
 

@@ -14,6 +14,7 @@ import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer,
                           PreTrainedTokenizerFast)
 
+from modeling import config_check
 from modeling.materialize import SeededInit, StoredWeights, empty_model, materialize
 
 SPECIAL_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|endoftext|>", "pad_token": "<|pad|>",
@@ -84,10 +85,9 @@ def model_config(*, pretrained: str | None, arch: str | None, config: dict, voca
     fields = dict(config)
     if vocab_size is not None:
         fields.setdefault("vocab_size", vocab_size)
-    try:
-        hf = AutoConfig.for_model(arch, **fields)
-    except ValueError as exc:
-        raise ValueError(f"model.arch={arch!r}: {exc}") from None
+    config_check.check_keys(arch, config)
+    hf = config_check.build_config(arch, fields)
+    config_check.check_values(hf)
     if vocab_size is not None and hf.vocab_size < vocab_size:
         raise ValueError(f"model.config.vocab_size={hf.vocab_size} is smaller than the tokenizer's "
                          f"{vocab_size} tokens; remove it to use the tokenizer's size")

@@ -46,6 +46,7 @@ def _selective(implementation: str):
 def apply(model: nn.Module, mode: str) -> None:
     """Turn on recomputation ``mode`` for the HF model ``model`` (before it is split into pipeline chunks)."""
     if mode == "full":
+        model.config.use_cache = False  # a KV cache is for generation; transformers warns it off per forward
         rng = getattr(model, "tensor_parallel_rng", None)  # the recomputed blocks' split dropout draws too
         extra = {"context_fn": rng.checkpoint_contexts} if rng is not None else {}
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False, **extra})

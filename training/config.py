@@ -15,10 +15,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from parallel.groups import check_degrees
 from parallel.schedules import check_schedule
+
+
+PARTITION_METHODS = ("uniform", "parameters", "measured")
 
 
 class ConfigError(ValueError):
@@ -63,6 +66,11 @@ class DataConfig(_Section):
     max_target_len: int = Field(128, gt=1, description="Longest target, in tokens (longer are truncated).")
     cache_dir: str | None = Field(None, description="datasets cache; default ~/.cache/huggingface.")
 
+    @field_validator("train_files", "valid_files", mode="before")
+    @classmethod
+    def _one_file_is_a_list(cls, value):
+        return [value] if isinstance(value, str) else value
+
 
 class TrainConfig(_Section):
     steps: int = Field(gt=0, description="Optimizer steps to run.")
@@ -74,7 +82,12 @@ class TrainConfig(_Section):
                                           "batch stays the same when an elastic restart changes the number of "
                                           "nodes; None = micro_batch_size x grad_accum x data-parallel size.")
     seed: int = Field(1234, description="Seeds weights (from scratch), dropout and the data order.")
-    output_dir: str = Field("runs/default", description="Metrics, checkpoints and the HF export.")
+    output_dir: str = Field("runs/default", description="Metrics, checkpoints and the HF export. A new or empty "
+                            "directory, or one an earlier start of a colonnade run wrote (it holds colonnade_run.json); "
+                            "any other directory is refused.")
+    overwrite: bool = Field(False, description="Start again from step 0 in output_dir although it holds a run: "
+                            "that run's checkpoints, metrics and run files are moved into output_dir/earlier/N "
+                            "first (nothing is deleted). Without it such a run is continued only by train.resume.")
     log_every: int = Field(1, gt=0, description="Steps between metric records.")
     eval_every: int = Field(0, ge=0, description="Steps between evals; 0 = only at the end.")
     eval_batches: int | None = Field(None, gt=0, description="Validation micro-batches scored per eval, counted "
@@ -103,10 +116,24 @@ class TrainConfig(_Section):
                                        "row stop the run.")
 
 
+    @field_validator("output_dir")
+    @classmethod
+    def _a_directory_name(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("the run needs a directory of its own; name one, e.g. runs/my-run")
+        return value
+
+    @model_validator(mode="after")
+    def _one_way_to_start(self):
+        if self.overwrite and self.resume is not None:
+            raise ValueError(f"train.overwrite=true starts again from step 0 and train.resume={self.resume} "
+                             f"continues a checkpoint: set one of them")
+        return self
+
     @property
     def derives_grad_accum(self) -> bool:
         """grad_accum comes from global_batch_size at launch (``for_world``)."""
-        return self.global_batch_size is not None and "grad_accum" not in self.model_fields_set
+        return self.global_batch_size is not None
 
 
 class OptimConfig(_Section):
@@ -171,6 +198,14 @@ class ParallelConfig(_Section):
                            "'measured' (balanced by each item's forward + backward time, probed before the run; "
                            "the chosen layout is printed and saved in output_dir/pipeline_partition.json) or a "
                            "layout string such as 'E,t,t|t,t,L' (E embedding, t block, L head + loss).")
+    @field_validator("partition")
+    @classmethod
+    def _partition_method_or_layout(cls, value: str) -> str:
+        if value not in PARTITION_METHODS and not set(value) <= set("Et,L| "):
+            raise ValueError(f"expected one of {', '.join(PARTITION_METHODS)} or a layout string of E, t and L "
+                             f"such as 'E,t,t|t,t,L' (stages separated by |)")
+        return value
+
     p2p_timeout_s: float = Field(600.0, gt=0, description="A pipeline receive waiting longer fails the job.")
     timeout_s: float = Field(1800.0, gt=0, description="A collective (all-reduce, gather, ...) not complete after "
                              "this many seconds ends the job with an error naming the operation and the rank, "
@@ -336,11 +371,15 @@ def validate(raw: dict[str, Any], source: str = "config") -> RunConfig:
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """``'optim.lr=3e-4'`` -> (['optim', 'lr'], 0.0003). The value is read as YAML (numbers, lists, null)."""
+    """``'optim.lr=3e-4'`` -> (['optim', 'lr'], 0.0003). The value is read as YAML (numbers, lists, null); text
+    that is not valid YAML is taken as a string."""
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. --set optim.lr=3e-4")
-    value = yaml.safe_load(text) if text.strip() else ""
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:  # '{stdlib}/a*.py', '[0.9,': the text as written (the schema says if it is wrong)
+        value = text.strip()
     if isinstance(value, str):  # YAML 1.1 reads '3e-4' as a string; users mean a number
         try:
             value = float(value) if any(c in value for c in "eE.") and value.lower() != "e" else value
@@ -359,7 +398,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(child, dict):
                 raise ConfigError(f"--set {item!r}: {part} is a value, not a section")
             node = child
-        node[path[-1]] = value
+        if value is None:  # --set key=null: unset, the schema's default applies
+            node.pop(path[-1], None)
+        else:
+            node[path[-1]] = value
     return merged
 
 
@@ -388,9 +430,11 @@ def data_parallel_size(cfg: RunConfig, world_size: int) -> int:
         raise ConfigError(str(exc)) from None
 
 
-def for_world(cfg: RunConfig, world_size: int) -> RunConfig:
+def for_world(cfg: RunConfig, world_size: int, first_start: bool = True) -> RunConfig:
     """``cfg`` for a launch of ``world_size`` processes: with ``train.global_batch_size`` its grad_accum derived
-    (and checked, e.g. against the pipeline schedule); otherwise ``cfg`` itself."""
+    (and checked, e.g. against the pipeline schedule); otherwise ``cfg`` itself. A ``train.grad_accum`` the YAML
+    also sets must agree at the first start; an elastic restart (``first_start`` False) at another data-parallel
+    size derives it as every start does."""
     if cfg.train.global_batch_size is None:
         return cfg
     dp, micro, total = data_parallel_size(cfg, world_size), cfg.train.micro_batch_size, cfg.train.global_batch_size
@@ -400,9 +444,16 @@ def for_world(cfg: RunConfig, world_size: int) -> RunConfig:
         raise ConfigError(f"train.global_batch_size={total} is not divisible by {where}; choose a global batch "
                           f"that every data-parallel size the job may run at divides, or another micro_batch_size")
     accum = total // (micro * dp)
-    if not cfg.train.derives_grad_accum and cfg.train.grad_accum != accum:
+    if first_start and "grad_accum" in cfg.train.model_fields_set and cfg.train.grad_accum != accum:
         raise ConfigError(f"train.grad_accum={cfg.train.grad_accum} and train.global_batch_size={total} disagree: "
-                          f"{where} gives grad_accum {accum}; remove train.grad_accum (it is derived)")
+                          f"{where} gives grad_accum {accum}; with a global batch size grad_accum is derived at "
+                          f"every world size: remove it from the YAML or pass --set train.grad_accum=null")
+    par = cfg.parallel
+    if par.pipeline > 1:
+        try:
+            check_schedule(par.schedule, par.pipeline, accum, par.virtual_stages)
+        except ValueError as exc:
+            raise ConfigError(f"train.global_batch_size={total} at world size {world_size}: {exc}") from None
     raw = cfg.to_dict()
     raw["train"]["grad_accum"] = accum
     return validate(raw, source=f"train.global_batch_size={total} at world size {world_size}")

@@ -10,6 +10,8 @@ therefore needs nothing but ``s``, and any split of ``B`` over (dp, accum) sees 
 
 from __future__ import annotations
 
+import contextlib
+
 import codecs
 import glob
 import json
@@ -75,21 +77,33 @@ def check_utf8(files: list[str], key: str) -> None:
                              f"(iconv -t utf-8) or remove it from {key}")
 
 
+@contextlib.contextmanager
+def datasets_progress(shown: bool):
+    """``datasets``' progress bars (tokenize, pack) shown only if ``shown`` (and not turned off by the user);
+    the previous setting comes back afterwards."""
+    import datasets
+
+    enabled = datasets.is_progress_bar_enabled()
+    if not shown:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if enabled and not shown:
+            datasets.enable_progress_bars()
+
+
 def _load_dataset(kind: str, files: list[str], key: str, cache_dir: str | None, **extra):
     """``datasets.load_dataset`` of local files; a file that is not UTF-8 text is named (datasets only says
     that generation failed). Checked only on failure: a full read of every file on every start costs."""
     import datasets
 
-    quiet = not datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()  # "Downloading data" (of local files) and "Generating train split"
-    try:
-        return datasets.load_dataset(kind, data_files=files, split="train", cache_dir=cache_dir, **extra)
-    except Exception:
-        check_utf8(files, key)
-        raise
-    finally:
-        if not quiet:
-            datasets.enable_progress_bars()
+    with datasets_progress(False):  # "Downloading data" (of local files) and "Generating train split"
+        try:
+            return datasets.load_dataset(kind, data_files=files, split="train", cache_dir=cache_dir, **extra)
+        except Exception:
+            check_utf8(files, key)
+            raise
 
 
 def check_jsonl(files: list[str], key: str) -> None:

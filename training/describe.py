@@ -30,7 +30,7 @@ def planned_model(cfg: RunConfig) -> str:
 
 def layout(cfg: RunConfig, world_size: int) -> str:
     data = data_parallel_size(cfg, world_size)
-    pipeline = (f" ({cfg.parallel.schedule}, {cfg.parallel.virtual_stages} virtual stages)"
-                if cfg.parallel.pipeline > 1 else "")
+    virtual = f", {cfg.parallel.virtual_stages} virtual stages" if cfg.parallel.virtual_stages > 1 else ""
+    pipeline = f" ({cfg.parallel.schedule}{virtual})" if cfg.parallel.pipeline > 1 else ""
     return (f"world {world_size} = tensor {cfg.parallel.tensor} x pipeline {cfg.parallel.pipeline}{pipeline} x "
             f"data {data}; ZeRO-{cfg.parallel.zero_stage}; {cfg.precision}")

@@ -7,6 +7,7 @@ have left.
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import threading
 
@@ -28,6 +29,10 @@ class TrainingStopped(RuntimeError):
 
 class CollectiveTimeout(RuntimeError):
     """A collective did not complete within ``parallel.timeout_s``."""
+
+
+class PeerLost(RuntimeError):
+    """Another rank's process or node went away while this rank communicated with it."""
 
 
 class StopSignals:
@@ -55,8 +60,9 @@ class StopSignals:
         if self.received == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.received = signum
-        log.warning("colonnade: %s received; finishing the current step, then saving a checkpoint",
-                    signal.Signals(signum).name)
+        if not dist.is_initialized() or dist.get_rank() == 0:  # every rank gets the signal; one says so
+            log.warning("colonnade: %s received; finishing the current step, then saving a checkpoint",
+                        signal.Signals(signum).name)
 
     def requested(self) -> int | None:
         """The signal any rank received (the same answer on every rank), or None. Collective."""
@@ -101,6 +107,25 @@ def is_timeout(exc: BaseException) -> bool:
         return False
     text = str(exc).lower()
     return "timed out" in text or "timeout after" in text or "timeout(ms)" in text
+
+
+# What gloo and NCCL say when the other end of a connection is gone.
+_PEER_GONE = ("connection closed by peer", "connection reset by peer", "broken pipe", "communicator was aborted",
+              "remote process exited")
+
+
+def is_peer_lost(exc: BaseException) -> bool:
+    return (isinstance(exc, RuntimeError) and not isinstance(exc, (TrainingStopped, CollectiveTimeout, PeerLost))
+            and any(phrase in str(exc).lower() for phrase in _PEER_GONE))
+
+
+def peer_lost_error(exc: BaseException, rank: int, operation: str) -> PeerLost:
+    """One line for the lost peer (gloo's message names its address) instead of the library's traceback."""
+    address = re.search(r"\[([0-9A-Za-z.:_-]+)\]:(\d+)", str(exc))
+    peer = f"the peer at {address.group(1)}:{address.group(2)}" if address else "a peer"
+    return PeerLost(f"rank {rank}: lost the connection to {peer} during {operation}: another rank's process or "
+                    f"node is gone (its own log says why). Under torchrun --max-restarts the job restarts from the "
+                    f"newest complete checkpoint; otherwise resume with --set train.resume=auto")
 
 
 def timeout_error(exc: BaseException, rank: int, timeout_s: float, operation: str) -> CollectiveTimeout:

@@ -32,10 +32,11 @@ from modeling.tp_plans import check_tensor_parallel_fits
 from parallel.flight import FlightRecorder
 from parallel.grad_norm import global_grad_norm
 from parallel.groups import ProcessGroups
-from training import checkpoint, data, elastic, engine as engine_lib, host_memory, seq2seq
+from training import checkpoint, data, elastic, engine as engine_lib, host_memory, run_dir, seq2seq
 from training.rank0 import on_rank0, rank0_first
 from training.background_save import BackgroundSave
-from training.faults import NonFiniteSteps, StopSignals, TrainingStopped, is_timeout, timeout_error
+from training.faults import (NonFiniteSteps, StopSignals, TrainingStopped, is_peer_lost, is_timeout,
+                             peer_lost_error, timeout_error)
 from training.pipeline import PipelineRunner, build_chunks
 from training.config import ConfigError, RunConfig, deepspeed_config, for_world, load_user_deepspeed_config
 from training.describe import layout
@@ -126,13 +127,14 @@ def finish_process(code: int = 0) -> None:
     os._exit(code)
 
 
-def build_tokenizer(cfg: RunConfig, train_files: list[str], resume_from: Path | None = None):
-    """The run's tokenizer: the one saved in ``output_dir/tokenizer`` by an earlier start of this run, else a
-    resumed checkpoint's, else what ``model.tokenizer`` says. A directory is read by every rank (rank 0 first);
+def build_tokenizer(cfg: RunConfig, train_files: list[str], resume_from: Path | None = None,
+                    start_over: bool = False):
+    """The run's tokenizer: the one saved in ``output_dir/tokenizer`` by an earlier start of this run (unless this
+    start begins again over it), else a resumed checkpoint's, else what ``model.tokenizer`` says. A directory is read by every rank (rank 0 first);
     a BPE is trained on rank 0 and sent to the others. Nothing is written here (``_save_run_files`` does, once
     every input check has passed)."""
     choice = cfg.model.tokenizer or (cfg.model.pretrained if cfg.model.pretrained else "byte")
-    saved = [d for d in (Path(cfg.train.output_dir) / "tokenizer", resume_from)
+    saved = [d for d in (None if start_over else Path(cfg.train.output_dir) / "tokenizer", resume_from)
              if d is not None and (d / "tokenizer_config.json").is_file()]
     directory = saved[0] if saved else (None if choice in ("byte", "bpe") else Path(choice))
     if directory is not None:
@@ -160,7 +162,9 @@ def _tokenizer_texts(cfg: RunConfig, train_files: list[str]):
     return (row["text"] for row in texts)
 
 
-def build_data(cfg: RunConfig, tokenizer, train_files: list[str], valid_files: list[str]):
+def build_data(cfg: RunConfig, tokenizer, train_files: list[str], valid_files: list[str], fresh_start: bool = True):
+    """The packed training and validation blocks (made on rank 0 first, then read from the cache); the
+    tokenize and pack bars only on rank 0 of a fresh start with ``train.progress``."""
     def make():
         blocks = {}
         for key, files in (("data.train_files", train_files), ("data.valid_files", valid_files)):
@@ -172,7 +176,8 @@ def build_data(cfg: RunConfig, tokenizer, train_files: list[str], valid_files: l
                 blocks[key] = data.tokenize_and_pack(texts, tokenizer, cfg.data.seq_len, key)
         return blocks
 
-    blocks = rank0_first(make, "tokenizing the data")
+    with data.datasets_progress(cfg.train.progress and fresh_start and dist.get_rank() == 0):
+        blocks = rank0_first(make, "tokenizing the data")
     return blocks["data.train_files"], blocks.get("data.valid_files")
 
 
@@ -214,6 +219,7 @@ class _Inputs:
     train_files: list[str]
     valid_files: list[str]
     resume_from: Path | None
+    start_over: bool  # from step 0 over an earlier run's files, which ``run_dir.claim`` moves aside
 
 
 def _check_inputs(cfg: RunConfig, deepspeed_config_file: str | None) -> _Inputs:
@@ -236,17 +242,15 @@ def _check_inputs(cfg: RunConfig, deepspeed_config_file: str | None) -> _Inputs:
         _console(f"elastic restart {elastic.restart_count()} of this job (torchrun): world size {world}, "
                  f"continuing from the newest complete checkpoint in {cfg.train.output_dir}")
     resume_from = checkpoint.agree_on_resume(resume, cfg.train.output_dir)
+    start_over = run_dir.check(cfg.train.output_dir, resume, cfg.train.overwrite)
     leftover = checkpoint.existing_checkpoint(cfg.train.output_dir) if resume_from is None else None
-    if leftover is not None and resume is None:
-        raise ConfigError(f"train.output_dir={cfg.train.output_dir} already holds checkpoints of another run: "
-                          f"set train.resume=auto to continue it, or choose a new train.output_dir")
-    if leftover is not None:
+    if leftover is not None and not cfg.train.overwrite:
         _console(f"train.resume=auto: no complete checkpoint in {checkpoint.checkpoint_root(cfg.train.output_dir)} "
                  f"(only incomplete saves such as {leftover.name}, or an older format); starting from step 0")
     _check_writable(Path(cfg.train.output_dir))
     if cfg.train.export_hf:
         checkpoint.check_export_dir(Path(cfg.train.output_dir) / "hf")
-    return _Inputs(ds_config, train_files, valid_files, resume_from)
+    return _Inputs(ds_config, train_files, valid_files, resume_from, start_over)
 
 
 def _check_writable(output_dir: Path) -> None:
@@ -318,10 +322,13 @@ def _build_engine(cfg: RunConfig, model, pipeline, ds_config: dict[str, Any], gr
     return model_engine, PipelineRunner(model_engine, cfg, groups, tied_weight, model.config.hidden_size)
 
 
-def _save_run_files(cfg: RunConfig, ds_config: dict[str, Any], tokenizer) -> None:
-    """Rank 0, once every check passed: the effective config, the DeepSpeed JSON and the tokenizer."""
+def _save_run_files(cfg: RunConfig, ds_config: dict[str, Any], tokenizer, start_over: bool) -> None:
+    """Rank 0, once every check passed: the run's marker (an earlier run's files moved aside when this start
+    begins again over them), the effective config, the DeepSpeed JSON and the tokenizer."""
     out = Path(cfg.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    moved = run_dir.claim(cfg.train.output_dir, start_over)
+    if moved is not None:
+        _console(f"starting from step 0: the earlier run's files in {out} were moved into {moved}")
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     (out / "deepspeed.json").write_text(json.dumps(ds_config, indent=2))
     if not (out / "tokenizer" / "tokenizer_config.json").is_file():
@@ -342,12 +349,13 @@ def run(cfg: RunConfig, deepspeed_config_file: str | None = None) -> RunResult:
     """Train according to ``cfg``; collective over all ranks of the launched job. Nothing is written to
     ``train.output_dir`` until every check of the input has passed."""
     init_distributed(cfg.parallel.timeout_s)
-    cfg = for_world(cfg, dist.get_world_size())
+    cfg = for_world(cfg, dist.get_world_size(), first_start=elastic.restart_count() == 0)
     inputs = _check_inputs(cfg, deepspeed_config_file)
     groups = ProcessGroups.from_degrees(cfg.parallel.tensor, cfg.parallel.pipeline, timeout_s=cfg.parallel.timeout_s)
     set_seed(cfg.train.seed)  # Python's, NumPy's and torch's generators, as HF Trainer seeds them
-    tokenizer = build_tokenizer(cfg, inputs.train_files, inputs.resume_from)
-    train_blocks, valid_blocks = build_data(cfg, tokenizer, inputs.train_files, inputs.valid_files)
+    tokenizer = build_tokenizer(cfg, inputs.train_files, inputs.resume_from, inputs.start_over)
+    train_blocks, valid_blocks = build_data(cfg, tokenizer, inputs.train_files, inputs.valid_files,
+                                            fresh_start=inputs.resume_from is None)
     plan = data.BatchPlan(cfg.train.micro_batch_size, cfg.train.grad_accum, groups.data)
     data.check_enough_for_one_step(train_blocks, plan, "data.train_files")
     full, model, pipeline = _build_model(cfg, tokenizer, {"data.train_files": train_blocks,
@@ -360,7 +368,7 @@ def run(cfg: RunConfig, deepspeed_config_file: str | None = None) -> RunResult:
     if inputs.resume_from is not None:
         resumed = checkpoint.restore(model_engine, model, groups, inputs.resume_from)
         _announce_resume(cfg, inputs.resume_from, resumed)
-    on_rank0(lambda: _save_run_files(cfg, inputs.ds_config, tokenizer), "writing the run files")
+    on_rank0(lambda: _save_run_files(cfg, inputs.ds_config, tokenizer, inputs.start_over), "writing the run files")
     start_step = resumed.step if resumed else 0
     # Samples already seen: the data order continues where it stopped even if the global batch changed.
     sample_offset = resumed.consumed_samples - start_step * plan.global_batch if resumed else 0
@@ -443,6 +451,8 @@ class _Loop:
         except Exception as exc:
             if is_timeout(exc):
                 raise timeout_error(exc, dist.get_rank(), cfg.parallel.timeout_s, self.operation) from exc
+            if is_peer_lost(exc):
+                raise peer_lost_error(exc, dist.get_rank(), self.operation) from exc
             raise
         written = [f"metrics {out / 'metrics.jsonl'}"]
         if self.last_saved is not None:

@@ -20,7 +20,7 @@ from parallel.p2p import PipeComm
 from parallel.partition import chunks_of_rank, layout_string, stage_specs
 from parallel.schedules import ORDERS, SPLIT_BACKWARD, Op, run_schedule
 from parallel.weight_grad import WeightGradStore
-from training import stage_costs
+from training import run_dir, stage_costs
 
 
 def build_chunks(model, cfg, groups):
@@ -51,7 +51,7 @@ def _stage_specs(model, cfg, groups):
     if method == "measured" and dist.get_rank() == 0:
         chosen = layout_string(specs)
         out = Path(cfg.train.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        run_dir.claim(cfg.train.output_dir)
         (out / "pipeline_partition.json").write_text(json.dumps({"partition": chosen, "seconds": costs}, indent=1))
         print(f"parallel.partition=measured: {chosen} (forward + backward ms: embedding {costs['embed'] * 1e3:.2f}, "
               f"blocks {', '.join(f'{s * 1e3:.2f}' for s in costs['blocks'])}, head + loss {costs['head'] * 1e3:.2f}); "
