@@ -355,7 +355,8 @@ class CheckpointWeights:
 def restore(engine, model, groups, path: Path) -> TrainerState:
     """After ``deepspeed.initialize``: optimizer moments (and fp32 masters), AdamW step count, LR schedule,
     loss scaler and RNG states from ``path``, each rebuilt for this rank's shard of the current layout from
-    the saved pieces that overlap it."""
+    the saved pieces that overlap it. Of each parameter's moments a rank reads only its ZeRO partition's range
+    (``optimizer_state.held_range``), one parameter at a time: no rank builds whole tensors it does not hold."""
     trainer = json.loads((path / "trainer_state.json").read_text())
     reader = CheckpointReader(path)
     tp_shards = shards(model, groups.tp_group)
@@ -365,10 +366,12 @@ def restore(engine, model, groups, path: Path) -> TrainerState:
             by_param[id(param)] = (name, param)
     for key in optimizer_state.MOMENTS + ("master",):
         for name, param in by_param.values():
-            if reader.has(f"{key}/{name}"):
-                value = reader.local(f"{key}/{name}", tp_shards[name], _local_shape(param), torch.float32)
-                optimizer_state.put(engine, param, key, value)
-            elif key != "master":
+            held = optimizer_state.held_range(engine, param)
+            if held is not None and reader.has(f"{key}/{name}"):
+                values = reader.local_range(f"{key}/{name}", tp_shards[name], _local_shape(param), torch.float32,
+                                            *held)
+                optimizer_state.put_range(engine, param, key, values)
+            elif key != "master" and not reader.has(f"{key}/{name}"):
                 raise CheckpointError(f"{path}: no {key} for {name}")
     optimizer_state.set_optimizer_steps(engine, trainer["optimizer_steps"])
     _restore_lr_schedule(engine, trainer["lr_scheduler"])

@@ -100,35 +100,111 @@ class CheckpointReader:
     def local(self, key: str, shard: Shard, local_shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """The tensor of ``key`` as a rank of another layout holds it (its ``shard`` of the full tensor, in its
         layout, zeros where the shard is padding), read only from the saved shards that overlap it."""
+        return self.local_range(key, shard, local_shape, dtype, 0, math.prod(local_shape)).view(local_shape)
+
+    def local_range(self, key: str, shard: Shard, local_shape: tuple[int, ...], dtype: torch.dtype,
+                    start: int, stop: int) -> torch.Tensor:
+        """Elements ``[start, stop)`` of that tensor flattened (e.g. one ZeRO partition's), flat: only the rows
+        of the local tensor that hold them are built, from only the saved rows they overlap."""
         found = self.pieces.get(key)
         if not found:
             raise CheckpointError(f"{self.path}: the checkpoint holds no {key}")
-        out = torch.zeros(local_shape, dtype=dtype)
+        if not local_shape:
+            local_shape, shard = (1,), Shard(None)
+        row = math.prod(local_shape[1:])
+        rows = (start // row, -(-stop // row))
+        out = torch.zeros((rows[1] - rows[0],) + tuple(local_shape[1:]), dtype=dtype)
         by_shard: dict[Shard, list[Piece]] = {}
         for piece in found:
             by_shard.setdefault(piece.shard, []).append(piece)
-        covered = 0
+        covered, full_shape = 0, found[0].full_shape or (1,)
         for saved, pieces in by_shard.items():
-            overlaps = _overlaps(saved, shard, pieces[0].full_shape)
-            if overlaps:
-                source = self._saved_local(key, pieces, dtype)
-                covered += _copy_overlaps(source, saved, out, shard, overlaps)
-        if covered != _held(found[0].shard, shard, found[0].full_shape):
+            window = _Window(saved, shard, full_shape, rows)
+            if window.overlaps:
+                source = self._saved_rows(key, pieces, dtype, window.saved_rows(pieces[0].local_shape or (1,)))
+                covered += window.copy(source, out)
+        if covered != _Window(found[0].shard, shard, full_shape, rows).held():
             raise CheckpointError(f"{self.path}: the saved pieces of {key} do not cover it (damaged {INDEX}?)")
-        return out
+        return out.view(-1)[start - rows[0] * row:stop - rows[0] * row]
 
-    def _saved_local(self, key: str, pieces: list[Piece], dtype: torch.dtype) -> torch.Tensor:
-        """One saved rank's local tensor, from the flat pieces its data-parallel replicas wrote."""
-        local = torch.empty(pieces[0].local_shape, dtype=dtype)
+    def _saved_rows(self, key: str, pieces: list[Piece], dtype: torch.dtype, rows: tuple[int, int]) -> torch.Tensor:
+        """Rows ``rows`` of one saved rank's local tensor, from the flat pieces its data-parallel replicas wrote."""
+        shape = pieces[0].local_shape or (1,)
+        row = math.prod(shape[1:])
+        first, last = rows[0] * row, rows[1] * row
+        local = torch.empty((rows[1] - rows[0],) + tuple(shape[1:]), dtype=dtype)
         flat, filled = local.view(-1), 0
         for piece in sorted(pieces, key=lambda p: p.start):
-            if piece.start != filled:
+            lo, hi = max(first, piece.start), min(last, piece.start + piece.numel)
+            if lo >= hi:
+                continue
+            if lo != first + filled:
                 break
-            flat[piece.start:piece.start + piece.numel] = self._handle(piece.file).get_tensor(piece.key).reshape(-1)
-            filled += piece.numel
+            flat[filled:filled + hi - lo] = self._read(piece, lo - piece.start, hi - piece.start, row)
+            filled += hi - lo
         if filled != flat.numel():
-            raise CheckpointError(f"{self.path}: elements {filled}.. of a saved shard of {key} are in no file")
+            raise CheckpointError(f"{self.path}: elements {first + filled}.. of a saved shard of {key} are in no file")
         return local
+
+
+    def _read(self, piece: Piece, lo: int, hi: int, row: int) -> torch.Tensor:
+        """Elements ``[lo, hi)`` of a stored piece, flat: a flat range of a format-2 piece, whole rows of a
+        format-1 tensor (stored whole, in its shape)."""
+        stored = self._handle(piece.file).get_slice(piece.key)
+        dims = len(stored.get_shape())
+        if dims == 0:
+            return self._handle(piece.file).get_tensor(piece.key).reshape(-1)
+        return (stored[lo:hi] if dims == 1 else stored[lo // row:hi // row]).reshape(-1)
+
+
+class _Window:
+    """Rows ``rows`` (along dimension 0 of the wanted rank's local tensor) of the wanted shard, and what the
+    saved shard ``saved`` holds of them: ``overlaps`` (offset in the saved local tensor, offset in the wanted
+    one, length) along the sharded dimension, in the HF layout, clipped to the rows where they run along it."""
+
+    def __init__(self, saved: Shard, wanted: Shard, full_shape: tuple[int, ...], rows: tuple[int, int]):
+        self.saved, self.wanted, self.rows = saved, wanted, rows
+        self.dim = _sharded_dim(saved, wanted)
+        self.length = full_shape[self.dim]
+        self.along = _row_dim(wanted) == self.dim  # the rows cut the sharded dimension
+        self.overlaps = [clipped for old, new, length in _overlaps(saved, wanted, full_shape)
+                         if (clipped := self._clip(old, new, length))]
+
+    def _clip(self, old: int, new: int, length: int):
+        if not self.along:
+            return old, new, length
+        start, stop = max(new, self.rows[0]), min(new + length, self.rows[1])
+        return (old + start - new, start - self.rows[0], stop - start) if start < stop else None
+
+    def saved_rows(self, saved_shape: tuple[int, ...]) -> tuple[int, int]:
+        """The rows of the saved local tensor the overlaps need."""
+        if _row_dim(self.saved) == self.dim:
+            return min(o for o, _, _ in self.overlaps), max(o + n for o, _, n in self.overlaps)
+        return self.rows if not self.along else (0, saved_shape[0])
+
+    def copy(self, source: torch.Tensor, out: torch.Tensor) -> int:
+        """Copy the overlaps from ``source`` (rows ``saved_rows`` of the saved local tensor) into ``out`` (the
+        window's rows); returns how many positions of the sharded dimension were filled."""
+        src, dst = _hf_view(source, self.saved), _hf_view(out, self.wanted)
+        first = self.saved_rows(tuple(source.shape))[0] if _row_dim(self.saved) == self.dim else 0
+        if not self.along and _row_dim(self.saved) != _row_dim(self.wanted):
+            src = src.narrow(_row_dim(self.wanted), self.rows[0], self.rows[1] - self.rows[0])
+        for old, new, length in self.overlaps:
+            dst.narrow(self.dim, new, length).copy_(src.narrow(self.dim, old - first, length))
+        return sum(length for _, _, length in self.overlaps)
+
+    def held(self) -> int:
+        """Positions of the sharded dimension the window holds real values at (padding excluded)."""
+        segments = ([(0, self.length)] if self.wanted.dim is None else
+                    [(new, new + stop - start) for start, stop, new in _segments(self.wanted, self.length)])
+        if not self.along:
+            return sum(stop - start for start, stop in segments)
+        return sum(max(0, min(stop, self.rows[1]) - max(start, self.rows[0])) for start, stop in segments)
+
+
+def _row_dim(shard: Shard) -> int:
+    """The HF dimension along which a local tensor's rows (its dimension 0) run."""
+    return 1 if shard.transposed else 0
 
 
 def _segments(shard: Shard, length: int) -> list[tuple[int, int, int]]:
@@ -165,26 +241,3 @@ def _overlaps(saved: Shard, wanted: Shard, full_shape: tuple[int, ...]) -> list[
 
 def _hf_view(tensor: torch.Tensor, shard: Shard) -> torch.Tensor:
     return tensor.t() if shard.transposed else tensor
-
-
-def _copy_overlaps(source: torch.Tensor, saved: Shard, out: torch.Tensor, wanted: Shard,
-                   overlaps: list[tuple[int, int, int]]) -> int:
-    """Copy the overlapping runs; returns how many positions of the sharded dimension were filled."""
-    src, dst = _hf_view(source, saved), _hf_view(out, wanted)
-    if src.dim() == 0:
-        dst.copy_(src)
-        return 1
-    dim = _sharded_dim(saved, wanted)
-    for old, new, length in overlaps:
-        dst.narrow(dim, new, length).copy_(src.narrow(dim, old, length))
-    return sum(length for _, _, length in overlaps)
-
-
-def _held(saved: Shard, wanted: Shard, full_shape: tuple[int, ...]) -> int:
-    """Positions of the sharded dimension the wanted tensor holds real values at (padding excluded)."""
-    if not full_shape:
-        return 1
-    if wanted.dim is None:
-        return full_shape[_sharded_dim(saved, wanted)]
-    return sum(stop - start for start, stop in wanted.ranges)
-

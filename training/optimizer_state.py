@@ -6,7 +6,8 @@ ZeRO-3 partitions them per parameter; ZeRO-0 is plain AdamW. These functions hid
 the tensor shaped like this rank's parameter (its tensor-parallel shard, gathered over data parallelism, on
 the parameter's device), ``put`` writes one. Only trainable parameters have optimizer state. Both are
 collective over the data-parallel group for ZeRO 1-3. ``owned_part`` is what a checkpoint stores: the flat
-range of a parameter (its weights or a state) that this rank alone holds, with no communication.
+range of a parameter (its weights or a state) that this rank alone holds, with no communication; a resume
+writes each rank's range back with ``held_range`` / ``put_range``, from only that range's values.
 
 ZeRO 1/2 create AdamW's state lazily at the first step and only then link each parameter to its slice
 of it; resuming needs the state before that, so the slices are addressed here from DeepSpeed's
@@ -110,6 +111,44 @@ def put(engine, param: torch.nn.Parameter, key: str, value: torch.Tensor) -> Non
         return  # this rank's partition holds no fragment of the parameter
     with torch.no_grad():
         _fragment(engine, param, key).copy_(value.to(param.device, torch.float32).flatten()[_lp_range(param)])
+
+
+def held_range(engine, param: torch.nn.Parameter) -> tuple[int, int] | None:
+    """The flat range of ``param`` (its tensor-parallel shard, flattened) whose optimizer state this rank
+    holds, or None: its ZeRO partition (ZeRO 1/2: the fragment in its flat partition; ZeRO-3: its partition,
+    padding excluded), the whole parameter at ZeRO-0."""
+    stage, numel = _stage(engine), getattr(param, "ds_numel", param.numel())
+    if stage == 3:
+        start = dist.get_rank(param.ds_process_group) * param.ds_tensor.ds_numel
+        return (start, min(numel, start + param.ds_tensor.ds_numel)) if start < numel else None
+    if stage in (1, 2):
+        if param._hp_mapping is None:
+            return None
+        lp = _lp_range(param)
+        return lp.start, lp.stop
+    return 0, numel
+
+
+def put_range(engine, param: torch.nn.Parameter, key: str, values: torch.Tensor) -> None:
+    """Write ``values``, the flat ``held_range`` of ``param``'s ``key`` (MOMENTS or 'master'), into this
+    rank's optimizer state; no communication."""
+    stage = _stage(engine)
+    if stage == 0:
+        put(engine, param, key, values.view_as(param))
+        return
+    if stage == 3:
+        from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
+
+        _ensure_zero3_state(engine)
+        padded = torch.zeros(param.ds_tensor.ds_numel, dtype=torch.float32, device=param.ds_tensor.device)
+        padded[:values.numel()] = values  # the last partition's padding stays zero
+        if key == "master":
+            safe_set_local_fp32_param(param, padded)
+        else:
+            safe_set_local_optimizer_state(param, padded, key)
+        return
+    with torch.no_grad():
+        _fragment(engine, param, key).view(-1).copy_(values.to(param.device, torch.float32))
 
 
 def owned_part(engine, tensor: torch.Tensor, key: str, dp_rank: int, dp_world: int):
