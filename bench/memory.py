@@ -6,7 +6,8 @@
 
 Each layout trains for real under torchrun (``train.steps`` steps, then the end-of-run save and export the config
 asks for). Every rank measures its own peak memory in each phase (``PhasePeaks``): ``runtime`` (before the model
-exists: interpreter, torch, DeepSpeed, data), ``load`` (model construction and the DeepSpeed engine), ``steps``
+exists: interpreter, torch, DeepSpeed, data), ``load`` (model construction and the DeepSpeed engine), ``resume``
+(a resumed run's ``checkpoint.restore``: the optimizer state written into DeepSpeed's partitions), ``steps``
 (forward and backward passes, eval), ``optimizer`` (inside DeepSpeed's ``engine.step``: gradient reduction at the
 boundary, clipping, AdamW), ``save`` (the checkpoint), ``export`` (``output_dir/hf``). On CPU the peak is
 anonymous resident memory (what the process allocated; pages of memory-mapped safetensors files are page cache the
@@ -14,9 +15,10 @@ kernel can drop, and are in results.json's ``rss`` peaks only). The formula is t
 rank for this rank's parameters (``memory_formula_bytes``): weights, gradients, AdamW moments and, under ZeRO, the
 fp32 master partition and, under ZeRO-3, the largest layer gathered in full with its gradient (DeepSpeed's own
 estimate), plus the activations, measured (``SavedActivations``: the most bytes of tensors autograd held for the
-backward at once during the steps). CPU ranks run with ``MALLOC_MMAP_THRESHOLD_`` (``--malloc-mmap-threshold``) so
-that resident memory follows the live tensors: with glibc's default, memory of freed tensors under 32 MB stays in
-the heap and a phase's peak carries the previous phase's high-water mark. For the save and export phases the
+backward at once during the steps). CPU ranks fix glibc's mmap threshold at 256 KB themselves
+(``training/host_memory.py``; ``--malloc-mmap-threshold N`` passes ``MALLOC_MMAP_THRESHOLD_=N`` instead), so that
+resident memory follows the live tensors: with glibc's default, memory of freed tensors under 32 MB stays in the
+heap and a phase's peak carries the previous phase's high-water mark. For the save and export phases the
 report also gives what the phase itself added above what the rank held when it began (``+added``), and the slowest
 rank's save time.
 Outputs in ``--out``: results.json and report.md.
@@ -36,7 +38,7 @@ from pathlib import Path
 
 from bench.cli import RESULTS
 
-PHASES = ("load", "steps", "optimizer", "save", "export")
+PHASES = ("load", "resume", "steps", "optimizer", "save", "export")
 MMAP_THRESHOLD = 256 * 1024
 LAYOUT_KEYS = {"tensor": "parallel.tensor", "pipeline": "parallel.pipeline", "zero": "parallel.zero_stage"}
 
@@ -212,6 +214,7 @@ def _install(peaks: PhasePeaks, activations: SavedActivations) -> None:
     _within(PipelineRunner, "train_step", activations, lambda args: args[0].engine)
     _around(loop, "_data_parallel_step", first_step)
     _around(PipelineRunner, "train_step", first_step)
+    _around(checkpoint, "restore", lambda: peaks.start("resume"), peaks.end)
     _around(checkpoint, "save", lambda: peaks.start("save"), peaks.end)
     _around(checkpoint, "export_hf", lambda: peaks.start("export"), peaks.end)
 
@@ -255,7 +258,7 @@ def worker(args) -> None:
     formula = memory_formula_bytes(local, cfg.parallel.zero_stage, dp, largest_layer_params(module))
     formula["activation_bytes"] = activations.peak
     record = {"rank": dist.get_rank(), "runtime_bytes": peaks.runtime, "local_params": local,
-              "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+              "malloc_mmap_threshold": _mmap_threshold(),
               "formula_bytes": sum(formula.values()), "activation_bytes": activations.peak,
               **{f"{k}_peak_bytes": v for k, v in peaks.peaks.items()},
               **{f"{k}_rss_peak_bytes": v for k, v in peaks.rss_peaks.items()},
@@ -266,6 +269,17 @@ def worker(args) -> None:
     if dist.get_rank() == 0:
         Path(args.out_file).write_text(json.dumps(gathered))
     loop.finish_process()
+
+
+def _mmap_threshold() -> str | None:
+    """glibc's mmap threshold this rank ran with: the user's variable, or the one colonnade set (again here:
+    idempotent) on a CPU rank; None: glibc's dynamic default."""
+    from deepspeed.accelerator import get_accelerator
+
+    from training import host_memory
+
+    applied = host_memory.release_freed_tensors(get_accelerator().device_name())
+    return os.environ.get("MALLOC_MMAP_THRESHOLD_") or (str(host_memory.MMAP_THRESHOLD) if applied else None)
 
 
 def parse_layout(text: str, prog: str = "bench memory") -> tuple[str, list[str], int]:
@@ -330,11 +344,12 @@ def report(rows: list[dict], machine: dict, command: str, threshold: int) -> str
              "peak above its runtime to its formula: model state (weights + gradients + AdamW moments under its "
              "ZeRO stage, plus the fp32 master partition DeepSpeed keeps under ZeRO and, under ZeRO-3, the largest "
              "layer gathered with its gradient) + activations (the most bytes autograd held for the backward at "
-             "once, measured; their own column); +N: what the optimizer "
-             "step, save or export added above what the rank held when it began. save s: the slowest rank's wall "
-             "time in the checkpoint saves. "
+             "once, measured; their own column); resume: a resumed run's restore of the optimizer state; +N: what "
+             "the resume, optimizer step, save or export added above what the rank held when it began. save s: the "
+             "slowest rank's wall time in the checkpoint saves. "
              + (f"Ranks ran with MALLOC_MMAP_THRESHOLD_={threshold} (freed tensors go back to the system)."
-                if threshold else "Ranks ran with glibc's default allocator settings."), "",
+                if threshold else "Ranks ran without MALLOC_MMAP_THRESHOLD_: CPU ranks set glibc's mmap threshold "
+                "to 256 KB themselves (training/host_memory.py; freed tensors go back to the system)."), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "formula_bytes" not in r:
@@ -343,7 +358,7 @@ def report(rows: list[dict], machine: dict, command: str, threshold: int) -> str
         cells = [r["layout"], str(r["nproc"]), f"{r['params_per_rank'] / 1e6:.1f} M", mb(r["formula_bytes"]),
                  mb(r["activation_bytes"]), mb(r["runtime_bytes"])]
         cells += [f"{mb(r[f'{p}_above_runtime_bytes'])} ({r[f'{p}_vs_formula']:.2f})"
-                  + (f" +{mb(r[f'{p}_added_bytes'])}" if p in ("optimizer", "save", "export") else "")
+                  + (f" +{mb(r[f'{p}_added_bytes'])}" if p in ("resume", "optimizer", "save", "export") else "")
                   if f"{p}_vs_formula" in r else "-" for p in PHASES]
         cells.append(f"{r['save_seconds']:.2f}" if "save_seconds" in r else "-")
         lines.append("| " + " | ".join(cells) + " |")
@@ -362,11 +377,11 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--work", help="where the runs (checkpoints, exports) go and stay; default: a temporary "
                         "directory, removed at the end")
     parser.add_argument("--timeout", type=int, default=1800)
-    parser.add_argument("--malloc-mmap-threshold", type=int, default=MMAP_THRESHOLD, help="glibc's "
-                        "MALLOC_MMAP_THRESHOLD_ for the ranks (bytes): blocks above it are returned to the system "
-                        "when freed, so that resident memory follows the live tensors, as peak allocated memory "
-                        "does on a GPU; 0: glibc's default, whose dynamic threshold (up to 32 MB) keeps freed "
-                        "tensors' memory in the heap")
+    parser.add_argument("--malloc-mmap-threshold", type=int, default=0, help="glibc's "
+                        "MALLOC_MMAP_THRESHOLD_ for the ranks (bytes), which colonnade then leaves alone; 0 (the "
+                        "default): none, and CPU ranks set 256 KB themselves (training/host_memory.py): blocks "
+                        "above it are returned to the system when freed, so that resident memory follows the live "
+                        "tensors, as peak allocated memory does on a GPU")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out-file", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
