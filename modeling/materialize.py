@@ -7,7 +7,8 @@ values to the parameters this rank keeps, holding at most one full tensor at a t
 - ``StoredWeights``: from safetensors files (a ``save_pretrained`` directory, single file or hub-style shards
   with ``model.safetensors.index.json``, or a colonnade checkpoint's ``model.safetensors``). Each kept slice
   is read with ``get_slice``, so a rank reads only the bytes it keeps. Pickled ``.bin`` weights are read
-  whole (tensors only) and then cut.
+  whole (tensors only) and then cut. Stored names and layouts that differ from the model's (per-expert MoE
+  tensors, old names) are converted by transformers' own rules (``modeling.checkpoint_conversion``).
 - ``SeededInit``: from scratch. Each module is initialised by the model's own ``_init_weights`` under a
   generator seeded by (seed, module name), on CPU stand-ins of full size, and only the slices are kept.
   Every layout (tensor, pipeline, data) therefore starts from the same full weights.
@@ -31,6 +32,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from transformers import PreTrainedModel
 
+from modeling.checkpoint_conversion import convert_whole, layout, plan, read_placed
 from modeling.parallelize import Shard, shards
 
 
@@ -229,27 +231,21 @@ class StoredWeights:
         self._pickled = {**(self._pickled or {}), **state}
         return state
 
-    def resolve(self, name: str, prefix: str) -> str | None:
-        """The stored name of the model's tensor ``name``: itself, or without / with the base-model prefix
-        (a checkpoint of the base model, e.g. ``h.0...`` for GPT-2's ``transformer.h.0...``)."""
-        candidates = [name]
-        if prefix and name.startswith(prefix + "."):
-            candidates.append(name[len(prefix) + 1:])
-        elif prefix:
-            candidates.append(f"{prefix}.{name}")
-        return next((c for c in candidates if c in self.files), None)
-
     def shape(self, stored: str) -> tuple[int, ...]:
         path = self.files[stored]
         if path.suffix == ".safetensors":
             return tuple(self._handle(path).get_slice(stored).get_shape())
         return tuple(self._pickled_tensor(stored).shape)
 
-    def read(self, stored: str, shard: Shard, dtype: torch.dtype) -> torch.Tensor:
+    def slice_of(self, stored: str):
+        """The stored tensor, indexable by slices: reading a slice of a safetensors file reads only its bytes."""
         path = self.files[stored]
         if path.suffix == ".safetensors":
-            return shard.read(self._handle(path).get_slice(stored), self.shape(stored), dtype)
-        return shard.cut(self._pickled_tensor(stored)).to(dtype)
+            return self._handle(path).get_slice(stored)
+        return self._pickled_tensor(stored)
+
+    def read(self, stored: str, shard: Shard, dtype: torch.dtype) -> torch.Tensor:
+        return shard.read(self.slice_of(stored), self.shape(stored), dtype)
 
     def _pickled_tensor(self, stored: str) -> torch.Tensor:
         if self._pickled is None or stored not in self._pickled:
@@ -257,25 +253,37 @@ class StoredWeights:
         return self._pickled[stored]
 
     def fill(self, full: nn.Module, targets: dict[str, tuple[torch.Tensor, Shard]]) -> None:
-        prefix = getattr(full, "base_model_prefix", "")
-        full_shapes = {n: tuple(t.shape) for n, t in {**dict(full.named_parameters(remove_duplicate=False)),
-                                                       **dict(full.named_buffers())}.items()}
-        stored = {name: self.resolve(name, prefix) for name in targets}
-        self._check(full_shapes, stored)
+        """Stored names become the model's by transformers' conversion rules (``modeling.checkpoint_conversion``:
+        renamed tensors, the base-model prefix, per-expert tensors fused)."""
+        renamed, converted = plan(full, self.files)
+        placed = {name: layout(group, self.shape) for name, group in converted.items()}
+        self._check(full, {**{n: self.shape(s) for n, s in renamed.items()},
+                           **{n: p.shape for n, p in placed.items() if p is not None}})
         with torch.no_grad():
             for name, (tensor, shard) in targets.items():
-                if stored[name] is not None:
-                    give_value(tensor, self.read(stored[name], shard, tensor.dtype))
+                if name in renamed:
+                    give_value(tensor, self.read(renamed[name], shard, tensor.dtype))
+                elif placed.get(name) is not None:
+                    give_value(tensor, read_placed(placed[name], shard, self.slice_of, self.shape, tensor.dtype))
+            for name, group in converted.items():
+                if placed[name] is None and targets.keys() & set(group.targets()):
+                    for target, value in convert_whole(group, full, self.slice_of).items():
+                        if target in targets:
+                            tensor, shard = targets[target]
+                            give_value(tensor, shard.cut(value))
         # What the model itself does not save (Marian's sinusoidal positions) is computed by its initialisation.
+        given = {*renamed, *(t for group in converted.values() for t in group.targets())}
         not_saved = [re.compile(p) for p in getattr(full, "_keys_to_ignore_on_load_missing", None) or []]
         computed = {name: target for name, target in targets.items()
-                    if stored[name] is None and any(p.search(name) for p in not_saved)}
+                    if name not in given and any(p.search(name) for p in not_saved)}
         if computed:
             SeededInit(0).fill(full, computed)
 
-    def _check(self, full_shapes: dict[str, tuple[int, ...]], stored: dict[str, str | None]) -> None:
-        reshaped = [f"{n}: {self.shape(s)} stored, {full_shapes[n]} in this model"
-                    for n, s in stored.items() if s is not None and self.shape(s) != full_shapes[n]]
+    def _check(self, full: nn.Module, stored_shapes: dict[str, tuple[int, ...]]) -> None:
+        full_shapes = {n: tuple(t.shape) for n, t in {**dict(full.named_parameters(remove_duplicate=False)),
+                                                       **dict(full.named_buffers())}.items()}
+        reshaped = [f"{n}: {shape} stored, {full_shapes[n]} in this model"
+                    for n, shape in stored_shapes.items() if n in full_shapes and shape != full_shapes[n]]
         if reshaped:
             raise WeightsError(f"{self.what}={self.directory} holds a different model: shapes differ: "
                                f"{', '.join(reshaped[:5])}{' ...' if len(reshaped) > 5 else ''}")
