@@ -24,7 +24,7 @@ def build_config(arch: str, fields: dict):
     except Exception as exc:  # huggingface_hub's strict dataclass validation: "Field 'n_layer' expected int ..."
         if type(exc).__name__.startswith("StrictDataclass"):
             field = getattr(exc, "field", None) or _quoted_field(str(exc))
-            reason = str(exc).strip().splitlines()[-1].strip()
+            reason = str(exc).strip().splitlines()[-1].split(f"Field '{field}' ")[-1].split(" (value:")[0]
             raise ValueError(f"model.config.{field}={fields.get(field)!r}: {reason}") from None
         raise
 

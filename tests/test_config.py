@@ -186,3 +186,61 @@ def test_docs_config_md_is_the_schema():
     assert DOC.read_text() == render(), "docs/config.md is stale: run python -m training.config_doc"
     assert "| `train.global_batch_size` | int \\| None | null |" in render()  # every section's keys are listed
     assert "| `logging.wandb.mode` |" in render() and "| `precision` |" in render()
+
+
+def test_an_elastic_restart_derives_grad_accum_the_yaml_also_sets(tmp_path):
+    """Issue 30 point 2. Before: the restart at DP=1 was refused ("train.grad_accum=1 and
+    train.global_batch_size=16 disagree ... remove train.grad_accum") and ``--set train.grad_accum=null`` was
+    refused too ("Input should be a valid integer"), so only editing the YAML got the job going again."""
+    from training.config import for_world
+
+    raw = {**MINIMAL, "train": {"steps": 5, "micro_batch_size": 8, "grad_accum": 1, "global_batch_size": 16}}
+    cfg = validate(raw)
+    assert for_world(cfg, 2).train.grad_accum == 1  # the first start at DP=2 agrees
+    with pytest.raises(ConfigError, match=r"disagree: .* pass --set train.grad_accum=null"):
+        for_world(cfg, 1)  # a first start at DP=1: the YAML's value is wrong, said at once
+    assert for_world(cfg, 1, first_start=False).train.grad_accum == 2  # the restart after losing a node
+    unset = load(write(tmp_path, raw), ["train.grad_accum=null"])
+    assert "grad_accum" not in unset.train.model_fields_set and for_world(unset, 1).train.grad_accum == 2
+    resumed = {**MINIMAL, "train": {"steps": 5, "resume": "auto"}}
+    assert load(write(tmp_path, resumed), ["train.resume=null"]).train.resume is None
+    with pytest.raises(ConfigError, match="train.steps: required key is missing"):
+        load(write(tmp_path, MINIMAL), ["train.steps=null"])
+
+
+def test_override_text_that_is_not_yaml_and_values_with_one_fix(tmp_path):
+    """Issue 30 points 5-6. Before: yaml.parser.ParserError tracebacks for '[0.9,' and the documented
+    '{stdlib}/a*.py' placeholder; an unknown parallel.partition did not list the valid values."""
+    path = write(tmp_path, MINIMAL)
+    assert load(path, ["data.train_files={stdlib}/a*.py"]).data.train_files == ["{stdlib}/a*.py"]
+    with pytest.raises(ConfigError, match=r"optim.betas='\[0.9,': "):
+        load(path, ["optim.betas=[0.9,"])
+    with pytest.raises(ConfigError, match=r"parallel.partition='foo': expected one of uniform, parameters, "
+                                          r"measured or a layout string"):
+        load(path, ["parallel.partition=foo"])
+    assert load(path, ["parallel.partition=E,t|t,L"]).parallel.partition == "E,t|t,L"
+    with pytest.raises(ConfigError, match=r"train.output_dir='': the run needs a directory of its own"):
+        load(path, ["train.output_dir="])
+    with pytest.raises(ConfigError, match=r"train.overwrite=true starts again .* set one of them"):
+        load(path, ["train.overwrite=true", "train.resume=auto"])
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("model.config.n_layers=2", "model.config.n_layers: unknown key for model_type 'gpt2'; did you mean "
+                                "model.config.n_layer?"),
+    ("model.config.n_layer=-1", "model.config.n_layer=-1: must be a positive integer"),
+    ("model.config.n_layer=abc", "model.config.n_layer='abc': expected int, got str"),
+    ("model.config.n_head=0", "model.config.n_head=0: must be a positive integer"),
+    ("model.config.n_head=3", "model.config.n_embd=128 is not divisible by model.config.n_head=3"),
+])
+def test_model_config_keys_and_values_are_checked_against_the_hf_class(setting, message, capsys):
+    """Before: n_layers (a typo) trained 4 layers without a word; n_layer=-1 passed the checks, wrote
+    output_dir and failed later; 'abc' and n_head=0 (--print-config: ZeroDivisionError) were tracebacks."""
+    import train
+
+    code = train.main(["--config", str(ROOT / "configs" / "quickstart.yaml"), "--set", setting, "--print-config"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"colonnade (rank 0): error: {message}") and err.count("\n") == 1, err
+    from modeling.config_check import check_keys
+
+    check_keys("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}})  # a legacy name the class reads
