@@ -96,11 +96,13 @@ def _fail(message: str, code: int, *, rank0_reports: bool = True, only_rank0: bo
     return code
 
 
-if __name__ == "__main__":
+def launched(argv: list[str] | None = None) -> None:
+    """``main`` as a launched process runs it: every outcome an exit code and at most one line, then the
+    process ends (``finish_process``)."""
     from training.loop import finish_process
 
     try:
-        code = main()
+        code = main(argv)
     except SystemExit as exc:  # argparse: --help (0) and usage errors (2), already printed
         code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else _fail(str(exc.code), 1)
     except KeyboardInterrupt:  # a second Ctrl-C: the first one's orderly stop and save were not waited for
@@ -112,3 +114,7 @@ if __name__ == "__main__":
         traceback.print_exc()
         code = 1
     finish_process(code)
+
+
+if __name__ == "__main__":
+    launched()

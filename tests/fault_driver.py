@@ -63,8 +63,8 @@ def main() -> None:
 
     loop._data_parallel_step = stalling_step
     PipelineRunner.train_step = stalling_pipeline_step
-    if args.slow_save_step is not None:
-        _slow_down_save(f"step_{args.slow_save_step:07d}", args.slow_save_s)
+    if args.slow_save_step is not None:  # 0: every save
+        _slow_down_save(f"step_{args.slow_save_step:07d}" if args.slow_save_step else "step_", args.slow_save_s)
     if rank == args.config_error_rank:
         import training.config as config
 
@@ -74,14 +74,7 @@ def main() -> None:
         config.load = failing_load
     import train
 
-    try:
-        code = train.main(rest)
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
-        code = 1
-    loop.finish_process(code)
+    train.launched(rest)
 
 
 def _slow_down_save(tag: str, seconds: float) -> None:

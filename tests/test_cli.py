@@ -99,3 +99,14 @@ def test_console_of_a_run_under_torchrun(tmp_path):
     for banner in ("Setting accelerator to CPU", "built successfully", "is deprecated", "untested optimizer",
                    "Downloading data"):
         assert banner not in console, banner
+    # Resumed at another layout with the progress bar off and full recomputation: no datasets bars (before: the
+    # tokenize / pack bars on every start), no transformers use_cache line, and "(1f1b)" not "1 virtual stages".
+    resumed = _run(_torchrun(free_port()) + ["train.py", "--config", str(config), "--set", "train.resume=auto",
+                                             "--set", "train.steps=5", "--set", "train.progress=false",
+                                             "--set", "parallel.pipeline=2",
+                                             "--set", "parallel.activation_checkpointing=full"])
+    console = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, console[-3000:]
+    assert "layout: world 2 = tensor 1 x pipeline 2 (1f1b) x data 1" in console, console[-3000:]
+    for noise in ("tokenize data.train_files", "pack data.train_files", "use_cache", "virtual stages", "it/s]"):
+        assert noise not in console, (noise, console[-3000:])

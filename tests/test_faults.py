@@ -159,6 +159,8 @@ def test_sigterm_saves_a_complete_checkpoint_that_resumes_exactly(reference):
     code, out, took = _finish(proc, timeout=120)
     assert code != 0
     assert "stopped by SIGTERM after step" in out and "complete checkpoint in" in out, out[-3000:]
+    # Every rank stops after the same step; rank 0 says so once (before: once per rank, and the warning too).
+    assert out.count("stopped by SIGTERM") == 1 and out.count("SIGTERM received") == 1, out[-3000:]
     stopped_at = int(out.split("stopped by SIGTERM after step ")[1].split(";")[0])
     assert FAULT_AFTER <= stopped_at < STEPS
     from training.checkpoint import resolve_resume
@@ -180,9 +182,8 @@ def test_sigterm_on_one_rank_stops_every_rank_at_the_same_checkpoint(tmp_path, s
     code, out, _ = _finish(proc, timeout=180)
     expected = tmp_path / "preempted" / "checkpoints" / f"step_{signal_step:07d}"
     assert code != 0 and "Connection closed" not in out, out[-3000:]
-    for rank in (0, 1):
-        assert (f"colonnade (rank {rank}): stopped by SIGTERM after step {signal_step}; complete checkpoint in "
-                f"{expected};") in out, out[-3000:]
+    assert (f"colonnade (rank 0): stopped by SIGTERM after step {signal_step}; complete checkpoint in "
+            f"{expected};") in out and out.count("stopped by SIGTERM") == 1, out[-3000:]
     assert "checkpoint in None" not in out
     from training.checkpoint import resolve_resume
 
@@ -287,3 +288,20 @@ def test_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path, zero_stage):
             assert (poisoned_weights[name] == tensor).all(), f"rank {rank}: {name} changed by a skipped step"
         assert "stopping at step 4: 3 consecutive steps had a non-finite loss or gradient" in diverged
         assert "train.max_consecutive_skips=3" in diverged
+
+
+def test_a_second_ctrl_c_stops_at_once_in_one_line(tmp_path):
+    """The first SIGINT asks for the orderly stop; a second one while it runs ends the process at once, with one
+    line and exit code 130 (before: a KeyboardInterrupt traceback and exit code 1)."""
+    corpus = write_corpus(tmp_path / "corpus")
+    config = _write_config(tmp_path, corpus, "interrupted", steps=100000, save_every=0)
+    proc = subprocess.Popen([sys.executable, "tests/fault_driver.py", "--slow-save-step", "0", "--slow-save-s",
+                             "60", "--", "--config", str(config)], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    _wait_for_step(proc, tmp_path / "interrupted", 3)
+    proc.send_signal(signal.SIGINT)  # the orderly stop: the current step, then a save (slowed down to 60 s)
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    code, out, _ = _finish(proc, timeout=60)
+    assert code == 130 and "Traceback" not in out, out[-3000:]
+    assert "colonnade (rank 0): interrupted by a second Ctrl-C: stopped at once" in out, out[-3000:]
