@@ -109,11 +109,16 @@ def test_a_cpu_rank_returns_a_freed_tensor_to_the_system():
 @pytest.mark.parametrize("saved_tp,saved_dp,transposed", [(2, 3, False), (4, 1, False), (1, 2, False),
                                                           (2, 2, True), (1, 1, True)])
 @pytest.mark.parametrize("tp", [1, 2, 4])
-def test_a_zero_partition_is_read_without_its_whole_tensor(tmp_path, saved_tp, saved_dp, transposed, tp):
+def test_a_zero_partition_is_read_without_its_whole_tensor(tmp_path, monkeypatch, saved_tp, saved_dp, transposed,
+                                                            tp):
     """Resume reads, per parameter, the flat range of its ZeRO partition: the rows of the rank's local tensor
-    that hold it, from the saved rows they overlap, not the whole tensor."""
+    that hold it, from the saved rows they overlap, not the whole tensor; and it lets go of the files' pages
+    (here after every read)."""
     from tests.test_checkpoint_pieces import FULL, _save, _shard
+    from training import checkpoint_pieces
     from training.checkpoint_pieces import CheckpointReader
+
+    monkeypatch.setattr(checkpoint_pieces, "MAPPED_BYTES", 0)
 
     full = torch.arange(60, dtype=torch.float32).view(FULL)
     _save(tmp_path, full, saved_tp, saved_dp, transposed and saved_tp > 1)
@@ -134,5 +139,6 @@ def test_a_zero_partition_is_read_without_its_whole_tensor(tmp_path, saved_tp, s
             read.clear()
             got = reader.local_range("model/w", wanted, tuple(wanted.cut(full).shape), torch.float32, start, stop)
             assert torch.equal(got, expected[start:stop]), (rank, start)
+            assert not reader._open  # every file closed, its pages unmapped
             if not transposed:  # Conv1D saved or read at TP=1 lies the other way round: whole saved rows
                 assert sum(r.numel() for r in read) <= expected.numel() // 2, (rank, start)
