@@ -17,6 +17,7 @@ import pytest
 from tests.dist import run_ranks
 from tests.helpers import tiny_config, write_corpus
 from training import checkpoint_files as files
+from training.run_dir import claim as claim_run_dir
 from training.export import main as export_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +53,8 @@ def made(tmp_path_factory):
     refused = tiny_config(base / "refused", corpus, train__steps=1, optim__warmup_steps=0, train__export_hf=True,
                           train__eval_batches=1)
     user_file = base / "refused" / "run" / "hf" / "notes.txt"
-    user_file.parent.mkdir(parents=True)
+    claim_run_dir(str(user_file.parent.parent))  # a run of ours (else refused as someone else's directory) ...
+    user_file.parent.mkdir(parents=True)  # ... whose hf/ holds a user's file
     user_file.write_text("mine")
     [(start_error, end_error)] = run_ranks(_two_runs, 1, good, refused, timeout=300)
     return {"run": base / "good" / "run", "start_error": start_error, "end_of_run_error": end_error,
