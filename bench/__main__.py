@@ -10,13 +10,19 @@ COMMANDS = {"overhead": "bench.overhead", "plan": "bench.plan", "tp": "bench.tp"
 
 
 def main() -> int:
-    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+    command = sys.argv[1] if len(sys.argv) > 1 else None
+    if command in ("-h", "--help"):
         print(__doc__)
         print("commands:", ", ".join(COMMANDS))
-        return 2
+        return 0
+    if command not in COMMANDS:
+        from bench.cli import fail
+
+        what = "no command given" if command is None else f"unknown command {command!r}"
+        fail("python -m bench", f"{what}; choose one of {', '.join(COMMANDS)} (python -m bench <command> --help)")
     import importlib
 
-    importlib.import_module(COMMANDS[sys.argv[1]]).main(sys.argv[2:])
+    importlib.import_module(COMMANDS[command]).main(sys.argv[2:])
     return 0
 
 

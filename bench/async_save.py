@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 VARIANTS = ("none", "sync", "async")
+HEADS = 8
+PROG = "bench async_save"
 
 
 def _config(args, out: Path, variant: str):
@@ -25,7 +27,7 @@ def _config(args, out: Path, variant: str):
 
     return validate({
         "model": {"arch": "gpt2", "tokenizer": "byte",
-                  "config": {"n_layer": args.layers, "n_head": 8, "n_embd": args.hidden, "n_positions": args.seq_len}},
+                  "config": {"n_layer": args.layers, "n_head": HEADS, "n_embd": args.hidden, "n_positions": args.seq_len}},
         "data": {"train_files": [args.files], "seq_len": args.seq_len},
         "train": {"steps": args.steps, "micro_batch_size": 1, "output_dir": str(out), "progress": False,
                   "export_hf": False, "save_final": False, "save_every": 0 if variant == "none" else args.save_every,
@@ -94,6 +96,30 @@ def report(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _check(args) -> None:
+    """Bad input as one line (exit code 2) before the first run."""
+    from bench.cli import fail
+    from training.config import ConfigError
+    from training.data import expand_files
+
+    for flag in ("layers", "hidden", "steps", "save_every", "rounds"):
+        if getattr(args, flag) < 1:
+            fail(PROG, f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
+    if args.save_every > args.steps:
+        fail(PROG, f"--save-every {args.save_every} exceeds --steps {args.steps}: each run must save; choose "
+                   f"--save-every at most --steps")
+    if args.hidden % HEADS:
+        fail(PROG, f"--hidden {args.hidden} is not a multiple of the model's {HEADS} attention heads; choose e.g. "
+                   f"{args.hidden // HEADS * HEADS or HEADS} or {(args.hidden // HEADS + 1) * HEADS}")
+    if args.scratch is not None and not Path(args.scratch).is_dir():
+        fail(PROG, f"--scratch {args.scratch}: not a directory; create it or leave --scratch out")
+    try:
+        expand_files([args.files], "--files")
+        _config(args, Path("unused"), "async")
+    except (ConfigError, OSError, ValueError) as exc:
+        fail(PROG, str(exc))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench async_save", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -108,9 +134,7 @@ def main(argv=None) -> None:
     parser.add_argument("--scratch", default=None, help="directory for the runs' checkpoints (default: the system's)")
     parser.add_argument("--out", help="directory for results.json and report.md")
     args = parser.parse_args(argv)
-    if min(args.layers, args.hidden, args.steps, args.save_every, args.rounds) < 1 or args.save_every > args.steps:
-        raise SystemExit("bench async_save: --layers, --hidden, --steps, --save-every, --rounds must be positive, "
-                         "--save-every at most --steps")
+    _check(args)
     result = run(args)
     from bench.machine import publish
 

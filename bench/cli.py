@@ -29,11 +29,11 @@ def one_line(message: str) -> str:
     return head + (" " if head.endswith(":") else "; ") + "; ".join(rest)
 
 
-def fail(prog: str, message: str) -> BadInput:
-    """Print ``prog: message`` as one line on stderr and raise ``BadInput`` (exit code 2)."""
-    line = f"{prog}: {one_line(message)}"
-    print(line, file=sys.stderr, flush=True)
-    raise BadInput(line)
+def fail(prog: str, *messages: str) -> BadInput:
+    """Print each message as one line ``prog: message`` on stderr and raise ``BadInput`` (exit code 2)."""
+    lines = [f"{prog}: {one_line(message)}" for message in messages]
+    print("\n".join(lines), file=sys.stderr, flush=True)
+    raise BadInput("\n".join(lines))
 
 
 def config_problem(config: str, sets: list[str], world: int) -> str | None:

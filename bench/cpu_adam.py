@@ -99,7 +99,10 @@ def main(argv=None) -> None:
     parser.add_argument("--out", help="directory for results.json and report.md")
     args = parser.parse_args(argv)
     if args.params < 1 or args.steps < 1 or args.warmup < 0 or args.threads < 1:
-        raise SystemExit("bench cpu_adam: --params, --steps and --threads must be positive, --warmup >= 0")
+        from bench.cli import fail
+
+        fail("bench cpu_adam", f"--params {args.params:g}, --steps {args.steps}, --threads {args.threads}, --warmup "
+                               f"{args.warmup}: --params, --steps and --threads must be positive, --warmup >= 0")
     result = run(int(args.params), args.steps, args.warmup, args.threads)
     from bench.machine import publish
 

@@ -16,10 +16,14 @@ no weight of their own) are listed as not comparable."""
 from __future__ import annotations
 
 import argparse
+import re
 import tempfile
 from pathlib import Path
 
 import torch
+
+PROG = "bench diverge"
+DROPOUT_FIELD = re.compile(r"dropout|pdrop|layerdrop")  # attn_pdrop, attention_dropout, dropout_rate, encoder_layerdrop
 
 # Every layout starts from one process; what differs is only what its --layout / --against says.
 NEUTRAL = ["parallel.tensor=1", "parallel.pipeline=1", "parallel.sequence_parallel=false", "parallel.schedule=1f1b",
@@ -162,13 +166,44 @@ def _finish(recorder, model, local_params, groups, batches, micro_batches: int) 
             "grads": grads, "params": params, "inputs": inputs}
 
 
-def capture(cfg, out_dir: str) -> None:
-    """Rank function: train ``cfg`` for its one step with every capture on; write ``out_dir/rank{N}.pt``."""
+def dropout_fields(config, prefix: str = "") -> dict[str, float]:
+    """Every dropout probability of an HF config, whatever the architecture calls it: each number-valued field
+    whose name has ``dropout``, ``pdrop`` or ``layerdrop`` in it, in nested configs (encoder, decoder, text)
+    too; dotted name -> value."""
+    from transformers import PretrainedConfig
+
+    found = {}
+    for name, value in vars(config).items():
+        if isinstance(value, PretrainedConfig):
+            found.update(dropout_fields(value, f"{prefix}{name}."))
+        elif DROPOUT_FIELD.search(name) and isinstance(value, (int, float)) and not isinstance(value, bool):
+            found[prefix + name] = value
+    return found
+
+
+def without_dropout(config):
+    """``config`` with every ``dropout_fields`` probability set to 0 (in place; returned)."""
+    for dotted in dropout_fields(config):
+        *path, name = dotted.split(".")
+        owner = config
+        for part in path:
+            owner = getattr(owner, part)
+        setattr(owner, name, 0.0)
+    return config
+
+
+def capture(cfg, out_dir: str, keep_dropout: bool = False) -> None:
+    """Rank function: train ``cfg`` for its one step with every capture on; write ``out_dir/rank{N}.pt``. The
+    model is built with its dropout probabilities at 0 unless ``keep_dropout`` (under tensor parallelism each
+    rank draws its own masks inside the parallel region: Megatron's RNG, different from one process by design)."""
     import torch.distributed as dist
 
     import training.loop as loop
 
     original_step, captured = loop._Loop.step, {}
+    original_config = loop.run_model_config
+    if not keep_dropout:
+        loop.run_model_config = lambda *args, **kwargs: without_dropout(original_config(*args, **kwargs))
 
     def step_with_capture(self, step):
         held = {id(p) for p in self.engine.module.parameters()}
@@ -183,7 +218,7 @@ def capture(cfg, out_dir: str) -> None:
     try:
         loop.run(cfg)
     finally:
-        loop._Loop.step = original_step
+        loop._Loop.step, loop.run_model_config = original_step, original_config
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     torch.save(captured, Path(out_dir) / f"rank{dist.get_rank()}.pt")
 
@@ -317,14 +352,15 @@ def _status(result: tuple[str, float | None], tol: float) -> tuple[str, float | 
     return (status or ("differs" if rel > tol else "equal"), rel)
 
 
-def report(result: dict, label_a: str, label_b: str) -> str:
+def report(result: dict, label_a: str, label_b: str, dropout: str = "") -> str:
+    """The verdict line, ``dropout`` (what the comparison did with dropout) on the next, then the tables."""
     first = result["first"]
     head = (f"equal: every module output, input gradient, parameter gradient and updated value of {label_a} "
             f"matches {label_b} within {result['tol']:g}" if first is None else
             f"first divergence of {label_a} from {label_b}: {first[0]} of {first[1]}: "
             + (f"max |difference| {first[2][1]:.3g} of the largest value" if first[2][1] is not None
                else first[2][0]))
-    lines = [head, "", "| module | forward output | input gradient |", "|---|---|---|"]
+    lines = [head] + ([dropout] if dropout else []) + ["", "| module | forward output | input gradient |", "|---|---|---|"]
     lines += [f"| {r['module']} | {_cell(r['outputs'])} | {_cell(r['input_grads'])} |" for r in result["modules"]]
     lines += ["", "| parameter | gradient | updated value |", "|---|---|---|"]
     lines += [f"| {p['parameter']} | {_cell(p['grads'])} | {_cell(p['params'])} |" for p in result["params"]]
@@ -338,41 +374,70 @@ def _cell(value: tuple[str, float | None]) -> str:
 
 # ------------------------------------------------------------------------------------------------- main
 
-def _run_layout(args, text: str, work: Path, index: int) -> tuple[str, Path]:
+def _layout(args, text: str) -> tuple[str, list[str], int]:
+    """(label, the config overrides of this layout, processes); its config checked as train.py would (one line,
+    exit code 2)."""
+    from bench.cli import check_config
     from bench.memory import parse_layout
 
     items = [item for item in text.split(",") if item]
     overrides = [item for item in items if "." in item.partition("=")[0]]  # parallel.schedule=gpipe, ...
     degrees = [item for item in items if item not in overrides]
-    label, sets, nproc = parse_layout(",".join(degrees), "bench diverge")
+    _, sets, nproc = parse_layout(",".join(degrees), PROG)
     sets = NEUTRAL + sets + overrides + _same_global_batch(args, dict(item.split("=", 1) for item in degrees))
-    out = work / f"layout{index}"
-    from bench.launch import torchrun
+    check_config(f"{PROG} --layout {text or '(one process)'}", args.config, args.set + sets + FORCED, nproc)
+    return text, sets, nproc
 
-    proc = torchrun("bench.diverge", nproc, ["--worker", "--config", args.config, "--out", str(out)],
+
+def _run_layout(args, layout: tuple[str, list[str], int], work: Path, index: int) -> Path:
+    from bench.launch import first_error, torchrun
+
+    label, sets, nproc = layout
+    out = work / f"layout{index}"
+    worker = ["--worker", "--config", args.config, "--out", str(out)] + (["--keep-dropout"] if args.keep_dropout else [])
+    proc = torchrun("bench.diverge", nproc, worker,
                     sets=args.set + sets + FORCED + [f"train.output_dir={work / f'run{index}'}"], port=29800 + index,
                     timeout=args.timeout)
     if proc.returncode != 0:
-        raise SystemExit(f"bench diverge: layout {label} failed:\n{(proc.stderr or proc.stdout)[-3000:]}")
-    return text, out
+        log = (proc.stderr or "") + (proc.stdout or "")
+        raise SystemExit(f"{PROG}: layout {label or 'one process'} failed: {first_error(log)}")
+    return out
 
 
 def _same_global_batch(args, layout: dict) -> list[str]:
     """The config's global batch (micro_batch_size x grad_accum, one data-parallel rank) at every layout: at
     data=d each rank takes grad_accum/d micro-batches, else micro_batch_size/d samples."""
+    from bench.cli import fail
     from training.config import ConfigError, load
 
     try:
         cfg, data = load(args.config, args.set + FORCED), int(layout.get("data", 1))
     except (ConfigError, OSError) as exc:
-        raise SystemExit(f"bench diverge: {exc}") from None
+        fail(PROG, str(exc))
     micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum
     if accum % data == 0:
         return [f"train.grad_accum={accum // data}"]
     if micro % data == 0:
         return [f"train.micro_batch_size={micro // data}"]
-    raise SystemExit(f"bench diverge: data={data} divides neither train.grad_accum={accum} nor "
-                     f"train.micro_batch_size={micro}; set them so that it does (the global batch stays theirs)")
+    fail(PROG, f"data={data} divides neither train.grad_accum={accum} nor train.micro_batch_size={micro}; set them "
+               f"so that it does (the global batch stays theirs)")
+
+
+def dropout_note(args) -> str:
+    """What the comparison does with the model's dropout, for the report's second line."""
+    from modeling.build import hf_config
+    from training.config import load
+
+    cfg = load(args.config, args.set + FORCED)
+    fields = {k: v for k, v in dropout_fields(hf_config(pretrained=cfg.model.pretrained, arch=cfg.model.arch,
+                                                        config=cfg.model.config)).items() if v}
+    listed = ", ".join(f"{k}={v:g}" for k, v in sorted(fields.items()))
+    if not fields:
+        return "dropout: the model has none (every dropout probability of its config is 0)"
+    if args.keep_dropout:
+        return (f"dropout: kept ({listed}; --keep-dropout): the comparison includes dropout, whose masks differ by "
+                f"design under tensor parallelism (each rank draws its own inside the parallel region)")
+    return f"dropout: off in both layouts ({listed} set to 0); --keep-dropout compares with it"
 
 
 def main(argv=None) -> None:
@@ -384,6 +449,9 @@ def main(argv=None) -> None:
                         "key=value for this layout only, e.g. parallel.schedule=interleaved (default: one process)")
     parser.add_argument("--against", default="", help="the layout to compare with (default: one process)")
     parser.add_argument("--tol", type=float, default=1e-4, help="relative difference counted as a divergence")
+    parser.add_argument("--keep-dropout", action="store_true", help="keep the model's dropout (default: every "
+                        "dropout probability of its HF config set to 0 in both layouts; with dropout, tensor "
+                        "parallelism's per-rank masks differ from one process by design)")
     parser.add_argument("--out", help="keep the captures and write report.md here")
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -391,17 +459,19 @@ def main(argv=None) -> None:
     if args.worker:
         from training.config import load
 
-        capture(load(args.config, args.set), args.out)
+        capture(load(args.config, args.set), args.out, keep_dropout=args.keep_dropout)
         return
+    layouts = [_layout(args, args.layout), _layout(args, args.against)]  # both checked before either runs
+    note = dropout_note(args)
     work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="diverge-"))
-    (label_a, dir_a), (label_b, dir_b) = (_run_layout(args, args.layout, work, 0),
-                                          _run_layout(args, args.against, work, 1))
-    text = report(compare(dir_a, dir_b, args.tol), label_a or "one process", label_b or "one process")
+    work.mkdir(parents=True, exist_ok=True)
+    dir_a, dir_b = (_run_layout(args, layout, work, index) for index, layout in enumerate(layouts))
+    text = report(compare(dir_a, dir_b, args.tol), layouts[0][0] or "one process", layouts[1][0] or "one process",
+                  note)
     print(text)
     if args.out:
         (work / "report.md").write_text(text)
     raise SystemExit(0 if text.startswith("equal") else 1)
-
 
 if __name__ == "__main__":
     main()

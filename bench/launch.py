@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,3 +42,17 @@ def ran_as_worker(args, worker) -> bool:
 
     finish_process()
     return True
+
+
+def first_error(log: str) -> str:
+    """The worker's own exception (not torchrun's summary of it) as one line, with its reason: a config error
+    lists its problems on the lines after the first."""
+    from bench.cli import one_line
+
+    lines = [re.sub(r"^\[rank\d+\]:\s*", "", line.strip()) for line in log.splitlines()]
+    start = next((i for i, line in enumerate(lines)
+                  if re.match(r"^[\w.]*(Error|Exception|Timeout)\b.*:", line) and "ChildFailedError" not in line), None)
+    if start is None:
+        return log.strip().splitlines()[-1] if log.strip() else "failed without output"
+    reason = list(itertools.takewhile(lambda line: line.startswith("- "), lines[start + 1:]))
+    return one_line("\n".join([lines[start], *reason]))

@@ -46,6 +46,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from bench.cli import fail
+
 MIB = 2**20
 
 
@@ -580,10 +582,11 @@ def main(argv=None) -> list[dict]:
         parser.error("--config is required (or --check with bench memory results)")
     if (args.device_memory is None) != (args.world_size is None):
         parser.error("--device-memory and --world-size go together")
+    _check_search(args)
     try:
         rows, text = _search_text(args) if args.device_memory is not None else _plan_text(args)
     except (ValueError, OSError, KeyError) as exc:  # a bad config, layout or file: one line, no traceback
-        raise SystemExit(f"bench plan: {exc}") from None
+        fail("bench plan", str(exc))
     print(text)
     if args.out:
         _write(Path(args.out), rows, text, argv)
@@ -592,12 +595,29 @@ def main(argv=None) -> list[dict]:
     return rows
 
 
+def _check_search(args) -> None:
+    """The search's numbers, each at least 1 (a device's memory: more than nothing), before anything is built."""
+    for flag in ("world_size", "global_batch", "max_tensor", "top"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            fail("bench plan", f"--{flag.replace('_', '-')} {value}: must be at least 1")
+    for flag in ("device_memory", "device_tflops"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            fail("bench plan", f"--{flag.replace('_', '-')} {value}: must be positive")
+
+
 def _search_text(args) -> tuple[list[dict], str]:
     from training.config import load
 
     base = load(args.config, args.set)
     args.global_batch = args.global_batch or base.train.micro_batch_size * base.train.grad_accum * args.world_size
     rows = search(args)
+    if not rows:
+        fail("bench plan", f"--global-batch {args.global_batch}: no layout of --world-size {args.world_size} ranks "
+                           f"splits it into micro-batches of train.micro_batch_size={base.train.micro_batch_size} "
+                           f"per data-parallel rank; choose a global batch that micro_batch_size x the data-parallel "
+                           f"degrees divide")
     fitting = sum(r["fits"] for r in rows)
     return rows, (f"{fitting} of {len(rows)} layouts of {args.world_size} ranks fit {args.device_memory / 2**30:.1f} "
                   f"GiB per device (global batch {args.global_batch} sequences; communication priced by "

@@ -22,18 +22,31 @@ import json
 import resource
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import yaml
 
+from bench.cli import RESULTS
+from bench.launch import first_error
 from parallel.schedules import simulate
+
+PROG = "bench sweep"
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
 
 
 def load_sweep(path: str | Path) -> dict:
-    spec = yaml.safe_load(Path(path).read_text())
+    """The sweep file's spec; ValueError naming the file and what is wrong with it."""
+    try:
+        spec = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read the sweep file ({exc.strerror}); see configs/sweeps/*.yaml") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path}: expected a mapping (name, base, grid, ...), got {type(spec).__name__}")
     unknown = set(spec) - {"name", "base", "set", "grid", "warmup_steps", "timed_steps", "comm_probe_steps",
                            "timeout_s", "comm_fit", "wandb", "baselines", "baseline_rounds", "exclude", "rounds"}
     if unknown:
@@ -41,7 +54,34 @@ def load_sweep(path: str | Path) -> dict:
     for key in ("name", "base", "grid"):
         if key not in spec:
             raise ValueError(f"{path}: sweep file needs '{key}'")
+    bad = [k for k, v in (spec["grid"] or {}).items() if not isinstance(v, list) or not v] \
+        if isinstance(spec["grid"], dict) else ["grid"]
+    if bad:
+        raise ValueError(f"{path}: grid.{bad[0]}: expected a non-empty list of values, e.g. [1, 2]")
     return spec
+
+
+def invalid_points(spec: dict) -> list[str]:
+    """Every grid point (and baseline comparison point) whose run config fails the checks train.py applies
+    before launching, at the world size the sweep would launch it: one line per distinct problem, with the
+    points that have it."""
+    from bench.cli import config_problem
+
+    problems: dict[str, list[str]] = {}
+    for point in points(spec) + [entry["compare"] for entry in spec.get("baselines", [])]:
+        sets, nproc = point_overrides(spec, point)
+        problem = config_problem(spec["base"], sets, nproc)
+        if problem:
+            problems.setdefault(problem, []).append(f"{_label(point)} ({_processes(nproc)})")
+    return [f"{len(where)} point(s) [{'; '.join(where)}]: {problem}" for problem, where in problems.items()]
+
+
+def _label(point: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in point.items())
+
+
+def _processes(n: int) -> str:
+    return f"{n} process{'es' * (n != 1)}"
 
 
 def points(spec: dict) -> list[dict]:
@@ -368,16 +408,6 @@ def run_baseline(spec: dict, entry: dict, out: Path, index: int, records: list[d
     return record
 
 
-def first_error(log: str) -> str:
-    """The worker's own exception line (not torchrun's summary of it)."""
-    import re
-
-    lines = [re.sub(r"^\[rank\d+\]:\s*", "", line.strip()) for line in log.splitlines()]
-    lines = [line for line in lines
-             if re.match(r"^[\w.]*(Error|Exception|Timeout)\b.*:", line) and "ChildFailedError" not in line]
-    return lines[0] if lines else log.strip().splitlines()[-1] if log.strip() else "failed without output"
-
-
 def derive(records: list[dict]) -> None:
     """Scaling efficiency against the one-process point: tokens/s / (processes x one-process tokens/s). With
     the global batch fixed (TP, PP) that is strong scaling, T1 / (N TN); with the batch grown N times (pure DP)
@@ -430,10 +460,13 @@ def log_wandb(records: list[dict], out: Path, spec: dict) -> None:
 
 
 def main(argv=None) -> list[dict]:
+    """The sweep's records. Exit code 2 (one line per problem) when the sweep file or any point's config is bad,
+    before the first run; 1 after the outputs are written when a point or baseline failed."""
     parser = argparse.ArgumentParser(prog="python -m bench sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep", nargs="?", help="sweep YAML (configs/sweeps/*.yaml)")
-    parser.add_argument("--out", default="bench/results/sweep")
+    parser.add_argument("--out", default=str(RESULTS / "sweep"), help="where the outputs go (default: this "
+                        "repository's bench/results/sweep, whatever the current directory)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
@@ -453,12 +486,35 @@ def main(argv=None) -> list[dict]:
         return []
     if not args.sweep:
         parser.error("give a sweep YAML")
+    from bench.cli import fail
+
+    try:
+        spec = load_sweep(args.sweep)
+    except ValueError as exc:
+        fail(PROG, str(exc))
+    problems = invalid_points(spec)
+    if problems:
+        fail(PROG, *[f"{args.sweep}: {problem}" for problem in problems])
+    out = Path(args.out)
+    print(f"{PROG}: outputs go to {out.resolve()}", file=sys.stderr)
+    records = run_sweep(spec, out)
+    failed = [r for r in records if r["status"] != "ok"]
+    print(f"{len(records) - len(failed)} points ok, {len(failed)} failed; report: {out / 'report.md'}")
+    for r in failed:
+        point = {k: v for k, v in r.items() if k == "data" or "." in k}  # the point's own keys
+        print(f"{PROG}: failed: {r.get('baseline', 'point')} {_label(point)} ({_processes(r['nproc'])}): "
+              f"{r.get('error', '')}", file=sys.stderr)
+    if failed:
+        raise SystemExit(1)
+    return records
+
+
+def run_sweep(spec: dict, out: Path) -> list[dict]:
+    """Every point (``rounds`` times, ABBA) and baseline of ``spec``, with progress; the outputs in ``out``."""
     from tqdm import tqdm
 
     from bench.machine import describe
 
-    spec = load_sweep(args.sweep)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     grid = points(spec)
     baselines = spec.get("baselines", [])
@@ -468,7 +524,7 @@ def main(argv=None) -> list[dict]:
         runs: dict[int, list[dict]] = {}
         for round_ in range(rounds):  # ABBA: every other round runs the grid backwards
             for index in (range(len(grid)) if round_ % 2 == 0 else reversed(range(len(grid)))):
-                bar.set_postfix_str(", ".join(f"{k}={v}" for k, v in grid[index].items()))
+                bar.set_postfix_str(_label(grid[index]))
                 runs.setdefault(index, []).append(run_point(spec, grid[index], out, index + round_ * len(grid)))
                 bar.update(1)
         records += [median_run(runs[index]) for index in range(len(grid))]
@@ -478,13 +534,9 @@ def main(argv=None) -> list[dict]:
             bar.update(1)
     derive(records)
     records += baseline_records
-    machine = describe()
-    write_outputs(records, out, spec, machine)
+    write_outputs(records, out, spec, describe())
     log_wandb(records, out, spec)
-    failed = [r for r in records if r["status"] != "ok"]
-    print(f"{len(records) - len(failed)} points ok, {len(failed)} failed; report: {out / 'report.md'}")
     return records
-
 
 if __name__ == "__main__":
     main()

@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from bench.sweep import main, points, zero_formula_bytes
@@ -34,7 +35,10 @@ def test_sweep_two_points_one_failing(tmp_path, monkeypatch):
     sweep_file = tmp_path / "sweep.yaml"
     sweep_file.write_text(yaml.safe_dump(spec))
     assert len(points(spec)) == 3
-    records = main([str(sweep_file), "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exited:  # a point failed: exit code 1, after every output is written
+        main([str(sweep_file), "--out", str(tmp_path / "out")])
+    assert exited.value.code == 1
+    records = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     one, ok, failed, *baselines = records
     assert one["status"] == ok["status"] == "ok" and failed["status"] == "failed"
     assert [b["baseline"] for b in baselines] == ["plain", "ddp", "deepspeed", "pipelining"]
@@ -85,8 +89,6 @@ def test_exclude_drops_the_matching_points_of_the_grid():
 def test_every_committed_sweep_point_is_a_valid_config(monkeypatch):
     """Sweeps that cannot run here (the GPU check, the GPU grid) are at least valid: each point's config
     passes the same validation train.py applies, at the world size the sweep would launch."""
-    import pytest
-
     from bench.sweep import load_sweep, point_overrides
     from training.config import data_parallel_size, load
 
@@ -120,3 +122,56 @@ def test_rounds_report_the_median_run_and_every_round():
     assert median_run([run(0.5, 0.2)]) == run(0.5, 0.2)
     text = "\n".join(_rounds_table([chosen]))
     assert "| 0.700, 0.500, 0.600 | 0.300, 0.200, 0.220 |" in text
+
+
+def _tiny_sweep(tmp_path: Path, grid: dict) -> Path:
+    spec = yaml.safe_load((ROOT / "configs/sweeps/tiny.yaml").read_text())
+    spec.update(grid=grid, wandb={"mode": "disabled"}, base=str(ROOT / spec["base"]))
+    spec.pop("comm_fit")
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_an_invalid_grid_point_stops_the_sweep_before_any_run(tmp_path, monkeypatch, capsys):
+    """Before: a grid with ``parallel.tensr: [1, 2]`` ran every point, recorded only "ConfigError: invalid
+    configuration (...)" without the reason, and exited 0."""
+    import bench.launch
+
+    monkeypatch.setattr(bench.launch, "torchrun", lambda *a, **k: pytest.fail("a point was launched"))
+    sweep = _tiny_sweep(tmp_path, {"parallel.tensr": [1, 2]})
+    with pytest.raises(SystemExit) as exited:
+        main([str(sweep), "--out", str(tmp_path / "out")])
+    assert exited.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "parallel.tensr=1" in lines[0] and "parallel.tensr=2" in lines[0], lines
+    assert "parallel.tensr: unknown key; did you mean parallel.tensor?" in lines[0]
+    assert not (tmp_path / "out").exists()
+    # for_world at the point's world size: a global batch that data=2 does not split
+    sweep = _tiny_sweep(tmp_path, {"data": [1, 2], "train.global_batch_size": [6], "train.grad_accum": [None]})
+    with pytest.raises(SystemExit, match=r"data=2, train.global_batch_size=6.*\(2 processes\).*not divisible"):
+        main([str(sweep), "--out", str(tmp_path / "out")])
+
+
+def test_a_point_failing_at_run_time_is_reported_with_its_reason_and_exit_code_1(tmp_path, monkeypatch, capsys):
+    """A worker's multi-line error (a config error's reason is on its second line) reaches the record, the
+    report and the console whole; the sweep exits 1. Before: the first line only, and exit code 0."""
+    import subprocess
+
+    import bench.sweep as sweep_module
+
+    log = ("Traceback (most recent call last):\n[rank0]:   File \"x.py\", line 1, in <module>\n"
+           "[rank0]: training.config.ConfigError: invalid configuration (base.yaml):\n"
+           "[rank0]:   - parallel.thing: unknown key; did you mean parallel.tensor?\n"
+           "[rank0]:   - train.other: must be positive\n"
+           "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n")
+    monkeypatch.setattr(sweep_module, "_launch", lambda *a, **k: subprocess.CompletedProcess(a, 1, "", log))
+    with pytest.raises(SystemExit) as exited:
+        main([str(_tiny_sweep(tmp_path, {"parallel.tensor": [1]})), "--out", str(tmp_path / "out")])
+    assert exited.value.code == 1
+    reason = ("training.config.ConfigError: invalid configuration (base.yaml): parallel.thing: unknown key; did you "
+              "mean parallel.tensor?; train.other: must be positive")
+    record = json.loads((tmp_path / "out" / "results.jsonl").read_text())
+    assert record["status"] == "failed" and record["error"] == reason
+    assert reason in (tmp_path / "out" / "report.md").read_text()
+    assert f"bench sweep: failed: point parallel.tensor=1 (1 process): {reason}" in capsys.readouterr().err

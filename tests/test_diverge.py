@@ -96,9 +96,74 @@ def test_bad_input_is_one_line(tmp_path):
     config.write_text(f"model: {{arch: gpt2, tokenizer: byte, config: {{n_layer: 2, n_head: 2, n_embd: 32}}}}\n"
                       f"data: {{train_files: ['{corpus}/part0.txt'], seq_len: 32}}\n"
                       f"train: {{micro_batch_size: 2, grad_accum: 2, output_dir: {tmp_path / 'run'}}}\n")
-    with pytest.raises(SystemExit, match="'foo=3' is not one of tensor=N"):
+    with pytest.raises(SystemExit, match="'foo=3' is not one of tensor=N") as exited:
         main(["--config", str(config), "--layout", "tensor=2,foo=3", "--out", str(tmp_path / "o")])
+    assert exited.value.code == 2  # bad input, as train.py (before: 1)
     with pytest.raises(SystemExit, match="data=3 divides neither train.grad_accum=2"):
         main(["--config", str(config), "--layout", "data=3", "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="bench diverge: .*nope.yaml"):
         main(["--config", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "o")])
+
+
+def test_dropout_fields_are_found_by_name_in_any_architecture():
+    """Every dropout probability of GPT-2, Llama, T5 and Marian configs goes to 0, whatever its name; the built
+    models then hold no dropout with p > 0. Before: diverge compared with dropout on (TP=2 + SP of the quickstart
+    reported transformer.h.0.attn.c_proj, 0.561; its per-rank masks differ from one process by design)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from bench.diverge import dropout_fields, without_dropout
+
+    small = {"gpt2": dict(n_layer=1, n_head=2, n_embd=16),
+             "llama": dict(num_hidden_layers=1, num_attention_heads=2, hidden_size=16, intermediate_size=32,
+                           attention_dropout=0.1),
+             "t5": dict(num_layers=1, num_heads=2, d_model=16, d_kv=8, d_ff=32),
+             "marian": dict(encoder_layers=1, decoder_layers=1, d_model=16, encoder_attention_heads=2,
+                            decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, dropout=0.1,
+                            attention_dropout=0.1, activation_dropout=0.1, encoder_layerdrop=0.1, pad_token_id=0,
+                            decoder_start_token_id=0, eos_token_id=1)}
+    expected = {"gpt2": {"attn_pdrop", "embd_pdrop", "resid_pdrop"}, "llama": {"attention_dropout"},
+                "t5": {"dropout_rate"}, "marian": {"dropout", "attention_dropout", "activation_dropout",
+                                                  "encoder_layerdrop"}}
+    for arch, fields in small.items():
+        config = AutoConfig.for_model(arch, vocab_size=64, **fields)
+        found = {k for k, v in dropout_fields(config).items() if v}
+        assert expected[arch] <= found, (arch, found)
+        without_dropout(config)
+        assert not any(dropout_fields(config).values()), arch
+        auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+        model = auto.from_config(config)
+        assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout)), arch
+
+
+def test_report_says_what_it_did_with_dropout(tmp_path, monkeypatch, capsys):
+    """By default both layouts' workers build the model without dropout and the report's second line lists the
+    probabilities set to 0; ``--keep-dropout`` passes to the workers and the report says the comparison includes
+    dropout. (The launches and the comparison are stubbed: what is checked is what main passes and prints.)"""
+    import subprocess
+
+    import pytest
+
+    import bench.diverge as diverge
+    import bench.launch as launch
+
+    corpus = write_corpus(tmp_path / "corpus")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {{arch: gpt2, tokenizer: byte, config: {{n_layer: 2, n_head: 2, n_embd: 32}}}}\n"
+                      f"data: {{train_files: ['{corpus}/part0.txt'], seq_len: 32}}\n"
+                      f"train: {{micro_batch_size: 2, grad_accum: 2, output_dir: {tmp_path / 'run'}}}\n")
+    workers = []
+    monkeypatch.setattr(launch, "torchrun", lambda module, nproc, args, **kw: workers.append(args) or
+                        subprocess.CompletedProcess(args, 0, "", ""))
+    monkeypatch.setattr(diverge, "compare", lambda a, b, tol: {"first": None, "modules": [], "params": [], "tol": tol})
+    base = ["--config", str(config), "--layout", "tensor=2,parallel.sequence_parallel=true", "--out", str(tmp_path / "o")]
+    for extra, flag_passed, said in (([], False, "dropout: off in both layouts (attn_pdrop=0.1, embd_pdrop=0.1, "
+                                       "resid_pdrop=0.1, summary_first_dropout=0.1 set to 0)"),
+                                     (["--keep-dropout"], True, "the comparison includes dropout, whose masks differ "
+                                      "by design under tensor parallelism")):
+        workers.clear()
+        with pytest.raises(SystemExit) as exited:
+            diverge.main(base + extra)
+        assert exited.value.code == 0
+        assert [("--keep-dropout" in args) for args in workers] == [flag_passed, flag_passed]
+        assert said in capsys.readouterr().out.splitlines()[1]
