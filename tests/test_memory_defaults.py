@@ -142,3 +142,22 @@ def test_a_zero_partition_is_read_without_its_whole_tensor(tmp_path, monkeypatch
             assert not reader._open  # every file closed, its pages unmapped
             if not transposed:  # Conv1D saved or read at TP=1 lies the other way round: whole saved rows
                 assert sum(r.numel() for r in read) <= expected.numel() // 2, (rank, start)
+
+
+def test_a_zero3_run_resumes_its_partitions_from_a_zero1_checkpoint(tmp_path):
+    """ZeRO-3 at DP=2 writes each rank's partition range of the moments (``put_range``, the last one padded) from
+    a ZeRO-1 checkpoint: steps 3 and 4 are the uninterrupted run's (tolerance as in tests/test_checkpoint.py:
+    only the data-parallel summation order differs)."""
+    from tests.helpers import run_configs, step_records
+
+    corpus = write_corpus(tmp_path / "corpus")
+    full = tiny_config(tmp_path / "full", corpus, parallel__zero_stage=1, train__steps=4, train__save_every=2,
+                       train__eval_batches=1)
+    saved = tmp_path / "full" / "run" / "checkpoints" / "step_0000002"
+    resumed = tiny_config(tmp_path / "z3", corpus, parallel__zero_stage=3, train__steps=4, train__eval_batches=1,
+                          train__resume=str(saved))
+    full_hist, resumed_hist = run_ranks(run_configs, 2, [full, resumed], timeout=600)[0]
+    expected, got = step_records(full_hist)[2:], step_records(resumed_hist)
+    assert [r["step"] for r in got] == [3, 4]
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in expected], rel=1e-5)
+    assert [r["grad_norm"] for r in got] == pytest.approx([r["grad_norm"] for r in expected], rel=1e-5)
