@@ -58,9 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             world = int(os.environ.get("WORLD_SIZE", "1"))
             cfg = for_world(cfg, world)
+            from training.describe import hidden_size, layout, planned_model
+
             ds = (load_user_deepspeed_config(args.deepspeed_config, cfg, world) if args.deepspeed_config
-                  else deepspeed_config(cfg, world))
-            from training.describe import layout, planned_model
+                  else deepspeed_config(cfg, world, hidden_size(cfg)))
 
             print(f"# model: {planned_model(cfg)}")
             print(f"# layout: {layout(cfg, world)}")

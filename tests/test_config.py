@@ -134,6 +134,7 @@ def test_print_config_cli(tmp_path):
     effective, _, ds_text = out.stdout.partition("# DeepSpeed JSON (world size 1)")
     assert yaml.safe_load(effective)["optim"]["lr"] == 5e-4
     assert json.loads(ds_text)["train_batch_size"] == 8
+    assert json.loads(ds_text)["zero_optimization"]["reduce_bucket_size"] == 128**2  # model-sized: n_embd²
     bad = subprocess.run([sys.executable, "train.py", "--config", "configs/quickstart.yaml", "--print-config",
                           "--set", "optim.lrr=1"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "did you mean optim.lr?" in bad.stderr

@@ -28,6 +28,13 @@ def planned_model(cfg: RunConfig) -> str:
     return f"{describe(config, parameter_count(config, cfg.model.trust_remote_code), vocabulary)}; {source}"
 
 
+def hidden_size(cfg: RunConfig) -> int | None:
+    """The width of the model a run of ``cfg`` builds (what the model-sized ZeRO buckets follow)."""
+    config = hf_config(pretrained=cfg.model.pretrained, arch=cfg.model.arch, config=cfg.model.config,
+                       trust_remote_code=cfg.model.trust_remote_code)
+    return getattr(config, "hidden_size", None)
+
+
 def layout(cfg: RunConfig, world_size: int) -> str:
     data = data_parallel_size(cfg, world_size)
     virtual = f", {cfg.parallel.virtual_stages} virtual stages" if cfg.parallel.virtual_stages > 1 else ""
