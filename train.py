@@ -58,10 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             world = int(os.environ.get("WORLD_SIZE", "1"))
             cfg = for_world(cfg, world)
-            from training.describe import hidden_size, layout, planned_model
+            from training.describe import layout, planned_hidden_size, planned_model
 
             ds = (load_user_deepspeed_config(args.deepspeed_config, cfg, world) if args.deepspeed_config
-                  else deepspeed_config(cfg, world, hidden_size(cfg)))
+                  else deepspeed_config(cfg, world, planned_hidden_size(cfg)))
 
             print(f"# model: {planned_model(cfg)}")
             print(f"# layout: {layout(cfg, world)}")

@@ -134,6 +134,17 @@ def parameter_count(hf_config, trust_remote_code: bool = False) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def hidden_size(hf_config) -> int | None:
+    """The hidden size HF Trainer sizes ZeRO's buckets by (transformers/integrations/deepspeed.py): the config's
+    ``hidden_size``, else the largest of ``hidden_sizes``, else the same of its ``text_config``."""
+    for source in (hf_config, getattr(hf_config, "text_config", None)):
+        if getattr(source, "hidden_size", None):
+            return int(source.hidden_size)
+        if getattr(source, "hidden_sizes", None):
+            return int(max(source.hidden_sizes))
+    return None
+
+
 def describe(hf_config, parameters: int, vocabulary: int | str) -> str:
     """One line for the console: type, depth, width, parameters, vocabulary."""
     layers = getattr(hf_config, "num_hidden_layers", None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from modeling.build import byte_level_tokenizer, describe, hf_config, load_tokenizer, parameter_count
+from modeling.build import byte_level_tokenizer, describe, hf_config, hidden_size, load_tokenizer, parameter_count
 from training.config import RunConfig, data_parallel_size
 
 
@@ -28,11 +28,10 @@ def planned_model(cfg: RunConfig) -> str:
     return f"{describe(config, parameter_count(config, cfg.model.trust_remote_code), vocabulary)}; {source}"
 
 
-def hidden_size(cfg: RunConfig) -> int | None:
-    """The width of the model a run of ``cfg`` builds (what the model-sized ZeRO buckets follow)."""
-    config = hf_config(pretrained=cfg.model.pretrained, arch=cfg.model.arch, config=cfg.model.config,
-                       trust_remote_code=cfg.model.trust_remote_code)
-    return getattr(config, "hidden_size", None)
+def planned_hidden_size(cfg: RunConfig) -> int | None:
+    """The hidden size of the model a run of ``cfg`` builds (what the model-sized ZeRO buckets follow)."""
+    return hidden_size(hf_config(pretrained=cfg.model.pretrained, arch=cfg.model.arch, config=cfg.model.config,
+                                 trust_remote_code=cfg.model.trust_remote_code))
 
 
 def layout(cfg: RunConfig, world_size: int) -> str:

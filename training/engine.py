@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from modeling.build import hidden_size
 from parallel.comm import comm_device
 from training.config import ConfigError, OptimConfig, model_sized_buckets
 
@@ -82,16 +83,10 @@ def _not_untested_optimizer(record) -> bool:
 
 
 def hidden_size_of(model: torch.nn.Module) -> int | None:
-    """The hidden size HF Trainer sizes ZeRO's buckets by (transformers/integrations/deepspeed.py): the config's
-    ``hidden_size``, else the largest of ``hidden_sizes``, else the same of its ``text_config``; from the first
-    module with an HF config (a pipeline chunk's layers carry the model's)."""
+    """``modeling.build.hidden_size`` of the first module with an HF config (a pipeline chunk's layers carry the
+    model's)."""
     config = next((m.config for m in model.modules() if hasattr(getattr(m, "config", None), "to_dict")), None)
-    for source in (config, getattr(config, "text_config", None)):
-        if getattr(source, "hidden_size", None):
-            return int(source.hidden_size)
-        if getattr(source, "hidden_sizes", None):
-            return int(max(source.hidden_sizes))
-    return None
+    return hidden_size(config)
 
 
 def fill_model_sized_buckets(ds_config: dict[str, Any], model: torch.nn.Module) -> None:
