@@ -36,6 +36,12 @@ def test_the_rule_on_directories(tmp_path):
     with pytest.raises(run_dir.RunDirError, match="exists and is not a directory"):
         run_dir.check(str(tmp_path / "file"), None, False)
 
+    legacy = tmp_path / "legacy"  # a run of a colonnade from before the marker: recognised by its checkpoints
+    (legacy / "checkpoints" / "step_0000004").mkdir(parents=True)
+    assert run_dir.is_run(legacy) and run_dir.check(str(legacy), "auto", False) is True  # nothing complete
+    with pytest.raises(run_dir.RunDirError, match="already holds checkpoints of a run: set train.resume=auto"):
+        run_dir.check(str(legacy), None, False)
+
     run = tmp_path / "run"
     assert run_dir.claim(str(run)) is None and run_dir.is_run(run)
     assert run_dir.check(str(run), None, False) is False  # ours, nothing of a run in it yet

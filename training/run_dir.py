@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from training.checkpoint_files import newest_complete
+from training.checkpoint_files import newest_complete, step_of
 
 RUN_MARKER = "colonnade_run.json"
 RUN_FORMAT = "colonnade-run/1"
@@ -22,10 +22,12 @@ class RunDirError(ValueError):
 
 
 def is_run(directory: Path) -> bool:
+    """Our marker, or (a run of a colonnade from before the marker) checkpoint directories of ours."""
     try:
         return json.loads((directory / RUN_MARKER).read_text()).get("format") == RUN_FORMAT
     except (OSError, ValueError, AttributeError):
-        return False
+        root = directory / "checkpoints"
+        return root.is_dir() and any(step_of(p) is not None and p.is_dir() for p in root.iterdir())
 
 
 def earlier_run_files(directory: Path) -> list[str]:
@@ -53,7 +55,7 @@ def check(output_dir: str, resume: str | None, overwrite: bool) -> bool:
     again = (f"train.overwrite=true to start it again from step 0 (its files are moved into {output_dir}/"
              f"{EARLIER}/N, nothing is deleted), or choose a new train.output_dir")
     if (directory / "checkpoints").is_dir():
-        raise RunDirError(f"{key} already holds a run with checkpoints: set train.resume=auto to continue it, {again}")
+        raise RunDirError(f"{key} already holds checkpoints of a run: set train.resume=auto to continue it, {again}")
     if (directory / "metrics.jsonl").is_file():
         raise RunDirError(f"{key} already holds a run (metrics.jsonl, no checkpoint to continue from): set {again}")
     return False
@@ -64,7 +66,7 @@ def claim(output_dir: str, start_over: bool = False) -> Path | None:
     ``start_over`` move the earlier run's files into ``earlier/N`` first and return where they went."""
     directory = Path(output_dir)
     directory.mkdir(parents=True, exist_ok=True)
-    if not is_run(directory):
+    if not (directory / RUN_MARKER).is_file():
         (directory / RUN_MARKER).write_text(json.dumps({"format": RUN_FORMAT}) + "\n")
     if not start_over or not earlier_run_files(directory):
         return None
