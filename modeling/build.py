@@ -66,7 +66,10 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
 
 
 def hf_config(*, pretrained: str | None, arch: str | None, config: dict, trust_remote_code: bool = False):
-    """The HF config a run will build, without building the model (for validation)."""
+    """The HF config a run will build, without building the model (for validation: ``model.config``'s keys are
+    checked against the config class of ``arch``)."""
+    if arch is not None:
+        config_check.check_keys(arch, config)
     return model_config(pretrained=pretrained, arch=arch, config=config, vocab_size=None,
                         trust_remote_code=trust_remote_code)
 
@@ -85,7 +88,6 @@ def model_config(*, pretrained: str | None, arch: str | None, config: dict, voca
     fields = dict(config)
     if vocab_size is not None:
         fields.setdefault("vocab_size", vocab_size)
-    config_check.check_keys(arch, config)
     hf = config_check.build_config(arch, fields)
     config_check.check_values(hf)
     if vocab_size is not None and hf.vocab_size < vocab_size:

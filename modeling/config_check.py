@@ -7,6 +7,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import importlib.util
+import re
+from pathlib import Path
 
 from transformers import AutoConfig
 
@@ -39,8 +42,8 @@ def check_keys(arch: str, fields: dict) -> None:
     default = build_config(arch, {})
     known = {f.name for f in dataclasses.fields(default)} | set(getattr(default, "attribute_map", {}))
     for key in fields:
-        if key in known or _changes_a_field(arch, default, key, fields[key]):
-            continue  # a legacy name the class translates (e.g. Llama's rope_scaling -> rope_parameters)
+        if key in known or _changes_a_field(arch, default, key, fields[key]) or _read_by_model(default, key):
+            continue  # a legacy name the class translates (Llama's rope_scaling), an attribute the model reads
         near = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
         hint = f"did you mean model.config.{near[0]}?" if near else f"see the fields of {type(default).__name__}"
         raise ValueError(f"model.config.{key}: unknown key for model_type {arch!r}; {hint}")
@@ -53,6 +56,15 @@ def _changes_a_field(arch: str, default, key: str, value) -> bool:
         return True  # a key the class reads and refuses: build_config reports it with the full config
     before = default.to_dict()
     return any(given.get(name) != before.get(name) for name in set(given) | set(before) if name != key)
+
+
+def _read_by_model(default, key: str) -> bool:
+    """The architecture's modeling code reads ``config.<key>`` (T5 reads ``config.decoder_start_token_id``, which
+    is not a field of its config class) or names it as a string."""
+    spec = importlib.util.find_spec(type(default).__module__.replace(".configuration_", ".modeling_"))
+    if spec is None or spec.origin is None:
+        return False
+    return re.search(rf"config\.{re.escape(key)}\b|[\"']{re.escape(key)}[\"']", Path(spec.origin).read_text()) is not None
 
 
 def check_values(hf_config) -> None:

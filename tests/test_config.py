@@ -245,3 +245,4 @@ def test_model_config_keys_and_values_are_checked_against_the_hf_class(setting, 
     from modeling.config_check import check_keys
 
     check_keys("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}})  # a legacy name the class reads
+    check_keys("t5", {"decoder_start_token_id": 0})  # not a field of T5Config, but T5's model reads it
