@@ -79,3 +79,55 @@ def test_a_missing_piece_is_named_not_filled_with_garbage(tmp_path):
     (tmp_path / INDEX).write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="model/w"):
         CheckpointReader(tmp_path).full("model/w")
+
+
+class _Conv1DOwner(torch.nn.Module):
+    hf_conv1d = True
+
+
+def _zero3_conv1d(monkeypatch, tp_rank: int, tp: int, full: int, inner: int, chunks: int) -> torch.nn.Module:
+    """A tensor-parallel rank's GPT-2 ``c_attn`` (Conv1D, held (out, in)) as ZeRO-3 leaves it: the parameter a
+    flat empty partition, its unpartitioned shape in ``ds_shape``; the tensor-parallel group faked."""
+    import modeling.parallelize as parallelize
+
+    monkeypatch.setattr(parallelize.dist, "get_world_size", lambda group=None: tp)
+    monkeypatch.setattr(parallelize.dist, "get_rank", lambda group=None: tp_rank)
+    model = torch.nn.Module()
+    model.c_attn = _Conv1DOwner()
+    weight = torch.nn.Parameter(torch.empty(0))
+    weight.ds_shape = torch.Size((full // tp, inner))
+    weight.tensor_model_parallel, weight.partition_dim = True, 0
+    weight.tp_full_size, weight.tp_fused_chunks = full, chunks
+    model.c_attn.weight = weight
+    return model
+
+
+def test_zero3_conv1d_saved_at_tp2_dp2_reads_back_at_tp1(tmp_path, monkeypatch):
+    """GPT-2's fused c_attn (Conv1D (in=32, out=96), q/k/v chunks) saved at TP=2 x DP=2 under ZeRO-3 (each
+    replica a flat partition of its TP-local (48, 32) tensor), read at TP=1 (ZeRO-1), whole and by ranges."""
+    from training.checkpoint import tp_shards
+
+    inner, out, tp, dp = 32, 96, 2, 2
+    full = torch.arange(inner * out, dtype=torch.float32).view(inner, out)
+    index = {}
+    for t in range(tp):
+        ranges, _ = shard_ranges(out, t, tp, 3, out)  # this rank's q, k and v columns
+        local = torch.cat([full[:, a:b] for a, b in ranges], dim=1).t()  # what the rank holds, (out, in)
+        shard = tp_shards(_zero3_conv1d(monkeypatch, t, tp, out, inner, 3), "tp")["c_attn.weight"]
+        assert shard == Shard(1, tuple(ranges), out // tp, True)
+        flat, share = local.reshape(-1), -(-local.numel() // dp)  # ZeRO-3's partition
+        for d in range(dp):
+            file, key = f"rank-{t}-{d}.safetensors", "model/w"
+            values = flat[d * share:(d + 1) * share].clone()
+            piece = Piece(file, key, d * share, values.numel(), tuple(local.shape), (inner, out), shard, "F32")
+            write_safetensors(tmp_path / file, {key: (tuple(values.shape), values.dtype)}, {key: values}.get,
+                              {key: json.dumps(piece.describe())})
+            index.setdefault(key, []).append(piece.describe())
+    (tmp_path / INDEX).write_text(json.dumps({"tensors": index}))
+    reader = CheckpointReader(tmp_path)
+    assert torch.equal(reader.full("model/w"), full)
+    assert torch.equal(reader.local("model/w", Shard(None), (inner, out), torch.float32), full)
+    flat = full.reshape(-1)
+    for start, stop in [(0, 1536), (1536, 3072), (0, 1000), (1000, 2048), (2048, 3072), (37, 41), (95, 97)]:
+        got = reader.local_range("model/w", Shard(None), (inner, out), torch.float32, start, stop)
+        assert torch.equal(got, flat[start:stop]), (start, stop)

@@ -41,7 +41,7 @@ import yaml
 from safetensors import safe_open
 
 from modeling.materialize import give_value
-from modeling.parallelize import full_shape, shards
+from modeling.parallelize import Shard, full_shape, shards
 from modeling.parallelize import full_tensor as merge_tensor
 from parallel.comm import comm_device
 from training import background_save
@@ -145,6 +145,24 @@ def _trainable(engine, model, groups) -> dict[str, torch.nn.Parameter]:
 
 def _local_shape(tensor: torch.Tensor) -> tuple[int, ...]:
     return tuple(getattr(tensor, "ds_shape", tensor.shape))  # ZeRO-3 keeps the unpartitioned shape there
+
+
+def tp_shards(model, tp_group) -> dict[str, Shard]:
+    """``shards`` by the unpartitioned shape of a ZeRO-3 parameter: ``shard_for`` tells a Conv1D weight (held
+    transposed) by its tensor being 2-D, but ZeRO-3 leaves each parameter a flat partition (its shape in
+    ``ds_shape``), so a partitioned Conv1D weight's ``Shard`` came out untransposed, along the local dimension:
+    pieces saved and ranges read under that ``Shard`` land on the wrong elements of the HF tensor."""
+    found = shards(model, tp_group)
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    for name, shard in found.items():
+        tensor = tensors.get(name)
+        if (tensor is None or shard.dim is None or shard.transposed or tensor.dim() == 2
+                or len(_local_shape(tensor)) != 2):
+            continue
+        owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        if getattr(owner, "hf_conv1d", False):
+            found[name] = Shard(1 - shard.dim, shard.ranges, shard.size, True)
+    return found
 
 
 def _holdings(engine, model, groups):
@@ -258,10 +276,10 @@ def _rank_values(engine, model, groups, kinds, local, owner) -> tuple[str, dict,
     (``optimizer_state.owned_part``, views of the live state), described by a ``Piece`` in the metadata;
     and the rank's RNG states."""
     file = rank_file(dist.get_rank(), dist.get_world_size())
-    tp_shards = shards(model, groups.tp_group)
+    layout = tp_shards(model, groups.tp_group)
     values, metadata = _rng_state(model)
     for name, tensor in local.items():
-        if owner[name] != groups.pp_rank or (tp_shards[name].dim is None and groups.tp_rank != 0):
+        if owner[name] != groups.pp_rank or (layout[name].dim is None and groups.tp_rank != 0):
             continue  # another stage's tied copy, or a copy every tensor-parallel rank holds: written once
         for kind in kinds if isinstance(tensor, torch.nn.Parameter) and tensor.requires_grad else ("model",):
             part = optimizer_state.owned_part(engine, tensor, kind, groups.dp_rank, groups.data)
@@ -270,7 +288,7 @@ def _rank_values(engine, model, groups, kinds, local, owner) -> tuple[str, dict,
             start, values[f"{kind}/{name}"] = part
             metadata[f"{kind}/{name}"] = json.dumps(Piece(
                 file, f"{kind}/{name}", start, part[1].numel(), _local_shape(tensor), full_shape(model, name, tensor),
-                tp_shards[name], hf_files.dtype_name(part[1].dtype)).describe())
+                layout[name], hf_files.dtype_name(part[1].dtype)).describe())
     return file, values, metadata
 
 
@@ -359,7 +377,7 @@ def restore(engine, model, groups, path: Path) -> TrainerState:
     (``optimizer_state.held_range``), one parameter at a time: no rank builds whole tensors it does not hold."""
     trainer = json.loads((path / "trainer_state.json").read_text())
     reader = CheckpointReader(path)
-    tp_shards = shards(model, groups.tp_group)
+    layout = tp_shards(model, groups.tp_group)
     by_param: dict[int, tuple[str, torch.nn.Parameter]] = {}
     for name, param in _trainable(engine, model, groups).items():  # a tied parameter is saved under one name
         if id(param) not in by_param or reader.has(f"exp_avg/{name}"):
@@ -368,7 +386,7 @@ def restore(engine, model, groups, path: Path) -> TrainerState:
         for name, param in by_param.values():
             held = optimizer_state.held_range(engine, param)
             if held is not None and reader.has(f"{key}/{name}"):
-                values = reader.local_range(f"{key}/{name}", tp_shards[name], _local_shape(param), torch.float32,
+                values = reader.local_range(f"{key}/{name}", layout[name], _local_shape(param), torch.float32,
                                             *held)
                 optimizer_state.put_range(engine, param, key, values)
             elif key != "master" and not reader.has(f"{key}/{name}"):
