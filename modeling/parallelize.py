@@ -139,8 +139,9 @@ def shard_for(tensor: torch.Tensor, hf_conv1d: bool, tp_group) -> Shard:
     if world == 1 or not getattr(tensor, "tensor_model_parallel", False):
         return Shard(None)
     dim = tensor.partition_dim
-    transposed = hf_conv1d and tensor.dim() == 2
-    local_size = getattr(tensor, "ds_shape", tensor.shape)[dim]  # ZeRO-3 keeps the unpartitioned shape there
+    shape = getattr(tensor, "ds_shape", tensor.shape)  # ZeRO-3 keeps a flat partition, its real shape there
+    transposed = hf_conv1d and len(shape) == 2
+    local_size = shape[dim]
     ranges, size = shard_ranges(tensor.tp_full_size, dist.get_rank(tp_group), world, tensor.tp_fused_chunks,
                                 local_size * world)
     return Shard(1 - dim if transposed else dim, tuple(ranges), size, transposed)

@@ -105,7 +105,7 @@ def _zero3_conv1d(monkeypatch, tp_rank: int, tp: int, full: int, inner: int, chu
 def test_zero3_conv1d_saved_at_tp2_dp2_reads_back_at_tp1(tmp_path, monkeypatch):
     """GPT-2's fused c_attn (Conv1D (in=32, out=96), q/k/v chunks) saved at TP=2 x DP=2 under ZeRO-3 (each
     replica a flat partition of its TP-local (48, 32) tensor), read at TP=1 (ZeRO-1), whole and by ranges."""
-    from training.checkpoint import tp_shards
+    from modeling.parallelize import shards
 
     inner, out, tp, dp = 32, 96, 2, 2
     full = torch.arange(inner * out, dtype=torch.float32).view(inner, out)
@@ -113,7 +113,7 @@ def test_zero3_conv1d_saved_at_tp2_dp2_reads_back_at_tp1(tmp_path, monkeypatch):
     for t in range(tp):
         ranges, _ = shard_ranges(out, t, tp, 3, out)  # this rank's q, k and v columns
         local = torch.cat([full[:, a:b] for a, b in ranges], dim=1).t()  # what the rank holds, (out, in)
-        shard = tp_shards(_zero3_conv1d(monkeypatch, t, tp, out, inner, 3), "tp")["c_attn.weight"]
+        shard = shards(_zero3_conv1d(monkeypatch, t, tp, out, inner, 3), "tp")["c_attn.weight"]
         assert shard == Shard(1, tuple(ranges), out // tp, True)
         flat, share = local.reshape(-1), -(-local.numel() // dp)  # ZeRO-3's partition
         for d in range(dp):

@@ -147,24 +147,6 @@ def _local_shape(tensor: torch.Tensor) -> tuple[int, ...]:
     return tuple(getattr(tensor, "ds_shape", tensor.shape))  # ZeRO-3 keeps the unpartitioned shape there
 
 
-def tp_shards(model, tp_group) -> dict[str, Shard]:
-    """``shards`` by the unpartitioned shape of a ZeRO-3 parameter: ``shard_for`` tells a Conv1D weight (held
-    transposed) by its tensor being 2-D, but ZeRO-3 leaves each parameter a flat partition (its shape in
-    ``ds_shape``), so a partitioned Conv1D weight's ``Shard`` came out untransposed, along the local dimension:
-    pieces saved and ranges read under that ``Shard`` land on the wrong elements of the HF tensor."""
-    found = shards(model, tp_group)
-    tensors = dict(model.named_parameters(remove_duplicate=False))
-    for name, shard in found.items():
-        tensor = tensors.get(name)
-        if (tensor is None or shard.dim is None or shard.transposed or tensor.dim() == 2
-                or len(_local_shape(tensor)) != 2):
-            continue
-        owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-        if getattr(owner, "hf_conv1d", False):
-            found[name] = Shard(1 - shard.dim, shard.ranges, shard.size, True)
-    return found
-
-
 def _holdings(engine, model, groups):
     """(this rank's tensors by canonical HF name, the pipeline stage that owns each name, name -> (full shape,
     dtype) in state-dict order). A tied weight held by several stages is owned by the lowest. Collective: a
@@ -276,7 +258,7 @@ def _rank_values(engine, model, groups, kinds, local, owner) -> tuple[str, dict,
     (``optimizer_state.owned_part``, views of the live state), described by a ``Piece`` in the metadata;
     and the rank's RNG states."""
     file = rank_file(dist.get_rank(), dist.get_world_size())
-    layout = tp_shards(model, groups.tp_group)
+    layout = shards(model, groups.tp_group)
     values, metadata = _rng_state(model)
     for name, tensor in local.items():
         if owner[name] != groups.pp_rank or (layout[name].dim is None and groups.tp_rank != 0):
@@ -377,7 +359,7 @@ def restore(engine, model, groups, path: Path) -> TrainerState:
     (``optimizer_state.held_range``), one parameter at a time: no rank builds whole tensors it does not hold."""
     trainer = json.loads((path / "trainer_state.json").read_text())
     reader = CheckpointReader(path)
-    layout = tp_shards(model, groups.tp_group)
+    layout = shards(model, groups.tp_group)
     by_param: dict[int, tuple[str, torch.nn.Parameter]] = {}
     for name, param in _trainable(engine, model, groups).items():  # a tied parameter is saved under one name
         if id(param) not in by_param or reader.has(f"exp_avg/{name}"):
