@@ -64,7 +64,8 @@ def _read_by_model(default, key: str) -> bool:
     spec = importlib.util.find_spec(type(default).__module__.replace(".configuration_", ".modeling_"))
     if spec is None or spec.origin is None:
         return False
-    return re.search(rf"config\.{re.escape(key)}\b|[\"']{re.escape(key)}[\"']", Path(spec.origin).read_text()) is not None
+    name = re.escape(key)
+    return re.search(rf"config\.{name}\b|[\"']{name}[\"']", Path(spec.origin).read_text()) is not None
 
 
 def check_values(hf_config) -> None:

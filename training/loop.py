@@ -130,9 +130,9 @@ def finish_process(code: int = 0) -> None:
 def build_tokenizer(cfg: RunConfig, train_files: list[str], resume_from: Path | None = None,
                     start_over: bool = False):
     """The run's tokenizer: the one saved in ``output_dir/tokenizer`` by an earlier start of this run (unless this
-    start begins again over it), else a resumed checkpoint's, else what ``model.tokenizer`` says. A directory is read by every rank (rank 0 first);
-    a BPE is trained on rank 0 and sent to the others. Nothing is written here (``_save_run_files`` does, once
-    every input check has passed)."""
+    start begins again over it), else a resumed checkpoint's, else what ``model.tokenizer`` says. A directory is
+    read by every rank (rank 0 first); a BPE is trained on rank 0 and sent to the others. Nothing is written
+    here (``_save_run_files`` does, once every input check has passed)."""
     choice = cfg.model.tokenizer or (cfg.model.pretrained if cfg.model.pretrained else "byte")
     saved = [d for d in (None if start_over else Path(cfg.train.output_dir) / "tokenizer", resume_from)
              if d is not None and (d / "tokenizer_config.json").is_file()]
