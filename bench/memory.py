@@ -15,8 +15,8 @@ kernel can drop, and are in results.json's ``rss`` peaks only). The formula is t
 rank for this rank's parameters (``memory_formula_bytes``): weights, gradients, AdamW moments and, under ZeRO, the
 fp32 master partition and, under ZeRO-3, the largest layer gathered in full with its gradient (DeepSpeed's own
 estimate), plus the activations, measured (``SavedActivations``: the most bytes of tensors autograd held for the
-backward at once during the steps). CPU ranks fix glibc's mmap threshold at 256 KB themselves
-(``training/host_memory.py``; ``--malloc-mmap-threshold N`` passes ``MALLOC_MMAP_THRESHOLD_=N`` instead), so that
+backward at once during the steps). CPU ranks holding >= 256 MiB of parameters fix glibc's mmap threshold at
+256 KB themselves (``training/host_memory.py``; ``--malloc-mmap-threshold N`` passes ``MALLOC_MMAP_THRESHOLD_=N`` instead), so that
 resident memory follows the live tensors: with glibc's default, memory of freed tensors under 32 MB stays in the
 heap and a phase's peak carries the previous phase's high-water mark. For the save and export phases the
 report also gives what the phase itself added above what the rank held when it began (``+added``), and the slowest
@@ -258,7 +258,7 @@ def worker(args) -> None:
     formula = memory_formula_bytes(local, cfg.parallel.zero_stage, dp, largest_layer_params(module))
     formula["activation_bytes"] = activations.peak
     record = {"rank": dist.get_rank(), "runtime_bytes": peaks.runtime, "local_params": local,
-              "malloc_mmap_threshold": _mmap_threshold(),
+              "malloc_mmap_threshold": _mmap_threshold(result.model),
               "formula_bytes": sum(formula.values()), "activation_bytes": activations.peak,
               **{f"{k}_peak_bytes": v for k, v in peaks.peaks.items()},
               **{f"{k}_rss_peak_bytes": v for k, v in peaks.rss_peaks.items()},
@@ -271,14 +271,14 @@ def worker(args) -> None:
     loop.finish_process()
 
 
-def _mmap_threshold() -> str | None:
-    """glibc's mmap threshold this rank ran with: the user's variable, or the one colonnade set (again here:
-    idempotent) on a CPU rank; None: glibc's dynamic default."""
+def _mmap_threshold(model) -> str | None:
+    """glibc's mmap threshold this rank ran with: the user's variable, or the one colonnade set on a CPU rank
+    holding a large share of the model; None: glibc's dynamic default."""
     from deepspeed.accelerator import get_accelerator
 
     from training import host_memory
 
-    applied = host_memory.release_freed_tensors(get_accelerator().device_name())
+    applied = host_memory.applies(get_accelerator().device_name(), host_memory.held_bytes(model))
     return os.environ.get("MALLOC_MMAP_THRESHOLD_") or (str(host_memory.MMAP_THRESHOLD) if applied else None)
 
 
@@ -302,8 +302,16 @@ def parse_layout(text: str, prog: str = "bench memory") -> tuple[str, list[str],
 
 def run_layout(args, label: str, sets: list[str], nproc: int, work: Path, index: int) -> dict:
     """Train one layout under torchrun with its run (checkpoints, export) in ``work/run{index}``."""
-    out_file = work / f"layout{index}.json"
-    sets = sets + [f"train.output_dir={work / f'run{index}'}", "train.progress=false"]
+    out_file, run = work / f"layout{index}.json", work / f"run{index}"
+    if run.exists():  # an earlier bench run's: a new run there would be refused (or resume it)
+        from bench.cli import fail
+        from training.run_dir import RUN_MARKER
+
+        if not (run / RUN_MARKER).is_file():
+            fail("bench memory", f"--work {work}: {run} exists and is not a run of ours (no {RUN_MARKER}); "
+                                 f"choose another --work")
+        shutil.rmtree(run)
+    sets = sets + [f"train.output_dir={run}", "train.progress=false"]
     from bench.launch import torchrun
 
     env = {"MALLOC_MMAP_THRESHOLD_": str(args.malloc_mmap_threshold)} if args.malloc_mmap_threshold else None
@@ -348,8 +356,9 @@ def report(rows: list[dict], machine: dict, command: str, threshold: int) -> str
              "the resume, optimizer step, save or export added above what the rank held when it began. save s: the "
              "slowest rank's wall time in the checkpoint saves. "
              + (f"Ranks ran with MALLOC_MMAP_THRESHOLD_={threshold} (freed tensors go back to the system)."
-                if threshold else "Ranks ran without MALLOC_MMAP_THRESHOLD_: CPU ranks set glibc's mmap threshold "
-                "to 256 KB themselves (training/host_memory.py; freed tensors go back to the system)."), "",
+                if threshold else "Ranks ran without MALLOC_MMAP_THRESHOLD_: CPU ranks holding >= 256 MiB of parameters "
+                "set glibc's mmap threshold to 256 KB themselves (training/host_memory.py; freed tensors go back "
+                "to the system), smaller ones keep glibc's default."), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "formula_bytes" not in r:
@@ -379,7 +388,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--timeout", type=int, default=1800)
     parser.add_argument("--malloc-mmap-threshold", type=int, default=0, help="glibc's "
                         "MALLOC_MMAP_THRESHOLD_ for the ranks (bytes), which colonnade then leaves alone; 0 (the "
-                        "default): none, and CPU ranks set 256 KB themselves (training/host_memory.py): blocks "
+                        "default): none, and CPU ranks holding >= 256 MiB of parameters set 256 KB themselves "
+                        "(training/host_memory.py): blocks "
                         "above it are returned to the system when freed, so that resident memory follows the live "
                         "tensors, as peak allocated memory does on a GPU")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

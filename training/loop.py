@@ -24,11 +24,12 @@ from transformers import set_seed
 
 from modeling import recompute
 from modeling.build import (auto_class, byte_level_tokenizer, check_sequence_fits, describe, hf_config,
-                            load_tokenizer, model_config, train_bpe_tokenizer, weights_source)
+                            load_tokenizer, model_config, parameter_count, train_bpe_tokenizer, weights_source)
 from modeling.materialize import empty_model, materialize
 from modeling.parallelize import lm_loss, next_token_losses, tensor_parallelize
 from modeling.pipeline import check_pipeline_fits
 from modeling.tp_plans import check_tensor_parallel_fits
+from parallel.comm import comm_device
 from parallel.flight import FlightRecorder
 from parallel.grad_norm import global_grad_norm
 from parallel.groups import ProcessGroups
@@ -79,7 +80,6 @@ def init_distributed(timeout_s: float | None = None) -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
     accel = get_accelerator()
-    host_memory.release_freed_tensors(accel.device_name())
     if accel.device_name() == "cuda":
         accel.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
@@ -220,6 +220,7 @@ class _Inputs:
     valid_files: list[str]
     resume_from: Path | None
     start_over: bool  # from step 0 over an earlier run's files, which ``run_dir.claim`` moves aside
+    shard_bytes: int  # this rank's share of the model's parameters in fp32 (tensor x pipeline split), planned
 
 
 def _check_inputs(cfg: RunConfig, deepspeed_config_file: str | None) -> _Inputs:
@@ -250,7 +251,9 @@ def _check_inputs(cfg: RunConfig, deepspeed_config_file: str | None) -> _Inputs:
     _check_writable(Path(cfg.train.output_dir))
     if cfg.train.export_hf:
         checkpoint.check_export_dir(Path(cfg.train.output_dir) / "hf")
-    return _Inputs(ds_config, train_files, valid_files, resume_from, start_over)
+    parameters = parameter_count(model_config, cfg.model.trust_remote_code)
+    shard = parameters * 4 // (cfg.parallel.tensor * cfg.parallel.pipeline)
+    return _Inputs(ds_config, train_files, valid_files, resume_from, start_over, shard)
 
 
 def _check_writable(output_dir: Path) -> None:
@@ -351,6 +354,7 @@ def run(cfg: RunConfig, deepspeed_config_file: str | None = None) -> RunResult:
     init_distributed(cfg.parallel.timeout_s)
     cfg = for_world(cfg, dist.get_world_size(), first_start=elastic.restart_count() == 0)
     inputs = _check_inputs(cfg, deepspeed_config_file)
+    host_memory.release_freed_tensors(comm_device().type, inputs.shard_bytes)  # before the model's tensors exist
     groups = ProcessGroups.from_degrees(cfg.parallel.tensor, cfg.parallel.pipeline, timeout_s=cfg.parallel.timeout_s)
     set_seed(cfg.train.seed)  # Python's, NumPy's and torch's generators, as HF Trainer seeds them
     tokenizer = build_tokenizer(cfg, inputs.train_files, inputs.resume_from, inputs.start_over)
