@@ -37,6 +37,19 @@ def _plan_claims(plan: dict) -> list[str]:
             row(1, 2, 4), row(1, 8, 1), row(2, 2, 2), row(8, 1, 1)]
 
 
+def _llama_demo_rows(demo: dict) -> list[str]:
+    """The README's memory table: MB above the runtime (× the model state: the formula less the activations)."""
+    names = {"tensor=2,pipeline=2": "TP=2 × PP=2", "tensor=4": "resumed at TP=4"}
+    lines = []
+    for row in demo["rows"]:
+        state = row["formula_bytes"] - row["activation_bytes"]
+        cells = [f"{row[f'{phase}_above_runtime_bytes'] / 2**20:,.0f} "
+                 f"({row[f'{phase}_above_runtime_bytes'] / state:.2f})" if f"{phase}_above_runtime_bytes" in row
+                 else "–" for phase in ("load", "resume", "steps", "optimizer", "save", "export")]
+        lines.append(f"| {names[row['layout']]} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def claims() -> dict[str, list[str]]:
     """Document -> the texts it must contain, each computed from a committed results file."""
     save, adam = _load("async-save-cpu/results.json"), _load("cpu-adam-cpu/results.json")
@@ -51,7 +64,8 @@ def claims() -> dict[str, list[str]]:
             f"{save['params'] / 1e6:.1f} M)",
             f"steps {adam['params'] / 1e6:.0f} M fp32 parameters in {fused:.3f} s fused, {ds:.3f} s with "
             f"`DeepSpeedCPUAdam` ({ds / fused:.2f}× slower) and {foreach:.3f} s with torch's foreach AdamW "
-            f"({foreach / fused:.1f}×)"],
+            f"({foreach / fused:.1f}×)",
+            *_llama_demo_rows(_load("llama-demo-cpu/summary.json"))],
         "docs/benchmarks.md": [
             f"| {overhead['plain_tokens_per_s']:,.0f} tok/s | {overhead['colonnade_tokens_per_s']:,.0f} tok/s | "
             f"**{overhead['throughput_ratio']:.2f}** |",
