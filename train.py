@@ -51,7 +51,7 @@ def wandb_agent_overrides(unknown: list[str], parser: argparse.ArgumentParser) -
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from training.config import (ConfigError, deepspeed_config, for_world, load, load_user_deepspeed_config)
-    from training.faults import CollectiveTimeout, PeerLost, TrainingStopped
+    from training.faults import CollectiveTimeout, PeerLost, TrainingStopped, timeout_reported
 
     try:
         cfg = load(args.config, args.overrides)
@@ -77,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as exc:  # every rank stopped after the same step: rank 0 says where
         return _fail(str(exc), exc.exit_code, only_rank0=True)
     except (CollectiveTimeout, PeerLost) as exc:  # every rank names the collective it waited in / the lost peer
-        return _fail(f"error: {exc}", 4, rank0_reports=False)
+        code = _fail(f"error: {exc}", 4, rank0_reports=False)
+        timeout_reported()
+        return code
     return 0
 
 

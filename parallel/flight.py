@@ -40,6 +40,7 @@ class FlightRecorder:
         self.calls: collections.deque[Call] = collections.deque(maxlen=capacity)
         self.counts: dict[str, int] = collections.Counter()
         self._names: dict[int, str] = {}
+        self.reporters: list[int] = []   # the ranks whose report ``exchange`` received
 
     def install(self) -> "FlightRecorder":
         for name in OPERATIONS:
@@ -102,7 +103,20 @@ def exchange(recorder: FlightRecorder, wait_s: float) -> dict[int, dict]:
         if len(reports) < world and time.monotonic() > deadline:
             break
         time.sleep(0.05)
+    recorder.reporters = sorted(reports)
     return reports
+
+
+def await_printed(recorder: FlightRecorder, wait_s: float) -> None:
+    """Called once this rank has printed the verdict: say so on the store and wait (at most ``wait_s``) until
+    every rank that took part in the exchange has printed its own, so that the launcher, seeing the first rank
+    exit, does not kill another mid-report."""
+    store = dist.distributed_c10d._get_default_store()
+    store.set(f"colonnade/flight/printed/{dist.get_rank()}", "1")
+    waiting = [f"colonnade/flight/printed/{r}" for r in recorder.reporters]
+    deadline = time.monotonic() + wait_s
+    while not store.check(waiting) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def verdict(reports: dict[int, dict], world: int) -> str:

@@ -5,6 +5,8 @@
 --stall-rank R --stall-step S   at step S, rank R waits inside a collective that no other rank enters (a
                                 barrier on a side group made at step 1), so the others wait inside the
                                 step's collectives for it: both sides are stalled inside a collective
+--slow-report-rank R            rank R takes 3 s longer to print its error (a loaded machine), so the other
+                                ranks must wait for it before exiting or the launcher kills it mid-report
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ def main() -> None:
     parser.add_argument("--config-error-rank", type=int, default=None)
     parser.add_argument("--slow-save-step", type=int, default=None)
     parser.add_argument("--slow-save-s", type=float, default=0.0)
+    parser.add_argument("--slow-report-rank", type=int, default=None)
     args, rest = parser.parse_known_args()
     rest = rest[1:] if rest[:1] == ["--"] else rest
 
@@ -74,7 +77,21 @@ def main() -> None:
         config.load = failing_load
     import train
 
+    if rank == args.slow_report_rank:
+        _slow_down_report(train)
     train.launched(rest)
+
+
+def _slow_down_report(train) -> None:
+    import time
+
+    original = train._fail
+
+    def slow_fail(*args, **kwargs):
+        time.sleep(3.0)
+        return original(*args, **kwargs)
+
+    train._fail = slow_fail
 
 
 def _slow_down_save(tag: str, seconds: float) -> None:

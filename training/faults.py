@@ -151,3 +151,19 @@ def _who_is_behind(timeout_s: float) -> str:
     except Exception as exc:  # the rendezvous store went with the rank that hosted it
         return f"Another rank is stalled or gone (no flight records: {type(exc).__name__}); check its log"
     return f"Flight recorder: {flight.verdict(reports, dist.get_world_size())}"
+
+
+def timeout_reported(wait_s: float = 10.0) -> None:
+    """After this rank printed its timeout error: wait (bounded) for the other ranks that exchanged flight
+    records to print theirs before exiting. Without it a loaded machine showed the launcher killing rank 1 a
+    moment before it printed."""
+    from parallel import flight
+
+    recorder = flight.installed()
+    if recorder is None or not recorder.reporters:
+        return
+    try:
+        flight.await_printed(recorder, wait_s)
+    except Exception:  # the store is gone: nothing left to wait for
+        pass
+
