@@ -47,12 +47,12 @@ class ParallelLM:
 
     def __init__(self, model_dir: str, groups, max_length: int):
         import torch
+        from transformers import AutoModelForCausalLM
 
         from modeling.build import load_tokenizer
         from modeling.parallelize import tensor_parallelize
         from modeling.pipeline import split_chunks
         from parallel.partition import chunks_of_rank, stage_specs
-        from transformers import AutoModelForCausalLM
 
         self.groups, self.max_length = groups, max_length
         self.tokenizer = load_tokenizer(model_dir)

@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer,
-                          PreTrainedTokenizerFast)
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from modeling import config_check
 from modeling.materialize import SeededInit, StoredWeights, empty_model, materialize

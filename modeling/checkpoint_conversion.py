@@ -22,8 +22,14 @@ from typing import Callable
 import torch
 from torch import nn
 from transformers.conversion_mapping import get_model_conversion_mapping
-from transformers.core_model_loading import (Concatenate, MergeModulelist, WeightConverter, WeightRenaming,
-                                             dot_natural_key, rename_source_key)
+from transformers.core_model_loading import (
+    Concatenate,
+    MergeModulelist,
+    WeightConverter,
+    WeightRenaming,
+    dot_natural_key,
+    rename_source_key,
+)
 
 from modeling.parallelize import Shard
 

@@ -9,8 +9,8 @@ data-parallel group only and gradient norms are taken over the model-parallel gr
 
 from __future__ import annotations
 
-from datetime import timedelta
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist

@@ -15,8 +15,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from parallel.comm import (gather_from_tensor_parallel_region, reduce_from_tensor_parallel_region,
-                           reduce_scatter_to_sequence_parallel_region)
+from parallel.comm import (
+    gather_from_tensor_parallel_region,
+    reduce_from_tensor_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+)
 from parallel.region import RegionEntry, column_linear
 from parallel.weight_grad import WeightGradStore, linear
 

@@ -19,8 +19,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from parallel.comm import (SEQ_DIM, all_gather_along, copy_to_tensor_parallel_region,
-                           gather_from_sequence_parallel_region, start_all_reduce, start_reduce_scatter)
+from parallel.comm import (
+    SEQ_DIM,
+    all_gather_along,
+    copy_to_tensor_parallel_region,
+    gather_from_sequence_parallel_region,
+    start_all_reduce,
+    start_reduce_scatter,
+)
 from parallel.weight_grad import WeightGradStore, linear, weight_gradient
 
 

@@ -29,10 +29,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from parallel.comm import (SEQ_DIM, all_reduce, gather_from_tensor_parallel_region,
-                           scatter_to_sequence_parallel_region)
-from parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead,
-                             mark_sharded)
+from parallel.comm import SEQ_DIM, all_reduce, gather_from_tensor_parallel_region, scatter_to_sequence_parallel_region
+from parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    VocabParallelHead,
+    mark_sharded,
+)
 from parallel.region import RegionEntry
 
 STYLES = {"colwise", "colwise_enter", "colwise_fused3", "rowwise", "vocab_embedding", "vocab_head", "region", "heads_embedding",

@@ -6,7 +6,8 @@ import pytest
 
 
 def test_report_and_bad_input():
-    from bench.async_save import main as async_main, report as async_report
+    from bench.async_save import main as async_main
+    from bench.async_save import report as async_report
 
     text = async_report({"machine": {"cpu": "x", "cores": 2, "torch": "t", "date": "d"}, "params": 2_000_000,
                          "checkpoint_bytes": 24_000_000, "steps": 15, "save_every": 4, "saves_per_run": 3,

@@ -17,8 +17,8 @@ import pytest
 from tests.dist import run_ranks
 from tests.helpers import tiny_config, write_corpus
 from training import checkpoint_files as files
-from training.run_dir import claim as claim_run_dir
 from training.export import main as export_main
+from training.run_dir import claim as claim_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,8 +18,7 @@ import time
 import pytest
 
 from tests.dist import run_ranks
-from tests.helpers import TINY_GPT2, TINY_LLAMA, reference_losses, run_config, step_records, tiny_config, \
-    write_corpus
+from tests.helpers import TINY_GPT2, TINY_LLAMA, reference_losses, run_config, step_records, tiny_config, write_corpus
 from training.config import ConfigError
 
 ARCHS = {"gpt2": dict(TINY_GPT2, n_layer=4, n_head=4),

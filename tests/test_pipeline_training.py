@@ -8,8 +8,16 @@ import numpy as np
 import pytest
 
 from tests.dist import run_ranks
-from tests.helpers import (assert_exports_agree, assert_resumes_continue, reference_losses, run_configs,
-                           step_records, TINY_GPT2, tiny_config, write_corpus)
+from tests.helpers import (
+    TINY_GPT2,
+    assert_exports_agree,
+    assert_resumes_continue,
+    reference_losses,
+    run_configs,
+    step_records,
+    tiny_config,
+    write_corpus,
+)
 
 # fp32 as in test_zero_parity / test_tp_training: ~1e-6 relative observed over 10 steps.
 LOSS_TOL = 1e-4

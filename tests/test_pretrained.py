@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from tests.dist import run_ranks
-from tests.helpers import reference_blocks, reference_order, run_config, TINY_GPT2, tiny_config, write_corpus
-
+from tests.helpers import TINY_GPT2, reference_blocks, reference_order, run_config, tiny_config, write_corpus
 
 
 def test_finetune_from_local_checkpoint_starts_from_its_loss(tmp_path):

@@ -30,8 +30,14 @@ def _loss_and_gradients(model, mode: str, batch: dict):
 
 
 def _models():
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, T5Config
-    from transformers import T5ForConditionalGeneration
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
 
     torch.manual_seed(0)
     ids = torch.randint(0, 64, (2, 16))

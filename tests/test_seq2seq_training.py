@@ -11,8 +11,17 @@ import pytest
 import torch
 
 from tests.dist import run_ranks
-from tests.helpers import (BYTE_SPECIALS, BYTE_VOCAB, byte_tokens, reference_lr_multiplier, reference_order,
-                           reference_param_groups, reference_update, run_configs, step_records)
+from tests.helpers import (
+    BYTE_SPECIALS,
+    BYTE_VOCAB,
+    byte_tokens,
+    reference_lr_multiplier,
+    reference_order,
+    reference_param_groups,
+    reference_update,
+    run_configs,
+    step_records,
+)
 from training.config import validate
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -29,8 +29,7 @@ def _close(a, b, what):
 def _layers_match_dense(perturb: bool = False):
     from parallel.comm import scatter_to_sequence_parallel_region, scatter_to_tensor_parallel_region
     from parallel.cross_entropy import vocab_parallel_cross_entropy
-    from parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                 VocabParallelHead)
+    from parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead
 
     group, rank, world = _init()
     gen = torch.Generator().manual_seed(0)

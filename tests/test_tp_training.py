@@ -6,8 +6,16 @@ import pytest
 import torch
 
 from tests.dist import run_ranks
-from tests.helpers import (assert_exports_agree, assert_resumes_continue, reference_losses, run_configs,
-                           step_records, TINY_GPT2, tiny_config, write_corpus)
+from tests.helpers import (
+    TINY_GPT2,
+    assert_exports_agree,
+    assert_resumes_continue,
+    reference_losses,
+    run_configs,
+    step_records,
+    tiny_config,
+    write_corpus,
+)
 
 # As in test_zero_parity: fp32, the reference's one mean over the batch vs sharded matmuls and a DP
 # average; observed ~1e-6 relative over 10 steps. A missing TP all-reduce or a replicated parameter

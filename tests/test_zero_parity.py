@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.dist import run_ranks
-from tests.helpers import run_configs, reference_losses, tiny_config, write_corpus
+from tests.helpers import reference_losses, run_configs, tiny_config, write_corpus
 
 # fp32 throughout. The DP runs average two half-batch gradients where the reference takes one mean over
 # the whole batch, so sums are ordered differently: ~1e-7 relative per step. Over 10 Adam steps with the

@@ -41,13 +41,11 @@ import yaml
 from safetensors import safe_open
 
 from modeling.materialize import give_value
-from modeling.parallelize import Shard, full_shape, shards
+from modeling.parallelize import full_shape, shards
 from modeling.parallelize import full_tensor as merge_tensor
 from parallel.comm import comm_device
-from training import background_save
+from training import background_save, hf_files, optimizer_state
 from training import checkpoint_files as files
-from training import hf_files
-from training import optimizer_state
 from training.checkpoint_files import CheckpointError, tag_for
 from training.checkpoint_pieces import INDEX, CheckpointReader, Piece
 from training.hf_files import write_safetensors

@@ -20,7 +20,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from parallel.groups import check_degrees
 from parallel.schedules import check_schedule
 
-
 PARTITION_METHODS = ("uniform", "parameters", "measured")
 
 

@@ -10,9 +10,8 @@ therefore needs nothing but ``s``, and any split of ``B`` over (dp, accum) sees 
 
 from __future__ import annotations
 
-import contextlib
-
 import codecs
+import contextlib
 import glob
 import json
 import os

@@ -12,8 +12,8 @@ import signal
 import socket
 import time
 import warnings
-from datetime import timedelta
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,18 @@ import yaml
 from transformers import set_seed
 
 from modeling import recompute
-from modeling.build import (auto_class, byte_level_tokenizer, check_sequence_fits, describe, hf_config,
-                            load_tokenizer, model_config, parameter_count, train_bpe_tokenizer, weights_source)
+from modeling.build import (
+    auto_class,
+    byte_level_tokenizer,
+    check_sequence_fits,
+    describe,
+    hf_config,
+    load_tokenizer,
+    model_config,
+    parameter_count,
+    train_bpe_tokenizer,
+    weights_source,
+)
 from modeling.materialize import empty_model, materialize
 from modeling.parallelize import lm_loss, next_token_losses, tensor_parallelize
 from modeling.pipeline import check_pipeline_fits
@@ -33,16 +43,23 @@ from parallel.comm import comm_device
 from parallel.flight import FlightRecorder
 from parallel.grad_norm import global_grad_norm
 from parallel.groups import ProcessGroups
-from training import checkpoint, data, elastic, engine as engine_lib, host_memory, run_dir, seq2seq
-from training.rank0 import on_rank0, rank0_first
+from training import checkpoint, data, elastic, host_memory, run_dir, seq2seq
+from training import engine as engine_lib
 from training.background_save import BackgroundSave
-from training.faults import (NonFiniteSteps, StopSignals, TrainingStopped, is_peer_lost, is_timeout,
-                             peer_lost_error, timeout_error)
-from training.pipeline import PipelineRunner, build_chunks
 from training.config import ConfigError, RunConfig, deepspeed_config, for_world, load_user_deepspeed_config
 from training.describe import layout
+from training.faults import (
+    NonFiniteSteps,
+    StopSignals,
+    TrainingStopped,
+    is_peer_lost,
+    is_timeout,
+    peer_lost_error,
+    timeout_error,
+)
 from training.metrics import MetricsSink, SampleLog, perplexity, sum_over
-
+from training.pipeline import PipelineRunner, build_chunks
+from training.rank0 import on_rank0, rank0_first
 
 
 @dataclass
