@@ -77,7 +77,8 @@ def unannotated_public_parameters(paths: list[Path]) -> list[str]:
                 dunder = child.name.startswith("__") and child.name.endswith("__")
                 if public and (dunder or not child.name.startswith("_")):
                     args = child.args
-                    params = [*args.posonlyargs, *args.args, *args.kwonlyargs, *(a for a in (args.vararg, args.kwarg) if a)]
+                    params = [*args.posonlyargs, *args.args, *args.kwonlyargs,
+                              *(a for a in (args.vararg, args.kwarg) if a)]
                     missing.extend(f"{_name(path)}:{child.lineno} {child.name}({a.arg})" for a in params
                                    if a.annotation is None and a.arg not in ("self", "cls"))
 
