@@ -50,7 +50,8 @@ def wandb_agent_overrides(unknown: list[str], parser: argparse.ArgumentParser) -
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from training.config import ConfigError, deepspeed_config, for_world, load, load_user_deepspeed_config
+    from training.config import ConfigError, for_world, load
+    from training.deepspeed_config import deepspeed_config, load_user_deepspeed_config
     from training.faults import CollectiveTimeout, PeerLost, TrainingStopped, timeout_reported
 
     try:

@@ -11,7 +11,8 @@ import pytest
 import torch
 import yaml
 
-from training.config import ConfigError, check_user_deepspeed_config, deepspeed_config, load, validate
+from training.config import ConfigError, load, validate
+from training.deepspeed_config import check_user_deepspeed_config, deepspeed_config
 
 ROOT = Path(__file__).resolve().parents[1]
 MINIMAL = {"model": {"arch": "gpt2"}, "data": {"train_files": ["x.txt"], "seq_len": 16}, "train": {"steps": 5}}

@@ -14,7 +14,8 @@ import transformers
 from tests.conftest import ROOT
 from tests.dist import run_ranks
 from tests.helpers import tiny_config, write_corpus
-from training.config import check_user_deepspeed_config, deepspeed_config, validate
+from training.config import validate
+from training.deepspeed_config import check_user_deepspeed_config, deepspeed_config
 from training.engine import fill_model_sized_buckets
 
 MINIMAL = {"model": {"arch": "gpt2"}, "data": {"train_files": ["x.txt"], "seq_len": 16}, "train": {"steps": 5}}

@@ -7,7 +7,8 @@ import pytest
 
 from tests.dist import run_ranks
 from tests.helpers import reference_losses, tiny_config, write_corpus
-from training.config import ConfigError, deepspeed_config
+from training.config import ConfigError
+from training.deepspeed_config import deepspeed_config
 
 # As tests/test_zero_parity.py: fp32, DP=2 averages two half-batch gradients where the reference takes one mean,
 # ~1e-6 apart after 10 steps; a missed step, a stale moment or a wrong clip is > 1e-3.

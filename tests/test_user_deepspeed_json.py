@@ -13,7 +13,8 @@ import torch
 
 from tests.dist import run_ranks
 from tests.helpers import tiny_config, write_corpus
-from training.config import ConfigError, check_user_deepspeed_config, validate
+from training.config import ConfigError, validate
+from training.deepspeed_config import check_user_deepspeed_config
 
 ROOT = Path(__file__).resolve().parents[1]
 MINIMAL = {"model": {"arch": "gpt2"}, "data": {"train_files": ["x.txt"], "seq_len": 8}}

@@ -9,7 +9,9 @@ import torch
 
 from modeling.build import hidden_size
 from parallel.comm import comm_device
-from training.config import ConfigError, OptimConfig, model_sized_buckets
+from training.config import ConfigError
+from training.config_schema import OptimConfig
+from training.deepspeed_config import model_sized_buckets
 
 
 def lr_lambda(optim: OptimConfig, total_steps: int):
