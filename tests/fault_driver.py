@@ -97,16 +97,16 @@ def _slow_down_report(train) -> None:
 def _slow_down_save(tag: str, seconds: float) -> None:
     import time
 
-    import training.checkpoint as checkpoint
+    import training.checkpoint.saving as saving
 
-    original = checkpoint.write_safetensors
+    original = saving.write_safetensors
 
     def slow_write(path, *args, **kwargs):
         if tag in str(path):
             time.sleep(seconds)
         return original(path, *args, **kwargs)
 
-    checkpoint.write_safetensors = slow_write
+    saving.write_safetensors = slow_write
 
 
 if __name__ == "__main__":

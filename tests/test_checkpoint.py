@@ -14,7 +14,7 @@ import torch
 
 from tests.dist import run_ranks
 from tests.helpers import TINY_GPT2, run_configs, step_records, tiny_config, write_corpus
-from training import checkpoint_files as files
+from training.checkpoint import files
 from training.checkpoint import CheckpointError, resolve_resume
 
 FOUR_HEADS = dict(TINY_GPT2, n_head=4)
@@ -82,9 +82,9 @@ def test_resume_at_other_layouts_continues_the_run(tmp_path):
     out = tmp_path / "exported"
     from safetensors.torch import load_file
 
-    from training.export import main as export_main
+    from training.checkpoint.export import main as export_main
 
-    assert export_main([str(tmp_path / "full" / "run"), str(out)]) == 0  # `python -m training.export RUN OUT`
+    assert export_main([str(tmp_path / "full" / "run"), str(out)]) == 0  # `python -m training.checkpoint.export RUN OUT`
 
     exported, final = load_file(out / "model.safetensors"), load_file(tmp_path / "full" / "run" / "hf" / "model.safetensors")
     assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)
@@ -92,8 +92,8 @@ def test_resume_at_other_layouts_continues_the_run(tmp_path):
 
 def _crash_during_save(cfg, point: str, at_step: int):
     """Rank function: run ``cfg`` and die with SIGKILL at ``point`` of its checkpoint save of ``at_step``."""
-    import training.checkpoint as checkpoint
-    import training.checkpoint_files as cf
+    import training.checkpoint.files as cf
+    import training.checkpoint.saving as saving
 
     staging = f".{cf.tag_for(at_step)}.partial"
 
@@ -101,14 +101,14 @@ def _crash_during_save(cfg, point: str, at_step: int):
         os.kill(os.getpid(), signal.SIGKILL)
 
     if point == "mid-file":  # the rank's file half written under its temporary name
-        original_write = checkpoint.write_safetensors
+        original_write = saving.write_safetensors
 
         def half_written(path, specs, tensor_of, metadata=None):
             if staging in str(path):
                 Path(path).write_bytes(b"\0" * 1000)
                 die()
             return original_write(path, specs, tensor_of, metadata)
-        checkpoint.write_safetensors = half_written
+        saving.write_safetensors = half_written
     elif point in ("before-manifest", "before-latest"):
         original_write = cf.write_text_atomic
         target = cf.MANIFEST if point == "before-manifest" else "latest"
@@ -198,16 +198,16 @@ def _timed_writes(cfg):
     (start, end) wall times of this rank's writes."""
     import time
 
-    import training.checkpoint as checkpoint
+    import training.checkpoint.saving as saving
 
-    original, spans = checkpoint.write_safetensors, []
+    original, spans = saving.write_safetensors, []
 
     def slow_write(path, specs, tensor_of, metadata=None):
         start = time.time()
         time.sleep(1.5)
         original(path, specs, tensor_of, metadata)
         spans.append((start, time.time()))
-    checkpoint.write_safetensors = slow_write
+    saving.write_safetensors = slow_write
     from training import run
 
     run(cfg)
@@ -258,7 +258,7 @@ def test_saves_from_zero3_zero0_and_bf16_resume(tmp_path):
 
 def _agree_on_damaged(run_dir):
     """Rank function: ``agree_on_resume`` of ``run_dir``'s newest checkpoint, counting this rank's SHA-256s."""
-    import training.checkpoint_files as cf
+    import training.checkpoint.files as cf
     from training.checkpoint import agree_on_resume
     from training.loop import init_distributed
 
@@ -294,10 +294,15 @@ def _slow_writes_and_step_ends(cfg, delay: float, skip_host_copy: bool = False):
     ``skip_host_copy``: the mutation that writes the live state instead of its copy."""
     import time
 
-    import training.checkpoint as checkpoint
-    import training.loop as loop
+    import training.checkpoint.saving as saving
+    from training.events import Observer
 
-    original_write, original_step, spans, step_ends = checkpoint.write_safetensors, loop._data_parallel_step, [], []
+    original_write, spans, step_ends = saving.write_safetensors, [], []
+
+    class StepEnds(Observer):
+        def on_phase_end(self, phase, step, record):
+            if phase == "step":
+                step_ends.append(time.time())
 
     def slow_write(path, specs, tensor_of, metadata=None):
         start = time.time()
@@ -305,14 +310,9 @@ def _slow_writes_and_step_ends(cfg, delay: float, skip_host_copy: bool = False):
         original_write(path, specs, tensor_of, metadata)
         spans.append((start, time.time()))
 
-    def timed_step(*args):
-        result = original_step(*args)
-        step_ends.append(time.time())
-        return result
-
-    checkpoint.write_safetensors, loop._data_parallel_step = slow_write, timed_step
+    saving.write_safetensors = slow_write
     if skip_host_copy:
-        checkpoint._host_copy = lambda *snapshot: snapshot
+        saving._host_copy = lambda *snapshot: snapshot
     from training import run
 
     return run(cfg).history, step_ends, spans

@@ -10,9 +10,9 @@ import torch
 
 from modeling.parallelize import Shard
 from parallel.layers import shard_ranges
-from training.checkpoint_files import CheckpointError
-from training.checkpoint_pieces import INDEX, CheckpointReader, Piece
-from training.hf_files import write_safetensors
+from training.checkpoint.files import CheckpointError
+from training.checkpoint.hf_files import write_safetensors
+from training.checkpoint.pieces import INDEX, CheckpointReader, Piece
 
 FULL = (10, 6)  # a fused weight of 2 chunks of rows, padded to 12 rows at TP=2 and 16 at TP=4
 

@@ -1,4 +1,4 @@
-"""The HF export never deletes what it did not write: `python -m training.export CKPT OUT` and the end-of-run
+"""The HF export never deletes what it did not write: `python -m training.checkpoint.export CKPT OUT` and the end-of-run
 export to output_dir/hf refuse a non-empty OUT that is not an earlier export of ours, and any OUT that is, holds
 or lies inside the source checkpoint or a run; a user's directory named like a temporary sibling is left alone."""
 
@@ -16,8 +16,8 @@ import pytest
 
 from tests.dist import run_ranks
 from tests.helpers import tiny_config, write_corpus
-from training import checkpoint_files as files
-from training.export import main as export_main
+from training.checkpoint import files
+from training.checkpoint.export import main as export_main
 from training.run_dir import claim as claim_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,10 +111,10 @@ def test_refuses_an_out_holding_someone_elses_file(run_dir, tmp_path, capsys):
 
 
 def test_refuses_to_export_a_run_into_itself(run_dir):
-    """As a subprocess, for the exit code of `python -m training.export RUN RUN`."""
+    """As a subprocess, for the exit code of `python -m training.checkpoint.export RUN RUN`."""
     before = _snapshot(run_dir)
     assert any(name.startswith("checkpoints/step_") for name in before) and "metrics.jsonl" in before
-    proc = subprocess.run([sys.executable, "-m", "training.export", str(run_dir), str(run_dir)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "training.checkpoint.export", str(run_dir), str(run_dir)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert str(run_dir) in proc.stderr and "checkpoint" in proc.stderr, proc.stderr
@@ -238,7 +238,7 @@ def test_replacing_an_export_keeps_what_appeared_in_it_meanwhile(tmp_path):
 
 
 def _checkpoint_weights(path):
-    from training.checkpoint_pieces import CheckpointReader
+    from training.checkpoint.pieces import CheckpointReader
 
     reader = CheckpointReader(path)
     return {name: reader.full(f"model/{name}") for name in reader.names("model")}

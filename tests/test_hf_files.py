@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from bench.memory import PhasePeaks
-from training import hf_files
+from training.checkpoint import hf_files
 
 MiB = 2**20
 

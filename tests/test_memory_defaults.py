@@ -119,10 +119,10 @@ def test_a_zero_partition_is_read_without_its_whole_tensor(tmp_path, monkeypatch
     that hold it, from the saved rows they overlap, not the whole tensor; and it lets go of the files' pages
     (here after every read)."""
     from tests.test_checkpoint_pieces import FULL, _save, _shard
-    from training import checkpoint_pieces
-    from training.checkpoint_pieces import CheckpointReader
+    from training.checkpoint import pieces
+    from training.checkpoint.pieces import CheckpointReader
 
-    monkeypatch.setattr(checkpoint_pieces, "MAPPED_BYTES", 0)
+    monkeypatch.setattr(pieces, "MAPPED_BYTES", 0)
 
     full = torch.arange(60, dtype=torch.float32).view(FULL)
     _save(tmp_path, full, saved_tp, saved_dp, transposed and saved_tp > 1)

@@ -125,7 +125,7 @@ def test_zero2_tp2_and_zero3_dp4_and_zero3_tp2_match_single_process(tmp_path):
         assert "bleu" in final_eval and final_eval["bleu_signature"].startswith("nrefs:1")
     # The final checkpoints are complete; Marian's frozen sinusoidal positions have weights but no moments.
     from training.checkpoint import resolve_resume
-    from training.checkpoint_pieces import CheckpointReader
+    from training.checkpoint.pieces import CheckpointReader
 
     for cfg in cfgs:
         saved = resolve_resume("auto", cfg.train.output_dir)

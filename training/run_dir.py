@@ -1,5 +1,5 @@
 """The run directory (``train.output_dir``): what makes a directory a colonnade run, and when a start may write
-into it. The export's rule (``checkpoint_files.write_export``) holds here too: a start writes only into a new or
+into it. The export's rule (``checkpoint.files.write_export``) holds here too: a start writes only into a new or
 empty directory or one that holds our marker, ``colonnade_run.json``, written before anything else; a directory
 of someone else's is refused before anything is written, and nothing of a run is lost without the user asking."""
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from training.checkpoint_files import newest_complete, step_of
+from training.checkpoint.files import newest_complete, step_of
 
 RUN_MARKER = "colonnade_run.json"
 RUN_FORMAT = "colonnade-run/1"

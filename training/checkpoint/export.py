@@ -1,7 +1,7 @@
 """Export a colonnade checkpoint to a Hugging Face directory, whatever layout wrote it:
 
-    python -m training.export runs/quickstart/checkpoints/step_0000300 my_model/
-    python -m training.export runs/quickstart my_model/          # the run's newest complete checkpoint
+    python -m training.checkpoint.export runs/quickstart/checkpoints/step_0000300 my_model/
+    python -m training.checkpoint.export runs/quickstart my_model/          # the run's newest complete checkpoint
 
 The checkpoint is verified against its manifest first; the result loads with ``from_pretrained``. Each full
 tensor is assembled from the ranks' pieces and written before the next (files of at most ``--max-shard-size``),
@@ -16,9 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from training import checkpoint_files as files
-from training import hf_files
-from training.checkpoint_pieces import CheckpointReader
+from training.checkpoint import files, hf_files
+from training.checkpoint.pieces import CheckpointReader
 
 
 def find_checkpoint(path: Path) -> Path:
@@ -35,7 +34,7 @@ def find_checkpoint(path: Path) -> Path:
 
 def export(checkpoint_dir: Path, out_dir: Path, trust_remote_code: bool = False,
            max_shard_size: int | str = hf_files.DEFAULT_MAX_SHARD_SIZE) -> Path:
-    """``out_dir`` must be new, empty, or an earlier export of ours (``checkpoint_files.write_export``): it is
+    """``out_dir`` must be new, empty, or an earlier export of ours (``files.write_export``): it is
     checked before anything is loaded, and nothing else is ever deleted. Tensors are written one at a time into
     safetensors files of at most ``max_shard_size`` (plus an index when there are several)."""
 

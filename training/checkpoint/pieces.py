@@ -3,7 +3,7 @@ tensor rebuilt from the pieces that overlap it.
 
 Every rank stores, for each tensor it owns, one flat range of its local tensor: the part no other
 data-parallel replica stores (its ZeRO partition, or an even share of a replicated tensor). Where that local
-tensor lies in the full HF-layout tensor is its ``Shard`` (``modeling.parallelize``, the one slice rule).
+tensor lies in the full HF-layout tensor is its ``Shard`` (``modeling.shards``, the one slice rule).
 A ``Piece`` records both; ``CheckpointReader.local`` rebuilds the local tensor of another layout from the
 pieces of the saved shards that overlap it, reading no others.
 
@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from modeling.parallelize import Shard
-from training.checkpoint_files import CheckpointError
-from training.hf_files import dtype_named
+from modeling.shards import Shard
+from training.checkpoint.files import CheckpointError
+from training.checkpoint.hf_files import dtype_named
 
 INDEX = "index.json"
 # File pages a reader leaves mapped before it closes its files: pages of an open safetensors file that were read

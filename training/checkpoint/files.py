@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 MANIFEST = "manifest.json"
-FORMAT = "colonnade-checkpoint/2"  # one file per rank (``checkpoint_pieces``)
+FORMAT = "colonnade-checkpoint/2"  # one file per rank (``pieces``)
 READABLE_FORMATS = (FORMAT, "colonnade-checkpoint/1")  # 1: the full state gathered into one file per kind
 _TAG = re.compile(r"^step_(\d{7,})$")
 
@@ -176,7 +176,7 @@ _RUN_NAMES = ("checkpoints", "metrics.jsonl", MANIFEST)  # a run's output_dir, i
 def write_export(out: str | Path, write: Callable[[Path], None], source: str | Path | None = None,
                  fix: str = "choose a new or empty directory") -> Path:
     """Write a Hugging Face export directory ``out`` without ever deleting what we did not write: the one rule
-    for ``python -m training.export`` and the end-of-run export.
+    for ``python -m training.checkpoint.export`` and the end-of-run export.
 
     ``out`` must be new, empty, or an earlier export of ours (it has ``EXPORT_MARKER`` and holds only the
     files it lists), which is then replaced; anything else is refused with a ``CheckpointError`` naming ``out``,

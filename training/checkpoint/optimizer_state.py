@@ -16,18 +16,27 @@ fragment addresses (``param._hp_mapping``), the same ones its universal checkpoi
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def _base(engine) -> torch.optim.Optimizer:
+def base_optimizer(engine: DeepSpeedEngine) -> torch.optim.Optimizer:
+    """The torch optimizer inside DeepSpeed's ZeRO / mixed-precision wrapper (the engine's own at ZeRO-0)."""
     return getattr(engine.optimizer, "optimizer", engine.optimizer)
 
 
-def _stage(engine) -> int:
-    return engine.zero_optimization_stage()
+def zero_stage(engine: DeepSpeedEngine) -> int:
+    """The ZeRO stage of the optimizer object ``engine`` holds: the run's ``parallel.zero_stage``, which its
+    DeepSpeed JSON carries (``training.deepspeed_config``) and ``training.engine.build`` checks. The checkpoint
+    package, which is handed the engine and not the config, reads it here only."""
+    return int(engine.zero_optimization_stage())
 
 
 def _new_state(state: dict, like: torch.Tensor) -> dict:
@@ -41,7 +50,7 @@ def _new_state(state: dict, like: torch.Tensor) -> dict:
 
 def _ensure_zero3_state(engine) -> None:
     for flat in engine.optimizer.fp32_partitioned_groups_flat:
-        _new_state(_base(engine).state[flat], flat)
+        _new_state(base_optimizer(engine).state[flat], flat)
 
 
 def _flat_state(engine, param) -> dict:
@@ -49,7 +58,7 @@ def _flat_state(engine, param) -> dict:
     zeros if no step has run yet."""
     zero = engine.optimizer
     flat = zero.single_partition_of_fp32_groups[param._hp_mapping.param_group_index]
-    return _new_state(_base(engine).state[flat], flat)
+    return _new_state(base_optimizer(engine).state[flat], flat)
 
 
 def _fragment(engine, param, key: str) -> torch.Tensor:
@@ -68,7 +77,7 @@ def _lp_range(param) -> slice:
 
 def get(engine, param: torch.nn.Parameter, key: str) -> torch.Tensor:
     """``key`` in MOMENTS or 'master' (the fp32 weight the optimizer updates), shaped like ``param``."""
-    stage = _stage(engine)
+    stage = zero_stage(engine)
     if stage == 3:
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
@@ -78,7 +87,7 @@ def get(engine, param: torch.nn.Parameter, key: str) -> torch.Tensor:
     if stage == 0:
         if key == "master":
             return param.detach().float()
-        state = _base(engine).state.get(param, {})
+        state = base_optimizer(engine).state.get(param, {})
         return state[key].detach().float() if key in state else torch.zeros_like(param, dtype=torch.float32)
     full = torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
     if param._hp_mapping is not None:
@@ -89,7 +98,7 @@ def get(engine, param: torch.nn.Parameter, key: str) -> torch.Tensor:
 
 def put(engine, param: torch.nn.Parameter, key: str, value: torch.Tensor) -> None:
     """Write ``value`` (shaped like ``param``) as ``param``'s ``key`` (MOMENTS or 'master')."""
-    stage = _stage(engine)
+    stage = zero_stage(engine)
     if stage == 3:
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
@@ -105,7 +114,7 @@ def put(engine, param: torch.nn.Parameter, key: str, value: torch.Tensor) -> Non
             if key == "master":
                 param.copy_(value)
                 return
-            _new_state(_base(engine).state[param], param)[key].copy_(value)
+            _new_state(base_optimizer(engine).state[param], param)[key].copy_(value)
         return
     if param._hp_mapping is None:
         return  # this rank's partition holds no fragment of the parameter
@@ -117,7 +126,7 @@ def held_range(engine, param: torch.nn.Parameter) -> tuple[int, int] | None:
     """The flat range of ``param`` (its tensor-parallel shard, flattened) whose optimizer state this rank
     holds, or None: its ZeRO partition (ZeRO 1/2: the fragment in its flat partition; ZeRO-3: its partition,
     padding excluded), the whole parameter at ZeRO-0."""
-    stage, numel = _stage(engine), getattr(param, "ds_numel", param.numel())
+    stage, numel = zero_stage(engine), getattr(param, "ds_numel", param.numel())
     if stage == 3:
         start = dist.get_rank(param.ds_process_group) * param.ds_tensor.ds_numel
         return (start, min(numel, start + param.ds_tensor.ds_numel)) if start < numel else None
@@ -132,7 +141,7 @@ def held_range(engine, param: torch.nn.Parameter) -> tuple[int, int] | None:
 def put_range(engine, param: torch.nn.Parameter, key: str, values: torch.Tensor) -> None:
     """Write ``values``, the flat ``held_range`` of ``param``'s ``key`` (MOMENTS or 'master'), into this
     rank's optimizer state; no communication."""
-    stage = _stage(engine)
+    stage = zero_stage(engine)
     if stage == 0:
         put(engine, param, key, values.view_as(param))
         return
@@ -156,7 +165,7 @@ def owned_part(engine, tensor: torch.Tensor, key: str, dp_rank: int, dp_world: i
     ('model' for the weights or buffer, else an optimizer state) and no other replica does, or None: its ZeRO
     partition (ZeRO-3: of every tensor; ZeRO 1/2: of trainable parameters, where the optimizer partitioned
     them), else an even share of the replicated tensor. Values are views; nothing is communicated."""
-    stage, numel = _stage(engine), getattr(tensor, "ds_numel", tensor.numel())
+    stage, numel = zero_stage(engine), getattr(tensor, "ds_numel", tensor.numel())
     if stage == 3 and hasattr(tensor, "ds_tensor") and (key == "model" or tensor.requires_grad):
         values = tensor.ds_tensor if key == "model" else _zero3_local_state(engine, tensor, key)
         start = dist.get_rank(tensor.ds_process_group) * tensor.ds_tensor.ds_numel
@@ -187,7 +196,7 @@ def _non_empty(start: int, values: torch.Tensor):
 
 def optimizer_steps(engine) -> int:
     """AdamW's step count (the bias-correction exponent): applied updates, skipped steps excluded."""
-    for state in _base(engine).state.values():
+    for state in base_optimizer(engine).state.values():
         if "step" in state:
             return int(state["step"])
     return 0
@@ -195,6 +204,6 @@ def optimizer_steps(engine) -> int:
 
 def set_optimizer_steps(engine, steps: int) -> None:
     """Give every AdamW state the restored step count (states are created by ``put`` first)."""
-    for state in _base(engine).state.values():
+    for state in base_optimizer(engine).state.values():
         if "step" in state:
             state["step"] = torch.tensor(float(steps), dtype=torch.float32)

@@ -17,8 +17,8 @@ from typing import Any, Callable
 
 import torch.distributed as dist
 
-from training import checkpoint_files as files
-from training.checkpoint_files import CheckpointError
+from training.checkpoint import files
+from training.checkpoint.files import CheckpointError
 from training.rank0 import on_every_rank
 
 
