@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 
-COMMANDS = {"overhead": "bench.overhead", "plan": "bench.plan", "tp": "bench.tp", "schedule": "bench.schedule", "comm": "bench.comm", "eval": "bench.eval", "sweep": "bench.sweep",
+COMMANDS = {"overhead": "bench.overhead", "plan": "bench.plan", "tp": "bench.tp", "schedule": "bench.schedule",
+            "comm": "bench.comm", "eval": "bench.eval", "sweep": "bench.sweep",
             "memory": "bench.memory", "llama-demo": "bench.llama_demo", "diverge": "bench.diverge",
             "cpu_adam": "bench.cpu_adam", "async_save": "bench.async_save"}
 

@@ -4,10 +4,11 @@ run, timed in the same process.
     python -m bench async_save --out bench/results/async-save-cpu
 
 Each variant trains the same GPT-2 for ``--steps`` steps, saving every ``--save-every`` (the async variant's
-last save is waited for before the clock stops; the default leaves steps after it, as in a long run). The variants alternate over ``--rounds`` (none, sync, async,
-async, sync, none, ...). Reported: the median wall time of each variant's step loop, the cost per save
-((variant - no saves) / saves), the async/sync ratio of that cost, and the loop's own ``checkpoint_s`` records
-(how long each save held the step loop)."""
+last save is waited for before the clock stops: the clock is the run's ``train`` phase; the default leaves steps
+after it, as in a long run). The variants alternate over ``--rounds`` (none, sync, async, async, sync, none, ...).
+Reported: the median wall time of each variant's step loop, the cost per save ((variant - no saves) / saves), the
+async/sync ratio of that cost, and the loop's own ``checkpoint_s`` records (how long each save held the step
+loop)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from training.events import Observer
 
 VARIANTS = ("none", "sync", "async")
 HEADS = 8
@@ -27,7 +30,8 @@ def _config(args, out: Path, variant: str):
 
     return validate({
         "model": {"arch": "gpt2", "tokenizer": "byte",
-                  "config": {"n_layer": args.layers, "n_head": HEADS, "n_embd": args.hidden, "n_positions": args.seq_len}},
+                  "config": {"n_layer": args.layers, "n_head": HEADS, "n_embd": args.hidden,
+                             "n_positions": args.seq_len}},
         "data": {"train_files": [args.files], "seq_len": args.seq_len},
         "train": {"steps": args.steps, "micro_batch_size": 1, "output_dir": str(out), "progress": False,
                   "export_hf": False, "save_final": False, "save_every": 0 if variant == "none" else args.save_every,
@@ -37,28 +41,33 @@ def _config(args, out: Path, variant: str):
     })
 
 
+class LoopTimer(Observer):
+    """The run's ``train`` phase on the clock: the step loop, from the first step to the last save written
+    (a background save's write included)."""
+
+    def __init__(self):
+        self.loop_s: float | None = None
+        self._started = 0.0
+
+    def on_phase_start(self, phase: str, step: int) -> None:
+        if phase == "train":
+            self._started = time.perf_counter()
+
+    def on_phase_end(self, phase: str, step: int, record) -> None:
+        if phase == "train":
+            self.loop_s = time.perf_counter() - self._started
+
+
 def time_variant(args, variant: str) -> dict:
     """One run of ``variant`` in a fresh output directory: its step-loop seconds and ``checkpoint_s`` records."""
-    import training.loop as loop
+    from training import run
 
-    spans = {}
-    original = loop._Loop.run
-
-    def timed_run(self, start_step):
-        started = time.perf_counter()
-        self.train(start_step)
-        self.finish_saves()
-        spans["loop_s"] = time.perf_counter() - started
-
-    loop._Loop.run = timed_run
-    try:
-        with tempfile.TemporaryDirectory(dir=args.scratch) as out:
-            result = loop.run(_config(args, Path(out), variant))
-    finally:
-        loop._Loop.run = original
+    timer = LoopTimer()
+    with tempfile.TemporaryDirectory(dir=args.scratch) as out:
+        result = run(_config(args, Path(out), variant), observers=[timer])
     saves = [r["checkpoint_s"] for r in result.history if "checkpoint_s" in r]
     params = sum(p.numel() for p in result.model.parameters())
-    return {"variant": variant, "loop_s": spans["loop_s"], "checkpoint_s": saves, "params": params}
+    return {"variant": variant, "loop_s": timer.loop_s, "checkpoint_s": saves, "params": params}
 
 
 def run(args) -> dict:

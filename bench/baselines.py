@@ -157,7 +157,8 @@ def _run_pipelining(cfg, model, blocks, order, steps: int) -> list[float]:
     import torch.distributed as dist
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-    from modeling.pipeline import block_parameter_counts, num_blocks, split_chunks
+    from modeling.pipeline import num_blocks, split_chunks
+    from modeling.pipeline_partition import block_parameter_counts
     from parallel.partition import stage_specs
     from training.engine import build_optimizer
 
@@ -193,7 +194,7 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     from training.config import load
-    from training.loop import finish_process
+    from training.lifecycle import finish_process
 
     cfg = load(args.config, args.set)
     times = run(args.baseline, cfg, cfg.train.steps)

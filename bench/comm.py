@@ -136,7 +136,7 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
 
-    from training.loop import init_distributed
+    from training.lifecycle import init_distributed
 
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -77,7 +77,8 @@ def report(result: dict) -> str:
     lines = [f"# Host optimizer step: {result['params']:,} fp32 parameters", "",
              f"{machine['cpu']}, {machine['cores']} cores ({result['threads']} threads), torch {machine['torch']}, "
              f"{machine['date']}; median of {result['steps']} steps after {result['warmup']} warm-up.", "",
-             "| optimizer | step s | × first row | parameters / s | max abs diff vs first row |", "|---|---|---|---|---|"]
+             "| optimizer | step s | × first row | parameters / s | max abs diff vs first row |",
+             "|---|---|---|---|---|"]
     for r in result["rows"]:
         if r["status"] != "ok":
             lines.append(f"| {r['optimizer']} | {r['status']} | | | |")

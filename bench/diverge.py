@@ -22,10 +22,13 @@ from pathlib import Path
 
 import torch
 
+from bench.variant import Variant
+from training.events import Observer
+
 PROG = "bench diverge"
 DROPOUT_FIELD = re.compile(r"dropout|pdrop|layerdrop")  # attn_pdrop, attention_dropout, dropout_rate, encoder_layerdrop
 
-# Every layout starts from one process; what differs is only what its --layout / --against says.
+# Every variant starts from one process; what differs is only what its --layout / --against says.
 NEUTRAL = ["parallel.tensor=1", "parallel.pipeline=1", "parallel.sequence_parallel=false", "parallel.schedule=1f1b",
            "parallel.virtual_stages=1"]
 FORCED = ["train.steps=1", "train.save_final=false", "train.save_every=0", "train.export_hf=false",
@@ -137,8 +140,9 @@ def _spec(module, tensor, groups, cfg, side: str) -> tuple:
 
 
 def _full_param(model, name, tensor, groups):
-    """The full HF-layout value of ``name`` from this rank's ``tensor`` (collective over the tensor group)."""
-    from modeling.parallelize import full_tensor
+    """The whole value of ``name``, as the HF model holds it, from this rank's ``tensor`` (collective over the
+    tensor group)."""
+    from modeling.shards import full_tensor
 
     return full_tensor(model, name, tensor, groups.tp_group)
 
@@ -161,7 +165,8 @@ def _finish(recorder, model, local_params, groups, batches, micro_batches: int) 
     inputs = [batches.batch(0, k)["input_ids"] for k in range(micro_batches)]
     return {"layout": {"tensor": groups.tensor, "pipeline": groups.pipeline, "data": groups.data,
                        "tp_rank": groups.tp_rank, "pp_rank": groups.pp_rank, "dp_rank": groups.dp_rank},
-            "order": recorder.order, "pre_order": recorder.pre_order, "outputs": recorder.outputs, "out_specs": recorder.out_specs,
+            "order": recorder.order, "pre_order": recorder.pre_order, "outputs": recorder.outputs,
+            "out_specs": recorder.out_specs,
             "input_grads": recorder.input_grads, "in_specs": recorder.in_specs,
             "grads": grads, "params": params, "inputs": inputs}
 
@@ -192,35 +197,52 @@ def without_dropout(config):
     return config
 
 
+class _Capture(Observer):
+    """The run's events, for its one step: ``on_built`` gives the model, engine, groups and batches; the ``step``
+    phase's start hooks this rank's modules and parameters (``_Recorder``), its end removes the hooks and gathers
+    what they caught (``_finish``: collectives over the data-parallel and tensor groups, every rank at the same
+    step boundary)."""
+
+    def __init__(self):
+        self.captured: dict = {}
+        self._run = None
+        self._recorder = None
+        self._local: dict = {}
+
+    def on_built(self, run) -> None:
+        self._run = run
+
+    def on_phase_start(self, phase: str, step: int) -> None:
+        if phase != "step":
+            return
+        run = self._run
+        held = {id(p) for p in run.engine.module.parameters()}
+        self._local = {n: p for n, p in run.model.named_parameters() if id(p) in held}
+        self._recorder = _Recorder(run.model, self._local, run.groups, run.cfg)
+
+    def on_phase_end(self, phase: str, step: int, record) -> None:
+        if phase != "step" or self._recorder is None:
+            return
+        run, recorder = self._run, self._recorder
+        recorder.remove()
+        self._recorder = None
+        self.captured.update(_finish(recorder, run.model, self._local, run.groups, run.batches,
+                                     run.cfg.train.grad_accum))
+
+
 def capture(cfg, out_dir: str, keep_dropout: bool = False) -> None:
-    """Rank function: train ``cfg`` for its one step with every capture on; write ``out_dir/rank{N}.pt``. The
-    model is built with its dropout probabilities at 0 unless ``keep_dropout`` (under tensor parallelism each
-    rank draws its own masks inside the parallel region: Megatron's RNG, different from one process by design)."""
+    """Rank function: train ``cfg`` for its one step with every capture on (``_Capture``, an observer of the run);
+    write ``out_dir/rank{N}.pt``. The model is built with its dropout probabilities at 0 (the run's
+    ``edit_model_config``) unless ``keep_dropout`` (under tensor parallelism each rank draws its own masks inside
+    the parallel region: Megatron's RNG, different from one process by design)."""
     import torch.distributed as dist
 
-    import training.loop as loop
+    from training import run
 
-    original_step, captured = loop._Loop.step, {}
-    original_config = loop.run_model_config
-    if not keep_dropout:
-        loop.run_model_config = lambda *args, **kwargs: without_dropout(original_config(*args, **kwargs))
-
-    def step_with_capture(self, step):
-        held = {id(p) for p in self.engine.module.parameters()}
-        local = {n: p for n, p in self.model.named_parameters() if id(p) in held}
-        recorder = _Recorder(self.model, local, self.groups, self.cfg)
-        record = original_step(self, step)
-        recorder.remove()
-        captured.update(_finish(recorder, self.model, local, self.groups, self.batches, self.cfg.train.grad_accum))
-        return record
-
-    loop._Loop.step = step_with_capture
-    try:
-        loop.run(cfg)
-    finally:
-        loop._Loop.step, loop.run_model_config = original_step, original_config
+    observer = _Capture()
+    run(cfg, observers=[observer], edit_model_config=None if keep_dropout else without_dropout)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    torch.save(captured, Path(out_dir) / f"rank{dist.get_rank()}.pt")
+    torch.save(observer.captured, Path(out_dir) / f"rank{dist.get_rank()}.pt")
 
 
 # ---------------------------------------------------------------------------------------------- compare
@@ -243,9 +265,10 @@ def _place(shards: list[torch.Tensor], specs: list[tuple]) -> torch.Tensor:
     return full
 
 
-class Layout:
-    """One layout's rank files assembled into full tensors: module captures as [global batch, ...] with the
-    samples in a canonical order (sorted by their tokens), parameters as full HF-layout tensors."""
+class Captures:
+    """One variant's rank files (``capture``) assembled into full tensors: module captures as [global batch, ...]
+    with the samples in a canonical order (sorted by their tokens), parameters whole, as the HF model holds
+    them."""
 
     def __init__(self, directory: Path):
         self.ranks = [torch.load(f, weights_only=False) for f in sorted(Path(directory).glob("rank*.pt"))]
@@ -304,8 +327,9 @@ def difference(a: torch.Tensor | None, b: torch.Tensor | None) -> tuple[str, flo
 
 
 def compare(dir_a: Path, dir_b: Path, tol: float) -> dict:
-    """The first divergence of layout A from layout B and a row per module and parameter."""
-    a, b = Layout(dir_a), Layout(dir_b)
+    """The first divergence of variant A (its captures in ``dir_a``) from variant B and a row per module and
+    parameter."""
+    a, b = Captures(dir_a), Captures(dir_b)
     order = b.order + [n for n in a.order if n not in b.order]
     modules, first = [], None
     for name in order:
@@ -336,7 +360,7 @@ def compare(dir_a: Path, dir_b: Path, tol: float) -> dict:
     return {"first": first, "modules": modules, "params": params, "tol": tol}
 
 
-def _updated_difference(a: Layout, b: Layout, name: str) -> tuple[str, float | None]:
+def _updated_difference(a: Captures, b: Captures, name: str) -> tuple[str, float | None]:
     """``difference`` of the updated values where the gradient is above 1e-3 of its largest entry: Adam's
     step is about lr x sign(gradient), so a rounding-level difference in a gradient near zero flips a step
     of the full learning rate."""
@@ -360,7 +384,8 @@ def report(result: dict, label_a: str, label_b: str, dropout: str = "") -> str:
             f"first divergence of {label_a} from {label_b}: {first[0]} of {first[1]}: "
             + (f"max |difference| {first[2][1]:.3g} of the largest value" if first[2][1] is not None
                else first[2][0]))
-    lines = [head] + ([dropout] if dropout else []) + ["", "| module | forward output | input gradient |", "|---|---|---|"]
+    lines = [head] + ([dropout] if dropout else [])
+    lines += ["", "| module | forward output | input gradient |", "|---|---|---|"]
     lines += [f"| {r['module']} | {_cell(r['outputs'])} | {_cell(r['input_grads'])} |" for r in result["modules"]]
     lines += ["", "| parameter | gradient | updated value |", "|---|---|---|"]
     lines += [f"| {p['parameter']} | {_cell(p['grads'])} | {_cell(p['params'])} |" for p in result["params"]]
@@ -374,27 +399,28 @@ def _cell(value: tuple[str, float | None]) -> str:
 
 # ------------------------------------------------------------------------------------------------- main
 
-def _layout(args, text: str) -> tuple[str, list[str], int]:
-    """(label, the config overrides of this layout, processes); its config checked as train.py would (one line,
-    exit code 2)."""
+def _variant(args, text: str) -> Variant:
+    """(label, the config overrides of this ``--layout`` / ``--against`` variant: its parallel layout, ZeRO stage
+    and dotted config keys, processes); its config checked as train.py would (one line, exit code 2)."""
     from bench.cli import check_config
-    from bench.memory import parse_layout
+    from bench.variant import parse_variant
 
     items = [item for item in text.split(",") if item]
     overrides = [item for item in items if "." in item.partition("=")[0]]  # parallel.schedule=gpipe, ...
     degrees = [item for item in items if item not in overrides]
-    _, sets, nproc = parse_layout(",".join(degrees), PROG)
+    _, sets, nproc = parse_variant(",".join(degrees), PROG)
     sets = NEUTRAL + sets + overrides + _same_global_batch(args, dict(item.split("=", 1) for item in degrees))
     check_config(f"{PROG} --layout {text or '(one process)'}", args.config, args.set + sets + FORCED, nproc)
-    return text, sets, nproc
+    return Variant(text, sets, nproc)
 
 
-def _run_layout(args, layout: tuple[str, list[str], int], work: Path, index: int) -> Path:
+def _run_variant(args, variant: Variant, work: Path, index: int) -> Path:
     from bench.launch import first_error, torchrun
 
-    label, sets, nproc = layout
+    label, sets, nproc = variant
     out = work / f"layout{index}"
-    worker = ["--worker", "--config", args.config, "--out", str(out)] + (["--keep-dropout"] if args.keep_dropout else [])
+    worker = ["--worker", "--config", args.config, "--out", str(out)]
+    worker += ["--keep-dropout"] if args.keep_dropout else []
     proc = torchrun("bench.diverge", nproc, worker,
                     sets=args.set + sets + FORCED + [f"train.output_dir={work / f'run{index}'}"], port=29800 + index,
                     timeout=args.timeout)
@@ -404,14 +430,14 @@ def _run_layout(args, layout: tuple[str, list[str], int], work: Path, index: int
     return out
 
 
-def _same_global_batch(args, layout: dict) -> list[str]:
-    """The config's global batch (micro_batch_size x grad_accum, one data-parallel rank) at every layout: at
-    data=d each rank takes grad_accum/d micro-batches, else micro_batch_size/d samples."""
+def _same_global_batch(args, degrees: dict) -> list[str]:
+    """The config's global batch (micro_batch_size x grad_accum, one data-parallel rank) at every variant's
+    ``degrees``: at data=d each rank takes grad_accum/d micro-batches, else micro_batch_size/d samples."""
     from bench.cli import fail
     from training.config import ConfigError, load
 
     try:
-        cfg, data = load(args.config, args.set + FORCED), int(layout.get("data", 1))
+        cfg, data = load(args.config, args.set + FORCED), int(degrees.get("data", 1))
     except (ConfigError, OSError) as exc:
         fail(PROG, str(exc))
     micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum
@@ -461,13 +487,13 @@ def main(argv=None) -> None:
 
         capture(load(args.config, args.set), args.out, keep_dropout=args.keep_dropout)
         return
-    layouts = [_layout(args, args.layout), _layout(args, args.against)]  # both checked before either runs
+    variants = [_variant(args, args.layout), _variant(args, args.against)]  # both checked before either runs
     note = dropout_note(args)
     work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="diverge-"))
     work.mkdir(parents=True, exist_ok=True)
-    dir_a, dir_b = (_run_layout(args, layout, work, index) for index, layout in enumerate(layouts))
-    text = report(compare(dir_a, dir_b, args.tol), layouts[0][0] or "one process", layouts[1][0] or "one process",
-                  note)
+    dir_a, dir_b = (_run_variant(args, variant, work, index) for index, variant in enumerate(variants))
+    text = report(compare(dir_a, dir_b, args.tol), variants[0].label or "one process",
+                  variants[1].label or "one process", note)
     print(text)
     if args.out:
         (work / "report.md").write_text(text)

@@ -50,8 +50,8 @@ class ParallelLM:
         from transformers import AutoModelForCausalLM
 
         from modeling.build import load_tokenizer
-        from modeling.parallelize import tensor_parallelize
         from modeling.pipeline import split_chunks
+        from modeling.tensor_parallel import tensor_parallelize
         from parallel.partition import chunks_of_rank, stage_specs
 
         self.groups, self.max_length = groups, max_length
@@ -95,7 +95,7 @@ class ParallelLM:
         import torch
         import torch.distributed as dist
 
-        from modeling.parallelize import vocab_slice
+        from modeling.losses import vocab_slice
         from parallel.cross_entropy import vocab_parallel_cross_entropy
 
         with torch.no_grad():
@@ -157,7 +157,7 @@ def worker(args) -> None:
 
     from parallel.groups import ProcessGroups
     from training.data import expand_files
-    from training.loop import init_distributed
+    from training.lifecycle import init_distributed
 
     init_distributed()
     groups = ProcessGroups.from_degrees(args.tensor, args.pipeline)
@@ -205,8 +205,8 @@ def main(argv=None) -> dict:
         forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--out" and a != args.out]
         from bench.launch import torchrun
 
-        proc = torchrun("bench.eval", args.tensor * args.pipeline, ["--worker", "--out-file", str(out_file)] + forwarded,
-                        threads=1)
+        proc = torchrun("bench.eval", args.tensor * args.pipeline,
+                        ["--worker", "--out-file", str(out_file)] + forwarded, threads=1)
         if proc.returncode != 0:
             raise RuntimeError(f"eval failed:\n{proc.stderr[-4000:]}")
         result = json.loads(out_file.read_text())

@@ -38,7 +38,7 @@ def ran_as_worker(args, worker) -> bool:
     if not args.worker:
         return False
     worker(args)
-    from training.loop import finish_process
+    from training.lifecycle import finish_process
 
     finish_process()
     return True

@@ -4,19 +4,21 @@
         --layout tensor=1 --layout tensor=2 --layout pipeline=2 --layout tensor=2,pipeline=2 \\
         --layout data=2,zero=3
 
-Each layout trains for real under torchrun (``train.steps`` steps, then the end-of-run save and export the config
-asks for). Every rank measures its own peak memory in each phase (``PhasePeaks``): ``runtime`` (before the model
-exists: interpreter, torch, DeepSpeed, data), ``load`` (model construction and the DeepSpeed engine), ``resume``
-(a resumed run's ``checkpoint.restore``: the optimizer state written into DeepSpeed's partitions), ``steps``
-(forward and backward passes, eval), ``optimizer`` (inside DeepSpeed's ``engine.step``: gradient reduction at the
-boundary, clipping, AdamW), ``save`` (the checkpoint), ``export`` (``output_dir/hf``). On CPU the peak is
-anonymous resident memory (what the process allocated; pages of memory-mapped safetensors files are page cache the
-kernel can drop, and are in results.json's ``rss`` peaks only). The formula is the ZeRO paper's model state per
-rank for this rank's parameters (``memory_formula_bytes``): weights, gradients, AdamW moments and, under ZeRO, the
-fp32 master partition and, under ZeRO-3, the largest layer gathered in full with its gradient (DeepSpeed's own
-estimate), plus the activations, measured (``SavedActivations``: the most bytes of tensors autograd held for the
-backward at once during the steps). CPU ranks holding >= 256 MiB of parameters fix glibc's mmap threshold at
-256 KB themselves (``training/host_memory.py``; ``--malloc-mmap-threshold N`` passes ``MALLOC_MMAP_THRESHOLD_=N`` instead), so that
+Each variant (``--layout``: a parallel layout and ZeRO stage) trains for real under torchrun (``train.steps``
+steps, then the end-of-run save and export the config asks for). Every rank measures its own peak memory in each
+phase (``PhasePeaks``), the phases told by the run's events (``MemoryObserver``, a ``training.events.Observer``):
+``runtime`` (before the model exists: interpreter, torch, DeepSpeed, data), ``load`` (model construction and the
+DeepSpeed engine), ``resume`` (a resumed run's restore: the optimizer state written into DeepSpeed's partitions),
+``steps`` (forward and backward passes, eval), ``optimizer`` (the run's optimizer phase, DeepSpeed's
+``engine.step``: gradient reduction at the boundary, clipping, AdamW), ``save`` (the checkpoint), ``export``
+(``output_dir/hf``). On CPU the peak is anonymous resident memory (what the process allocated; pages of
+memory-mapped safetensors files are page cache the kernel can drop, and are in results.json's ``rss`` peaks
+only). The formula is the ZeRO paper's model state per rank for this rank's parameters
+(``bench.formulas.model_state_bytes``): weights, gradients, AdamW moments and, under ZeRO, the fp32 master
+partition and, under ZeRO-3, the largest layer gathered in full with its gradient (DeepSpeed's own estimate), plus
+the activations, measured (``SavedActivations``: the most bytes of tensors autograd held for the backward at once
+during the steps). CPU ranks holding >= 256 MiB of parameters fix glibc's mmap threshold at 256 KB themselves
+(``training/host_memory.py``; ``--malloc-mmap-threshold N`` passes ``MALLOC_MMAP_THRESHOLD_=N`` instead), so that
 resident memory follows the live tensors: with glibc's default, memory of freed tensors under 32 MB stays in the
 heap and a phase's peak carries the previous phase's high-water mark. For the save and export phases the
 report also gives what the phase itself added above what the rank held when it began (``+added``), and the slowest
@@ -37,10 +39,12 @@ import time
 from pathlib import Path
 
 from bench.cli import RESULTS
+from bench.formulas import largest_layer_params, model_state_bytes
+from bench.variant import Variant, parse_variant
+from training.events import Observer
 
 PHASES = ("load", "resume", "steps", "optimizer", "save", "export")
 MMAP_THRESHOLD = 256 * 1024
-LAYOUT_KEYS = {"tensor": "parallel.tensor", "pipeline": "parallel.pipeline", "zero": "parallel.zero_stage"}
 
 
 class PhasePeaks:
@@ -167,95 +171,60 @@ class SavedActivations:
         self._parameter_storages = {p.untyped_storage().data_ptr() for p in module.parameters()}
 
 
-def _within(owner, name: str, activations: SavedActivations, engine_of) -> None:
-    """Run ``owner.name`` with autograd's saved tensors counted by ``activations``."""
-    import torch
+class MemoryObserver(Observer):
+    """``PhasePeaks`` and ``SavedActivations`` driven by the run's events: ``load``, ``resume``, ``save`` and
+    ``export`` are their own phases; ``steps`` runs from a step's (or an evaluation's) start to the next of
+    those, less each ``optimizer`` phase (DeepSpeed's ``engine.step``); autograd's saved tensors are counted
+    inside every ``step``."""
 
-    original = getattr(owner, name)
+    OWN = ("load", "resume", "save", "export")
 
-    def wrapper(*args, **kwargs):
-        activations.reset(engine_of(args).module)
-        with torch.autograd.graph.saved_tensors_hooks(activations.pack, activations.unpack):
-            return original(*args, **kwargs)
+    def __init__(self, peaks: PhasePeaks, activations: SavedActivations):
+        self.peaks, self.activations = peaks, activations
+        self._module = None
+        self._hooks = None
 
-    setattr(owner, name, wrapper)
+    def on_built(self, run) -> None:
+        self._module = run.engine.module
 
+    def on_phase_start(self, phase: str, step: int) -> None:
+        if phase in self.OWN or phase == "optimizer":
+            self.peaks.start(phase)
+        elif phase in ("step", "eval") and self.peaks.current != "steps":
+            self.peaks.start("steps")
+        if phase == "step":
+            import torch
 
-def _around(owner, name: str, before, after=None) -> None:
-    """Replace ``owner.name`` by a wrapper that calls ``before()`` and ``after()`` around it."""
-    original = getattr(owner, name)
+            self.activations.reset(self._module)
+            self._hooks = torch.autograd.graph.saved_tensors_hooks(self.activations.pack, self.activations.unpack)
+            self._hooks.__enter__()
 
-    def wrapper(*args, **kwargs):
-        before()
-        out = original(*args, **kwargs)
-        if after is not None:
-            after()
-        return out
-
-    setattr(owner, name, wrapper)
-
-
-def _install(peaks: PhasePeaks, activations: SavedActivations) -> None:
-    from deepspeed.runtime.engine import DeepSpeedEngine
-
-    import training.loop as loop
-    from training import checkpoint
-    from training.pipeline import PipelineRunner
-
-    _around(loop, "_build_model", lambda: peaks.start("load"))
-    _around(loop, "_build_engine", lambda: None, peaks.end)
-
-    def first_step():
-        if "steps" not in peaks.peaks and peaks.current != "steps":
-            peaks.start("steps")
-
-    _around(DeepSpeedEngine, "step", lambda: peaks.start("optimizer"), lambda: peaks.start("steps"))
-    _within(loop, "_data_parallel_step", activations, lambda args: args[1])  # (cfg, model_engine, ...)
-    _within(PipelineRunner, "train_step", activations, lambda args: args[0].engine)
-    _around(loop, "_data_parallel_step", first_step)
-    _around(PipelineRunner, "train_step", first_step)
-    _around(checkpoint, "restore", lambda: peaks.start("resume"), peaks.end)
-    _around(checkpoint, "save", lambda: peaks.start("save"), peaks.end)
-    _around(checkpoint, "export_hf", lambda: peaks.start("export"), peaks.end)
-
-
-def memory_formula_bytes(params: int, zero_stage: int, dp: int, largest_layer: int = 0) -> dict:
-    """The model state a rank holds for ``params`` parameters: the ZeRO paper's fp32 AdamW formula
-    (``bench.sweep.zero_formula_bytes``: weights, gradients, moments) plus, from ZeRO-1 on, the fp32 master
-    partition DeepSpeed's ZeRO optimizers keep beside the weights even in fp32 training (4 bytes / dp per
-    parameter; the paper's K = 12 counts it too), plus, under ZeRO-3, the largest layer gathered in full with
-    its full gradient (DeepSpeed's ``estimate_zero3_model_states_mem_needs``: 4 bytes per parameter of that
-    layer in 16-bit, 8 in fp32)."""
-    from bench.sweep import zero_formula_bytes
-
-    formula = zero_formula_bytes(params, zero_stage, dp)
-    formula["master_bytes"] = 4 * params / dp if zero_stage >= 1 else 0
-    formula["gathered_layer_bytes"] = 8 * largest_layer if zero_stage == 3 else 0
-    return formula
-
-
-def largest_layer_params(module) -> int:
-    """Parameters of the module holding the most directly (DeepSpeed's ``model_to_params`` rule), unpartitioned."""
-    return max((sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters(recurse=False))
-                for m in module.modules()), default=0)
+    def on_phase_end(self, phase: str, step: int, record) -> None:
+        if phase in self.OWN:
+            self.peaks.end()
+        elif phase == "optimizer":
+            self.peaks.start("steps")
+        elif phase == "step" and self._hooks is not None:
+            self._hooks.__exit__(None, None, None)
+            self._hooks = None
 
 
 def worker(args) -> None:
     import torch.distributed as dist
 
-    import training.loop as loop
+    from training import run
     from training.config import load
+    from training.lifecycle import finish_process
 
     cfg = load(args.config, args.set)
     peaks, activations = PhasePeaks(), SavedActivations()
-    _install(peaks, activations)
-    result = loop.run(cfg)
+    result = run(cfg, observers=[MemoryObserver(peaks, activations)])
     peaks.end()
     module = result.engine.module
     # unpartitioned (ZeRO-3 keeps the size in ds_numel); the formula divides by the data-parallel degree
     local = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
     dp = dist.get_world_size() // (cfg.parallel.tensor * cfg.parallel.pipeline)
-    formula = memory_formula_bytes(local, cfg.parallel.zero_stage, dp, largest_layer_params(module))
+    formula = model_state_bytes(local, cfg.parallel.zero_stage, dp, largest_layer_params(module), cfg.precision)
     formula["activation_bytes"] = activations.peak
     record = {"rank": dist.get_rank(), "runtime_bytes": peaks.runtime, "local_params": local,
               "malloc_mmap_threshold": _mmap_threshold(result.model),
@@ -268,7 +237,7 @@ def worker(args) -> None:
     dist.all_gather_object(gathered, record)
     if dist.get_rank() == 0:
         Path(args.out_file).write_text(json.dumps(gathered))
-    loop.finish_process()
+    finish_process()
 
 
 def _mmap_threshold(model) -> str | None:
@@ -282,26 +251,8 @@ def _mmap_threshold(model) -> str | None:
     return os.environ.get("MALLOC_MMAP_THRESHOLD_") or (str(host_memory.MMAP_THRESHOLD) if applied else None)
 
 
-def parse_layout(text: str, prog: str = "bench memory") -> tuple[str, list[str], int]:
-    """'tensor=2,pipeline=2,data=1,zero=1' -> (label, config overrides, processes)."""
-    degrees = {"tensor": 1, "pipeline": 1, "data": 1}
-    sets = []
-    for item in filter(None, text.split(",")):
-        key, _, value = item.partition("=")
-        if key not in {*degrees, *LAYOUT_KEYS} or not value.isdigit():
-            from bench.cli import fail
-
-            fail(prog, f"--layout {text!r}: {item!r} is not one of "
-                       f"{', '.join(k + '=N' for k in ('tensor', 'pipeline', 'data', 'zero'))}")
-        if key in degrees:
-            degrees[key] = int(value)
-        if key in LAYOUT_KEYS:
-            sets.append(f"{LAYOUT_KEYS[key]}={value}")
-    return text, sets, degrees["tensor"] * degrees["pipeline"] * degrees["data"]
-
-
-def run_layout(args, label: str, sets: list[str], nproc: int, work: Path, index: int) -> dict:
-    """Train one layout under torchrun with its run (checkpoints, export) in ``work/run{index}``."""
+def run_variant(args, label: str, sets: list[str], nproc: int, work: Path, index: int) -> dict:
+    """Train one variant (``--layout``) under torchrun with its run (checkpoints, export) in ``work/run{index}``."""
     out_file, run = work / f"layout{index}.json", work / f"run{index}"
     if run.exists():  # an earlier bench run's: a new run there would be refused (or resume it)
         from bench.cli import fail
@@ -356,9 +307,9 @@ def report(rows: list[dict], machine: dict, command: str, threshold: int) -> str
              "the resume, optimizer step, save or export added above what the rank held when it began. save s: the "
              "slowest rank's wall time in the checkpoint saves. "
              + (f"Ranks ran with MALLOC_MMAP_THRESHOLD_={threshold} (freed tensors go back to the system)."
-                if threshold else "Ranks ran without MALLOC_MMAP_THRESHOLD_: CPU ranks holding >= 256 MiB of parameters "
-                "set glibc's mmap threshold to 256 KB themselves (training/host_memory.py; freed tensors go back "
-                "to the system), smaller ones keep glibc's default."), "",
+                if threshold else "Ranks ran without MALLOC_MMAP_THRESHOLD_: CPU ranks holding >= 256 MiB of "
+                "parameters set glibc's mmap threshold to 256 KB themselves (training/host_memory.py; freed tensors "
+                "go back to the system), smaller ones keep glibc's default."), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "formula_bytes" not in r:
@@ -400,15 +351,15 @@ def main(argv=None) -> list[dict]:
     from bench.cli import check_config
     from bench.machine import describe
 
-    layouts = [parse_layout(text) for text in args.layout or [""]]
-    for label, sets, nproc in layouts:  # every layout's config as train.py would check it, before any launch
+    variants: list[Variant] = [parse_variant(text) for text in args.layout or [""]]
+    for label, sets, nproc in variants:  # every variant's config as train.py would check it, before any launch
         check_config("bench memory" + (f" --layout {label}" if label else ""), args.config, args.set + sets, nproc)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"bench memory: results.json and report.md go to {out.resolve()}", file=sys.stderr)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-memory-"))
     try:
-        records = [run_layout(args, *layout, work, i) for i, layout in enumerate(layouts)]
+        records = [run_variant(args, *variant, work, i) for i, variant in enumerate(variants)]
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)  # made by mkdtemp above: ours alone

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-LAYOUT_KEYS = ("parallel.tensor", "parallel.pipeline", "data", "parallel.zero_stage", "parallel.schedule")
+PARALLEL_KEYS = ("parallel.tensor", "parallel.pipeline", "data", "parallel.zero_stage", "parallel.schedule")
 
 
-def layout_label(r: dict) -> str:
-    """The layout keys first, then any other config key the grid set (dotted names; measurements have none)."""
-    others = [k for k in r if "." in k and k not in LAYOUT_KEYS]
-    return " ".join(f"{k.split('.')[-1]}={r[k]}" for k in [*(k for k in LAYOUT_KEYS if k in r), *others])
+def point_label(r: dict) -> str:
+    """A sweep point's label: its parallel keys first (layout, ZeRO stage, schedule), then any other config key
+    the grid set (dotted names; measurements have none)."""
+    others = [k for k in r if "." in k and k not in PARALLEL_KEYS]
+    return " ".join(f"{k.split('.')[-1]}={r[k]}" for k in [*(k for k in PARALLEL_KEYS if k in r), *others])
 
 
 def _one_line(error: str, width: int = 240) -> str:
@@ -57,16 +58,16 @@ def report_markdown(records: list[dict], spec: dict, machine: dict, figures: lis
 
 
 def _points_table(records: list[dict]) -> list[str]:
-    lines = ["| point | procs | status | tokens/s | step s | fwd s | bwd s | opt s | comm TP s | comm DP s | comm PP s | "
-             "comm share | scaling eff. | bubble meas./theory | param bytes / formula | grad bytes / formula | "
-             "opt-state bytes / formula | peak RSS MiB |", "|" + "---|" * 18]
+    lines = ["| point | procs | status | tokens/s | step s | fwd s | bwd s | opt s | comm TP s | comm DP s | "
+             "comm PP s | comm share | scaling eff. | bubble meas./theory | param bytes / formula | "
+             "grad bytes / formula | opt-state bytes / formula | peak RSS MiB |", "|" + "---|" * 18]
     for r in records:
         if r.get("status") != "ok":
-            lines.append(f"| {layout_label(r)} | {r['nproc']} | failed: {_one_line(r.get('error', ''))} |" + " |" * 15)
+            lines.append(f"| {point_label(r)} | {r['nproc']} | failed: {_one_line(r.get('error', ''))} |" + " |" * 15)
             continue
         bubble = (f"{r['bubble_measured']:.3f} / {r['bubble_theory']:.3f}" if "bubble_theory" in r else "—")
         lines.append(
-            f"| {layout_label(r)} | {r['nproc']} | ok | {r['tokens_per_s']:.0f} | {r['step_s']:.3f} | "
+            f"| {point_label(r)} | {r['nproc']} | ok | {r['tokens_per_s']:.0f} | {r['step_s']:.3f} | "
             f"{r['forward']:.3f} | {r['backward']:.3f} | {r['optimizer']:.3f} | {r['comm_tp_s']:.3f} | "
             f"{r['comm_dp_s']:.3f} | {r['comm_pp_s']:.3f} | {r['comm_share']:.1%} | "
             f"{_fmt(r.get('scaling_efficiency'))} {r.get('scaling', '')} | "
@@ -85,9 +86,10 @@ def _baselines_table(baselines: list[dict], rounds: int) -> list[str]:
              "|---|---|---|---|---|---|---|"]
     for r in baselines:
         if r.get("status") != "ok":
-            lines.append(f"| {r['baseline']} | {layout_label(r)} | {r['nproc']} | failed: {_one_line(r.get('error', ''))} | | | |")
+            lines.append(f"| {r['baseline']} | {point_label(r)} | {r['nproc']} | "
+                         f"failed: {_one_line(r.get('error', ''))} | | | |")
             continue
-        lines.append(f"| {r['baseline']} | {layout_label(r)} | {r['nproc']} | ok | {r['tokens_per_s']:.0f} | "
+        lines.append(f"| {r['baseline']} | {point_label(r)} | {r['nproc']} | ok | {r['tokens_per_s']:.0f} | "
                      f"{_fmt(r.get('colonnade_tokens_per_s'), 4)} | {_fmt(r.get('colonnade_vs_baseline'))} |")
     return lines
 
@@ -102,7 +104,7 @@ def _prediction_table(records: list[dict]) -> list[str]:
              "| point | procs | predicted s | measured transfer s | predicted / measured | wait s |",
              "|---|---|---|---|---|---|"]
     for r in predicted:
-        lines.append(f"| {layout_label(r)} | {r['nproc']} | {r['comm_predicted_s']:.4f} | {r['comm_measured_s']:.4f} | "
+        lines.append(f"| {point_label(r)} | {r['nproc']} | {r['comm_predicted_s']:.4f} | {r['comm_measured_s']:.4f} | "
                      f"{r['comm_predicted_s'] / r['comm_measured_s']:.2f} | {r['comm_wait_s']:.4f} |")
     return lines
 
@@ -116,7 +118,7 @@ def _rounds_table(records: list[dict]) -> list[str]:
              "| point | step s per round | bubble per round |", "|---|---|---|"]
     for r in repeated:
         bubbles = ", ".join(f"{b:.3f}" for b in r.get("rounds_bubble", []))
-        lines.append(f"| {layout_label(r)} | {', '.join(f'{s:.3f}' for s in r['rounds_step_s'])} | {bubbles or '—'} |")
+        lines.append(f"| {point_label(r)} | {', '.join(f'{s:.3f}' for s in r['rounds_step_s'])} | {bubbles or '—'} |")
     return lines + [""]
 
 
@@ -146,7 +148,7 @@ def plots(records: list[dict], out: Path) -> list[str]:
 def _throughput(ax, ok: list[dict]) -> None:
     by_layout: dict[str, list] = {}
     for r in ok:
-        key = " ".join(f"{k.split('.')[-1]}={r[k]}" for k in LAYOUT_KEYS if k in r and k != "data")
+        key = " ".join(f"{k.split('.')[-1]}={r[k]}" for k in PARALLEL_KEYS if k in r and k != "data")
         by_layout.setdefault(key, []).append((r["nproc"], r["tokens_per_s"]))
     for key, pts in by_layout.items():
         pts.sort()
@@ -161,7 +163,7 @@ def _comm_share(ax, ok: list[dict]) -> None:
         share = [r[group] / r["step_s"] for r in ok]
         ax.bar(range(len(ok)), share, bottom=bottom, label=group.split("_")[1].upper())
         bottom = [b + s for b, s in zip(bottom, share)]
-    ax.set_xticks(range(len(ok)), [layout_label(r) for r in ok], rotation=60, ha="right", fontsize=6)
+    ax.set_xticks(range(len(ok)), [point_label(r) for r in ok], rotation=60, ha="right", fontsize=6)
     ax.set(ylabel="share of step time", title="Communication share per group")
     ax.legend()
 
@@ -172,7 +174,7 @@ def _memory(ax, ok: list[dict]) -> None:
             ("gradient_bytes_rank0", "gradients, measured"), ("formula_gradient_bytes", "formula"))
     for offset, (key, label) in zip((-0.3, -0.1, 0.1, 0.3), bars):
         ax.bar([i + offset for i in x], [(r[key] or 0) / 2**20 for r in ok], width=0.2, label=label)
-    ax.set_xticks(list(x), [layout_label(r) for r in ok], rotation=60, ha="right", fontsize=6)
+    ax.set_xticks(list(x), [point_label(r) for r in ok], rotation=60, ha="right", fontsize=6)
     ax.set(ylabel="bytes per rank (MiB)", title="Memory per rank by ZeRO stage vs formula")
     ax.legend(fontsize=7)
 
@@ -181,6 +183,6 @@ def _bubble(ax, piped: list[dict]) -> None:
     x = range(len(piped))
     ax.bar([i - 0.2 for i in x], [r["bubble_measured"] for r in piped], width=0.4, label="measured")
     ax.bar([i + 0.2 for i in x], [r["bubble_theory"] for r in piped], width=0.4, label="theory (simulated schedule)")
-    ax.set_xticks(list(x), [layout_label(r) for r in piped], rotation=60, ha="right", fontsize=6)
+    ax.set_xticks(list(x), [point_label(r) for r in piped], rotation=60, ha="right", fontsize=6)
     ax.set(ylabel="bubble share", title="Pipeline bubble: measured vs theory")
     ax.legend()

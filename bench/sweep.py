@@ -19,16 +19,15 @@ import argparse
 import csv
 import itertools
 import json
-import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
 
 from bench.cli import RESULTS
+from bench.formulas import dense_params, flops_per_token, zero_formula_bytes
 from bench.launch import first_error
 from parallel.schedules import simulate
 
@@ -103,154 +102,6 @@ def point_overrides(spec: dict, point: dict) -> tuple[list[str], int]:
     return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in sets.items()], nproc
 
 
-def zero_formula_bytes(params: int, zero_stage: int, dp: int) -> dict:
-    """Per-rank model-state bytes for pure fp32 AdamW (ZeRO paper, Rajbhandari et al. 2020, section 5, with fp32 in place of mixed precision): parameters 4Ψ (4Ψ/N under
-    ZeRO-3), gradients 4Ψ (4Ψ/N from ZeRO-2 on), optimizer state (exp_avg + exp_avg_sq) 8Ψ, or 8Ψ/N from ZeRO-1."""
-    return {"param_bytes": 4 * params / (dp if zero_stage == 3 else 1),
-            "gradient_bytes": 4 * params / (dp if zero_stage >= 2 else 1),
-            "optimizer_state_bytes": 8 * params / (dp if zero_stage >= 1 else 1)}
-
-
-def _optimizer_state_bytes(optimizer) -> int:
-    inner = getattr(optimizer, "optimizer", optimizer)
-    return sum(t.numel() * t.element_size() for state in inner.state.values() for t in state.values()
-               if hasattr(t, "numel") and t.dim() > 0)
-
-
-def _param_bytes(module) -> int:
-    """Bytes of parameters this rank holds between steps: its ZeRO-3 partitions (``ds_tensor``, with their
-    padding), else the tensors themselves."""
-    return sum(t.numel() * t.element_size() for t in (getattr(p, "ds_tensor", p) for p in module.parameters()))
-
-
-def _gradient_bytes(engine) -> int:
-    """Bytes of gradient storage this rank holds now: the parameters' ``.grad`` (ZeRO-0/1 accumulate full
-    gradients there between steps) and DeepSpeed's partitioned gradient buffers (ZeRO-2 frees ``.grad`` after
-    reducing each bucket into its partition); each storage counted once."""
-    import torch
-
-    optimizer = engine.optimizer
-    # ``grad_accum``: where DeepSpeed accumulates under unmanaged gradient accumulation (our pipelines)
-    tensors = [g for p in engine.module.parameters() for g in (p.grad, getattr(p, "grad_accum", None))
-               if isinstance(g, torch.Tensor)]
-    partitioned = getattr(optimizer, "grads_in_partition", None)
-    if isinstance(partitioned, torch.Tensor):
-        tensors.append(partitioned)
-    else:
-        for value in (getattr(optimizer, "averaged_gradients", None) or {}).values():
-            tensors.extend(v for v in (value if isinstance(value, list) else [value]) if isinstance(v, torch.Tensor))
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
-    return sum(storages.values())
-
-
-def worker(args) -> None:
-    import torch.distributed as dist
-
-    import training.loop as loop
-    from bench.instrument import StepProbe, install
-    from training.config import load
-
-    cfg = load(args.config, args.set)
-    loop.init_distributed()
-    rank, world = dist.get_rank(), dist.get_world_size()
-    fits = json.loads(Path(args.comm_fit).read_text())["fit"] if args.comm_fit else None
-    probe = StepProbe(cfg.parallel.tensor, cfg.parallel.pipeline, world, rank, fits)
-    install(probe)
-    per_step = _time_each_step(probe, barrier_after=args.warmup + args.timed)
-    gradient_bytes = _count_gradient_bytes()
-    result = loop.run(cfg)
-    summary = {"rank": rank, **_step_medians(per_step, args.warmup, args.timed),
-               **_rank_memory(result.engine, cfg, gradient_bytes)}
-    gathered = [None] * world
-    dist.all_gather_object(gathered, summary)
-    if rank == 0:
-        Path(args.out_file).write_text(json.dumps({"ranks": gathered, "history": result.history}))
-    loop.finish_process()
-
-
-def _time_each_step(probe, barrier_after: int) -> list[dict]:
-    """Wrap the training step (data-parallel and pipeline) to record its wall time and the probe's per-step
-    totals; the steps after ``barrier_after`` put a barrier before each collective, to split the time spent
-    waiting for the slowest rank from the transfer itself. Returns the list the records go to."""
-    import training.loop as loop
-    from bench.instrument import StepProbe
-    from training.pipeline import PipelineRunner
-
-    per_step = []
-
-    def measured(fn):
-        def wrapper(*a, **k):
-            probe.barrier = len(per_step) >= barrier_after
-            before = probe.snapshot()
-            started = time.perf_counter()
-            out = fn(*a, **k)
-            per_step.append({"wall_s": time.perf_counter() - started, **StepProbe.since(before, probe.snapshot())})
-            return out
-        return wrapper
-
-    loop._data_parallel_step = measured(loop._data_parallel_step)
-    PipelineRunner.train_step = measured(PipelineRunner.train_step)
-    return per_step
-
-
-def _count_gradient_bytes() -> list[int]:
-    """The gradient storage after every backward and before every step (the peak is what the formula
-    bounds), in the returned list."""
-    from deepspeed.runtime.engine import DeepSpeedEngine
-
-    counts = []
-    original_backward, original_step = DeepSpeedEngine.backward, DeepSpeedEngine.step
-
-    def backward_then_count(engine, *a, **k):
-        out = original_backward(engine, *a, **k)
-        counts.append(_gradient_bytes(engine))
-        return out
-
-    def count_then_step(engine, *a, **k):
-        counts.append(_gradient_bytes(engine))
-        return original_step(engine, *a, **k)
-
-    DeepSpeedEngine.backward, DeepSpeedEngine.step = backward_then_count, count_then_step
-    return counts
-
-
-def _step_medians(per_step: list[dict], warmup: int, timed: int) -> dict:
-    """Medians over the timed steps (and, for the barrier-separated transfer and wait, the probe steps)."""
-    timed_steps = per_step[warmup:warmup + timed]
-    probed = per_step[warmup + timed:] or timed_steps
-    groups = ("comm_tp", "comm_dp", "comm_pp")
-
-    def median(steps, kind, key, default=0.0):
-        return statistics.median(s[kind].get(key, default) for s in steps)
-
-    return {"step_s": statistics.median(s["wall_s"] for s in timed_steps),
-            **{f"{k}_s": median(timed_steps, "seconds", k)
-               for k in ("forward", "backward", "optimizer", "comm_tp", "comm_dp", "comm_pp", "comm_other")},
-            **{f"{k}_bytes": median(timed_steps, "bytes", k, 0) for k in groups},
-            **{f"{k}_calls": median(timed_steps, "calls", k, 0) for k in groups},
-            **{f"{k}_transfer_s": median(probed, "seconds", k) for k in groups},
-            **{f"{k}_wait_s": median(probed, "wait", k) for k in groups},
-            **{f"{k}_predicted_s": median(probed, "predicted", k) for k in groups}}
-
-
-def _rank_memory(engine, cfg, gradient_bytes: list[int]) -> dict:
-    import torch
-
-    params = engine.module.parameters()
-    local_params = sum((getattr(p, "ds_numel", p.numel()) if cfg.parallel.zero_stage == 3 else p.numel())
-                       for p in params)
-    return {
-        "model_params_local": local_params,
-        "param_bytes": _param_bytes(engine.module),
-        "optimizer_state_bytes": _optimizer_state_bytes(engine.optimizer),
-        # None where no gradient storage was found (ZeRO-2 under unmanaged accumulation, i.e. our pipelines,
-        # keeps it in DeepSpeed buffers this probe does not know)
-        "gradient_bytes": max(gradient_bytes) if gradient_bytes and max(gradient_bytes) else None,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
-    }
-
-
 def _full_params(config_path: str, sets: list[str]) -> tuple[int, dict]:
     from modeling.build import hf_config
     from training.config import load
@@ -260,16 +111,20 @@ def _full_params(config_path: str, sets: list[str]) -> tuple[int, dict]:
     h, layers = model_cfg.hidden_size, model_cfg.num_hidden_layers
     vocab = getattr(model_cfg, "vocab_size", 0) or 0
     ffn = getattr(model_cfg, "intermediate_size", None) or getattr(model_cfg, "n_inner", None) or 4 * h
-    params = layers * (4 * h * h + 2 * h * ffn) + vocab * h  # blocks + embedding (tied head): PaLM-style N
-    return params, {"cfg": cfg, "layers": layers, "hidden": h}
+    return dense_params(layers, h, ffn, vocab), {"cfg": cfg, "layers": layers, "hidden": h}
+
+
+def _tokens_per_step(cfg, nproc: int) -> int:
+    """Tokens of one optimizer step over every data-parallel rank."""
+    data = nproc // (cfg.parallel.tensor * cfg.parallel.pipeline)
+    return cfg.train.micro_batch_size * cfg.train.grad_accum * data * cfg.data.seq_len
 
 
 def summarize(point: dict, nproc: int, raw: dict, config_path: str, sets: list[str]) -> dict:
     ranks = raw["ranks"]
     params, info = _full_params(config_path, sets)
     cfg = info["cfg"]
-    tokens = cfg.train.micro_batch_size * cfg.train.grad_accum * (nproc // (cfg.parallel.tensor * cfg.parallel.pipeline)) \
-        * cfg.data.seq_len
+    tokens = _tokens_per_step(cfg, nproc)
     step_s = max(r["step_s"] for r in ranks)
     comm = {k: max(r[f"{k}_s"] for r in ranks) for k in ("comm_tp", "comm_dp", "comm_pp")}
     record = {**point, "nproc": nproc, "status": "ok", "tokens_per_step": tokens, "step_s": step_s,
@@ -296,7 +151,8 @@ def summarize(point: dict, nproc: int, raw: dict, config_path: str, sets: list[s
         record["bubble_measured"] = max(0.0, 1 - busy / pipeline_s)
         # the schedule's own op lists on a clock (1F1B family: (p-1)/(vm+p-1) whatever the times; ZB-H1: by
         # the measured forward : backward ratio, half of the backward taken as weight gradients)
-        record["bubble_theory"] = simulate(cfg.parallel.schedule, p, m, v, statistics.mean(r["forward_s"] for r in ranks),
+        record["bubble_theory"] = simulate(cfg.parallel.schedule, p, m, v,
+                                           statistics.mean(r["forward_s"] for r in ranks),
                                            statistics.mean(r["backward_s"] for r in ranks))["bubble"]
     # predicted vs measured: the per-call latency + bandwidth prediction against the barrier-separated
     # transfer time of the same calls (TP and DP collectives; pipeline receives also wait for the sender's
@@ -306,19 +162,24 @@ def summarize(point: dict, nproc: int, raw: dict, config_path: str, sets: list[s
         record["comm_predicted_s"] = slowest["comm_tp_predicted_s"] + slowest["comm_dp_predicted_s"]
         record["comm_measured_s"] = slowest["comm_tp_transfer_s"] + slowest["comm_dp_transfer_s"]
         record["comm_wait_s"] = slowest["comm_tp_wait_s"] + slowest["comm_dp_wait_s"]
+    record.update(_utilization(record["tokens_per_s"], (params, info["layers"], info["hidden"], cfg.data.seq_len),
+                               cfg.parallel.activation_checkpointing, nproc))
+    return record
+
+
+def _utilization(tokens_per_s: float, shape: tuple, recompute: str, nproc: int) -> dict:
+    """MFU and HFU on a GPU of known peak (``flops_per_token`` of ``shape``: params, layers, hidden, seq_len;
+    HFU counts the recomputation); nothing elsewhere."""
     import torch
 
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name(0)
-        peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-        if peak:
-            from bench.plan import flops_per_token
-
-            shape = (params, info["layers"], info["hidden"], cfg.data.seq_len)
-            record["mfu"] = record["tokens_per_s"] * flops_per_token("none", *shape) / (peak * 1e12 * nproc)
-            hardware = flops_per_token(cfg.parallel.activation_checkpointing, *shape)  # recomputation counted
-            record["hfu"] = record["tokens_per_s"] * hardware / (peak * 1e12 * nproc)
-    return record
+    if not torch.cuda.is_available():
+        return {}
+    name = torch.cuda.get_device_name(0)
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    if not peak:
+        return {}
+    return {"mfu": tokens_per_s * flops_per_token("none", *shape) / (peak * 1e12 * nproc),
+            "hfu": tokens_per_s * flops_per_token(recompute, *shape) / (peak * 1e12 * nproc)}
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -340,7 +201,8 @@ def run_point(spec: dict, point: dict, out: Path, index: int) -> dict:
     out_file = out / "points" / f"point{index:03d}.json"
     out_file.parent.mkdir(parents=True, exist_ok=True)
     sets = sets + [f"train.output_dir={out / 'points' / f'run{index:03d}'}"]
-    extra = ["--worker", "--out-file", str(out_file)] + (["--comm-fit", spec["comm_fit"]] if spec.get("comm_fit") else [])
+    extra = ["--worker", "--out-file", str(out_file)]
+    extra += ["--comm-fit", spec["comm_fit"]] if spec.get("comm_fit") else []
     proc = _launch(spec, nproc, index, extra, sets)
     if isinstance(proc, str):
         return {**point, "nproc": nproc, "status": "failed", "error": proc}
@@ -381,7 +243,8 @@ def run_baseline(spec: dict, entry: dict, out: Path, index: int, records: list[d
     out_file.parent.mkdir(parents=True, exist_ok=True)
     record = {"baseline": kind, **compare, "nproc": nproc}
     rounds = spec.get("baseline_rounds", 1)
-    ours = next((r for r in records if r.get("status") == "ok" and all(r.get(k) == v for k, v in compare.items())), None)
+    ours = next((r for r in records if r.get("status") == "ok" and all(r.get(k) == v for k, v in compare.items())),
+                None)
     baseline_steps, our_steps = [], []
     for round_ in range(rounds):
         for side in (("baseline", "colonnade") if round_ % 2 == 0 else ("colonnade", "baseline")):
@@ -395,8 +258,7 @@ def run_baseline(spec: dict, entry: dict, out: Path, index: int, records: list[d
                 if again.get("status") == "ok":
                     our_steps.append(again["step_s"])
     cfg = _full_params(spec["base"], sets)[1]["cfg"]
-    tokens = cfg.train.micro_batch_size * cfg.train.grad_accum * (nproc // (cfg.parallel.tensor * cfg.parallel.pipeline)) \
-        * cfg.data.seq_len
+    tokens = _tokens_per_step(cfg, nproc)
     step_s = statistics.median(baseline_steps)
     record.update(status="ok", step_s=step_s, tokens_per_s=tokens / step_s, baseline_step_s_runs=baseline_steps)
     if our_steps:
@@ -477,6 +339,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--baseline", choices=["plain", "ddp", "deepspeed", "pipelining"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
+        from bench.sweep_worker import worker
+
         worker(args)
         return []
     if args.baseline:

@@ -89,7 +89,7 @@ def test_memory_results_go_to_the_repository_results_dir_and_the_console_says_so
     import bench.memory as memory
 
     monkeypatch.setattr(memory, "RESULTS", tmp_path / "results")
-    monkeypatch.setattr(memory, "run_layout", lambda args, label, sets, nproc, work, index:
+    monkeypatch.setattr(memory, "run_variant", lambda args, label, sets, nproc, work, index:
                         {"layout": label, "nproc": nproc, "status": "failed", "log_tail": "stub"})
     elsewhere = tmp_path / "cwd"
     elsewhere.mkdir()

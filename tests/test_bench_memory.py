@@ -7,7 +7,9 @@ import time
 
 import torch
 
-from bench.memory import MMAP_THRESHOLD, PhasePeaks, largest_layer_params, main, memory_formula_bytes, parse_layout
+from bench.formulas import largest_layer_params, model_state_bytes
+from bench.memory import MMAP_THRESHOLD, PhasePeaks, main
+from bench.variant import parse_variant
 
 
 def test_each_phase_sees_its_own_peak_not_an_earlier_one():
@@ -27,9 +29,10 @@ def test_each_phase_sees_its_own_peak_not_an_earlier_one():
     assert above["steps"] < 32 * 2**20, above
 
 
-def test_layout_strings():
-    assert parse_layout("tensor=2,pipeline=2") == ("tensor=2,pipeline=2", ["parallel.tensor=2", "parallel.pipeline=2"], 4)
-    assert parse_layout("data=2,zero=3") == ("data=2,zero=3", ["parallel.zero_stage=3"], 2)
+def test_variant_strings():
+    assert parse_variant("tensor=2,pipeline=2") == ("tensor=2,pipeline=2",
+                                                    ["parallel.tensor=2", "parallel.pipeline=2"], 4)
+    assert parse_variant("data=2,zero=3") == ("data=2,zero=3", ["parallel.zero_stage=3"], 2)
 
 
 def test_memory_benchmark_runs_every_phase(tmp_path):
@@ -51,8 +54,8 @@ def test_zero3_formula_adds_the_largest_layer_gathered_with_its_gradient():
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=16, n_positions=32, vocab_size=100))
     assert largest_layer_params(model) == 100 * 16  # the (tied) token embedding
     psi = 1000
-    zero1 = memory_formula_bytes(psi, zero_stage=1, dp=2, largest_layer=100)
-    zero3 = memory_formula_bytes(psi, zero_stage=3, dp=2, largest_layer=100)
+    zero1 = model_state_bytes(psi, zero_stage=1, dp=2, largest_layer=100)
+    zero3 = model_state_bytes(psi, zero_stage=3, dp=2, largest_layer=100)
     # fp32: weights 4 + gradients 4 bytes of the gathered layer; ZeRO-1 holds whole weights, nothing gathered
     assert zero1["gathered_layer_bytes"] == 0 and zero3["gathered_layer_bytes"] == 8 * 100
     assert sum(zero1.values()) == (4 + 4 + 8 / 2 + 4 / 2) * psi

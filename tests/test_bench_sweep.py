@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench.sweep import main, points, zero_formula_bytes
+from bench.formulas import zero_formula_bytes
+from bench.sweep import main, points
 
 ROOT = Path(__file__).resolve().parents[1]
 

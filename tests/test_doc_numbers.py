@@ -102,7 +102,7 @@ def test_the_plan_search_results_are_this_codes():
     file). Before: the committed file listed 63 layouts, the code 81."""
     import argparse
 
-    from bench.plan import candidates
+    from bench.plan_search import candidates
 
     plan = _load("plan-search-llama7b/results.json")
     assert plan["command"].startswith(PLAN_COMMAND)

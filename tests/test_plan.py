@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from bench import plan
+from bench import plan, plan_stages, plan_trace
 from bench.memory import SavedActivations
 from tests.dist import run_ranks
 from tests.helpers import TINY_GPT2, TINY_LLAMA, tiny_config, write_corpus
@@ -28,7 +28,8 @@ def _real_saved_bytes(cfg, tp_group=None) -> tuple[int, int, int]:
     reference, measured by ``saved_tensors_hooks`` rather than by the planner's dispatch-level counter."""
     from modeling import recompute
     from modeling.build import auto_class, byte_level_tokenizer, model_config
-    from modeling.parallelize import lm_loss, tensor_parallelize
+    from modeling.losses import lm_loss
+    from modeling.tensor_parallel import tensor_parallelize
 
     hf = model_config(pretrained=None, arch=cfg.model.arch, config=cfg.model.config,
                       vocab_size=len(byte_level_tokenizer()))
@@ -59,13 +60,13 @@ def _assert_kept_is_saved_plus_logits(trace, saved: int, logits: int) -> None:
 def test_one_rank_plan_counts_the_real_models_parameters_and_saved_activations(tmp_path, arch, model_config, mode):
     cfg = _config(tmp_path, arch, model_config, activation_checkpointing=mode)
     params, saved, logits = _real_saved_bytes(cfg)
-    (shape,) = plan.layout_shapes(cfg)
+    (shape,) = plan_stages.layout_shapes(cfg)
     assert shape.params == params
     _assert_kept_is_saved_plus_logits(shape.traces[0], saved, logits)
 
 
 def test_recomputation_shrinks_the_planned_activations(tmp_path):
-    kept = {mode: plan.layout_shapes(_config(tmp_path, activation_checkpointing=mode))[0].traces[0].kept
+    kept = {mode: plan_stages.layout_shapes(_config(tmp_path, activation_checkpointing=mode))[0].traces[0].kept
             for mode in ("none", "selective", "full")}
     assert kept["full"] < kept["selective"] < kept["none"]
 
@@ -86,7 +87,7 @@ def _rank_reference(cfg_json: str):
 def test_tensor_parallel_plan_equals_each_real_ranks_shard_and_saved_activations(tmp_path, sequence_parallel):
     cfg = _config(tmp_path, tensor=2, sequence_parallel=sequence_parallel)
     ranks = run_ranks(_rank_reference, 2, cfg.model_dump_json(), timeout=300)
-    (shape,) = plan.layout_shapes(cfg)
+    (shape,) = plan_stages.layout_shapes(cfg)
     for params, saved, logits in ranks:
         assert shape.params == params
         _assert_kept_is_saved_plus_logits(shape.traces[0], saved, logits)
@@ -94,8 +95,8 @@ def test_tensor_parallel_plan_equals_each_real_ranks_shard_and_saved_activations
 
 def test_pipeline_stages_hold_their_chunks_parameters(tmp_path):
     cfg = _config(tmp_path, model_config={**TINY_GPT2, "n_layer": 4}, pipeline=2)
-    one = plan.layout_shapes(_config(tmp_path, model_config={**TINY_GPT2, "n_layer": 4}))[0]
-    first, last = plan.layout_shapes(cfg)
+    one = plan_stages.layout_shapes(_config(tmp_path, model_config={**TINY_GPT2, "n_layer": 4}))[0]
+    first, last = plan_stages.layout_shapes(cfg)
     # the last stage's output head is the tied embedding's copy: counted on both ends, as the run holds it
     assert first.params + last.params == one.params + first.tied
     assert first.tied == last.tied > 0
@@ -109,13 +110,13 @@ def test_pipeline_stages_hold_their_chunks_parameters(tmp_path):
     # chunk micro-batches: Megatron's warm-up forwards (p - rank - 1) * 2 + (v - 1) * p, then one more
     ("interleaved", 2, 4, 2, [5, 3])])
 def test_in_flight_micro_batches_follow_the_schedule(schedule, p, m, v, expected):
-    traces = [plan.ChunkTrace(kept=1, forward_peak=1, backward_peak=0) for _ in range(v)]
-    assert [plan.in_flight_peak(traces, schedule, p, m, rank, v)[0] for rank in range(p)] == expected
+    traces = [plan_trace.ChunkTrace(kept=1, forward_peak=1, backward_peak=0) for _ in range(v)]
+    assert [plan_stages.in_flight_peak(traces, schedule, p, m, rank, v)[0] for rank in range(p)] == expected
 
 
 def test_no_pipeline_holds_one_micro_batch_at_a_time():
-    traces = [plan.ChunkTrace(kept=10, forward_peak=12, backward_peak=5)]
-    assert plan.in_flight_peak(traces, "1f1b", 1, 4, 0, 1) == (10, 15)
+    traces = [plan_trace.ChunkTrace(kept=10, forward_peak=12, backward_peak=5)]
+    assert plan_stages.in_flight_peak(traces, "1f1b", 1, 4, 0, 1) == (10, 15)
 
 
 def test_search_keeps_the_layouts_that_fit_fastest_first(tmp_path, capsys):
@@ -159,13 +160,13 @@ def test_plan_within_15_percent_of_the_committed_cpu_measurements():
 def test_encoder_decoder_models_are_planned_with_their_sequence_to_sequence_loss(tmp_path, arch):
     from modeling.build import auto_class, byte_level_tokenizer
     from tests.test_seq2seq_training import MARIAN, T5_SMALL, seq2seq_config, toy_task
-    from training.loop import run_model_config
+    from training.assembly import run_model_config
 
     task = toy_task(tmp_path / "task", train=8, valid=2)
     config = dict(T5_SMALL if arch == "t5" else MARIAN)
     configs = {mode: seq2seq_config(tmp_path, task, model__arch=arch, model__config=config, parallel__tensor=2,
                                     parallel__activation_checkpointing=mode) for mode in ("none", "full")}
-    shapes = {mode: plan.layout_shapes(cfg)[0] for mode, cfg in configs.items()}
+    shapes = {mode: plan_stages.layout_shapes(cfg)[0] for mode, cfg in configs.items()}
     hf = run_model_config(configs["none"], byte_level_tokenizer())  # the run's own, special tokens included
     dense = sum(p.numel() for p in auto_class(hf).from_config(hf).parameters())
     assert dense / 2 < shapes["none"].params < dense  # split weights halved, norms and biases whole

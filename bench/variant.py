@@ -1,0 +1,37 @@
+"""A variant: one labelled set of config overrides and the number of processes it runs on, what a
+``--layout tensor=2,pipeline=2,data=2,zero=1`` argument of ``bench memory``, ``bench plan`` and ``bench
+diverge`` names. Its parallel layout (tensor x pipeline x data) gives the processes; the ZeRO stage and, for
+``bench diverge``, any dotted config key ride along as overrides."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+# the variant keys that are config keys; ``data`` is not one: the data-parallel degree follows from the processes
+CONFIG_KEYS = {"tensor": "parallel.tensor", "pipeline": "parallel.pipeline", "zero": "parallel.zero_stage"}
+DEGREES = ("tensor", "pipeline", "data")
+
+
+class Variant(NamedTuple):
+    label: str  # as given: 'tensor=2,pipeline=2,data=1,zero=1'
+    sets: list[str]  # config overrides: ['parallel.tensor=2', 'parallel.pipeline=2', 'parallel.zero_stage=1']
+    nproc: int  # tensor x pipeline x data
+
+
+def parse_variant(text: str, prog: str = "bench memory") -> Variant:
+    """'tensor=2,pipeline=2,data=1,zero=1' -> (label, config overrides, processes); anything else is one line
+    and exit code 2 (``bench.cli.fail``)."""
+    degrees = dict.fromkeys(DEGREES, 1)
+    sets = []
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if key not in {*degrees, *CONFIG_KEYS} or not value.isdigit():
+            from bench.cli import fail
+
+            fail(prog, f"--layout {text!r}: {item!r} is not one of "
+                       f"{', '.join(k + '=N' for k in (*DEGREES, 'zero'))}")
+        if key in degrees:
+            degrees[key] = int(value)
+        if key in CONFIG_KEYS:
+            sets.append(f"{CONFIG_KEYS[key]}={value}")
+    return Variant(text, sets, degrees["tensor"] * degrees["pipeline"] * degrees["data"])
