@@ -58,6 +58,17 @@ def test_precision_comes_from_the_yaml_when_the_json_is_silent():
     assert "bf16.enabled=True (DeepSpeed JSON) vs precision='fp32' (YAML)" in str(err.value)
 
 
+def test_the_zero_stage_is_the_yaml_s_whatever_the_json_says():
+    """One source for the ZeRO stage: the JSON's is parallel.zero_stage (filled when absent or "auto", the same
+    number when it agrees), so the engine's zero_optimization_stage() is the config's."""
+    cfg = _cfg(parallel={"zero_stage": 2})
+    for zero in ({}, {"stage": "auto"}, {"stage": 2}, {"stage": 2.0}):
+        stage = check_user_deepspeed_config({"zero_optimization": zero}, cfg, 2)["zero_optimization"]["stage"]
+        assert stage == 2 and type(stage) is int, zero
+    with pytest.raises(ConfigError, match=r"zero_optimization.stage=3 \(DeepSpeed JSON\) vs parallel.zero_stage=2"):
+        check_user_deepspeed_config({"zero_optimization": {"stage": 3}}, cfg, 2)
+
+
 def test_a_scheduler_the_run_would_ignore_is_refused():
     with pytest.raises(ConfigError, match=r"scheduler.params=.* would not be used: colonnade builds the warm-up"):
         check_user_deepspeed_config({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 10}}},

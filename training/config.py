@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import difflib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic_core import ErrorDetails
 
 from parallel.groups import check_degrees
 from parallel.schedules import check_schedule
@@ -41,7 +43,7 @@ class RunConfig(Section):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(default="fp32", description="Training precision.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @model_validator(mode="after")
@@ -143,7 +145,7 @@ def _dotted(loc: tuple) -> str:
     return ".".join(str(p) for p in loc)
 
 
-def _describe(error: dict) -> str:
+def _describe(error: ErrorDetails) -> str:
     loc = tuple(p for p in error["loc"])
     key = _dotted(loc)
     kind = error["type"]
@@ -209,7 +211,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return merged
 
 
-def load(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+def load(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
     """Read ``path`` (YAML), apply ``overrides`` and validate."""
     raw: dict[str, Any] = {}
     if path is not None:

@@ -19,14 +19,14 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    pretrained: str | None = Field(None, description="Local Hugging Face checkpoint directory to fine-tune.")
-    arch: str | None = Field(None, description="HF model_type for a from-scratch run, e.g. gpt2 or llama.")
+    pretrained: str | None = Field(default=None, description="Local Hugging Face checkpoint directory to fine-tune.")
+    arch: str | None = Field(default=None, description="HF model_type for a from-scratch run, e.g. gpt2 or llama.")
     config: dict[str, Any] = Field(default_factory=dict,
                                    description="HF config fields for a from-scratch run (n_layer, ...).")
-    tokenizer: str | None = Field(None, description="'byte', 'bpe' (trained on data.train_files) or a "
+    tokenizer: str | None = Field(default=None, description="'byte', 'bpe' (trained on data.train_files) or a "
                                   "tokenizer directory; default: the checkpoint's own, else 'byte'.")
-    bpe_vocab_size: int = Field(8192, ge=260, description="Vocabulary size when tokenizer is 'bpe'.")
-    trust_remote_code: bool = Field(False, description="Allow code shipped inside the checkpoint to run.")
+    bpe_vocab_size: int = Field(default=8192, ge=260, description="Vocabulary size when tokenizer is 'bpe'.")
+    trust_remote_code: bool = Field(default=False, description="Allow code shipped inside the checkpoint to run.")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -45,12 +45,12 @@ class DataConfig(Section):
     valid_files: list[str] = Field(default_factory=list, description="Held-out files for eval.")
     seq_len: int = Field(gt=1, description="Tokens per packed training block (decoder-only models); the "
                          "longest source, in tokens, for encoder-decoder models (longer ones are truncated).")
-    text_field: str = Field("text", description="Column holding the text in jsonl/parquet files.")
-    source_field: str | None = Field(None, description="Encoder-decoder models: column of the source text "
+    text_field: str = Field(default="text", description="Column holding the text in jsonl/parquet files.")
+    source_field: str | None = Field(default=None, description="Encoder-decoder models: column of the source text "
                                      "(jsonl/csv/parquet); setting it makes the run sequence-to-sequence.")
-    target_field: str | None = Field(None, description="Encoder-decoder models: column of the target text.")
-    max_target_len: int = Field(128, gt=1, description="Longest target, in tokens (longer are truncated).")
-    cache_dir: str | None = Field(None, description="datasets cache; default ~/.cache/huggingface.")
+    target_field: str | None = Field(default=None, description="Encoder-decoder models: column of the target text.")
+    max_target_len: int = Field(default=128, gt=1, description="Longest target, in tokens (longer are truncated).")
+    cache_dir: str | None = Field(default=None, description="datasets cache; default ~/.cache/huggingface.")
 
     @field_validator("train_files", "valid_files", mode="before")
     @classmethod
@@ -60,44 +60,46 @@ class DataConfig(Section):
 
 class TrainConfig(Section):
     steps: int = Field(gt=0, description="Optimizer steps to run.")
-    micro_batch_size: int = Field(1, gt=0, description="Sequences per micro-batch per data-parallel rank.")
-    grad_accum: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step.")
-    global_batch_size: int | None = Field(None, gt=0, description="Sequences per optimizer step over all "
+    micro_batch_size: int = Field(default=1, gt=0, description="Sequences per micro-batch per data-parallel rank.")
+    grad_accum: int = Field(default=1, gt=0, description="Micro-batches accumulated per optimizer step.")
+    global_batch_size: int | None = Field(default=None, gt=0, description="Sequences per optimizer step over all "
                                           "data-parallel ranks. When set, grad_accum is derived at launch as "
                                           "global_batch_size / (micro_batch_size x data-parallel size), so the "
                                           "batch stays the same when an elastic restart changes the number of "
                                           "nodes; None = micro_batch_size x grad_accum x data-parallel size.")
-    seed: int = Field(1234, description="Seeds weights (from scratch), dropout and the data order.")
-    output_dir: str = Field("runs/default", description="Metrics, checkpoints and the HF export. A new or empty "
+    seed: int = Field(default=1234, description="Seeds weights (from scratch), dropout and the data order.")
+    output_dir: str = Field(default="runs/default",
+                            description="Metrics, checkpoints and the HF export. A new or empty "
                             "directory, or one an earlier start of a colonnade run wrote (it holds "
                             "colonnade_run.json); any other directory is refused.")
-    overwrite: bool = Field(False, description="Start again from step 0 in output_dir although it holds a run: "
+    overwrite: bool = Field(default=False, description="Start again from step 0 in output_dir although it holds a run: "
                             "that run's checkpoints, metrics and run files are moved into output_dir/earlier/N "
                             "first (nothing is deleted). Without it such a run is continued only by train.resume.")
-    log_every: int = Field(1, gt=0, description="Steps between metric records.")
-    eval_every: int = Field(0, ge=0, description="Steps between evals; 0 = only at the end.")
-    eval_batches: int | None = Field(None, gt=0, description="Validation micro-batches scored per eval, counted "
+    log_every: int = Field(default=1, gt=0, description="Steps between metric records.")
+    eval_every: int = Field(default=0, ge=0, description="Steps between evals; 0 = only at the end.")
+    eval_batches: int | None = Field(default=None, gt=0,
+                                     description="Validation micro-batches scored per eval, counted "
                                      "over all data-parallel ranks together: the first eval_batches x "
                                      "micro_batch_size examples, the same at every layout; None = all.")
-    eval_first: bool = Field(False, description="Also evaluate before the first step (logged as step 0).")
-    save_every: int = Field(0, ge=0, description="Steps between checkpoints; 0 = only at the end.")
-    save_final: bool = Field(True, description="Write a checkpoint at the end (benchmarks turn it off).")
-    async_save: bool = Field(False, description="Checkpoints are copied to host memory at the step boundary "
+    eval_first: bool = Field(default=False, description="Also evaluate before the first step (logged as step 0).")
+    save_every: int = Field(default=0, ge=0, description="Steps between checkpoints; 0 = only at the end.")
+    save_final: bool = Field(default=True, description="Write a checkpoint at the end (benchmarks turn it off).")
+    async_save: bool = Field(default=False, description="Checkpoints are copied to host memory at the step boundary "
                              "and written by a background thread while training goes on (one save in flight; "
                              "the next save, the end of the run or a stop signal waits for it). Costs host "
                              "memory for one copy of this rank's checkpoint share.")
-    resume: str | None = Field(None, description="'auto' (latest in output_dir) or a checkpoint dir.")
-    export_hf: bool = Field(True, description="Write output_dir/hf (save_pretrained) at the end.")
-    export_max_shard_size: str = Field("2GB", pattern=r"^\s*[0-9]+(\.[0-9]+)?\s*([KMGT]B|[kmgt]b)\s*$",
+    resume: str | None = Field(default=None, description="'auto' (latest in output_dir) or a checkpoint dir.")
+    export_hf: bool = Field(default=True, description="Write output_dir/hf (save_pretrained) at the end.")
+    export_max_shard_size: str = Field(default="2GB", pattern=r"^\s*[0-9]+(\.[0-9]+)?\s*([KMGT]B|[kmgt]b)\s*$",
                                        description="Largest weights file of the HF export (KB, MB, GB, TB): bigger "
                                        "models get model-0000k-of-0000n.safetensors + index, as save_pretrained "
                                        "writes; rank 0 holds one such file at a time.")
-    progress: bool = Field(True, description="Progress bar on rank 0.")
-    log_sample_ids: bool = Field(False, description="Each data-parallel rank's input reader appends the ids "
+    progress: bool = Field(default=True, description="Progress bar on rank 0.")
+    log_sample_ids: bool = Field(default=False, description="Each data-parallel rank's input reader appends the ids "
                                  "(indices into the packed training set) of the sequences of every step to "
                                  "output_dir/samples/rank-NNNNN.jsonl, with the elastic restart attempt: an audit "
                                  "that restarts skip and repeat no sample.")
-    max_consecutive_skips: int = Field(10, gt=0, description="Steps with a non-finite loss or gradient are "
+    max_consecutive_skips: int = Field(default=10, gt=0, description="Steps with a non-finite loss or gradient are "
                                        "skipped on every rank (logged, counted in skipped_steps); this many in a "
                                        "row stop the run.")
 
@@ -123,36 +125,37 @@ class TrainConfig(Section):
 
 
 class OptimConfig(Section):
-    lr: float = Field(3e-4, gt=0, description="Peak learning rate (AdamW).")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
-    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
-    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
-    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps, then cosine decay.")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine floor as a fraction of lr.")
-    grad_clip: float = Field(1.0, ge=0, description="Global gradient-norm clip; 0 disables.")
-    fused: bool = Field(True, description="torch's fused AdamW kernel (HF Trainer's default, adamw_torch_fused): "
+    lr: float = Field(default=3e-4, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW decoupled weight decay.")
+    betas: tuple[float, float] = Field(default=(0.9, 0.95), description="AdamW betas.")
+    eps: float = Field(default=1e-8, gt=0, description="AdamW epsilon.")
+    warmup_steps: int = Field(default=0, ge=0, description="Linear warm-up steps, then cosine decay.")
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1, description="Cosine floor as a fraction of lr.")
+    grad_clip: float = Field(default=1.0, ge=0, description="Global gradient-norm clip; 0 disables.")
+    fused: bool = Field(default=True,
+                        description="torch's fused AdamW kernel (HF Trainer's default, adamw_torch_fused): "
                         "the update without the foreach implementation's full-size temporaries, two fewer copies of "
                         "the optimizer partition at the step (bench/results/memory-cpu-steps). false: foreach.")
 
 
 class EvalConfig(Section):
-    bleu: bool = Field(True, description="Encoder-decoder runs: generate for the validation sources and score "
+    bleu: bool = Field(default=True, description="Encoder-decoder runs: generate for the validation sources and score "
                        "sacreBLEU against the targets at every eval.")
-    num_beams: int = Field(1, ge=1, description="1 = greedy decoding; more = beam search.")
-    max_new_tokens: int = Field(64, gt=0, description="Longest generated target.")
-    bleu_samples: int | None = Field(None, gt=0, description="Validation examples to translate; None = all.")
+    num_beams: int = Field(default=1, ge=1, description="1 = greedy decoding; more = beam search.")
+    max_new_tokens: int = Field(default=64, gt=0, description="Longest generated target.")
+    bleu_samples: int | None = Field(default=None, gt=0, description="Validation examples to translate; None = all.")
 
 
 class ParallelConfig(Section):
-    tensor: int = Field(1, ge=1, description="Tensor-parallel degree.")
-    pipeline: int = Field(1, ge=1, description="Pipeline-parallel degree (stages).")
-    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage over the data-parallel group.")
-    overlap_comm: bool | None = Field(None, description="Reduce gradient buckets while the backward still runs "
+    tensor: int = Field(default=1, ge=1, description="Tensor-parallel degree.")
+    pipeline: int = Field(default=1, ge=1, description="Pipeline-parallel degree (stages).")
+    zero_stage: Literal[0, 1, 2, 3] = Field(default=0, description="DeepSpeed ZeRO stage over the data-parallel group.")
+    overlap_comm: bool | None = Field(default=None, description="Reduce gradient buckets while the backward still runs "
                                       "(DeepSpeed's zero_optimization.overlap_comm). None: on for ZeRO-2/3, off for "
                                       "ZeRO-1 (2% slower with it on the 2-core CPU box, bench/results/overlap-cpu). "
                                       "Not with pipelines at ZeRO-1 (DeepSpeed refuses it). A user DeepSpeed JSON's "
                                       "own value wins.")
-    bucket_size: int | None = Field(None, gt=0, description="Gradient elements per ZeRO bucket (DeepSpeed's "
+    bucket_size: int | None = Field(default=None, gt=0, description="Gradient elements per ZeRO bucket (DeepSpeed's "
                                     "zero_optimization.reduce_bucket_size and allgather_bucket_size). None: the "
                                     "model's hidden_size squared, HF Trainer's \"auto\" (and under ZeRO-3 "
                                     "stage3_prefetch_bucket_size 0.9 x hidden_size squared, "
@@ -160,7 +163,8 @@ class ParallelConfig(Section):
                                     "500 M, which holds 2 GB per fp32 buffer whatever the model. ZeRO 1/2 stage "
                                     "gradients in a buffer of this size (two with overlap_comm). A user DeepSpeed "
                                     "JSON's own value wins; its \"auto\" means this default.")
-    zero3_live_parameters: int | None = Field(None, gt=0, description="ZeRO-3: parameters kept gathered at once "
+    zero3_live_parameters: int | None = Field(default=None, gt=0,
+                                              description="ZeRO-3: parameters kept gathered at once "
                                               "(DeepSpeed's stage3_max_live_parameters, where prefetching stops) "
                                               "and the distance in parameters under which a gathered one waits for "
                                               "its next use (stage3_max_reuse_distance). None: DeepSpeed's 1e9 each, "
@@ -168,19 +172,19 @@ class ParallelConfig(Section):
                                               "forward to its backward. Lower: less memory, less prefetch overlap "
                                               "(bench/results/memory-cpu). A user DeepSpeed JSON's own value wins.")
     offload: Literal["none", "optimizer", "optimizer+params"] = Field(
-        "none", description="ZeRO offload to host memory (DeepSpeed's zero_optimization.offload_optimizer / "
+        default="none", description="ZeRO offload to host memory (DeepSpeed's zero_optimization.offload_optimizer / "
         "offload_param): 'optimizer' keeps the fp32 master weights and AdamW moments on the CPU and steps them "
         "there (ZeRO 1-3); 'optimizer+params' also keeps the parameters there between uses (ZeRO-3). The "
         "optimizer is colonnade's torch AdamW on CPU tensors. A user DeepSpeed JSON's own offload sections win.")
     activation_checkpointing: Literal["none", "full", "selective"] = Field(
-        "none", description="Recompute activations in the backward (Megatron's modes): 'full' keeps only each "
+        default="none", description="Recompute activations in the backward (Megatron's modes): 'full' keeps only each "
         "transformer block's input and runs the block again; 'selective' recomputes only the core attention "
         "(scores, softmax, dropout, weighted sum). The recomputed dropout masks are the forward's.")
     schedule: Literal["gpipe", "1f1b", "interleaved", "zb-h1"] = Field(
-        "1f1b", description="Pipeline schedule; zb-h1 splits the backward so that weight gradients fill 1F1B's "
+        default="1f1b", description="Pipeline schedule; zb-h1 splits the backward so that weight gradients fill 1F1B's "
                             "bubble (ZeRO-1/2).")
-    virtual_stages: int = Field(1, ge=1, description="Model chunks per pipeline rank (interleaved schedule).")
-    partition: str = Field("uniform", description="'uniform', 'parameters' (balanced by parameter count), "
+    virtual_stages: int = Field(default=1, ge=1, description="Model chunks per pipeline rank (interleaved schedule).")
+    partition: str = Field(default="uniform", description="'uniform', 'parameters' (balanced by parameter count), "
                            "'measured' (balanced by each item's forward + backward time, probed before the run; "
                            "the chosen layout is printed and saved in output_dir/pipeline_partition.json) or a "
                            "layout string such as 'E,t,t|t,t,L' (E embedding, t block, L head + loss).")
@@ -192,21 +196,22 @@ class ParallelConfig(Section):
                              f"such as 'E,t,t|t,t,L' (stages separated by |)")
         return value
 
-    p2p_timeout_s: float = Field(600.0, gt=0, description="A pipeline receive waiting longer fails the job.")
-    timeout_s: float = Field(1800.0, gt=0, description="A collective (all-reduce, gather, ...) not complete after "
+    p2p_timeout_s: float = Field(default=600.0, gt=0, description="A pipeline receive waiting longer fails the job.")
+    timeout_s: float = Field(default=1800.0, gt=0,
+                             description="A collective (all-reduce, gather, ...) not complete after "
                              "this many seconds ends the job with an error naming the operation and the rank, "
                              "instead of hanging.")
-    sequence_parallel: bool = Field(False, description="Megatron sequence parallelism (needs tensor > 1): "
+    sequence_parallel: bool = Field(default=False, description="Megatron sequence parallelism (needs tensor > 1): "
                                     "norms and dropout work on a sequence shard; all-gather/reduce-scatter "
                                     "replace the all-reduces.")
-    tp_async_grad_reduce: bool = Field(True, description="Tensor parallelism: launch the input-gradient "
+    tp_async_grad_reduce: bool = Field(default=True, description="Tensor parallelism: launch the input-gradient "
                                        "all-reduce (reduce-scatter with sequence_parallel) asynchronously and "
                                        "compute the weight gradients while it runs (Megatron's asynchronous "
                                        "all-reduce); false waits for it first. Same gradients either way.")
 
 
 class WandbConfig(Section):
-    mode: Literal["offline", "online", "disabled"] = Field("offline", description="offline needs no network.")
+    mode: Literal["offline", "online", "disabled"] = Field(default="offline", description="offline needs no network.")
     project: str = "colonnade"
     name: str | None = None
     group: str | None = None

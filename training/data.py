@@ -19,8 +19,13 @@ import sysconfig
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerBase
 
 FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -147,7 +152,7 @@ def load_texts(files: list[str], key: str, text_field: str, cache_dir: str | Non
     return ds
 
 
-def tokenize_and_pack(texts, tokenizer, seq_len: int, key: str):
+def tokenize_and_pack(texts: Dataset, tokenizer: PreTrainedTokenizerBase, seq_len: int, key: str):
     """Tokenize (EOS after every document), concatenate and cut into ``seq_len`` blocks (remainder of
     each map batch dropped, as in the transformers examples). Both maps are cached by ``datasets``."""
     eos = tokenizer.eos_token_id
@@ -187,7 +192,8 @@ def load_pairs(files: list[str], key: str, source_field: str, target_field: str,
                   remove_columns=ds.column_names, desc=f"read {key}")
 
 
-def tokenize_pairs(pairs, tokenizer, max_source_len: int, max_target_len: int, key: str):
+def tokenize_pairs(pairs: Dataset, tokenizer: PreTrainedTokenizerBase, max_source_len: int, max_target_len: int,
+                   key: str):
     """Source -> ``input_ids``, target -> ``labels`` (each truncated, then EOS), texts kept for BLEU."""
     eos = tokenizer.eos_token_id
     if eos is None or tokenizer.pad_token_id is None:
@@ -257,7 +263,7 @@ class TrainBatches:
     """Micro-batches for one data-parallel rank: ``batch(step, micro_index)`` -> {input_ids, labels} (packed
     blocks), or with ``pad_id`` the padded {input_ids, attention_mask, labels} of source/target pairs."""
 
-    def __init__(self, blocks, plan: BatchPlan, dp_rank: int, seed: int, pad_id: int | None = None,
+    def __init__(self, blocks: Dataset, plan: BatchPlan, dp_rank: int, seed: int, pad_id: int | None = None,
                  sample_offset: int = 0):
         self.blocks = blocks
         self.sample_offset = sample_offset  # samples seen before step 0 of this plan (a resumed run)
@@ -278,14 +284,14 @@ class TrainBatches:
         return {"input_ids": input_ids, "labels": input_ids.clone()}
 
 
-def check_enough_for_one_step(blocks, plan: BatchPlan, key: str) -> None:
+def check_enough_for_one_step(blocks: Dataset, plan: BatchPlan, key: str) -> None:
     if len(blocks) < plan.global_batch:
         raise ValueError(f"{key}: {len(blocks)} training examples, fewer than one global batch of "
                          f"{plan.global_batch} (train.micro_batch_size={plan.micro_batch_size} x train.grad_accum="
                          f"{plan.grad_accum} x {plan.dp_size} data-parallel ranks); add data or lower those")
 
 
-def check_token_ids(blocks, vocabulary: int, key: str, model: str) -> None:
+def check_token_ids(blocks: Dataset, vocabulary: int, key: str, model: str) -> None:
     """Every token id must index the model's embedding; an id outside it would fail deep inside the forward."""
     for column in ("input_ids", "labels"):
         if column not in blocks.column_names:
@@ -312,7 +318,7 @@ def eval_rounds(num_examples: int, micro_batch_size: int, dp_rank: int, dp_size:
         yield [p if p < scored else 0 for p in positions], [p < scored for p in positions]
 
 
-def eval_batches(blocks, micro_batch_size: int, dp_rank: int, dp_size: int, limit: int | None):
+def eval_batches(blocks: Dataset, micro_batch_size: int, dp_rank: int, dp_size: int, limit: int | None):
     """Deterministic eval micro-batches for one rank, in file order (see ``eval_rounds``); padding rows carry
     ``weight`` 0."""
     for positions, real in eval_rounds(len(blocks), micro_batch_size, dp_rank, dp_size, limit):

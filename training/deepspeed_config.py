@@ -128,7 +128,7 @@ _AUTO_MEANS_MODEL_SIZED = frozenset({"reduce_bucket_size", "allgather_bucket_siz
 
 def _fill_auto(user: dict[str, Any], ours: dict[str, Any], cfg: RunConfig, source: str) -> dict[str, Any]:
     """A copy of ``user`` with every ``"auto"`` replaced by colonnade's value (HF Trainer's convention)."""
-    optim = {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
+    optim: dict[str, Any] = {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
              "weight_decay": cfg.optim.weight_decay}
 
     def fill(node: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
@@ -154,17 +154,18 @@ def _fill_auto(user: dict[str, Any], ours: dict[str, Any], cfg: RunConfig, sourc
 
 
 def _lookup(tree: dict[str, Any], path: tuple[str, ...]) -> Any:
+    node: Any = tree
     for key in path:
-        tree = tree.get(key) if isinstance(tree, dict) else None
-    return tree
+        node = node.get(key) if isinstance(node, dict) else None
+    return node
 
 
 def _batch_sizes(user: dict[str, Any], cfg: RunConfig, world_size: int, source: str) -> tuple[Any, Any]:
     """(micro-batch, accumulation) the JSON implies; ``ConfigError`` when its batch rule cannot hold."""
     dp = data_parallel_size(cfg, world_size)
     total = user.get("train_batch_size")
-    micro = user.get("train_micro_batch_size_per_gpu")
-    accum = user.get("gradient_accumulation_steps")
+    micro: Any = user.get("train_micro_batch_size_per_gpu")
+    accum: Any = user.get("gradient_accumulation_steps")
     if total is not None and micro is not None and accum is not None and total != micro * accum * dp:
         raise ConfigError(
             f"{source}: DeepSpeed batch rule violated: train_batch_size ({total}) must equal "
@@ -182,7 +183,8 @@ def _batch_sizes(user: dict[str, Any], cfg: RunConfig, world_size: int, source: 
     return micro, accum
 
 
-def _disagreements(user: dict[str, Any], ours: dict[str, Any], cfg: RunConfig, micro, accum) -> list[str]:
+def _disagreements(user: dict[str, Any], ours: dict[str, Any], cfg: RunConfig, micro: Any,
+                   accum: Any) -> list[str]:
     mismatches = []
 
     def compare(ds_key: str, theirs: Any, yaml_key: str, mine: Any, shown: Any = None) -> None:
@@ -228,6 +230,8 @@ def _merge(user: dict[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
     for key in ("gradient_clipping", "steps_per_print"):
         merged.setdefault(key, ours[key])
     merged["zero_optimization"] = {**ours["zero_optimization"], **user.get("zero_optimization", {})}
+    # the run's stage, exactly (a different one was refused above; true or 2.0 would pass that check)
+    merged["zero_optimization"]["stage"] = ours["zero_optimization"]["stage"]
     for name in ("bf16", "fp16"):  # the YAML's precision unless the JSON says (the same, checked above)
         merged[name] = {**ours[name], **user.get(name, {})}
     if "managed_gradient_accumulation" in ours:

@@ -42,5 +42,8 @@ def init_process_group(backend: str, timeout: timedelta | None) -> bool:
     server = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
                            timeout=timeout or timedelta(minutes=30))
     store = dist.PrefixStore(f"colonnade/attempt_{restart_count()}", server)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world, **({"timeout": timeout} if timeout else {}))
+    if timeout:
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    else:
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world)
     return True

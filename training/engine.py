@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -12,6 +12,11 @@ from parallel.comm import comm_device
 from training.config import ConfigError
 from training.config_schema import OptimConfig
 from training.deepspeed_config import model_sized_buckets
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+
+    from parallel.groups import ProcessGroups
 
 
 def lr_lambda(optim: OptimConfig, total_steps: int):
@@ -29,7 +34,8 @@ def lr_lambda(optim: OptimConfig, total_steps: int):
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices only; biases, norms and other 1-D parameters are not decayed (GPT-2/Llama practice)."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for _, param in model.named_parameters():
         if param.requires_grad:
             (decay if param.dim() >= 2 else no_decay).append(param)
@@ -45,7 +51,7 @@ class AdamW(torch.optim.AdamW):
     nonfinite_group = None  # set for ZeRO-0, where DeepSpeed steps this optimizer itself
     overflow = False
 
-    def step(self, closure=None):
+    def step(self, closure: Any = None) -> Any:  # torch's signature: overloads on closure
         if self.nonfinite_group is not None:
             grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
             flag = torch.zeros(1, device=comm_device(self.nonfinite_group))
@@ -100,7 +106,8 @@ def fill_model_sized_buckets(ds_config: dict[str, Any], model: torch.nn.Module) 
         zero.setdefault(key, value)
 
 
-def build(model: torch.nn.Module, optim: OptimConfig, total_steps: int, ds_config: dict[str, Any], groups):
+def build(model: torch.nn.Module, optim: OptimConfig, total_steps: int, ds_config: dict[str, Any],
+          groups: ProcessGroups) -> DeepSpeedEngine:
     """Wrap ``model`` in a DeepSpeed engine whose ZeRO works over ``groups``' data-parallel group; bucket sizes
     ``ds_config`` leaves out are filled in it from the model's hidden size."""
     import deepspeed
@@ -113,6 +120,10 @@ def build(model: torch.nn.Module, optim: OptimConfig, total_steps: int, ds_confi
     optimizer, scheduler = build_optimizer(model, optim, total_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, mpu=groups, dist_init_required=False)
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    if engine.zero_optimization_stage() != stage:  # the run reads its stage from the config only
+        raise RuntimeError(f"DeepSpeed built a ZeRO-{engine.zero_optimization_stage()} engine from a JSON whose "
+                           f"zero_optimization.stage is {stage} (parallel.zero_stage)")
     if engine.optimizer is optimizer:  # ZeRO-0 in fp32: no DeepSpeed wrapper checks the gradients
         optimizer.nonfinite_group = torch.distributed.group.WORLD
     elif hasattr(engine.optimizer, "check_grad_overflow"):  # ZeRO 1/2 skip non-finite steps in fp32 too

@@ -24,6 +24,10 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 MMAP_THRESHOLD = 256 * 1024
 LARGE_RANK_BYTES = 256 * 2**20  # this rank's parameters (about 64 M in fp32: over 1 GiB of training state)
@@ -48,7 +52,7 @@ def user_set_threshold() -> bool:
         "glibc.malloc.mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""))
 
 
-def held_bytes(model) -> int:
+def held_bytes(model: torch.nn.Module) -> int:
     """Bytes of the parameters a rank holds: its tensor-parallel shard (with pipelines its stages'; the rest is
     on the meta device), unpartitioned under ZeRO-3."""
     return sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in model.parameters()

@@ -6,15 +6,18 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from parallel.comm import comm_device
 
+if TYPE_CHECKING:
+    from training.config_schema import WandbConfig
 
-def sum_over(group, *values: float | torch.Tensor) -> list[float]:
+
+def sum_over(group: dist.ProcessGroup | None, *values: float | torch.Tensor) -> list[float]:
     """Each value summed over ``group``, read on the host once: floats, or 0-dim tensors still on the device
     (sums kept there through a loop, so the loop never waits for the device)."""
     device = comm_device(group)
@@ -79,7 +82,7 @@ class MetricsSink:
     write nothing. W&B mode 'disabled' never imports wandb. A resumed run (``resume_after_step``) keeps the
     records up to that step and drops the later ones a crashed run may have written."""
 
-    def __init__(self, output_dir: str | Path, is_writer: bool, wandb_cfg, run_config: dict[str, Any],
+    def __init__(self, output_dir: str | Path, is_writer: bool, wandb_cfg: WandbConfig, run_config: dict[str, Any],
                  resume_after_step: int | None = None):
         self.is_writer = is_writer
         self.path = Path(output_dir) / "metrics.jsonl"
@@ -98,7 +101,7 @@ class MetricsSink:
                                      mode=wandb_cfg.mode, dir=str(output_dir), config=run_config)
 
     def log(self, record: dict[str, Any]) -> None:
-        if not self.is_writer:
+        if self._file is None:  # not the writer
             return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()

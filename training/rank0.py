@@ -41,7 +41,7 @@ def on_every_rank(fn: Callable[[], Any], what: str) -> list[Any]:
         result = fn()
     except Exception as exc:  # re-raised below, on every rank
         error = exc
-    outcomes = [None] * dist.get_world_size()
+    outcomes: list[tuple[Any, Any]] = [(None, None)] * dist.get_world_size()
     dist.all_gather_object(outcomes, (_portable(error), None if error is not None else result))
     if error is not None:
         raise error

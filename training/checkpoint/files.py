@@ -48,7 +48,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     """``write(tmp)`` fills a temporary file beside ``path``; it is fsynced, then renamed over ``path``."""
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
@@ -129,7 +129,7 @@ def newest_complete(root: Path) -> Path | None:
     if not root.is_dir():
         return None
     done = [p for p in root.iterdir() if p.is_dir() and is_complete(p)]
-    return max(done, key=step_of) if done else None
+    return max(done, key=lambda p: step_of(p) or 0) if done else None  # each has a step: is_complete
 
 
 def read_manifest(path: Path) -> dict[str, Any]:

@@ -61,6 +61,7 @@ def _streamed_weights(engine: DeepSpeedEngine, model: PreTrainedModel, groups: P
         if groups.dp_rank != 0:
             return None
         if groups.pp_rank == stage:
+            assert held is not None  # data-parallel rank 0 gathered it
             full = merge_tensor(model, name, held, groups.tp_group)
             if stage == 0 or groups.tp_rank != 0:
                 return full if dist.get_rank() == 0 else None

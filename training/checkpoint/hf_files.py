@@ -16,17 +16,20 @@ import json
 import math
 import struct
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import torch
-from huggingface_hub import split_torch_state_dict_into_shards
+from huggingface_hub import StateDictSplit, split_torch_state_dict_into_shards
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 DEFAULT_MAX_SHARD_SIZE = "2GB"
 
 
 class WeightsPlan(NamedTuple):
     specs: dict[str, tuple[tuple[int, ...], torch.dtype]]  # name -> (shape, dtype)
-    split: object  # huggingface_hub's StateDictSplit: which names go in which file
+    split: StateDictSplit  # which names go in which file
 
 
 def shard_plan(specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
@@ -50,7 +53,7 @@ def write_weights(out_dir: Path | None, plan: WeightsPlan, tensor_of: Callable[[
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def write_config_files(out_dir: Path, config, tokenizer) -> None:
+def write_config_files(out_dir: Path, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> None:
     """What ``save_pretrained`` writes beside the weights: config.json, generation_config.json, tokenizer."""
     from transformers import GenerationConfig
 
@@ -74,11 +77,12 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def write_safetensors(path: Path, specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
-                      tensor_of: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+                      tensor_of: Callable[[str], torch.Tensor | None], metadata: dict[str, str] | None = None) -> None:
     """A safetensors file of the tensors ``specs`` names (name -> (shape, dtype)), each asked for with
     ``tensor_of(name)`` in ``specs``' order and written before the next is asked for: the header is laid out
     from the shapes first, so memory holds one tensor (on any device; copied to the CPU one at a time)."""
-    header, offset = {}, 0
+    header: dict[str, Any] = {}
+    offset = 0
     for name, (shape, dtype) in specs.items():
         size = math.prod(shape) * dtype.itemsize
         header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
@@ -91,8 +95,12 @@ def write_safetensors(path: Path, specs: dict[str, tuple[tuple[int, ...], torch.
         handle.write(struct.pack("<Q", len(encoded)))
         handle.write(encoded)
         for name, (shape, dtype) in specs.items():
-            tensor = tensor_of(name).detach()
+            held = tensor_of(name)
+            if held is None:
+                raise ValueError(f"{path}: no value for {name} on the rank that writes it")
+            tensor = held.detach()
             if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
                 raise ValueError(f"{path}: {name} is {tuple(tensor.shape)} {tensor.dtype}, planned as {shape} {dtype}")
             if tensor.numel():
-                handle.write(memoryview(tensor.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()))
+                data = tensor.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+                handle.write(memoryview(data))  # type: ignore[arg-type]  # numpy's stubs give ndarray __buffer__ from Python 3.12 only

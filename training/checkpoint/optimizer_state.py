@@ -16,7 +16,7 @@ fragment addresses (``param._hp_mapping``), the same ones its universal checkpoi
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
+# A parameter (or buffer) with the attributes DeepSpeed gives it (ds_tensor, ds_numel, _hp_mapping, ...), which
+# torch's stubs do not know.
+ZeroTensor = Any
 
 
 def base_optimizer(engine: DeepSpeedEngine) -> torch.optim.Optimizer:
@@ -75,7 +78,7 @@ def _lp_range(param) -> slice:
     return slice(lp.start, lp.start + lp.numel)
 
 
-def get(engine, param: torch.nn.Parameter, key: str) -> torch.Tensor:
+def get(engine: DeepSpeedEngine, param: ZeroTensor, key: str) -> torch.Tensor:
     """``key`` in MOMENTS or 'master' (the fp32 weight the optimizer updates), shaped like ``param``."""
     stage = zero_stage(engine)
     if stage == 3:
@@ -96,7 +99,7 @@ def get(engine, param: torch.nn.Parameter, key: str) -> torch.Tensor:
     return full.view_as(param)
 
 
-def put(engine, param: torch.nn.Parameter, key: str, value: torch.Tensor) -> None:
+def put(engine: DeepSpeedEngine, param: ZeroTensor, key: str, value: torch.Tensor) -> None:
     """Write ``value`` (shaped like ``param``) as ``param``'s ``key`` (MOMENTS or 'master')."""
     stage = zero_stage(engine)
     if stage == 3:
@@ -122,7 +125,7 @@ def put(engine, param: torch.nn.Parameter, key: str, value: torch.Tensor) -> Non
         _fragment(engine, param, key).copy_(value.to(param.device, torch.float32).flatten()[_lp_range(param)])
 
 
-def held_range(engine, param: torch.nn.Parameter) -> tuple[int, int] | None:
+def held_range(engine: DeepSpeedEngine, param: ZeroTensor) -> tuple[int, int] | None:
     """The flat range of ``param`` (its tensor-parallel shard, flattened) whose optimizer state this rank
     holds, or None: its ZeRO partition (ZeRO 1/2: the fragment in its flat partition; ZeRO-3: its partition,
     padding excluded), the whole parameter at ZeRO-0."""
@@ -138,7 +141,7 @@ def held_range(engine, param: torch.nn.Parameter) -> tuple[int, int] | None:
     return 0, numel
 
 
-def put_range(engine, param: torch.nn.Parameter, key: str, values: torch.Tensor) -> None:
+def put_range(engine: DeepSpeedEngine, param: ZeroTensor, key: str, values: torch.Tensor) -> None:
     """Write ``values``, the flat ``held_range`` of ``param``'s ``key`` (MOMENTS or 'master'), into this
     rank's optimizer state; no communication."""
     stage = zero_stage(engine)
@@ -160,7 +163,8 @@ def put_range(engine, param: torch.nn.Parameter, key: str, values: torch.Tensor)
         _fragment(engine, param, key).view(-1).copy_(values.to(param.device, torch.float32))
 
 
-def owned_part(engine, tensor: torch.Tensor, key: str, dp_rank: int, dp_world: int):
+def owned_part(engine: DeepSpeedEngine, tensor: ZeroTensor, key: str, dp_rank: int,
+               dp_world: int) -> tuple[int, torch.Tensor] | None:
     """(first element, values) of the flattened ``tensor`` that this data-parallel rank stores for ``key``
     ('model' for the weights or buffer, else an optimizer state) and no other replica does, or None: its ZeRO
     partition (ZeRO-3: of every tensor; ZeRO 1/2: of trainable parameters, where the optimizer partitioned
@@ -194,7 +198,7 @@ def _non_empty(start: int, values: torch.Tensor):
     return (start, values) if values.numel() else None
 
 
-def optimizer_steps(engine) -> int:
+def optimizer_steps(engine: DeepSpeedEngine) -> int:
     """AdamW's step count (the bias-correction exponent): applied updates, skipped steps excluded."""
     for state in base_optimizer(engine).state.values():
         if "step" in state:
@@ -202,7 +206,7 @@ def optimizer_steps(engine) -> int:
     return 0
 
 
-def set_optimizer_steps(engine, steps: int) -> None:
+def set_optimizer_steps(engine: DeepSpeedEngine, steps: int) -> None:
     """Give every AdamW state the restored step count (states are created by ``put`` first)."""
     for state in base_optimizer(engine).state.values():
         if "step" in state:

@@ -65,7 +65,7 @@ def save(engine: DeepSpeedEngine, model: PreTrainedModel, tokenizer: PreTrainedT
                                 f"writing the checkpoint of step {step}")
         on_rank0(lambda: finish(dict(written)), f"saving the checkpoint of step {step}")
     else:
-        pieces = {}
+        pieces: dict[str, tuple[str, dict, dict]] = {}
         on_every_rank(lambda: pieces.update(snapshot=_host_copy(*rank_values())),
                       f"copying the checkpoint of step {step} to host memory")
         background.start(step, lambda: _write_in_background(staging, pieces["snapshot"], finish, timeout_s))
