@@ -13,6 +13,8 @@ from bench.plan_trace import ChunkTrace, fake_world, full_meta_model, trace_chun
 
 @dataclass
 class StagePlan:
+    """A stage's planned memory at one data-parallel degree, ZeRO stage and number of micro-batches."""
+
     stage: int
     params: int
     model_state: dict[str, float]

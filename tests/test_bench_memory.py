@@ -83,3 +83,39 @@ def test_saved_activations_count_what_backward_keeps_not_the_parameters():
     with torch.autograd.graph.saved_tensors_hooks(activations.pack, activations.unpack):
         torch.nn.functional.linear(x, flat.view(256, 256)).sum()  # saves x and a plain view of the buffer
     assert activations.peak == 8 * 256 * 4, "a view of a parameter's storage counted as an activation"
+
+
+def test_memory_observer_turns_the_runs_events_into_phases_and_counts_activations_inside_steps():
+    """The run's events (``training.events``) drive ``PhasePeaks`` and ``SavedActivations``: load, save and
+    export are their own phases, steps run from a step's start to the next of those less the optimizer phase,
+    and autograd's saved tensors are counted inside a step only."""
+    from types import SimpleNamespace
+
+    from bench.memory import MemoryObserver, SavedActivations
+
+    layer = torch.nn.Linear(64, 64)
+    peaks, activations = PhasePeaks(), SavedActivations()
+    observer = MemoryObserver(peaks, activations)
+    x = torch.randn(4, 64, requires_grad=True)
+    observer.on_phase_start("load", 0)
+    observer.on_phase_end("load", 0, None)
+    observer.on_built(SimpleNamespace(engine=SimpleNamespace(module=layer)))
+    observer.on_phase_start("train", 0)
+    observer.on_phase_start("step", 1)
+    assert peaks.current == "steps"
+    torch.relu(layer(x)).sum().backward()
+    observer.on_phase_start("optimizer", 1)
+    assert peaks.current == "optimizer"
+    observer.on_phase_end("optimizer", 1, None)
+    assert peaks.current == "steps"
+    observer.on_phase_end("step", 1, {"loss": 1.0})
+    observer.on_phase_start("save", 1)
+    observer.on_phase_end("save", 1, None)
+    assert peaks.current is None
+    observer.on_phase_end("train", 1, None)
+    observer.on_phase_start("export", 1)
+    observer.on_phase_end("export", 1, None)
+    assert set(peaks.peaks) == {"load", "steps", "optimizer", "save", "export"}
+    assert activations.peak == 2 * 4 * 64 * 4  # x and the relu output, saved inside the step
+    torch.relu(layer(x)).sum()  # after the step: not counted (the hooks are gone)
+    assert activations.peak == 2 * 4 * 64 * 4 and activations.live == 0

@@ -176,3 +176,38 @@ def test_a_point_failing_at_run_time_is_reported_with_its_reason_and_exit_code_1
     assert record["status"] == "failed" and record["error"] == reason
     assert reason in (tmp_path / "out" / "report.md").read_text()
     assert f"bench sweep: failed: point parallel.tensor=1 (1 process): {reason}" in capsys.readouterr().err
+
+
+def test_step_observer_times_each_step_and_its_optimizer_phase_from_the_runs_events():
+    """``bench.sweep_worker.StepObserver``: one record per ``step`` event with the probe's totals over it, the
+    ``optimizer`` phase's seconds added to the probe, the gradient storage counted before each optimizer step,
+    and the barrier on from the step after ``barrier_after``."""
+    import time
+    from types import SimpleNamespace
+
+    import torch
+
+    from bench.instrument import StepProbe
+    from bench.sweep_worker import StepObserver
+
+    probe = SimpleNamespace(barrier=False, totals={kind: {} for kind in StepProbe.KINDS})
+    probe.snapshot = lambda: {kind: dict(values) for kind, values in probe.totals.items()}
+    probe.add = lambda category, seconds: probe.totals["seconds"].__setitem__(
+        category, probe.totals["seconds"].get(category, 0.0) + seconds)
+    layer = torch.nn.Linear(8, 8)
+    layer(torch.ones(2, 8)).sum().backward()
+    observer = StepObserver(probe, barrier_after=1)
+    observer.on_built(SimpleNamespace(engine=SimpleNamespace(module=layer, optimizer=None)))
+    barriers = []
+    for step in (1, 2):
+        observer.on_phase_start("step", step)
+        barriers.append(probe.barrier)
+        observer.on_phase_start("optimizer", step)
+        time.sleep(0.01)
+        observer.on_phase_end("optimizer", step, None)
+        observer.on_phase_end("step", step, {"loss": 1.0})
+    assert barriers == [False, True]
+    assert len(observer.per_step) == 2
+    for record in observer.per_step:
+        assert record["wall_s"] >= record["seconds"]["optimizer"] >= 0.01
+    assert observer.gradient_bytes == [(8 * 8 + 8) * 4] * 2  # the weight's and the bias's .grad
