@@ -1,6 +1,6 @@
 """Stored names to model tensors by transformers' own conversion rules, read one stored tensor at a time.
 
-Hub checkpoints store some tensors in another layout than the model holds them: Mixtral's, Qwen2/3-MoE's and
+Hub checkpoints store some tensors in another form than the model holds them: Mixtral's, Qwen2/3-MoE's and
 DeepSeek's experts one tensor per expert (``experts.0.gate_proj.weight``) where the model holds one 3-D tensor
 (``experts.gate_up_proj``), old names (``LayerNorm.gamma``, Mixtral's ``block_sparse_moe``). ``from_pretrained``
 converts them by ``transformers.conversion_mapping``; ``plan`` applies the same rules, through transformers' own
@@ -31,7 +31,7 @@ from transformers.core_model_loading import (
     rename_source_key,
 )
 
-from modeling.parallelize import Shard
+from modeling.shards import Shard
 
 SliceOf = Callable[[str], object]  # stored name -> something indexable by slices (a safetensors slice, a tensor)
 
@@ -88,22 +88,22 @@ class _Part:
 
 
 @dataclass(frozen=True)
-class _Placed:
+class Placement:
     shape: tuple[int, ...]
     parts: tuple[_Part, ...]
 
 
-def _stack(items: list[_Placed], dim: int) -> _Placed | None:
+def _stack(items: list[Placement], dim: int) -> Placement | None:
     if len({p.shape for p in items}) != 1:
         return None
     dim %= len(items[0].shape) + 1
     shape = items[0].shape[:dim] + (len(items),) + items[0].shape[dim:]
-    return _Placed(shape, tuple(_Part(part.key, part.origin[:dim] + (i,) + part.origin[dim:],
+    return Placement(shape, tuple(_Part(part.key, part.origin[:dim] + (i,) + part.origin[dim:],
                                       part.dims[:dim] + (None,) + part.dims[dim:])
                                 for i, item in enumerate(items) for part in item.parts))
 
 
-def _concatenate(items: list[_Placed], dim: int) -> _Placed | None:
+def _concatenate(items: list[Placement], dim: int) -> Placement | None:
     dim %= len(items[0].shape)
     others = {p.shape[:dim] + p.shape[dim + 1:] for p in items}
     if len(others) != 1:
@@ -113,14 +113,14 @@ def _concatenate(items: list[_Placed], dim: int) -> _Placed | None:
         parts += [_Part(p.key, p.origin[:dim] + (p.origin[dim] + offset,) + p.origin[dim + 1:], p.dims)
                   for p in item.parts]
         offset += item.shape[dim]
-    return _Placed(items[0].shape[:dim] + (offset,) + items[0].shape[dim + 1:], tuple(parts))
+    return Placement(items[0].shape[:dim] + (offset,) + items[0].shape[dim + 1:], tuple(parts))
 
 
-def _whole_placed(key: str, shape: tuple[int, ...]) -> _Placed:
-    return _Placed(shape, (_Part(key, (0,) * len(shape), tuple(range(len(shape)))),))
+def _whole_placed(key: str, shape: tuple[int, ...]) -> Placement:
+    return Placement(shape, (_Part(key, (0,) * len(shape), tuple(range(len(shape)))),))
 
 
-def layout(group: Converted, shape_of: Callable[[str], tuple[int, ...]]) -> _Placed | None:
+def placement_of(group: Converted, shape_of: Callable[[str], tuple[int, ...]]) -> Placement | None:
     """Where each stored tensor lies in the converted tensor, replaying the converter's operations on
     placements; None when an operation does more than stack and concatenate, or the conversion has several
     targets."""
@@ -128,7 +128,7 @@ def layout(group: Converted, shape_of: Callable[[str], tuple[int, ...]]) -> _Pla
     if len(group.converter.target_patterns) != 1 or not all(isinstance(op, (MergeModulelist, Concatenate))
                                                            for op in ops):
         return None
-    values: dict[str, _Placed | list[_Placed]] = {pattern: [_whole_placed(k, shape_of(k)) for k in keys]
+    values: dict[str, Placement | list[Placement]] = {pattern: [_whole_placed(k, shape_of(k)) for k in keys]
                                                   for pattern, keys in group.sources.items()}
     for op in ops:
         if isinstance(op, MergeModulelist):
@@ -144,7 +144,7 @@ def layout(group: Converted, shape_of: Callable[[str], tuple[int, ...]]) -> _Pla
     return result
 
 
-def read_placed(placed: _Placed, shard: Shard, slice_of: SliceOf, shape_of, dtype: torch.dtype) -> torch.Tensor:
+def read_placed(placed: Placement, shard: Shard, slice_of: SliceOf, shape_of, dtype: torch.dtype) -> torch.Tensor:
     """The rank's part ``shard`` of a converted tensor, reading each stored tensor only where it overlaps the
     part, one stored tensor at a time."""
     dim = 0 if shard.dim is None else shard.dim
@@ -167,7 +167,7 @@ def read_placed(placed: _Placed, shard: Shard, slice_of: SliceOf, shape_of, dtyp
             piece[tuple(box)] = value.reshape(tuple(b.stop - b.start for b in box))
             del value
         pieces.append(piece)
-    return pieces[0] if shard.dim is None else shard._assemble(pieces)
+    return pieces[0] if shard.dim is None else shard.assemble(pieces)
 
 
 def convert_whole(group: Converted, full: nn.Module, slice_of: SliceOf) -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ values to the parameters this rank keeps, holding at most one full tensor at a t
 - ``StoredWeights``: from safetensors files (a ``save_pretrained`` directory, single file or hub-style shards
   with ``model.safetensors.index.json``, or a colonnade checkpoint's ``model.safetensors``). Each kept slice
   is read with ``get_slice``, so a rank reads only the bytes it keeps. Pickled ``.bin`` weights are read
-  whole (tensors only) and then cut. Stored names and layouts that differ from the model's (per-expert MoE
+  whole (tensors only) and then cut. Stored names and forms that differ from the model's (per-expert MoE
   tensors, old names) are converted by transformers' own rules (``modeling.checkpoint_conversion``).
 - ``SeededInit``: from scratch. Each module is initialised by the model's own ``_init_weights`` under a
   generator seeded by (seed, module name), on CPU stand-ins of full size, and only the slices are kept.
@@ -32,8 +32,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from transformers import PreTrainedModel
 
-from modeling.checkpoint_conversion import convert_whole, layout, plan, read_placed
-from modeling.parallelize import Shard, shards
+from modeling.checkpoint_conversion import convert_whole, placement_of, plan, read_placed
+from modeling.shards import Shard, shards
 
 
 class WeightsError(ValueError):
@@ -256,7 +256,7 @@ class StoredWeights:
         """Stored names become the model's by transformers' conversion rules (``modeling.checkpoint_conversion``:
         renamed tensors, the base-model prefix, per-expert tensors fused)."""
         renamed, converted = plan(full, self.files)
-        placed = {name: layout(group, self.shape) for name, group in converted.items()}
+        placed = {name: placement_of(group, self.shape) for name, group in converted.items()}
         self._check(full, {**{n: self.shape(s) for n, s in renamed.items()},
                            **{n: p.shape for n, p in placed.items() if p is not None}})
         with torch.no_grad():

@@ -1,8 +1,48 @@
-"""Tensor-parallel plans for Hugging Face architectures, as data. A new architecture is a new entry."""
+"""Tensor-parallel plans for Hugging Face architectures, as data (applied by ``modeling.tensor_parallel``).
+A new architecture is a new entry.
+
+A plan maps module-path patterns (``*`` = one path component) to a style:
+
+- ``colwise`` / ``colwise_fused3``: ``ColumnParallelLinear`` (fused: q|k|v blocks split per block) inside a
+  region; ``colwise_enter``: one that enters the region itself (an MLP whose layers have no parent module)
+- ``rowwise``: ``RowParallelLinear``
+- ``vocab_embedding`` / ``vocab_head``: vocabulary-parallel embedding and output projection
+- ``region``: the module's input enters the tensor-parallel region once (copy-to-region, or the
+  sequence all-gather with sequence parallelism), so the column layers inside need no entry of their own
+- ``heads_embedding``: an ``nn.Embedding`` whose embedding dimension indexes attention heads (T5's relative
+  attention bias): each rank keeps the columns of its heads
+- ``replicate``: parameters kept whole on every rank
+
+plus per-module attributes to divide by the tensor size (e.g. GPT-2's ``split_size``) and the path of the
+block list.
+"""
 
 from __future__ import annotations
 
-from parallel.tp_plan import TPPlan
+from dataclasses import dataclass, field
+
+from transformers import PretrainedConfig
+
+STYLES = {"colwise", "colwise_enter", "colwise_fused3", "rowwise", "vocab_embedding", "vocab_head", "region",
+          "heads_embedding", "replicate"}
+
+
+@dataclass(frozen=True)
+class TPPlan:
+    """Module-path pattern -> style; module-path pattern -> attributes divided by the TP size; the path
+    of the ``nn.ModuleList`` of transformer blocks (a tuple of paths for encoder-decoder models); buffers
+    whose last dimension is the vocabulary (Marian's ``final_logits_bias``), sliced like the output head."""
+
+    styles: dict[str, str]
+    blocks: str | tuple[str, ...]
+    divide_attributes: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    vocab_buffers: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        unknown = {s for s in self.styles.values() if s not in STYLES}
+        if unknown:
+            raise ValueError(f"unknown TP styles {sorted(unknown)}; known: {sorted(STYLES)}")
+
 
 GPT2 = TPPlan(
     blocks="transformer.h",
@@ -104,7 +144,7 @@ DIVISIBLE["marian"] = DIVISIBLE["bart"] = [
     ("encoder_ffn_dim", "encoder feed-forward width"), ("decoder_ffn_dim", "decoder feed-forward width")]
 
 
-def check_tensor_parallel_fits(hf_config, tensor: int) -> None:
+def check_tensor_parallel_fits(hf_config: PretrainedConfig, tensor: int) -> None:
     """Raise ValueError naming the config field when the model cannot be split ``tensor`` ways."""
     if tensor == 1:
         return
@@ -112,10 +152,12 @@ def check_tensor_parallel_fits(hf_config, tensor: int) -> None:
     if model_type not in PLANS:
         raise ValueError(f"parallel.tensor={tensor}: no tensor-parallel plan for model_type {model_type!r} "
                          f"(have {sorted(PLANS)}); add one to modeling/tp_plans.py or use parallel.tensor=1")
-    for field, what in DIVISIBLE[model_type]:
-        value = getattr(hf_config, field, None)
-        if field == "n_inner" and value is None:
+    for key, what in DIVISIBLE[model_type]:
+        value = getattr(hf_config, key, None)
+        if key == "n_inner" and value is None:
             value = 4 * hf_config.n_embd
+        if value is None:
+            raise ValueError(f"parallel.tensor={tensor}: the {model_type} config has no {key} ({what})")
         if value % tensor:
-            raise ValueError(f"parallel.tensor={tensor} does not divide the model's {what} ({field}={value}); "
+            raise ValueError(f"parallel.tensor={tensor} does not divide the model's {what} ({key}={value}); "
                              f"choose a tensor size that divides {value}")

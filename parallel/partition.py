@@ -64,12 +64,12 @@ def balanced(weights: list[int], chunks: int) -> list[range]:
     return result
 
 
-def parse_layout(layout: str, num_layers: int, chunks: int) -> list[StageSpec]:
+def parse_partition(partition: str, num_layers: int, chunks: int) -> list[StageSpec]:
     """``"E,t,t|t,t,t|t,t,L"``: chunks separated by ``|``; ``E`` = embedding (first chunk only), ``t`` = one
     transformer block, ``L`` = final norm + head + loss (last chunk only)."""
-    parts = [p.strip() for p in layout.split("|")]
+    parts = [p.strip() for p in partition.split("|")]
     if len(parts) != chunks:
-        raise ValueError(f"parallel.partition={layout!r} has {len(parts)} stages, expected {chunks} "
+        raise ValueError(f"parallel.partition={partition!r} has {len(parts)} stages, expected {chunks} "
                          f"(pipeline x virtual_stages)")
     specs, start = [], 0
     for index, part in enumerate(parts):
@@ -85,7 +85,7 @@ def parse_layout(layout: str, num_layers: int, chunks: int) -> list[StageSpec]:
         specs.append(StageSpec(range(start, start + n), embed="E" in items, head="L" in items))
         start += n
     if start != num_layers:
-        raise ValueError(f"parallel.partition={layout!r} places {start} blocks but the model has {num_layers}")
+        raise ValueError(f"parallel.partition={partition!r} places {start} blocks but the model has {num_layers}")
     if not specs[0].embed or not specs[-1].head:
         raise ValueError("parallel.partition must start with E and end with L")
     if any(len(s.blocks) == 0 and not (s.embed or s.head) for s in specs):
@@ -96,7 +96,7 @@ def parse_layout(layout: str, num_layers: int, chunks: int) -> list[StageSpec]:
 def stage_specs(num_layers: int, pipeline: int, virtual_stages: int = 1, method: str = "uniform",
                 block_weights: list[int] | None = None) -> list[StageSpec]:
     """All ``pipeline * virtual_stages`` chunks in model order. ``method``: 'uniform', 'parameters' or
-    'measured' (balanced by ``block_weights``: parameter counts, measured times) or an explicit layout string."""
+    'measured' (balanced by ``block_weights``: parameter counts, measured times) or an explicit partition string."""
     chunks = pipeline * virtual_stages
     if method == "uniform":
         ranges = uniform(num_layers, chunks)
@@ -105,7 +105,7 @@ def stage_specs(num_layers: int, pipeline: int, virtual_stages: int = 1, method:
             raise ValueError(f"partition by {method} needs one weight per block")
         ranges = balanced(block_weights, chunks)
     else:
-        return parse_layout(method, num_layers, chunks)
+        return parse_partition(method, num_layers, chunks)
     return [StageSpec(r, embed=(i == 0), head=(i == chunks - 1)) for i, r in enumerate(ranges)]
 
 
@@ -114,7 +114,7 @@ def chunks_of_rank(specs: list[StageSpec], pipeline: int, pp_rank: int) -> list[
     return specs[pp_rank::pipeline]
 
 
-def layout_string(specs: list[StageSpec]) -> str:
-    """The layout-string form of ``specs`` (what ``parse_layout`` reads): 'E,t,t|t,t,L'."""
+def partition_string(specs: list[StageSpec]) -> str:
+    """The partition string of ``specs`` (what ``parse_partition`` reads): 'E,t,t|t,t,L'."""
     return "|".join(",".join((["E"] if s.embed else []) + ["t"] * len(s.blocks) + (["L"] if s.head else []))
                     for s in specs)

@@ -74,7 +74,7 @@ class WeightGradStore:
 
 
 class _DeferredLinear(torch.autograd.Function):
-    """Y = X W^T + b (``transposed``: Y = X W + b, the layout of GPT-2's Conv1D) whose backward returns dX and
+    """Y = X W^T + b (``transposed``: Y = X W + b, a weight stored (in, out)) whose backward returns dX and
     db and files (X, dY) for dW. The weight enters detached, so autograd gives it no gradient here."""
 
     @staticmethod

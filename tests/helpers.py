@@ -176,7 +176,7 @@ def step_records(history):
 def assert_gradients_match(tp_model, dense, group, tol: dict) -> int:
     """Every gradient of the tensor-parallel model, gathered and merged to the HF layout, equals the dense
     model's; returns how many were compared."""
-    from modeling.parallelize import full_state_dict
+    from modeling.shards import full_state_dict
 
     grads = full_state_dict(tp_model, group, {n: p.grad for n, p in tp_model.named_parameters()})
     ref_grads = {n: p.grad for n, p in dense.named_parameters()}

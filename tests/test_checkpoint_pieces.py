@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from modeling.parallelize import Shard
+from modeling.shards import Shard
 from parallel.layers import shard_ranges
 from training.checkpoint.files import CheckpointError
 from training.checkpoint.hf_files import write_safetensors
@@ -88,10 +88,10 @@ class _Conv1DOwner(torch.nn.Module):
 def _zero3_conv1d(monkeypatch, tp_rank: int, tp: int, full: int, inner: int, chunks: int) -> torch.nn.Module:
     """A tensor-parallel rank's GPT-2 ``c_attn`` (Conv1D, held (out, in)) as ZeRO-3 leaves it: the parameter a
     flat empty partition, its unpartitioned shape in ``ds_shape``; the tensor-parallel group faked."""
-    import modeling.parallelize as parallelize
+    import modeling.shards as shards_module
 
-    monkeypatch.setattr(parallelize.dist, "get_world_size", lambda group=None: tp)
-    monkeypatch.setattr(parallelize.dist, "get_rank", lambda group=None: tp_rank)
+    monkeypatch.setattr(shards_module.dist, "get_world_size", lambda group=None: tp)
+    monkeypatch.setattr(shards_module.dist, "get_rank", lambda group=None: tp_rank)
     model = torch.nn.Module()
     model.c_attn = _Conv1DOwner()
     weight = torch.nn.Parameter(torch.empty(0))
@@ -105,7 +105,7 @@ def _zero3_conv1d(monkeypatch, tp_rank: int, tp: int, full: int, inner: int, chu
 def test_zero3_conv1d_saved_at_tp2_dp2_reads_back_at_tp1(tmp_path, monkeypatch):
     """GPT-2's fused c_attn (Conv1D (in=32, out=96), q/k/v chunks) saved at TP=2 x DP=2 under ZeRO-3 (each
     replica a flat partition of its TP-local (48, 32) tensor), read at TP=1 (ZeRO-1), whole and by ranges."""
-    from modeling.parallelize import shards
+    from modeling.shards import shards
 
     inner, out, tp, dp = 32, 96, 2, 2
     full = torch.arange(inner * out, dtype=torch.float32).view(inner, out)

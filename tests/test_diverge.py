@@ -14,9 +14,9 @@ FOUR_LAYERS = dict(TINY_GPT2, n_layer=4, n_head=4)
 @contextlib.contextmanager
 def _planted(bug: str | None):
     """One bug in colonnade, for the duration of a capture."""
-    import parallel.tp_plan as tp_plan
+    import modeling.tensor_parallel as tp_plan
     import training.loop as loop
-    import training.pipeline as pipeline
+    import modeling.pipeline_partition as pipeline
     from parallel.partition import StageSpec
 
     saved = {"build": loop._build_engine, "enter": tp_plan._enter_region_at_input, "specs": pipeline.stage_specs}

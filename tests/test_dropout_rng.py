@@ -19,7 +19,7 @@ def _masks(sequence_parallel: bool, dropout_seed):
     import torch.distributed as dist
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from modeling.parallelize import tensor_parallelize
+    from modeling.tensor_parallel import tensor_parallelize
     from training.loop import init_distributed
 
     init_distributed()

@@ -18,7 +18,7 @@ GPT2 = dict(n_layer=2, n_head=4, n_embd=32, n_positions=32, vocab_size=101)
 def _local(arch, fields, source, group, kept_path=None):
     from modeling.build import auto_class, model_config
     from modeling.materialize import empty_model, materialize
-    from modeling.parallelize import tensor_parallelize
+    from modeling.tensor_parallel import tensor_parallelize
 
     hf = model_config(pretrained=None, arch=arch, config=fields, vocab_size=None)
     full = empty_model(auto_class(hf), hf)
@@ -33,7 +33,7 @@ def _slices_of_the_full_model(tmp):
 
     from modeling.build import build_model
     from modeling.materialize import SeededInit, StoredWeights
-    from modeling.parallelize import full_state_dict
+    from modeling.shards import full_state_dict
     from training.loop import init_distributed
 
     init_distributed()

@@ -145,7 +145,7 @@ def test_a_rank_reads_only_its_part_of_a_fused_expert_tensor(tmp_path, dim, rang
 
     from modeling.build import auto_class, model_config
     from modeling.materialize import StoredWeights, empty_model
-    from modeling.parallelize import Shard
+    from modeling.shards import Shard
 
     _save("qwen2_moe", tmp_path)
     full_value = AutoModelForCausalLM.from_pretrained(str(tmp_path)).state_dict()
@@ -223,7 +223,7 @@ def _anonymous_peak(path):
         return int(line.split()[1]) * 1024
 
     if os.environ["RANK"] == "1":
-        materialize.layout = lambda group, shape_of: None
+        materialize.placement_of = lambda group, shape_of: None
     hf = model_config(pretrained=str(path), arch=None, config={}, vocab_size=None)
     full = materialize.empty_model(auto_class(hf), hf)
     local = copy.deepcopy(full)

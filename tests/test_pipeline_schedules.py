@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from parallel.partition import balanced, parse_layout, stage_specs, uniform
+from parallel.partition import balanced, parse_partition, stage_specs, uniform
 from parallel.schedules import ORDERS, check_schedule, render, simulate
 from tests.dist import run_ranks
 
@@ -16,11 +16,11 @@ from tests.dist import run_ranks
 def test_partitions():
     assert uniform(7, 3) == [range(0, 3), range(3, 5), range(5, 7)]
     assert balanced([1, 1, 1, 1, 4, 4], 3) == [range(0, 4), range(4, 5), range(5, 6)]
-    specs = parse_layout("E,t,t|t,t,t|t,t,L", 7, 3)
+    specs = parse_partition("E,t,t|t,t,t|t,t,L", 7, 3)
     assert [s.blocks for s in specs] == [range(0, 2), range(2, 5), range(5, 7)]
     assert specs[0].embed and specs[-1].head and not specs[1].embed
     with pytest.raises(ValueError, match="places 4 blocks but the model has 7"):
-        parse_layout("E,t,t|t,t,L", 7, 2)
+        parse_partition("E,t,t|t,t,L", 7, 2)
     with pytest.raises(ValueError, match="exceed the 3 layers"):
         stage_specs(3, 2, 2)
 

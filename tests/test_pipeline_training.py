@@ -235,8 +235,8 @@ def test_fp16_with_pipelines_scales_once_and_an_overflow_on_one_stage_skips_ever
 
 
 def _measured_with_a_slow_block(cfg):
-    """Rank function: ``stage_costs.measure`` on the run's meta model with block 0 slowed by 30 ms per forward;
-    returns (the costs, the layout string the measured partition cuts)."""
+    """Rank function: ``pipeline_partition.measure`` on the run's meta model with block 0 slowed by 30 ms per
+    forward; returns (the costs, the partition string the measured partition cuts)."""
     import time
 
     import torch
@@ -244,9 +244,10 @@ def _measured_with_a_slow_block(cfg):
     from modeling.build import auto_class, byte_level_tokenizer
     from modeling.materialize import empty_model
     from parallel.groups import ProcessGroups
-    from parallel.partition import layout_string, stage_specs
-    from training import stage_costs
+    from modeling import pipeline_partition
+    from parallel.partition import partition_string, stage_specs
     from training.loop import init_distributed, rank_model, run_model_config
+    from training.pipeline import pipeline_settings
 
     init_distributed()
     groups = ProcessGroups.from_degrees(1, 1)
@@ -255,10 +256,10 @@ def _measured_with_a_slow_block(cfg):
     model, _ = rank_model(cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={"pipeline": 1})}),
                           full, groups)
     model.transformer.h[0].register_forward_pre_hook(lambda module, args: time.sleep(0.03))
-    costs = stage_costs.measure(model, cfg, groups, torch.device("cpu"))
-    specs = stage_specs(4, 2, 1, "measured", stage_costs.block_weights(costs))
+    costs = pipeline_partition.measure(model, groups, torch.device("cpu"), pipeline_settings(cfg))
+    specs = stage_specs(4, 2, 1, "measured", pipeline_partition.block_weights(costs))
     assert all(p.is_meta for p in model.parameters()), "the probe leaves the model on the meta device"
-    return costs, layout_string(specs)
+    return costs, partition_string(specs)
 
 
 def test_measured_partition_balances_a_slow_block_and_trains_like_one_process(tmp_path):

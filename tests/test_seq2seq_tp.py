@@ -58,7 +58,10 @@ def _batch(vocab: int):
 def _compare(name, async_grad_reduce=True):
     import torch.distributed as dist
 
-    from modeling.parallelize import full_logits, full_state_dict, seq2seq_loss, tensor_parallelize
+    from modeling.generation import full_logits
+    from modeling.losses import seq2seq_loss
+    from modeling.shards import full_state_dict
+    from modeling.tensor_parallel import tensor_parallelize
     from training.loop import init_distributed
 
     init_distributed()
@@ -93,7 +96,8 @@ def test_seq2seq_tp2_matches_hf_with_the_collective_waited_for_first():
 def _generate(name):
     import torch.distributed as dist
 
-    from modeling.parallelize import generate, tensor_parallelize
+    from modeling.generation import generate
+    from modeling.tensor_parallel import tensor_parallelize
     from training.loop import init_distributed
 
     init_distributed()
@@ -120,7 +124,7 @@ def test_tp2_generation_equals_dense_generate(name):
 def _compare_without_cross_attention_entry(name):
     """Rank function: ``_compare`` with the encoder states of each cross-attention left out of the region
     entry; the assertion message when the comparison fails, None when it passes."""
-    import parallel.tp_plan as plan
+    import modeling.tensor_parallel as plan
 
     def hidden_states_only(args, kwargs, fn):
         if "hidden_states" in kwargs:

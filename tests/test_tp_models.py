@@ -34,7 +34,9 @@ def _dense_model(arch):
 def _compare(arch, sequence_parallel, async_grad_reduce=True):
     import torch.distributed as dist
 
-    from modeling.parallelize import full_state_dict, lm_loss, tensor_parallelize
+    from modeling.losses import lm_loss
+    from modeling.shards import full_state_dict
+    from modeling.tensor_parallel import tensor_parallelize
     from parallel.comm import gather_from_tensor_parallel_region
     from training.loop import init_distributed
 
@@ -77,7 +79,7 @@ def test_model_matches_hf_with_the_collective_waited_for_first(arch, sequence_pa
 def _count_block_collectives(sequence_parallel, arch="gpt2", async_grad_reduce=True):
     import torch.distributed as dist
 
-    from modeling.parallelize import tensor_parallelize
+    from modeling.tensor_parallel import tensor_parallelize
     from training.loop import init_distributed
 
     init_distributed()

@@ -7,67 +7,46 @@ from __future__ import annotations
 import json
 from contextlib import nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import deepspeed
 import torch
 import torch.distributed as dist
 
-from modeling.parallelize import vocab_slice
-from modeling.pipeline import block_parameter_counts, defer_weight_grads, num_blocks, split_chunks
+from modeling.losses import vocab_slice
+from modeling.pipeline import defer_weight_grads
+from modeling.pipeline_partition import PipelineSettings, RankChunks
 from parallel.comm import comm_device
 from parallel.cross_entropy import causal_lm_loss, vocab_parallel_cross_entropy
 from parallel.p2p import PipeComm
-from parallel.partition import chunks_of_rank, layout_string, stage_specs
 from parallel.schedules import ORDERS, SPLIT_BACKWARD, Op, run_schedule
 from parallel.weight_grad import WeightGradStore
-from training import run_dir, stage_costs
+from training import run_dir
+
+if TYPE_CHECKING:
+    from training.config import RunConfig
 
 
-def build_chunks(model, cfg, groups):
-    """This rank's model chunks, with tied input/output embeddings prepared for the embedding group."""
-    specs = _stage_specs(model, cfg, groups)
-    tied = model.get_input_embeddings().weight is model.get_output_embeddings().weight
-    chunks = split_chunks(model, chunks_of_rank(specs, groups.pipeline, groups.pp_rank), cfg.data.seq_len)
-    tied_weight = None
-    if tied and groups.pipeline > 1 and (groups.is_first_stage or groups.is_last_stage):
-        tied_weight = model.get_input_embeddings().weight
-        if groups.is_last_stage:
-            tied_weight.ds_pipe_replicated = True  # counted once (on the first stage) in the global norm
-    if cfg.parallel.zero_stage == 3:
-        _count_once_in_zero3_norm(chunks, groups)
-    return chunks, tied_weight
+def pipeline_settings(cfg: RunConfig) -> PipelineSettings:
+    """What ``modeling.pipeline_partition.build_chunks`` reads from the run's config."""
+    return PipelineSettings(seq_len=cfg.data.seq_len, micro_batch_size=cfg.train.micro_batch_size,
+                            partition=cfg.parallel.partition, virtual_stages=cfg.parallel.virtual_stages,
+                            sequence_parallel=cfg.parallel.sequence_parallel, seed=cfg.train.seed,
+                            zero_stage=cfg.parallel.zero_stage)
 
 
-def _stage_specs(model, cfg, groups):
-    """Every chunk's items by ``parallel.partition``; 'measured' probes the items' times (collective), says
-    the layout it chose and saves it with the run (``output_dir/pipeline_partition.json``)."""
-    method, weights = cfg.parallel.partition, None
-    if method == "parameters":
-        weights = block_parameter_counts(model)
-    elif method == "measured":
-        costs = stage_costs.measure(model, cfg, groups, comm_device())
-        weights = stage_costs.block_weights(costs)
-    specs = stage_specs(num_blocks(model), cfg.parallel.pipeline, cfg.parallel.virtual_stages, method, weights)
-    if method == "measured" and dist.get_rank() == 0:
-        chosen = layout_string(specs)
-        out = Path(cfg.train.output_dir)
-        run_dir.claim(cfg.train.output_dir)
-        (out / "pipeline_partition.json").write_text(json.dumps({"partition": chosen, "seconds": costs}, indent=1))
-        print(f"parallel.partition=measured: {chosen} (forward + backward ms: embedding {costs['embed'] * 1e3:.2f}, "
-              f"blocks {', '.join(f'{s * 1e3:.2f}' for s in costs['blocks'])}, head + loss {costs['head'] * 1e3:.2f}); "
-              f"set parallel.partition to that string to reuse it", flush=True)
-    return specs
-
-
-def _count_once_in_zero3_norm(chunks, groups) -> None:
-    """ZeRO-3's gradient norm counts a parameter on every model-parallel rank (TP x PP) when it is marked
-    ``model_parallel`` and on model-parallel rank 0 only otherwise: mark what this rank alone holds (every
-    stage's own layers; tensor-parallel shards; replicated ones on tensor rank 0), not the last stage's tied
-    copy."""
-    for param in chunks.parameters():
-        own = getattr(param, "tensor_model_parallel", False) or groups.tp_rank == 0
-        if own and not getattr(param, "ds_pipe_replicated", False):
-            param.model_parallel = True
+def write_measured_partition(output_dir: str, built: RankChunks) -> None:
+    """``parallel.partition: measured``: on global rank 0, say the partition ``build_chunks`` chose and save it
+    with its measured times in ``output_dir/pipeline_partition.json``; nothing for any other partition."""
+    seconds = built.seconds
+    if seconds is None or dist.get_rank() != 0:
+        return
+    run_dir.claim(output_dir)
+    record = {"partition": built.partition, "seconds": seconds}
+    (Path(output_dir) / "pipeline_partition.json").write_text(json.dumps(record, indent=1))
+    print(f"parallel.partition=measured: {built.partition} (forward + backward ms: embedding "
+          f"{seconds['embed'] * 1e3:.2f}, blocks {', '.join(f'{s * 1e3:.2f}' for s in seconds['blocks'])}, "
+          f"head + loss {seconds['head'] * 1e3:.2f}); set parallel.partition to that string to reuse it", flush=True)
 
 
 class _GradientCarrier(torch.autograd.Function):

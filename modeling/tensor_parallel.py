@@ -1,35 +1,35 @@
-"""Apply a tensor-parallel plan to a module tree.
+"""Shard a Hugging Face model for tensor parallelism by its architecture's plan (``modeling.tp_plans``).
 
-A plan is data: module-path patterns (``*`` = one path component) mapped to a style:
-
-- ``colwise`` / ``colwise_fused3``: ``ColumnParallelLinear`` (fused: q|k|v blocks split per block) inside a
-  region; ``colwise_enter``: one that enters the region itself (an MLP whose layers have no parent module)
-- ``rowwise``: ``RowParallelLinear``
-- ``vocab_embedding`` / ``vocab_head``: vocabulary-parallel embedding and output projection
-- ``region``: the module's input enters the tensor-parallel region once (copy-to-region, or the
-  sequence all-gather with sequence parallelism), so the column layers inside need no entry of their own
-- ``heads_embedding``: an ``nn.Embedding`` whose embedding dimension indexes attention heads (T5's relative
-  attention bias): each rank keeps the columns of its heads
-- ``replicate``: parameters kept whole on every rank
-
-plus per-module attributes to divide by the tensor size (e.g. GPT-2's ``split_size``) and the path of the
-block list. With sequence parallelism the hidden states are split over the sequence at the input of the
-first block and gathered at the output of the last; norms and biases inside the blocks then see a
-sequence shard, so their gradients are summed over the tensor group. ``apply_tp_plan``
-swaps the modules, slicing the dense weights (``nn.Linear`` or transformers' ``Conv1D`` layout), and fails
-on any parameter the plan does not cover.
+``apply_tp_plan`` swaps the modules the plan names for ``parallel.layers``' tensor-parallel layers, slicing the
+dense weights (``nn.Linear``, or transformers' ``Conv1D``, which stores them (in, out): handed over transposed
+and marked ``hf_conv1d`` for the shard contract, ``modeling.shards``), enters the tensor-parallel region where
+the plan says (hooks on the HF modules' ``hidden_states`` / ``key_value_states`` arguments), and fails on any
+parameter the plan does not cover. With sequence parallelism the hidden states are split over the sequence at
+the input of the first block and gathered at the output of the last; norms and biases inside the blocks then
+see a sequence shard, so their gradients are summed over the tensor group.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed import ProcessGroup
+from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
-from parallel.comm import SEQ_DIM, all_reduce, gather_from_tensor_parallel_region, scatter_to_sequence_parallel_region
+from modeling.tp_plans import PLANS, TPPlan, check_tensor_parallel_fits
+from parallel.comm import (
+    SEQ_DIM,
+    all_reduce,
+    comm_device,
+    gather_from_tensor_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
 from parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -37,40 +37,41 @@ from parallel.layers import (
     VocabParallelHead,
     mark_sharded,
 )
+from parallel.random import TensorParallelRNG
+from parallel.random import install as install_dropout_rng
 from parallel.region import RegionEntry
 
-STYLES = {"colwise", "colwise_enter", "colwise_fused3", "rowwise", "vocab_embedding", "vocab_head", "region", "heads_embedding",
-          "replicate"}
 
-
-@dataclass(frozen=True)
-class TPPlan:
-    """Module-path pattern -> style; module-path pattern -> attributes divided by the TP size; the path
-    of the ``nn.ModuleList`` of transformer blocks (a tuple of paths for encoder-decoder models); buffers
-    whose last dimension is the vocabulary (Marian's ``final_logits_bias``), sliced like the output head."""
-
-    styles: dict[str, str]
-    blocks: str | tuple[str, ...]
-    divide_attributes: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    vocab_buffers: tuple[str, ...] = ()
-
-    def __post_init__(self):
-        unknown = {s for s in self.styles.values() if s not in STYLES}
-        if unknown:
-            raise ValueError(f"unknown TP styles {sorted(unknown)}; known: {sorted(STYLES)}")
+def tensor_parallelize(model: PreTrainedModel, tp_group: ProcessGroup | None, sequence_parallel: bool = False,
+                       async_grad_reduce: bool = False, dropout_seed: int | None = None) -> PreTrainedModel:
+    """Shard ``model`` in place over ``tp_group`` by its architecture's plan (no-op for one rank). With
+    ``dropout_seed``, dropout on split data draws from this rank's own generator (``parallel.random``), kept
+    in ``model.tensor_parallel_rng`` for the checkpoints and the recomputation."""
+    world = 1 if tp_group is None else dist.get_world_size(tp_group)
+    if world == 1:
+        return model
+    check_tensor_parallel_fits(model.config, world)
+    plan = PLANS[model.config.model_type]
+    apply_tp_plan(model, plan, tp_group, sequence_parallel, async_grad_reduce)
+    if dropout_seed is not None:
+        rng = TensorParallelRNG(dropout_seed, dist.get_rank(tp_group), comm_device(tp_group))
+        blocks = model.get_submodule(plan.blocks) if isinstance(plan.blocks, str) and sequence_parallel else None
+        install_dropout_rng(model, rng, blocks)  # sequence parallelism: decoders only
+        model.tensor_parallel_rng = rng  # type: ignore[assignment]  # torch's stub: Module attributes Tensor | Module only
+    return model
 
 
 def _regex(pattern: str) -> re.Pattern:
     return re.compile("^" + re.escape(pattern).replace(r"\*", r"[^.]+") + "$")
 
 
-def _matches(plan_map: dict, name: str) -> list:
+def _matches(plan_map: dict[str, Any], name: str) -> list[Any]:
     return [value for pattern, value in plan_map.items() if _regex(pattern).match(name)]
 
 
 def _dense_linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
     """(weight in nn.Linear layout, bias, was_conv1d). transformers' Conv1D stores (in, out)."""
-    if type(module).__name__ == "Conv1D":
+    if isinstance(module, Conv1D):
         return module.weight.detach().t(), (None if module.bias is None else module.bias.detach()), True
     if isinstance(module, nn.Linear):
         return module.weight.detach(), (None if module.bias is None else module.bias.detach()), False
@@ -90,7 +91,11 @@ def _aliases(model: nn.Module) -> dict[int, list[str]]:
     return paths
 
 
-def _replace_hidden_states(args, kwargs, fn):
+Hook = Callable[..., Any]
+
+
+def _replace_hidden_states(args: tuple, kwargs: dict[str, Any],
+                           fn: Callable[[torch.Tensor], torch.Tensor]) -> tuple[tuple, dict[str, Any]]:
     """Apply ``fn`` to the hidden states a module is called with, and to the encoder states a
     cross-attention is called with (``key_value_states``), whose gradient is partial on each rank too."""
     if "hidden_states" in kwargs:
@@ -102,7 +107,8 @@ def _replace_hidden_states(args, kwargs, fn):
     return args, kwargs
 
 
-def _enter_region_at_input(module: nn.Module, group, sequence_parallel: bool, async_grad_reduce: bool) -> None:
+def _enter_region_at_input(module: nn.Module, group: ProcessGroup | None, sequence_parallel: bool,
+                           async_grad_reduce: bool) -> None:
     """``module``'s input enters the region once for the column layers inside it (q|k|v, gate|up)."""
     layers = [m for m in module.modules() if isinstance(m, ColumnParallelLinear) and m.entry is None]
     entry = RegionEntry(group, layers, sequence_parallel, async_grad_reduce)
@@ -110,32 +116,32 @@ def _enter_region_at_input(module: nn.Module, group, sequence_parallel: bool, as
                                      with_kwargs=True)
 
 
-def _sequence_scatter_hook(group):
+def _sequence_scatter_hook(group: ProcessGroup | None) -> Hook:
     return lambda module, args, kwargs: _replace_hidden_states(
         args, kwargs, lambda h: scatter_to_sequence_parallel_region(h, group))
 
 
-def _sequence_gather_hook(group):
+def _sequence_gather_hook(group: ProcessGroup | None) -> Hook:
     """After the last block the sequence is gathered for the replicated final norm and the head (which
     enters the region itself): backward keeps this rank's chunk, since every rank holds the full gradient."""
-    def gather(h):
+    def gather(h: torch.Tensor) -> torch.Tensor:
         return gather_from_tensor_parallel_region(h, group, dim=SEQ_DIM)
 
-    def hook(module, args, output):
+    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
         return (gather(output[0]),) + output[1:] if isinstance(output, tuple) else gather(output)
 
     return hook
 
 
-def apply_tp_plan(model: nn.Module, plan: TPPlan, group, sequence_parallel: bool = False,
-                  async_grad_reduce: bool = False) -> nn.Module:
+def apply_tp_plan(model: PreTrainedModel, plan: TPPlan, group: ProcessGroup | None, sequence_parallel: bool = False,
+                  async_grad_reduce: bool = False) -> PreTrainedModel:
     """Shard ``model`` in place for this rank of ``group``; returns it. Every parameter afterwards is
     either sharded (``tensor_model_parallel``) or declared replicated by the plan, else ValueError.
     ``async_grad_reduce``: see ``parallel.region``."""
     world = 1 if group is None else dist.get_world_size(group)
-    tied = {}
-    swaps = []
-    regions = []
+    tied: dict[str, nn.Parameter] = {}
+    swaps: list[tuple[list[str], nn.Module]] = []
+    regions: list[nn.Module] = []
     aliases = _aliases(model)
     for name, module in model.named_modules():
         styles = _matches(plan.styles, name)
@@ -150,6 +156,7 @@ def apply_tp_plan(model: nn.Module, plan: TPPlan, group, sequence_parallel: bool
                 setattr(module, attr, value // world)
         if style in ("colwise", "colwise_enter", "colwise_fused3", "rowwise", "vocab_head"):
             weight, bias, was_conv1d = _dense_linear(module)
+            new: nn.Module
             if style == "rowwise":
                 new = RowParallelLinear.from_dense(weight, bias, group=group, sequence_parallel=sequence_parallel)
             elif style == "vocab_head":
@@ -160,7 +167,7 @@ def apply_tp_plan(model: nn.Module, plan: TPPlan, group, sequence_parallel: bool
                 new = ColumnParallelLinear.from_dense(weight, bias, group=group, enter_region=style == "colwise_enter",
                                                       async_grad_reduce=async_grad_reduce,
                                                       fused_chunks=3 if style == "colwise_fused3" else 1)
-            new.hf_conv1d = was_conv1d  # export transposes back to transformers' Conv1D layout
+            new.hf_conv1d = was_conv1d  # type: ignore[assignment]  # (torch's stub, as above) the shard contract's mark
             swaps.append((aliases[id(module)], new))
         elif style == "vocab_embedding":
             new = VocabParallelEmbedding.from_dense(module.weight.detach(), group=group,
@@ -170,7 +177,7 @@ def apply_tp_plan(model: nn.Module, plan: TPPlan, group, sequence_parallel: bool
         elif style == "region":
             regions.append(module)
         elif style == "heads_embedding":
-            _shard_heads_embedding(module, group)
+            _shard_heads_embedding(cast(nn.Embedding, module), group)
     for names, new in swaps:
         for name in names:
             _set_submodule(model, name, new)
@@ -178,20 +185,20 @@ def apply_tp_plan(model: nn.Module, plan: TPPlan, group, sequence_parallel: bool
     for module in regions:
         _enter_region_at_input(module, group, sequence_parallel, async_grad_reduce)
     for name in plan.vocab_buffers:
-        _shard_vocab_buffer(model, name, model.get_output_embeddings())
+        _shard_vocab_buffer(model, name, cast(VocabParallelHead, model.get_output_embeddings()))
     _check_covered(model, plan)
     if sequence_parallel:
         _split_sequence_between_blocks(model, plan, group)
     return model
 
 
-def _split_sequence_between_blocks(model: nn.Module, plan: TPPlan, group) -> None:
+def _split_sequence_between_blocks(model: nn.Module, plan: TPPlan, group: ProcessGroup | None) -> None:
     """Sequence parallelism: the hidden state is split along the sequence from the first block's input to the
     last block's output; the replicated parameters inside (norms), fed by this rank's part only, sum their
     gradients over the group."""
     if not isinstance(plan.blocks, str):
         raise ValueError("sequence parallelism is implemented for decoder-only models")
-    blocks = model.get_submodule(plan.blocks)
+    blocks = cast(nn.ModuleList, model.get_submodule(plan.blocks))
     blocks[0].register_forward_pre_hook(_sequence_scatter_hook(group), with_kwargs=True)
     blocks[-1].register_forward_hook(_sequence_gather_hook(group))
     for param in blocks.parameters():
@@ -199,7 +206,7 @@ def _split_sequence_between_blocks(model: nn.Module, plan: TPPlan, group) -> Non
             param.register_hook(lambda grad: all_reduce(grad.clone(), group))
 
 
-def _shard_heads_embedding(module: nn.Embedding, group) -> None:
+def _shard_heads_embedding(module: nn.Embedding, group: ProcessGroup | None) -> None:
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     full = module.weight.detach()
     if full.shape[1] % world:

@@ -1,0 +1,44 @@
+"""Losses of a Hugging Face model's (possibly vocabulary-parallel) logits: the next-token loss of a causal LM,
+the per-token losses of an eval, the decoder-label loss of an encoder-decoder model. Each reads the vocabulary
+slice of this rank from the model's output layer and reduces over the tensor group only when it is sharded."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed import ProcessGroup
+from transformers import PreTrainedModel
+
+from parallel.cross_entropy import causal_lm_loss, token_loss, vocab_parallel_cross_entropy
+from parallel.layers import VocabParallelHead
+
+
+def vocab_slice(head: nn.Module) -> tuple[int, int | None]:
+    """(first vocabulary row, number of real rows) of this rank's logits; (0, None) when unsharded."""
+    if isinstance(head, VocabParallelHead):
+        return head.vocab_start, head.valid_rows
+    return 0, None
+
+
+def lm_loss(model: PreTrainedModel, logits: torch.Tensor, labels: torch.Tensor,
+            tp_group: ProcessGroup | None) -> torch.Tensor:
+    """Mean next-token loss from the model's (possibly vocabulary-sharded) logits."""
+    start, valid = vocab_slice(model.get_output_embeddings())
+    return causal_lm_loss(logits, labels, tp_group if valid is not None else None, start, valid)
+
+
+def seq2seq_loss(model: PreTrainedModel, logits: torch.Tensor, labels: torch.Tensor,
+                 tp_group: ProcessGroup | None) -> torch.Tensor:
+    """Mean loss of the decoder's labels (no shift; -100 = padding) from (possibly sharded) logits."""
+    start, valid = vocab_slice(model.get_output_embeddings())
+    return token_loss(logits, labels, tp_group if valid is not None else None, start, valid)
+
+
+def next_token_losses(model: PreTrainedModel, logits: torch.Tensor, input_ids: torch.Tensor,
+                      tp_group: ProcessGroup | None) -> torch.Tensor:
+    """Per-token NLL of ``input_ids[:, 1:]`` given the logits before them, shape (batch, seq - 1)."""
+    head = model.get_output_embeddings()
+    if isinstance(head, VocabParallelHead):
+        return vocab_parallel_cross_entropy(logits[:, :-1], input_ids[:, 1:], tp_group, head.vocab_start,
+                                            head.valid_rows)
+    return vocab_parallel_cross_entropy(logits[:, :-1], input_ids[:, 1:])
