@@ -7,11 +7,19 @@ by the trainer, the benchmarks and the tests alike.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
+from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedTokenizerFast,
+)
 
 from modeling import config_check
 from modeling.materialize import SeededInit, StoredWeights, empty_model, materialize
@@ -73,7 +81,7 @@ def hf_config(*, pretrained: str | None, arch: str | None, config: dict, trust_r
                         trust_remote_code=trust_remote_code)
 
 
-def auto_class(config):
+def auto_class(config: PretrainedConfig):
     """The HF auto class of a config: sequence-to-sequence LM for encoder-decoder models, else causal LM."""
     return AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
 
@@ -84,6 +92,8 @@ def model_config(*, pretrained: str | None, arch: str | None, config: dict, voca
     ``vocab_size`` embeddings (the tokenizer's)."""
     if pretrained is not None:
         return AutoConfig.from_pretrained(str(check_checkpoint_dir(pretrained)), trust_remote_code=trust_remote_code)
+    if arch is None:
+        raise ValueError("model: set model.pretrained (a checkpoint) or model.arch (a model type)")
     fields = dict(config)
     if vocab_size is not None:
         fields.setdefault("vocab_size", vocab_size)
@@ -114,7 +124,7 @@ def build_model(*, pretrained: str | None, arch: str | None, config: dict, vocab
     return model
 
 
-def check_sequence_fits(hf_config, seq_len: int, target_len: int | None = None) -> None:
+def check_sequence_fits(hf_config: PretrainedConfig, seq_len: int, target_len: int | None = None) -> None:
     """Raise ValueError when a sequence is longer than the model's learned or tabulated positions (GPT-2's
     ``n_positions``, BART's and Marian's ``max_position_embeddings``): the first forward would index past the
     position table. Rotary models (``rope_parameters``) and relative ones (T5) have no such table."""
@@ -128,17 +138,18 @@ def check_sequence_fits(hf_config, seq_len: int, target_len: int | None = None) 
                              f"model (max_position_embeddings): lower {key} to at most {limit}")
 
 
-def parameter_count(hf_config, trust_remote_code: bool = False) -> int:
+def parameter_count(hf_config: PretrainedConfig, trust_remote_code: bool = False) -> int:
     """Parameters of the model ``hf_config`` describes (each tied weight once), built on the meta device."""
     with torch.device("meta"):
         model = auto_class(hf_config).from_config(hf_config, trust_remote_code=trust_remote_code)
     return sum(p.numel() for p in model.parameters())
 
 
-def hidden_size(hf_config) -> int | None:
+def hidden_size(hf_config: PretrainedConfig) -> int | None:
     """The hidden size HF Trainer sizes ZeRO's buckets by (transformers/integrations/deepspeed.py): the config's
     ``hidden_size``, else the largest of ``hidden_sizes``, else the same of its ``text_config``."""
-    for source in (hf_config, getattr(hf_config, "text_config", None)):
+    sources: list[Any] = [hf_config, getattr(hf_config, "text_config", None)]
+    for source in sources:
         if getattr(source, "hidden_size", None):
             return int(source.hidden_size)
         if getattr(source, "hidden_sizes", None):
@@ -146,7 +157,7 @@ def hidden_size(hf_config) -> int | None:
     return None
 
 
-def describe(hf_config, parameters: int, vocabulary: int | str) -> str:
+def describe(hf_config: PretrainedConfig, parameters: int, vocabulary: int | str) -> str:
     """One line for the console: type, depth, width, parameters, vocabulary."""
     layers = getattr(hf_config, "num_hidden_layers", None)
     hidden = getattr(hf_config, "hidden_size", None)

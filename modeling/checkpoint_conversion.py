@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import copy
 import functools
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any
 
 import torch
-from torch import nn
+from transformers import PreTrainedModel
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import (
     Concatenate,
@@ -33,7 +34,7 @@ from transformers.core_model_loading import (
 
 from modeling.shards import Shard
 
-SliceOf = Callable[[str], object]  # stored name -> something indexable by slices (a safetensors slice, a tensor)
+SliceOf = Callable[[str], Any]  # stored name -> something indexable by slices (a safetensors slice, a tensor)
 
 
 @dataclass
@@ -51,7 +52,7 @@ class Converted:
         return [self.first.replace(patterns[0], p) for p in patterns]
 
 
-def plan(full: nn.Module, stored_names) -> tuple[dict[str, str], dict[str, Converted]]:
+def plan(full: PreTrainedModel, stored_names: Iterable[str]) -> tuple[dict[str, str], dict[str, Converted]]:
     """(model name -> stored name, model name -> conversion) for the stored tensors the model has a place for,
     by transformers' rules for this model (``get_model_conversion_mapping``, ``rename_source_key``, which also
     adds or drops the base-model prefix)."""
@@ -129,22 +130,29 @@ def placement_of(group: Converted, shape_of: Callable[[str], tuple[int, ...]]) -
                                                            for op in ops):
         return None
     values: dict[str, Placement | list[Placement]] = {pattern: [_whole_placed(k, shape_of(k)) for k in keys]
-                                                  for pattern, keys in group.sources.items()}
+                                                      for pattern, keys in group.sources.items()}
     for op in ops:
+        done: dict[str, Placement | list[Placement] | None]
         if isinstance(op, MergeModulelist):
-            values = {p: _stack(v, op.dim) if isinstance(v, list) else v for p, v in values.items()}
-        else:  # Concatenate, in the order of the source patterns, as transformers does
-            items = [x for p in group.converter.source_patterns if p in values
-                     for x in (values[p] if isinstance(values[p], list) else [values[p]])]
-            values = {group.first: _concatenate(items, op.dim)}
-        if any(v is None for v in values.values()):
+            done = {p: _stack(v, op.dim) if isinstance(v, list) else v for p, v in values.items()}
+        elif isinstance(op, Concatenate):  # in the order of the source patterns, as transformers does
+            items = [x for p in group.converter.source_patterns if p in values for x in _listed(values[p])]
+            done = {group.first: _concatenate(items, op.dim)}
+        values = {p: v for p, v in done.items() if v is not None}
+        if len(values) < len(done):
             return None
-    if len(values) != 1 or isinstance(result := next(iter(values.values())), list):
+    if len(values) != 1:
         return None
-    return result
+    result = next(iter(values.values()))
+    return None if isinstance(result, list) else result
 
 
-def read_placed(placed: Placement, shard: Shard, slice_of: SliceOf, shape_of, dtype: torch.dtype) -> torch.Tensor:
+def _listed(value: Placement | list[Placement]) -> list[Placement]:
+    return value if isinstance(value, list) else [value]
+
+
+def read_placed(placed: Placement, shard: Shard, slice_of: SliceOf, shape_of: Callable[[str], tuple[int, ...]],
+                dtype: torch.dtype) -> torch.Tensor:
     """The rank's part ``shard`` of a converted tensor, reading each stored tensor only where it overlaps the
     part, one stored tensor at a time."""
     dim = 0 if shard.dim is None else shard.dim
@@ -159,8 +167,9 @@ def read_placed(placed: Placement, shard: Shard, slice_of: SliceOf, shape_of, dt
             if low >= high:
                 continue
             index = [slice(None)] * len(stored_shape)
-            if part.dims[dim] is not None:
-                index[part.dims[dim]] = slice(low - part.origin[dim], high - part.origin[dim])
+            stored_dim = part.dims[dim]
+            if stored_dim is not None:
+                index[stored_dim] = slice(low - part.origin[dim], high - part.origin[dim])
             value = slice_of(part.key)[tuple(index)].to(dtype)
             box = [slice(o, o + e) for o, e in zip(part.origin, extent)]
             box[dim] = slice(low - start, high - start)
@@ -170,12 +179,13 @@ def read_placed(placed: Placement, shard: Shard, slice_of: SliceOf, shape_of, dt
     return pieces[0] if shard.dim is None else shard.assemble(pieces)
 
 
-def convert_whole(group: Converted, full: nn.Module, slice_of: SliceOf) -> dict[str, torch.Tensor]:
+def convert_whole(group: Converted, full: PreTrainedModel, slice_of: SliceOf) -> dict[str, torch.Tensor]:
     """transformers' own conversion of ``group`` on its whole stored tensors: every target's full value."""
     converter = copy.deepcopy(group.converter)
     for pattern, keys in group.sources.items():
         for key in keys:  # a callable: transformers' synchronous loading calls it when the converter runs
-            converter.add_tensor(group.first, key, pattern, functools.partial(_whole, slice_of, key))
+            future = functools.partial(_whole, slice_of, key)  # typed a Future by transformers: a callable works
+            converter.add_tensor(group.first, key, pattern, future)  # type: ignore[arg-type]
     values = converter.convert(group.first, model=full, config=full.config)
     return {name: value[0] if isinstance(value, list) else value for name, value in values.items()}
 

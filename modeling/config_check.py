@@ -11,7 +11,7 @@ import importlib.util
 import re
 from pathlib import Path
 
-from transformers import AutoConfig
+from transformers import AutoConfig, PretrainedConfig
 
 # Sizes that must be positive for any model (HF's standard names; ``attribute_map`` resolves GPT-2's n_layer ...).
 _POSITIVE = ("num_hidden_layers", "num_attention_heads", "hidden_size", "vocab_size", "intermediate_size",
@@ -68,7 +68,7 @@ def _read_by_model(default, key: str) -> bool:
     return re.search(rf"config\.{name}\b|[\"']{name}[\"']", Path(spec.origin).read_text()) is not None
 
 
-def check_values(hf_config) -> None:
+def check_values(hf_config: PretrainedConfig) -> None:
     """``ValueError`` naming the ``model.config`` key whose value no model can be built from."""
     for name in _POSITIVE:
         value = getattr(hf_config, name, None)

@@ -24,13 +24,15 @@ import hashlib
 import json
 import pickle
 import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Iterator
+from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed import ProcessGroup
 from torch.overrides import TorchFunctionMode
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 from modeling.checkpoint_conversion import convert_whole, placement_of, plan, read_placed
 from modeling.shards import Shard, shards
@@ -53,14 +55,15 @@ def _parameters_on_meta() -> Iterator[None]:
             module._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
             module._parameters[name].__dict__.update(kwargs)
 
-    nn.Module.register_parameter = register_on_meta
+    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]  # patched while constructing
     try:
         yield
     finally:
-        nn.Module.register_parameter = register
+        nn.Module.register_parameter = register  # type: ignore[method-assign]  # and restored
 
 
-def empty_model(auto_class, hf_config, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32):
+def empty_model(auto_class: Any, hf_config: PretrainedConfig, trust_remote_code: bool = False,
+                dtype: torch.dtype = torch.float32):
     """The HF model of ``hf_config`` with meta parameters (no storage, no initialisation) in ``dtype``."""
     with _parameters_on_meta():
         model = auto_class.from_config(hf_config, trust_remote_code=trust_remote_code)
@@ -120,7 +123,7 @@ def _module_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "little") & (2 ** 63 - 1)
 
 
-def _init_order(model: PreTrainedModel) -> list[tuple[str, nn.Module, object]]:
+def _init_order(model: PreTrainedModel) -> list[tuple[str, nn.Module, Callable[[nn.Module], None]]]:
     """(name, module, the ``_init_weights`` that applies to it), children before parents, each module once:
     the order of transformers' ``initialize_weights``."""
     order, seen = [], set()
@@ -165,7 +168,7 @@ class SeededInit:
     def __init__(self, seed: int):
         self.seed = seed
 
-    def fill(self, full: nn.Module, targets: dict[str, tuple[torch.Tensor, Shard]]) -> None:
+    def fill(self, full: PreTrainedModel, targets: dict[str, tuple[torch.Tensor, Shard]]) -> None:
         names_of: dict[int, list[str]] = {}
         for name, param in full.named_parameters(remove_duplicate=False):
             names_of.setdefault(id(param), []).append(name)
@@ -178,8 +181,8 @@ class SeededInit:
                 torch.manual_seed(_module_seed(self.seed, name))
                 with stand_ins:
                     init(module)
-                for param, value in stand_ins.take():
-                    for target in names_of.get(id(param), []):
+                for meta, value in stand_ins.take():
+                    for target in names_of.get(id(meta), []):
                         if target in targets:
                             tensor, shard = targets[target]
                             give_value(tensor, shard.cut(value))
@@ -249,10 +252,10 @@ class StoredWeights:
 
     def _pickled_tensor(self, stored: str) -> torch.Tensor:
         if self._pickled is None or stored not in self._pickled:
-            self._load_pickled(self.files[stored])
+            return self._load_pickled(self.files[stored])[stored]
         return self._pickled[stored]
 
-    def fill(self, full: nn.Module, targets: dict[str, tuple[torch.Tensor, Shard]]) -> None:
+    def fill(self, full: PreTrainedModel, targets: dict[str, tuple[torch.Tensor, Shard]]) -> None:
         """Stored names become the model's by transformers' conversion rules (``modeling.checkpoint_conversion``:
         renamed tensors, the base-model prefix, per-expert tensors fused)."""
         renamed, converted = plan(full, self.files)
@@ -263,8 +266,8 @@ class StoredWeights:
             for name, (tensor, shard) in targets.items():
                 if name in renamed:
                     give_value(tensor, self.read(renamed[name], shard, tensor.dtype))
-                elif placed.get(name) is not None:
-                    give_value(tensor, read_placed(placed[name], shard, self.slice_of, self.shape, tensor.dtype))
+                elif (placement := placed.get(name)) is not None:
+                    give_value(tensor, read_placed(placement, shard, self.slice_of, self.shape, tensor.dtype))
             for name, group in converted.items():
                 if placed[name] is None and targets.keys() & set(group.targets()):
                     for target, value in convert_whole(group, full, self.slice_of).items():
@@ -289,7 +292,7 @@ class StoredWeights:
                                f"{', '.join(reshaped[:5])}{' ...' if len(reshaped) > 5 else ''}")
 
 
-def materialize(full: nn.Module, local: nn.Module, kept: nn.Module, source, tp_group) -> None:
+def materialize(full: nn.Module, local: nn.Module, kept: nn.Module, source: Any, tp_group: ProcessGroup | None) -> None:
     """Give values to every parameter and persistent buffer of ``kept`` (``local`` or a part of it), where
     ``local`` is ``full`` (both with meta parameters) after the tensor-parallel plan; ``source`` is a
     ``SeededInit``, ``StoredWeights`` or a checkpoint's (``training.checkpoint.CheckpointWeights``): anything

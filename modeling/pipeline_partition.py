@@ -94,7 +94,8 @@ def build_chunks(model: PreTrainedModel, groups: ProcessGroups, settings: Pipeli
     if tied and groups.pipeline > 1 and (groups.is_first_stage or groups.is_last_stage):
         tied_weight = embeddings
         if groups.is_last_stage:
-            tied_weight.ds_pipe_replicated = True  # counted once (on the first stage) in the global norm
+            marked: Any = tied_weight  # DeepSpeed's mark: counted once (on the first stage) in the global norm
+            marked.ds_pipe_replicated = True
     if settings.zero_stage == 3:
         _count_once_in_zero3_norm(chunks, groups)
     return RankChunks(chunks, tied_weight, partition_string(specs), seconds)
@@ -108,7 +109,8 @@ def _count_once_in_zero3_norm(chunks: nn.Module, groups: ProcessGroups) -> None:
     for param in chunks.parameters():
         own = getattr(param, "tensor_model_parallel", False) or groups.tp_rank == 0
         if own and not getattr(param, "ds_pipe_replicated", False):
-            param.model_parallel = True  # type: ignore[attr-defined]  # DeepSpeed's mark on a Parameter
+            marked: Any = param  # DeepSpeed's mark
+            marked.model_parallel = True
 
 
 def _probe(chunk: nn.Module, make_input: Callable[[], torch.Tensor], loss_of: Callable[[torch.Tensor], torch.Tensor],

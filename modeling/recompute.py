@@ -18,6 +18,7 @@ import sys
 
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel
 
 MODES = ("none", "full", "selective")
 SELECTIVE_PREFIX = "colonnade_selective_"
@@ -43,7 +44,7 @@ def _selective(implementation: str):
     return core_attention
 
 
-def apply(model: nn.Module, mode: str) -> None:
+def apply(model: PreTrainedModel, mode: str) -> None:
     """Turn on recomputation ``mode`` for the HF model ``model`` (before it is split into pipeline chunks)."""
     if mode == "full":
         model.config.use_cache = False  # a KV cache is for generation; transformers warns it off per forward

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch.distributed import ProcessGroup
 
 SEQ_DIM = 1
 
 
-def comm_device(group=None) -> torch.device:
+def comm_device(group: ProcessGroup | None = None) -> torch.device:
     """The device the collectives of ``group`` run on: the current CUDA device under NCCL, the CPU under gloo.
     Every tensor colonnade hands to a collective or a p2p operation is made here (or is the model's own)."""
     if dist.get_backend(group) == "nccl":
@@ -28,13 +29,15 @@ def _world(group) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
-def start_all_reduce(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> tuple[torch.Tensor, dist.Work]:
+def start_all_reduce(x: torch.Tensor, group: ProcessGroup | None,
+                     op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> tuple[torch.Tensor, dist.Work]:
     """Launch a reduction over ``group`` (in place on a contiguous ``x``); read the result after ``work.wait()``."""
     x = x.contiguous()
     return x, dist.all_reduce(x, op=op, group=group, async_op=True)
 
 
-def all_reduce(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+def all_reduce(x: torch.Tensor, group: ProcessGroup | None,
+               op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
     """Plain (non-autograd) reduction over ``group``, in place on a contiguous ``x``; returns the result (``x``
     itself on a group of one or none)."""
     if _world(group) == 1:
@@ -53,7 +56,7 @@ def _split(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     return x.chunk(world, dim=dim)[dist.get_rank(group)].contiguous()
 
 
-def all_gather_along(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+def all_gather_along(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> torch.Tensor:
     world = _world(group)
     if world == 1:
         return x
@@ -64,7 +67,7 @@ def all_gather_along(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     return torch.cat(stacked.chunk(world), dim=dim)
 
 
-def start_reduce_scatter(x: torch.Tensor, dim: int, group) -> tuple[torch.Tensor, dist.Work]:
+def start_reduce_scatter(x: torch.Tensor, dim: int, group: ProcessGroup | None) -> tuple[torch.Tensor, dist.Work]:
     """Launch the sum over ``group`` of ``x`` keeping this rank's chunk of ``dim``; read it after ``work.wait()``."""
     world = _world(group)
     if x.shape[dim] % world:
@@ -151,37 +154,37 @@ def _skip(group) -> bool:
     return _world(group) == 1
 
 
-def copy_to_tensor_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
+def copy_to_tensor_parallel_region(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     """Forward: identity. Backward: all-reduce (sum) over ``group``."""
     return x if _skip(group) else _CopyToRegion.apply(x, group)
 
 
-def reduce_from_tensor_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
+def reduce_from_tensor_parallel_region(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     """Forward: all-reduce (sum) over ``group``. Backward: identity."""
     return x if _skip(group) else _ReduceFromRegion.apply(x, group)
 
 
-def scatter_to_tensor_parallel_region(x: torch.Tensor, group, dim: int = -1) -> torch.Tensor:
+def scatter_to_tensor_parallel_region(x: torch.Tensor, group: ProcessGroup | None, dim: int = -1) -> torch.Tensor:
     """Forward: keep this rank's chunk of ``dim``. Backward: all-gather along ``dim``."""
     return x if _skip(group) else _ScatterToRegion.apply(x, group, dim)
 
 
-def gather_from_tensor_parallel_region(x: torch.Tensor, group, dim: int = -1) -> torch.Tensor:
+def gather_from_tensor_parallel_region(x: torch.Tensor, group: ProcessGroup | None, dim: int = -1) -> torch.Tensor:
     """Forward: all-gather along ``dim``. Backward: keep this rank's chunk."""
     return x if _skip(group) else _GatherFromRegion.apply(x, group, dim)
 
 
-def scatter_to_sequence_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
+def scatter_to_sequence_parallel_region(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     """Forward: keep this rank's chunk of the sequence. Backward: all-gather the sequence."""
     return x if _skip(group) else _ScatterToRegion.apply(x, group, SEQ_DIM)
 
 
-def gather_from_sequence_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
+def gather_from_sequence_parallel_region(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     """Forward: all-gather the sequence. Backward: reduce-scatter the sequence."""
     return x if _skip(group) else _GatherFromSequence.apply(x, group)
 
 
-def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
+def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     """Forward: reduce-scatter the sequence (sum partial results, keep this rank's chunk).
     Backward: all-gather the sequence."""
     return x if _skip(group) else _ReduceScatterToSequence.apply(x, group)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch.distributed import ProcessGroup
 
 from parallel.comm import all_reduce
 
@@ -52,14 +53,14 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad * grad_loss.unsqueeze(-1), None, None, None, None
 
 
-def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, group=None, vocab_start: int = 0,
-                                 valid: int | None = None) -> torch.Tensor:
+def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, group: ProcessGroup | None = None,
+                                 vocab_start: int = 0, valid: int | None = None) -> torch.Tensor:
     """Per-token loss ``-log softmax(full logits)[target]`` from this rank's vocabulary slice."""
     valid = logits.shape[-1] if valid is None else valid
     return _VocabParallelCrossEntropy.apply(logits, target, group, vocab_start, valid)
 
 
-def token_loss(logits: torch.Tensor, labels: torch.Tensor, group=None, vocab_start: int = 0,
+def token_loss(logits: torch.Tensor, labels: torch.Tensor, group: ProcessGroup | None = None, vocab_start: int = 0,
                valid: int | None = None, ignore_index: int = -100) -> torch.Tensor:
     """Mean loss of ``labels`` under the logits at the same positions (sequence-to-sequence decoders);
     labels equal to ``ignore_index`` (padding) do not count."""
@@ -68,7 +69,7 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor, group=None, vocab_sta
     return (losses * keep).sum() / keep.sum().clamp(min=1)
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, group=None, vocab_start: int = 0,
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, group: ProcessGroup | None = None, vocab_start: int = 0,
                    valid: int | None = None, ignore_index: int = -100) -> torch.Tensor:
     """Mean next-token loss: logits at position t predict labels at t + 1 (as transformers computes it);
     labels equal to ``ignore_index`` do not count."""

@@ -15,6 +15,7 @@ import inspect
 import json
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch.distributed as dist
 
@@ -57,9 +58,9 @@ class FlightRecorder:
             self.record(name, signature.bind_partial(*args, **kwargs).arguments)
             return original(*args, **kwargs)
 
-        recorded.flight_recorded = True
-        recorded.recorder = self
-        return recorded
+        marked: Any = recorded
+        marked.flight_recorded, marked.recorder = True, self
+        return marked
 
     def record(self, name: str, arguments: dict) -> None:
         if name == "batch_isend_irecv":
@@ -72,13 +73,13 @@ class FlightRecorder:
             group = f"{group}:pair{sorted({dist.get_rank(), peer})}" if peer is not None else group
         self.counts[group] += 1
         tensor = arguments.get("tensor", arguments.get("output_tensor", arguments.get("output")))
-        shape = tuple(tensor.shape) if hasattr(tensor, "shape") else ()
+        shape = tuple(getattr(tensor, "shape", ()))
         self.calls.append(Call(group, self.counts[group], name, shape))
 
     def _group_name(self, group) -> str:
         key = id(group)
         if key not in self._names:
-            pg = group if group is not None else dist.group.WORLD
+            pg: Any = group if group is not None else dist.group.WORLD
             self._names[key] = f"group {pg.group_name} of ranks {dist.get_process_group_ranks(pg)}"
         return self._names[key]
 
@@ -94,7 +95,8 @@ def exchange(recorder: FlightRecorder, wait_s: float) -> dict[int, dict]:
     store = dist.distributed_c10d._get_default_store()
     rank, world = dist.get_rank(), dist.get_world_size()
     store.set(f"colonnade/flight/{rank}", json.dumps(recorder.report()))
-    reports, deadline = {}, time.monotonic() + wait_s
+    reports: dict[int, dict] = {}
+    deadline = time.monotonic() + wait_s
     while len(reports) < world:
         for other in range(world):
             key = f"colonnade/flight/{other}"
@@ -124,7 +126,7 @@ def verdict(reports: dict[int, dict], world: int) -> str:
     are waiting in; ranks that sent no report are named too."""
     lines = []
     silent = [r for r in range(world) if r not in reports]
-    counts = collections.defaultdict(dict)
+    counts: dict[str, dict[int, int]] = collections.defaultdict(dict)
     calls = {}
     for rank, report in reports.items():
         for group, n in report["counts"]:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.distributed as dist
+from torch.distributed import ProcessGroup
 
 from parallel.comm import comm_device
 
 
-def global_grad_norm(parameters, model_parallel_group, tensor_rank: int) -> torch.Tensor:
+def global_grad_norm(parameters: Iterable[torch.Tensor], model_parallel_group: ProcessGroup | None,
+                     tensor_rank: int) -> torch.Tensor:
     """L2 norm of all gradients of the model, a 0-dim float64 tensor on the group's device (read it once per
     step). Gradients are assumed already reduced over the data-parallel group. A sharded parameter
     (``tensor_model_parallel``) contributes its shard on every rank; a replicated one only on tensor rank 0

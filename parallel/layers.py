@@ -10,10 +10,13 @@ Weights use the ``nn.Linear`` layout ``(out_features, in_features)``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed import ProcessGroup
 
 from parallel.comm import (
     gather_from_tensor_parallel_region,
@@ -29,10 +32,11 @@ def _rank_world(group) -> tuple[int, int]:
 
 
 def mark_sharded(param: nn.Parameter, partition_dim: int, full_size: int, fused_chunks: int = 1) -> None:
-    param.tensor_model_parallel = True
-    param.partition_dim = partition_dim
-    param.tp_full_size = full_size
-    param.tp_fused_chunks = fused_chunks
+    marked: Any = param  # the marks are plain attributes of the tensor
+    marked.tensor_model_parallel = True
+    marked.partition_dim = partition_dim
+    marked.tp_full_size = full_size
+    marked.tp_fused_chunks = fused_chunks
 
 
 def shard_ranges(full_size: int, rank: int, world: int, chunks: int = 1,
@@ -70,7 +74,8 @@ def join_pieces(pieces: list[torch.Tensor], dim: int, local_size: int) -> torch.
     return torch.cat(pieces, dim=dim).contiguous()
 
 
-def shard_rows(full: torch.Tensor, group, chunks: int = 1, padded_rows: int | None = None) -> torch.Tensor:
+def shard_rows(full: torch.Tensor, group: ProcessGroup | None, chunks: int = 1,
+               padded_rows: int | None = None) -> torch.Tensor:
     """This rank's rows of ``full`` (dim 0), by ``shard_ranges``."""
     rank, world = _rank_world(group)
     return take_shard(full, 0, rank, world, chunks, padded_rows)
@@ -88,9 +93,9 @@ class ColumnParallelLinear(nn.Module):
 
     weight_grad_store: WeightGradStore | None = None  # set by a zero-bubble schedule: dW waits for its W pass
 
-    def __init__(self, in_features: int, out_features: int, *, group, bias: bool = True,
+    def __init__(self, in_features: int, out_features: int, *, group: ProcessGroup | None, bias: bool = True,
                  gather_output: bool = False, enter_region: bool = True, sequence_parallel: bool = False,
-                 async_grad_reduce: bool = False, fused_chunks: int = 1, dtype=None):
+                 async_grad_reduce: bool = False, fused_chunks: int = 1, dtype: torch.dtype | None = None):
         super().__init__()
         rank, world = _rank_world(group)
         if out_features % (world * fused_chunks):
@@ -108,8 +113,9 @@ class ColumnParallelLinear(nn.Module):
             self.register_parameter("bias", None)
 
     @classmethod
-    def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None, *, group, fused_chunks: int = 1,
-                   **kwargs) -> "ColumnParallelLinear":
+    def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None, *, group: ProcessGroup | None,
+                   fused_chunks: int = 1,
+                   **kwargs: Any) -> "ColumnParallelLinear":
         out_features, in_features = weight.shape
         with torch.device(weight.device):
             layer = cls(in_features, out_features, group=group, bias=bias is not None, fused_chunks=fused_chunks,
@@ -135,8 +141,8 @@ class RowParallelLinear(nn.Module):
 
     weight_grad_store: WeightGradStore | None = None  # as ColumnParallelLinear's
 
-    def __init__(self, in_features: int, out_features: int, *, group, bias: bool = True,
-                 sequence_parallel: bool = False, dtype=None):
+    def __init__(self, in_features: int, out_features: int, *, group: ProcessGroup | None, bias: bool = True,
+                 sequence_parallel: bool = False, dtype: torch.dtype | None = None):
         super().__init__()
         rank, world = _rank_world(group)
         if in_features % world:
@@ -151,7 +157,8 @@ class RowParallelLinear(nn.Module):
             self.register_parameter("bias", None)
 
     @classmethod
-    def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None, *, group, **kwargs) -> "RowParallelLinear":
+    def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None, *, group: ProcessGroup | None,
+                   **kwargs: Any) -> "RowParallelLinear":
         out_features, in_features = weight.shape
         with torch.device(weight.device):
             layer = cls(in_features, out_features, group=group, bias=bias is not None, dtype=weight.dtype, **kwargs)
@@ -177,7 +184,8 @@ class VocabParallelEmbedding(nn.Module):
     the ids it owns, zeros the others, and the partial embeddings are all-reduced. A vocabulary that does
     not divide the group size is padded with zero rows that no id reaches."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, *, group, dtype=None, padding_idx: int | None = None):
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, group: ProcessGroup | None,
+                 dtype: torch.dtype | None = None, padding_idx: int | None = None):
         super().__init__()
         rank, world = _rank_world(group)
         self.group, self.num_embeddings, self.embedding_dim = group, num_embeddings, embedding_dim
@@ -191,7 +199,8 @@ class VocabParallelEmbedding(nn.Module):
         mark_sharded(self.weight, 0, num_embeddings)
 
     @classmethod
-    def from_dense(cls, weight: torch.Tensor, *, group, padding_idx: int | None = None) -> "VocabParallelEmbedding":
+    def from_dense(cls, weight: torch.Tensor, *, group: ProcessGroup | None,
+                   padding_idx: int | None = None) -> "VocabParallelEmbedding":
         with torch.device(weight.device):
             layer = cls(weight.shape[0], weight.shape[1], group=group, dtype=weight.dtype, padding_idx=padding_idx)
         with torch.no_grad():
@@ -201,8 +210,9 @@ class VocabParallelEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
         local = (ids - self.vocab_start).masked_fill(outside, 0)
-        owns_padding = self.padding_idx is not None and self.vocab_start <= self.padding_idx < self.vocab_end
-        local_padding = self.padding_idx - self.vocab_start if owns_padding else None
+        local_padding = None
+        if self.padding_idx is not None and self.vocab_start <= self.padding_idx < self.vocab_end:
+            local_padding = self.padding_idx - self.vocab_start
         out = F.embedding(local, self.weight, padding_idx=local_padding).masked_fill(outside.unsqueeze(-1), 0.0)
         return reduce_from_tensor_parallel_region(out, self.group)
 
@@ -212,19 +222,21 @@ class VocabParallelHead(ColumnParallelLinear):
     tied input/output embeddings share one sharded weight. Produces this rank's logits only; the loss is
     ``parallel.cross_entropy.vocab_parallel_cross_entropy`` and never gathers the full vocabulary."""
 
-    def __init__(self, in_features: int, vocab_size: int, *, group, bias: bool = False, dtype=None, **kwargs):
+    def __init__(self, in_features: int, vocab_size: int, *, group: ProcessGroup | None, bias: bool = False,
+                 dtype: torch.dtype | None = None, **kwargs: Any):
         rank, world = _rank_world(group)
         padded = padded_vocab_size(vocab_size, world)
         super().__init__(in_features, padded, group=group, bias=bias, dtype=dtype, **kwargs)
         self.vocab_size = vocab_size
         self.vocab_start = rank * (padded // world)
         self.valid_rows = max(0, min(self.vocab_start + padded // world, vocab_size) - self.vocab_start)
-        self.weight.tp_full_size = vocab_size
-        if self.bias is not None:
-            self.bias.tp_full_size = vocab_size
+        for param in (self.weight, self.bias):
+            if param is not None:
+                mark_sharded(param, 0, vocab_size, fused_chunks=1)
 
     @classmethod
-    def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None, *, group, **kwargs) -> "VocabParallelHead":
+    def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None, *, group: ProcessGroup | None,
+                   **kwargs: Any) -> "VocabParallelHead":
         with torch.device(weight.device):
             layer = cls(weight.shape[1], weight.shape[0], group=group, bias=bias is not None, dtype=weight.dtype,
                         **kwargs)

@@ -24,8 +24,8 @@ class PipelineTimeout(RuntimeError):
 
 
 class PipeComm:
-    def __init__(self, pp_ranks: list[int], pp_rank: int, shape: tuple[int, ...], dtype: torch.dtype, device,
-                 timeout_s: float = 600.0):
+    def __init__(self, pp_ranks: list[int], pp_rank: int, shape: tuple[int, ...], dtype: torch.dtype,
+                 device: torch.device, timeout_s: float = 600.0):
         """``device``: where the pipeline group communicates (``parallel.comm.comm_device``)."""
         self.pp_ranks, self.pp_rank, self.p = pp_ranks, pp_rank, len(pp_ranks)
         self.shape, self.dtype, self.device = shape, dtype, device
@@ -58,6 +58,8 @@ class PipeComm:
 
     def receive(self) -> torch.Tensor:
         """The message of the receive posted last, once it has arrived."""
+        if self._posted is None:
+            raise RuntimeError("receive() without a receive posted by exchange()")
         work, buffer, offset = self._posted
         self._posted = None
         try:

@@ -41,7 +41,8 @@ def balanced(weights: list[int], chunks: int) -> list[range]:
         raise ValueError(f"{chunks} pipeline chunks exceed the {len(weights)} layers")
 
     def cut(limit: int) -> list[range] | None:
-        ranges, start, total = [], 0, 0
+        ranges: list[range] = []
+        start, total = 0, 0
         for i, w in enumerate(weights):
             remaining_items, remaining_chunks = len(weights) - i, chunks - len(ranges)
             if total + w > limit or (i > start and remaining_items < remaining_chunks):

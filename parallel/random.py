@@ -58,7 +58,7 @@ class TensorParallelRNG:
         return True
 
     def exit(self) -> None:
-        if self.active:
+        if self._outer is not None:  # active
             self._state = _get_state(self.device)
             _set_state(self.device, self._outer)
             self._outer = None

@@ -8,9 +8,9 @@ With ``overlap`` (Megatron's asynchronous tensor-parallel all-reduce) the entry 
 of the column-parallel layers that read its output: those layers compute only their input gradient, the entry
 launches the collective on the summed input gradient, computes the weight gradients (one GEMM per layer, the
 same ``dY^T X`` autograd would do) while it runs, and then waits. With sequence parallelism it keeps only this
-rank's part of the sequence for that and gathers it again in the backward (Megatron does the same). The weight gradients still leave through
-autograd (the weights are inputs of the entry), so gradient hooks such as DeepSpeed's fire as usual, and a
-fused q|k|v or gate|up needs one collective, not one per layer.
+rank's part of the sequence for that and gathers it again in the backward (Megatron does the same). The weight
+gradients still leave through autograd (the weights are inputs of the entry), so gradient hooks such as DeepSpeed's
+fire as usual, and a fused q|k|v or gate|up needs one collective, not one per layer.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed import ProcessGroup
 
 from parallel.comm import (
     SEQ_DIM,
@@ -96,7 +97,8 @@ class RegionEntry:
     """Enter the tensor-parallel region of ``group`` before the column-parallel ``layers`` (read lazily: tied
     weights are swapped after construction)."""
 
-    def __init__(self, group, layers: list, sequence_parallel: bool = False, overlap: bool = False):
+    def __init__(self, group: ProcessGroup | None, layers: list, sequence_parallel: bool = False,
+                 overlap: bool = False):
         self.group, self.layers = group, layers
         self.sequence_parallel, self.overlap = sequence_parallel, overlap
 

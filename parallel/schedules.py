@@ -14,6 +14,8 @@ from typing import Callable
 
 import torch
 
+from parallel.p2p import PipeComm
+
 
 @dataclass(frozen=True)
 class Op:
@@ -129,7 +131,7 @@ def message_order(ops_of_rank: list[list[Op]], p: int, v: int) -> dict[tuple[int
     return pairs
 
 
-def run_schedule(ops: list[Op], *, p: int, v: int, rank: int, comm,
+def run_schedule(ops: list[Op], *, p: int, v: int, rank: int, comm: PipeComm,
                  forward_step: Callable[[int, int, torch.Tensor | None], torch.Tensor],
                  backward_step: Callable[[torch.Tensor, torch.Tensor | None, int, int], None] | None,
                  weight_step: Callable[[int, int], None] | None = None,
@@ -152,18 +154,22 @@ def run_schedule(ops: list[Op], *, p: int, v: int, rank: int, comm,
     position = 0
     for op in ops:
         if op.kind == "W":
+            if weight_step is None:
+                raise ValueError("a schedule with W ops needs a weight_step")
             weight_step(op.chunk, op.microbatch)
             continue
         received = comm.receive() if _receives_from(op, p, rank, last) else None
         if op.kind == "F":
             x = received if received is None or forward_only else received.requires_grad_()
             y = forward_step(op.chunk, op.microbatch, x)
-            result = y
+            result: torch.Tensor | None = y
             if not forward_only:
                 in_flight[(op.chunk, op.microbatch)] = (x, y)
                 stats.max_in_flight = max(stats.max_in_flight, len(in_flight))
         else:
             x, y = in_flight.pop((op.chunk, op.microbatch))
+            if backward_step is None:
+                raise ValueError("a schedule with B ops needs a backward_step")
             backward_step(y, received, op.chunk, op.microbatch)
             result = x.grad if x is not None else None
             del x, y

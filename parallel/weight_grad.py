@@ -12,7 +12,7 @@ X and dY stay alive from the B pass to the W pass: the memory the schedule trade
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from contextlib import contextmanager
 
 import torch
@@ -33,7 +33,7 @@ class WeightGradStore:
         self._pending: dict[object, list] = {}
 
     @contextmanager
-    def collecting(self, key):
+    def collecting(self, key: Hashable):
         """File what the backward run inside this block leaves under ``key``."""
         self._filing = key
         try:
@@ -47,7 +47,7 @@ class WeightGradStore:
                                "a backward that is not a B pass")
         self._pending.setdefault(self._filing, []).append((weight, x, grad_output, transposed))
 
-    def take(self, key) -> tuple[list[torch.nn.Parameter], Callable[[], list[torch.Tensor]]]:
+    def take(self, key: Hashable) -> tuple[list[torch.nn.Parameter], Callable[[], list[torch.Tensor]]]:
         """The weights the B pass ``key`` left gradients for, and the function that computes those gradients
         (one per weight, summed where a weight was used twice), to run where the W pass's time is counted."""
         filed = self._pending.pop(key, [])
@@ -63,7 +63,7 @@ class WeightGradStore:
 
         return weights, gradients
 
-    def weight_grads(self, key) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+    def weight_grads(self, key: Hashable) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
         """``take``, computed at once: (weight, gradient) pairs."""
         weights, gradients = self.take(key)
         return list(zip(weights, gradients()))
