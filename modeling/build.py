@@ -145,7 +145,7 @@ def parameter_count(hf_config: PretrainedConfig, trust_remote_code: bool = False
     return sum(p.numel() for p in model.parameters())
 
 
-def hidden_size(hf_config: PretrainedConfig | None) -> int | None:
+def hidden_size(hf_config: Any) -> int | None:
     """The hidden size HF Trainer sizes ZeRO's buckets by (transformers/integrations/deepspeed.py): the config's
     ``hidden_size``, else the largest of ``hidden_sizes``, else the same of its ``text_config``."""
     sources: list[Any] = [hf_config, getattr(hf_config, "text_config", None)]
