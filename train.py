@@ -103,7 +103,7 @@ def _fail(message: str, code: int, *, rank0_reports: bool = True, only_rank0: bo
 def launched(argv: list[str] | None = None) -> None:
     """``main`` as a launched process runs it: every outcome an exit code and at most one line, then the
     process ends (``finish_process``)."""
-    from training.loop import finish_process
+    from training.lifecycle import finish_process
 
     try:
         code = main(argv)

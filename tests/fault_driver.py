@@ -36,10 +36,10 @@ def main() -> None:
 
     import torch.distributed as dist
 
-    import training.loop as loop
+    from training.pipeline import PipelineRunner
+    from training.steps import DataParallelStep
 
     rank = int(os.environ.get("RANK", "0"))
-    original = loop._data_parallel_step
     side = {}
 
     def inject(cfg, step):
@@ -52,20 +52,12 @@ def main() -> None:
         if rank == args.sigterm_rank and step + 1 == args.sigterm_step:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    def stalling_step(cfg, engine, batches, groups, step, device):
-        inject(cfg, step)
-        return original(cfg, engine, batches, groups, step, device)
+    for step_class in (DataParallelStep, PipelineRunner):  # the data-parallel and the pipeline step
+        def stalling_train(self, batches, step, original=step_class.train):
+            inject(self.cfg, step)
+            return original(self, batches, step)
 
-    from training.pipeline import PipelineRunner
-
-    pipeline_step = PipelineRunner.train_step
-
-    def stalling_pipeline_step(self, batches, step):
-        inject(self.cfg, step)
-        return pipeline_step(self, batches, step)
-
-    loop._data_parallel_step = stalling_step
-    PipelineRunner.train_step = stalling_pipeline_step
+        step_class.train = stalling_train
     if args.slow_save_step is not None:  # 0: every save
         _slow_down_save(f"step_{args.slow_save_step:07d}" if args.slow_save_step else "step_", args.slow_save_s)
     if rank == args.config_error_rank:

@@ -260,7 +260,7 @@ def _agree_on_damaged(run_dir):
     """Rank function: ``agree_on_resume`` of ``run_dir``'s newest checkpoint, counting this rank's SHA-256s."""
     import training.checkpoint.files as cf
     from training.checkpoint import agree_on_resume
-    from training.loop import init_distributed
+    from training.lifecycle import init_distributed
 
     init_distributed()
     hashed, original = [], cf.sha256
@@ -315,7 +315,7 @@ def _slow_writes_and_step_ends(cfg, delay: float, skip_host_copy: bool = False):
         saving._host_copy = lambda *snapshot: snapshot
     from training import run
 
-    return run(cfg).history, step_ends, spans
+    return run(cfg, observers=[StepEnds()]).history, step_ends, spans
 
 
 def test_async_saves_write_what_sync_saves_write_while_training_goes_on(tmp_path):

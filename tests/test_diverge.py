@@ -14,18 +14,18 @@ FOUR_LAYERS = dict(TINY_GPT2, n_layer=4, n_head=4)
 @contextlib.contextmanager
 def _planted(bug: str | None):
     """One bug in colonnade, for the duration of a capture."""
-    import modeling.tensor_parallel as tp_plan
-    import training.loop as loop
     import modeling.pipeline_partition as pipeline
+    import modeling.tensor_parallel as tp_plan
+    import training.assembly as assembly
     from parallel.partition import StageSpec
 
-    saved = {"build": loop._build_engine, "enter": tp_plan._enter_region_at_input, "specs": pipeline.stage_specs}
+    saved = {"build": assembly.build_engine, "enter": tp_plan._enter_region_at_input, "specs": pipeline.stage_specs}
     if bug == "scaled shard":  # tensor rank 1's half of block 1's MLP input weight 1 % too large
-        def build(cfg, model, pipe, ds_config, groups):
+        def build(cfg, model, pipe, ds_config, groups, *args):
             if groups.tp_rank == 1:
                 model.transformer.h[1].mlp.c_fc.weight.data.mul_(1.01)
-            return saved["build"](cfg, model, pipe, ds_config, groups)
-        loop._build_engine = build
+            return saved["build"](cfg, model, pipe, ds_config, groups, *args)
+        assembly.build_engine = build
     elif bug == "no backward all-reduce":  # block 1's MLP enters the region without its backward all-reduce
         mlps = []
 
@@ -44,7 +44,7 @@ def _planted(bug: str | None):
     try:
         yield
     finally:
-        loop._build_engine, tp_plan._enter_region_at_input, pipeline.stage_specs = saved.values()
+        assembly.build_engine, tp_plan._enter_region_at_input, pipeline.stage_specs = saved.values()
 
 
 def _captures(jobs):

@@ -244,10 +244,10 @@ def _train_with_nan(cases):
     and the final weights, or the error message."""
     import torch.distributed as dist
 
-    import training.loop as loop
+    import training.tasks.causal_lm as causal_lm
     from training import run
 
-    original = loop.lm_loss
+    original = causal_lm.lm_loss
     calls = {"n": 0, "nan_steps": ()}
 
     def poisoned(model, logits, labels, group):
@@ -257,7 +257,7 @@ def _train_with_nan(cases):
             loss = loss * float("nan")
         return loss
 
-    loop.lm_loss = poisoned
+    causal_lm.lm_loss = poisoned
     out = []
     for cfg, nan_steps in cases:
         calls.update(n=0, nan_steps=nan_steps)

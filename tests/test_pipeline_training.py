@@ -175,31 +175,37 @@ def _fp16_pipeline(cfg, overflow_step=None, mutation=None):
     import torch
     from deepspeed.accelerator import get_accelerator
 
-    import training.loop as loop
     import training.pipeline as pipeline
+    from training import run
+    from training.events import Observer
 
     get_accelerator().is_fp16_supported = lambda: True
     if mutation == "scale-twice":
         pipeline.PipelineRunner._loss_scale = lambda self: 1.0
-    original, skipped = loop._Loop.step, []
+    skipped = []
 
-    def step(self, index):
-        handle = None
-        if index + 1 == overflow_step and self.groups.pp_rank == 0:
-            param = next(p for p in self.engine.module.parameters() if p.requires_grad)
-            handle = param.register_hook(lambda grad: torch.full_like(grad, float("inf")))
-        record = original(self, index)
-        if handle is not None:
-            handle.remove()
-        if not self.engine.was_step_applied():
-            skipped.append(index + 1)
-        return record
+    class Overflow(Observer):
+        def on_built(self, built):
+            self.engine, self.groups, self.handle = built.engine, built.groups, None
 
-    loop._Loop.step = step
+        def on_phase_start(self, phase, step):
+            if phase == "step" and step == overflow_step and self.groups.pp_rank == 0:
+                param = next(p for p in self.engine.module.parameters() if p.requires_grad)
+                self.handle = param.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+
+        def on_phase_end(self, phase, step, record):
+            if phase != "step":
+                return
+            if self.handle is not None:
+                self.handle.remove()
+                self.handle = None
+            if not self.engine.was_step_applied():
+                skipped.append(step)
+
     from training.faults import TrainingStopped
 
     try:
-        result = loop.run(cfg)
+        result = run(cfg, observers=[Overflow()])
     except TrainingStopped as stopped:
         return str(stopped), None
     return result.history, (result.groups.pp_rank, skipped, float(result.engine.optimizer.loss_scale))
@@ -241,12 +247,13 @@ def _measured_with_a_slow_block(cfg):
 
     import torch
 
+    from modeling import pipeline_partition
     from modeling.build import auto_class, byte_level_tokenizer
     from modeling.materialize import empty_model
     from parallel.groups import ProcessGroups
-    from modeling import pipeline_partition
     from parallel.partition import partition_string, stage_specs
-    from training.loop import init_distributed, rank_model, run_model_config
+    from training.assembly import rank_model, run_model_config
+    from training.lifecycle import init_distributed
     from training.pipeline import pipeline_settings
 
     init_distributed()

@@ -39,15 +39,15 @@ def _train_with(cfg, mutation: str | None):
     """Rank function: train ``cfg`` with one of colonnade's pieces replaced by a planted bug."""
     import training.data as data
     import training.engine as engine
-    import training.loop as loop
+    import training.tasks.causal_lm as causal_lm
 
-    _ORIGINALS.update(lr_lambda=engine.lr_lambda, lm_loss=loop.lm_loss)
+    _ORIGINALS.update(lr_lambda=engine.lr_lambda, lm_loss=causal_lm.lm_loss)
     if mutation == "data order":
         data.GlobalOrder.__getitem__ = _shifted_epoch_seed
     elif mutation == "lr schedule":
         engine.lr_lambda = _warmup_from_zero
     elif mutation == "loss reduction":
-        loop.lm_loss = _mean_over_all_positions
+        causal_lm.lm_loss = _mean_over_all_positions
     return run_config(cfg)
 
 

@@ -200,15 +200,15 @@ def test_task_and_model_must_agree(tmp_path):
     from transformers import GPT2Config, MarianConfig
 
     from training.config import ConfigError
-    from training.loop import check_task_fits
+    from training.tasks import task_for
 
     task = toy_task(tmp_path / "task", train=4, valid=2)
     with pytest.raises(ConfigError, match="model_type 'gpt2' is decoder-only"):
-        check_task_fits(seq2seq_config(tmp_path, task), GPT2Config())
+        task_for(seq2seq_config(tmp_path, task)).check_fits(GPT2Config())
     cfg = validate({"model": {"arch": "marian"}, "data": {"train_files": ["x.txt"], "seq_len": 8},
                     "train": {"steps": 1}})
     with pytest.raises(ConfigError, match="'marian' is an encoder-decoder model: set data.source_field"):
-        check_task_fits(cfg, MarianConfig())
+        task_for(cfg).check_fits(MarianConfig())
 
 
 def _train_then_train_unshifted(cfg, mutated):

@@ -5,9 +5,10 @@ DeepSpeed engine (ZeRO 1-3 over the data-parallel group, unmanaged gradient accu
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import deepspeed
 import torch
@@ -18,10 +19,13 @@ from modeling.pipeline import defer_weight_grads
 from modeling.pipeline_partition import PipelineSettings, RankChunks
 from parallel.comm import comm_device
 from parallel.cross_entropy import causal_lm_loss, vocab_parallel_cross_entropy
+from parallel.groups import ProcessGroups
 from parallel.p2p import PipeComm
 from parallel.schedules import ORDERS, SPLIT_BACKWARD, Op, run_schedule
 from parallel.weight_grad import WeightGradStore
 from training import run_dir
+from training.events import Observers
+from training.steps import Step, grad_norm
 
 if TYPE_CHECKING:
     from training.config import RunConfig
@@ -68,15 +72,20 @@ class _GradientCarrier(torch.autograd.Function):
         return (None, None, *(g * factor.to(g.dtype) for g in grads))
 
 
-class PipelineRunner:
-    def __init__(self, engine, cfg, groups, tied_weight, hidden_size: int):
+class PipelineRunner(Step):
+    """The pipeline's ``Step``: the schedule's forward, backward (and weight-gradient) ops over this rank's chunks,
+    the tied-embedding sync and one engine step."""
+
+    def __init__(self, engine: Any, cfg: RunConfig, groups: ProcessGroups, tied_weight: torch.nn.Parameter | None,
+                 hidden_size: int, events: Observers):
         self.engine, self.cfg, self.groups, self.tied_weight = engine, cfg, groups, tied_weight
+        self.events = events
         self.p, self.v = groups.pipeline, cfg.parallel.virtual_stages
         # With sequence parallelism the hidden state between blocks is this rank's part of the sequence.
         sequence = cfg.data.seq_len // (groups.tensor if cfg.parallel.sequence_parallel else 1)
         self.shape = (cfg.train.micro_batch_size, sequence, hidden_size)
         self.dtype = next(engine.module.parameters()).dtype
-        self.zero3 = engine.zero_optimization_stage() == 3
+        self.zero3 = cfg.parallel.zero_stage == 3
         self._tied_grad = None  # this stage's gradient of the tied embedding, summed over the step
         if tied_weight is not None:
             tied_weight.register_hook(self._accumulate_tied)
@@ -97,18 +106,18 @@ class PipelineRunner:
         A plain float, fixed within a step: reading it costs no device sync."""
         return float(getattr(self.engine.optimizer, "loss_scale", 1.0))
 
-    def _sync_tied_embeddings(self, scale: float) -> None:
+    def _sync_tied_embeddings(self, tied: torch.nn.Parameter, scale: float) -> None:
         """Megatron's embedding all-reduce, done through the engine's backward so that it works whatever ZeRO
         stage holds the gradients: each end adds the other end's contribution. Two embedding-sized buffers,
         no more: at GPT-2's vocabulary each one is a tenth of the model."""
-        local = self._tied_grad if self._tied_grad is not None else torch.zeros_like(self.tied_weight)
+        local = self._tied_grad if self._tied_grad is not None else torch.zeros_like(tied)
         self._tied_grad = None
         others = local.clone()
         dist.all_reduce(others, group=self.groups.embed_group)
         others.sub_(local)
         del local
-        with deepspeed.zero.GatheredParameters([self.tied_weight], enabled=hasattr(self.tied_weight, "ds_id")):
-            self._hand_over([self.tied_weight], lambda: [others], scale)
+        with deepspeed.zero.GatheredParameters([tied], enabled=hasattr(tied, "ds_id")):
+            self._hand_over([tied], lambda: [others], scale)
 
     def _hand_over(self, weights: list[torch.nn.Parameter], gradients, scale: float) -> None:
         """Add gradients made outside autograd (``gradients()``, computed in the backward; they carry this
@@ -128,6 +137,7 @@ class PipelineRunner:
 
     def _weight_step(self, chunk: int, microbatch: int) -> None:
         """A split schedule's W op: the weight gradients the B op of (chunk, micro-batch) left."""
+        assert self.weight_grads is not None  # only split schedules have W ops, and they made the store
         weights, gradients = self.weight_grads.take((chunk, microbatch))
         if weights:
             self._hand_over(weights, gradients, self._loss_scale())
@@ -149,15 +159,16 @@ class PipelineRunner:
         return PipeComm(self.groups.pp_ranks, self.groups.pp_rank, self.shape, self.dtype,
                         comm_device(self.groups.pp_group), timeout_s=self.cfg.parallel.p2p_timeout_s)
 
-    def train_step(self, batches, step: int) -> float:
-        """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss (on every rank)."""
+    def train(self, batches: Any, step: int) -> tuple[float, float]:
+        """One optimizer step over ``grad_accum`` micro-batches: (the mean loss, the gradient norm), on every
+        rank."""
         m, device, chunks = self.cfg.train.grad_accum, self.engine.device, self.engine.module
         losses = []
 
-        def forward_step(chunk: int, microbatch: int, x):
+        def forward_step(chunk: int, microbatch: int, x: torch.Tensor | None) -> torch.Tensor:
             self._new_pass()
             module = chunks[chunk]
-            batch = batches.batch(step, microbatch) if (module.spec.embed or module.spec.head) else None
+            batch: Any = batches.batch(step, microbatch) if (module.spec.embed or module.spec.head) else None
             out = module(batch["input_ids"].to(device) if module.spec.embed else x)
             if not module.spec.head:
                 return out
@@ -173,9 +184,10 @@ class PipelineRunner:
                      forward_step=forward_step, backward_step=self._backward_step, weight_step=self._weight_step)
         if self.tied_weight is not None:
             self._new_pass()
-            self._sync_tied_embeddings(self._loss_scale())
-        self.engine.step()
-        return self._mean_over_pipeline(losses)
+            self._sync_tied_embeddings(self.tied_weight, self._loss_scale())
+        with self.events.phase("optimizer", step + 1):
+            self.engine.step()
+        return self._mean_over_pipeline(losses), grad_norm(self.engine, self.groups)
 
     def _mean_over_pipeline(self, losses: list[torch.Tensor]) -> float:
         """The mean of the last stages' micro-batch losses, on every rank; read on the host once."""
@@ -188,7 +200,8 @@ class PipelineRunner:
         return float(values[0] / values[1])
 
     @torch.no_grad()
-    def eval_sums(self, eval_batches) -> tuple[float, float]:
+    def eval_sums(self, eval_batches: Iterable[tuple[dict[str, torch.Tensor], torch.Tensor]]
+                  ) -> tuple[torch.Tensor | float, float]:
         """Forward-only pipeline over ``eval_batches`` [(batch, weight)]: summed NLL and token count of
         this data-parallel rank (reduced over the pipeline)."""
         batches = list(eval_batches)

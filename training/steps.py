@@ -1,0 +1,84 @@
+"""The step seam: one optimizer step, and the forward-only sums evaluation needs, as the run's layout does
+them. The implementation is chosen once when the run is assembled, as Megatron chooses its forward-backward
+function: ``DataParallelStep`` here (any tensor-parallel degree, ZeRO 0-3) or ``PipelineRunner``
+(training/pipeline.py) when ``parallel.pipeline > 1``. A new step path (expert or context parallel) is a new
+``Step``, not a branch in the loop."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from modeling.losses import next_token_losses
+from parallel.grad_norm import global_grad_norm
+from parallel.groups import ProcessGroups
+from training.events import Observers
+from training.metrics import sum_over
+
+if TYPE_CHECKING:
+    from training.config import RunConfig
+    from training.tasks import Task
+
+
+class Step(ABC):
+    @abstractmethod
+    def train(self, batches: Any, step: int) -> tuple[float, float]:
+        """Optimizer step ``step + 1`` over ``train.grad_accum`` micro-batches of ``batches``
+        (``batch(step, micro)``): (the mean loss over the global batch, the global gradient norm), on every rank."""
+
+    @abstractmethod
+    def eval_sums(self, eval_batches: Iterable[tuple[dict[str, torch.Tensor], torch.Tensor]]
+                  ) -> tuple[torch.Tensor | float, float]:
+        """Forward only over [(batch, weight)]: this data-parallel rank's weighted sum of next-token NLLs and
+        its token count."""
+
+
+def grad_norm(engine: Any, groups: ProcessGroups) -> float:
+    """The global gradient norm of the step just taken, as DeepSpeed computed it for clipping."""
+    norm = engine.get_global_grad_norm()
+    if norm is None:  # ZeRO-0 in fp32 clips inside DeepSpeed without keeping the norm
+        norm = global_grad_norm(engine.module.parameters(), groups.mp_group, groups.tp_rank)
+    return float(norm)
+
+
+class DataParallelStep(Step):
+    """No pipeline: ``grad_accum`` forward/backward passes of the task's loss; DeepSpeed reduces and steps at the
+    accumulation boundary."""
+
+    def __init__(self, cfg: RunConfig, engine: Any, groups: ProcessGroups, task: Task, events: Observers):
+        self.cfg, self.engine, self.groups, self.task, self.events = cfg, engine, groups, task, events
+
+    def train(self, batches: Any, step: int) -> tuple[float, float]:
+        engine, groups, last = self.engine, self.groups, self.cfg.train.grad_accum - 1
+        micro_losses, norm = [], None
+        for micro_index in range(last + 1):
+            batch = {k: v.to(engine.device) for k, v in batches.batch(step, micro_index).items()}
+            loss = self.task.loss(engine, batch, groups)
+            engine.backward(loss)
+            if micro_index == last:
+                if self.cfg.parallel.zero_stage == 0:
+                    norm = grad_norm(engine, groups)  # before step() clips in place
+                with self.events.phase("optimizer", step + 1):
+                    engine.step()
+            else:
+                engine.step()  # DeepSpeed counts micro-batches; it applies nothing before the boundary
+            micro_losses.append(loss.detach())  # stays on the device: no host wait per micro-batch
+        if norm is None:
+            norm = grad_norm(engine, groups)
+        (loss_sum,) = sum_over(groups.dp_group, torch.stack(micro_losses).double().mean())
+        return loss_sum / groups.data, norm
+
+    def eval_sums(self, eval_batches: Iterable[tuple[dict[str, torch.Tensor], torch.Tensor]]
+                  ) -> tuple[torch.Tensor | float, float]:
+        device = self.engine.device
+        total_nll, total_tokens = torch.zeros((), dtype=torch.float64, device=device), 0.0
+        for batch, weight in eval_batches:
+            input_ids = batch["input_ids"].to(device)
+            logits = self.engine(input_ids=input_ids).logits
+            nll = next_token_losses(self.engine.module, logits, input_ids, self.groups.tp_group).sum(dim=1)
+            total_nll += (nll.double() * weight.to(device)).sum()
+            total_tokens += float(weight.sum()) * (input_ids.shape[1] - 1)  # weight is the data's, on the host
+        return total_nll, total_tokens

@@ -1,0 +1,129 @@
+"""Sequence-to-sequence (encoder-decoder) runs: source/target pairs padded per micro-batch, the training loss
+on vocabulary-parallel logits, and evaluation through the parallel model: token-weighted loss and perplexity of
+the validation targets, and sacreBLEU of generated translations (greedy or beam search)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from modeling.generation import generate
+from modeling.losses import seq2seq_loss, vocab_slice
+from parallel.cross_entropy import vocab_parallel_cross_entropy
+from parallel.groups import ProcessGroups
+from training import data
+from training.config import ConfigError, RunConfig
+from training.metrics import perplexity, sum_over
+from training.steps import Step
+from training.tasks import Task
+
+
+class Seq2Seq(Task):
+    name = "sequence-to-sequence"
+
+    def __init__(self, cfg: RunConfig):
+        super().__init__(cfg)
+        if cfg.data.source_field is None or cfg.data.target_field is None:  # the schema requires both together
+            raise ValueError("a sequence-to-sequence task needs data.source_field and data.target_field")
+        self.source_field, self.target_field = cfg.data.source_field, cfg.data.target_field
+
+    def check_fits(self, model_config: Any) -> None:
+        from modeling.build import check_sequence_fits
+
+        if not getattr(model_config, "is_encoder_decoder", False):
+            raise ConfigError(f"data.source_field={self.cfg.data.source_field!r} makes this a sequence-to-sequence "
+                              f"run, but model_type {model_config.model_type!r} is decoder-only; use an "
+                              f"encoder-decoder model (t5, marian, bart) or remove data.source_field / "
+                              f"data.target_field")
+        check_sequence_fits(model_config, self.cfg.data.seq_len, self.cfg.data.max_target_len)
+
+    def _pairs(self, files: list[str], key: str) -> Any:
+        return data.load_pairs(files, key, self.source_field, self.target_field, self.cfg.data.cache_dir)
+
+    def texts(self, files: list[str]) -> Iterable[str]:
+        return (text for row in self._pairs(files, "data.train_files") for text in (row["source"], row["target"]))
+
+    def blocks(self, tokenizer: Any, files: list[str], key: str) -> Any:
+        return data.tokenize_pairs(self._pairs(files, key), tokenizer, self.cfg.data.seq_len,
+                                   self.cfg.data.max_target_len, key)
+
+    def model_tokens(self, tokenizer: Any) -> dict[str, int]:
+        tokens = super().model_tokens(tokenizer)
+        if tokenizer.pad_token_id is not None:
+            tokens["decoder_start_token_id"] = tokenizer.pad_token_id  # T5 / Marian convention
+        return tokens
+
+    def pad_id(self, tokenizer: Any) -> int | None:
+        return tokenizer.pad_token_id
+
+    def loss(self, engine: Any, batch: dict[str, torch.Tensor], groups: ProcessGroups) -> torch.Tensor:
+        """Mean loss over the micro-batch's target tokens (padding excluded), as transformers computes it."""
+        return seq2seq_loss(engine.module, _logits(engine, batch), batch["labels"], groups.tp_group)
+
+    def evaluate(self, step: Step, engine: Any, blocks: Any, groups: ProcessGroups,
+                 tokenizer: Any) -> dict[str, Any]:
+        metrics, signature = evaluate(engine, blocks, self.cfg, groups, tokenizer)
+        return {**metrics, **({"bleu_signature": signature} if signature else {})}
+
+
+def _logits(model_engine: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Decoder inputs are the labels shifted right (the model's own rule: start token, -100 -> padding)."""
+    decoder_input_ids = model_engine.module.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
+    return model_engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        decoder_input_ids=decoder_input_ids).logits
+
+
+@torch.no_grad()
+def evaluate(model_engine: Any, examples: Any, cfg: RunConfig, groups: ProcessGroups,
+             tokenizer: Any) -> tuple[dict[str, float], str | None]:
+    """(metrics, sacreBLEU signature): ``eval_loss`` (mean NLL per target token), ``perplexity`` and, with
+    ``eval.bleu``, ``bleu`` over the first ``eval.bleu_samples`` validation examples."""
+    import sacrebleu
+
+    model_engine.eval()
+    module, device = model_engine.module, model_engine.device
+    start, valid = vocab_slice(module.get_output_embeddings())
+    tp_group = groups.tp_group if valid is not None else None
+    pad_id = tokenizer.pad_token_id
+    bleu_limit = min(len(examples), cfg.eval.bleu_samples or len(examples))
+    synced = cfg.parallel.zero_stage == 3 and groups.data > 1  # every rank must keep calling forward
+    nll = torch.zeros((), dtype=torch.float64, device=device)  # sums stay on the device through the loop
+    tokens = torch.zeros((), dtype=torch.float64, device=device)
+    hypotheses, references = [], []
+    per_round = cfg.train.micro_batch_size * groups.data
+    for round_index, (positions, real) in enumerate(data.eval_rounds(
+            len(examples), cfg.train.micro_batch_size, groups.dp_rank, groups.data, cfg.train.eval_batches)):
+        rows = examples.select(positions)[:]
+        batch = {k: v.to(device) for k, v in data.pad_pairs(rows, pad_id).items()}
+        labels = batch["labels"].masked_fill(~torch.tensor(real, device=device).unsqueeze(1), -100)
+        keep = labels != -100
+        losses = vocab_parallel_cross_entropy(_logits(model_engine, {**batch, "labels": labels}),
+                                              labels.masked_fill(~keep, 0), tp_group, start, valid)
+        nll += (losses.double() * keep).sum()
+        tokens += keep.sum()
+        if cfg.eval.bleu and round_index * per_round < bleu_limit:  # every rank alike: generate may be collective
+            out = generate(module, groups.tp_group, input_ids=batch["input_ids"],
+                           attention_mask=batch["attention_mask"], num_beams=cfg.eval.num_beams,
+                           max_new_tokens=cfg.eval.max_new_tokens, do_sample=False, synced_gpus=synced)
+            texts = tokenizer.batch_decode(out, skip_special_tokens=True)
+            for row, (text, position, is_real) in enumerate(zip(texts, positions, real)):
+                if is_real and position < bleu_limit:
+                    hypotheses.append(text.strip())
+                    references.append(rows["target"][row])
+    model_engine.train()
+    nll_sum, token_sum = sum_over(groups.dp_group, nll, tokens)
+    mean = nll_sum / max(token_sum, 1.0)
+    metrics = {"eval_loss": mean, "perplexity": perplexity(mean)}
+    if not cfg.eval.bleu:
+        return metrics, None
+    gathered: list[Any] = [None] * groups.data
+    dist.all_gather_object(gathered, (hypotheses, references), group=groups.dp_group)
+    hypotheses = [h for part, _ in gathered for h in part]
+    references = [r for _, part in gathered for r in part]
+    bleu = sacrebleu.metrics.BLEU()
+    score = bleu.corpus_score(hypotheses, [references])
+    metrics["bleu"] = score.score
+    return metrics, str(bleu.get_signature())
