@@ -27,7 +27,7 @@ def _errors_on_every_rank(cases):
 
 def _degrees():
     from parallel.groups import ProcessGroups
-    from training.loop import init_distributed
+    from training.lifecycle import init_distributed
 
     init_distributed()
     try:

@@ -20,7 +20,7 @@ def _masks(sequence_parallel: bool, dropout_seed):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from modeling.tensor_parallel import tensor_parallelize
-    from training.loop import init_distributed
+    from training.lifecycle import init_distributed
 
     init_distributed()
     torch.manual_seed(0)

@@ -34,7 +34,7 @@ def _slices_of_the_full_model(tmp):
     from modeling.build import build_model
     from modeling.materialize import SeededInit, StoredWeights
     from modeling.shards import full_state_dict
-    from training.loop import init_distributed
+    from training.lifecycle import init_distributed
 
     init_distributed()
     group = dist.group.WORLD
@@ -74,7 +74,7 @@ def _bytes_read(tmp):
 
     from modeling.build import build_model
     from modeling.materialize import StoredWeights
-    from training.loop import init_distributed
+    from training.lifecycle import init_distributed
 
     init_distributed()
     group = dist.group.WORLD
@@ -130,7 +130,7 @@ def _peak_while_building(arch_fields):
     import torch.distributed as dist
 
     from modeling.materialize import SeededInit
-    from training.loop import init_distributed
+    from training.lifecycle import init_distributed
 
     init_distributed()
     clear = Path("/proc/self/clear_refs")

@@ -73,7 +73,7 @@ def _pipeline_grads(cases):
     from parallel.partition import chunks_of_rank
     from parallel.schedules import run_schedule
     from parallel.weight_grad import WeightGradStore
-    from training.loop import init_distributed
+    from training.lifecycle import init_distributed
 
     init_distributed()
     rank, p = dist.get_rank(), dist.get_world_size()
@@ -151,7 +151,7 @@ def _fail_mid_schedule():
 
     from parallel.p2p import PipeComm, PipelineTimeout
     from parallel.schedules import one_f_one_b_order, run_schedule
-    from training.loop import init_distributed
+    from training.lifecycle import init_distributed
 
     init_distributed()
     rank = dist.get_rank()
@@ -203,7 +203,7 @@ def _steady_state_exchange():
     import torch.distributed as dist
 
     from parallel.p2p import PipeComm
-    from training.loop import init_distributed
+    from training.lifecycle import init_distributed
 
     init_distributed()
     batches = []

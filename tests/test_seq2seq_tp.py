@@ -62,7 +62,7 @@ def _compare(name, async_grad_reduce=True):
     from modeling.losses import seq2seq_loss
     from modeling.shards import full_state_dict
     from modeling.tensor_parallel import tensor_parallelize
-    from training.loop import init_distributed
+    from training.lifecycle import init_distributed
 
     init_distributed()
     group = dist.group.WORLD
@@ -98,7 +98,7 @@ def _generate(name):
 
     from modeling.generation import generate
     from modeling.tensor_parallel import tensor_parallelize
-    from training.loop import init_distributed
+    from training.lifecycle import init_distributed
 
     init_distributed()
     group = dist.group.WORLD

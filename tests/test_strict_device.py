@@ -24,7 +24,7 @@ def _strict_runs(cfgs):
 
 def _three_reductions():
     import tests.strict_device as module
-    from training.loop import init_distributed
+    from training.lifecycle import init_distributed
 
     init_distributed()
     module.OURS += (str(module.ROOT / "tests") + "/",)  # these calls come from a test: count them as ours

@@ -16,7 +16,7 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 def _init():
     import torch.distributed as dist
 
-    from training.loop import init_distributed
+    from training.lifecycle import init_distributed
 
     init_distributed()
     return dist.group.WORLD, dist.get_rank(), dist.get_world_size()

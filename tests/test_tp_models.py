@@ -38,7 +38,7 @@ def _compare(arch, sequence_parallel, async_grad_reduce=True):
     from modeling.shards import full_state_dict
     from modeling.tensor_parallel import tensor_parallelize
     from parallel.comm import gather_from_tensor_parallel_region
-    from training.loop import init_distributed
+    from training.lifecycle import init_distributed
 
     init_distributed()
     group = dist.group.WORLD
@@ -80,7 +80,7 @@ def _count_block_collectives(sequence_parallel, arch="gpt2", async_grad_reduce=T
     import torch.distributed as dist
 
     from modeling.tensor_parallel import tensor_parallelize
-    from training.loop import init_distributed
+    from training.lifecycle import init_distributed
 
     init_distributed()
     model = tensor_parallelize(_dense_model(arch), dist.group.WORLD, sequence_parallel, async_grad_reduce)

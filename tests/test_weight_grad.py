@@ -112,7 +112,7 @@ def _tensor_parallel_split(mutation: bool = False):
 
     from parallel.layers import ColumnParallelLinear, RowParallelLinear
     from parallel.region import RegionEntry
-    from training.loop import init_distributed
+    from training.lifecycle import init_distributed
 
     init_distributed()
     if mutation:
