@@ -87,7 +87,7 @@ def test_a_conversion_beyond_stacking_runs_transformers_own_convert(tmp_path, mo
     import modeling.materialize as materialize
 
     _save("qwen2_moe", tmp_path)
-    monkeypatch.setattr(materialize, "layout", lambda group, shape_of: None)
+    monkeypatch.setattr(materialize, "placement_of", lambda group, shape_of: None)
     _assert_loads_like_from_pretrained(tmp_path)
 
 
