@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 NPROC ?= 2
 CONFIG ?= configs/quickstart.yaml
 
-.PHONY: train test test-fast setup clean
+.PHONY: train test test-fast lint setup clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt scripts/setup_env.sh
 	bash scripts/setup_env.sh $(VENV)
@@ -16,6 +16,11 @@ setup: $(VENV)/.installed
 
 train: $(VENV)/.installed
 	$(VENV)/bin/torchrun --nproc_per_node $(NPROC) train.py --config $(CONFIG) $(ARGS)
+
+# ruff (lint, import order) on everything; mypy on parallel/, modeling/, training/ (pyproject.toml).
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q --durations=25 tests $(PYTEST_ARGS)
