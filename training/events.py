@@ -28,7 +28,8 @@ PHASES = ("load", "resume", "train", "step", "optimizer", "eval", "save", "expor
 
 @dataclass(frozen=True)
 class BuiltRun:
-    """The parts of a run, as ``on_built`` receives them once the engine exists (before any resume)."""
+    """The parts of a run, as ``on_built`` receives them once the run is assembled (after any resume, before the
+    first step)."""
 
     cfg: Any            # training.config.RunConfig
     model: Any          # this rank's HF model object (its tensor-parallel shard; with pipelines, the whole
