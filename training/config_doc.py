@@ -1,4 +1,4 @@
-"""``docs/config.md``, generated from the schema in ``training/config.py``: every key, its type, default and
+"""``docs/config.md``, generated from the schema in ``training/config_schema.py``: every key, its type, default and
 meaning. ``python -m training.config_doc`` rewrites it; a test fails when the committed file is stale."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from training.config import RunConfig
 DOC = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 HEADER = """# Run configuration reference
 
-Generated from the schema in `training/config.py` by `python -m training.config_doc` (a test fails when this
+Generated from the schema in `training/config_schema.py` by `python -m training.config_doc` (a test fails when this
 file and the schema disagree). One YAML file holds these sections; `--set section.key=value` overrides a key
 (the value read as YAML). Unknown keys are errors naming the nearest valid one.
 """
