@@ -1,7 +1,14 @@
-"""Run a function on N local ranks (spawned processes, gloo), with a hard timeout.
+"""Run a function on N local ranks (processes, gloo), with a hard timeout.
 
 A failing rank's traceback is re-raised in the test with its rank id; a rank that hangs fails the test
 after ``timeout`` seconds and every rank is killed, so a deadlock can never stall the suite.
+
+Without CUDA the ranks are forked from a fork server that imported torch, DeepSpeed, transformers, datasets
+and colonnade once for the whole session (``tests/rank_preload.py``): a spawned rank spent about 4 s on those
+imports, 8 s of wall time per launch of 4 ranks on the 2-core box, more than most tests' training. The server
+runs no test code, so every rank starts from the same untouched modules, with the environment and the
+stdout/stderr the test has when it launches them, as a spawned rank does. With CUDA (a fork after CUDA is
+initialised breaks it) or ``COLONNADE_TEST_SPAWN=1`` the ranks are spawned.
 """
 
 from __future__ import annotations
@@ -10,8 +17,10 @@ import multiprocessing as mp
 import os
 import queue
 import socket
+import sys
 import time
 import traceback
+from multiprocessing import reduction
 
 
 def free_port() -> int:
@@ -20,7 +29,40 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _entry(fn, rank, world_size, port, results, args, kwargs):
+def _context():
+    import torch
+
+    if os.environ.get("COLONNADE_TEST_SPAWN") == "1" or torch.cuda.is_available():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["tests.rank_preload"])
+    return ctx
+
+
+class _Fd:
+    """The test's stdout or stderr, handed to a forked rank (a spawned one inherits them): pytest's capture
+    (``capfd``) and the console see what the ranks print."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __reduce__(self):
+        return _own_fd, (reduction.DupFd(self.fd),)
+
+
+def _own_fd(dup) -> int:
+    return dup.detach()
+
+
+def _entry(fn, rank, world_size, port, results, env, outputs, args, kwargs):
+    if outputs is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for target, fd in zip((1, 2), outputs):
+            os.dup2(fd, target)
+            os.close(fd)
+    os.environ.clear()
+    os.environ.update(env)  # the test's environment when it launched the ranks, as a spawned rank has it
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       WANDB_SILENT="true", TOKENIZERS_PARALLELISM="false", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
@@ -40,10 +82,13 @@ def _entry(fn, rank, world_size, port, results, args, kwargs):
 
 def run_ranks(fn, world_size: int, *args, timeout: float = 600, **kwargs) -> list:
     """Call ``fn(*args, **kwargs)`` on ranks 0..world_size-1; return their results by rank."""
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, results, args, kwargs), daemon=True)
+    env = dict(os.environ)
+    outputs = (_Fd(1), _Fd(2)) if ctx.get_start_method() == "forkserver" else None
+    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, results, env, outputs, args, kwargs),
+                         daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()
@@ -61,7 +106,8 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 600, **kwargs) -> lis
             except queue.Empty:
                 dead = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0) and i not in outcome]
                 if dead:
-                    raise RuntimeError(f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode}")
+                    code = procs[dead[0]].exitcode
+                    raise RuntimeError(f"rank {dead[0]} died with exit code {code}") from None
     finally:
         for p in procs:
             p.join(timeout=10)

@@ -182,7 +182,7 @@ def assert_gradients_match(tp_model, dense, group, tol: dict) -> int:
     ref_grads = {n: p.grad for n, p in dense.named_parameters()}
     assert set(grads) == set(ref_grads)
     for key, grad in grads.items():
-        torch.testing.assert_close(grad, ref_grads[key], **tol, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(grad, ref_grads[key], **tol, msg=lambda m, key=key: f"{key}: {m}")
     return len(grads)
 
 

@@ -10,6 +10,8 @@ import torch
 from tests.dist import run_ranks
 from tests.helpers import TINY_GPT2, tiny_config, write_corpus
 
+pytestmark = pytest.mark.multiprocess
+
 
 def _errors_on_every_rank(cases):
     """Run each (config, deepspeed_json) and return the error text each one raised on this rank."""
@@ -36,6 +38,7 @@ def _degrees():
         return str(exc)
 
 
+@pytest.mark.slow
 def test_bad_input_errors_on_every_rank_before_training(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -72,7 +75,8 @@ def test_bad_input_errors_on_every_rank_before_training(tmp_path):
     ]
     per_rank = run_ranks(_errors_on_every_rank, 2, cases, timeout=300)
     for messages in per_rank:
-        missing, too_small, batch_rule, bad_json, short_data, vocab, ok, other_model, fp16, too_long, not_text = messages
+        (missing, too_small, batch_rule, bad_json, short_data, vocab, ok, other_model, fp16, too_long,
+         not_text) = messages
         assert "data.seq_len=128 is longer than the 64 positions of this gpt2 model" in too_long
         assert f"data.train_files: {binary} is not UTF-8 text (undecodable near byte 0)" in not_text
         assert f"data.train_files: {malformed}, line 3: not valid JSON" in bad_json
@@ -83,7 +87,8 @@ def test_bad_input_errors_on_every_rank_before_training(tmp_path):
                 "x train.grad_accum=1 x 2 data-parallel ranks)") in short_data
         assert f"data.train_files: token id 257 is outside the vocabulary of {small_vocab} (200 embeddings)" in vocab
         assert ok is None
-        assert f"train.resume: {tmp_path / 'g' / 'run' / 'checkpoints' / 'step_0000002'} holds a different model" in other_model
+        saved = tmp_path / "g" / "run" / "checkpoints" / "step_0000002"
+        assert f"train.resume: {saved} holds a different model" in other_model
         assert "transformer.wte.weight: (260, 32) in the checkpoint, (260, 64) in this model" in other_model
         assert "precision=fp16 is not supported on this cpu accelerator" in fp16 or torch.cuda.is_available()
     for name in "abcdefhijk":  # nothing trained, nothing written (before: tokenizer/, config.yaml, ...)

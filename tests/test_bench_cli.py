@@ -29,7 +29,8 @@ CASES = {  # id: (arguments, what the line must name)
     "schedule weight beyond backward": (["schedule", "--schedule", "zb-h1", "-p", "2", "-m", "4", "--backward-time",
                                          "2", "--weight-time", "5"], "--weight-time 5"),
     # before: each rank's FileNotFoundError traceback
-    "async_save missing files": (["async_save", "--files", "/nonexistent/*.txt"], "'/nonexistent/*.txt' matches no file"),
+    "async_save missing files": (["async_save", "--files", "/nonexistent/*.txt"],
+                                 "'/nonexistent/*.txt' matches no file"),
     # before: each rank's ValueError traceback from transformers
     "async_save hidden vs heads": (["async_save", "--hidden", "100"], "--hidden 100 is not a multiple"),
     "async_save steps": (["async_save", "--steps", "2"], "--save-every 4 exceeds --steps 2"),  # before: exit 1
@@ -49,6 +50,7 @@ CASES = {  # id: (arguments, what the line must name)
 }
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("argv, named", list(CASES.values()), ids=list(CASES))
 def test_bad_input_is_one_line_exit_2_before_any_launch(argv, named):
     out = subprocess.run([sys.executable, "-m", "bench", *argv], cwd=ROOT, capture_output=True, text=True,
@@ -60,12 +62,14 @@ def test_bad_input_is_one_line_exit_2_before_any_launch(argv, named):
     assert not out.stdout.strip(), out.stdout[-2000:]
 
 
+@pytest.mark.subprocess
 def test_help_exits_0():
     out = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=ROOT, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0 and "commands:" in out.stdout and "diverge" in out.stdout
 
 
+@pytest.mark.unit
 def test_zb_h1_theory_is_the_simulated_bubble_where_it_holds_and_withheld_elsewhere(capsys):
     """Qi et al.'s (p-1)(F+B-W) formula takes B as the input-gradient part of the backward. Inside its domain
     (W <= F, W <= B, m >= p) it equals the simulated bubble; outside, the command says it does not apply instead
@@ -83,6 +87,7 @@ def test_zb_h1_theory_is_the_simulated_bubble_where_it_holds_and_withheld_elsewh
     assert "does not apply here (W=1.5 > F=1" in capsys.readouterr().out
 
 
+@pytest.mark.unit
 def test_memory_results_go_to_the_repository_results_dir_and_the_console_says_so(tmp_path, monkeypatch, capsys):
     """Without --out, `bench memory` writes under the repository's bench/results/memory (here redirected to a
     temporary one), not the current directory, and says where. The launch is stubbed."""

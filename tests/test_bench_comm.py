@@ -9,6 +9,7 @@ import pytest
 from bench.comm import bus_factor, fit_latency_bandwidth, main, predict_seconds
 
 
+@pytest.mark.unit
 def test_busbw_formulas():
     assert bus_factor("all_reduce", 8) == pytest.approx(2 * 7 / 8)
     assert bus_factor("all_gather", 4) == pytest.approx(3 / 4)
@@ -16,6 +17,7 @@ def test_busbw_formulas():
     assert bus_factor("broadcast", 8) == 1.0 and bus_factor("send_recv", 2) == 1.0
 
 
+@pytest.mark.unit
 def test_fit_recovers_latency_and_bandwidth():
     points = [(n, 50e-6 + n / 2e9) for n in (1 << 10, 1 << 16, 1 << 20, 1 << 24)]
     fit = fit_latency_bandwidth(points)
@@ -24,6 +26,7 @@ def test_fit_recovers_latency_and_bandwidth():
     assert predict_seconds(fit, 1 << 22) == pytest.approx(50e-6 + (1 << 22) / 2e9)
 
 
+@pytest.mark.subprocess
 def test_comm_benchmark_runs_end_to_end(tmp_path):
     result = main(["--nproc", "2", "--min-size", "1K", "--max-size", "16K", "--iters", "3", "--out", str(tmp_path)])
     ops = {r["op"] for r in result["rows"]}

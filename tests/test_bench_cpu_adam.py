@@ -7,6 +7,8 @@ import torch
 
 from bench.cpu_adam import _candidates, main, report, time_optimizer
 
+pytestmark = pytest.mark.unit
+
 
 def test_torch_candidates_reach_the_same_weights_and_the_report_names_them():
     candidates = _candidates()

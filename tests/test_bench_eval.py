@@ -13,6 +13,7 @@ from bench.eval import bleu, main, windows
 from tests.helpers import TINY_GPT2, write_corpus
 
 
+@pytest.mark.unit
 def test_sacrebleu_readme_example():
     refs = [["The dog bit the man.", "It was not unexpected.", "The man bit him first."],
             ["The dog had bit the man.", "No one was surprised.", "The man had bitten the dog."]]
@@ -22,6 +23,7 @@ def test_sacrebleu_readme_example():
     assert result["signature"].startswith("nrefs:2|")
 
 
+@pytest.mark.unit
 def test_windows_score_every_token_once():
     for n, max_length, stride in [(100, 32, 16), (100, 32, 32), (10, 32, 8), (33, 32, 31)]:
         spans = list(windows(n, max_length, stride))
@@ -71,6 +73,7 @@ def _independent_perplexity(model_dir, text_file, max_length, stride):
     return math.exp(total / count)
 
 
+@pytest.mark.subprocess
 def test_perplexity_matches_independent_computation_and_layouts(exported, tmp_path):
     root, text = exported
     expected = _independent_perplexity(root / "hf", text, 32, 16)
@@ -86,6 +89,7 @@ def test_perplexity_matches_independent_computation_and_layouts(exported, tmp_pa
     assert results[(1, 1)]["tokens"] == results[(2, 1)]["tokens"] == results[(1, 2)]["tokens"]
 
 
+@pytest.mark.subprocess
 def test_bleu_of_greedy_generation_through_tp(exported, tmp_path):
     root, _ = exported
     data = tmp_path / "bleu.jsonl"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
 import torch
 
 from bench.formulas import largest_layer_params, model_state_bytes
@@ -12,6 +13,7 @@ from bench.memory import MMAP_THRESHOLD, PhasePeaks, main
 from bench.variant import parse_variant
 
 
+@pytest.mark.unit
 def test_each_phase_sees_its_own_peak_not_an_earlier_one():
     peaks = PhasePeaks()
     peaks.start("load")
@@ -29,12 +31,14 @@ def test_each_phase_sees_its_own_peak_not_an_earlier_one():
     assert above["steps"] < 32 * 2**20, above
 
 
+@pytest.mark.unit
 def test_variant_strings():
     assert parse_variant("tensor=2,pipeline=2") == ("tensor=2,pipeline=2",
                                                     ["parallel.tensor=2", "parallel.pipeline=2"], 4)
     assert parse_variant("data=2,zero=3") == ("data=2,zero=3", ["parallel.zero_stage=3"], 2)
 
 
+@pytest.mark.subprocess
 def test_memory_benchmark_runs_every_phase(tmp_path):
     rows = main(["--config", "configs/sweeps/base_tiny.yaml", "--layout", "tensor=2", "--out", str(tmp_path),
                  "--malloc-mmap-threshold", str(MMAP_THRESHOLD)])  # a tiny model: colonnade would not set it
@@ -48,6 +52,7 @@ def test_memory_benchmark_runs_every_phase(tmp_path):
     assert (tmp_path / "report.md").read_text().count("| tensor=2 | 2 |") == 1
 
 
+@pytest.mark.unit
 def test_zero3_formula_adds_the_largest_layer_gathered_with_its_gradient():
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -62,6 +67,7 @@ def test_zero3_formula_adds_the_largest_layer_gathered_with_its_gradient():
     assert sum(zero3.values()) == (4 + 4 + 8 + 4) * psi / 2 + 800
 
 
+@pytest.mark.unit
 def test_saved_activations_count_what_backward_keeps_not_the_parameters():
     from bench.memory import SavedActivations
 
@@ -85,6 +91,7 @@ def test_saved_activations_count_what_backward_keeps_not_the_parameters():
     assert activations.peak == 8 * 256 * 4, "a view of a parameter's storage counted as an activation"
 
 
+@pytest.mark.unit
 def test_memory_observer_turns_the_runs_events_into_phases_and_counts_activations_inside_steps():
     """The run's events (``training.events``) drive ``PhasePeaks`` and ``SavedActivations``: load, save and
     export are their own phases, steps run from a step's start to the next of those less the optimizer phase,

@@ -15,13 +15,18 @@ from bench.sweep import main, points
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.unit
 def test_zero_formula():
-    assert zero_formula_bytes(1000, 0, 4) == {"param_bytes": 4000, "gradient_bytes": 4000, "optimizer_state_bytes": 8000}
-    assert zero_formula_bytes(1000, 1, 4) == {"param_bytes": 4000, "gradient_bytes": 4000, "optimizer_state_bytes": 2000}
-    assert zero_formula_bytes(1000, 2, 4) == {"param_bytes": 4000, "gradient_bytes": 1000, "optimizer_state_bytes": 2000}
-    assert zero_formula_bytes(1000, 3, 4) == {"param_bytes": 1000, "gradient_bytes": 1000, "optimizer_state_bytes": 2000}
+    def row(params, gradients, optimizer_state):
+        return {"param_bytes": params, "gradient_bytes": gradients, "optimizer_state_bytes": optimizer_state}
+
+    assert zero_formula_bytes(1000, 0, 4) == row(4000, 4000, 8000)
+    assert zero_formula_bytes(1000, 1, 4) == row(4000, 4000, 2000)
+    assert zero_formula_bytes(1000, 2, 4) == row(4000, 1000, 2000)
+    assert zero_formula_bytes(1000, 3, 4) == row(1000, 1000, 2000)
 
 
+@pytest.mark.subprocess
 def test_sweep_two_points_one_failing(tmp_path, monkeypatch):
     """Also runs every baseline once (plain, DDP, DeepSpeed alone, torch.distributed.pipelining) and the
     predicted-vs-measured communication of the TP point, using the committed CPU `bench comm` fit."""
@@ -68,6 +73,7 @@ def test_sweep_two_points_one_failing(tmp_path, monkeypatch):
     assert list((out / "wandb").glob("offline-run-*")), "a W&B run per point, offline"
 
 
+@pytest.mark.unit
 def test_wandb_agent_parameters_map_onto_config_keys():
     import train
     from training.config import load
@@ -81,12 +87,14 @@ def test_wandb_agent_parameters_map_onto_config_keys():
     assert args.overrides == ["optim.lr=0.01"]
 
 
+@pytest.mark.unit
 def test_exclude_drops_the_matching_points_of_the_grid():
     spec = {"grid": {"data": [1, 2], "parallel.tensor": [1, 2]}, "exclude": [{"data": 2, "parallel.tensor": 2}]}
     assert points(spec) == [{"data": 1, "parallel.tensor": 1}, {"data": 1, "parallel.tensor": 2},
                             {"data": 2, "parallel.tensor": 1}]
 
 
+@pytest.mark.unit
 def test_every_committed_sweep_point_is_a_valid_config(monkeypatch):
     """Sweeps that cannot run here (the GPU check, the GPU grid) are at least valid: each point's config
     passes the same validation train.py applies, at the world size the sweep would launch."""
@@ -108,6 +116,7 @@ def test_every_committed_sweep_point_is_a_valid_config(monkeypatch):
         pytest.fail(f"only {checked} sweep points found")
 
 
+@pytest.mark.unit
 def test_rounds_report_the_median_run_and_every_round():
     """``rounds:`` repeats each point (ABBA); the record is the run of median step time, the bubble the median of
     the rounds', and the report lists every round."""
@@ -134,6 +143,7 @@ def _tiny_sweep(tmp_path: Path, grid: dict) -> Path:
     return path
 
 
+@pytest.mark.unit
 def test_an_invalid_grid_point_stops_the_sweep_before_any_run(tmp_path, monkeypatch, capsys):
     """Before: a grid with ``parallel.tensr: [1, 2]`` ran every point, recorded only "ConfigError: invalid
     configuration (...)" without the reason, and exited 0."""
@@ -154,6 +164,7 @@ def test_an_invalid_grid_point_stops_the_sweep_before_any_run(tmp_path, monkeypa
         main([str(sweep), "--out", str(tmp_path / "out")])
 
 
+@pytest.mark.unit
 def test_a_point_failing_at_run_time_is_reported_with_its_reason_and_exit_code_1(tmp_path, monkeypatch, capsys):
     """A worker's multi-line error (a config error's reason is on its second line) reaches the record, the
     report and the console whole; the sweep exits 1. Before: the first line only, and exit code 0."""
@@ -178,6 +189,7 @@ def test_a_point_failing_at_run_time_is_reported_with_its_reason_and_exit_code_1
     assert f"bench sweep: failed: point parallel.tensor=1 (1 process): {reason}" in capsys.readouterr().err
 
 
+@pytest.mark.unit
 def test_step_observer_times_each_step_and_its_optimizer_phase_from_the_runs_events():
     """``bench.sweep_worker.StepObserver``: one record per ``step`` event with the probe's totals over it, the
     ``optimizer`` phase's seconds added to the probe, the gradient storage counted before each optimizer step,

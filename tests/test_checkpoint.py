@@ -14,8 +14,7 @@ import torch
 
 from tests.dist import run_ranks
 from tests.helpers import TINY_GPT2, run_configs, step_records, tiny_config, write_corpus
-from training.checkpoint import files
-from training.checkpoint import CheckpointError, resolve_resume
+from training.checkpoint import CheckpointError, files, resolve_resume
 
 FOUR_HEADS = dict(TINY_GPT2, n_head=4)
 
@@ -41,6 +40,8 @@ def _zero_the_moments(checkpoint: Path) -> None:
     (checkpoint / files.MANIFEST).write_text(json.dumps(manifest))
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_resume_at_other_layouts_continues_the_run(tmp_path):
     """Saved at TP=2 x PP=2 x DP=2 (ZeRO-1) after step 5; resumed at TP=1 x PP=1 x DP=1 (ZeRO-2 and ZeRO-3)
     and at TP=4 x DP=2 (ZeRO-1), same global batch of 8: steps 6..10 match the uninterrupted run."""
@@ -84,9 +85,11 @@ def test_resume_at_other_layouts_continues_the_run(tmp_path):
 
     from training.checkpoint.export import main as export_main
 
-    assert export_main([str(tmp_path / "full" / "run"), str(out)]) == 0  # `python -m training.checkpoint.export RUN OUT`
+    # `python -m training.checkpoint.export RUN OUT`
+    assert export_main([str(tmp_path / "full" / "run"), str(out)]) == 0
 
-    exported, final = load_file(out / "model.safetensors"), load_file(tmp_path / "full" / "run" / "hf" / "model.safetensors")
+    exported = load_file(out / "model.safetensors")
+    final = load_file(tmp_path / "full" / "run" / "hf" / "model.safetensors")
     assert exported.keys() == final.keys() and all(torch.equal(exported[k], final[k]) for k in final)
 
 
@@ -126,6 +129,8 @@ def _crash_during_save(cfg, point: str, at_step: int):
     run(cfg)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_interrupted_saves_and_damaged_files(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
     run_dir = tmp_path / "r" / "run"
@@ -164,6 +169,7 @@ def test_interrupted_saves_and_damaged_files(tmp_path):
         resolve_resume(str(step6), run_dir)
 
 
+@pytest.mark.unit
 def test_saving_a_step_again_replaces_it_whole(tmp_path):
     root = tmp_path / "checkpoints"
     for content in ("first", "second"):
@@ -175,6 +181,7 @@ def test_saving_a_step_again_replaces_it_whole(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000003"]  # nothing half-moved left
 
 
+@pytest.mark.multiprocess
 def test_a_format_1_checkpoint_still_resumes(tmp_path):
     """A checkpoint of the previous format (one gathered model/optimizer/rng file), written by colonnade at
     a680fed at TP=2 (tests/fixtures/format1/make.py), resumes on one rank: steps 3 and 4 are the ones the run
@@ -214,6 +221,7 @@ def _timed_writes(cfg):
     return spans
 
 
+@pytest.mark.multiprocess
 def test_ranks_write_their_files_at_the_same_time(tmp_path):
     """Each rank writes its own file without waiting for another's: with every write slowed to 1.5 s, the two
     ranks' writes overlap in time."""
@@ -226,6 +234,8 @@ def test_ranks_write_their_files_at_the_same_time(tmp_path):
                                                             "rank-00001-of-00002.safetensors"]
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_saves_from_zero3_zero0_and_bf16_resume(tmp_path):
     """The per-rank pieces of the other writers: ZeRO-3 partitions (with their padding) and ZeRO-0's even shares
     at DP=2 resume on one rank (ZeRO-1 / ZeRO-2) to the uninterrupted runs' steps 6-10 (tolerance as above: only
@@ -272,6 +282,7 @@ def _agree_on_damaged(run_dir):
     return None, hashed
 
 
+@pytest.mark.multiprocess
 def test_ranks_split_the_checks_and_all_name_a_damaged_file(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
     cfg = tiny_config(tmp_path / "r", corpus, parallel={"tensor": 2, "zero_stage": 1}, train__steps=2)
@@ -318,6 +329,8 @@ def _slow_writes_and_step_ends(cfg, delay: float, skip_host_copy: bool = False):
     return run(cfg, observers=[StepEnds()]).history, step_ends, spans
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_async_saves_write_what_sync_saves_write_while_training_goes_on(tmp_path):
     """train.async_save at DP=2 (ZeRO-1: partitioned moments), every file write slowed by 1 s: the steps after
     a save end before its files are written (training goes on), the losses equal the synchronous run's, and

@@ -14,6 +14,8 @@ from training.checkpoint.files import CheckpointError
 from training.checkpoint.hf_files import write_safetensors
 from training.checkpoint.pieces import INDEX, CheckpointReader, Piece
 
+pytestmark = pytest.mark.unit
+
 FULL = (10, 6)  # a fused weight of 2 chunks of rows, padded to 12 rows at TP=2 and 16 at TP=4
 
 

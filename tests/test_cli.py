@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.subprocess
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -41,7 +43,7 @@ def test_an_error_every_rank_finds_is_reported_by_rank_0(launcher):
     exit code 2 (before: whichever rank got there first printed, often rank 1, and the launcher killed rank 0)."""
     from tests.dist import free_port
 
-    for attempt in range(2):
+    for _attempt in range(2):
         port = free_port()
         argv = (_torchrun(port) if launcher == "torchrun" else
                 [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port)])

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from pydantic import ValidationError
 
 from training.config import ConfigError, load, validate
 from training.deepspeed_config import check_user_deepspeed_config, deepspeed_config
@@ -24,6 +25,7 @@ def write(tmp_path, raw) -> Path:
     return path
 
 
+@pytest.mark.unit
 def test_unknown_key_names_dotted_key_and_nearest(tmp_path):
     with pytest.raises(ConfigError, match=r"optim\.lrr: unknown key; did you mean optim\.lr\?"):
         load(write(tmp_path, {**MINIMAL, "optim": {"lrr": 1e-3}}))
@@ -31,6 +33,7 @@ def test_unknown_key_names_dotted_key_and_nearest(tmp_path):
         load(write(tmp_path, {**MINIMAL, "optimm": {}}))
 
 
+@pytest.mark.unit
 def test_wrong_type_and_impossible_values(tmp_path):
     with pytest.raises(ConfigError) as err:
         load(write(tmp_path, MINIMAL), ["train.steps=abc", "train.micro_batch_size=0", "precision=fp8",
@@ -66,6 +69,7 @@ def test_wrong_type_and_impossible_values(tmp_path):
         validate({**seq2seq, "data": {"train_files": ["x.jsonl"], "seq_len": 16, "source_field": "en"}})
 
 
+@pytest.mark.unit
 def test_overrides_take_precedence_over_file_over_defaults(tmp_path):
     path = write(tmp_path, {**MINIMAL, "optim": {"lr": 1e-3}})
     assert load(path).optim.lr == 1e-3                       # file beats default (3e-4)
@@ -76,12 +80,14 @@ def test_overrides_take_precedence_over_file_over_defaults(tmp_path):
         load(path, ["optim.lr"])
 
 
+@pytest.mark.unit
 def test_config_is_frozen():
     cfg = validate(MINIMAL)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="Instance is frozen"):
         cfg.train.steps = 3
 
 
+@pytest.mark.unit
 def test_generated_deepspeed_json():
     cfg = validate({**MINIMAL, "train": {"steps": 5, "micro_batch_size": 4, "grad_accum": 3},
                     "parallel": {"zero_stage": 2}, "precision": "bf16"})
@@ -98,6 +104,7 @@ def test_generated_deepspeed_json():
     assert lean["zero_optimization"]["stage3_max_reuse_distance"] == 10**6
 
 
+@pytest.mark.unit
 def test_adamw_is_torch_fused_kernel_unless_asked_otherwise():
     from training.engine import build_optimizer
 
@@ -107,6 +114,7 @@ def test_adamw_is_torch_fused_kernel_unless_asked_otherwise():
     assert fused.defaults["fused"] is True and not foreach.defaults["fused"]
 
 
+@pytest.mark.unit
 def test_user_deepspeed_json_batch_rule_unknown_keys_and_mismatches():
     cfg = validate({**MINIMAL, "train": {"steps": 5, "micro_batch_size": 2, "grad_accum": 2}})
     good = {"train_batch_size": 8, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
@@ -128,6 +136,7 @@ def test_user_deepspeed_json_batch_rule_unknown_keys_and_mismatches():
         assert line in str(err.value)
 
 
+@pytest.mark.subprocess
 def test_print_config_cli(tmp_path):
     out = subprocess.run([sys.executable, "train.py", "--config", "configs/quickstart.yaml", "--print-config",
                           "--set", "optim.lr=5e-4"], cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -141,6 +150,7 @@ def test_print_config_cli(tmp_path):
     assert bad.returncode == 2 and "did you mean optim.lr?" in bad.stderr
 
 
+@pytest.mark.unit
 def test_global_batch_size_derives_grad_accum_for_each_world_size():
     """train.global_batch_size fixes the batch; grad_accum follows the data-parallel size (an elastic restart on
     fewer nodes); a size it does not divide, or a grad_accum that disagrees, is one error naming the keys."""
@@ -169,6 +179,7 @@ def test_global_batch_size_derives_grad_accum_for_each_world_size():
         for_world(piped, 4)
 
 
+@pytest.mark.unit
 def test_an_elastic_restart_resumes_its_own_run(monkeypatch):
     from training import elastic
 
@@ -180,6 +191,7 @@ def test_an_elastic_restart_resumes_its_own_run(monkeypatch):
     assert elastic.resume_setting(None) == "auto" and elastic.resume_setting("/ckpt") == "/ckpt"
 
 
+@pytest.mark.unit
 def test_docs_config_md_is_the_schema():
     """docs/config.md is generated from the schema: a key added, removed or redescribed without regenerating
     fails here (the fix: python -m training.config_doc)."""
@@ -190,6 +202,7 @@ def test_docs_config_md_is_the_schema():
     assert "| `logging.wandb.mode` |" in render() and "| `precision` |" in render()
 
 
+@pytest.mark.unit
 def test_an_elastic_restart_derives_grad_accum_the_yaml_also_sets(tmp_path):
     """Issue 30 point 2. Before: the restart at DP=1 was refused ("train.grad_accum=1 and
     train.global_batch_size=16 disagree ... remove train.grad_accum") and ``--set train.grad_accum=null`` was
@@ -210,6 +223,7 @@ def test_an_elastic_restart_derives_grad_accum_the_yaml_also_sets(tmp_path):
         load(write(tmp_path, MINIMAL), ["train.steps=null"])
 
 
+@pytest.mark.unit
 def test_override_text_that_is_not_yaml_and_values_with_one_fix(tmp_path):
     """Issue 30 points 5-6. Before: yaml.parser.ParserError tracebacks for '[0.9,' and the documented
     '{stdlib}/a*.py' placeholder; an unknown parallel.partition did not list the valid values."""
@@ -227,6 +241,7 @@ def test_override_text_that_is_not_yaml_and_values_with_one_fix(tmp_path):
         load(path, ["train.overwrite=true", "train.resume=auto"])
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("setting, message", [
     ("model.config.n_layers=2", "model.config.n_layers: unknown key for model_type 'gpt2'; did you mean "
                                 "model.config.n_layer?"),

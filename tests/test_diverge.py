@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 
+import pytest
+
 from tests.dist import run_ranks
 from tests.helpers import TINY_GPT2, tiny_config, write_corpus
 
@@ -56,6 +58,8 @@ def _captures(jobs):
             capture(cfg, out)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_diverge_names_the_module_of_each_planted_bug_and_equal_layouts_equal(tmp_path):
     from bench.diverge import compare, report
 
@@ -86,6 +90,7 @@ def test_diverge_names_the_module_of_each_planted_bug_and_equal_layouts_equal(tm
     assert (kind, module, status) == ("forward output", "transformer.h.2.ln_1", "missing")  # block 2's first
 
 
+@pytest.mark.unit
 def test_bad_input_is_one_line(tmp_path):
     import pytest
 
@@ -105,6 +110,7 @@ def test_bad_input_is_one_line(tmp_path):
         main(["--config", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "o")])
 
 
+@pytest.mark.unit
 def test_dropout_fields_are_found_by_name_in_any_architecture():
     """Every dropout probability of GPT-2, Llama, T5 and Marian configs goes to 0, whatever its name; the built
     models then hold no dropout with p > 0. Before: diverge compared with dropout on (TP=2 + SP of the quickstart
@@ -136,6 +142,7 @@ def test_dropout_fields_are_found_by_name_in_any_architecture():
         assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout)), arch
 
 
+@pytest.mark.unit
 def test_report_says_what_it_did_with_dropout(tmp_path, monkeypatch, capsys):
     """By default both layouts' workers build the model without dropout and the report's second line lists the
     probabilities set to 0; ``--keep-dropout`` passes to the workers and the report says the comparison includes
@@ -156,7 +163,8 @@ def test_report_says_what_it_did_with_dropout(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(launch, "torchrun", lambda module, nproc, args, **kw: workers.append(args) or
                         subprocess.CompletedProcess(args, 0, "", ""))
     monkeypatch.setattr(diverge, "compare", lambda a, b, tol: {"first": None, "modules": [], "params": [], "tol": tol})
-    base = ["--config", str(config), "--layout", "tensor=2,parallel.sequence_parallel=true", "--out", str(tmp_path / "o")]
+    base = ["--config", str(config), "--layout", "tensor=2,parallel.sequence_parallel=true",
+            "--out", str(tmp_path / "o")]
     for extra, flag_passed, said in (([], False, "dropout: off in both layouts (attn_pdrop=0.1, embd_pdrop=0.1, "
                                        "resid_pdrop=0.1, summary_first_dropout=0.1 set to 0)"),
                                      (["--keep-dropout"], True, "the comparison includes dropout, whose masks differ "

@@ -9,6 +9,10 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 PLAN_COMMAND = ("python -m bench plan --config configs/plan_llama7b.yaml --device cuda --device-memory 40GiB "
@@ -32,7 +36,8 @@ def _plan_claims(plan: dict) -> list[str]:
 
     one_one_eight = "tensor=1,pipeline=1,data=8"
     return [f"{sum(r['fits'] for r in rows)} of its {len(rows)} layouts fit",
-            row(1, 1, 8, {"none": f"ZeRO-2: {gib[(one_one_eight, 2, 'none')]}, ZeRO-3: {gib[(one_one_eight, 3, 'none')]}",
+            row(1, 1, 8, {"none": f"ZeRO-2: {gib[(one_one_eight, 2, 'none')]}, "
+                                  f"ZeRO-3: {gib[(one_one_eight, 3, 'none')]}",
                           "full": f"ZeRO-3: {gib[(one_one_eight, 3, 'full')]}"}),
             row(1, 2, 4), row(1, 8, 1), row(2, 2, 2), row(8, 1, 1)]
 

@@ -12,6 +12,8 @@ import torch
 from tests.dist import run_ranks
 from tests.helpers import TINY_GPT2, run_configs, step_records, tiny_config, write_corpus
 
+pytestmark = pytest.mark.multiprocess
+
 
 def _masks(sequence_parallel: bool, dropout_seed):
     """Rank function: one training forward of a TP=2 GPT-2 with dropout 0.5; per dropout site, whether its

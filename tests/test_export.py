@@ -99,6 +99,7 @@ def _refused(code: int, err: str, out: Path, *why: str) -> None:
         assert text in lines[0], err
 
 
+@pytest.mark.multiprocess
 def test_refuses_an_out_holding_someone_elses_file(run_dir, tmp_path, capsys):
     out = tmp_path / "mine"
     out.mkdir()
@@ -110,6 +111,7 @@ def test_refuses_an_out_holding_someone_elses_file(run_dir, tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == siblings  # no temporary directory left behind
 
 
+@pytest.mark.subprocess
 def test_refuses_to_export_a_run_into_itself(run_dir):
     """As a subprocess, for the exit code of `python -m training.checkpoint.export RUN RUN`."""
     before = _snapshot(run_dir)
@@ -122,6 +124,7 @@ def test_refuses_to_export_a_run_into_itself(run_dir):
     assert sorted(os.listdir(run_dir.parent)) == ["good"]
 
 
+@pytest.mark.multiprocess
 def test_refuses_the_directory_holding_the_runs_and_another_run(run_dir, capsys):
     runs = run_dir.parent
     (runs / "other").mkdir()
@@ -135,6 +138,7 @@ def test_refuses_the_directory_holding_the_runs_and_another_run(run_dir, capsys)
     assert sorted(os.listdir(runs.parent)) == siblings
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("where", ["the checkpoint", "inside the checkpoint", "the checkpoints root"])
 def test_refuses_the_checkpoint_and_what_is_inside_it(run_dir, capsys, where):
     checkpoint = run_dir / "checkpoints" / "step_0000002"
@@ -147,6 +151,7 @@ def test_refuses_the_checkpoint_and_what_is_inside_it(run_dir, capsys, where):
     assert files.verify(checkpoint)["step"] == 2
 
 
+@pytest.mark.multiprocess
 def test_new_out_then_again_replaces_it_and_a_user_tmp_dir_is_left_alone(run_dir, tmp_path, capsys):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -175,6 +180,7 @@ def test_new_out_then_again_replaces_it_and_a_user_tmp_dir_is_left_alone(run_dir
     assert sorted(os.listdir(tmp_path)) == ["exported", "exported.tmp", "runs"]  # nothing temporary left
 
 
+@pytest.mark.multiprocess
 def test_an_empty_out_is_filled(run_dir, tmp_path, capsys):
     out = tmp_path / "empty"
     out.mkdir()
@@ -183,6 +189,7 @@ def test_an_empty_out_is_filled(run_dir, tmp_path, capsys):
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
 
 
+@pytest.mark.multiprocess
 def test_an_earlier_export_with_a_file_added_is_refused(run_dir, tmp_path, capsys):
     out = tmp_path / "exported"
     assert _export(capsys, run_dir, out)[0] == 0
@@ -193,6 +200,7 @@ def test_an_earlier_export_with_a_file_added_is_refused(run_dir, tmp_path, capsy
     assert _snapshot(out) == before
 
 
+@pytest.mark.multiprocess
 def test_end_of_run_export_follows_the_same_rule(made, run_dir, capsys):
     from transformers import AutoModelForCausalLM
 
@@ -213,6 +221,7 @@ def test_end_of_run_export_follows_the_same_rule(made, run_dir, capsys):
     assert "model.safetensors" in listed
 
 
+@pytest.mark.multiprocess
 def test_a_new_directory_among_checkpoints_is_refused(run_dir, capsys):
     """A new OUT named like a checkpoint, or beside them, would be taken for one (or block a later save)."""
     before = _snapshot(run_dir)
@@ -222,6 +231,7 @@ def test_a_new_directory_among_checkpoints_is_refused(run_dir, capsys):
     assert _snapshot(run_dir) == before
 
 
+@pytest.mark.unit
 def test_replacing_an_export_keeps_what_appeared_in_it_meanwhile(tmp_path):
     """The earlier export moved aside is emptied by its marker's list only: a file that appeared after the check
     survives (in the hidden sibling), it is never deleted."""

@@ -108,6 +108,7 @@ def reference(tmp_path_factory):
     return tmp, corpus, _losses(tmp / "reference")
 
 
+@pytest.mark.subprocess
 def test_killed_rank_ends_the_job_and_auto_resume_continues_exactly(reference):
     tmp, corpus, expected = reference
     proc = _launch("train.py", _write_config(tmp, corpus, "killed"))
@@ -129,6 +130,7 @@ def test_killed_rank_ends_the_job_and_auto_resume_continues_exactly(reference):
         "records the killed run wrote after its last checkpoint are dropped on resume"
 
 
+@pytest.mark.subprocess
 def test_sigkill_during_a_background_save_resumes_from_the_previous_checkpoint(reference):
     """train.async_save with the write of step 50's checkpoint slowed to a minute: training goes on past step
     50 while it is written; a rank killed then leaves step 25 the newest complete checkpoint, and the resumed run
@@ -151,6 +153,7 @@ def test_sigkill_during_a_background_save_resumes_from_the_previous_checkpoint(r
     assert [resumed[s] for s in after] == [expected[s] for s in after]
 
 
+@pytest.mark.subprocess
 def test_sigterm_saves_a_complete_checkpoint_that_resumes_exactly(reference):
     tmp, corpus, expected = reference
     proc = _launch("train.py", _write_config(tmp, corpus, "terminated"))
@@ -171,6 +174,7 @@ def test_sigterm_saves_a_complete_checkpoint_that_resumes_exactly(reference):
     assert [resumed[s] for s in after] == [expected[s] for s in after]
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("signal_step", [8, 6], ids=["on-a-save-step", "between-saves"])
 def test_sigterm_on_one_rank_stops_every_rank_at_the_same_checkpoint(tmp_path, signal_step):
     """SIGTERM reaching rank 1 alone, on a step that saves anyway (8) or not (6): every rank stops after that
@@ -190,6 +194,7 @@ def test_sigterm_on_one_rank_stops_every_rank_at_the_same_checkpoint(tmp_path, s
     assert resolve_resume("auto", tmp_path / "preempted") == expected
 
 
+@pytest.mark.subprocess
 def test_stalled_rank_ends_the_job_with_a_timeout_error(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
     config = _write_config(tmp_path, corpus, "stalled", steps=20, save_every=0)
@@ -212,12 +217,14 @@ def test_stalled_rank_ends_the_job_with_a_timeout_error(tmp_path):
                     None)
         assert line is not None, out[-4000:]
         assert re.search(r"Flight recorder: rank\(s\) \[1\] never entered all_reduce #\d+ \(shape \[\d+\]\) on "
-                         r"group 0 of ranks \[0, 1\], in which rank\(s\) \[0\] wait; rank 1 is in barrier #1", line), line
+                         r"group 0 of ranks \[0, 1\], in which rank\(s\) \[0\] wait; rank 1 is in barrier #1",
+                         line), line
     # Both ranks wait inside a collective; both time out after 5 s and exit: measured 18 s from launch
     # (start-up ~12 s, the errors 5.0 s after the stall); the bound leaves room for a loaded CI box.
     assert took < 90, f"{took:.0f}s\n{out[-4000:]}"
 
 
+@pytest.mark.subprocess
 def test_stalled_pipeline_stage_names_itself_on_every_rank(tmp_path):
     """PP=2: stage 1 stalls at step 3 in a collective stage 0 never enters; stage 0 waits for its gradient
     message. Stage 0's receive times out after parallel.p2p_timeout_s and names the peer; both ranks print the
@@ -271,6 +278,8 @@ def _train_with_nan(cases):
     return out
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("zero_stage", [0, 2])
 def test_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path, zero_stage):
     corpus = write_corpus(tmp_path / "corpus")
@@ -294,6 +303,7 @@ def test_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path, zero_stage):
         assert "train.max_consecutive_skips=3" in diverged
 
 
+@pytest.mark.subprocess
 def test_a_second_ctrl_c_stops_at_once_in_one_line(tmp_path):
     """The first SIGINT asks for the orderly stop; a second one while it runs ends the process at once, with one
     line and exit code 130 (before: a KeyboardInterrupt traceback and exit code 1)."""

@@ -3,7 +3,11 @@ collective, is in test_faults)."""
 
 from __future__ import annotations
 
+import pytest
+
 from parallel.flight import verdict
+
+pytestmark = pytest.mark.unit
 
 WORLD = "group 0 of ranks [0, 1, 2]"
 

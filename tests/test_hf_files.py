@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from bench.memory import PhasePeaks
 from training.checkpoint import hf_files
+
+pytestmark = pytest.mark.unit
 
 MiB = 2**20
 

@@ -7,6 +7,10 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN = {
     "parallel": {"transformers", "deepspeed", "datasets", "wandb", "training", "modeling", "bench", "tests"},

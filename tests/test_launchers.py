@@ -13,6 +13,8 @@ import yaml
 
 from tests.helpers import TINY_GPT2, write_corpus
 
+pytestmark = pytest.mark.subprocess
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 

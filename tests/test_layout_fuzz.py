@@ -21,6 +21,8 @@ from tests.dist import run_ranks
 from tests.helpers import TINY_GPT2, TINY_LLAMA, reference_losses, run_config, step_records, tiny_config, write_corpus
 from training.config import ConfigError
 
+pytestmark = pytest.mark.multiprocess
+
 ARCHS = {"gpt2": dict(TINY_GPT2, n_layer=4, n_head=4),
          "llama": dict(TINY_LLAMA, num_hidden_layers=4),
          "qwen2": dict(TINY_LLAMA, num_hidden_layers=4)}  # q/k/v biases, through the Llama plan
@@ -66,6 +68,7 @@ def config_of(point: dict, corpus, tmp):
                        train__grad_accum=point["grad_accum"], train__save_final=False)
 
 
+@pytest.mark.slow
 def test_random_layouts_match_the_single_process_reference(tmp_path):
     seed, draws = int(os.environ.get("FUZZ_SEED", 2026)), int(os.environ.get("FUZZ_DRAWS", 4))
     only = os.environ.get("FUZZ_ONLY")

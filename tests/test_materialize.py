@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from tests.dist import run_ranks
+
+pytestmark = pytest.mark.multiprocess
 
 LLAMA = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32, intermediate_size=64,
              max_position_embeddings=32, vocab_size=101)

@@ -26,6 +26,7 @@ def _zero(stage: int, hidden_size=None, **parallel) -> dict:
     return deepspeed_config(cfg, 1, hidden_size=hidden_size)["zero_optimization"]
 
 
+@pytest.mark.unit
 def test_buckets_follow_the_hidden_size_unless_set():
     hidden = 1536  # bench/llama_demo.py's Llama: 2.36 M elements, 9 MB per fp32 bucket where DeepSpeed's are 2 GB
     zero2 = _zero(2, hidden)
@@ -39,6 +40,7 @@ def test_buckets_follow_the_hidden_size_unless_set():
     assert "reduce_bucket_size" not in _zero(2)  # no model known: the engine fills it
 
 
+@pytest.mark.unit
 def test_a_user_json_keeps_its_value_and_auto_means_the_model_sized_one():
     cfg = validate({**MINIMAL, "parallel": {"zero_stage": 3}})
     model = torch.nn.Linear(2, 2)
@@ -59,6 +61,7 @@ def _bucket_sizes(cfg):
     return engine.zero_reduce_bucket_size(), engine.zero_allgather_bucket_size()
 
 
+@pytest.mark.multiprocess
 def test_a_run_uses_and_records_model_sized_buckets(tmp_path):
     cfg = tiny_config(tmp_path, write_corpus(tmp_path / "corpus"), parallel__zero_stage=2, train__steps=2,
                       train__eval_batches=1)
@@ -93,11 +96,13 @@ FREED_8MB_TENSOR = textwrap.dedent("""
 
 def _kept_mb(device: str, parameter_bytes: int = 2**30, **env) -> tuple[bool, float]:
     environment = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")}
-    out = subprocess.run([sys.executable, "-c", FREED_8MB_TENSOR, device, str(parameter_bytes)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120, env={**environment, **env}, check=True).stdout.split()
+    out = subprocess.run([sys.executable, "-c", FREED_8MB_TENSOR, device, str(parameter_bytes)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120, env={**environment, **env},
+                         check=True).stdout.split()
     return out[0] == "True", float(out[1])
 
 
+@pytest.mark.subprocess
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_a_cpu_rank_returns_a_freed_tensor_to_the_system():
     assert _kept_mb("cpu") == (True, pytest.approx(0, abs=1))
@@ -110,6 +115,7 @@ def test_a_cpu_rank_returns_a_freed_tensor_to_the_system():
     assert not small[0] and small[1] > 7
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("saved_tp,saved_dp,transposed", [(2, 3, False), (4, 1, False), (1, 2, False),
                                                           (2, 2, True), (1, 1, True)])
 @pytest.mark.parametrize("tp", [1, 2, 4])
@@ -148,6 +154,7 @@ def test_a_zero_partition_is_read_without_its_whole_tensor(tmp_path, monkeypatch
                 assert sum(r.numel() for r in read) <= expected.numel() // 2, (rank, start)
 
 
+@pytest.mark.multiprocess
 def test_a_zero3_run_resumes_its_partitions_from_a_zero1_checkpoint(tmp_path):
     """ZeRO-3 at DP=2 writes each rank's partition range of the moments (``put_range``, the last one padded) from
     a ZeRO-1 checkpoint: steps 3 and 4 are the uninterrupted run's (tolerance as in tests/test_checkpoint.py:

@@ -63,6 +63,7 @@ def _assert_loads_like_from_pretrained(path) -> None:
     assert torch.equal(_logits(ours), _logits(theirs))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("model_type", sorted(MOE))
 def test_moe_checkpoint_with_per_expert_tensors_loads_like_from_pretrained(tmp_path, model_type, monkeypatch):
     _save(model_type, tmp_path)
@@ -81,6 +82,7 @@ def test_moe_checkpoint_with_per_expert_tensors_loads_like_from_pretrained(tmp_p
         build_model(pretrained=str(tmp_path), arch=None, config={}, vocab_size=None, seed=0)
 
 
+@pytest.mark.unit
 def test_a_conversion_beyond_stacking_runs_transformers_own_convert(tmp_path, monkeypatch):
     """A conversion not replayed as placements (anything but stacking and concatenating) is transformers' own
     ``convert`` on the whole stored tensors: forced here for Qwen2-MoE's experts, it gives the same model."""
@@ -91,6 +93,7 @@ def test_a_conversion_beyond_stacking_runs_transformers_own_convert(tmp_path, mo
     _assert_loads_like_from_pretrained(tmp_path)
 
 
+@pytest.mark.unit
 def test_legacy_layer_norm_names_are_renamed(tmp_path, monkeypatch):
     """transformers' ``legacy`` rules: ``LayerNorm.gamma`` / ``.beta`` (old BERT-style files) are ``.weight`` /
     ``.bias``."""
@@ -136,6 +139,7 @@ class _CountingSlices:
         return Counting()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("dim,ranges", [(None, ()), (0, ((1, 3),)), (1, ((0, 16), (32, 48))), (2, ((16, 48),))])
 def test_a_rank_reads_only_its_part_of_a_fused_expert_tensor(tmp_path, dim, ranges):
     """A part of Qwen2-MoE's (experts 4, gate|up 2 x 32, hidden 64) ``gate_up_proj`` along any dimension (experts,
@@ -167,6 +171,7 @@ def test_a_rank_reads_only_its_part_of_a_fused_expert_tensor(tmp_path, dim, rang
     assert max(counter.reads) <= 32 * 64
 
 
+@pytest.mark.unit
 def test_moe_refused_at_tensor_parallel_by_name():
     """MoE layers are not split across tensor-parallel ranks (yet): TP > 1 is one line naming the model type,
     before any model is built."""
@@ -182,6 +187,7 @@ def test_moe_refused_at_tensor_parallel_by_name():
             check_tensor_parallel_fits(config, 2)
 
 
+@pytest.mark.multiprocess
 def test_finetune_from_a_moe_checkpoint_starts_from_its_loss(tmp_path):
     """Qwen2-MoE stored per expert trains at TP=1 / PP=1 and its first loss is ``from_pretrained``'s on the
     same batch."""
@@ -243,6 +249,7 @@ def _anonymous_peak(path):
     return peak[0] - start
 
 
+@pytest.mark.multiprocess
 def test_fusing_experts_holds_the_fused_tensors_plus_one_stored_tensor(tmp_path):
     """16 experts x (512 x 512): ``gate_up_proj`` 32 MiB and ``down_proj`` 16 MiB fused from 1 MiB stored
     tensors. Placing them one at a time peaks at the 48 MiB kept plus under 8 MiB; transformers' ``convert``

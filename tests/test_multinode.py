@@ -19,6 +19,8 @@ import yaml
 from tests.dist import free_port
 from tests.helpers import TINY_GPT2, write_corpus
 
+pytestmark = pytest.mark.subprocess
+
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 
@@ -192,7 +194,8 @@ def test_a_node_lost_mid_run_the_other_goes_on_alone(tmp_path, two_hosts):
 
     before = _elastic_config(tmp_path, corpus, "before")
     _torchrun(4, before)
-    after = _elastic_config(tmp_path, corpus, "after", resume=str(tmp_path / "before" / "checkpoints" / f"step_{switch:07d}"))
+    after = _elastic_config(tmp_path, corpus, "after",
+                            resume=str(tmp_path / "before" / "checkpoints" / f"step_{switch:07d}"))
     _torchrun(2, after)
     got, first, second = (_losses(tmp_path / name) for name in ("elastic", "before", "after"))
     assert len(got) == ELASTIC_STEPS

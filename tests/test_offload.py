@@ -26,6 +26,8 @@ def _train(cfgs):
     return [r.history for r in results], offloaded
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_offloaded_zero_2_and_3_train_what_zero_0_trains(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
     layouts = [(0, "none"), (2, "optimizer"), (3, "optimizer+params")]
@@ -39,18 +41,20 @@ def test_offloaded_zero_2_and_3_train_what_zero_0_trains(tmp_path):
                          {"cpu_offload": False, "offload_optimizer": True, "offload_param": True}]
     steps = [[r for r in history if "loss" in r] for history in histories]
     assert max(ref_norm) > cfgs[0].optim.grad_clip, "clipping must be active for this test to mean much"
-    for (stage, offload), records in zip(layouts, steps):
+    for (_stage, offload), records in zip(layouts, steps):
         assert len(records) == 10
         assert [r["loss"] for r in records] == pytest.approx([r["loss"] for r in steps[0]], rel=LOSS_TOL), offload
         assert [r["loss"] for r in records] == pytest.approx(ref_loss, rel=LOSS_TOL), offload
         assert [r["grad_norm"] for r in records] == pytest.approx(ref_norm, rel=NORM_TOL), offload
-    for (stage, offload), cfg in zip(layouts, cfgs):  # the end-of-run checkpoint of an offloaded run is complete
+    for stage, offload in layouts:  # the end-of-run checkpoint of an offloaded run is complete
         assert list((tmp_path / f"z{stage}-{offload}" / "run" / "checkpoints").glob("step_0000010/manifest.json"))
 
 
+@pytest.mark.unit
 def test_offload_maps_onto_deepspeed_zero_sections(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
-    ds = deepspeed_config(tiny_config(tmp_path, corpus, parallel__zero_stage=3, parallel__offload="optimizer+params"), 2)
+    cfg = tiny_config(tmp_path, corpus, parallel__zero_stage=3, parallel__offload="optimizer+params")
+    ds = deepspeed_config(cfg, 2)
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert ds["zero_force_ds_cpu_optimizer"] is False  # colonnade's AdamW steps the offloaded partitions
@@ -58,6 +62,7 @@ def test_offload_maps_onto_deepspeed_zero_sections(tmp_path):
     assert "offload_optimizer" not in plain["zero_optimization"] and "zero_force_ds_cpu_optimizer" not in plain
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("stage, offload, message", [
     (0, "optimizer", r"parallel.offload=optimizer needs ZeRO.*set parallel.zero_stage=1, 2 or 3"),
     (2, "optimizer+params", r"offloads parameters only under ZeRO-3.*set parallel.zero_stage=3")])
@@ -66,6 +71,7 @@ def test_offload_that_deepspeed_cannot_do_is_refused_by_name(tmp_path, stage, of
         tiny_config(tmp_path, write_corpus(tmp_path / "corpus"), parallel__zero_stage=stage, parallel__offload=offload)
 
 
+@pytest.mark.multiprocess
 def test_an_offloaded_run_resumes_exactly_from_its_checkpoint(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
     first = tiny_config(tmp_path / "first", corpus, parallel__zero_stage=2, parallel__offload="optimizer",

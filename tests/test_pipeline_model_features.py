@@ -16,6 +16,8 @@ from modeling.pipeline import check_pipeline_fits, split_chunks
 from parallel.cross_entropy import causal_lm_loss
 from parallel.partition import stage_specs
 
+pytestmark = pytest.mark.unit
+
 SEQ, WINDOW, VOCAB, LAYERS = 32, 8, 97, 4  # SEQ > WINDOW, so the window changes what attends to what
 # weights 10x the HF default: sharper attention, so that every feature below moves the logits well past TOL
 INIT = 0.2

@@ -13,6 +13,7 @@ from parallel.schedules import ORDERS, check_schedule, render, simulate
 from tests.dist import run_ranks
 
 
+@pytest.mark.unit
 def test_partitions():
     assert uniform(7, 3) == [range(0, 3), range(3, 5), range(5, 7)]
     assert balanced([1, 1, 1, 1, 4, 4], 3) == [range(0, 4), range(4, 5), range(5, 6)]
@@ -25,6 +26,7 @@ def test_partitions():
         stage_specs(3, 2, 2)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("p,m,v", [(2, 1, 1), (2, 4, 1), (4, 4, 1), (4, 8, 1), (3, 5, 1), (2, 4, 2), (4, 8, 2),
                                    (2, 6, 3), (4, 4, 4)])
 def test_simulated_bubble_matches_theory(p, m, v):
@@ -36,6 +38,7 @@ def test_simulated_bubble_matches_theory(p, m, v):
     assert "bubble" in render(simulate(schedules[0], p, m, v))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("p,m", [(2, 2), (2, 4), (3, 5), (4, 4), (4, 8), (5, 10)])
 def test_simulated_zb_h1_bubble_matches_its_formula(p, m):
     """Qi et al. 2023: ZB-H1 idles (p-1)(T_F + T_B - T_W) per rank where 1F1B idles (p-1)(T_F + T_B + T_W)
@@ -48,6 +51,7 @@ def test_simulated_zb_h1_bubble_matches_its_formula(p, m):
     assert "W" in render(simulate("zb-h1", p, m))
 
 
+@pytest.mark.unit
 def test_schedule_validation():
     with pytest.raises(ValueError, match="multiple of parallel.pipeline"):
         check_schedule("interleaved", 4, 6, 2)
@@ -121,7 +125,7 @@ def _pipeline_grads(cases):
             if prm is model.transformer.wte.weight and p > 1:
                 continue  # tied: embedding and head gradients live on two stages, checked below
             torch.testing.assert_close(prm.grad, ref_grads[name].grad, rtol=1e-5, atol=1e-6,
-                                       msg=lambda msg, name=name, s=schedule: f"{s} m={m} v={v} {name}: {msg}")
+                                       msg=lambda msg, case=f"{schedule} m={m} v={v} {name}": f"{case}: {msg}")
         tied = model.transformer.wte.weight.grad
         tied_sum = tied.clone() if tied is not None and (rank in (0, p - 1)) else torch.zeros_like(dense.lm_head.weight)
         dist.all_reduce(tied_sum)  # embedding-side + head-side contributions = the dense tied gradient
@@ -133,13 +137,14 @@ def _pipeline_grads(cases):
 # fp32: the same micro-batches through the same weights, only split over processes. The loss and
 # gradients match to ~1e-7; 1e-5 would still catch a dropped micro-batch or a gradient sent to the
 # wrong chunk (both off by >1e-2).
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("p", [2, 4])
 def test_schedules_match_single_process_gradients(p):
     cases = [(s, m, 1) for s in ("gpipe", "1f1b", "zb-h1") for m in (1, p, 2 * p)]
     cases += [("interleaved", m, 2) for m in (p, 2 * p)]  # needs m % p == 0 (validated), so no m = 1
     per_rank = run_ranks(_pipeline_grads, p, cases, timeout=400)
     stage0 = {(s, m, v): peak for s, m, v, peak in per_rank[0]}
-    for (schedule, m, v), peak in stage0.items():
+    for (schedule, m, _v), peak in stage0.items():
         if schedule == "gpipe":
             assert peak == m  # GPipe holds every micro-batch's activations
         elif schedule in ("1f1b", "zb-h1"):
@@ -173,6 +178,7 @@ def _fail_mid_schedule():
     return "finished"
 
 
+@pytest.mark.multiprocess
 def test_failed_rank_is_an_error_not_a_hang():
     """Rank 1 fails in its third forward; rank 0, waiting for a gradient, gets a timeout error instead of
     blocking forever (under torchrun either error ends the job)."""
@@ -181,6 +187,7 @@ def test_failed_rank_is_an_error_not_a_hang():
     assert rank0.startswith("timeout: pipeline rank 0: no gradient from global rank 1 within 5s")
 
 
+@pytest.mark.unit
 def test_impossible_pipeline_layouts_are_rejected():
     from transformers import GPT2Config
 
@@ -230,12 +237,14 @@ def _steady_state_exchange():
     return out, batches
 
 
+@pytest.mark.multiprocess
 def test_adjacent_stages_exchange_in_the_steady_state_with_batched_operations():
     (rank0, batches0), (rank1, batches1) = run_ranks(_steady_state_exchange, 2, timeout=120)
     assert rank0 == [10.0] * 3 and rank1 == [[1.0] * 3, [2.0] * 3]
     assert ["irecv", "isend"] in batches0 and ["irecv", "isend"] in batches1
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved", "zb-h1"])
 def test_every_schedule_posts_messages_in_the_same_order_on_both_sides(schedule):
     """Untagged p2p (NCCL has no tags) matches a pair's sends and receives in posting order: for every pair of

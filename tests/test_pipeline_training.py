@@ -19,6 +19,8 @@ from tests.helpers import (
     write_corpus,
 )
 
+pytestmark = pytest.mark.multiprocess
+
 # fp32 as in test_zero_parity / test_tp_training: ~1e-6 relative observed over 10 steps.
 LOSS_TOL = 1e-4
 NORM_TOL = 1e-4
@@ -36,6 +38,7 @@ def _check(histories, names, ref_loss, ref_norm):
         assert [r["grad_norm"] for r in steps] == pytest.approx(ref_norm, rel=NORM_TOL), name
 
 
+@pytest.mark.slow
 def test_pp2_dp2_zero2_and_schedules_match_single_process(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
     common = dict(parallel__pipeline=2, model__config=FOUR_LAYERS, train__grad_accum=4)
@@ -50,6 +53,7 @@ def test_pp2_dp2_zero2_and_schedules_match_single_process(tmp_path):
            ref_loss, ref_norm)
 
 
+@pytest.mark.slow
 def test_3d_tp2_pp2_dp2_zero1_matches_single_process(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
     cfg = tiny_config(tmp_path / "3d", corpus, parallel__tensor=2, parallel__pipeline=2, parallel__zero_stage=1,
@@ -92,6 +96,7 @@ def _runs_then_one_without_zeroed_partitions(cfgs, mutated):
     return histories, run_configs([mutated])[0]
 
 
+@pytest.mark.slow
 def test_pp2_dp2_zero3_matches_single_process_resumes_elsewhere_and_exports(tmp_path):
     """ZeRO-3 partitions each stage's parameters over its data-parallel group; the executor's many forwards
     and backwards per step gather and release them. 10 steps of 1F1B and of interleaved 1F1B match the
@@ -126,6 +131,7 @@ def test_pp2_dp2_zero3_matches_single_process_resumes_elsewhere_and_exports(tmp_
     assert_exports_agree(tmp_path / "z3" / "run", tmp_path / "single" / "run")
 
 
+@pytest.mark.slow
 def test_sequence_parallel_with_pipelines_matches_single_process(tmp_path):
     """TP=2 with sequence parallelism x PP=2 (the sequence-split hidden state crosses the stages: half the
     sequence per message), GPT-2 with 1F1B and Llama with the interleaved schedule, against the single
@@ -146,6 +152,7 @@ def test_sequence_parallel_with_pipelines_matches_single_process(tmp_path):
         _check([history], [name], ref_loss, ref_norm)
 
 
+@pytest.mark.slow
 def test_zero_bubble_schedule_matches_single_process(tmp_path):
     """ZB-H1 (backward split into B and W ops) inside DeepSpeed engines: GPT-2 PP=2 x DP=2 at ZeRO-2 (Conv1D
     blocks, the tied head's deferred gradient meeting the embedding sync) and Llama TP=2 x PP=2 with sequence
@@ -211,11 +218,12 @@ def _fp16_pipeline(cfg, overflow_step=None, mutation=None):
     return result.history, (result.groups.pp_rank, skipped, float(result.engine.optimizer.loss_scale))
 
 
+@pytest.mark.slow
 def test_fp16_with_pipelines_scales_once_and_an_overflow_on_one_stage_skips_everywhere(tmp_path):
     """fp16 with dynamic loss scaling at PP=2 x DP=2 (tied GPT-2 embeddings, whose sync backward carries the
-    scale too), with 1F1B and ZB-H1: the losses follow the fp32 single-process reference within fp16's rounding; the mutation that
-    scales a received gradient a second time does not. An inf in one gradient of stage 0 at step 3 skips that
-    step on every rank and leaves every rank's loss scale alike."""
+    scale too), with 1F1B and ZB-H1: the losses follow the fp32 single-process reference within fp16's
+    rounding; the mutation that scales a received gradient a second time does not. An inf in one gradient of
+    stage 0 at step 3 skips that step on every rank and leaves every rank's loss scale alike."""
     corpus = write_corpus(tmp_path / "corpus")
 
     def cfg(name, schedule="1f1b"):

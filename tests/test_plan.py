@@ -54,6 +54,7 @@ def _assert_kept_is_saved_plus_logits(trace, saved: int, logits: int) -> None:
     assert abs(trace.kept - (saved + logits)) < 1024, (trace.kept, saved, logits)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("arch, model_config, mode", [
     ("gpt2", {**TINY_GPT2, **DROPOUT}, "none"), ("gpt2", {**TINY_GPT2, **DROPOUT}, "full"),
     ("gpt2", {**TINY_GPT2, **DROPOUT}, "selective"), ("llama", TINY_LLAMA, "none")])
@@ -65,6 +66,7 @@ def test_one_rank_plan_counts_the_real_models_parameters_and_saved_activations(t
     _assert_kept_is_saved_plus_logits(shape.traces[0], saved, logits)
 
 
+@pytest.mark.unit
 def test_recomputation_shrinks_the_planned_activations(tmp_path):
     kept = {mode: plan_stages.layout_shapes(_config(tmp_path, activation_checkpointing=mode))[0].traces[0].kept
             for mode in ("none", "selective", "full")}
@@ -83,6 +85,7 @@ def _rank_reference(cfg_json: str):
     return _real_saved_bytes(cfg, groups.tp_group)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2-sp"])
 def test_tensor_parallel_plan_equals_each_real_ranks_shard_and_saved_activations(tmp_path, sequence_parallel):
     cfg = _config(tmp_path, tensor=2, sequence_parallel=sequence_parallel)
@@ -93,6 +96,7 @@ def test_tensor_parallel_plan_equals_each_real_ranks_shard_and_saved_activations
         _assert_kept_is_saved_plus_logits(shape.traces[0], saved, logits)
 
 
+@pytest.mark.unit
 def test_pipeline_stages_hold_their_chunks_parameters(tmp_path):
     cfg = _config(tmp_path, model_config={**TINY_GPT2, "n_layer": 4}, pipeline=2)
     one = plan_stages.layout_shapes(_config(tmp_path, model_config={**TINY_GPT2, "n_layer": 4}))[0]
@@ -103,6 +107,7 @@ def test_pipeline_stages_hold_their_chunks_parameters(tmp_path):
     assert len(first.traces) == len(last.traces) == 1
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("schedule, p, m, v, expected", [
     ("gpipe", 4, 8, 1, [8, 8, 8, 8]),
     ("1f1b", 4, 8, 1, [4, 3, 2, 1]),
@@ -114,11 +119,13 @@ def test_in_flight_micro_batches_follow_the_schedule(schedule, p, m, v, expected
     assert [plan_stages.in_flight_peak(traces, schedule, p, m, rank, v)[0] for rank in range(p)] == expected
 
 
+@pytest.mark.unit
 def test_no_pipeline_holds_one_micro_batch_at_a_time():
     traces = [plan_trace.ChunkTrace(kept=10, forward_peak=12, backward_peak=5)]
     assert plan_stages.in_flight_peak(traces, "1f1b", 1, 4, 0, 1) == (10, 15)
 
 
+@pytest.mark.unit
 def test_search_keeps_the_layouts_that_fit_fastest_first(tmp_path, capsys):
     cfg = _config(tmp_path, model_config={**TINY_GPT2, "n_layer": 4})
     config_file = tmp_path / "run.json"
@@ -137,12 +144,14 @@ def test_search_keeps_the_layouts_that_fit_fastest_first(tmp_path, capsys):
     assert "fit" in capsys.readouterr().out
 
 
+@pytest.mark.unit
 def test_parse_bytes():
     assert plan.parse_bytes("80GiB") == 80 * 2**30
     assert plan.parse_bytes("512 MB") == 512 * 10**6
     assert plan.parse_bytes("1e9") == 10**9
 
 
+@pytest.mark.unit
 def test_plan_within_15_percent_of_the_committed_cpu_measurements():
     """The planner against ``bench memory``'s measured peaks at the CPU sweep grid's layouts (GPT-2 124 M,
     ``bench/results/plan-grid-cpu``) and with recomputation at TP=2 + SP (``bench/results/plan-recompute-cpu``):
@@ -156,6 +165,7 @@ def test_plan_within_15_percent_of_the_committed_cpu_measurements():
     assert all(abs(r["error"]) <= 0.15 for r in rows), [(r["run"], r["layout"], r["error"]) for r in rows]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("arch", ["t5", "marian"])
 def test_encoder_decoder_models_are_planned_with_their_sequence_to_sequence_loss(tmp_path, arch):
     from modeling.build import auto_class, byte_level_tokenizer
@@ -173,6 +183,7 @@ def test_encoder_decoder_models_are_planned_with_their_sequence_to_sequence_loss
     assert 0 < shapes["full"].traces[0].kept < shapes["none"].traces[0].kept
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("argv, message", [
     (["--config", "no/such.yaml"], r"bench plan: config file no/such.yaml does not exist"),
     (["--check", "no/such/results.json"], r"bench plan: .*no/such/results.json"),

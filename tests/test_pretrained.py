@@ -9,6 +9,7 @@ from tests.dist import run_ranks
 from tests.helpers import TINY_GPT2, reference_blocks, reference_order, run_config, tiny_config, write_corpus
 
 
+@pytest.mark.multiprocess
 def test_finetune_from_local_checkpoint_starts_from_its_loss(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -36,6 +37,7 @@ def test_finetune_from_local_checkpoint_starts_from_its_loss(tmp_path):
     assert (tmp_path / "ft" / "run" / "tokenizer" / "tokenizer.json").is_file()
 
 
+@pytest.mark.unit
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     from modeling.build import build_model
 

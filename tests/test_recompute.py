@@ -56,6 +56,7 @@ def _models():
         dropout_rate=0.1, decoder_start_token_id=0, pad_token_id=0)), dict(input_ids=ids, labels=ids)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name, model, batch", list(_models()), ids=lambda v: v if isinstance(v, str) else "")
 def test_recomputation_gives_the_same_loss_and_every_gradient_with_dropout_on(name, model, batch):
     model.train()
@@ -71,6 +72,7 @@ def test_recomputation_gives_the_same_loss_and_every_gradient_with_dropout_on(na
         assert saved_r < saved, (name, mode, saved_r, saved)  # it does hold less for the backward
 
 
+@pytest.mark.unit
 def test_a_different_dropout_mask_in_the_recomputation_is_caught():
     """The parity check above can fail: a recomputation that draws new dropout masks changes the gradients."""
     name, model, batch = next(_models())
@@ -90,6 +92,7 @@ def test_a_different_dropout_mask_in_the_recomputation_is_caught():
     assert worst > 1e-3, worst
 
 
+@pytest.mark.unit
 def test_full_recomputation_keeps_a_third_of_the_activations_at_8_layers():
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -102,6 +105,7 @@ def test_full_recomputation_keeps_a_third_of_the_activations_at_8_layers():
     assert full <= 0.35 * none and selective < none, (full, selective, none)
 
 
+@pytest.mark.unit
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="parallel.activation_checkpointing='some'"):
         recompute.apply(torch.nn.Linear(1, 1), "some")
@@ -116,6 +120,8 @@ LAYOUTS = {
 }
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_every_layout_trains_the_same_with_recomputation(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
     gpt2 = dict(TINY_GPT2, n_layer=4, n_head=4, **DROPOUT)

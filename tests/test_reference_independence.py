@@ -8,6 +8,8 @@ import pytest
 from tests.dist import run_ranks
 from tests.helpers import reference_losses, run_config, step_records, tiny_config, write_corpus
 
+pytestmark = pytest.mark.multiprocess
+
 LOSS_TOL = 1e-4  # the parity tests' tolerance (test_zero_parity)
 
 

@@ -22,6 +22,7 @@ def _snapshot(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.unit
 def test_the_rule_on_directories(tmp_path):
     assert run_dir.check(str(tmp_path / "new"), None, False) is False
     (tmp_path / "empty").mkdir()
@@ -68,6 +69,7 @@ def _train(cwd: Path, config: Path, *sets: str) -> subprocess.CompletedProcess:
     return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.subprocess
 def test_train_py_never_overwrites_what_is_not_a_run_nor_a_run_silently(tmp_path):
     """Before: the foreign directory's config.yaml and metrics.jsonl were replaced (exit 0); an empty output_dir
     wrote config.yaml, deepspeed.json, metrics.jsonl and tokenizer/ into the current directory; a second start

@@ -11,6 +11,8 @@ import torch
 
 from tests.helpers import TINY_GPT2
 
+pytestmark = pytest.mark.unit
+
 
 class _Payload:
     def __init__(self, marker):

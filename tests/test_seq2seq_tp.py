@@ -12,6 +12,8 @@ import torch
 from tests.dist import run_ranks
 from tests.helpers import assert_gradients_match
 
+pytestmark = pytest.mark.multiprocess
+
 # fp32; same reasoning as tests/test_tp_models.py: partial sums in another order differ by ~1e-6, a wrong
 # slice or a missing all-reduce by 1e-1 or more.
 TOL = dict(rtol=1e-4, atol=1e-4)

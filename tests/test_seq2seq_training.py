@@ -101,6 +101,8 @@ def _padded(rows: list[int], sources, targets, pad: int) -> dict[str, torch.Tens
     return {"input_ids": input_ids, "attention_mask": (input_ids != pad).long(), "labels": labels}
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_zero2_tp2_and_zero3_dp4_and_zero3_tp2_match_single_process(tmp_path):
     """4 processes: ZeRO-2 x TP=2 x DP=2, then ZeRO-3 x DP=4 and ZeRO-3 x TP=2 x DP=2 (with a BLEU eval, whose
     generation must keep the partitioned ranks in step: synced_gpus; with eval.bleu_samples=2 only rank 0 holds
@@ -144,6 +146,8 @@ def _finetune_and_reload(cfg):
     return run(cfg).history
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_finetune_toy_translation_raises_bleu_and_export_reloads(tmp_path):
     import sacrebleu
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
@@ -154,7 +158,8 @@ def test_finetune_toy_translation_raises_bleu_and_export_reloads(tmp_path):
     # T5: its relative attention bias learns the source-target alignment of this task within a few hundred
     # steps from scratch (a Marian of the same size still ignores the source after 600)
     cfg = seq2seq_config(tmp_path / "ft", task, parallel__tensor=2, parallel__zero_stage=1, model__arch="t5",
-                         model__config=T5_SMALL, model__tokenizer="bpe", model__bpe_vocab_size=512, train__steps=FINETUNE_STEPS, train__micro_batch_size=16,
+                         model__config=T5_SMALL, model__tokenizer="bpe", model__bpe_vocab_size=512,
+                         train__steps=FINETUNE_STEPS, train__micro_batch_size=16,
                          train__eval_first=True, train__export_hf=True, optim__lr=1e-3, optim__warmup_steps=30,
                          optim__grad_clip=1.0, eval__bleu_samples=24)
     (history,) = run_ranks(_finetune_and_reload, 2, cfg, timeout=600)[:1]
@@ -185,6 +190,7 @@ T5_SMALL = dict(d_model=128, d_kv=32, num_heads=4, d_ff=256, num_layers=2, num_d
                 relative_attention_num_buckets=16)
 
 
+@pytest.mark.unit
 def test_pairs_bad_input_names_the_column_and_file(tmp_path):
     from training import data
 
@@ -196,6 +202,7 @@ def test_pairs_bad_input_names_the_column_and_file(tmp_path):
         data.load_pairs([str(tmp_path / "plain.txt")], "data.train_files", "en", "xx", None)
 
 
+@pytest.mark.unit
 def test_task_and_model_must_agree(tmp_path):
     from transformers import GPT2Config, MarianConfig
 
@@ -228,6 +235,7 @@ def _train_then_train_unshifted(cfg, mutated):
     return correct, run_configs([mutated])[0]
 
 
+@pytest.mark.multiprocess
 def test_feeding_the_labels_unshifted_fails_the_parity_check(tmp_path):
     task = toy_task(tmp_path / "task", train=96, valid=8)
     cfg, mutated = (seq2seq_config(tmp_path / name, task, eval__bleu=False, train__steps=4)

@@ -5,12 +5,15 @@ evaluation, checkpoint save and export."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 
 from tests.dist import run_ranks
 from tests.helpers import TINY_GPT2, tiny_config, write_corpus
 from tests.strict_device import StrictDevice
+
+pytestmark = pytest.mark.multiprocess
 
 
 def _strict_runs(cfgs):
@@ -43,6 +46,7 @@ def test_the_checker_catches_host_tensors_and_passes_placed_ones():
     assert len(violations) == 2 and all("dist.all_reduce got a host tensor" in v for v in violations), violations
 
 
+@pytest.mark.slow
 def test_no_host_tensor_reaches_a_collective(tmp_path):
     from tests.test_seq2seq_training import seq2seq_config, toy_task
 

@@ -10,6 +10,8 @@ import torch
 
 from tests.dist import run_ranks
 
+pytestmark = pytest.mark.multiprocess
+
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 

@@ -13,6 +13,8 @@ import torch
 from tests.dist import run_ranks
 from tests.helpers import assert_gradients_match
 
+pytestmark = pytest.mark.multiprocess
+
 # fp32. The sharded model sums partial matmuls across ranks in a different order than the dense GEMM:
 # observed max error ~1e-6 on logits of order 1 and gradients of order 1e-2..1. 1e-4 absolute leaves
 # margin for other BLAS builds; a mis-sliced head or a missing all-reduce is off by order 1e-1 or more.

@@ -17,6 +17,8 @@ from tests.helpers import (
     write_corpus,
 )
 
+pytestmark = pytest.mark.multiprocess
+
 # As in test_zero_parity: fp32, the reference's one mean over the batch vs sharded matmuls and a DP
 # average; observed ~1e-6 relative over 10 steps. A missing TP all-reduce or a replicated parameter
 # counted twice in the norm changes these by > 1e-2.
@@ -26,6 +28,7 @@ NORM_TOL = 1e-4
 
 
 
+@pytest.mark.slow
 def test_tp2_dp2_zero0_1_2_match_single_process(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
     common = dict(parallel__tensor=2, model__config=dict(TINY_GPT2, n_head=4))
@@ -44,6 +47,7 @@ def test_tp2_dp2_zero0_1_2_match_single_process(tmp_path):
         assert [r["grad_norm"] for r in steps] == pytest.approx(ref_norm, rel=NORM_TOL), name
 
 
+@pytest.mark.slow
 def test_tp2_dp2_zero3_matches_single_process_resumes_elsewhere_and_exports(tmp_path):
     """ZeRO-3 partitions each tensor-parallel rank's shards (and its copies of the replicated weights) over
     the data-parallel group; DeepSpeed gathers them around each module's forward and backward, the tied,

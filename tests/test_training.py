@@ -11,6 +11,8 @@ import torch
 from tests.dist import run_ranks
 from tests.helpers import reference_blocks, run_config, run_configs, step_records, tiny_config, write_corpus
 
+pytestmark = pytest.mark.multiprocess
+
 
 def test_dp2_equals_dp1_with_accumulation(tmp_path):
     """DP=2 x micro 2 sees the same global batch of 4 as DP=1 x micro 2 x accum 2, step for step."""

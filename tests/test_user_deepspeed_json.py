@@ -34,6 +34,7 @@ def _cfg(**sections):
     return validate({**MINIMAL, "train": {"steps": 5, "micro_batch_size": 2, "grad_accum": 2}, **sections})
 
 
+@pytest.mark.unit
 def test_auto_values_take_colonnade_values():
     cfg = _cfg(parallel={"zero_stage": 2}, precision="bf16", optim={"lr": 1e-4, "grad_clip": 0.5})
     merged = check_user_deepspeed_config(HF_STYLE, cfg, 2)
@@ -48,6 +49,7 @@ def test_auto_values_take_colonnade_values():
         check_user_deepspeed_config({"zero_optimization": {"sub_group_size": "auto"}}, cfg, 2)
 
 
+@pytest.mark.unit
 def test_precision_comes_from_the_yaml_when_the_json_is_silent():
     """Before: a JSON without a bf16 section trained in fp32 while config.yaml said bf16."""
     merged = check_user_deepspeed_config({"zero_optimization": {"stage": 1}}, _cfg(precision="bf16",
@@ -58,6 +60,7 @@ def test_precision_comes_from_the_yaml_when_the_json_is_silent():
     assert "bf16.enabled=True (DeepSpeed JSON) vs precision='fp32' (YAML)" in str(err.value)
 
 
+@pytest.mark.unit
 def test_the_zero_stage_is_the_yaml_s_whatever_the_json_says():
     """One source for the ZeRO stage: the JSON's is parallel.zero_stage (filled when absent or "auto", the same
     number when it agrees), so the engine's zero_optimization_stage() is the config's."""
@@ -69,12 +72,14 @@ def test_the_zero_stage_is_the_yaml_s_whatever_the_json_says():
         check_user_deepspeed_config({"zero_optimization": {"stage": 3}}, cfg, 2)
 
 
+@pytest.mark.unit
 def test_a_scheduler_the_run_would_ignore_is_refused():
     with pytest.raises(ConfigError, match=r"scheduler.params=.* would not be used: colonnade builds the warm-up"):
         check_user_deepspeed_config({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 10}}},
                                     _cfg(), 2)
 
 
+@pytest.mark.subprocess
 def test_print_config_with_an_hf_style_json(tmp_path):
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps(HF_STYLE))
@@ -94,6 +99,8 @@ def _train(cases):
     return out
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_bf16_and_offload_from_a_user_json_train_what_was_asked(tmp_path):
     """bf16 in the YAML with a JSON that has no bf16 section trains in bf16; ZeRO-2 with optimizer offload in the
     JSON (DeepSpeed refuses a client optimizer there unless told) trains to ZeRO-2's losses and saves."""

@@ -32,6 +32,7 @@ def _expected_lr(peak: float, step_index: int, warmup: int, steps: int, floor: f
     return peak * reference_lr_multiplier(SimpleNamespace(warmup_steps=warmup, min_lr_ratio=floor), step_index, steps)
 
 
+@pytest.mark.multiprocess
 def test_changed_lr_on_resume_takes_effect_and_is_announced(tmp_path, capfd):
     """Before: the schedule came back from the checkpoint with the old peak lr while config.yaml recorded the new
     one. Now the schedule's position comes from the checkpoint and its shape from the new config."""
@@ -51,9 +52,11 @@ def test_changed_lr_on_resume_takes_effect_and_is_announced(tmp_path, capfd):
     assert f"resuming from {run_dir / 'checkpoints' / 'step_0000004'}: step 4, 8 samples consumed" in text
     assert "changed since that checkpoint, in effect from step 5" in text
     assert "optim.lr: 0.003 -> 0.001" in text and "train.steps: 4 -> 8" in text
-    assert (f"done: 8 steps; metrics {run_dir / 'metrics.jsonl'}; checkpoint {run_dir / 'checkpoints' / 'step_0000008'}; "
+    checkpoint = run_dir / "checkpoints" / "step_0000008"
+    assert (f"done: 8 steps; metrics {run_dir / 'metrics.jsonl'}; checkpoint {checkpoint}; "
             f"Hugging Face export {run_dir / 'hf'}") in text
-    assert "model: gpt2, 2 layers, hidden size 32" in text and "layout: world 1 = tensor 1 x pipeline 1 x data 1" in text
+    assert "model: gpt2, 2 layers, hidden size 32" in text
+    assert "layout: world 1 = tensor 1 x pipeline 1 x data 1" in text
 
 
 def _eval_at_step_0(cfg):
@@ -62,6 +65,7 @@ def _eval_at_step_0(cfg):
     return [r for r in run(cfg).history if "perplexity" in r][0]["perplexity"]
 
 
+@pytest.mark.multiprocess
 def test_eval_scores_the_same_blocks_at_every_data_parallel_size(tmp_path):
     """train.eval_batches=3 micro-batches of 2: the first 6 validation blocks, at DP=1 and at DP=2 (before: 3
     rounds of micro x dp blocks, so 6 blocks at DP=1 and 12 at DP=2, and a different perplexity)."""
@@ -75,6 +79,7 @@ def test_eval_scores_the_same_blocks_at_every_data_parallel_size(tmp_path):
     assert dp2[0] == dp2[1] == pytest.approx(dp1, rel=1e-6)
 
 
+@pytest.mark.unit
 def test_eval_rounds_cover_the_first_examples_whatever_the_layout():
     from training.data import eval_rounds
 
@@ -104,6 +109,7 @@ def _wandb_layout(cfg):
     return seen.get("layout")
 
 
+@pytest.mark.multiprocess
 def test_wandb_records_the_layout(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
     cfg = tiny_config(tmp_path, corpus, train__steps=1, train__save_final=False, parallel__zero_stage=1,
@@ -112,6 +118,7 @@ def test_wandb_records_the_layout(tmp_path):
     assert layout == {"world_size": 2, "tensor": 1, "pipeline": 1, "data": 2}
 
 
+@pytest.mark.subprocess
 def test_bench_schedule_rejects_impossible_shapes_in_one_line():
     """Before: a ValueError traceback for an interleaved schedule whose micro-batches the stages do not divide."""
     for args in (["--schedule", "interleaved", "-p", "4", "-m", "3", "-v", "2"], ["-p", "0"]):

@@ -20,6 +20,7 @@ from tests.helpers import TINY_GPT2, TINY_LLAMA
 TOL = dict(rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("transposed", [False, True])
 def test_a_linear_used_twice_defers_its_weight_gradient_to_the_w_pass(transposed):
     torch.manual_seed(0)
@@ -49,6 +50,7 @@ def test_a_linear_used_twice_defers_its_weight_gradient_to_the_w_pass(transposed
     torch.testing.assert_close(grad, expected["w"], **TOL)
 
 
+@pytest.mark.unit
 def test_a_backward_outside_a_b_pass_is_an_error():
     weight = torch.randn(3, 5, requires_grad=True)
     with pytest.raises(RuntimeError, match="outside WeightGradStore.collecting"):
@@ -87,6 +89,7 @@ MODELS = {"gpt2": lambda: GPT2LMHeadModel(GPT2Config(**TINY_GPT2, vocab_size=97)
           "llama": lambda: LlamaForCausalLM(LlamaConfig(**TINY_LLAMA, vocab_size=97))}
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("arch", sorted(MODELS))
 def test_split_backward_of_a_whole_model_equals_autograd_and_skipping_w_is_caught(arch):
     assert _mismatches(MODELS[arch], hand_over=True) == []
@@ -95,6 +98,7 @@ def test_split_backward_of_a_whole_model_equals_autograd_and_skipping_w_is_caugh
     assert any(".mlp." in name for name in skipped) and len(skipped) >= 4 * 2, skipped
 
 
+@pytest.mark.unit
 def test_an_input_without_gradient_keeps_the_weight_gradient_in_the_backward():
     weight = torch.randn(3, 5, requires_grad=True)
     store = WeightGradStore()
@@ -144,6 +148,7 @@ def _tensor_parallel_split(mutation: bool = False):
                float((split_x.grad - plain_x.grad).abs().max()))
 
 
+@pytest.mark.multiprocess
 def test_tensor_parallel_layers_defer_their_weight_gradients_even_with_the_overlapped_all_reduce():
     from tests.dist import run_ranks
 

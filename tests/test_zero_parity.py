@@ -7,6 +7,8 @@ import pytest
 from tests.dist import run_ranks
 from tests.helpers import reference_losses, run_configs, tiny_config, write_corpus
 
+pytestmark = pytest.mark.multiprocess
+
 # fp32 throughout. The DP runs average two half-batch gradients where the reference takes one mean over
 # the whole batch, so sums are ordered differently: ~1e-7 relative per step. Over 10 Adam steps with the
 # loss moving by ~2 nats, the observed gap is ~1e-6; 2e-5 leaves room for BLAS differences between
