@@ -186,13 +186,13 @@ class ParallelConfig(Section):
     virtual_stages: int = Field(default=1, ge=1, description="Model chunks per pipeline rank (interleaved schedule).")
     partition: str = Field(default="uniform", description="'uniform', 'parameters' (balanced by parameter count), "
                            "'measured' (balanced by each item's forward + backward time, probed before the run; "
-                           "the chosen layout is printed and saved in output_dir/pipeline_partition.json) or a "
-                           "layout string such as 'E,t,t|t,t,L' (E embedding, t block, L head + loss).")
+                           "the chosen partition is printed and saved in output_dir/pipeline_partition.json) or a "
+                           "partition string such as 'E,t,t|t,t,L' (E embedding, t block, L head + loss).")
     @field_validator("partition")
     @classmethod
-    def _partition_method_or_layout(cls, value: str) -> str:
+    def _partition_method_or_string(cls, value: str) -> str:
         if value not in PARTITION_METHODS and not set(value) <= set("Et,L| "):
-            raise ValueError(f"expected one of {', '.join(PARTITION_METHODS)} or a layout string of E, t and L "
+            raise ValueError(f"expected one of {', '.join(PARTITION_METHODS)} or a partition string of E, t and L "
                              f"such as 'E,t,t|t,t,L' (stages separated by |)")
         return value
 
