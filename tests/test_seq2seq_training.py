@@ -221,7 +221,7 @@ def test_task_and_model_must_agree(tmp_path):
 def _train_then_train_unshifted(cfg, mutated):
     """Rank function: train ``cfg``, then ``mutated`` with the decoder fed the labels unshifted (padding for
     -100) instead of the model's shift-right rule."""
-    import training.seq2seq as seq2seq
+    import training.tasks.seq2seq as seq2seq
 
     correct = run_configs([cfg])[0]
 
