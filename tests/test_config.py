@@ -232,7 +232,7 @@ def test_override_text_that_is_not_yaml_and_values_with_one_fix(tmp_path):
     with pytest.raises(ConfigError, match=r"optim.betas='\[0.9,': "):
         load(path, ["optim.betas=[0.9,"])
     with pytest.raises(ConfigError, match=r"parallel.partition='foo': expected one of uniform, parameters, "
-                                          r"measured or a layout string"):
+                                          r"measured or a partition string"):
         load(path, ["parallel.partition=foo"])
     assert load(path, ["parallel.partition=E,t|t,L"]).parallel.partition == "E,t|t,L"
     with pytest.raises(ConfigError, match=r"train.output_dir='': the run needs a directory of its own"):
