@@ -34,7 +34,7 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
 
 def ran_as_worker(args, worker) -> bool:
     """In one of the command's torchrun workers (``--worker``): run ``worker(args)``, then end the process
-    (``training.loop.finish_process``; it does not return). Elsewhere: False."""
+    (``training.lifecycle.finish_process``; it does not return). Elsewhere: False."""
     if not args.worker:
         return False
     worker(args)

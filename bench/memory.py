@@ -14,7 +14,9 @@ DeepSpeed engine), ``resume`` (a resumed run's restore: the optimizer state writ
 (``output_dir/hf``). On CPU the peak is anonymous resident memory (what the process allocated; pages of
 memory-mapped safetensors files are page cache the kernel can drop, and are in results.json's ``rss`` peaks
 only). The formula is the ZeRO paper's model state per rank for this rank's parameters
-(``bench.formulas.model_state_bytes``): weights, gradients, AdamW moments and, under ZeRO, the fp32 master
+(``bench.formulas.model_state_bytes``, at the run's precision: bf16/fp16 runs get the mixed-precision terms
+``bench plan`` uses; results written before 2026-12-06 used the fp32 terms whatever the precision): weights,
+gradients, AdamW moments and, under ZeRO, the fp32 master
 partition and, under ZeRO-3, the largest layer gathered in full with its gradient (DeepSpeed's own estimate), plus
 the activations, measured (``SavedActivations``: the most bytes of tensors autograd held for the backward at once
 during the steps). CPU ranks holding >= 256 MiB of parameters fix glibc's mmap threshold at 256 KB themselves

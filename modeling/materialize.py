@@ -13,7 +13,7 @@ values to the parameters this rank keeps, holding at most one full tensor at a t
   generator seeded by (seed, module name), on CPU stand-ins of full size, and only the slices are kept.
   Every layout (tensor, pipeline, data) therefore starts from the same full weights.
 
-Which slice a rank keeps is ``modeling.parallelize.Shard`` (the rule in ``parallel.layers.shard_ranges``).
+Which slice a rank keeps is ``modeling.shards.Shard`` (the rule in ``parallel.layers.shard_ranges``).
 """
 
 from __future__ import annotations

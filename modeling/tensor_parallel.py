@@ -71,8 +71,9 @@ def _matches(plan_map: dict[str, Any], name: str) -> list[Any]:
 
 def _dense_linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
     """(weight in nn.Linear layout, bias, was_conv1d). transformers' Conv1D stores (in, out)."""
-    if isinstance(module, Conv1D):
-        return module.weight.detach().t(), (None if module.bias is None else module.bias.detach()), True
+    if isinstance(module, Conv1D) or type(module).__name__ == "Conv1D":  # remote-code models carry copies of it
+        conv: Any = module
+        return conv.weight.detach().t(), (None if conv.bias is None else conv.bias.detach()), True
     if isinstance(module, nn.Linear):
         return module.weight.detach(), (None if module.bias is None else module.bias.detach()), False
     raise TypeError(f"cannot shard {type(module).__name__}: expected nn.Linear or Conv1D")

@@ -8,7 +8,12 @@ and colonnade once for the whole session (``tests/rank_preload.py``): a spawned 
 imports, 8 s of wall time per launch of 4 ranks on the 2-core box, more than most tests' training. The server
 runs no test code, so every rank starts from the same untouched modules, with the environment and the
 stdout/stderr the test has when it launches them, as a spawned rank does. With CUDA (a fork after CUDA is
-initialised breaks it) or ``COLONNADE_TEST_SPAWN=1`` the ranks are spawned.
+initialised breaks it) or ``COLONNADE_TEST_SPAWN=1`` the ranks are spawned. What differs from spawned ranks:
+a variable a library reads when it is imported (``datasets.config``, ``huggingface_hub.constants``, DeepSpeed's
+accelerator) keeps the value the server saw, so a test that sets one before launching ranks must spawn; the
+server holds a few native threads (torch's, pyarrow's jemalloc background thread) whose libraries keep fork
+handlers; a rank that dies before ``_entry`` runs writes its traceback to the console of the test that started
+the server, and the test sees only its exit code.
 """
 
 from __future__ import annotations

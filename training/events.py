@@ -8,7 +8,8 @@ the first):
 
     load       the model built and placed, its weights read, the DeepSpeed engine made
     resume     a checkpoint's weights and optimizer state restored (only when the run resumes)
-    train      the step loop, from the first step to the last save written (background saves included)
+    train      the step loop, from the evaluation before step 1 (``train.eval_first``) or the first step to the
+               last save written (background saves included)
     step       one training step: every micro-batch's forward and backward, the reduction, the optimizer step
     optimizer  inside ``step``: the optimizer step that applies the reduced gradients
     eval       one evaluation over the validation data
@@ -65,6 +66,8 @@ class Observers:
             observer.on_built(run)
 
     def start(self, phase: str, step: int) -> None:
+        if phase not in PHASES:
+            raise ValueError(f"unknown phase {phase!r}; the phases are {', '.join(PHASES)}")
         for observer in self._observers:
             observer.on_phase_start(phase, step)
 

@@ -83,7 +83,7 @@ def _trainer_state(engine: DeepSpeedEngine, groups: ProcessGroups, step: int, co
         "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
         "loss_scaler": _loss_scaler_state(engine),
         "layout": {"tensor": groups.tensor, "pipeline": groups.pipeline, "data": groups.data,
-                   "world_size": dist.get_world_size(), "zero_stage": run_config["parallel"]["zero_stage"],
+                   "world_size": dist.get_world_size(), "zero_stage": optimizer_state.zero_stage(engine),
                    "precision": run_config.get("precision", "fp32")},
     }
 

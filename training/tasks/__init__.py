@@ -23,8 +23,6 @@ if TYPE_CHECKING:
 
 
 class Task(ABC):
-    name: str
-
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
 

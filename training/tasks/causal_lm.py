@@ -19,8 +19,6 @@ from training.tasks import Task
 
 
 class CausalLM(Task):
-    name = "causal LM"
-
     def check_fits(self, model_config: Any) -> None:
         from modeling.build import check_sequence_fits
 

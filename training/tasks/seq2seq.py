@@ -22,8 +22,6 @@ from training.tasks import Task
 
 
 class Seq2Seq(Task):
-    name = "sequence-to-sequence"
-
     def __init__(self, cfg: RunConfig):
         super().__init__(cfg)
         if cfg.data.source_field is None or cfg.data.target_field is None:  # the schema requires both together
