@@ -31,33 +31,57 @@ def _rank_world(group) -> tuple[int, int]:
     return (0, 1) if group is None else (dist.get_rank(group), dist.get_world_size(group))
 
 
-def mark_sharded(param: nn.Parameter, partition_dim: int, full_size: int, fused_chunks: int = 1) -> None:
+FusedChunks = int | tuple[int, ...]
+"""The blocks a column layer's output dimension is fused from (q|k|v), each split over the tensor ranks on its
+own: an int n, n equal blocks; a tuple, the blocks' sizes (q, k and v under grouped-query attention)."""
+
+
+def mark_sharded(param: nn.Parameter, partition_dim: int, full_size: int, fused_chunks: FusedChunks = 1) -> None:
     marked: Any = param  # the marks are plain attributes of the tensor
     marked.tensor_model_parallel = True
     marked.partition_dim = partition_dim
     marked.tp_full_size = full_size
-    marked.tp_fused_chunks = fused_chunks
+    marked.tp_fused_chunks = fused_chunks if isinstance(fused_chunks, int) else tuple(fused_chunks)
 
 
-def shard_ranges(full_size: int, rank: int, world: int, chunks: int = 1,
+def fused_blocks(size: int, world: int, chunks: FusedChunks = 1) -> tuple[int, ...]:
+    """The sizes of the blocks (``FusedChunks``) of a dimension of ``size``; ValueError naming the sizes unless
+    they sum to ``size`` and each divides by the tensor size ``world``."""
+    if isinstance(chunks, int):
+        if chunks < 1 or size % (chunks * world):
+            raise ValueError(f"a dimension of {size} is not divisible by {chunks} blocks x tensor size {world}")
+        return (size // chunks,) * chunks
+    blocks = tuple(chunks)
+    if sum(blocks) != size:
+        raise ValueError(f"fused block sizes {blocks} sum to {sum(blocks)}, not to the dimension's {size}")
+    if any(block <= 0 or block % world for block in blocks):
+        raise ValueError(f"fused block sizes {blocks} are not each a positive multiple of the tensor size {world}")
+    return blocks
+
+
+def shard_ranges(full_size: int, rank: int, world: int, chunks: FusedChunks = 1,
                  padded_size: int | None = None) -> tuple[list[tuple[int, int]], int]:
     """The one rule for which part of a sharded dimension a rank holds: the dimension (``full_size``, padded
-    with zeros to ``padded_size`` for a vocabulary) is cut into ``chunks`` equal blocks (q|k|v), and the rank
-    holds its 1/``world`` of each. Returns the (start, stop) ranges of the full dimension to concatenate and
-    the local size, which zeros fill up to where the ranges end before it."""
+    with zeros to ``padded_size`` for a vocabulary) is cut into the blocks ``chunks`` names (``fused_blocks``:
+    n equal ones, or the sizes given, e.g. q|k|v), and the rank holds its 1/``world`` of each, in block order.
+    Returns the (start, stop) ranges of the full dimension to concatenate and the local size, which zeros fill
+    up to where the ranges end before it. Block sizes (a tuple) are of the unpadded dimension: no padding."""
     size = padded_size or full_size
-    block = size // chunks
-    part = block // world
-    ranges = []
-    for c in range(chunks):
-        start = c * block + rank * part
-        stop = min(start + part, full_size)
+    if not isinstance(chunks, int) and size != full_size:
+        raise ValueError(f"fused block sizes {tuple(chunks)} of a dimension of {full_size} padded to {size}: "
+                         "only equal blocks are padded")
+    ranges: list[tuple[int, int]] = []
+    block_start = 0
+    for block in fused_blocks(size, world, chunks):
+        start = block_start + rank * (block // world)
+        stop = min(start + block // world, full_size)
         if stop > start:
             ranges.append((start, stop))
+        block_start += block
     return ranges, size // world
 
 
-def take_shard(full: torch.Tensor, dim: int, rank: int, world: int, chunks: int = 1,
+def take_shard(full: torch.Tensor, dim: int, rank: int, world: int, chunks: FusedChunks = 1,
                padded_size: int | None = None) -> torch.Tensor:
     """This rank's part of ``full`` along ``dim`` by ``shard_ranges`` (a copy)."""
     ranges, local = shard_ranges(full.shape[dim], rank, world, chunks, padded_size)
@@ -74,7 +98,7 @@ def join_pieces(pieces: list[torch.Tensor], dim: int, local_size: int) -> torch.
     return torch.cat(pieces, dim=dim).contiguous()
 
 
-def shard_rows(full: torch.Tensor, group: ProcessGroup | None, chunks: int = 1,
+def shard_rows(full: torch.Tensor, group: ProcessGroup | None, chunks: FusedChunks = 1,
                padded_rows: int | None = None) -> torch.Tensor:
     """This rank's rows of ``full`` (dim 0), by ``shard_ranges``."""
     rank, world = _rank_world(group)
@@ -88,18 +112,19 @@ class ColumnParallelLinear(nn.Module):
     identity forward, all-reduce of dX backward; with ``sequence_parallel`` an all-gather of the sequence);
     set it False where the parent module already entered it (one all-reduce for q, k and v together).
     ``async_grad_reduce`` overlaps that backward collective with the weight-gradient GEMM.
-    Output: Y_i (this rank's columns), or the full Y with ``gather_output``.
+    Output: Y_i (this rank's columns), or the full Y with ``gather_output``. ``fused_chunks``: the output is
+    fused from blocks (``FusedChunks``: q|k|v, equal or of given sizes), each split over the ranks on its own;
+    Y_i is this rank's part of each block, concatenated in block order (``shard_ranges``).
     """
 
     weight_grad_store: WeightGradStore | None = None  # set by a zero-bubble schedule: dW waits for its W pass
 
     def __init__(self, in_features: int, out_features: int, *, group: ProcessGroup | None, bias: bool = True,
                  gather_output: bool = False, enter_region: bool = True, sequence_parallel: bool = False,
-                 async_grad_reduce: bool = False, fused_chunks: int = 1, dtype: torch.dtype | None = None):
+                 async_grad_reduce: bool = False, fused_chunks: FusedChunks = 1, dtype: torch.dtype | None = None):
         super().__init__()
         rank, world = _rank_world(group)
-        if out_features % (world * fused_chunks):
-            raise ValueError(f"out_features={out_features} is not divisible by {fused_chunks} x tensor size {world}")
+        fused_blocks(out_features, world, fused_chunks)  # ValueError unless each block divides by the tensor size
         self.group, self.gather_output = group, gather_output
         self.entry = RegionEntry(group, [self], sequence_parallel, async_grad_reduce) if enter_region else None
         self.in_features, self.out_features = in_features, out_features
@@ -114,8 +139,7 @@ class ColumnParallelLinear(nn.Module):
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None, *, group: ProcessGroup | None,
-                   fused_chunks: int = 1,
-                   **kwargs: Any) -> "ColumnParallelLinear":
+                   fused_chunks: FusedChunks = 1, **kwargs: Any) -> "ColumnParallelLinear":
         out_features, in_features = weight.shape
         with torch.device(weight.device):
             layer = cls(in_features, out_features, group=group, bias=bias is not None, fused_chunks=fused_chunks,

@@ -1,7 +1,9 @@
 """Each tensor-parallel layer and the vocabulary-parallel cross entropy against its dense torch
 counterpart built from the same full tensors, at tensor sizes 2 and 4: outputs and input / weight /
 bias gradients. fp32; the only differences are summation order in the all-reduces, so 1e-5 (relative to
-values of order 1) is ~100x the observed error and far below any slicing mistake (order 1)."""
+values of order 1) is ~100x the observed error and far below any slicing mistake (order 1). The shard rule
+for fused column layers of unequal blocks (Phi-3's q|k|v under grouped-query attention) in one process.
+The module mixes tiers: each test carries its own."""
 
 from __future__ import annotations
 
@@ -9,8 +11,6 @@ import pytest
 import torch
 
 from tests.dist import run_ranks
-
-pytestmark = pytest.mark.multiprocess
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -107,11 +107,13 @@ def _layers_match_dense(perturb: bool = False):
     return True
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("world", [2, 4])
 def test_layers_and_cross_entropy_match_dense(world):
     assert all(run_ranks(_layers_match_dense, world, timeout=300))
 
 
+@pytest.mark.multiprocess
 def test_layer_test_can_fail():
     """A 1e-2 perturbation of one weight on one rank must fail the comparison."""
     with pytest.raises(RuntimeError, match="column output"):
@@ -194,6 +196,112 @@ def _region_overlaps_weight_grads(sequence_parallel):
     return True
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("sequence_parallel", [False, True])
 def test_region_launches_its_collective_before_the_weight_gradients(sequence_parallel):
     assert all(run_ranks(_region_overlaps_weight_grads, 2, sequence_parallel, timeout=300))
+
+
+# --- fused column layers of unequal blocks (q|k|v under grouped-query attention) ----------------------------
+QKV = (8, 4, 4)  # q: 4 heads x 2, k and v: 2 kv heads x 2
+
+
+def _regroup(local_outputs: list[torch.Tensor], sizes: tuple[int, ...]) -> torch.Tensor:
+    """The full output from every rank's (rank order), each rank's output its part of each block in block order."""
+    world = len(local_outputs)
+    parts = [y.split([size // world for size in sizes], dim=-1) for y in local_outputs]
+    return torch.cat([torch.cat([p[block] for p in parts], dim=-1) for block in range(len(sizes))], dim=-1)
+
+
+@pytest.mark.unit
+def test_shard_ranges_of_given_block_sizes():
+    from parallel.layers import shard_ranges
+
+    assert shard_ranges(16, 0, 2, QKV) == ([(0, 4), (8, 10), (12, 14)], 8)
+    assert shard_ranges(16, 1, 2, QKV) == ([(4, 8), (10, 12), (14, 16)], 8)
+    assert shard_ranges(16, 3, 4, QKV) == ([(6, 8), (11, 12), (15, 16)], 4)
+    for rank in range(2):  # equal sizes given as a tuple: today's n equal blocks
+        assert shard_ranges(12, rank, 2, (4, 4, 4), 12) == shard_ranges(12, rank, 2, 3, 12)
+    # padding stays with equal blocks: a vocabulary of 11 padded to 12 at world 4 (the last rank holds 2 rows)
+    assert shard_ranges(11, 3, 4, 1, 12) == ([(9, 11)], 3)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("dim", [0, 1])
+def test_take_shard_of_block_sizes_merges_back(world, dim):
+    from modeling.shards import _merge
+    from parallel.layers import mark_sharded, take_shard
+
+    full = torch.arange(48, dtype=torch.float32).view(16, 3)
+    full = full if dim == 0 else full.t().contiguous()
+    shards = [take_shard(full, dim, rank, world, QKV) for rank in range(world)]
+    assert all(shard.shape[dim] == 16 // world for shard in shards)
+    marked = torch.nn.Parameter(shards[0].clone())
+    mark_sharded(marked, dim, 16, list(QKV))  # type: ignore[arg-type]  # a list from a plan is kept as a tuple
+    assert marked.tp_fused_chunks == QKV
+    assert torch.equal(_merge(shards, marked), full)
+    assert torch.equal(_regroup([s.t() if dim == 0 else s for s in shards], QKV),
+                       full.t() if dim == 0 else full)  # each rank holds its part of q, then k, then v
+
+
+@pytest.mark.unit
+def test_column_layer_of_block_sizes_on_one_rank_is_the_dense_layer():
+    from parallel.layers import ColumnParallelLinear
+
+    gen = torch.Generator().manual_seed(0)
+    dense = torch.nn.Linear(6, 16)
+    col = ColumnParallelLinear.from_dense(dense.weight.data, dense.bias.data, group=None, fused_chunks=QKV)
+    assert col.weight.tp_fused_chunks == QKV and col.bias.tp_fused_chunks == QKV
+    x = torch.randn(2, 5, 6, generator=gen)
+    torch.testing.assert_close(col(x), dense(x), rtol=0, atol=0)
+
+
+@pytest.mark.unit
+def test_block_sizes_that_do_not_fit_are_refused_by_size():
+    from parallel.layers import ColumnParallelLinear, shard_ranges, take_shard
+
+    with pytest.raises(ValueError, match=r"\(8, 3, 5\) are not each a positive multiple of the tensor size 2"):
+        shard_ranges(16, 0, 2, (8, 3, 5))
+    with pytest.raises(ValueError, match=r"\(8, 6, 6\) are not each a positive multiple of the tensor size 4"):
+        take_shard(torch.zeros(20, 3), 0, 1, 4, (8, 6, 6))
+    with pytest.raises(ValueError, match=r"\(8, 4, 2\) sum to 14, not to the dimension's 16"):
+        ColumnParallelLinear(6, 16, group=None, fused_chunks=(8, 4, 2))
+    with pytest.raises(ValueError, match=r"\(8, 4, 4\) of a dimension of 16 padded to 20"):
+        shard_ranges(16, 0, 4, QKV, 20)
+    with pytest.raises(ValueError, match="a dimension of 16 is not divisible by 3 blocks x tensor size 2"):
+        shard_ranges(16, 0, 2, 3)
+
+
+def _column_of_block_sizes_matches_dense():
+    import torch.distributed as dist
+
+    from modeling.shards import full_tensor, shard_for
+    from parallel.layers import ColumnParallelLinear, take_shard
+
+    group, rank, world = _init()
+    gen = torch.Generator().manual_seed(0)
+    dense = torch.nn.Linear(6, 16)
+    dense.weight.data, dense.bias.data = torch.randn(16, 6, generator=gen), torch.randn(16, generator=gen)
+    x_full, upstream = torch.randn(2, 5, 6, generator=gen), torch.randn(2, 5, 16, generator=gen)
+    col = ColumnParallelLinear.from_dense(dense.weight.data, dense.bias.data, group=group, fused_chunks=QKV)
+    xd, xt = x_full.clone().requires_grad_(), x_full.clone().requires_grad_()
+    (dense(xd) * upstream).sum().backward()
+    y = col(xt)
+    gathered = [torch.empty_like(y) for _ in range(world)]
+    dist.all_gather(gathered, y.detach().contiguous(), group=group)
+    _close(_regroup(gathered, QKV), dense(x_full), "fused q|k|v output, regrouped per block")
+    (y * take_shard(upstream, 2, rank, world, QKV)).sum().backward()
+    _close(xt.grad, xd.grad, "fused q|k|v dX")
+    _close(col.weight.grad, take_shard(dense.weight.grad, 0, rank, world, QKV), "fused q|k|v dW")
+    _close(col.bias.grad, take_shard(dense.bias.grad, 0, rank, world, QKV), "fused q|k|v db")
+    # the shard contract (checkpoints, export) places and merges it by the same rule
+    assert torch.equal(shard_for(col.weight, False, group).cut(dense.weight.data), col.weight.data)
+    assert torch.equal(full_tensor(col, "weight", col.weight.detach(), group), dense.weight.data)
+    assert torch.equal(full_tensor(col, "bias", col.bias.detach(), group), dense.bias.data)
+    return True
+
+
+@pytest.mark.multiprocess
+def test_column_layer_of_block_sizes_matches_dense_at_tp2():
+    assert all(run_ranks(_column_of_block_sizes_matches_dense, 2, timeout=300))
