@@ -1,99 +1,176 @@
-"""Split an HF decoder into pipeline chunks: the first embeds, the middle ones run a range of blocks, the
-last applies the final norm and the head. Positions, the attention masks and rotary embeddings are rebuilt
-on every chunk from the (known) sequence length, as the model's own forward builds them, so nothing but
-hidden states crosses a stage boundary."""
+"""Split an HF decoder into pipeline chunks by its own declaration (``config.base_model_pp_plan``: the modules
+before the block list embed, the block list, the modules after it end the stack), and run each chunk through the
+model's own forward.
+
+A chunk is a shell of the HF model: a shallow copy whose block list holds only this chunk's blocks, whose
+embedding modules are absent unless it embeds, and whose final modules are identities unless it holds the head;
+its config copy says how many blocks it has and their ``layer_types``. Calling the shell runs the architecture's
+own forward, so whatever that forward does between the parts (an embedding scale, the attention masks of each
+layer type, rotary embeddings, logit soft-capping or scaling) happens on every chunk as on one process. A chunk
+that does not embed gets the previous stage's hidden states at its first module (``StageInput``): the embedding
+path it runs is only the shape of the input. Only hidden states cross a stage boundary.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+import copy
+from collections import OrderedDict
+from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.pytorch_utils import Conv1D
 
 from parallel.partition import StageSpec, stage_specs
 from parallel.weight_grad import WeightGradStore, linear
 
-MASKS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
-
-
-def all_full(config: PretrainedConfig, layer: int) -> str:
-    return "full_attention"
-
-
-def sliding_if_window(config: Any, layer: int) -> str:  # MistralModel.forward
-    return "full_attention" if config.sliding_window is None else "sliding_attention"
-
-
-def per_layer(config: Any, layer: int) -> str:  # Qwen2Model.forward
-    return config.layer_types[layer]
-
-
-def gpt2_embed(parts: nn.ModuleDict, ids: torch.Tensor, context: dict) -> torch.Tensor:  # GPT2Model.forward
-    return parts["drop"](parts["wte"](ids) + parts["wpe"](context["position_ids"]))
-
-
-def token_embed(parts: nn.ModuleDict, ids: torch.Tensor, context: dict) -> torch.Tensor:  # LlamaModel.forward
-    return parts["embed_tokens"](ids)
-
-
-def gpt2_block(block: nn.Module, x: torch.Tensor, mask: Any, context: dict) -> Any:
-    return block(x, None, mask, position_ids=context["position_ids"])
-
-
-def rotary_block(block: nn.Module, x: torch.Tensor, mask: Any, context: dict) -> Any:
-    return block(x, attention_mask=mask, position_embeddings=context["rope"], position_ids=context["position_ids"])
-
 
 @dataclass(frozen=True)
-class DecoderParts:
-    """An architecture's pipeline adapter: where it keeps its parts (module paths in the HF model; the last
-    path of ``head`` is the output layer, the one before it the final norm), how its forward embeds and calls a
-    block, and which attention mask (a key of MASKS) it gives block ``i``: ``layer_type(config, i)``."""
+class StagePlan:
+    """Where a decoder keeps its pipeline parts: ``base`` (the base model's attribute in the causal LM),
+    the base model's modules before the block list (``embed``), the block list (``blocks``), and after it
+    (``final``: the final norm)."""
 
+    base: str
     embed: tuple[str, ...]
     blocks: str
-    head: tuple[str, ...]
-    embed_tokens: Callable[[nn.ModuleDict, torch.Tensor, dict], torch.Tensor]
-    run_block: Callable[[nn.Module, torch.Tensor, Any, dict], Any]
-    rotary: str | None = None
-    layer_type: Callable[[Any, int], str] = all_full
+    final: tuple[str, ...]
 
 
-DECODERS = {
-    "gpt2": DecoderParts(embed=("transformer.wte", "transformer.wpe", "transformer.drop"), blocks="transformer.h",
-                         head=("transformer.ln_f", "lm_head"), embed_tokens=gpt2_embed, run_block=gpt2_block),
-    "llama": DecoderParts(embed=("model.embed_tokens",), blocks="model.layers", head=("model.norm", "lm_head"),
-                          embed_tokens=token_embed, run_block=rotary_block, rotary="model.rotary_emb"),
-}
-DECODERS["mistral"] = replace(DECODERS["llama"], layer_type=sliding_if_window)
-DECODERS["qwen2"] = replace(DECODERS["llama"], layer_type=per_layer)
+# Hand-written where transformers declares no base_model_pp_plan: GPT-2 (GPT2Model.forward's order).
+HAND_WRITTEN = {"gpt2": StagePlan(base="transformer", embed=("wte", "wpe", "drop"), blocks="h", final=("ln_f",))}
 
 
-def decoder_parts(model: PreTrainedModel) -> DecoderParts:
-    """``model``'s ``DecoderParts``, ValueError for an architecture without one."""
+def declared_stage_plan(config: PretrainedConfig, base: str) -> StagePlan:
+    """The StagePlan of ``config``'s ``base_model_pp_plan``: the entry whose inputs include the attention mask
+    is the block list. ValueError naming what is missing."""
+    declared = getattr(config, "base_model_pp_plan", None)
+    if not declared:
+        raise ValueError(f"model_type {config.model_type!r} declares no base_model_pp_plan (transformers), and "
+                         f"colonnade has no hand-written stage split for it (have {sorted(HAND_WRITTEN)})")
+    names = list(declared)
+    blocks = [name for name, (inputs, _) in declared.items() if "attention_mask" in inputs]
+    if len(blocks) != 1:
+        raise ValueError(f"model_type {config.model_type!r}: base_model_pp_plan {names} does not name one block "
+                         f"list (the entry taking attention_mask)")
+    at = names.index(blocks[0])
+    return StagePlan(base=base, embed=tuple(names[:at]), blocks=blocks[0], final=tuple(names[at + 1:]))
+
+
+def stage_plan(model: PreTrainedModel) -> StagePlan:
+    """``model``'s StagePlan: hand-written, else from its declaration."""
     model_type = model.config.model_type
-    if model_type not in DECODERS:
-        raise ValueError(f"parallel.pipeline: no pipeline stage split for model_type {model_type!r} (have "
-                         f"{sorted(DECODERS)}); add its DecoderParts to modeling/pipeline.py")
-    return DECODERS[model_type]
+    if model_type in HAND_WRITTEN:
+        return HAND_WRITTEN[model_type]
+    return declared_stage_plan(model.config, model.base_model_prefix)
+
+
+def _base(model: PreTrainedModel, plan: StagePlan) -> nn.Module:
+    return model.get_submodule(plan.base)
 
 
 def blocks_of(model: PreTrainedModel) -> nn.ModuleList:
     """The decoder's list of transformer blocks."""
-    blocks = model.get_submodule(decoder_parts(model).blocks)
+    plan = stage_plan(model)
+    blocks = _base(model, plan).get_submodule(plan.blocks)
     if not isinstance(blocks, nn.ModuleList):
-        raise TypeError(f"{decoder_parts(model).blocks} is a {type(blocks).__name__}, not the nn.ModuleList of blocks")
+        raise TypeError(f"{plan.base}.{plan.blocks} is a {type(blocks).__name__}, not the nn.ModuleList of blocks")
     return blocks
+
+
+def blocks_path(model: PreTrainedModel) -> str:
+    plan = stage_plan(model)
+    return f"{plan.base}.{plan.blocks}"
 
 
 def num_blocks(model: PreTrainedModel) -> int:
     return len(blocks_of(model))
+
+
+def check_stage_modules(model: PreTrainedModel) -> None:
+    """Every module of the base model that holds parameters must be one of the declared parts: anything else
+    would be copied onto every stage. ValueError naming it."""
+    plan = stage_plan(model)
+    parts = {*plan.embed, plan.blocks, *plan.final}
+    stray = [name for name, child in _base(model, plan).named_children()
+             if name not in parts and any(True for _ in child.parameters())]
+    if stray:
+        raise ValueError(f"parallel.pipeline: model_type {model.config.model_type!r} has parameters in "
+                         f"{[f'{plan.base}.{n}' for n in stray]}, which its pipeline plan {sorted(parts)} does not "
+                         f"place on a stage; use parallel.pipeline=1")
+
+
+class StageState:
+    """What a chunk's forward hands to its stand-in modules: the hidden states received from the previous
+    stage (set for the duration of one forward)."""
+
+    received: torch.Tensor | None = None
+
+
+class StageInput(nn.Module):
+    """The chunk's first module: it runs on the received hidden states instead of what the shell's embedding
+    path computed (the argument is only that path's shape). Attributes are read through to the wrapped module
+    (forwards ask blocks for their ``attention_type``)."""
+
+    def __init__(self, inner: nn.Module, state: StageState):
+        super().__init__()
+        self.inner, self.state = inner, state
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        received = self.state.received
+        if "hidden_states" in kwargs:
+            return self.inner(*args, **dict(kwargs, hidden_states=received))
+        return self.inner(received, *args[1:], **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["inner"], name)
+
+
+class Absent(nn.Module):
+    """An embedding held by another stage: zeros of the shape it would return (a broadcast view, no storage)."""
+
+    def __init__(self, dim: int, state: StageState):
+        super().__init__()
+        self.dim, self.state = dim, state
+
+    def forward(self, ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        like = self.state.received
+        assert like is not None, "an absent embedding runs only inside a chunk's forward"
+        return like.new_zeros(()).expand(*ids.shape, self.dim)
+
+
+def _shell(module: nn.Module, children: dict[str, nn.Module], config: PretrainedConfig) -> nn.Module:
+    """A shallow copy of ``module`` with its own module table (``children`` replacing entries), hook tables and
+    config: the original is untouched."""
+    shell = copy.copy(module)
+    for name, value in vars(module).items():
+        if name.startswith("_") and isinstance(value, dict):
+            setattr(shell, name, OrderedDict(value))
+    shell._modules.update(children)
+    shell.config = config  # type: ignore[assignment]  # torch's stub: Module attributes Tensor | Module only
+    return shell
+
+
+def _stage_config(config: PretrainedConfig, blocks: range) -> PretrainedConfig:
+    """The config the shell's forward reads: its block count, and the layer types of its blocks."""
+    staged = copy.copy(config)
+    staged.num_hidden_layers = len(blocks)
+    if isinstance(getattr(config, "layer_types", None), list):
+        staged.layer_types = [config.layer_types[i] for i in blocks]
+    return staged
+
+
+def _embedding_width(module: nn.Module) -> int:
+    weight = getattr(module, "weight", None)
+    if weight is None or weight.dim() != 2:
+        raise ValueError(f"cannot stand in for {type(module).__name__}: expected an embedding with a 2-D weight")
+    return int(getattr(module, "embedding_dim", weight.shape[1]))
 
 
 class PipelineChunk(nn.Module):
@@ -102,53 +179,54 @@ class PipelineChunk(nn.Module):
 
     def __init__(self, model: PreTrainedModel, spec: StageSpec, seq_len: int):
         super().__init__()
-        decoder = decoder_parts(model)
-        self.spec, self.seq_len, self.decoder = spec, seq_len, decoder
-        self.config = model.config
-        self.parts = nn.ModuleDict()
-        if spec.embed:
-            for path in decoder.embed:
-                self.parts[path.rsplit(".", 1)[-1]] = model.get_submodule(path)
-        all_blocks = blocks_of(model)
-        self.blocks = nn.ModuleList(all_blocks[i] for i in spec.blocks)
-        self.layer_types = [decoder.layer_type(model.config, i) for i in spec.blocks]
-        if spec.head:
-            for path in decoder.head:
-                self.parts[path.rsplit(".", 1)[-1]] = model.get_submodule(path)
-        self.rotary = model.get_submodule(decoder.rotary) if decoder.rotary else None
+        plan = stage_plan(model)
+        self.spec, self.seq_len, self.state = spec, seq_len, StageState()
+        base = _base(model, plan)
+        config = _stage_config(model.config, spec.blocks)
+        layers: list[nn.Module] = [blocks_of(model)[i] for i in spec.blocks]
+        children: dict[str, nn.Module] = {}
+        if not spec.embed:
+            children.update({name: Absent(_embedding_width(base.get_submodule(name)), self.state)
+                             for name in plan.embed if any(True for _ in base.get_submodule(name).parameters())})
+        finals: dict[str, nn.Module] = {name: base.get_submodule(name) for name in plan.final} if spec.head else {
+            name: nn.Identity() for name in plan.final}
+        if not spec.embed:
+            if layers:
+                layers[0] = StageInput(layers[0], self.state)
+            elif plan.final and spec.head:
+                finals[plan.final[0]] = StageInput(finals[plan.final[0]], self.state)
+            else:
+                raise ValueError(f"a pipeline chunk needs blocks, the embedding or the head: {spec}")
+        children.update(finals)
+        children[plan.blocks] = nn.ModuleList(layers)
+        shell = _shell(base, children, config)
+        self.hidden_size = _embedding_width(model.get_input_embeddings())
+        self.model = _shell(model, {plan.base: shell}, config) if spec.head else shell
 
     @property
     def head(self) -> nn.Module | None:
-        return self.parts["lm_head"] if self.spec.head else None
-
-    def _context(self, batch: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-        positions = torch.arange(self.seq_len, device=device).unsqueeze(0)
-        shape_probe = torch.empty(batch, self.seq_len, 1, device=device, dtype=dtype)
-        # Positional: the embeddings' and the cache's keyword names changed within transformers 5.x.
-        masks = {kind: MASKS[kind](self.config, shape_probe, None, None)
-                 for kind in set(self.layer_types)}
-        context: dict[str, Any] = {"position_ids": positions, "masks": masks}
-        if self.rotary is not None:
-            context["rope"] = self.rotary(shape_probe, position_ids=positions)
-        return context
+        return cast(PreTrainedModel, self.model).get_output_embeddings() if self.spec.head else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch = x.shape[0]
-        dtype = next(self.parameters()).dtype
-        context = self._context(batch, x.device, dtype)
         if self.spec.embed:
-            x = self.decoder.embed_tokens(self.parts, x, context)
-        for block, kind in zip(self.blocks, self.layer_types):
-            out = self.decoder.run_block(block, x, context["masks"][kind], context)
-            x = out[0] if isinstance(out, tuple) else out
+            out = self.model(input_ids=x, use_cache=False)
+        else:
+            self.state.received = x
+            try:
+                shape = x.new_zeros(()).expand(x.shape[0], self.seq_len, self.hidden_size)
+                out = self.model(inputs_embeds=shape, use_cache=False)
+            finally:
+                self.state.received = None
         if self.spec.head:
-            norm, output = (path.rsplit(".", 1)[-1] for path in self.decoder.head)
-            x = self.parts[output](self.parts[norm](x))
-        return x
+            return out.logits
+        # (batch, sequence, hidden): GPT-2's forward views its output by the input's sequence length, which a
+        # sequence-parallel shard does not have
+        return out.last_hidden_state.view(x.shape[0], -1, self.hidden_size)
 
 
 def split_chunks(model: PreTrainedModel, specs: list[StageSpec], seq_len: int) -> nn.ModuleList:
     """This rank's chunks (in local order) as one module, ready to be wrapped by DeepSpeed."""
+    check_stage_modules(model)
     return nn.ModuleList(PipelineChunk(model, spec, seq_len) for spec in specs)
 
 
@@ -172,28 +250,15 @@ def check_pipeline_fits(hf_config: PretrainedConfig, pipeline: int, virtual_stag
     """Raise ValueError for a pipeline split the model cannot take (before any model is built)."""
     if pipeline == 1:
         return
-    if hf_config.model_type not in DECODERS:
-        raise ValueError(f"parallel.pipeline={pipeline}: no pipeline stage split for model_type "
-                         f"{hf_config.model_type!r} (have {sorted(DECODERS)})")
+    if hf_config.model_type not in HAND_WRITTEN:
+        try:
+            declared_stage_plan(hf_config, "model")
+        except ValueError as error:
+            raise ValueError(f"parallel.pipeline={pipeline}: {error}; use parallel.pipeline=1") from None
     layers = hf_config.num_hidden_layers
-    _check_layer_types(hf_config, pipeline)
     chunks = pipeline * virtual_stages
     if virtual_stages > 1 and layers % chunks:
         raise ValueError(f"parallel.virtual_stages={virtual_stages} x parallel.pipeline={pipeline} = {chunks} "
                          f"chunks do not divide the model's {layers} layers")
     balanced_later = partition in ("parameters", "measured")  # balanced once the model exists: any cut fits
     stage_specs(layers, pipeline, virtual_stages, "uniform" if balanced_later else partition)
-
-
-def _check_layer_types(hf_config: PretrainedConfig, pipeline: int) -> None:
-    """Refuse blocks whose attention mask the chunks cannot rebuild. Beyond embeddings, positions, masks,
-    rotary embeddings, blocks, norm and head, the forwards of the DECODERS architectures do nothing (rotary
-    scaling lives in the rotary module, biases and attention options in the blocks)."""
-    kinds = [DECODERS[hf_config.model_type].layer_type(hf_config, i) for i in range(hf_config.num_hidden_layers)]
-    unknown = sorted(set(kinds) - set(MASKS))
-    if unknown:
-        where = [i for i, kind in enumerate(kinds) if kind not in MASKS]
-        raise ValueError(f"parallel.pipeline={pipeline}: model config field layer_types with {unknown} (layers "
-                         f"{where}) is not supported by the pipeline stage split, which rebuilds only the "
-                         f"{sorted(MASKS)} masks; use parallel.pipeline=1, or add the mask to MASKS in "
-                         f"modeling/pipeline.py")

@@ -22,7 +22,7 @@ from torch.distributed import ProcessGroup
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from modeling.tp_plans import PLANS, TPPlan, check_tensor_parallel_fits
+from modeling.tp_plans import COLUMN_STYLES, HEAD_COUNTS, TPPlan, check_tensor_parallel_fits, plan_for
 from parallel.comm import (
     SEQ_DIM,
     all_reduce,
@@ -37,6 +37,7 @@ from parallel.layers import (
     VocabParallelHead,
     mark_sharded,
 )
+from parallel.norms import ShardedRMSNorm
 from parallel.random import TensorParallelRNG
 from parallel.random import install as install_dropout_rng
 from parallel.region import RegionEntry
@@ -51,7 +52,7 @@ def tensor_parallelize(model: PreTrainedModel, tp_group: ProcessGroup | None, se
     if world == 1:
         return model
     check_tensor_parallel_fits(model.config, world)
-    plan = PLANS[model.config.model_type]
+    plan = plan_for(model)
     apply_tp_plan(model, plan, tp_group, sequence_parallel, async_grad_reduce)
     if dropout_seed is not None:
         rng = TensorParallelRNG(dropout_seed, dist.get_rank(tp_group), comm_device(tp_group))
@@ -136,9 +137,9 @@ def _sequence_gather_hook(group: ProcessGroup | None) -> Hook:
 
 def apply_tp_plan(model: PreTrainedModel, plan: TPPlan, group: ProcessGroup | None, sequence_parallel: bool = False,
                   async_grad_reduce: bool = False) -> PreTrainedModel:
-    """Shard ``model`` in place for this rank of ``group``; returns it. Every parameter afterwards is
-    either sharded (``tensor_model_parallel``) or declared replicated by the plan, else ValueError.
-    ``async_grad_reduce``: see ``parallel.region``."""
+    """Shard ``model`` in place for this rank of ``group``; returns it. With a hand-written plan every
+    parameter afterwards is either sharded (``tensor_model_parallel``) or declared replicated by the plan, else
+    ValueError. ``async_grad_reduce``: see ``parallel.region``."""
     world = 1 if group is None else dist.get_world_size(group)
     tied: dict[str, nn.Parameter] = {}
     swaps: list[tuple[list[str], nn.Module]] = []
@@ -149,32 +150,18 @@ def apply_tp_plan(model: PreTrainedModel, plan: TPPlan, group: ProcessGroup | No
         if len(styles) > 1:
             raise ValueError(f"module {name} matches several TP styles: {styles}")
         style = styles[0] if styles else None
-        for attrs in _matches(plan.divide_attributes, name):
-            for attr in attrs:
-                value = getattr(module, attr)
-                if value % world:
-                    raise ValueError(f"{name}.{attr}={value} is not divisible by the tensor-parallel size {world}")
-                setattr(module, attr, value // world)
-        if style in ("colwise", "colwise_enter", "colwise_fused3", "rowwise", "vocab_head"):
-            weight, bias, was_conv1d = _dense_linear(module)
-            new: nn.Module
-            if style == "rowwise":
-                new = RowParallelLinear.from_dense(weight, bias, group=group, sequence_parallel=sequence_parallel)
-            elif style == "vocab_head":
-                new = VocabParallelHead.from_dense(weight, bias, group=group,  # input: full sequence
-                                                   async_grad_reduce=async_grad_reduce)
+        _divide_attributes(module, name, [a for attrs in _matches(plan.divide_attributes, name) for a in attrs], world)
+        if style in (*COLUMN_STYLES, "rowwise", "vocab_head"):
+            swaps.append((aliases[id(module)], _parallel_linear(module, name, cast(str, style), model.config, group,
+                                                                sequence_parallel, async_grad_reduce)))
+            if style == "vocab_head":
                 tied[name] = module.weight
-            else:
-                new = ColumnParallelLinear.from_dense(weight, bias, group=group, enter_region=style == "colwise_enter",
-                                                      async_grad_reduce=async_grad_reduce,
-                                                      fused_chunks=3 if style == "colwise_fused3" else 1)
-            new.hf_conv1d = was_conv1d  # type: ignore[assignment]  # (torch's stub, as above) the shard contract's mark
-            swaps.append((aliases[id(module)], new))
         elif style == "vocab_embedding":
-            new = VocabParallelEmbedding.from_dense(module.weight.detach(), group=group,
-                                                    padding_idx=getattr(module, "padding_idx", None))
+            embedding = VocabParallelEmbedding.from_dense(module.weight.detach(), group=group,
+                                                          padding_idx=getattr(module, "padding_idx", None))
+            _keep_embedding_scale(module, embedding)
             tied[name] = module.weight
-            swaps.append((aliases[id(module)], new))
+            swaps.append((aliases[id(module)], embedding))
         elif style == "region":
             regions.append(module)
         elif style == "heads_embedding":
@@ -184,25 +171,144 @@ def apply_tp_plan(model: PreTrainedModel, plan: TPPlan, group: ProcessGroup | No
             _set_submodule(model, name, new)
     _retie(model, tied)
     for module in regions:
+        if plan.declared:
+            _shard_head_counts(module, world)
+            _shard_full_width_norms(module, group)
         _enter_region_at_input(module, group, sequence_parallel, async_grad_reduce)
     for name in plan.vocab_buffers:
         _shard_vocab_buffer(model, name, cast(VocabParallelHead, model.get_output_embeddings()))
-    _check_covered(model, plan)
+    if not plan.declared:
+        _check_covered(model, plan)
     if sequence_parallel:
         _split_sequence_between_blocks(model, plan, group)
+    _sum_partial_grads(model, plan, group, sequence_parallel)
     return model
+
+
+def _keep_embedding_scale(dense: nn.Module, parallel: nn.Module) -> None:
+    """transformers' scaled word embeddings (Gemma's sqrt(hidden)) multiply their output by ``embed_scale``, cast
+    to the output's dtype first: the vocabulary-parallel embedding does the same."""
+    scale = getattr(dense, "scalar_embed_scale", getattr(dense, "embed_scale", None))
+    if not isinstance(scale, (int, float)) or scale == 1.0:
+        return
+
+    def scaled(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        return out * torch.tensor(scale, dtype=out.dtype, device=out.device)
+
+    parallel.register_forward_hook(scaled)
+
+
+def _divide_attributes(module: nn.Module, name: str, attributes: list[str], world: int) -> None:
+    for attr in attributes:
+        value = getattr(module, attr)
+        if value % world:
+            raise ValueError(f"{name}.{attr}={value} is not divisible by the tensor-parallel size {world}")
+        setattr(module, attr, value // world)
+
+
+def _parallel_linear(module: nn.Module, name: str, style: str, config: Any, group: ProcessGroup | None,
+                     sequence_parallel: bool, async_grad_reduce: bool) -> nn.Module:
+    """The tensor-parallel layer of ``style`` cut from the dense ``module``."""
+    weight, bias, was_conv1d = _dense_linear(module)
+    new: nn.Module
+    if style == "rowwise":
+        new = RowParallelLinear.from_dense(weight, bias, group=group, sequence_parallel=sequence_parallel)
+    elif style == "vocab_head":
+        new = VocabParallelHead.from_dense(weight, bias, group=group,  # input: full sequence
+                                           async_grad_reduce=async_grad_reduce)
+    else:
+        new = ColumnParallelLinear.from_dense(weight, bias, group=group, enter_region=style == "colwise_enter",
+                                              async_grad_reduce=async_grad_reduce,
+                                              fused_chunks=_fused_blocks(style, name, weight.shape[0], config))
+        new.tp_gathered = style == "colwise_gathered"  # type: ignore[assignment]  # read by _shard_full_width_norms
+    new.hf_conv1d = was_conv1d  # type: ignore[assignment]  # (torch's stub, as above) the shard contract's mark
+    return new
+
+
+def _fused_blocks(style: str, name: str, out_features: int, config: Any) -> Any:
+    """How a column layer's output dimension is made of blocks, each split by heads: a count of equal blocks, or
+    their sizes. A layer transformers gathers (``colwise_gathered``) may hold q|k|v (unequal under GQA: Phi-3's
+    ``qkv_proj``) or gate|up (``gate_up_proj``)."""
+    if style == "colwise_fused3":
+        return 3
+    if style == "colwise_packed":
+        return 2
+    layer = name.rsplit(".", 1)[-1]
+    if style == "colwise_gathered" and "qkv" in layer:
+        heads = config.num_attention_heads
+        kv = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        if out_features == (heads + 2 * kv) * head_dim:
+            return (heads * head_dim, kv * head_dim, kv * head_dim)
+    if style == "colwise_gathered" and "gate_up" in layer:
+        return 2
+    return 1
+
+
+class _ShardConfig:
+    """A module's view of the model config with the head counts of this rank (forwards that read them)."""
+
+    def __init__(self, config: Any, world: int):
+        self._config = config
+        self._heads = {key: value // world for key in HEAD_COUNTS
+                       if isinstance(value := getattr(config, key, None), int)}
+
+    def __getattr__(self, name: str) -> Any:
+        heads = self.__dict__["_heads"]
+        return heads[name] if name in heads else getattr(self.__dict__["_config"], name)
+
+
+def _shard_head_counts(module: nn.Module, world: int) -> None:
+    """A region module of a declared plan counts this rank's heads: its head-count attributes and its config."""
+    _divide_attributes(module, type(module).__name__,
+                       [a for a in HEAD_COUNTS if isinstance(getattr(module, a, None), int)], world)
+    if hasattr(module, "config"):
+        module.config = _ShardConfig(module.config, world)  # type: ignore[assignment]
+
+
+def _shard_full_width_norms(module: nn.Module, group: ProcessGroup | None) -> None:
+    """A norm over the full output of a column layer transformers gathers (OLMo 2's q/k norms) becomes a norm
+    over this rank's slice with the statistic of the full width (``parallel.norms``)."""
+    widths = {child.out_features for child in module.children()
+              if isinstance(child, ColumnParallelLinear) and getattr(child, "tp_gathered", False)}
+    for name, child in list(module.named_children()):
+        weight = getattr(child, "weight", None)
+        if isinstance(child, ColumnParallelLinear) or not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+            continue
+        if weight.shape[0] not in widths:
+            continue
+        eps = getattr(child, "variance_epsilon", getattr(child, "eps", None))
+        if eps is None or getattr(child, "bias", None) is not None:
+            raise ValueError(f"{type(child).__name__} over the full width of a split layer: only an RMS norm "
+                             f"(weight, eps) can be split; use parallel.tensor=1")
+        setattr(module, name, ShardedRMSNorm.from_dense(weight.detach(), float(eps), group))
 
 
 def _split_sequence_between_blocks(model: nn.Module, plan: TPPlan, group: ProcessGroup | None) -> None:
     """Sequence parallelism: the hidden state is split along the sequence from the first block's input to the
-    last block's output; the replicated parameters inside (norms), fed by this rank's part only, sum their
-    gradients over the group."""
+    last block's output."""
     if not isinstance(plan.blocks, str):
         raise ValueError("sequence parallelism is implemented for decoder-only models")
     blocks = cast(nn.ModuleList, model.get_submodule(plan.blocks))
     blocks[0].register_forward_pre_hook(_sequence_scatter_hook(group), with_kwargs=True)
     blocks[-1].register_forward_hook(_sequence_gather_hook(group))
-    for param in blocks.parameters():
+
+
+def _sum_partial_grads(model: nn.Module, plan: TPPlan, group: ProcessGroup | None, sequence_parallel: bool) -> None:
+    """Replicated parameters fed by this rank's part only sum their gradients over the group, once each: with
+    sequence parallelism every one inside the blocks (this rank's part of the sequence); the ones the plan says
+    are fed by this rank's heads (``replicate_reduce_grad``); in a declared plan every one inside a region (q/k
+    norms per head, an activation's own parameters between the column and the row layer), but the row layer's
+    bias, added after the reduction."""
+    partial: dict[int, nn.Parameter] = {}
+    if sequence_parallel:
+        partial.update({id(p): p for p in model.get_submodule(cast(str, plan.blocks)).parameters()})
+    fed_by_part = ("replicate_reduce_grad", "region") if plan.declared else ("replicate_reduce_grad",)
+    for name, module in model.named_modules():
+        if any(style in fed_by_part for style in _matches(plan.styles, name)):
+            partial.update({id(p): p for m in module.modules() if not isinstance(m, RowParallelLinear)
+                            for p in m.parameters(recurse=False)})
+    for param in partial.values():
         if not getattr(param, "tensor_model_parallel", False):
             param.register_hook(lambda grad: all_reduce(grad.clone(), group))
 

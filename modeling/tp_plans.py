@@ -1,10 +1,18 @@
-"""Tensor-parallel plans for Hugging Face architectures, as data (applied by ``modeling.tensor_parallel``).
-A new architecture is a new entry.
+"""Tensor-parallel plans, as data (applied by ``modeling.tensor_parallel``).
+
+Most plans are read from the model's own declaration (``config.base_model_tp_plan``, transformers' styles per
+module path; ``declared_plan``). A few are hand-written here because transformers declares none: GPT-2 (its
+``Conv1D`` q|k|v), T5, Marian and BART.
 
 A plan maps module-path patterns (``*`` = one path component) to a style:
 
-- ``colwise`` / ``colwise_fused3``: ``ColumnParallelLinear`` (fused: q|k|v blocks split per block) inside a
-  region; ``colwise_enter``: one that enters the region itself (an MLP whose layers have no parent module)
+- ``colwise`` / ``colwise_enter``: ``ColumnParallelLinear`` inside a region / entering the region itself (a
+  layer whose parent is the block: an MLP whose layers have no module of their own)
+- ``colwise_fused3``: a column layer holding q|k|v as three equal blocks, each split by heads (GPT-2's Conv1D)
+- ``colwise_gathered``: a column layer transformers gathers after (``colwise_gather_output``): colonnade keeps
+  its output split instead, cutting a fused q|k|v or gate|up weight per block, and the norm over its full width
+  that follows becomes a tensor-parallel norm (``parallel.norms``)
+- ``colwise_packed``: a column layer holding gate|up as two equal blocks (``packed_colwise``)
 - ``rowwise``: ``RowParallelLinear``
 - ``vocab_embedding`` / ``vocab_head``: vocabulary-parallel embedding and output projection
 - ``region``: the module's input enters the tensor-parallel region once (copy-to-region, or the
@@ -12,6 +20,8 @@ A plan maps module-path patterns (``*`` = one path component) to a style:
 - ``heads_embedding``: an ``nn.Embedding`` whose embedding dimension indexes attention heads (T5's relative
   attention bias): each rank keeps the columns of its heads
 - ``replicate``: parameters kept whole on every rank
+- ``replicate_reduce_grad``: kept whole, but fed by this rank's heads only (per-head q/k norms): their gradients
+  are summed over the tensor group
 
 plus per-module attributes to divide by the tensor size (e.g. GPT-2's ``split_size``) and the path of the
 block list.
@@ -21,22 +31,38 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from transformers import PretrainedConfig
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
 
-STYLES = {"colwise", "colwise_enter", "colwise_fused3", "rowwise", "vocab_embedding", "vocab_head", "region",
-          "heads_embedding", "replicate"}
+STYLES = {"colwise", "colwise_enter", "colwise_fused3", "colwise_gathered", "colwise_packed", "rowwise",
+          "vocab_embedding", "vocab_head", "region", "heads_embedding", "replicate", "replicate_reduce_grad"}
+COLUMN_STYLES = ("colwise", "colwise_enter", "colwise_fused3", "colwise_gathered", "colwise_packed")
+
+# transformers' declared style -> colonnade's. Embedding styles are not listed: the input embedding and the
+# output head are always vocabulary-parallel.
+DECLARED = {"colwise": "colwise", "colwise_gather_output": "colwise_gathered", "packed_colwise": "colwise_packed",
+            "rowwise": "rowwise", "rowwise_split_input": "rowwise",
+            "replicated_with_grad_allreduce": "replicate_reduce_grad"}
+EMBEDDING_STYLES = ("embedding_rowwise", "rowwise")
+
+# Attributes and config fields that count attention heads: divided by the tensor size on the attention modules
+# of a declared plan, for forwards that read them (Phi-3 cuts its fused q|k|v by them).
+HEAD_COUNTS = ("num_heads", "num_attention_heads", "num_key_value_heads", "num_kv_heads")
 
 
 @dataclass(frozen=True)
 class TPPlan:
     """Module-path pattern -> style; module-path pattern -> attributes divided by the TP size; the path
     of the ``nn.ModuleList`` of transformer blocks (a tuple of paths for encoder-decoder models); buffers
-    whose last dimension is the vocabulary (Marian's ``final_logits_bias``), sliced like the output head."""
+    whose last dimension is the vocabulary (Marian's ``final_logits_bias``), sliced like the output head.
+    ``declared``: read from transformers' declaration, which names only what it splits: every other parameter
+    is replicated, and the region modules' head counts are divided."""
 
     styles: dict[str, str]
     blocks: str | tuple[str, ...]
     divide_attributes: dict[str, tuple[str, ...]] = field(default_factory=dict)
     vocab_buffers: tuple[str, ...] = ()
+    declared: bool = False
 
     def __post_init__(self) -> None:
         unknown = {s for s in self.styles.values() if s not in STYLES}
@@ -61,26 +87,6 @@ GPT2 = TPPlan(
         "transformer.ln_f": "replicate",
     },
     divide_attributes={"transformer.h.*.attn": ("split_size", "num_heads", "embed_dim")},
-)
-
-LLAMA = TPPlan(
-    blocks="model.layers",
-    styles={
-        "model.embed_tokens": "vocab_embedding",
-        "lm_head": "vocab_head",
-        "model.layers.*.self_attn": "region",
-        "model.layers.*.self_attn.q_proj": "colwise",
-        "model.layers.*.self_attn.k_proj": "colwise",
-        "model.layers.*.self_attn.v_proj": "colwise",
-        "model.layers.*.self_attn.o_proj": "rowwise",
-        "model.layers.*.mlp": "region",
-        "model.layers.*.mlp.gate_proj": "colwise",
-        "model.layers.*.mlp.up_proj": "colwise",
-        "model.layers.*.mlp.down_proj": "rowwise",
-        "model.layers.*.input_layernorm": "replicate",
-        "model.layers.*.post_attention_layernorm": "replicate",
-        "model.norm": "replicate",
-    },
 )
 
 _T5_ATTENTION = {"": "region", ".q": "colwise", ".k": "colwise", ".v": "colwise", ".o": "rowwise"}
@@ -129,19 +135,44 @@ BART = TPPlan(  # Marian and BART: the same module names; positions sinusoidal (
     vocab_buffers=("final_logits_bias",),
 )
 
-PLANS = {"gpt2": GPT2, "llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "t5": T5, "marian": BART, "bart": BART}
 
-# What must divide by the tensor-parallel size, per architecture: (config field, what it is).
+HAND_WRITTEN = {"gpt2": GPT2, "t5": T5, "marian": BART, "bart": BART}
+
+# What must divide by the tensor-parallel size for the hand-written plans: (config field, what it is).
 DIVISIBLE = {
     "gpt2": [("n_head", "attention heads"), ("n_inner", "MLP width")],
-    "llama": [("num_attention_heads", "attention heads"), ("num_key_value_heads", "key/value heads"),
-              ("intermediate_size", "MLP width")],
+    "t5": [("num_heads", "attention heads"), ("d_ff", "feed-forward width")],
+    "marian": [("encoder_attention_heads", "encoder attention heads"),
+               ("decoder_attention_heads", "decoder attention heads"),
+               ("encoder_ffn_dim", "encoder feed-forward width"), ("decoder_ffn_dim", "decoder feed-forward width")],
 }
-DIVISIBLE["mistral"] = DIVISIBLE["qwen2"] = DIVISIBLE["llama"]
-DIVISIBLE["t5"] = [("num_heads", "attention heads"), ("d_ff", "feed-forward width")]
-DIVISIBLE["marian"] = DIVISIBLE["bart"] = [
-    ("encoder_attention_heads", "encoder attention heads"), ("decoder_attention_heads", "decoder attention heads"),
-    ("encoder_ffn_dim", "encoder feed-forward width"), ("decoder_ffn_dim", "decoder feed-forward width")]
+DIVISIBLE["bart"] = DIVISIBLE["marian"]
+DECLARED_DIVISIBLE = [("num_attention_heads", "attention heads"), ("num_key_value_heads", "key/value heads"),
+                      ("intermediate_size", "MLP width")]
+
+
+def declared_styles(config: PretrainedConfig) -> dict[str, str]:
+    """``config``'s ``base_model_tp_plan`` in colonnade's styles (paths relative to the base model). ValueError
+    naming the model type and the first style colonnade does not split that way (mixture-of-experts layers,
+    linear-attention projections, ...)."""
+    declared = getattr(config, "base_model_tp_plan", None)
+    if not declared:
+        raise ValueError(f"model_type {config.model_type!r} declares no base_model_tp_plan (transformers), and "
+                         f"colonnade has no hand-written plan for it (have {sorted(HAND_WRITTEN)})")
+    styles = {}
+    for path, style in declared.items():
+        if style in EMBEDDING_STYLES and "." not in path:
+            continue  # the input embedding: vocabulary-parallel by position
+        if style.startswith("moe"):
+            raise ValueError(f"model_type {config.model_type!r}: its mixture-of-experts layers ({path}: "
+                             f"{style!r}) are not split by tensor parallelism yet")
+        if style not in DECLARED:
+            raise ValueError(f"model_type {config.model_type!r}: tensor-parallel style {style!r} of {path} is not "
+                             f"supported (colonnade splits {sorted(DECLARED)})")
+        styles[path] = DECLARED[style]
+    if "rowwise" not in styles.values():
+        raise ValueError(f"model_type {config.model_type!r}: its base_model_tp_plan splits no layer of its blocks")
+    return styles
 
 
 def check_tensor_parallel_fits(hf_config: PretrainedConfig, tensor: int) -> None:
@@ -149,15 +180,55 @@ def check_tensor_parallel_fits(hf_config: PretrainedConfig, tensor: int) -> None
     if tensor == 1:
         return
     model_type = hf_config.model_type
-    if model_type not in PLANS:
-        raise ValueError(f"parallel.tensor={tensor}: no tensor-parallel plan for model_type {model_type!r} "
-                         f"(have {sorted(PLANS)}); add one to modeling/tp_plans.py or use parallel.tensor=1")
-    for key, what in DIVISIBLE[model_type]:
+    if model_type in HAND_WRITTEN:
+        fields = DIVISIBLE[model_type]
+    else:
+        try:
+            declared_styles(hf_config)
+        except ValueError as error:
+            raise ValueError(f"parallel.tensor={tensor}: {error}; use parallel.tensor=1") from None
+        fields = DECLARED_DIVISIBLE
+    for key, what in fields:
         value = getattr(hf_config, key, None)
         if key == "n_inner" and value is None:
             value = 4 * hf_config.n_embd
-        if value is None:
+        if value is None and model_type in HAND_WRITTEN:
             raise ValueError(f"parallel.tensor={tensor}: the {model_type} config has no {key} ({what})")
-        if value % tensor:
+        if isinstance(value, int) and value % tensor:
             raise ValueError(f"parallel.tensor={tensor} does not divide the model's {what} ({key}={value}); "
                              f"choose a tensor size that divides {value}")
+
+
+def _path_of(model: nn.Module, module: nn.Module | None) -> str | None:
+    return next((name for name, m in model.named_modules() if m is module), None)
+
+
+def declared_plan(model: PreTrainedModel) -> TPPlan:
+    """The TPPlan of ``model``'s declaration: its styles under the base model's path, a region at the parent of
+    every column layer (the attention, the MLP; a column layer directly in a block enters the region itself),
+    the input embedding and output head vocabulary-parallel."""
+    base = model.base_model_prefix
+    styles = {f"{base}.{path}": style for path, style in declared_styles(model.config).items()}
+    blocks = sorted({path.split(".")[1] for path in styles if path.count(".") > 2 and path.split(".")[2] == "*"})
+    if len(blocks) != 1:
+        raise ValueError(f"model_type {model.config.model_type!r}: its tensor-parallel plan does not name one "
+                         f"block list ({blocks})")
+    block = f"{base}.{blocks[0]}.*"
+    for path, style in list(styles.items()):
+        parent = path.rpartition(".")[0]
+        if style in COLUMN_STYLES:
+            if parent == block:
+                styles[path] = "colwise_enter" if style == "colwise" else style
+            else:
+                styles[parent] = "region"
+    for module, style in ((model.get_input_embeddings(), "vocab_embedding"),
+                          (model.get_output_embeddings(), "vocab_head")):
+        found = _path_of(model, module)
+        if found is not None:
+            styles[found] = style
+    return TPPlan(styles=styles, blocks=f"{base}.{blocks[0]}", declared=True)
+
+
+def plan_for(model: PreTrainedModel) -> TPPlan:
+    """``model``'s tensor-parallel plan: hand-written, else from its declaration."""
+    return HAND_WRITTEN.get(model.config.model_type) or declared_plan(model)

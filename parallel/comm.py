@@ -106,6 +106,17 @@ class _ReduceFromRegion(torch.autograd.Function):
         return grad, None
 
 
+class _SumOverRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_reduce(grad.contiguous().clone(), ctx.group), None
+
+
 class _ScatterToRegion(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, dim):
@@ -162,6 +173,12 @@ def copy_to_tensor_parallel_region(x: torch.Tensor, group: ProcessGroup | None) 
 def reduce_from_tensor_parallel_region(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     """Forward: all-reduce (sum) over ``group``. Backward: identity."""
     return x if _skip(group) else _ReduceFromRegion.apply(x, group)
+
+
+def sum_over_tensor_parallel_region(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    """Forward: all-reduce (sum) over ``group``. Backward: all-reduce (sum). For a statistic every rank computes
+    from its part and then uses itself (a norm's sum of squares over a split width)."""
+    return x if _skip(group) else _SumOverRegion.apply(x, group)
 
 
 def scatter_to_tensor_parallel_region(x: torch.Tensor, group: ProcessGroup | None, dim: int = -1) -> torch.Tensor:

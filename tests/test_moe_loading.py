@@ -182,8 +182,8 @@ def test_moe_refused_at_tensor_parallel_by_name():
     for model_type in MOE:
         config = AutoConfig.for_model(model_type, **{**SMALL, **MOE[model_type]})
         check_tensor_parallel_fits(config, 1)
-        with pytest.raises(ValueError, match=f"parallel.tensor=2: no tensor-parallel plan for model_type "
-                                             f"'{model_type}'.*parallel.tensor=1"):
+        with pytest.raises(ValueError, match=f"parallel.tensor=2: model_type '{model_type}': its "
+                                             f"mixture-of-experts layers .*parallel.tensor=1"):
             check_tensor_parallel_fits(config, 2)
 
 

@@ -1,15 +1,16 @@
-"""The pipeline stage split reproduces the unsplit HF model: every config feature the chunks rebuild
-(attention masks with sliding windows and per-layer layer types, rotary scaling) or carry inside the
+"""The pipeline stage split reproduces the unsplit HF model: every config feature the chunks' own forwards
+rebuild (attention masks with sliding windows and per-layer layer types, rotary scaling) or carry inside the
 blocks (attention / MLP biases, GPT-2 attention scaling options) gives the same logits, loss and
-gradients as ``model(input_ids)``; a feature the chunks cannot reproduce is refused by name up front.
+gradients as ``model(input_ids)``; a model the chunks cannot split is refused by name up front.
 Single process: the chunks need no process group, they are run one after another."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
-from transformers.masking_utils import create_causal_mask
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
 
 from modeling import pipeline
 from modeling.pipeline import check_pipeline_fits, split_chunks
@@ -61,13 +62,14 @@ FEATURE_OFF = {  # the same config without the feature, to show that the feature
     "gpt2-inverse-layer-idx": {"scale_attn_by_inverse_layer_idx": False},
     "gpt2-reorder-upcast-eager": {"scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False},
 }
+MIXED_TYPES = ["qwen2-max-window-layers", "qwen2-mixed-layer-types", "qwen2-mixed-eager"]
 SLIDING = ["mistral-sliding", "mistral-sliding-eager", "qwen2-max-window-layers", "qwen2-mixed-layer-types",
            "qwen2-mixed-eager"]
 
 # fp32, the same modules applied to the same tensors in the same order, only called chunk by chunk: the
 # logits agree to rounding (measured: bit for bit). 1e-5 is far below what a wrong mask or a dropped
-# feature gives: dropping the window moves the logits by 4 to 6 (negative control), dropping a rotary
-# scaling or a GPT-2 attention option by 0.8 to 5 (test_feature_changes_the_unsplit_model).
+# feature gives: a mask built for the wrong layer type moves them far more (negative control), dropping a
+# rotary scaling or a GPT-2 attention option by 0.8 to 5 (test_feature_changes_the_unsplit_model).
 TOL = 1e-5
 
 
@@ -134,21 +136,36 @@ def test_chunks_reproduce_unsplit_loss_and_gradients(variant):
                                    msg=lambda msg, name=name: f"{variant} {name}: {msg}")
 
 
-@pytest.mark.parametrize("variant", SLIDING)
-def test_negative_control_full_mask_instead_of_window_is_detected(variant, monkeypatch):
-    """The check above can fail: the split as it was (plain causal mask on every block) is caught."""
+@pytest.mark.parametrize("variant", MIXED_TYPES)
+def test_negative_control_layer_types_not_cut_per_stage_is_detected(variant, monkeypatch):
+    """The check above can fail: chunks that read the full model's layer types from their first block on (the
+    stage config not cut to the chunk's blocks) give a later stage the wrong masks."""
     model = _model(variant)
     ids = _ids()
-    monkeypatch.setitem(pipeline.MASKS, "sliding_attention", create_causal_mask)
+
+    def uncut(config, blocks):
+        staged = copy.copy(config)
+        staged.num_hidden_layers = len(blocks)
+        return staged
+
+    monkeypatch.setattr(pipeline, "_stage_config", uncut)
     with torch.no_grad():
         diff = (_chunked_logits(model, ids) - model(ids).logits).abs().max().item()
-    assert diff > 100 * TOL, f"{variant}: dropping the sliding window moved the logits by only {diff:.3g}"
+    assert diff > 100 * TOL, f"{variant}: the uncut layer types moved the logits by only {diff:.3g}"
 
 
-def test_unsupported_layer_type_is_refused_by_name():
-    config = Qwen2Config(**DECODER, layer_types=["full_attention", "chunked_attention"] * 2)
+def test_model_without_a_stage_plan_is_refused_by_name():
+    config = AutoConfig.for_model("nemotron")  # declares a tensor-parallel plan, no pipeline plan
     with pytest.raises(ValueError) as error:
         check_pipeline_fits(config, 2, 1, "uniform")
     message = str(error.value)
-    assert "parallel.pipeline=2" in message and "layer_types" in message and "chunked_attention" in message
+    assert "parallel.pipeline=2" in message and "base_model_pp_plan" in message and "nemotron" in message
     check_pipeline_fits(config, 1, 1, "uniform")  # no pipeline, no stage split: nothing to refuse
+
+
+def test_parameters_outside_the_stage_plan_are_refused_by_name():
+    """A base-model module with parameters that the plan places on no stage would be copied onto every one."""
+    model = _model("qwen2-attention-bias")
+    model.model.extra = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=r"model\.extra"):
+        split_chunks(model, stage_specs(LAYERS, 2), SEQ)
