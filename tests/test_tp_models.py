@@ -1,4 +1,5 @@
-"""Unmodified HF models (GPT-2, Llama) sharded by our TP plans vs the dense model from the same weights:
+"""Unmodified HF models sharded by our TP plans (GPT-2's hand-written, the others read from transformers'
+declarations) vs the dense model from the same weights:
 logits, loss and every parameter gradient (shards gathered and merged back to the HF layout), at tensor
 sizes 2 and 4, with and without sequence parallelism, with the input-gradient collective overlapped with the
 weight gradients (the training default) and without; and the collectives one block issues."""
@@ -26,10 +27,24 @@ LLAMA = dict(num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4, 
              intermediate_size=96, max_position_embeddings=32, vocab_size=262)
 
 
+SMALL = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32, head_dim=8,
+             intermediate_size=64, max_position_embeddings=32, vocab_size=262, pad_token_id=0)
+# A feature of each declared plan the translation must get right, at TP=2 (its handling removed, the
+# comparison fails: the negative controls below).
+DECLARED = {
+    "olmo2": SMALL,  # q/k norms over the full width: split with the tensor-parallel RMS norm
+    "phi3": SMALL,  # fused qkv_proj with GQA (q, k, v of unequal sizes), fused gate_up_proj
+    "gemma3_text": dict(SMALL, sliding_window=4, layer_types=["sliding_attention", "full_attention"]),  # sqrt(h)
+    "qwen3": SMALL,  # per-head q/k norms: partial gradients
+    "gpt_neox": dict(num_hidden_layers=2, num_attention_heads=4, hidden_size=32, intermediate_size=64,
+                     max_position_embeddings=32, vocab_size=262, rotary_pct=0.5),  # fused per-head qkv
+}
+
+
 def _dense_model(arch):
     from modeling.build import build_model
 
-    fields = GPT2 if arch == "gpt2" else LLAMA
+    fields = GPT2 if arch == "gpt2" else DECLARED.get(arch, LLAMA)
     return build_model(pretrained=None, arch=arch, config=dict(fields), vocab_size=None, seed=3)
 
 
@@ -65,6 +80,68 @@ def _compare(arch, sequence_parallel, async_grad_reduce=True):
 @pytest.mark.parametrize("world", [2, 4])
 def test_tp_model_matches_hf(arch, world):
     assert all(n > 10 for n in run_ranks(_compare, world, arch, False, timeout=300))
+
+
+def _compare_declared(archs, sequence_parallel, mutation=None):
+    """Rank function: ``_compare`` for each of ``archs`` in one launch; with ``mutation`` (a name in
+    MUTATIONS) applied first, each comparison's failure instead."""
+    if mutation is None:
+        return [_compare(arch, sequence_parallel) for arch in archs]
+    MUTATIONS[mutation]()
+    failures = []
+    for arch in archs:
+        try:
+            _compare(arch, sequence_parallel)
+        except AssertionError as error:
+            failures.append(str(error).splitlines()[0])
+        else:
+            failures.append(None)
+    return failures
+
+
+def _local_statistic():
+    import parallel.norms
+
+    parallel.norms.sum_over_tensor_parallel_region = lambda x, group: x  # each rank: its slice's squares only
+
+
+def _no_partial_grad_sums():
+    import modeling.tensor_parallel
+
+    modeling.tensor_parallel._sum_partial_grads = lambda *args: None
+
+
+def _no_embedding_scale():
+    import modeling.tensor_parallel
+
+    modeling.tensor_parallel._keep_embedding_scale = lambda *args: None
+
+
+def _qkv_as_one_block():
+    import modeling.tensor_parallel
+
+    modeling.tensor_parallel._fused_blocks = lambda style, name, out, config: 1  # rank 0: all of q and some k
+
+
+MUTATIONS = {"local norm statistic": _local_statistic, "no partial-gradient sums": _no_partial_grad_sums,
+             "no embedding scale": _no_embedding_scale, "q|k|v as one block": _qkv_as_one_block}
+
+
+def test_declared_plans_match_hf():
+    """Families whose plan is read from transformers' declaration, each with the feature its translation must
+    handle (DECLARED), at TP=2 and TP=2 with sequence parallelism: logits, loss, every gradient."""
+    archs = sorted(DECLARED)
+    for sequence_parallel in (False, True):
+        counts = run_ranks(_compare_declared, 2, archs, sequence_parallel, timeout=300)[0]
+        assert all(n > 10 for n in counts), dict(zip(archs, counts))
+
+
+@pytest.mark.parametrize("mutation,arch", [("local norm statistic", "olmo2"), ("no partial-gradient sums", "qwen3"),
+                                           ("no embedding scale", "gemma3_text"), ("q|k|v as one block", "phi3")])
+def test_declared_plan_negative_controls(mutation, arch):
+    """The comparison above can fail: each feature's handling, removed, makes its family differ from HF."""
+    (failure,) = run_ranks(_compare_declared, 2, [arch], False, mutation, timeout=300)[0]
+    assert failure is not None, f"{arch} still matches HF with the mutation {mutation!r}"
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

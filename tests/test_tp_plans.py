@@ -1,0 +1,74 @@
+"""Tensor-parallel plans read from transformers' declarations (``modeling.tp_plans``): what the translation
+gives for a few families, and what it refuses by name at config time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from modeling.tensor_parallel import _fused_blocks
+from modeling.tp_plans import check_tensor_parallel_fits, declared_plan, plan_for
+
+pytestmark = pytest.mark.unit
+
+SMALL = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32, head_dim=8,
+             intermediate_size=64, vocab_size=64, pad_token_id=0)
+
+
+def _meta_model(model_type: str, **fields):
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**SMALL, **fields}))
+
+
+def test_llama_declaration_gives_megatron_regions():
+    plan = declared_plan(_meta_model("llama"))
+    assert plan.declared and plan.blocks == "model.layers"
+    assert plan.styles["model.layers.*.self_attn"] == plan.styles["model.layers.*.mlp"] == "region"
+    assert plan.styles["model.layers.*.self_attn.q_proj"] == "colwise"
+    assert plan.styles["model.layers.*.mlp.down_proj"] == "rowwise"
+    assert plan.styles["model.embed_tokens"] == "vocab_embedding" and plan.styles["lm_head"] == "vocab_head"
+
+
+def test_gathered_and_per_head_styles_are_translated():
+    qwen3, olmo2 = declared_plan(_meta_model("qwen3")), declared_plan(_meta_model("olmo2"))
+    assert qwen3.styles["model.layers.*.self_attn.q_norm"] == "replicate_reduce_grad"
+    assert olmo2.styles["model.layers.*.self_attn.q_proj"] == "colwise_gathered"
+    assert olmo2.styles["model.layers.*.self_attn.o_proj"] == "rowwise"  # rowwise_split_input: input kept split
+
+
+def test_gpt_neox_paths_follow_its_base_model_prefix():
+    plan = declared_plan(_meta_model("gpt_neox"))
+    assert plan.blocks == "gpt_neox.layers"
+    assert plan.styles["gpt_neox.layers.*.attention"] == "region"
+    assert plan.styles["gpt_neox.embed_in"] == "vocab_embedding" and plan.styles["lm_head"] == "vocab_head"
+
+
+def test_hand_written_plans_remain_for_undeclared_models():
+    assert not plan_for(_meta_model("gpt2", n_layer=2, n_head=4, n_embd=32)).declared
+
+
+def test_fused_qkv_is_cut_per_block_by_head_counts():
+    config = AutoConfig.for_model("phi3", **SMALL)  # q: 4 heads, k and v: 2 heads each, of 8
+    assert _fused_blocks("colwise_gathered", "model.layers.0.self_attn.qkv_proj", 64, config) == (32, 16, 16)
+    assert _fused_blocks("colwise_gathered", "model.layers.0.mlp.gate_up_proj", 128, config) == 2
+    assert _fused_blocks("colwise_gathered", "model.layers.0.self_attn.q_proj", 32, config) == 1
+
+
+@pytest.mark.parametrize("model_type,reason", [
+    ("mixtral", "mixture-of-experts layers"),
+    ("stablelm", "declares no base_model_tp_plan"),
+    ("hunyuan_v1_dense", "splits no layer of its blocks"),
+    ("granite_swa", "tensor-parallel style 'local_params'"),  # attention sinks
+])
+def test_unsupported_declarations_are_refused_by_name(model_type, reason):
+    config = AutoConfig.for_model(model_type)
+    check_tensor_parallel_fits(config, 1)
+    with pytest.raises(ValueError, match=f"parallel.tensor=2: .*{model_type}.*{reason}.*parallel.tensor=1"):
+        check_tensor_parallel_fits(config, 2)
+
+
+def test_head_counts_that_do_not_divide_are_refused_with_the_field():
+    with pytest.raises(ValueError, match=r"key/value heads \(num_key_value_heads=2\)"):
+        check_tensor_parallel_fits(AutoConfig.for_model("qwen3", **SMALL), 4)
+    check_tensor_parallel_fits(AutoConfig.for_model("qwen3", **SMALL), 2)
