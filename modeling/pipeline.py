@@ -40,6 +40,9 @@ class StagePlan:
     final: tuple[str, ...]
 
 
+# Blocks whose mask the model's own forward builds from the stage's config: the layer types a chunk runs.
+ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention"}
+
 # Hand-written where transformers declares no base_model_pp_plan: GPT-2 (GPT2Model.forward's order).
 HAND_WRITTEN = {"gpt2": StagePlan(base="transformer", embed=("wte", "wpe", "drop"), blocks="h", final=("ln_f",))}
 
@@ -255,6 +258,11 @@ def check_pipeline_fits(hf_config: PretrainedConfig, pipeline: int, virtual_stag
             declared_stage_plan(hf_config, "model")
         except ValueError as error:
             raise ValueError(f"parallel.pipeline={pipeline}: {error}; use parallel.pipeline=1") from None
+    other = sorted(set(getattr(hf_config, "layer_types", None) or ()) - ATTENTION_LAYER_TYPES)
+    if other:
+        raise ValueError(f"parallel.pipeline={pipeline}: model config field layer_types has {other} (layers that "
+                         f"are not attention: state-space or linear attention), which colonnade does not split into "
+                         f"pipeline stages yet; use parallel.pipeline=1")
     layers = hf_config.num_hidden_layers
     chunks = pipeline * virtual_stages
     if virtual_stages > 1 and layers % chunks:

@@ -44,6 +44,10 @@ DECLARED = {"colwise": "colwise", "colwise_gather_output": "colwise_gathered", "
             "rowwise": "rowwise", "rowwise_split_input": "rowwise",
             "replicated_with_grad_allreduce": "replicate_reduce_grad"}
 EMBEDDING_STYLES = ("embedding_rowwise", "rowwise")
+# The layers transformers gathers around whose split output colonnade knows how to use (attention projections
+# and fused q|k|v, gate|up); a gathered output elsewhere (linear-attention projections) is refused.
+KEPT_SPLIT = {"colwise_gather_output": {"q_proj", "k_proj", "v_proj", "qkv_proj", "gate_up_proj"},
+              "rowwise_split_input": {"o_proj", "down_proj"}}
 
 # Attributes and config fields that count attention heads: divided by the tensor size on the attention modules
 # of a declared plan, for forwards that read them (Phi-3 cuts its fused q|k|v by them).
@@ -70,6 +74,7 @@ class TPPlan:
             raise ValueError(f"unknown TP styles {sorted(unknown)}; known: {sorted(STYLES)}")
 
 
+# Hand-written: transformers declares no plan for GPT-2, and its q|k|v is one Conv1D (stored (in, out)).
 GPT2 = TPPlan(
     blocks="transformer.h",
     styles={
@@ -89,6 +94,7 @@ GPT2 = TPPlan(
     divide_attributes={"transformer.h.*.attn": ("split_size", "num_heads", "embed_dim")},
 )
 
+# Hand-written: T5 declares no plan; its relative attention bias is an embedding over heads.
 _T5_ATTENTION = {"": "region", ".q": "colwise", ".k": "colwise", ".v": "colwise", ".o": "rowwise"}
 T5 = TPPlan(
     blocks=("encoder.block", "decoder.block"),
@@ -112,6 +118,7 @@ T5 = TPPlan(
                        "*.block.*.layer.*.EncDecAttention": ("n_heads", "inner_dim")},
 )
 
+# Hand-written: Marian and BART declare no plan (encoder-decoder, cross-attention regions).
 _BART_ATTENTION = {"": "region", ".q_proj": "colwise", ".k_proj": "colwise", ".v_proj": "colwise",
                    ".out_proj": "rowwise"}
 BART = TPPlan(  # Marian and BART: the same module names; positions sinusoidal (Marian) or learned (BART)
@@ -169,6 +176,10 @@ def declared_styles(config: PretrainedConfig) -> dict[str, str]:
         if style not in DECLARED:
             raise ValueError(f"model_type {config.model_type!r}: tensor-parallel style {style!r} of {path} is not "
                              f"supported (colonnade splits {sorted(DECLARED)})")
+        layer = path.rsplit(".", 1)[-1]
+        if style in KEPT_SPLIT and layer not in KEPT_SPLIT[style]:
+            raise ValueError(f"model_type {config.model_type!r}: {path} ({style!r}) is not one of the layers "
+                             f"colonnade keeps split ({sorted(KEPT_SPLIT[style])})")
         styles[path] = DECLARED[style]
     if "rowwise" not in styles.values():
         raise ValueError(f"model_type {config.model_type!r}: its base_model_tp_plan splits no layer of its blocks")

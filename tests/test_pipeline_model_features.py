@@ -163,6 +163,14 @@ def test_model_without_a_stage_plan_is_refused_by_name():
     check_pipeline_fits(config, 1, 1, "uniform")  # no pipeline, no stage split: nothing to refuse
 
 
+def test_layers_that_are_not_attention_are_refused_by_name():
+    config = Qwen2Config(**DECODER, layer_types=["full_attention", "linear_attention"] * 2)
+    with pytest.raises(ValueError) as error:
+        check_pipeline_fits(config, 2, 1, "uniform")
+    message = str(error.value)
+    assert "parallel.pipeline=2" in message and "layer_types" in message and "linear_attention" in message
+
+
 def test_parameters_outside_the_stage_plan_are_refused_by_name():
     """A base-model module with parameters that the plan places on no stage would be copied onto every one."""
     model = _model("qwen2-attention-bias")

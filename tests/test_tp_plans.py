@@ -8,7 +8,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from modeling.tensor_parallel import _fused_blocks
-from modeling.tp_plans import check_tensor_parallel_fits, declared_plan, plan_for
+from modeling.tp_plans import check_tensor_parallel_fits, declared_plan, declared_styles, plan_for
 
 pytestmark = pytest.mark.unit
 
@@ -60,12 +60,22 @@ def test_fused_qkv_is_cut_per_block_by_head_counts():
     ("stablelm", "declares no base_model_tp_plan"),
     ("hunyuan_v1_dense", "splits no layer of its blocks"),
     ("granite_swa", "tensor-parallel style 'local_params'"),  # attention sinks
+    ("qwen3_next", "mixture-of-experts"),
 ])
 def test_unsupported_declarations_are_refused_by_name(model_type, reason):
     config = AutoConfig.for_model(model_type)
     check_tensor_parallel_fits(config, 1)
     with pytest.raises(ValueError, match=f"parallel.tensor=2: .*{model_type}.*{reason}.*parallel.tensor=1"):
         check_tensor_parallel_fits(config, 2)
+
+
+def test_gathered_layers_colonnade_cannot_keep_split_are_refused():
+    """A gathered linear-attention projection (Qwen3.5's in_proj_qkvz) would feed full-width code a split output."""
+    config = AutoConfig.for_model("llama")
+    config.base_model_tp_plan = {**config.base_model_tp_plan,
+                                 "layers.*.linear_attn.in_proj_qkvz": "colwise_gather_output"}
+    with pytest.raises(ValueError, match=r"in_proj_qkvz \('colwise_gather_output'\) is not one of the layers"):
+        declared_styles(config)
 
 
 def test_head_counts_that_do_not_divide_are_refused_with_the_field():
