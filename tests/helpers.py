@@ -54,30 +54,8 @@ def reference_losses(cfg, global_batch: int) -> tuple[list[float], list[float]]:
     groups and loss: its own tokenization and packing of the files, its own data order, torch's AdamW and the
     schedule formula written here, HF's own loss. Only the step-0 weights come from colonnade's seeded
     initialisation (``build_model``), copied into a model built by transformers. Per-step loss and pre-clip
-    gradient norm."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from modeling.build import build_model, byte_level_tokenizer
-
-    blocks = reference_blocks(cfg.data.train_files, cfg.data.seq_len)
-    config = AutoConfig.for_model(cfg.model.arch, **cfg.model.config, vocab_size=BYTE_VOCAB, **BYTE_SPECIALS)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    initial = build_model(pretrained=None, arch=cfg.model.arch, config={**BYTE_SPECIALS, **cfg.model.config},
-                          vocab_size=len(byte_level_tokenizer()), seed=cfg.train.seed)
-    model.load_state_dict(initial.state_dict())
-    del initial
-    model.train()
-    opt = torch.optim.AdamW(reference_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                            betas=cfg.optim.betas, eps=cfg.optim.eps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: reference_lr_multiplier(cfg.optim, step,
-                                                                                        cfg.train.steps))
-    order = reference_order(len(blocks), cfg.train.seed, cfg.train.steps * global_batch)
-    losses, norms = [], []
-    for step in range(cfg.train.steps):
-        ids = blocks[order[step * global_batch:(step + 1) * global_batch]]
-        loss, norm = reference_update(model, opt, sched, model(input_ids=ids, labels=ids).loss, cfg.optim.grad_clip)
-        losses.append(loss)
-        norms.append(norm)
+    gradient norm (``reference_training`` without the model)."""
+    losses, norms, _ = reference_training(cfg, global_batch)
     return losses, norms
 
 
@@ -208,8 +186,8 @@ def assert_exports_agree(run_a: Path, run_b: Path) -> None:
 
 
 def reference_training(cfg, global_batch: int) -> tuple[list[float], list[float], torch.nn.Module]:
-    """``reference_losses``' loop (the same independent pieces: blocks, order, AdamW, schedule, HF's loss), also
-    returning the trained transformers model, for comparing an export's logits with it."""
+    """The independent reference run (``reference_losses``): per-step loss, pre-clip gradient norm, and the
+    trained transformers model, for comparing an export's logits with it."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from modeling.build import build_model, byte_level_tokenizer
