@@ -205,6 +205,24 @@ def test_every_family_at_pp2_dp2_matches_single_process(tmp_path, corpus, refere
         _check(f"{cfg.model.arch} PP2xDP2", history, reference(cfg))
 
 
+SCHEDULES = [dict(parallel__schedule="gpipe"),
+             dict(parallel__schedule="interleaved", parallel__virtual_stages=2),
+             dict(parallel__schedule="zb-h1")]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_every_schedule_with_sequence_parallelism_on_declared_families(tmp_path, corpus, reference):
+    """GPipe, interleaved 1F1B (one block per chunk) and ZB-H1 (weight gradients deferred, the tensor-parallel
+    layers' and HF's own linears alike) at TP=2 with sequence parallelism x PP=2, for Gemma 3 (mixed layer
+    types, q/k norms, sqrt(h) scale) and Phi-3 (fused q|k|v and gate|up), in one launch of 4 ranks."""
+    cfgs = [_config(tmp_path / f"{index}", corpus, arch, parallel__tensor=2, parallel__pipeline=2,
+                    parallel__sequence_parallel=True, train__grad_accum=4, **schedule)
+            for arch in ("gemma3_text", "phi3") for index, schedule in enumerate(SCHEDULES)]
+    for cfg, history in zip(cfgs, _launch(4, cfgs)):
+        _check(f"{cfg.model.arch} TP2+SPxPP2 {cfg.parallel.schedule}", history, reference(cfg))
+
+
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_every_other_family_at_tp2_pp2_dp2_matches_single_process(tmp_path, corpus, reference):
