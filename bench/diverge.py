@@ -11,7 +11,9 @@ difference over the largest magnitude of the tensor). Exit code 0 when everythin
 differs. Outputs are matched sample by sample (by their tokens), so the layouts may split the global batch
 differently (``micro_batch_size`` x ``grad_accum`` x data). Meant for small models: every activation of the
 step is saved. Recomputed forwards are not captured; outputs sharded by attention heads (inside attention,
-no weight of their own) are listed as not comparable."""
+no weight of their own) are listed as not comparable. Nothing here names a model family: a rank's piece is
+placed by its module's weight (``_spec``), and a module called several times per micro-batch is compared call
+by call (``_call_name``, ``_per_micro_batch``)."""
 
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ class _Recorder:
             if name and not isinstance(module, (torch.nn.ModuleList, torch.nn.ModuleDict)):
                 self.handles.append(module.register_forward_pre_hook(self._pre(name, module), prepend=True,
                                                                      with_kwargs=True))
-                self.handles.append(module.register_forward_hook(self._post(name, module)))
+                self.handles.append(module.register_forward_hook(self._post(name, module), with_kwargs=True))
         for name, param in local_params.items():
             if param.requires_grad:
                 self.handles.append(param.register_hook(self._param_grad(name)))
@@ -60,12 +62,13 @@ class _Recorder:
             x = kwargs.get("hidden_states", args[0] if args else None)
             if _in_backward() or not isinstance(x, torch.Tensor) or not x.requires_grad:
                 return None
-            if name not in self.input_grads:
-                self.pre_order.append(name)
-            calls = self.input_grads.setdefault(name, [])
+            key = _call_name(name, args, kwargs)
+            if key not in self.input_grads:
+                self.pre_order.append(key)
+            calls = self.input_grads.setdefault(key, [])
             index = len(calls)
             calls.append(None)
-            self.in_specs[name] = _spec(module, x, self.groups, self.cfg, "input")
+            self.in_specs[key] = _spec(module, x, self.groups, self.cfg, "input")
             # a view of its own: its gradient is this module's contribution, not that of every reader of x
             own = x.view_as(x)
             own.register_hook(lambda g: calls.__setitem__(index, g.detach().clone()))
@@ -75,14 +78,15 @@ class _Recorder:
         return hook
 
     def _post(self, name, module):
-        def hook(mod, args, output):
+        def hook(mod, args, kwargs, output):
             out = _first_tensor(output)
             if _in_backward() or out is None:
                 return None
-            if name not in self.outputs:
-                self.order.append(name)
-            self.outputs.setdefault(name, []).append(out.detach().clone())
-            self.out_specs[name] = _spec(module, out, self.groups, self.cfg, "output")
+            key = _call_name(name, args, kwargs)
+            if key not in self.outputs:
+                self.order.append(key)
+            self.outputs.setdefault(key, []).append(out.detach().clone())
+            self.out_specs[key] = _spec(module, out, self.groups, self.cfg, "output")
             return None
         return hook
 
@@ -96,6 +100,32 @@ class _Recorder:
     def remove(self):
         for handle in self.handles:
             handle.remove()
+
+
+def _call_name(name: str, args, kwargs) -> str:
+    """The capture's name of one call of module ``name``: the module's, with the call's string arguments in
+    brackets when it has any (Gemma 3's rotary embedding runs once per layer type,
+    ``rotary_emb(x, positions, "sliding_attention")``, in the order of a ``set``, which differs between
+    processes): calls that compute different things are compared apart."""
+    words = [v for v in (*args, *kwargs.values()) if isinstance(v, str)]
+    return f"{name}[{','.join(words)}]" if words else name
+
+
+def _per_micro_batch(calls: dict, specs: dict, order: list, micro_batches: int) -> tuple[dict, dict, list]:
+    """Captures of a module called k > 1 times per micro-batch (k x ``micro_batches`` calls: one embedding
+    shared by a sequence-to-sequence model's encoder and decoder) split into k captures of one call per
+    micro-batch, ``name``, ``name#2``, ...: the j-th call of each micro-batch, so that each is matched with the
+    samples of its own micro-batch. A micro-batch's calls are consecutive on a rank (its forward ends before the
+    next one's begins)."""
+    out, out_specs, out_order = {}, {}, []
+    for name in order:
+        values = calls[name]
+        k = len(values) // micro_batches if len(values) % micro_batches == 0 else 1
+        for j in range(max(k, 1)):
+            key = name if j == 0 else f"{name}#{j + 1}"
+            out[key], out_specs[key] = (values[j::k] if k > 1 else values), specs[name]
+            out_order.append(key)
+    return out, out_specs, out_order
 
 
 def _in_backward() -> bool:
@@ -123,7 +153,23 @@ def _spec(module, tensor, groups, cfg, side: str) -> tuple:
     if world == 1:
         return (None, (), 0)
     weight = getattr(module, "weight", None)
-    column = weight is not None and getattr(weight, "tensor_model_parallel", False) and weight.partition_dim == 0
+    sharded = weight is not None and getattr(weight, "tensor_model_parallel", False)
+    vector = tuple(getattr(weight, "ds_shape", ())) or (tuple(weight.shape) if weight is not None else ())
+    vector = vector if len(vector) == 1 else ()  # a 1-D weight's size (ZeRO-3 keeps it in ds_shape)
+    if sharded and vector and tensor.shape[-1] == vector[0]:
+        # an elementwise weight over a split width (a norm over a column layer's split output, OLMo 2's q/k
+        # norms): its input, output and their gradients are this rank's slice of that width
+        ranges, _ = shard_ranges(weight.tp_full_size, rank, world, weight.tp_fused_chunks, vector[0] * world)
+        return (tensor.dim() - 1, tuple(ranges), weight.tp_full_size)
+    if not sharded and vector and tensor.dim() == 4 and tensor.shape[-1] == vector[0]:
+        # a per-head module with a weight of head_dim kept whole (Qwen3's and Gemma 3's q/k norms) on
+        # (batch, sequence, heads, head_dim) (Qwen3) or (batch, heads, sequence, head_dim) (Gemma 3): this rank's
+        # heads, the rank-th block of them, along the dimension that is not the sequence
+        heads_dims = [d for d in (1, 2) if tensor.shape[d] != cfg.data.seq_len]
+        if len(heads_dims) == 1:
+            heads = tensor.shape[heads_dims[0]]
+            return (heads_dims[0], ((rank * heads, (rank + 1) * heads),), heads * world)
+    column = sharded and weight.dim() == 2 and weight.partition_dim == 0
     if side == "input" and column and getattr(module, "entry", None) is None:
         return ("sum", (), 0)  # entered by its parent: inside the region each rank's gradient is a partial sum
     sharded_dim = {"output": 0, "input": 1}[side]
@@ -153,6 +199,9 @@ def _finish(recorder, model, local_params, groups, batches, micro_batches: int) 
     import deepspeed
     import torch.distributed as dist
 
+    micro = {"outputs": _per_micro_batch(recorder.outputs, recorder.out_specs, recorder.order, micro_batches),
+             "input_grads": _per_micro_batch(recorder.input_grads, recorder.in_specs, recorder.pre_order,
+                                             micro_batches)}
     grads, params = {}, {}
     for name, param in local_params.items():
         grad = recorder.param_grads.get(name)
@@ -165,9 +214,9 @@ def _finish(recorder, model, local_params, groups, batches, micro_batches: int) 
     inputs = [batches.batch(0, k)["input_ids"] for k in range(micro_batches)]
     return {"layout": {"tensor": groups.tensor, "pipeline": groups.pipeline, "data": groups.data,
                        "tp_rank": groups.tp_rank, "pp_rank": groups.pp_rank, "dp_rank": groups.dp_rank},
-            "order": recorder.order, "pre_order": recorder.pre_order, "outputs": recorder.outputs,
-            "out_specs": recorder.out_specs,
-            "input_grads": recorder.input_grads, "in_specs": recorder.in_specs,
+            "order": micro["outputs"][2], "pre_order": micro["input_grads"][2], "outputs": micro["outputs"][0],
+            "out_specs": micro["outputs"][1],
+            "input_grads": micro["input_grads"][0], "in_specs": micro["input_grads"][1],
             "grads": grads, "params": params, "inputs": inputs}
 
 
@@ -277,9 +326,10 @@ class Captures:
         first = self.ranks[0]["layout"]
         self.data = first["data"]
         stages = [self._stage_file(stage) for stage in range(first["pipeline"])]
-        self.order = [n for stage in stages for n in stage["order"]]  # forward outputs, in execution order
+        # forward outputs, in execution order (a module every chunk calls, a rotary embedding, where first seen)
+        self.order = list(dict.fromkeys(n for stage in stages for n in stage["order"]))
         # input gradients, in the order the backward completes them: the reverse of the forward's entries
-        self.backward_order = [n for stage in reversed(stages) for n in reversed(stage["pre_order"])]
+        self.backward_order = list(dict.fromkeys(n for stage in reversed(stages) for n in reversed(stage["pre_order"])))
         self.params, self.grads = {}, {}
         for rank in self.ranks:
             if rank["layout"]["tp_rank"] == 0 and rank["layout"]["dp_rank"] == 0:
@@ -300,6 +350,9 @@ class Captures:
         the mean over its own samples; the single process's is over the global batch)."""
         rows = []
         holders = [r for r in self.ranks if name in r[kind]]
+        if holders:  # a module every pipeline stage calls (a rotary embedding): the first stage's captures
+            first = min(r["layout"]["pp_rank"] for r in holders)
+            holders = [r for r in holders if r["layout"]["pp_rank"] == first]
         for dp_rank in range(self.data):
             group = sorted((r for r in holders if r["layout"]["dp_rank"] == dp_rank),
                            key=lambda r: r["layout"]["tp_rank"])
@@ -466,6 +519,19 @@ def dropout_note(args) -> str:
     return f"dropout: off in both layouts ({listed} set to 0); --keep-dropout compares with it"
 
 
+def _headed(text: str, argv) -> str:
+    """``report.md``: the machine and date, the command, then the report as printed."""
+    import shlex
+    import sys
+
+    from bench.machine import describe
+
+    m = describe()
+    command = "python -m bench diverge " + shlex.join(argv if argv is not None else sys.argv[1:])
+    return (f"# bench diverge ({m['date']}, {m.get('gpu') or m['cpu']}, {m['cores']} cores, torch {m['torch']})\n\n"
+            f"`{command}`\n\n{text}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench diverge", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -496,7 +562,7 @@ def main(argv=None) -> None:
                   variants[1].label or "one process", note)
     print(text)
     if args.out:
-        (work / "report.md").write_text(text)
+        (work / "report.md").write_text(_headed(text, argv))
     raise SystemExit(0 if text.startswith("equal") else 1)
 
 if __name__ == "__main__":

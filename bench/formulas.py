@@ -3,9 +3,11 @@ per rank under ZeRO (the ZeRO paper's terms, DeepSpeed's fp32 master partition, 
 gathers), the optimizer step's gradient partition, a dense model's parameter count and the FLOPs per token of a
 training step. ``bench memory`` and ``bench sweep`` compare what a run holds with them; ``bench plan`` adds
 them to its traced activations. Plain arithmetic on counts: nothing here imports torch, training or another
-bench command."""
+bench command (``decoder_shape`` reads attributes of an HF config it is given)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 
 def zero_formula_bytes(params: int, zero_stage: int, dp: int) -> dict:
@@ -56,11 +58,64 @@ def dense_params(layers: int, hidden: int, ffn: int, vocab: int) -> int:
     return layers * (4 * hidden * hidden + 2 * hidden * ffn) + vocab * hidden
 
 
-def flops_per_token(recompute: str, params: int, layers: int, hidden: int, seq_len: int) -> float:
+@dataclass(frozen=True)
+class DecoderShape:
+    """A decoder's shape as its HF config gives it, whatever the family calls the fields (``decoder_shape``)."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    gated: bool  # gate and up projections (SwiGLU / GeGLU: three MLP matrices), else two
+
+    @property
+    def attention_width(self) -> int:
+        """The width of the queries (heads x head_dim): the hidden size for Llama-7B or Qwen3-8B, not for
+        Gemma 3, whose heads are wider."""
+        return self.heads * self.head_dim
+
+
+def decoder_shape(config) -> DecoderShape:
+    """The shape of a decoder-only HF config, read by transformers' common field names (GPT-2's are mapped
+    onto them by its ``attribute_map``): ``num_key_value_heads`` defaults to the heads, ``head_dim`` to hidden /
+    heads (OLMo 2 and Phi-3 leave it out), ``tie_word_embeddings`` to tied. The MLP is gated when the config
+    names its width ``intermediate_size`` (Llama, Mistral, Qwen2/3, Gemma 3, OLMo 2, Phi-3), two matrices
+    when GPT-2's ``n_inner`` (default 4 x hidden)."""
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    intermediate = getattr(config, "intermediate_size", None)
+    return DecoderShape(
+        layers=config.num_hidden_layers, hidden=hidden,
+        intermediate=intermediate or getattr(config, "n_inner", None) or 4 * hidden,
+        heads=heads, kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or hidden // heads, vocab=config.vocab_size,
+        tied=getattr(config, "tie_word_embeddings", True), gated=intermediate is not None)
+
+
+def decoder_params(shape: DecoderShape) -> dict[str, int]:
+    """The weight matrices of a decoder of ``shape``: per block the attention's q, k, v (h x (heads + 2 kv
+    heads) x head_dim: fused q|k|v as Phi-3's is the same count) and output (heads x head_dim x h), the MLP's
+    2 or 3 h x ffn (fused gate|up the same), and the token embedding, twice when the output head is untied.
+    Norm weights and biases are not counted: what a real model holds beyond ``total`` is those vectors (q/k
+    norms of head_dim per block for Qwen3 and Gemma 3, of the full q and k widths for OLMo 2)."""
+    s = shape
+    attention = s.layers * (s.hidden * (s.heads + 2 * s.kv_heads) * s.head_dim + s.attention_width * s.hidden)
+    mlp = s.layers * (3 if s.gated else 2) * s.hidden * s.intermediate
+    embeddings = s.vocab * s.hidden * (1 if s.tied else 2)
+    return {"attention": attention, "mlp": mlp, "embeddings": embeddings, "total": attention + mlp + embeddings}
+
+
+def flops_per_token(recompute: str, params: int, layers: int, hidden: int, seq_len: int,
+                    attention_width: int | None = None) -> float:
     """Hardware FLOPs per token of a training step (Megatron's count): 6 per parameter plus the attention
-    scores and weighted sum (12 x layers x hidden x seq_len forward and backward), plus what recomputation runs
-    again: the whole forward of the blocks for ``full`` (2 per parameter and the attention's forward, 4 x
-    layers x hidden x seq_len), the attention's forward for ``selective``."""
-    attention_forward = 4 * layers * hidden * seq_len
+    scores and weighted sum (12 x layers x width x seq_len forward and backward, the width that of the queries,
+    ``attention_width``, by default the hidden size), plus what recomputation runs again: the whole forward of
+    the blocks for ``full`` (2 per parameter and the attention's forward, 4 x layers x width x seq_len), the
+    attention's forward for ``selective``. Every layer attends to the whole sequence (a sliding window's
+    shorter span is not taken off)."""
+    attention_forward = 4 * layers * (attention_width or hidden) * seq_len
     again = {"none": 0, "selective": attention_forward, "full": 2 * params + attention_forward}[recompute]
     return 6 * params + 3 * attention_forward + again

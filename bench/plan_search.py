@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from bench.cli import fail
-from bench.formulas import flops_per_token
+from bench.formulas import decoder_shape, flops_per_token
 from bench.plan_stages import StagePlan, layout_shapes, plan_row, stage_memory
 from bench.plan_trace import full_meta_model
 
@@ -59,12 +59,13 @@ def step_seconds(cfg, hf, data: int, stages: list[StagePlan], fits: dict, device
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len
     width = 2 if cfg.precision != "fp32" else 4
     params = sum(s.params for s in stages) * par.tensor
-    per_token = flops_per_token(par.activation_checkpointing, params, hf.num_hidden_layers, hf.hidden_size,
-                                cfg.data.seq_len)
+    shape = decoder_shape(hf)
+    per_token = flops_per_token(par.activation_checkpointing, params, shape.layers, shape.hidden, cfg.data.seq_len,
+                                shape.attention_width)
     compute = per_token * tokens * m * data / (par.tensor * par.pipeline * data * device_flops)
     bubble = (par.pipeline - 1) / (par.virtual_stages * m)
-    hidden_bytes = tokens * width * hf.hidden_size
-    layers = hf.num_hidden_layers / par.pipeline
+    hidden_bytes = tokens * width * shape.hidden
+    layers = shape.layers / par.pipeline
     tp = 4 * layers * m * predict_seconds(fits["all_reduce"], hidden_bytes) if par.tensor > 1 else 0.0
     grads = width * max(s.params for s in stages)
     dp = 0.0

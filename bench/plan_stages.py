@@ -58,7 +58,7 @@ def stage_shape(cfg, full, stage: int, device: str = "cpu", traced: dict | None 
     traces = []
     for module in modules:
         spec = module.spec if pipeline else None
-        kind = (len(spec.blocks), tuple(module.layer_types), spec.embed, spec.head) if spec else None
+        kind = (len(spec.blocks), block_kinds(module), spec.embed, spec.head) if spec else None
         if kind not in traced:
             traced[kind] = trace_chunk(module, cfg, groups, spec, device)
         traces.append(traced[kind])
@@ -66,6 +66,13 @@ def stage_shape(cfg, full, stage: int, device: str = "cpu", traced: dict | None 
     return StageShape(stage=stage, params=sum(x.numel() for module in modules for x in module.parameters()),
                       largest_layer=max(largest_layer_params(module) for module in modules), tied=tied,
                       traces=traces)
+
+
+def block_kinds(chunk) -> tuple:
+    """The attention kinds of a pipeline chunk's blocks, as its forward reads them: the ``layer_types`` of the
+    chunk's own config copy (``modeling.pipeline``: sliding / full per block for Gemma 3, Qwen2, ...); empty
+    where the model has none (every block alike)."""
+    return tuple(getattr(chunk.model.config, "layer_types", None) or ())
 
 
 def stage_memory(shape: StageShape, cfg, data: int, zero_stage: int, micro_batches: int) -> StagePlan:

@@ -57,6 +57,15 @@ def _probe(tensor, device: str):
     return torch.zeros(shape, dtype=tensor.dtype, device=device)
 
 
+def _additive(mask, dtype):
+    """What torch's attention makes of a boolean mask before its fused kernels, which keep it for the backward
+    (a sliding window's, a padded batch's): an additive mask of the query's dtype, 0 where attended, -inf
+    elsewhere."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask.logical_not(), float("-inf"))
+
+
 def attention_as_on(device: str):
     """``F.scaled_dot_product_attention`` for meta tensors that runs the kernel ``device`` would run, whose
     saved tensors differ: the fused kernels keep the output and the log-sum-exp, the math path the s x s
@@ -73,6 +82,7 @@ def attention_as_on(device: str):
         if query.device.type != "meta":
             return original(query, key, value, *args, scale=scale, enable_gqa=enable_gqa)
         if device == "cuda":
+            attn_mask = _additive(attn_mask, query.dtype)
             if enable_gqa and key.shape[-3] != query.shape[-3]:  # grouped-query attention: heads share keys
                 repeats = query.shape[-3] // key.shape[-3]
                 key, value = key.repeat_interleave(repeats, -3), value.repeat_interleave(repeats, -3)
@@ -83,7 +93,7 @@ def attention_as_on(device: str):
         choice = torch._fused_sdp_choice(*probes, mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
         if choice == SDPBackend.FLASH_ATTENTION.value:  # takes fewer key/value heads as they are
             return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
+                query, key, value, dropout_p, is_causal, attn_mask=_additive(attn_mask, query.dtype), scale=scale)[0]
         return original(query, key, value, *args, scale=scale, enable_gqa=enable_gqa)
 
     return attention
@@ -132,13 +142,21 @@ def _forward(module, cfg, groups, spec):
             return None, Seq2Seq(cfg).loss(_Bare(module), batch, groups)
         logits = module(input_ids=batch["input_ids"]).logits
         return logits, lm_loss(module, logits, batch["labels"], groups.tp_group)
-    hidden = (batch["input_ids"] if spec.embed else
-              torch.zeros(cfg.train.micro_batch_size, cfg.data.seq_len, module.config.hidden_size, device="meta"))
+    hidden = batch["input_ids"] if spec.embed else _received(module, cfg, groups)
     out = module(hidden)
     if not spec.head:
         return out, None
     start, valid = vocab_slice(module.head)
     return out, causal_lm_loss(out, batch["labels"], groups.tp_group, start, valid)
+
+
+def _received(chunk, cfg, groups) -> torch.Tensor:
+    """The hidden states a chunk that does not embed receives from the previous stage, as
+    ``training.pipeline`` sends them: (micro-batch, sequence (1/TP of it under sequence parallelism), the
+    chunk's hidden size), in the chunk's dtype."""
+    sequence = cfg.data.seq_len // (groups.tensor if cfg.parallel.sequence_parallel else 1)
+    dtype = next((p.dtype for p in chunk.parameters() if p.is_floating_point()), torch.float32)
+    return torch.zeros(cfg.train.micro_batch_size, sequence, chunk.hidden_size, dtype=dtype, device="meta")
 
 
 def _traced_pass(module, cfg, groups, spec, device: str) -> tuple[int, int, int]:

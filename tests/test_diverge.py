@@ -11,6 +11,11 @@ from tests.dist import run_ranks
 from tests.helpers import TINY_GPT2, tiny_config, write_corpus
 
 FOUR_LAYERS = dict(TINY_GPT2, n_layer=4, n_head=4)
+# Gemma 3 (text): per-head q/k norms kept whole under TP (their gradients summed over the tensor group), one sliding
+# and one full attention layer, the rotary embedding called once per layer type
+TINY_GEMMA3 = {"num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "head_dim": 8, "sliding_window": 8, "max_position_embeddings": 64,
+               "layer_types": ["sliding_attention", "full_attention"]}
 
 
 @contextlib.contextmanager
@@ -21,7 +26,8 @@ def _planted(bug: str | None):
     import training.assembly as assembly
     from parallel.partition import StageSpec
 
-    saved = {"build": assembly.build_engine, "enter": tp_plan._enter_region_at_input, "specs": pipeline.stage_specs}
+    saved = {"build": assembly.build_engine, "enter": tp_plan._enter_region_at_input, "specs": pipeline.stage_specs,
+             "sum": tp_plan._sum_partial_grads}
     if bug == "scaled shard":  # tensor rank 1's half of block 1's MLP input weight 1 % too large
         def build(cfg, model, pipe, ds_config, groups, *args):
             if groups.tp_rank == 1:
@@ -43,10 +49,18 @@ def _planted(bug: str | None):
             first, second = saved["specs"](*args)
             return [first, StageSpec(range(second.blocks.start + 1, second.blocks.stop), head=second.head)]
         pipeline.stage_specs = specs
+    elif bug == "unsummed q_norm gradient":  # block 1's per-head q norm: its gradient not summed over the group
+        def sum_partial(model, *args):
+            weight = model.model.layers[1].self_attn.q_norm.weight
+            weight.tensor_model_parallel = True  # what _sum_partial_grads skips
+            saved["sum"](model, *args)
+            del weight.tensor_model_parallel
+        tp_plan._sum_partial_grads = sum_partial
     try:
         yield
     finally:
-        assembly.build_engine, tp_plan._enter_region_at_input, pipeline.stage_specs = saved.values()
+        (assembly.build_engine, tp_plan._enter_region_at_input, pipeline.stage_specs,
+         tp_plan._sum_partial_grads) = saved.values()
 
 
 def _captures(jobs):
@@ -88,6 +102,37 @@ def test_diverge_names_the_module_of_each_planted_bug_and_equal_layouts_equal(tm
     assert (kind, module, status) == ("input gradient", "transformer.h.1.mlp", "differs")
     kind, module, (status, _) = results["stage boundary"]["first"]
     assert (kind, module, status) == ("forward output", "transformer.h.2.ln_1", "missing")  # block 2's first
+
+
+@pytest.mark.multiprocess
+def test_gemma3_at_tp2_differs_from_one_process_only_by_an_unsummed_q_norm_gradient(tmp_path):
+    """A declared-plan family: Gemma 3 at TP=2 without the gradient sum of block 1's per-head q norm. That
+    parameter's gradient is named; every module output and input gradient (the q/k norms compared head by head,
+    the rotary embedding's calls by layer type) and every other parameter equals one process."""
+    from bench.diverge import compare
+
+    corpus = write_corpus(tmp_path / "corpus")
+
+    def config(name, **layout):
+        return tiny_config(tmp_path / name, corpus, model={"arch": "gemma3_text", "tokenizer": "byte",
+                                                           "config": TINY_GEMMA3},
+                           train__steps=1, train__grad_accum=2, optim__warmup_steps=0, train__save_final=False,
+                           parallel__zero_stage=1, **layout)
+
+    run_ranks(_captures, 1, [(config("one"), tmp_path / "single", None)], timeout=300)
+    run_ranks(_captures, 2, [(config("tp2", parallel__tensor=2), tmp_path / "tp2", "unsummed q_norm gradient")],
+              timeout=300)
+    result = compare(tmp_path / "tp2", tmp_path / "single", tol=1e-4)
+
+    planted = "model.layers.1.self_attn.q_norm.weight"
+    kind, name, (status, _) = result["first"]
+    assert (kind, name, status) == ("parameter gradient", planted, "differs")
+    rows = {r["module"]: r for r in result["modules"]}
+    assert {"model.rotary_emb[sliding_attention]", "model.rotary_emb[full_attention]"} <= set(rows)
+    assert rows["model.layers.1.self_attn.q_norm"]["outputs"][0] == "equal"
+    assert all(r[kind][0] in ("equal", "not captured", "not comparable") for r in result["modules"]
+               for kind in ("outputs", "input_grads"))
+    assert all(p["grads"][0] == p["params"][0] == "equal" for p in result["params"] if p["parameter"] != planted)
 
 
 @pytest.mark.unit

@@ -14,6 +14,14 @@ from tests.dist import run_ranks
 from tests.helpers import TINY_GPT2, TINY_LLAMA, tiny_config, write_corpus
 
 DROPOUT = {"resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1}
+# Families whose plans come from transformers' declaration: per-head q/k norms (Qwen3, Gemma 3: sliding and full
+# layers, tied embeddings), q/k norms over the full widths (OLMo 2), fused q|k|v and gate|up (Phi-3).
+DECODER = {"num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "max_position_embeddings": 64}
+TINY_QWEN3 = {**DECODER, "head_dim": 8}
+TINY_GEMMA3 = {**DECODER, "num_hidden_layers": 4, "head_dim": 16, "sliding_window": 8,
+               "layer_types": ["sliding_attention", "full_attention"] * 2}
+FAMILIES = {"qwen3": TINY_QWEN3, "gemma3_text": TINY_GEMMA3, "olmo2": DECODER, "phi3": DECODER, "llama": TINY_LLAMA}
 
 
 def _config(tmp_path, arch="gpt2", model_config=None, **parallel):
@@ -57,7 +65,8 @@ def _assert_kept_is_saved_plus_logits(trace, saved: int, logits: int) -> None:
 @pytest.mark.unit
 @pytest.mark.parametrize("arch, model_config, mode", [
     ("gpt2", {**TINY_GPT2, **DROPOUT}, "none"), ("gpt2", {**TINY_GPT2, **DROPOUT}, "full"),
-    ("gpt2", {**TINY_GPT2, **DROPOUT}, "selective"), ("llama", TINY_LLAMA, "none")])
+    ("gpt2", {**TINY_GPT2, **DROPOUT}, "selective"), ("llama", TINY_LLAMA, "none"), ("qwen3", TINY_QWEN3, "none"),
+    ("gemma3_text", TINY_GEMMA3, "none")])
 def test_one_rank_plan_counts_the_real_models_parameters_and_saved_activations(tmp_path, arch, model_config, mode):
     cfg = _config(tmp_path, arch, model_config, activation_checkpointing=mode)
     params, saved, logits = _real_saved_bytes(cfg)
@@ -97,14 +106,52 @@ def test_tensor_parallel_plan_equals_each_real_ranks_shard_and_saved_activations
 
 
 @pytest.mark.unit
-def test_pipeline_stages_hold_their_chunks_parameters(tmp_path):
-    cfg = _config(tmp_path, model_config={**TINY_GPT2, "n_layer": 4}, pipeline=2)
-    one = plan_stages.layout_shapes(_config(tmp_path, model_config={**TINY_GPT2, "n_layer": 4}))[0]
+@pytest.mark.parametrize("arch, model_config", [("gpt2", {**TINY_GPT2, "n_layer": 4}), ("gemma3_text", TINY_GEMMA3)])
+def test_pipeline_stages_hold_their_chunks_parameters(tmp_path, arch, model_config):
+    cfg = _config(tmp_path, arch, model_config, pipeline=2)
+    one = plan_stages.layout_shapes(_config(tmp_path, arch, model_config))[0]
     first, last = plan_stages.layout_shapes(cfg)
     # the last stage's output head is the tied embedding's copy: counted on both ends, as the run holds it
     assert first.params + last.params == one.params + first.tied
     assert first.tied == last.tied > 0
     assert len(first.traces) == len(last.traces) == 1
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("arch", sorted(FAMILIES))
+def test_parameter_formula_counts_every_familys_weight_matrices(arch):
+    """``bench.formulas.decoder_params`` of the shape read from the config (``decoder_shape``: heads, key/value
+    heads, head_dim, MLP width, vocabulary, tied or not) is the model's 2-D parameters, Phi-3's fused q|k|v and
+    gate|up included; what the model holds beyond it is its 1-D norm weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bench.formulas import decoder_params, decoder_shape
+
+    config = AutoConfig.for_model(arch, vocab_size=260, pad_token_id=0, **FAMILIES[arch])
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    matrices = sum(p.numel() for p in model.parameters() if p.dim() == 2)
+    assert decoder_params(decoder_shape(config))["total"] == matrices
+    assert all(p.dim() in (1, 2) for p in model.parameters())
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("arch", ["qwen3", "olmo2"])
+def test_tensor_parallel_plan_keeps_per_head_norms_whole_and_splits_full_width_ones(tmp_path, arch):
+    """At TP=2 a rank holds half of every matrix (the 260-token vocabulary splits evenly) and the norms of the
+    hidden size whole; Qwen3's q/k norms (head_dim each) whole too, OLMo 2's (over all q and k heads) halved."""
+    from bench.formulas import decoder_params, decoder_shape
+    from modeling.build import byte_level_tokenizer
+    from training.assembly import run_model_config
+
+    cfg = _config(tmp_path, arch, FAMILIES[arch], tensor=2)
+    shape = decoder_shape(run_model_config(cfg, byte_level_tokenizer()))
+    h, layers = shape.hidden, shape.layers
+    qk_norms = (2 * shape.head_dim if arch == "qwen3"
+                else (shape.heads + shape.kv_heads) * shape.head_dim // 2)
+    expected = decoder_params(shape)["total"] // 2 + layers * (2 * h + qk_norms) + h
+    (planned,) = plan_stages.layout_shapes(cfg)
+    assert planned.params == expected
 
 
 @pytest.mark.unit
