@@ -52,12 +52,6 @@ def largest_layer_params(module) -> int:
                 for m in module.modules()), default=0)
 
 
-def dense_params(layers: int, hidden: int, ffn: int, vocab: int) -> int:
-    """A decoder's parameter count N as PaLM counts it: per block the attention's 4 h² and the MLP's 2 h ffn,
-    plus the (tied) token embedding."""
-    return layers * (4 * hidden * hidden + 2 * hidden * ffn) + vocab * hidden
-
-
 @dataclass(frozen=True)
 class DecoderShape:
     """A decoder's shape as its HF config gives it, whatever the family calls the fields (``decoder_shape``)."""

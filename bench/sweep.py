@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 from bench.cli import RESULTS
-from bench.formulas import dense_params, flops_per_token, zero_formula_bytes
+from bench.formulas import decoder_params, decoder_shape, flops_per_token, zero_formula_bytes
 from bench.launch import first_error
 from parallel.schedules import simulate
 
@@ -108,10 +108,8 @@ def _full_params(config_path: str, sets: list[str]) -> tuple[int, dict]:
 
     cfg = load(config_path, sets)
     model_cfg = hf_config(pretrained=cfg.model.pretrained, arch=cfg.model.arch, config=cfg.model.config)
-    h, layers = model_cfg.hidden_size, model_cfg.num_hidden_layers
-    vocab = getattr(model_cfg, "vocab_size", 0) or 0
-    ffn = getattr(model_cfg, "intermediate_size", None) or getattr(model_cfg, "n_inner", None) or 4 * h
-    return dense_params(layers, h, ffn, vocab), {"cfg": cfg, "layers": layers, "hidden": h}
+    shape = decoder_shape(model_cfg)  # gated MLPs, GQA and untied heads counted (GPT-2: PaLM's 12 h^2 + V h)
+    return decoder_params(shape)["total"], {"cfg": cfg, "layers": shape.layers, "hidden": shape.hidden}
 
 
 def _tokens_per_step(cfg, nproc: int) -> int:

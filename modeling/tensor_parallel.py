@@ -240,8 +240,10 @@ def _fused_blocks(style: str, name: str, out_features: int, config: Any) -> Any:
         heads = config.num_attention_heads
         kv = getattr(config, "num_key_value_heads", None) or heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        if out_features == (heads + 2 * kv) * head_dim:
-            return (heads * head_dim, kv * head_dim, kv * head_dim)
+        if out_features != (heads + 2 * kv) * head_dim:
+            raise ValueError(f"{name}: {out_features} outputs are not q|k|v of {heads} + 2 x {kv} heads of "
+                             f"{head_dim}; colonnade cannot cut it per block; use parallel.tensor=1")
+        return (heads * head_dim, kv * head_dim, kv * head_dim)
     if style == "colwise_gathered" and "gate_up" in layer:
         return 2
     return 1
