@@ -314,3 +314,20 @@ def test_a_lost_scale_or_a_local_norm_statistic_fails_it(tmp_path, corpus, refer
         assert first["grad_norm"] != pytest.approx(ref_norm[0], rel=NORM_TOL), f"{arch}: the mutation went unnoticed"
         with pytest.raises(AssertionError):
             _check(f"{arch} TP2 mutated", mutated_history, (ref_loss, ref_norm))
+
+
+@pytest.mark.unit
+def test_a_model_without_one_dimensional_parameters_gets_one_optimizer_group():
+    """OLMo's layer norms have no weights: no empty no-decay group, which DeepSpeed would drop and the LR
+    schedule would still count (a zip error at the first step)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from training.config_schema import OptimConfig
+    from training.engine import build_optimizer, param_groups
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("olmo", **_LLAMA_LIKE, vocab_size=64))
+    assert not [p for p in model.parameters() if p.dim() < 2]
+    assert len(param_groups(model, 0.1)) == 1
+    optimizer, scheduler = build_optimizer(model, OptimConfig(), total_steps=4)
+    optimizer.step()
+    scheduler.step()

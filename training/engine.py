@@ -33,13 +33,16 @@ def lr_lambda(optim: OptimConfig, total_steps: int):
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices only; biases, norms and other 1-D parameters are not decayed (GPT-2/Llama practice)."""
+    """Decay matrices only; biases, norms and other 1-D parameters are not decayed (GPT-2/Llama practice). An
+    empty group is left out (OLMo's norms have no parameters): DeepSpeed drops it, and the schedule must not
+    count it."""
     decay: list[torch.nn.Parameter] = []
     no_decay: list[torch.nn.Parameter] = []
     for _, param in model.named_parameters():
         if param.requires_grad:
             (decay if param.dim() >= 2 else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
 
 
 class AdamW(torch.optim.AdamW):
