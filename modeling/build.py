@@ -18,6 +18,7 @@ from transformers import (
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
     PretrainedConfig,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
 )
 
@@ -138,11 +139,15 @@ def check_sequence_fits(hf_config: PretrainedConfig, seq_len: int, target_len: i
                              f"model (max_position_embeddings): lower {key} to at most {limit}")
 
 
+def meta_model(hf_config: PretrainedConfig, trust_remote_code: bool = False) -> PreTrainedModel:
+    """The model ``hf_config`` describes, on the meta device (its structure; no storage, no initialisation)."""
+    with torch.device("meta"):
+        return auto_class(hf_config).from_config(hf_config, trust_remote_code=trust_remote_code)
+
+
 def parameter_count(hf_config: PretrainedConfig, trust_remote_code: bool = False) -> int:
     """Parameters of the model ``hf_config`` describes (each tied weight once), built on the meta device."""
-    with torch.device("meta"):
-        model = auto_class(hf_config).from_config(hf_config, trust_remote_code=trust_remote_code)
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in meta_model(hf_config, trust_remote_code).parameters())
 
 
 def hidden_size(hf_config: Any) -> int | None:

@@ -93,17 +93,22 @@ def num_blocks(model: PreTrainedModel) -> int:
     return len(blocks_of(model))
 
 
-def check_stage_modules(model: PreTrainedModel) -> None:
+def check_stage_modules(model: PreTrainedModel, setting: str = "parallel.pipeline") -> None:
     """Every module of the base model that holds parameters must be one of the declared parts: anything else
-    would be copied onto every stage. ValueError naming it."""
+    (Gemma 3n's per-layer embeddings) would be copied onto every stage, and feeds the blocks inputs a
+    sequence shard does not match. ValueError naming it and ``setting``; nothing to check without a plan."""
+    model_type = model.config.model_type
+    if model_type not in HAND_WRITTEN and not getattr(model.config, "base_model_pp_plan", None):
+        return
     plan = stage_plan(model)
     parts = {*plan.embed, plan.blocks, *plan.final}
     stray = [name for name, child in _base(model, plan).named_children()
              if name not in parts and any(True for _ in child.parameters())]
     if stray:
-        raise ValueError(f"parallel.pipeline: model_type {model.config.model_type!r} has parameters in "
-                         f"{[f'{plan.base}.{n}' for n in stray]}, which its pipeline plan {sorted(parts)} does not "
-                         f"place on a stage; use parallel.pipeline=1")
+        raise ValueError(f"{setting}: model_type {model_type!r} has parameters in "
+                         f"{[f'{plan.base}.{n}' for n in stray]}, outside the embedding, blocks and final norm of its "
+                         f"pipeline plan {sorted(parts)} (inputs the blocks get besides the hidden states); turn "
+                         f"{setting.split('=')[0]} off")
 
 
 class StageState:
@@ -229,7 +234,7 @@ class PipelineChunk(nn.Module):
 
 def split_chunks(model: PreTrainedModel, specs: list[StageSpec], seq_len: int) -> nn.ModuleList:
     """This rank's chunks (in local order) as one module, ready to be wrapped by DeepSpeed."""
-    check_stage_modules(model)
+    check_stage_modules(model, "parallel.pipeline")
     return nn.ModuleList(PipelineChunk(model, spec, seq_len) for spec in specs)
 
 

@@ -171,6 +171,19 @@ def test_layers_that_are_not_attention_are_refused_by_name():
     assert "parallel.pipeline=2" in message and "layer_types" in message and "linear_attention" in message
 
 
+@pytest.mark.parametrize("setting", ["parallel.pipeline=2", "parallel.sequence_parallel=true"])
+def test_per_layer_inputs_are_refused_at_config_time(setting):
+    """Gemma 3n feeds its blocks per-layer embeddings from base-model modules outside the pipeline plan: a stage
+    split would copy them onto every stage, a sequence shard would not match them. Checked on the meta model,
+    before any weight exists."""
+    from modeling.build import meta_model
+    from modeling.pipeline import check_stage_modules
+
+    model = meta_model(AutoConfig.for_model("gemma3n_text"))
+    with pytest.raises(ValueError, match=rf"{setting}: model_type 'gemma3n_text' has parameters in .*per_layer"):
+        check_stage_modules(model, setting)
+
+
 def test_parameters_outside_the_stage_plan_are_refused_by_name():
     """A base-model module with parameters that the plan places on no stage would be copied onto every one."""
     model = _model("qwen2-attention-bias")

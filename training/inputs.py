@@ -10,8 +10,8 @@ from typing import Any
 
 import torch.distributed as dist
 
-from modeling.build import hf_config, parameter_count
-from modeling.pipeline import check_pipeline_fits
+from modeling.build import hf_config, meta_model
+from modeling.pipeline import check_pipeline_fits, check_stage_modules
 from modeling.tp_plans import check_tensor_parallel_fits
 from training import checkpoint, data, elastic, run_dir
 from training import engine as engine_lib
@@ -49,8 +49,12 @@ def check_inputs(cfg: RunConfig, task: Task, deepspeed_config_file: str | None) 
     _check_writable(Path(cfg.train.output_dir))
     if cfg.train.export_hf:
         checkpoint.check_export_dir(Path(cfg.train.output_dir) / "hf")
-    parameters = parameter_count(model_config, cfg.model.trust_remote_code)
-    shard = parameters * 4 // (cfg.parallel.tensor * cfg.parallel.pipeline)
+    model = meta_model(model_config, cfg.model.trust_remote_code)
+    if cfg.parallel.pipeline > 1:
+        check_stage_modules(model, f"parallel.pipeline={cfg.parallel.pipeline}")
+    if cfg.parallel.sequence_parallel:
+        check_stage_modules(model, "parallel.sequence_parallel=true")
+    shard = sum(p.numel() for p in model.parameters()) * 4 // (cfg.parallel.tensor * cfg.parallel.pipeline)
     return Inputs(ds_config, train_files, valid_files, resume_from, start_over, shard)
 
 
