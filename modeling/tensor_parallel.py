@@ -64,6 +64,23 @@ def tensor_parallelize(model: PreTrainedModel, tp_group: ProcessGroup | None, se
     return model
 
 
+def check_sequence_parallel_fits(model: PreTrainedModel) -> None:
+    """Sequence parallelism runs everything outside the regions on this rank's part of the sequence: an
+    attention the plan does not split (Youtu's latent attention) would attend within the part. ValueError
+    naming it (checked on the meta model, at config time)."""
+    plan = plan_for(model)
+    if not isinstance(plan.blocks, str):
+        return  # encoder-decoder models: sequence parallelism is refused by the config check
+    block = f"{plan.blocks}.0"
+    regions = [name for name, _ in model.named_modules() if "region" in _matches(plan.styles, name)]
+    for name, module in model.get_submodule(block).named_modules(prefix=block):
+        inside = any(name == r or name.startswith(r + ".") for r in regions)
+        if type(module).__name__.endswith("Attention") and not inside:
+            raise ValueError(f"parallel.sequence_parallel=true: {name} ({type(module).__name__}) is not split by "
+                             f"the tensor-parallel plan, so it would attend within one rank's part of the "
+                             f"sequence; turn parallel.sequence_parallel off")
+
+
 def _regex(pattern: str) -> re.Pattern:
     return re.compile("^" + re.escape(pattern).replace(r"\*", r"[^.]+") + "$")
 

@@ -82,3 +82,14 @@ def test_head_counts_that_do_not_divide_are_refused_with_the_field():
     with pytest.raises(ValueError, match=r"key/value heads \(num_key_value_heads=2\)"):
         check_tensor_parallel_fits(AutoConfig.for_model("qwen3", **SMALL), 4)
     check_tensor_parallel_fits(AutoConfig.for_model("qwen3", **SMALL), 2)
+
+
+def test_sequence_parallelism_needs_the_attention_split():
+    """Youtu's plan splits only the MLP: with sequence parallelism its attention would see one rank's part of
+    the sequence. Refused by name on the meta model; Llama's split attention passes."""
+    from modeling.build import meta_model
+    from modeling.tensor_parallel import check_sequence_parallel_fits
+
+    with pytest.raises(ValueError, match=r"sequence_parallel=true: model.layers.0.self_attn \(YoutuAttention\)"):
+        check_sequence_parallel_fits(meta_model(AutoConfig.for_model("youtu", num_hidden_layers=2)))
+    check_sequence_parallel_fits(meta_model(AutoConfig.for_model("llama", **SMALL)))

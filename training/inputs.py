@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from modeling.build import hf_config, meta_model
 from modeling.pipeline import check_pipeline_fits, check_stage_modules
+from modeling.tensor_parallel import check_sequence_parallel_fits
 from modeling.tp_plans import check_tensor_parallel_fits
 from training import checkpoint, data, elastic, run_dir
 from training import engine as engine_lib
@@ -54,6 +55,7 @@ def check_inputs(cfg: RunConfig, task: Task, deepspeed_config_file: str | None) 
         check_stage_modules(model, f"parallel.pipeline={cfg.parallel.pipeline}")
     if cfg.parallel.sequence_parallel:
         check_stage_modules(model, "parallel.sequence_parallel=true")
+        check_sequence_parallel_fits(model)
     shard = sum(p.numel() for p in model.parameters()) * 4 // (cfg.parallel.tensor * cfg.parallel.pipeline)
     return Inputs(ds_config, train_files, valid_files, resume_from, start_over, shard)
 
