@@ -64,11 +64,34 @@ def declared_stage_plan(config: PretrainedConfig, base: str) -> StagePlan:
 
 
 def stage_plan(model: PreTrainedModel) -> StagePlan:
-    """``model``'s StagePlan: hand-written, else from its declaration."""
+    """``model``'s StagePlan: hand-written, else from its declaration, else read from the order of its base
+    model's modules (``inferred_stage_plan``)."""
     model_type = model.config.model_type
     if model_type in HAND_WRITTEN:
         return HAND_WRITTEN[model_type]
-    return declared_stage_plan(model.config, model.base_model_prefix)
+    if getattr(model.config, "base_model_pp_plan", None):
+        return declared_stage_plan(model.config, model.base_model_prefix)
+    return inferred_stage_plan(model)
+
+
+def inferred_stage_plan(model: PreTrainedModel) -> StagePlan:
+    """For a model that declares no pipeline plan (Nemotron): its base model's one ``nn.ModuleList`` is the
+    block list, the modules with parameters before it embed, those after it end the stack, as the declared
+    plans of the other decoders say. ValueError when there is not exactly one block list."""
+    base = model.base_model_prefix
+    children = list(model.get_submodule(base).named_children())
+    lists = [i for i, (_, child) in enumerate(children) if isinstance(child, nn.ModuleList)]
+    if len(lists) != 1:
+        raise ValueError(f"model_type {model.config.model_type!r} declares no base_model_pp_plan and its base model "
+                         f"has {len(lists)} module lists, not one list of blocks")
+    at = lists[0]
+    holding = [name for name, child in children if any(True for _ in child.parameters())]
+    before = {name for name, _ in children[:at]}
+    final = tuple(n for n in holding if n not in before and n != children[at][0])
+    if len(final) != 1:  # NanoChat's weightless norm, used before the blocks too, cannot be told apart
+        raise ValueError(f"model_type {model.config.model_type!r} declares no base_model_pp_plan and its base model "
+                         f"has {len(final)} modules with parameters after its blocks, not one final norm")
+    return StagePlan(base=base, embed=tuple(n for n in holding if n in before), blocks=children[at][0], final=final)
 
 
 def _base(model: PreTrainedModel, plan: StagePlan) -> nn.Module:
@@ -93,14 +116,18 @@ def num_blocks(model: PreTrainedModel) -> int:
     return len(blocks_of(model))
 
 
-def check_stage_modules(model: PreTrainedModel, setting: str = "parallel.pipeline") -> None:
+def check_stage_modules(model: PreTrainedModel, setting: str = "parallel.pipeline", needs_plan: bool = True) -> None:
     """Every module of the base model that holds parameters must be one of the declared parts: anything else
     (Gemma 3n's per-layer embeddings) would be copied onto every stage, and feeds the blocks inputs a
-    sequence shard does not match. ValueError naming it and ``setting``; nothing to check without a plan."""
+    sequence shard does not match. ValueError naming it and ``setting``; without a stage plan, ValueError when
+    ``needs_plan`` (a pipeline), else nothing to check."""
     model_type = model.config.model_type
-    if model_type not in HAND_WRITTEN and not getattr(model.config, "base_model_pp_plan", None):
-        return
-    plan = stage_plan(model)
+    try:
+        plan = stage_plan(model)
+    except ValueError as error:
+        if not needs_plan:
+            return  # no stage split to compare the modules with
+        raise ValueError(f"{setting}: {error}; turn {setting.split('=')[0]} off") from None
     parts = {*plan.embed, plan.blocks, *plan.final}
     stray = [name for name, child in _base(model, plan).named_children()
              if name not in parts and any(True for _ in child.parameters())]
@@ -258,7 +285,7 @@ def check_pipeline_fits(hf_config: PretrainedConfig, pipeline: int, virtual_stag
     """Raise ValueError for a pipeline split the model cannot take (before any model is built)."""
     if pipeline == 1:
         return
-    if hf_config.model_type not in HAND_WRITTEN:
+    if hf_config.model_type not in HAND_WRITTEN and getattr(hf_config, "base_model_pp_plan", None):
         try:
             declared_stage_plan(hf_config, "model")
         except ValueError as error:

@@ -38,6 +38,7 @@ from parallel.layers import (
     VocabParallelEmbedding,
     VocabParallelHead,
     mark_sharded,
+    shard_rows,
 )
 from parallel.norms import ShardedRMSNorm
 from parallel.random import TensorParallelRNG
@@ -189,6 +190,8 @@ def apply_tp_plan(model: PreTrainedModel, plan: TPPlan, group: ProcessGroup | No
         for name in names:
             _set_submodule(model, name, new)
     _retie(model, tied)
+    if plan.declared:
+        _shard_head_parameters(model, plan, group)
     for module in regions:
         if plan.declared:
             _shard_head_counts(module, world)
@@ -215,6 +218,17 @@ def _keep_embedding_scale(dense: nn.Module, parallel: nn.Module) -> None:
         return out * torch.tensor(scale, dtype=out.dtype, device=out.device)
 
     parallel.register_forward_hook(scaled)
+
+
+def _shard_head_parameters(model: nn.Module, plan: TPPlan, group: ProcessGroup | None) -> None:
+    """A declared ``colwise`` on a parameter rather than a layer (Granite's per-head attention sinks): this rank
+    keeps the rows of its heads."""
+    for name, param in list(model.named_parameters()):
+        if "colwise" in _matches(plan.styles, name):
+            owner_name, _, attr = name.rpartition(".")
+            local = nn.Parameter(shard_rows(param.detach(), group))
+            mark_sharded(local, 0, param.shape[0])
+            setattr(model.get_submodule(owner_name), attr, local)
 
 
 def _divide_attributes(module: nn.Module, name: str, attributes: list[str], world: int) -> None:

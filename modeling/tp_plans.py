@@ -42,7 +42,11 @@ COLUMN_STYLES = ("colwise", "colwise_enter", "colwise_fused3", "colwise_gathered
 # output head are always vocabulary-parallel.
 DECLARED = {"colwise": "colwise", "colwise_gather_output": "colwise_gathered", "packed_colwise": "colwise_packed",
             "rowwise": "rowwise", "rowwise_split_input": "rowwise",
-            "replicated_with_grad_allreduce": "replicate_reduce_grad"}
+            "replicated_with_grad_allreduce": "replicate_reduce_grad",
+            "mla_kv_a_proj": "replicate_reduce_grad"}  # MLA's latent down-projection: whole on every rank
+# Declared styles that ask nothing of colonnade: "local_params" (the module's parameters as plain local tensors,
+# which all of colonnade's are).
+IGNORED = ("local_params",)
 EMBEDDING_STYLES = ("embedding_rowwise", "rowwise")
 # The layers transformers gathers around whose split output colonnade knows how to use (attention projections
 # and fused q|k|v, gate|up); a gathered output elsewhere (linear-attention projections) is refused.
@@ -168,7 +172,7 @@ def declared_styles(config: PretrainedConfig) -> dict[str, str]:
                          f"colonnade has no hand-written plan for it (have {sorted(HAND_WRITTEN)})")
     styles = {}
     for path, style in declared.items():
-        if style in EMBEDDING_STYLES and "." not in path:
+        if (style in EMBEDDING_STYLES and "." not in path) or style in IGNORED:
             continue  # the input embedding: vocabulary-parallel by position
         if style.startswith("moe"):
             raise ValueError(f"model_type {config.model_type!r}: its mixture-of-experts layers ({path}: "

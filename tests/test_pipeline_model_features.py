@@ -154,13 +154,27 @@ def test_negative_control_layer_types_not_cut_per_stage_is_detected(variant, mon
     assert diff > 100 * TOL, f"{variant}: the uncut layer types moved the logits by only {diff:.3g}"
 
 
-def test_model_without_a_stage_plan_is_refused_by_name():
-    config = AutoConfig.for_model("nemotron")  # declares a tensor-parallel plan, no pipeline plan
-    with pytest.raises(ValueError) as error:
-        check_pipeline_fits(config, 2, 1, "uniform")
-    message = str(error.value)
-    assert "parallel.pipeline=2" in message and "base_model_pp_plan" in message and "nemotron" in message
-    check_pipeline_fits(config, 1, 1, "uniform")  # no pipeline, no stage split: nothing to refuse
+def test_model_without_a_stage_plan_is_split_by_its_module_order():
+    """Nemotron declares a tensor-parallel plan but no pipeline plan: the stage split is read from its base
+    model's modules (embedding, the one block list, final norm) and reproduces its logits."""
+    config = AutoConfig.for_model("nemotron", **{k: v for k, v in DECODER.items() if k != "initializer_range"})
+    assert not getattr(config, "base_model_pp_plan", None)
+    check_pipeline_fits(config, 2, 1, "uniform")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    assert pipeline.stage_plan(model) == pipeline.StagePlan("model", ("embed_tokens",), "layers", ("norm",))
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(_chunked_logits(model, ids), model(ids).logits, rtol=0, atol=TOL)
+
+
+def test_a_base_model_without_one_block_list_is_refused_by_name():
+    model = _model("qwen2-attention-bias")
+    model.config.base_model_pp_plan = None
+    model.model.more_layers = torch.nn.ModuleList([torch.nn.Linear(2, 2)])
+    with pytest.raises(ValueError, match=r"parallel.pipeline=2: model_type 'qwen2' declares no base_model_pp_plan "
+                                         r"and its base model has 2 module lists"):
+        pipeline.check_stage_modules(model, "parallel.pipeline=2")
 
 
 def test_layers_that_are_not_attention_are_refused_by_name():

@@ -36,6 +36,7 @@ DECLARED = {
     "phi3": SMALL,  # fused qkv_proj with GQA (q, k, v of unequal sizes), fused gate_up_proj
     "gemma3_text": dict(SMALL, sliding_window=4, layer_types=["sliding_attention", "full_attention"]),  # sqrt(h)
     "qwen3": SMALL,  # per-head q/k norms: partial gradients
+    "granite_swa": SMALL,  # attention sinks: a declared colwise on a parameter (one per head)
     "gpt_neox": dict(num_hidden_layers=2, num_attention_heads=4, hidden_size=32, intermediate_size=64,
                      max_position_embeddings=32, vocab_size=262, rotary_pct=0.5),  # fused per-head qkv
 }

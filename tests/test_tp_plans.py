@@ -59,7 +59,6 @@ def test_fused_qkv_is_cut_per_block_by_head_counts():
     ("mixtral", "mixture-of-experts layers"),
     ("stablelm", "declares no base_model_tp_plan"),
     ("hunyuan_v1_dense", "splits no layer of its blocks"),
-    ("granite_swa", "tensor-parallel style 'local_params'"),  # attention sinks
     ("qwen3_next", "mixture-of-experts"),
 ])
 def test_unsupported_declarations_are_refused_by_name(model_type, reason):

@@ -54,7 +54,7 @@ def check_inputs(cfg: RunConfig, task: Task, deepspeed_config_file: str | None) 
     if cfg.parallel.pipeline > 1:
         check_stage_modules(model, f"parallel.pipeline={cfg.parallel.pipeline}")
     if cfg.parallel.sequence_parallel:
-        check_stage_modules(model, "parallel.sequence_parallel=true")
+        check_stage_modules(model, "parallel.sequence_parallel=true", needs_plan=False)
         check_sequence_parallel_fits(model)
     shard = sum(p.numel() for p in model.parameters()) * 4 // (cfg.parallel.tensor * cfg.parallel.pipeline)
     return Inputs(ds_config, train_files, valid_files, resume_from, start_over, shard)
