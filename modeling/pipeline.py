@@ -75,8 +75,8 @@ def stage_plan(model: PreTrainedModel) -> StagePlan:
 
 
 def inferred_stage_plan(model: PreTrainedModel) -> StagePlan:
-    """For a model that declares no pipeline plan (Nemotron): its base model's one ``nn.ModuleList`` is the
-    block list, the modules with parameters before it embed, those after it end the stack, as the declared
+    """For a model that declares no pipeline plan (Nemotron, NanoChat): its base model's one ``nn.ModuleList`` is
+    the block list, the modules with parameters before it embed, those after it end the stack, as the declared
     plans of the other decoders say. ValueError when there is not exactly one block list."""
     base = model.base_model_prefix
     children = list(model.get_submodule(base).named_children())
@@ -88,9 +88,6 @@ def inferred_stage_plan(model: PreTrainedModel) -> StagePlan:
     holding = [name for name, child in children if any(True for _ in child.parameters())]
     before = {name for name, _ in children[:at]}
     final = tuple(n for n in holding if n not in before and n != children[at][0])
-    if len(final) != 1:  # NanoChat's weightless norm, used before the blocks too, cannot be told apart
-        raise ValueError(f"model_type {model.config.model_type!r} declares no base_model_pp_plan and its base model "
-                         f"has {len(final)} modules with parameters after its blocks, not one final norm")
     return StagePlan(base=base, embed=tuple(n for n in holding if n in before), blocks=children[at][0], final=final)
 
 
@@ -139,20 +136,31 @@ def check_stage_modules(model: PreTrainedModel, setting: str = "parallel.pipelin
 
 
 class StageState:
-    """What a chunk's forward hands to its stand-in modules: the hidden states received from the previous
-    stage (set for the duration of one forward)."""
+    """What a chunk's forward hands to its stand-in modules and back: the hidden states received from the
+    previous stage, and those its last block gave (each set for the duration of one forward)."""
 
     received: torch.Tensor | None = None
+    sent: torch.Tensor | None = None
 
 
-class StageInput(nn.Module):
-    """The chunk's first module: it runs on the received hidden states instead of what the shell's embedding
-    path computed (the argument is only that path's shape). Attributes are read through to the wrapped module
-    (forwards ask blocks for their ``attention_type``)."""
+class _Wrapper(nn.Module):
+    """A block in a chunk's shell; attributes are read through to it (forwards ask blocks for their
+    ``attention_type``)."""
 
     def __init__(self, inner: nn.Module, state: StageState):
         super().__init__()
         self.inner, self.state = inner, state
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["inner"], name)
+
+
+class StageInput(_Wrapper):
+    """The chunk's first module: it runs on the received hidden states instead of what the shell's embedding
+    path computed (the argument is only that path's shape)."""
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         received = self.state.received
@@ -160,11 +168,16 @@ class StageInput(nn.Module):
             return self.inner(*args, **dict(kwargs, hidden_states=received))
         return self.inner(received, *args[1:], **kwargs)
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["inner"], name)
+
+class StageOutput(_Wrapper):
+    """The chunk's last block when another stage holds the head: keeps the hidden states it gives, for the chunk
+    to send, whatever the forward does after the blocks (GPT-2 reshapes them by the input's sequence length,
+    which a sequence-parallel shard does not have; NanoChat's weightless final norm also runs before them)."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.inner(*args, **kwargs)
+        self.state.sent = out[0] if isinstance(out, tuple) else out
+        return out
 
 
 class Absent(nn.Module):
@@ -208,6 +221,10 @@ def _embedding_width(module: nn.Module) -> int:
     return int(getattr(module, "embedding_dim", weight.shape[1]))
 
 
+def _holds_parameters(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
 class PipelineChunk(nn.Module):
     """One model chunk. ``forward(x)``: token ids on the first chunk, hidden states elsewhere; returns
     hidden states, or the (vocabulary-sharded) logits on the last chunk."""
@@ -217,46 +234,55 @@ class PipelineChunk(nn.Module):
         plan = stage_plan(model)
         self.spec, self.seq_len, self.state = spec, seq_len, StageState()
         base = _base(model, plan)
+        children = self._stand_ins(base, plan)
+        children[plan.blocks] = nn.ModuleList(self._blocks(model, plan, children))
         config = _stage_config(model.config, spec.blocks)
-        layers: list[nn.Module] = [blocks_of(model)[i] for i in spec.blocks]
-        children: dict[str, nn.Module] = {}
-        if not spec.embed:
-            children.update({name: Absent(_embedding_width(base.get_submodule(name)), self.state)
-                             for name in plan.embed if any(True for _ in base.get_submodule(name).parameters())})
-        finals: dict[str, nn.Module] = {name: base.get_submodule(name) for name in plan.final} if spec.head else {
-            name: nn.Identity() for name in plan.final}
-        if not spec.embed:
-            if layers:
-                layers[0] = StageInput(layers[0], self.state)
-            elif plan.final and spec.head:
-                finals[plan.final[0]] = StageInput(finals[plan.final[0]], self.state)
-            else:
-                raise ValueError(f"a pipeline chunk needs blocks, the embedding or the head: {spec}")
-        children.update(finals)
-        children[plan.blocks] = nn.ModuleList(layers)
         shell = _shell(base, children, config)
         self.hidden_size = _embedding_width(model.get_input_embeddings())
         self.model = _shell(model, {plan.base: shell}, config) if spec.head else shell
+
+    def _stand_ins(self, base: nn.Module, plan: StagePlan) -> dict[str, nn.Module]:
+        """The base model's parts this chunk does not hold: absent embeddings, identities for the final norm."""
+        parts: dict[str, nn.Module] = {}
+        if not self.spec.embed:
+            parts.update({name: Absent(_embedding_width(base.get_submodule(name)), self.state)
+                          for name in plan.embed if _holds_parameters(base.get_submodule(name))})
+        if not self.spec.head:
+            parts.update({name: nn.Identity() for name in plan.final if _holds_parameters(base.get_submodule(name))})
+        return parts
+
+    def _blocks(self, model: PreTrainedModel, plan: StagePlan, children: dict[str, nn.Module]) -> list[nn.Module]:
+        """This chunk's blocks, the first taking the received hidden states, the last keeping those it sends."""
+        layers: list[nn.Module] = [blocks_of(model)[i] for i in self.spec.blocks]
+        if not self.spec.embed:
+            if layers:
+                layers[0] = StageInput(layers[0], self.state)
+            elif plan.final and self.spec.head:
+                final = plan.final[0]
+                children[final] = StageInput(_base(model, plan).get_submodule(final), self.state)
+            else:
+                raise ValueError(f"a pipeline chunk needs blocks, the embedding or the head: {self.spec}")
+        if layers and not self.spec.head:
+            layers[-1] = StageOutput(layers[-1], self.state)
+        return layers
 
     @property
     def head(self) -> nn.Module | None:
         return cast(PreTrainedModel, self.model).get_output_embeddings() if self.spec.head else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.spec.embed:
-            out = self.model(input_ids=x, use_cache=False)
-        else:
-            self.state.received = x
-            try:
+        try:
+            if self.spec.embed:
+                out = self.model(input_ids=x, use_cache=False)
+            else:
+                self.state.received = x
                 shape = x.new_zeros(()).expand(x.shape[0], self.seq_len, self.hidden_size)
                 out = self.model(inputs_embeds=shape, use_cache=False)
-            finally:
-                self.state.received = None
-        if self.spec.head:
-            return out.logits
-        # (batch, sequence, hidden): GPT-2's forward views its output by the input's sequence length, which a
-        # sequence-parallel shard does not have
-        return out.last_hidden_state.view(x.shape[0], -1, self.hidden_size)
+            if self.spec.head:
+                return out.logits
+            return self.state.sent if self.state.sent is not None else out.last_hidden_state
+        finally:
+            self.state.received = self.state.sent = None
 
 
 def split_chunks(model: PreTrainedModel, specs: list[StageSpec], seq_len: int) -> nn.ModuleList:

@@ -154,15 +154,19 @@ def test_negative_control_layer_types_not_cut_per_stage_is_detected(variant, mon
     assert diff > 100 * TOL, f"{variant}: the uncut layer types moved the logits by only {diff:.3g}"
 
 
-def test_model_without_a_stage_plan_is_split_by_its_module_order():
-    """Nemotron declares a tensor-parallel plan but no pipeline plan: the stage split is read from its base
-    model's modules (embedding, the one block list, final norm) and reproduces its logits."""
-    config = AutoConfig.for_model("nemotron", **{k: v for k, v in DECODER.items() if k != "initializer_range"})
+@pytest.mark.parametrize("model_type,final", [("nemotron", ("norm",)), ("nanochat", ())])
+def test_model_without_a_stage_plan_is_split_by_its_module_order(model_type, final):
+    """Nemotron and NanoChat declare a tensor-parallel plan but no pipeline plan: the stage split is read from
+    their base model's modules (embedding, the one block list, the final norm if it has parameters) and
+    reproduces their logits; NanoChat's weightless norm also runs before the blocks, so a chunk sends what its
+    last block gave."""
+    fields = {k: v for k, v in DECODER.items() if k != "initializer_range"}
+    config = AutoConfig.for_model(model_type, **fields, pad_token_id=0)
     assert not getattr(config, "base_model_pp_plan", None)
     check_pipeline_fits(config, 2, 1, "uniform")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
-    assert pipeline.stage_plan(model) == pipeline.StagePlan("model", ("embed_tokens",), "layers", ("norm",))
+    assert pipeline.stage_plan(model) == pipeline.StagePlan("model", ("embed_tokens",), "layers", final)
     ids = _ids()
     with torch.no_grad():
         torch.testing.assert_close(_chunked_logits(model, ids), model(ids).logits, rtol=0, atol=TOL)
