@@ -162,11 +162,27 @@ DECLARED_DIVISIBLE = [("num_attention_heads", "attention heads"), ("num_key_valu
                       ("intermediate_size", "MLP width")]
 
 
+_ATTENTION = {"layers.*.self_attn.q_proj": "colwise", "layers.*.self_attn.k_proj": "colwise",
+              "layers.*.self_attn.v_proj": "colwise", "layers.*.self_attn.o_proj": "rowwise"}
+_MLP = {"layers.*.mlp.gate_proj": "colwise", "layers.*.mlp.up_proj": "colwise", "layers.*.mlp.down_proj": "rowwise"}
+# Where a declaration leaves the blocks' attention (or all of them) whole, what Megatron would split, in
+# transformers' styles, added to it and read by the same translation.
+SUPPLEMENTS = {
+    # declares only its embedding: Llama's projections, per-head q/k norms
+    "hunyuan_v1_dense": {**_ATTENTION, **_MLP, "layers.*.self_attn.query_layernorm": "replicated_with_grad_allreduce",
+                         "layers.*.self_attn.key_layernorm": "replicated_with_grad_allreduce"},
+    # declares only its MLP: the latent attention split as MiniCPM3 declares it
+    "youtu": {"layers.*.self_attn.q_proj": "colwise", "layers.*.self_attn.q_b_proj": "colwise",
+              "layers.*.self_attn.kv_a_proj_with_mqa": "mla_kv_a_proj", "layers.*.self_attn.kv_b_proj": "colwise",
+              "layers.*.self_attn.o_proj": "rowwise"},
+}
+
+
 def declared_styles(config: PretrainedConfig) -> dict[str, str]:
     """``config``'s ``base_model_tp_plan`` in colonnade's styles (paths relative to the base model). ValueError
     naming the model type and the first style colonnade does not split that way (mixture-of-experts layers,
     linear-attention projections, ...)."""
-    declared = getattr(config, "base_model_tp_plan", None)
+    declared = {**(getattr(config, "base_model_tp_plan", None) or {}), **SUPPLEMENTS.get(config.model_type, {})}
     if not declared:
         raise ValueError(f"model_type {config.model_type!r} declares no base_model_tp_plan (transformers), and "
                          f"colonnade has no hand-written plan for it (have {sorted(HAND_WRITTEN)})")

@@ -37,6 +37,7 @@ DECLARED = {
     "gemma3_text": dict(SMALL, sliding_window=4, layer_types=["sliding_attention", "full_attention"]),  # sqrt(h)
     "qwen3": SMALL,  # per-head q/k norms: partial gradients
     "granite_swa": SMALL,  # attention sinks: a declared colwise on a parameter (one per head)
+    "hunyuan_v1_dense": SMALL,  # colonnade's supplement to a declaration that splits nothing in the blocks
     "gpt_neox": dict(num_hidden_layers=2, num_attention_heads=4, hidden_size=32, intermediate_size=64,
                      max_position_embeddings=32, vocab_size=262, rotary_pct=0.5),  # fused per-head qkv
 }

@@ -44,6 +44,18 @@ def test_gpt_neox_paths_follow_its_base_model_prefix():
     assert plan.styles["gpt_neox.embed_in"] == "vocab_embedding" and plan.styles["lm_head"] == "vocab_head"
 
 
+def test_supplements_split_what_a_declaration_leaves_whole():
+    """HunYuan declares only its embedding, Youtu only its MLP: colonnade adds their attention (and HunYuan's MLP)
+    in transformers' styles, through the same translation."""
+    hunyuan = declared_plan(_meta_model("hunyuan_v1_dense"))
+    assert hunyuan.styles["model.layers.*.self_attn.q_proj"] == "colwise"
+    assert hunyuan.styles["model.layers.*.self_attn.query_layernorm"] == "replicate_reduce_grad"
+    assert hunyuan.styles["model.layers.*.mlp"] == "region"
+    youtu = declared_plan(_meta_model("youtu"))
+    assert youtu.styles["model.layers.*.self_attn"] == "region"
+    assert youtu.styles["model.layers.*.self_attn.kv_a_proj_with_mqa"] == "replicate_reduce_grad"
+
+
 def test_hand_written_plans_remain_for_undeclared_models():
     assert not plan_for(_meta_model("gpt2", n_layer=2, n_head=4, n_embd=32)).declared
 
@@ -58,7 +70,7 @@ def test_fused_qkv_is_cut_per_block_by_head_counts():
 @pytest.mark.parametrize("model_type,reason", [
     ("mixtral", "mixture-of-experts layers"),
     ("stablelm", "declares no base_model_tp_plan"),
-    ("hunyuan_v1_dense", "splits no layer of its blocks"),
+    ("diffllama", "splits no layer of its blocks"),
     ("qwen3_next", "mixture-of-experts"),
 ])
 def test_unsupported_declarations_are_refused_by_name(model_type, reason):
