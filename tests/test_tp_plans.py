@@ -96,11 +96,14 @@ def test_head_counts_that_do_not_divide_are_refused_with_the_field():
 
 
 def test_sequence_parallelism_needs_the_attention_split():
-    """Youtu's plan splits only the MLP: with sequence parallelism its attention would see one rank's part of
-    the sequence. Refused by name on the meta model; Llama's split attention passes."""
+    """A plan that splits only the MLP (Youtu's declaration, before colonnade's supplement): with sequence
+    parallelism the attention would see one rank's part of the sequence. Refused by name on the meta model; the
+    full plan passes."""
     from modeling.build import meta_model
     from modeling.tensor_parallel import check_sequence_parallel_fits
 
-    with pytest.raises(ValueError, match=r"sequence_parallel=true: model.layers.0.self_attn \(YoutuAttention\)"):
-        check_sequence_parallel_fits(meta_model(AutoConfig.for_model("youtu", num_hidden_layers=2)))
-    check_sequence_parallel_fits(meta_model(AutoConfig.for_model("llama", **SMALL)))
+    config = AutoConfig.for_model("llama", **SMALL)
+    check_sequence_parallel_fits(meta_model(config))
+    config.base_model_tp_plan = {k: v for k, v in config.base_model_tp_plan.items() if ".mlp." in k}
+    with pytest.raises(ValueError, match=r"sequence_parallel=true: model.layers.0.self_attn \(LlamaAttention\)"):
+        check_sequence_parallel_fits(meta_model(config))
