@@ -209,13 +209,17 @@ def apply_tp_plan(model: PreTrainedModel, plan: TPPlan, group: ProcessGroup | No
 
 def _keep_embedding_scale(dense: nn.Module, parallel: nn.Module) -> None:
     """transformers' scaled word embeddings (Gemma's sqrt(hidden)) multiply their output by ``embed_scale``, cast
-    to the output's dtype first: the vocabulary-parallel embedding does the same."""
+    to the output's dtype first: the vocabulary-parallel embedding does the same, with the scale rounded to that
+    dtype on the host once (a Python number: no copy to the device per forward)."""
     scale = getattr(dense, "scalar_embed_scale", getattr(dense, "embed_scale", None))
     if not isinstance(scale, (int, float)) or scale == 1.0:
         return
+    rounded: dict[torch.dtype, float] = {}
 
     def scaled(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-        return out * torch.tensor(scale, dtype=out.dtype, device=out.device)
+        if out.dtype not in rounded:
+            rounded[out.dtype] = float(torch.tensor(scale, dtype=out.dtype))
+        return out * rounded[out.dtype]
 
     parallel.register_forward_hook(scaled)
 
