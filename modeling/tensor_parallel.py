@@ -1,15 +1,11 @@
-"""Shard a Hugging Face model for tensor parallelism by its architecture's plan (``modeling.tp_plans``).
-
-``apply_tp_plan`` swaps the modules the plan names for ``parallel.layers``' tensor-parallel layers, slicing the
-dense weights (``nn.Linear``, or transformers' ``Conv1D``, which stores them (in, out): handed over transposed
-and marked ``hf_conv1d`` for the shard contract, ``modeling.shards``), enters the tensor-parallel region where
-the plan says (hooks on the HF modules' ``hidden_states`` / ``key_value_states`` arguments), and, for a
-hand-written plan, fails on any parameter the plan does not cover. For a plan read from the model's declaration
-it also makes the attention modules count this rank's heads, splits norms over the full width of a split output
-(``parallel.norms``) and keeps scaled embeddings' scale. With sequence parallelism the hidden states are split
-over the sequence at the input of the first block and gathered at the output of the last. Replicated parameters
-fed by this rank's part only (sequence shard, heads, columns) sum their gradients over the tensor group.
-"""
+"""Shard a Hugging Face model for tensor parallelism by its plan (``modeling.tp_plans``): ``apply_tp_plan`` swaps
+the modules the plan names for ``parallel.layers``' layers, slicing the dense weights (``nn.Linear``, or
+``Conv1D``, stored (in, out): handed over transposed, marked ``hf_conv1d`` for ``modeling.shards``), enters the
+region where the plan says (hooks on ``hidden_states`` / ``key_value_states``) and, for a hand-written plan, fails
+on any parameter it does not cover. A declared plan's attention modules count this rank's heads; norms over a
+split width become ``parallel.norms``; scaled embeddings keep their scale. Sequence parallelism splits the hidden
+states from the first block's input to the last's output. Replicated parameters fed by this rank's part only
+(sequence shard, heads, columns) sum their gradients over the tensor group."""
 
 from __future__ import annotations
 
