@@ -27,6 +27,15 @@ def lm_loss(model: PreTrainedModel, logits: torch.Tensor, labels: torch.Tensor,
     return causal_lm_loss(logits, labels, tp_group if valid is not None else None, start, valid)
 
 
+def router_aux_loss(model: PreTrainedModel, output: object) -> torch.Tensor | float:
+    """The model's auxiliary load-balancing loss (``output_router_logits``) times its coefficient, as its forward
+    adds it to the loss when given labels; 0 when the model computes none."""
+    aux = getattr(output, "aux_loss", None)
+    if aux is None:
+        return 0.0
+    return getattr(model, "router_aux_loss_coef", model.config.router_aux_loss_coef) * aux
+
+
 def seq2seq_loss(model: PreTrainedModel, logits: torch.Tensor, labels: torch.Tensor,
                  tp_group: ProcessGroup | None) -> torch.Tensor:
     """Mean loss of the decoder's labels (no shift; -100 = padding) from (possibly sharded) logits."""

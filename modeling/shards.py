@@ -68,7 +68,11 @@ class Shard:
 
 
 def shard_for(tensor: torch.Tensor, hf_conv1d: bool, tp_group: ProcessGroup | None) -> Shard:
-    """The ``Shard`` of a parameter or buffer of a tensor-parallel model (``parallel.layers.shard_ranges``)."""
+    """The ``Shard`` of a parameter or buffer of a tensor-parallel model (``parallel.layers.shard_ranges``); an
+    expert tensor of an expert-parallel model holds its ``expert_range`` of the experts (``modeling.experts``)."""
+    if hasattr(tensor, "expert_range"):
+        start, stop = tensor.expert_range  # type: ignore[attr-defined]
+        return Shard(0, ((start, stop),), stop - start)
     world = 1 if tp_group is None else dist.get_world_size(tp_group)
     if world == 1 or not getattr(tensor, "tensor_model_parallel", False):
         return Shard(None)

@@ -125,6 +125,11 @@ def _replace_hidden_states(args: tuple, kwargs: dict[str, Any],
     return args, kwargs
 
 
+def _holds_split_layer(module: nn.Module, name: str, plan: TPPlan) -> bool:
+    return any(style != "region" for child, _ in module.named_children()
+               for style in _matches(plan.styles, f"{name}.{child}"))
+
+
 def _enter_region_at_input(module: nn.Module, group: ProcessGroup | None, sequence_parallel: bool,
                            async_grad_reduce: bool) -> None:
     """``module``'s input enters the region once for the column layers inside it (q|k|v, gate|up)."""
@@ -178,7 +183,7 @@ def apply_tp_plan(model: PreTrainedModel, plan: TPPlan, group: ProcessGroup | No
             _keep_embedding_scale(module, embedding)
             tied[name] = module.weight
             swaps.append((aliases[id(module)], embedding))
-        elif style == "region":
+        elif style == "region" and _holds_split_layer(module, name, plan):  # not a MoE block beside dense MLPs
             regions.append(module)
         elif style == "heads_embedding":
             _shard_heads_embedding(cast(nn.Embedding, module), group)
@@ -199,7 +204,7 @@ def apply_tp_plan(model: PreTrainedModel, plan: TPPlan, group: ProcessGroup | No
         _check_covered(model, plan)
     if sequence_parallel:
         _split_sequence_between_blocks(model, plan, group)
-    _sum_partial_grads(model, plan, group, sequence_parallel)
+    _sum_partial_grads(model, plan, group, sequence_parallel, regions)
     return model
 
 
@@ -329,7 +334,8 @@ def _split_sequence_between_blocks(model: nn.Module, plan: TPPlan, group: Proces
     blocks[-1].register_forward_hook(_sequence_gather_hook(group))
 
 
-def _sum_partial_grads(model: nn.Module, plan: TPPlan, group: ProcessGroup | None, sequence_parallel: bool) -> None:
+def _sum_partial_grads(model: nn.Module, plan: TPPlan, group: ProcessGroup | None, sequence_parallel: bool,
+                       regions: list[nn.Module]) -> None:
     """Replicated parameters fed by this rank's part only sum their gradients over the group, once each: with
     sequence parallelism every one inside the blocks (this rank's part of the sequence); the ones the plan says
     are fed by this rank's heads (``replicate_reduce_grad``); in a declared plan every one inside a region (q/k
@@ -338,11 +344,11 @@ def _sum_partial_grads(model: nn.Module, plan: TPPlan, group: ProcessGroup | Non
     partial: dict[int, nn.Parameter] = {}
     if sequence_parallel:
         partial.update({id(p): p for p in model.get_submodule(cast(str, plan.blocks)).parameters()})
-    fed_by_part = ("replicate_reduce_grad", "region") if plan.declared else ("replicate_reduce_grad",)
-    for name, module in model.named_modules():
-        if any(style in fed_by_part for style in _matches(plan.styles, name)):
-            partial.update({id(p): p for m in module.modules() if not isinstance(m, RowParallelLinear)
-                            for p in m.parameters(recurse=False)})
+    fed_by_part = [module for name, module in model.named_modules()
+                   if "replicate_reduce_grad" in _matches(plan.styles, name)] + (regions if plan.declared else [])
+    for module in fed_by_part:
+        partial.update({id(p): p for m in module.modules() if not isinstance(m, RowParallelLinear)
+                        for p in m.parameters(recurse=False)})
     for param in partial.values():
         if not getattr(param, "tensor_model_parallel", False):
             param.register_hook(lambda grad: all_reduce(grad.clone(), group))

@@ -167,32 +167,35 @@ _ATTENTION = {"layers.*.self_attn.q_proj": "colwise", "layers.*.self_attn.k_proj
 _MLP = {"layers.*.mlp.gate_proj": "colwise", "layers.*.mlp.up_proj": "colwise", "layers.*.mlp.down_proj": "rowwise"}
 # Where a declaration leaves the blocks' attention (or all of them) whole, what Megatron would split, in
 # transformers' styles, added to it and read by the same translation.
+_LATENT_ATTENTION = {"layers.*.self_attn.q_proj": "colwise", "layers.*.self_attn.q_b_proj": "colwise",
+                     "layers.*.self_attn.kv_a_proj_with_mqa": "mla_kv_a_proj",
+                     "layers.*.self_attn.kv_b_proj": "colwise", "layers.*.self_attn.o_proj": "rowwise"}
 SUPPLEMENTS = {
     # declares only its embedding: Llama's projections, per-head q/k norms
     "hunyuan_v1_dense": {**_ATTENTION, **_MLP, "layers.*.self_attn.query_layernorm": "replicated_with_grad_allreduce",
                          "layers.*.self_attn.key_layernorm": "replicated_with_grad_allreduce"},
-    # declares only its MLP: the latent attention split as MiniCPM3 declares it
-    "youtu": {"layers.*.self_attn.q_proj": "colwise", "layers.*.self_attn.q_b_proj": "colwise",
-              "layers.*.self_attn.kv_a_proj_with_mqa": "mla_kv_a_proj", "layers.*.self_attn.kv_b_proj": "colwise",
-              "layers.*.self_attn.o_proj": "rowwise"},
+    # declare only their MLPs: the latent attention split as MiniCPM3 and DeepSeek-V2 declare it
+    "youtu": _LATENT_ATTENTION,
+    "deepseek_v3": _LATENT_ATTENTION,
 }
 
 
 def declared_styles(config: PretrainedConfig) -> dict[str, str]:
     """``config``'s ``base_model_tp_plan`` in colonnade's styles (paths relative to the base model). ValueError
-    naming the model type and the first style colonnade does not split that way (mixture-of-experts layers,
-    linear-attention projections, ...)."""
+    naming the model type and the first style colonnade does not split that way (linear-attention projections,
+    ...). Routed experts (``moe_*`` styles and the layers under them) are left whole: ``parallel.expert`` splits
+    them (``modeling.experts``)."""
     declared = {**(getattr(config, "base_model_tp_plan", None) or {}), **SUPPLEMENTS.get(config.model_type, {})}
     if not declared:
         raise ValueError(f"model_type {config.model_type!r} declares no base_model_tp_plan (transformers), and "
                          f"colonnade has no hand-written plan for it (have {sorted(HAND_WRITTEN)})")
     styles = {}
+    experts = tuple(path + "." for path, style in declared.items() if style.startswith("moe"))
     for path, style in declared.items():
         if (style in EMBEDDING_STYLES and "." not in path) or style in IGNORED:
             continue  # the input embedding: vocabulary-parallel by position
-        if style.startswith("moe"):
-            raise ValueError(f"model_type {config.model_type!r}: its mixture-of-experts layers ({path}: "
-                             f"{style!r}) are not split by tensor parallelism yet")
+        if style.startswith("moe") or path.startswith(experts):
+            continue  # routed experts stay whole on each tensor rank; expert parallelism splits them
         if style not in DECLARED:
             raise ValueError(f"model_type {config.model_type!r}: tensor-parallel style {style!r} of {path} is not "
                              f"supported (colonnade splits {sorted(DECLARED)})")

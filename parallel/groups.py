@@ -1,8 +1,10 @@
-"""Process groups for 3D parallelism: tensor (TP) x pipeline (PP) x data (DP).
+"""Process groups for 3D parallelism: tensor (TP) x pipeline (PP) x data (DP), experts (EP) carved from DP.
 
 Ranks are laid out as ``arange(world).view(pp, dp, tp)``: tensor-parallel ranks are adjacent (they talk
 most, so they share a node), data-parallel ranks come next and pipeline stages are furthest apart, as in
-Megatron-LM's default order. One ``ProcessGroups`` object holds every group of this rank; it is passed
+Megatron-LM's default order. Expert parallelism splits each data-parallel group into groups of ``expert``
+adjacent ranks (EP: they exchange tokens by all-to-all) and the ranks at the same place in each of them (EDP:
+they hold the same experts and reduce their gradients), as Megatron-Core carves EP from DP. One ``ProcessGroups`` object holds every group of this rank; it is passed
 explicitly and also answers the ``mpu`` calls DeepSpeed makes, so ZeRO shards and reduces over the
 data-parallel group only and gradient norms are taken over the model-parallel group.
 """
@@ -21,9 +23,9 @@ def rank_grid(tensor: int, pipeline: int, data: int) -> torch.Tensor:
     return torch.arange(tensor * pipeline * data).view(pipeline, data, tensor)
 
 
-def check_degrees(tensor: int, pipeline: int, world_size: int) -> int:
+def check_degrees(tensor: int, pipeline: int, world_size: int, expert: int = 1) -> int:
     """Return the data-parallel degree, or raise naming the degrees that do not fit the world size."""
-    for name, degree in (("parallel.tensor", tensor), ("parallel.pipeline", pipeline)):
+    for name, degree in (("parallel.tensor", tensor), ("parallel.pipeline", pipeline), ("parallel.expert", expert)):
         if degree < 1:
             raise ValueError(f"{name}={degree}: a parallel degree must be >= 1")
     model_parallel = tensor * pipeline
@@ -31,7 +33,12 @@ def check_degrees(tensor: int, pipeline: int, world_size: int) -> int:
         raise ValueError(
             f"parallel.tensor={tensor} x parallel.pipeline={pipeline} = {model_parallel} does not divide the "
             f"world size {world_size}: launch a multiple of {model_parallel} processes or change the degrees")
-    return world_size // model_parallel
+    data = world_size // model_parallel
+    if data % expert:
+        raise ValueError(f"parallel.expert={expert} does not divide the data-parallel degree {data} (world size "
+                         f"{world_size} / tensor {tensor} x pipeline {pipeline}): expert-parallel ranks are carved "
+                         f"from the data-parallel ones; launch a multiple of {model_parallel * expert} processes")
+    return data
 
 
 @dataclass
@@ -51,14 +58,19 @@ class ProcessGroups:
     dp_ranks: list[int] = field(default_factory=list)
     mp_ranks: list[int] = field(default_factory=list)
     embed_group: dist.ProcessGroup | None = field(default=None, repr=False)  # first + last stage, for tied embeddings
+    expert: int = 1
+    ep_group: dist.ProcessGroup | None = field(default=None, repr=False)
+    edp_group: dist.ProcessGroup | None = field(default=None, repr=False)
+    ep_ranks: list[int] = field(default_factory=list)
+    edp_ranks: list[int] = field(default_factory=list)
 
     @classmethod
     def from_degrees(cls, tensor: int = 1, pipeline: int = 1, data: int | None = None,
-                     timeout_s: float | None = None) -> "ProcessGroups":
+                     timeout_s: float | None = None, expert: int = 1) -> "ProcessGroups":
         """Build every group of the grid (collectively: all ranks must call this in the same order). A
         collective on any of them waiting longer than ``timeout_s`` raises (torch's default otherwise)."""
         world = dist.get_world_size()
-        dp = check_degrees(tensor, pipeline, world)
+        dp = check_degrees(tensor, pipeline, world, expert)
         if data is not None and data != dp:
             raise ValueError(f"data-parallel degree {data} != world size {world} / (tensor {tensor} x "
                              f"pipeline {pipeline}) = {dp}")
@@ -73,6 +85,10 @@ class ProcessGroups:
             "mp": [grid[:, d, :].flatten().tolist() for d in range(dp)],
             "embed": ([[grid[0, d, t].item(), grid[-1, d, t].item()] for d in range(dp) for t in range(tensor)]
                       if pipeline > 1 else []),
+            "ep": [grid[p, k:k + expert, t].tolist() for p in range(pipeline) for t in range(tensor)
+                   for k in range(0, dp, expert)] if expert > 1 else [],
+            "edp": [grid[p, k::expert, t].tolist() for p in range(pipeline) for t in range(tensor)
+                    for k in range(expert)] if expert > 1 else [],
         }
         for kind, rank_lists in candidates.items():
             for ranks in rank_lists:
@@ -82,12 +98,15 @@ class ProcessGroups:
         return cls(tensor=tensor, pipeline=pipeline, data=dp, rank=rank,
                    tp_group=mine["tp"][0], pp_group=mine["pp"][0], dp_group=mine["dp"][0],
                    mp_group=mine["mp"][0], tp_ranks=mine["tp"][1], pp_ranks=mine["pp"][1],
-                   dp_ranks=mine["dp"][1], mp_ranks=mine["mp"][1], embed_group=mine.get("embed", (None,))[0])
+                   dp_ranks=mine["dp"][1], mp_ranks=mine["mp"][1], embed_group=mine.get("embed", (None,))[0],
+                   expert=expert, ep_group=mine.get("ep", (None,))[0], ep_ranks=mine.get("ep", (None, [rank]))[1],
+                   edp_group=mine.get("edp", mine["dp"])[0], edp_ranks=mine.get("edp", mine["dp"])[1])
 
     def describe(self) -> dict[str, int]:
         """The layout in numbers, for logs and run records."""
-        return {"world_size": self.tensor * self.pipeline * self.data, "tensor": self.tensor,
-                "pipeline": self.pipeline, "data": self.data}
+        layout = {"world_size": self.tensor * self.pipeline * self.data, "tensor": self.tensor,
+                  "pipeline": self.pipeline, "data": self.data}
+        return {**layout, "expert": self.expert} if self.expert > 1 else layout
 
     # --- coordinates -------------------------------------------------------------------------------
     @property
@@ -101,6 +120,10 @@ class ProcessGroups:
     @property
     def dp_rank(self) -> int:
         return self.dp_ranks.index(self.rank)
+
+    @property
+    def ep_rank(self) -> int:
+        return self.ep_ranks.index(self.rank)
 
     @property
     def is_first_stage(self) -> bool:

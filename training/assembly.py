@@ -25,6 +25,7 @@ from modeling.build import (
     train_bpe_tokenizer,
     weights_source,
 )
+from modeling.experts import expert_parallelize
 from modeling.materialize import empty_model, materialize
 from modeling.pipeline_partition import build_chunks
 from modeling.tensor_parallel import tensor_parallelize
@@ -164,7 +165,9 @@ def build_model(cfg: RunConfig, tokenizer: Any, blocks: dict[str, Any], resume_f
 def rank_model(cfg: RunConfig, full: Any, groups: ProcessGroups) -> tuple[Any, Any]:
     """This rank's part of the model ``full`` (on the meta device, kept whole): (its tensor-parallel shard
     with the recomputation mode on, its pipeline chunks and tied weight or None), without weights."""
-    model = tensor_parallelize(copy.deepcopy(full), groups.tp_group, cfg.parallel.sequence_parallel,
+    model = copy.deepcopy(full)
+    expert_parallelize(model, groups)  # first: the tensor-parallel plan hooks the parameters it keeps
+    model = tensor_parallelize(model, groups.tp_group, cfg.parallel.sequence_parallel,
                                cfg.parallel.tp_async_grad_reduce, dropout_seed=cfg.train.seed)
     recompute.apply(model, cfg.parallel.activation_checkpointing)
     if groups.pipeline == 1:

@@ -73,6 +73,12 @@ class RunConfig(Section):
             raise ValueError(f"parallel.offload=optimizer+params with parallel.zero_stage={par.zero_stage}: "
                              f"DeepSpeed offloads parameters only under ZeRO-3, which partitions them; set "
                              f"parallel.zero_stage=3 or parallel.offload=optimizer")
+        if par.expert > 1 and par.zero_stage not in (1, 2):
+            raise ValueError(f"parallel.expert={par.expert} with parallel.zero_stage={par.zero_stage}: expert "
+                             f"parameters are reduced and partitioned over their own data-parallel group by "
+                             f"DeepSpeed's ZeRO 1/2 (ZeRO-0 would clip by a norm averaged over ranks holding "
+                             f"different experts, ZeRO-3 does not take colonnade's experts); set "
+                             f"parallel.zero_stage=1 or 2")
         if par.zero_stage == 3 and par.tensor > 1 and par.pipeline > 1:
             raise ValueError("parallel.zero_stage=3 with both parallel.tensor>1 and parallel.pipeline>1 is not "
                              "supported: DeepSpeed's ZeRO-3 gradient norm ignores ds_pipe_replicated, so the last "
@@ -231,7 +237,7 @@ def load(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
 def data_parallel_size(cfg: RunConfig, world_size: int) -> int:
     """The data-parallel degree of ``world_size`` processes (``parallel.groups.check_degrees``' rule)."""
     try:
-        return check_degrees(cfg.parallel.tensor, cfg.parallel.pipeline, world_size)
+        return check_degrees(cfg.parallel.tensor, cfg.parallel.pipeline, world_size, cfg.parallel.expert)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 

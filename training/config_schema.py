@@ -149,6 +149,10 @@ class EvalConfig(Section):
 class ParallelConfig(Section):
     tensor: int = Field(default=1, ge=1, description="Tensor-parallel degree.")
     pipeline: int = Field(default=1, ge=1, description="Pipeline-parallel degree (stages).")
+    expert: int = Field(default=1, ge=1, description="Expert-parallel degree: the routed experts of each "
+                        "mixture-of-experts layer are split over groups of this many data-parallel ranks, tokens "
+                        "reach their experts' rank by all-to-all (dropless: every token computed, as on one process). "
+                        "Must divide the data-parallel degree and each layer's expert count; ZeRO 1 or 2.")
     zero_stage: Literal[0, 1, 2, 3] = Field(default=0, description="DeepSpeed ZeRO stage over the data-parallel group.")
     overlap_comm: bool | None = Field(default=None, description="Reduce gradient buckets while the backward still runs "
                                       "(DeepSpeed's zero_optimization.overlap_comm). None: on for ZeRO-2/3, off for "

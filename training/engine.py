@@ -35,14 +35,33 @@ def lr_lambda(optim: OptimConfig, total_steps: int):
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices only; biases, norms and other 1-D parameters are not decayed (GPT-2/Llama practice). An
     empty group is left out (OLMo's norms have no parameters): DeepSpeed drops it, and the schedule must not
-    count it."""
-    decay: list[torch.nn.Parameter] = []
-    no_decay: list[torch.nn.Parameter] = []
+    count it. Expert-parallel parameters (``modeling.experts``) get groups of their own, marked as DeepSpeed's
+    MoE groups, so that ZeRO reduces and partitions them over their expert-data-parallel group."""
+    groups: dict[tuple[bool, str | None], list[torch.nn.Parameter]] = {}
     for _, param in model.named_parameters():
         if param.requires_grad:
-            (decay if param.dim() >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [group for group in groups if group["params"]]
+            expert_group = getattr(param, "group_name", None) if getattr(param, "allreduce", True) is False else None
+            groups.setdefault((param.dim() >= 2, expert_group), []).append(param)
+    order = sorted(groups, key=lambda key: (key[1] is not None, key[1] or "", not key[0]))
+    return [{"params": groups[key], "weight_decay": weight_decay if key[0] else 0.0,
+             **({"moe": True, "name": key[1]} if key[1] else {})} for key in order]
+
+
+def register_expert_groups(groups: ProcessGroups) -> None:
+    """Give DeepSpeed colonnade's expert-parallel and expert-data-parallel groups under its name for them
+    (``ep_size_N``), before its engine looks them up. DeepSpeed keeps these in module-level registries that its
+    MoE layers fill with groups of its own rank layout; registered first, they are ours."""
+    if groups.expert == 1:
+        return
+    from deepspeed.utils import groups as deepspeed_groups
+
+    from modeling.experts import expert_group_name
+
+    name = expert_group_name(groups.expert)
+    deepspeed_groups._EXPERT_PARALLEL_GROUP[name] = groups.ep_group
+    deepspeed_groups._EXPERT_PARALLEL_GROUP_RANKS[name] = list(groups.ep_ranks)
+    deepspeed_groups._EXPERT_DATA_PARALLEL_GROUP[name] = groups.edp_group
+    deepspeed_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = list(groups.edp_ranks)
 
 
 class AdamW(torch.optim.AdamW):
@@ -120,6 +139,7 @@ def build(model: torch.nn.Module, optim: OptimConfig, total_steps: int, ds_confi
         deepspeed_logger.addFilter(_not_untested_optimizer)
 
     fill_model_sized_buckets(ds_config, model)
+    register_expert_groups(groups)
     optimizer, scheduler = build_optimizer(model, optim, total_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, mpu=groups, dist_init_required=False)

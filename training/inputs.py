@@ -11,6 +11,7 @@ from typing import Any
 import torch.distributed as dist
 
 from modeling.build import hf_config, meta_model
+from modeling.experts import check_expert_parallel_fits, check_router_loss_fits
 from modeling.pipeline import check_pipeline_fits, check_stage_modules
 from modeling.tensor_parallel import check_sequence_parallel_fits
 from modeling.tp_plans import check_tensor_parallel_fits
@@ -46,6 +47,7 @@ def check_inputs(cfg: RunConfig, task: Task, deepspeed_config_file: str | None) 
     task.check_fits(model_config)
     check_tensor_parallel_fits(model_config, cfg.parallel.tensor)
     check_pipeline_fits(model_config, cfg.parallel.pipeline, cfg.parallel.virtual_stages, cfg.parallel.partition)
+    check_router_loss_fits(model_config, cfg.parallel.pipeline, cfg.parallel.sequence_parallel)
     resume_from, start_over = _resume_point(cfg, world)
     _check_writable(Path(cfg.train.output_dir))
     if cfg.train.export_hf:
@@ -56,6 +58,7 @@ def check_inputs(cfg: RunConfig, task: Task, deepspeed_config_file: str | None) 
     if cfg.parallel.sequence_parallel:
         check_stage_modules(model, "parallel.sequence_parallel=true", needs_plan=False)
         check_sequence_parallel_fits(model)
+    check_expert_parallel_fits(model, cfg.parallel.expert)
     shard = sum(p.numel() for p in model.parameters()) * 4 // (cfg.parallel.tensor * cfg.parallel.pipeline)
     return Inputs(ds_config, train_files, valid_files, resume_from, start_over, shard)
 

@@ -60,7 +60,8 @@ def run(cfg: RunConfig, deepspeed_config_file: str | None = None, *, observers: 
     task = task_for(cfg)
     inputs = check_inputs(cfg, task, deepspeed_config_file)
     host_memory.release_freed_tensors(comm_device().type, inputs.shard_bytes)  # before the model's tensors exist
-    groups = ProcessGroups.from_degrees(cfg.parallel.tensor, cfg.parallel.pipeline, timeout_s=cfg.parallel.timeout_s)
+    groups = ProcessGroups.from_degrees(cfg.parallel.tensor, cfg.parallel.pipeline, timeout_s=cfg.parallel.timeout_s,
+                                        expert=cfg.parallel.expert)
     events = Observers(observers)
     parts = assemble(cfg, task, inputs, groups, events, edit_model_config)
     sink = MetricsSink(cfg.train.output_dir, dist.get_rank() == 0, cfg.logging.wandb,

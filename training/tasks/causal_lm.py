@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from modeling.losses import lm_loss
+from modeling.losses import lm_loss, router_aux_loss
 from parallel.groups import ProcessGroups
 from training import data
 from training.config import ConfigError
@@ -40,8 +40,9 @@ class CausalLM(Task):
         return plan.global_batch * self.cfg.data.seq_len
 
     def loss(self, engine: Any, batch: dict[str, torch.Tensor], groups: ProcessGroups) -> torch.Tensor:
-        logits = engine(input_ids=batch["input_ids"]).logits
-        return lm_loss(engine.module, logits, batch["labels"], groups.tp_group)
+        output = engine(input_ids=batch["input_ids"])
+        loss = lm_loss(engine.module, output.logits, batch["labels"], groups.tp_group)
+        return loss + router_aux_loss(engine.module, output)
 
     @torch.no_grad()
     def evaluate(self, step: Step, engine: Any, blocks: Any, groups: ProcessGroups,

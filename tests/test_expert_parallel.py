@@ -1,0 +1,165 @@
+"""Expert parallelism (``parallel.expert``, ``modeling.experts``, ``parallel.experts``) on mixture-of-experts
+models built by transformers, in real training runs against an independent single-process reference: plain
+transformers + torch AdamW, the model's own loss (its cross-entropy plus ``router_aux_loss_coef`` x its
+load-balancing loss when ``output_router_logits``), one forward per micro-batch of the global batch as HF
+Trainer runs gradient accumulation (the load-balancing loss is a function of a forward's tokens, so the
+micro-batches must be the ones colonnade forms: consecutive runs of ``micro_batch_size`` blocks of the step's
+global batch, ``training.data.BatchPlan``).
+
+The tiny configs keep what makes each family different: Mixtral's softmax top-2 router renormalised, with its
+load-balancing loss weighted so that it matters; Qwen3-MoE with a dense first layer (``mlp_only_layers``), q/k
+norms and its load-balancing loss; DeepSeek-V3 with multi-head latent attention, a dense first layer, a shared
+expert, sigmoid group-limited routing with a scaling factor.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.dist import run_ranks
+from tests.helpers import (
+    BYTE_SPECIALS,
+    BYTE_VOCAB,
+    reference_blocks,
+    reference_lr_multiplier,
+    reference_order,
+    reference_param_groups,
+    run_configs,
+    step_records,
+    tiny_config,
+    write_corpus,
+)
+
+# fp32: only the summation order differs from the reference (the all-to-all changes no value; an expert's
+# weight gradient sums its tokens from both ranks in another order, the DP average of micro-batch means, the TP
+# all-reduces). AdamW's eps is 1e-6 rather than torch's 1e-8: an expert that few tokens reach has gradient
+# components near zero, where Adam's update g / (sqrt(v) + eps) turns rounding noise into O(lr) steps. Measured
+# on the 2-core box (2026-12-06), Qwen3-MoE, 10 steps, worst step, relative: eps 1e-8 grad norm 4.2e-6 at EP=1
+# x DP=2 and 2.3e-5 at EP=2; eps 1e-6 1.4e-7 at both. Worst of all layouts below: see the test docstrings.
+LOSS_TOL = 1e-5
+NORM_TOL = 1e-5
+EPS = 1e-6
+
+_ATTENTION = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                  max_position_embeddings=64)
+FAMILIES = {
+    "mixtral": dict(_ATTENTION, intermediate_size=48, num_local_experts=4, output_router_logits=True,
+                    router_aux_loss_coef=0.1),
+    "qwen3_moe": dict(_ATTENTION, intermediate_size=64, moe_intermediate_size=32, num_experts=8,
+                      num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[0], output_router_logits=True,
+                      router_aux_loss_coef=0.1),
+    "deepseek_v3": dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                        intermediate_size=64, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2,
+                        n_group=4, topk_group=2, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24,
+                        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, max_position_embeddings=64),
+}
+MICRO = 2
+
+
+def _config(tmp, corpus, arch: str, steps: int = 10, router_loss: bool = True, **overrides):
+    settings = dict(train__steps=steps, train__grad_accum=2, parallel__zero_stage=1, optim__eps=EPS)
+    settings.update(overrides)
+    config = FAMILIES[arch] if router_loss else {**FAMILIES[arch], "output_router_logits": False}
+    return tiny_config(tmp / arch, corpus, model={"arch": arch, "tokenizer": "byte", "config": config}, **settings)
+
+
+def reference_moe_training(cfg, global_batch: int) -> tuple[list[float], list[float]]:
+    """Per-step loss (the mean of the micro-batches' HF losses) and pre-clip gradient norm of the reference."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from modeling.build import build_model, byte_level_tokenizer
+
+    blocks = reference_blocks(cfg.data.train_files, cfg.data.seq_len)
+    config = AutoConfig.for_model(cfg.model.arch, **cfg.model.config, vocab_size=BYTE_VOCAB, **BYTE_SPECIALS)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    initial = build_model(pretrained=None, arch=cfg.model.arch, config={**BYTE_SPECIALS, **cfg.model.config},
+                          vocab_size=len(byte_level_tokenizer()), seed=cfg.train.seed)
+    model.load_state_dict(initial.state_dict())
+    del initial
+    model.train()
+    opt = torch.optim.AdamW(reference_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                            betas=cfg.optim.betas, eps=cfg.optim.eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: reference_lr_multiplier(cfg.optim, step,
+                                                                                        cfg.train.steps))
+    order = reference_order(len(blocks), cfg.train.seed, cfg.train.steps * global_batch)
+    losses, norms = [], []
+    for step in range(cfg.train.steps):
+        ids = blocks[order[step * global_batch:(step + 1) * global_batch]]
+        micro = [model(input_ids=part, labels=part).loss for part in ids.split(cfg.train.micro_batch_size)]
+        loss = torch.stack(micro).mean()
+        loss.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)))
+        losses.append(float(loss.detach()))
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    return losses, norms
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("experts") / "corpus")
+
+
+def _relative(got: list[float], expected: list[float]) -> float:
+    return max(abs(a / b - 1) for a, b in zip(got, expected))
+
+
+def _check(name: str, history: list[dict], ref: tuple[list[float], list[float]]):
+    steps = step_records(history)
+    ref_loss, ref_norm = ref
+    assert len(steps) == len(ref_loss), name
+    losses, norms = [r["loss"] for r in steps], [r["grad_norm"] for r in steps]
+    print(f"{name}: loss {_relative(losses, ref_loss):.1e}, grad norm {_relative(norms, ref_norm):.1e} relative")
+    assert losses == pytest.approx(ref_loss, rel=LOSS_TOL), name
+    assert norms == pytest.approx(ref_norm, rel=NORM_TOL), name
+
+
+@pytest.mark.multiprocess
+def test_expert_parallel_2_matches_single_process(tmp_path, corpus):
+    """EP=2 (= DP=2), ZeRO-1 and ZeRO-2, 10 steps of each family, one launch of 2 ranks."""
+    cfgs = [_config(tmp_path / f"zero{zero}", corpus, arch, parallel__expert=2, parallel__zero_stage=zero)
+            for arch in FAMILIES for zero in (1, 2)]
+    histories = run_ranks(run_configs, 2, cfgs, timeout=900)[0]
+    references = {}
+    for cfg, history in zip(cfgs, histories):
+        arch = cfg.model.arch
+        if arch not in references:
+            references[arch] = reference_moe_training(cfg, global_batch=MICRO * 2 * 2)
+            assert max(references[arch][1]) > cfg.optim.grad_clip, f"{arch}: clipping must be active"
+        _check(f"{arch} EP2 ZeRO-{cfg.parallel.zero_stage}", history, references[arch])
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The reference's (losses, grad norms) per family and load-balancing setting, computed once."""
+    cache: dict[tuple, tuple[list[float], list[float]]] = {}
+
+    def of(cfg):
+        key = (cfg.model.arch, cfg.model.config.get("output_router_logits", False))
+        if key not in cache:
+            cache[key] = reference_moe_training(cfg, global_batch=MICRO * 2 * 2)
+            assert max(cache[key][1]) > cfg.optim.grad_clip, f"{key}: clipping must be active"
+        return cache[key]
+
+    return of
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_expert_parallel_with_tensor_and_pipeline_parallelism(tmp_path, corpus, reference):
+    """EP=2 x TP=2 (experts whole per tensor rank, attention split), EP=2 x TP=2 with sequence parallelism and
+    EP=2 x PP=2 (1F1B), 10 steps of each family, one launch of 4 ranks."""
+    cfgs = []
+    for arch in FAMILIES:
+        cfgs.append(_config(tmp_path / "tp", corpus, arch, parallel__expert=2, parallel__tensor=2))
+        cfgs.append(_config(tmp_path / "sp", corpus, arch, parallel__expert=2, parallel__tensor=2,
+                            parallel__sequence_parallel=True, router_loss=False))
+        cfgs.append(_config(tmp_path / "pp", corpus, arch, parallel__expert=2, parallel__pipeline=2,
+                            router_loss=False))
+    histories = run_ranks(run_configs, 4, cfgs, timeout=900)[0]
+    for cfg, history in zip(cfgs, histories):
+        par = cfg.parallel
+        _check(f"{cfg.model.arch} EP2 TP{par.tensor}{'+SP' if par.sequence_parallel else ''} PP{par.pipeline}",
+               history, reference(cfg))
