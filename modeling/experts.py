@@ -69,8 +69,8 @@ def check_router_loss_fits(hf_config: Any, pipeline: int, sequence_parallel: boo
 
 def expert_parallelize(model: nn.Module, groups: ProcessGroups) -> None:
     """Keep this rank's block of each experts module's experts and dispatch tokens to the others' (in place; the
-    model may be on the meta device). Each kept tensor records its range of the full tensor's experts
-    (``expert_range``, read by ``modeling.shards``)."""
+    model may be on the meta device). Each kept tensor records its range of the full tensor's experts and their
+    number (``expert_range``, ``expert_total``: read by ``modeling.shards``)."""
     if groups.expert == 1:
         return
     check_expert_parallel_fits(model, groups.expert)
@@ -81,6 +81,7 @@ def expert_parallelize(model: nn.Module, groups: ProcessGroups) -> None:
         for name, param in list(module.named_parameters(recurse=False)):
             kept = nn.Parameter(param.data.narrow(0, start, local).clone(), requires_grad=param.requires_grad)
             kept.expert_range = (start, start + local)  # type: ignore[attr-defined]
+            kept.expert_total = total  # type: ignore[attr-defined]
             kept.allreduce = False  # type: ignore[attr-defined]  # DeepSpeed's mark of an expert parameter
             kept.group_name = expert_group_name(groups.expert)  # type: ignore[attr-defined]
             setattr(module, name, kept)

@@ -129,9 +129,12 @@ def full_tensor(model: nn.Module, name: str, tensor: torch.Tensor, tp_group: Pro
 
 
 def full_shape(model: nn.Module, name: str, tensor: torch.Tensor) -> tuple[int, ...]:
-    """The shape ``full_tensor`` returns for this rank's ``tensor`` of ``name`` (no communication)."""
+    """The shape of the full HF-layout tensor of this rank's ``tensor`` of ``name``: tensor-parallel shards
+    merged, expert-parallel blocks joined (no communication)."""
     shape = list(getattr(tensor, "ds_shape", tensor.shape))  # ZeRO-3 keeps the unpartitioned shape there
     marked: Any = tensor
+    if hasattr(marked, "expert_total"):
+        shape[0] = marked.expert_total
     if getattr(marked, "tensor_model_parallel", False):
         shape[marked.partition_dim] = marked.tp_full_size
         if getattr(_owner(model, name), "hf_conv1d", False) and len(shape) == 2:

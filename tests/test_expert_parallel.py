@@ -21,6 +21,8 @@ from tests.dist import run_ranks
 from tests.helpers import (
     BYTE_SPECIALS,
     BYTE_VOCAB,
+    assert_exports_agree,
+    assert_resumes_continue,
     reference_blocks,
     reference_lr_multiplier,
     reference_order,
@@ -64,8 +66,9 @@ def _config(tmp, corpus, arch: str, steps: int = 10, router_loss: bool = True, *
     return tiny_config(tmp / arch, corpus, model={"arch": arch, "tokenizer": "byte", "config": config}, **settings)
 
 
-def reference_moe_training(cfg, global_batch: int) -> tuple[list[float], list[float]]:
-    """Per-step loss (the mean of the micro-batches' HF losses) and pre-clip gradient norm of the reference."""
+def reference_moe_training(cfg, global_batch: int) -> tuple[list[float], list[float], torch.nn.Module]:
+    """Per-step loss (the mean of the micro-batches' HF losses), pre-clip gradient norm, and the trained model
+    of the reference."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from modeling.build import build_model, byte_level_tokenizer
@@ -94,7 +97,7 @@ def reference_moe_training(cfg, global_batch: int) -> tuple[list[float], list[fl
         opt.step()
         sched.step()
         opt.zero_grad()
-    return losses, norms
+    return losses, norms, model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +129,7 @@ def test_expert_parallel_2_matches_single_process(tmp_path, corpus):
     for cfg, history in zip(cfgs, histories):
         arch = cfg.model.arch
         if arch not in references:
-            references[arch] = reference_moe_training(cfg, global_batch=MICRO * 2 * 2)
+            references[arch] = reference_moe_training(cfg, global_batch=MICRO * 2 * 2)[:2]
             assert max(references[arch][1]) > cfg.optim.grad_clip, f"{arch}: clipping must be active"
         _check(f"{arch} EP2 ZeRO-{cfg.parallel.zero_stage}", history, references[arch])
 
@@ -139,7 +142,7 @@ def reference():
     def of(cfg):
         key = (cfg.model.arch, cfg.model.config.get("output_router_logits", False))
         if key not in cache:
-            cache[key] = reference_moe_training(cfg, global_batch=MICRO * 2 * 2)
+            cache[key] = reference_moe_training(cfg, global_batch=MICRO * 2 * 2)[:2]
             assert max(cache[key][1]) > cfg.optim.grad_clip, f"{key}: clipping must be active"
         return cache[key]
 
@@ -163,3 +166,38 @@ def test_expert_parallel_with_tensor_and_pipeline_parallelism(tmp_path, corpus, 
         par = cfg.parallel
         _check(f"{cfg.model.arch} EP2 TP{par.tensor}{'+SP' if par.sequence_parallel else ''} PP{par.pipeline}",
                history, reference(cfg))
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_expert_parallel_checkpoint_resumes_at_other_layouts_and_exports(tmp_path, corpus):
+    """Mixtral and DeepSeek-V3 at EP=2 x TP=2 for 10 steps (checkpoint at step 5, export at the end) equal the
+    reference; the step-5 checkpoint resumes at EP=2 x PP=2 (4 ranks) and on one process (EP=1), each rank
+    reading only the experts it holds, to the uninterrupted run's steps 6-10; the export (experts gathered over
+    the expert-parallel group) reloads with ``from_pretrained`` to the reference model's logits and agrees with
+    the one-process resume's."""
+    from transformers import AutoModelForCausalLM
+
+    archs = ("mixtral", "deepseek_v3")
+    step5 = "run/checkpoints/step_0000005"
+    first = [_config(tmp_path / "ep2tp2", corpus, arch, router_loss=False, parallel__expert=2, parallel__tensor=2,
+                     train__save_every=5, train__export_hf=True) for arch in archs]
+    pipelined = [_config(tmp_path / "ep2pp2", corpus, arch, router_loss=False, parallel__expert=2,
+                         parallel__pipeline=2, train__resume=str(tmp_path / "ep2tp2" / arch / step5)) for arch in archs]
+    alone = [_config(tmp_path / "one", corpus, arch, router_loss=False, train__grad_accum=4, train__export_hf=True,
+                     train__resume=str(tmp_path / "ep2tp2" / arch / step5)) for arch in archs]
+    histories = run_ranks(run_configs, 4, first, timeout=900)[0]
+    resumed_pp = run_ranks(run_configs, 4, pipelined, timeout=900)[0]
+    resumed_one = run_ranks(run_configs, 1, alone, timeout=900)[0]
+    probe = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(3))
+    for index, arch in enumerate(archs):
+        losses, norms, model = reference_moe_training(first[index], global_batch=MICRO * 2 * 2)
+        _check(f"{arch} EP2 TP2 10 steps", histories[index], (losses, norms))
+        assert_resumes_continue(histories[index], [resumed_pp[index], resumed_one[index]])
+        run = tmp_path / "ep2tp2" / arch / "run"
+        assert_exports_agree(run, tmp_path / "one" / arch / "run")
+        exported = AutoModelForCausalLM.from_pretrained(run / "hf")
+        with torch.no_grad():
+            got, expected = exported(input_ids=probe).logits, model(input_ids=probe).logits
+        print(f"{arch} export vs reference logits: {float((got - expected).abs().max()):.1e} max abs")
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4, msg=lambda m, arch=arch: f"{arch}: {m}")

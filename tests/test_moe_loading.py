@@ -171,46 +171,43 @@ def test_a_rank_reads_only_its_part_of_a_fused_expert_tensor(tmp_path, dim, rang
     assert max(counter.reads) <= 32 * 64
 
 
-@pytest.mark.unit
-def test_moe_refused_at_tensor_parallel_by_name():
-    """MoE layers are not split across tensor-parallel ranks (yet): TP > 1 is one line naming the model type,
-    before any model is built."""
-    from transformers import AutoConfig
-
-    from modeling.tp_plans import check_tensor_parallel_fits
-
-    for model_type in MOE:
-        config = AutoConfig.for_model(model_type, **{**SMALL, **MOE[model_type]})
-        check_tensor_parallel_fits(config, 1)
-        with pytest.raises(ValueError, match=f"parallel.tensor=2: model_type '{model_type}': its "
-                                             f"mixture-of-experts layers .*parallel.tensor=1"):
-            check_tensor_parallel_fits(config, 2)
-
-
 @pytest.mark.multiprocess
 def test_finetune_from_a_moe_checkpoint_starts_from_its_loss(tmp_path):
-    """Qwen2-MoE stored per expert trains at TP=1 / PP=1 and its first loss is ``from_pretrained``'s on the
-    same batch."""
+    """Qwen2-MoE stored per expert (a shared expert with its gate beside the routed ones) trains on one process,
+    at expert parallelism 2 (each rank reads only its two experts of each fused tensor) and at TP=2 (attention
+    and shared expert split, routed experts whole), and each run's first loss is ``from_pretrained``'s on the
+    same micro-batches."""
     from transformers import AutoModelForCausalLM
 
     from modeling.build import byte_level_tokenizer
+    from tests.helpers import run_configs
 
     tok = byte_level_tokenizer()
     ckpt = tmp_path / "ckpt"
     _save("qwen2_moe", ckpt, vocab_size=len(tok), eos_token_id=tok.eos_token_id)
     tok.save_pretrained(ckpt)
     corpus = write_corpus(tmp_path / "corpus")
-    cfg = tiny_config(tmp_path / "ft", corpus, model__arch=None, model__config={}, model__tokenizer=None,
-                      model__pretrained=str(ckpt), train__steps=2)
-    records = [r for r in run_ranks(run_config, 1, cfg)[0] if "loss" in r]
-    assert len(records) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
 
-    blocks = reference_blocks(cfg.data.train_files, cfg.data.seq_len)
-    ids = blocks[reference_order(len(blocks), cfg.train.seed, cfg.train.micro_batch_size)]
-    with torch.no_grad():
-        expected = float(AutoModelForCausalLM.from_pretrained(str(ckpt))(input_ids=ids, labels=ids).loss)
-    # Identical weights and batch in one process: only fp32 kernel-order noise (as tests/test_pretrained.py).
-    assert records[0]["loss"] == pytest.approx(expected, rel=1e-6)
+    def config(name, **layout):
+        return tiny_config(tmp_path / name, corpus, model__arch=None, model__config={}, model__tokenizer=None,
+                           model__pretrained=str(ckpt), train__steps=2, **layout)
+
+    one, ep2, tp2 = config("one"), config("ep2", parallel__expert=2, parallel__zero_stage=1), config("tp2",
+                                                                                                      parallel__tensor=2)
+    histories = [(one, 1, run_ranks(run_config, 1, one)[0])]
+    histories += [(cfg, dp, history) for cfg, dp, history in zip((ep2, tp2), (2, 1),
+                                                                 run_ranks(run_configs, 2, [ep2, tp2])[0])]
+    blocks = reference_blocks(one.data.train_files, one.data.seq_len)
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt))
+    micro = one.train.micro_batch_size
+    for cfg, dp, history in histories:
+        records = [r for r in history if "loss" in r]
+        assert len(records) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+        ids = blocks[reference_order(len(blocks), cfg.train.seed, micro * dp)]
+        with torch.no_grad():
+            expected = float(torch.stack([model(input_ids=part, labels=part).loss for part in ids.split(micro)]).mean())
+        # Identical weights and batch: only fp32 summation-order noise (as tests/test_pretrained.py).
+        assert records[0]["loss"] == pytest.approx(expected, rel=1e-6), cfg.train.output_dir
 
 
 def _anonymous_peak(path):

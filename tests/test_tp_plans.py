@@ -67,11 +67,22 @@ def test_fused_qkv_is_cut_per_block_by_head_counts():
     assert _fused_blocks("colwise_gathered", "model.layers.0.self_attn.q_proj", 32, config) == 1
 
 
+def test_routed_experts_stay_whole_under_tensor_parallelism():
+    """``moe_*`` styles and the expert tensors under them are left to ``parallel.expert``; the attention, shared
+    experts and dense MLPs split as declared, and a MoE block beside dense MLPs (``layers.*.mlp``) is a region
+    only where it holds a split layer."""
+    for model_type in ("mixtral", "qwen3_moe", "deepseek_v3"):
+        styles = declared_styles(AutoConfig.for_model(model_type))
+        assert not [path for path in styles if ".experts" in path], model_type
+        check_tensor_parallel_fits(AutoConfig.for_model(model_type), 2)
+    assert declared_styles(AutoConfig.for_model("deepseek_v3"))["layers.*.mlp.shared_experts.down_proj"] == "rowwise"
+    assert declared_styles(AutoConfig.for_model("deepseek_v3"))["layers.*.self_attn.o_proj"] == "rowwise"
+
+
 @pytest.mark.parametrize("model_type,reason", [
-    ("mixtral", "mixture-of-experts layers"),
     ("stablelm", "declares no base_model_tp_plan"),
     ("diffllama", "splits no layer of its blocks"),
-    ("qwen3_next", "mixture-of-experts"),
+    ("qwen3_next", "in_proj_qkvz"),
 ])
 def test_unsupported_declarations_are_refused_by_name(model_type, reason):
     config = AutoConfig.for_model(model_type)

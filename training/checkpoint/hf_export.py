@@ -58,6 +58,8 @@ def _streamed_weights(engine: DeepSpeedEngine, model: PreTrainedModel, groups: P
         stage, source = owner[name], groups.pp_ranks[owner[name]]
         if groups.pp_rank == stage:
             held = _gathered_partitions(local[name]) if zero3 and name in parameters else local[name].detach()
+            if hasattr(local[name], "expert_range") and groups.dp_rank < groups.expert:  # rank 0's expert group
+                held = _gathered_experts(held, groups.ep_group)
         if groups.dp_rank != 0:
             return None
         if groups.pp_rank == stage:
@@ -73,6 +75,13 @@ def _streamed_weights(engine: DeepSpeedEngine, model: PreTrainedModel, groups: P
         return None
 
     return hf_files.shard_plan(spec, max_shard_size), tensor_of
+
+
+def _gathered_experts(held: torch.Tensor, ep_group) -> torch.Tensor:
+    """The tensor of every expert from the expert-parallel ranks' blocks, in rank order (collective)."""
+    blocks = [torch.empty_like(held) for _ in range(dist.get_world_size(ep_group))]
+    dist.all_gather(blocks, held.contiguous(), group=ep_group)
+    return torch.cat(blocks)
 
 
 def _gathered_partitions(param) -> torch.Tensor | None:

@@ -109,7 +109,8 @@ def _rank_values(engine, model, groups, kinds, local, owner) -> tuple[str, dict,
     layout = shards(model, groups.tp_group)
     values, metadata = _rng_state(model)
     for name, tensor in local.items():
-        if owner[name] != groups.pp_rank or (layout[name].dim is None and groups.tp_rank != 0):
+        if owner[name] != groups.pp_rank or (not getattr(tensor, "tensor_model_parallel", False)
+                                              and groups.tp_rank != 0):
             continue  # another stage's tied copy, or a copy every tensor-parallel rank holds: written once
         for kind in kinds if isinstance(tensor, torch.nn.Parameter) and tensor.requires_grad else ("model",):
             part = optimizer_state.owned_part(engine, tensor, kind, groups.dp_rank, groups.data)
