@@ -1,23 +1,27 @@
 """Which Hugging Face decoders does colonnade split, and do they train the same split as on one process?
 
-    python -m bench coverage [--types llama,qwen2] [--layouts tp2,pp2] [--out bench/results/coverage-cpu]
+    python -m bench coverage [--types llama,qwen2 | --kind moe] [--layouts tp2,pp2] [--out bench/results/coverage-cpu]
 
-Every causal-LM model type of the installed transformers whose config declares ``base_model_tp_plan``, plus
-colonnade's hand-planned decoders (gpt2), gets a tiny random checkpoint (``bench.coverage_models``: 4 layers,
-hidden 64, 4 heads, 2 key-value heads, the byte-level tokenizer, every other field at its default). Mixtures of
-experts and hybrids (state-space, linear-attention or convolution mixers) are listed as refused without running.
-Every other type trains 3 steps (fp32, dropout off, the same global batch of 4 sequences of 32 tokens: 2 per
-micro-batch x 2 micro-batches, ZeRO-1, AdamW with eps 1e-4: see docs/benchmarks.md) at TP=2, TP=2 + sequence
-parallelism, PP=2 (1F1B), TP=2 x PP=2 and once on one process, the reference. A layout's cell: ``equal`` (every
+Every causal-LM model type of the installed transformers whose config declares ``base_model_tp_plan`` or is a
+mixture of experts, plus colonnade's hand-planned decoders (gpt2), gets a tiny random checkpoint
+(``bench.coverage_models``: 4 layers, hidden 64, 4 heads, 2 key-value heads, the byte-level tokenizer, 4 experts
+top-2 in a mixture of experts, every other field at its default). Hybrids (state-space, linear-attention or
+convolution mixers) are listed as refused without running. Every other type trains 3 steps (fp32, dropout off,
+the same global batch of 4 sequences of 32 tokens: 2 per micro-batch x 2 micro-batches, 1 per micro-batch at 2
+data-parallel ranks, ZeRO-1, AdamW with eps 1e-4: see docs/benchmarks.md) at the layouts of its kind (a dense
+decoder: TP=2, TP=2 + sequence parallelism, PP=2 (1F1B), TP=2 x PP=2; a mixture of experts: EP=2 on 2
+data-parallel ranks, EP=2 x TP=2 on 4) and once on one process, the reference. A layout's cell: ``equal`` (every
 step's loss and gradient norm within 1e-5 relative of the reference's), ``refused: <the one-line reason colonnade
 raised at its input checks>`` or ``failed: <the error, one line>`` (a traceback on any rank, a lost rank, or a
-step that differs). The TP=2 x PP=2 run (the one-process run where that layout does not train) writes colonnade's
-Hugging Face export, which is reloaded with ``AutoModelForCausalLM.from_pretrained`` and compared with the
-one-process model: no missing or unexpected weights, the logits on a fixed batch within 1e-4 of the largest.
+step that differs). The TP=2 x PP=2 run (EP=2 x TP=2 for a mixture of experts; the one-process run where that
+layout does not train) writes colonnade's Hugging Face export, which is reloaded with
+``AutoModelForCausalLM.from_pretrained`` and compared with the one-process model: no missing or unexpected
+weights, the logits on a fixed batch within 1e-4 of the largest.
 
 Ranks are forked from one server that imported the libraries once (``bench.coverage_ranks``). Each finished type
 is appended to ``results.jsonl`` in ``--out``; a rerun with ``--types`` redoes those (and ``--layouts`` only those
-cells), one without skips the types already there (``--redo``: all again). ``results.json`` and ``report.md``
+cells), one without skips the types already there (``--redo``: all again); ``--kind`` keeps the types of one kind.
+A type none of whose layouts is chosen is skipped. ``results.json`` and ``report.md``
 (the table and the summary) are written from it at the end. The logs of the runs that failed are
 kept in ``--out``/logs."""
 
@@ -35,23 +39,43 @@ from bench.cli import RESULTS, fail
 
 PROG = "bench coverage"
 LAYOUTS = {"tp2": {"tensor": 2}, "tp2_sp": {"tensor": 2, "sequence_parallel": True}, "pp2": {"pipeline": 2},
-           "tp2_pp2": {"tensor": 2, "pipeline": 2}}
+           "tp2_pp2": {"tensor": 2, "pipeline": 2}, "ep2": {"expert": 2}, "ep2_tp2": {"expert": 2, "tensor": 2}}
 LABELS = {"one_process": "one process", "tp2": "TP=2", "tp2_sp": "TP=2 + SP", "pp2": "PP=2 (1F1B)",
-          "tp2_pp2": "TP=2 × PP=2"}
-EXPORT_LAYOUT = "tp2_pp2"
+          "tp2_pp2": "TP=2 × PP=2", "ep2": "EP=2", "ep2_tp2": "EP=2 × TP=2"}
+# The kinds that train and their layouts; other kinds (hybrid, not built) are refused without running.
+KIND_LAYOUTS = {"dense": ("tp2", "tp2_sp", "pp2", "tp2_pp2"), "moe": ("ep2", "ep2_tp2")}
+EXPORT_LAYOUTS = ("tp2_pp2", "ep2_tp2")  # the first one run writes the export
 STEPS, MICRO_BATCH, GRAD_ACCUM, SEED = 3, 2, 2, 7
 
 
+def data_parallel(layout: dict[str, Any]) -> int:
+    """The data-parallel degree of a layout: the expert-parallel degree (EP is carved from DP), else 1."""
+    return int(layout.get("expert", 1))
+
+
+def world_size(layout: dict[str, Any]) -> int:
+    return int(layout.get("tensor", 1)) * int(layout.get("pipeline", 1)) * data_parallel(layout)
+
+
+def layouts_of(kind: str, layouts: list[str]) -> list[str]:
+    """The chosen ``layouts`` a type of ``kind`` trains at (every one for a kind that is refused without running)."""
+    return [x for x in layouts if x in KIND_LAYOUTS[kind]] if kind in KIND_LAYOUTS else list(layouts)
+
+
 def run_config(checkpoint: Path, work: Path, output_dir: Path, layout: dict[str, Any], export: bool) -> dict:
-    """The run config (a dict for ``training.config.validate``) of one run of the tiny ``checkpoint``."""
+    """The run config (a dict for ``training.config.validate``) of one run of the tiny ``checkpoint``: the global
+    batch the same at every layout (``MICRO_BATCH`` split over the data-parallel ranks)."""
     from bench.coverage_models import SEQ_LEN
 
     parallel = {"tensor": 1, "pipeline": 1, "sequence_parallel": False, "schedule": "1f1b", "zero_stage": 1,
                 "timeout_s": 180.0, "p2p_timeout_s": 180.0, **layout}
+    if MICRO_BATCH % data_parallel(layout):
+        raise ValueError(f"{data_parallel(layout)} data-parallel ranks do not divide the micro-batch {MICRO_BATCH}")
     return {"model": {"pretrained": str(checkpoint)},
             "data": {"train_files": [str(work / "corpus" / "*.txt")], "seq_len": SEQ_LEN,
                      "cache_dir": str(work / "datasets")},
-            "train": {"steps": STEPS, "micro_batch_size": MICRO_BATCH, "grad_accum": GRAD_ACCUM, "seed": SEED,
+            "train": {"steps": STEPS, "micro_batch_size": MICRO_BATCH // data_parallel(layout),
+                      "grad_accum": GRAD_ACCUM, "seed": SEED,
                       "output_dir": str(output_dir), "progress": False, "export_hf": export, "save_final": False},
             "optim": {"lr": 1e-3, "warmup_steps": 0, "grad_clip": 1.0, "weight_decay": 0.1, "eps": 1e-4},
             "parallel": parallel, "logging": {"wandb": {"mode": "disabled"}}}
@@ -87,8 +111,9 @@ def classify(model_type: str) -> dict[str, Any]:
 
 
 def build(record: dict[str, Any], directory: Path) -> None:
-    """The tiny checkpoint of a dense type in ``directory``; ``record`` says why not where it cannot be built,
-    is not tiny, or turns out to hold experts or mixers."""
+    """The tiny checkpoint of a dense type or a mixture of experts in ``directory``; ``record`` says why not where
+    it cannot be built or is not tiny, and its kind where a dense config's model turns out to hold experts
+    (``moe``: trained at the expert-parallel layouts) or mixers."""
     from bench.coverage_models import (
         meta_model,
         module_reason,
@@ -105,9 +130,14 @@ def build(record: dict[str, Any], directory: Path) -> None:
         record.update(kind="not built", reason=f"tiny config: {one_line_error(exc)}")
         return
     too_big = size_reason(model)
-    kind, reason = ("not built", too_big) if too_big else module_reason(model) or ("dense", None)
-    if kind != "dense":
-        record.update(kind=kind, reason=reason)
+    if too_big:
+        kind, reason = "not built", too_big
+    elif record["kind"] == "moe":  # its config's expert count: colonnade says whether it finds the experts
+        kind, reason = "moe", record["reason"]
+    else:
+        kind, reason = module_reason(model) or ("dense", None)
+    record.update(kind=kind, reason=reason)
+    if kind not in KIND_LAYOUTS:
         return
     try:
         record["parameters"] = write_checkpoint(config, directory, SEED)
@@ -129,19 +159,20 @@ def _run(job: dict, world: int, log: Path, timeout: float) -> tuple[str, list[di
 
 
 def train_type(record: dict[str, Any], layouts: list[str], work: Path, logs: Path, timeout: float) -> None:
-    """Every layout of a built dense type, then the one-process reference; the cells, steps and export check
-    into ``record``."""
+    """Every layout of a built type, then the one-process reference; the cells, steps and export check into
+    ``record``."""
     from bench.coverage_check import check_export, compare_steps
     from bench.coverage_models import SEQ_LEN
 
     name, checkpoint = record["model_type"], work / "models" / record["model_type"]
     runs, cells, steps, seconds, exported = work / "runs" / name, {}, {}, {}, None
+    exporter = next((x for x in EXPORT_LAYOUTS if x in layouts), None)
     for layout in layouts:
         degrees = LAYOUTS[layout]
-        export = layout == EXPORT_LAYOUT
+        export = layout == exporter
         job = {"config": run_config(checkpoint, work, runs / layout, degrees, export)}
-        world = degrees.get("tensor", 1) * degrees.get("pipeline", 1)
-        cells[layout], steps[layout], result = _run(job, world, logs / f"{name}-{layout}.log", timeout)
+        cells[layout], steps[layout], result = _run(job, world_size(degrees), logs / f"{name}-{layout}.log",
+                                                    timeout)
         seconds[layout] = result["seconds"]
         if export and steps[layout] is not None:
             exported = (layout, result.get("export_error"))
@@ -176,15 +207,20 @@ def _checked(check: Any, *args: Any) -> dict[str, Any]:
 
 
 def cover(model_type: str, layouts: list[str], work: Path, logs: Path, timeout: float) -> dict[str, Any]:
-    """One type's record: classified, built, trained at ``layouts`` and one process, compared, exported."""
+    """One type's record: classified, built, trained at those of ``layouts`` that are of its kind and on one
+    process, compared, exported; a kind that does not train refused at every layout. A type that turns out at
+    its build to be of a kind none of ``layouts`` is of gets no cells."""
     import transformers
 
     started = time.monotonic()
     record = classify(model_type)
-    if record["kind"] == "dense":
+    if record["kind"] in KIND_LAYOUTS:
         build(record, work / "models" / model_type)
-    if record["kind"] == "dense":
-        train_type(record, layouts, work, logs, timeout)
+    mine = layouts_of(record["kind"], layouts)
+    if record["kind"] in KIND_LAYOUTS:
+        record["cells"] = {}
+        if mine:
+            train_type(record, mine, work, logs, timeout)
     else:
         record["cells"] = {layout: f"refused: {record['reason']}" for layout in layouts}
     record.update(seconds=round(time.monotonic() - started, 1), transformers=transformers.__version__)

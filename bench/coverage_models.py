@@ -22,7 +22,13 @@ SHRINK = [(re.compile(r"vocab_size"), 260), (re.compile(r"intermediate|ffn_dim|f
           (re.compile(r"^rotary_dim$"), 16), (re.compile(r"hidden_size_per_layer"), 16),
           (re.compile(r"(^|_)window(_size)?$"), SLIDING_WINDOW),  # Doge's keep_window_size: its dynamic mask's
           (re.compile(r"^(num_experts|num_local_experts|n_routed_experts|moe_num_experts)$"), 4),
-          (re.compile(r"^num_experts_per_tok$|^moe_topk$|^moe_k$"), 2), (re.compile(r"num_kv_shared_layers"), 0)]
+          (re.compile(r"^num_experts_per_tok(en)?$|^moe_topk$|^moe_k$"), 2), (re.compile(r"num_kv_shared_layers"), 0),
+          (re.compile(r"^(n_group|num_expert_group)$"), 2), (re.compile(r"^topk_group$"), 1)]
+# A mixture of experts' tiny config: 4 routed experts (2 per rank at expert=2; a default under 4 raised to it),
+# top-2 (a smaller default kept), 2 expert groups of which 1 is chosen where the router groups them; router
+# noise off, as dropout.
+EXPERTS = 4
+ROUTER_NOISE = re.compile(r"jitter|router_noise")
 DENSE_KINDS = {"full_attention", "sliding_attention"}
 EXPERT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 MOE_OFF_FLAGS = ("is_moe", "enable_moe_block")  # a config that says its blocks are dense
@@ -73,8 +79,9 @@ def declared_tp_plan(config: Any) -> dict[str, str]:
 
 
 def enumerate_types() -> tuple[list[str], dict[str, str]]:
-    """(the types to cover: each causal-LM type whose default config declares ``base_model_tp_plan``, then
-    colonnade's hand-planned ones; {type: why its default config cannot be built})."""
+    """(the types to cover: each causal-LM type whose default config declares ``base_model_tp_plan`` or is a
+    mixture of experts (expert parallelism needs no plan), then colonnade's hand-planned ones; {type: why its
+    default config cannot be built})."""
     chosen, broken = [], {}
     for model_type in causal_lm_types():
         try:
@@ -82,7 +89,7 @@ def enumerate_types() -> tuple[list[str], dict[str, str]]:
         except Exception as exc:  # noqa: BLE001 - any library error is this type's one-line reason
             broken[model_type] = one_line_error(exc)
             continue
-        if declared_tp_plan(config):
+        if declared_tp_plan(config) or moe_reason(config):
             chosen.append(model_type)
     chosen += [t for t in hand_planned_types() if t not in chosen]
     return chosen, broken
@@ -111,7 +118,8 @@ def _is_int(value: Any) -> bool:
 
 def _size_fields(default: Any) -> dict[str, Any]:
     """The tiny sizes for the fields ``default`` has: ``SMALL``, the ``SHRINK`` patterns (only ever lowering a
-    value), the sliding window, the byte tokenizer's special tokens."""
+    value; a mixture of experts' expert counts under ``EXPERTS`` raised to it), the sliding window, the byte
+    tokenizer's special tokens."""
     fields = _known_fields(default)
     sizes = {k: v for k, v in SMALL.items() if k in fields}
     for name, value in fields.items():
@@ -120,6 +128,8 @@ def _size_fields(default: Any) -> dict[str, Any]:
         tiny = next((small for pattern, small in SHRINK if pattern.search(name.lower())), None)
         if tiny is not None and value > tiny:
             sizes[name] = tiny
+    if moe_reason(default):
+        sizes.update({f: EXPERTS for f in EXPERT_FIELDS if _is_int(fields.get(f)) and 1 <= fields[f] < EXPERTS})
     if "sliding_window" in fields:
         sizes["sliding_window"] = SLIDING_WINDOW
     sizes.update({k: v for k, v in BYTE_SPECIALS.items() if k in fields})
@@ -171,7 +181,8 @@ def _resized_lists(config: Any, default: Any) -> dict[str, list]:
 def tiny_config(model_type: str) -> Any:
     """``AutoConfig.for_model(model_type, **small)``: ``SMALL``'s sizes where the config has the field, other
     sizes lowered (``SHRINK``), a sliding window of ``SLIDING_WINDOW`` where it has one, per-layer lists cut to
-    the 4 layers, dropout off; every other field at its default. Raises what transformers raises."""
+    the 4 layers, dropout and router noise off; every other field at its default. Raises what transformers
+    raises."""
     from transformers import AutoConfig
 
     from bench.diverge import without_dropout
@@ -188,7 +199,17 @@ def tiny_config(model_type: str) -> Any:
     layers = getattr(config, "num_hidden_layers", None)
     if layers != SMALL["num_hidden_layers"]:
         raise ValueError(f"the tiny config has num_hidden_layers={layers}, not {SMALL['num_hidden_layers']}")
-    return without_dropout(config)
+    return without_router_noise(without_dropout(config))
+
+
+def without_router_noise(config: Any) -> Any:
+    """``config`` (and its text config) with every router jitter / noise probability at 0 (in place; returned):
+    noise drawn in training makes no two layouts' routes the same."""
+    for part in _configs(config):
+        for name, value in part.to_dict().items():
+            if ROUTER_NOISE.search(name) and isinstance(value, float) and value:
+                setattr(part, name, 0.0)
+    return config
 
 
 def _per_layer_overrides(config: Any, default: Any) -> dict[str, dict[str, Any]]:

@@ -201,3 +201,42 @@ def test_expert_parallel_checkpoint_resumes_at_other_layouts_and_exports(tmp_pat
             got, expected = exported(input_ids=probe).logits, model(input_ids=probe).logits
         print(f"{arch} export vs reference logits: {float((got - expected).abs().max()):.1e} max abs")
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4, msg=lambda m, arch=arch: f"{arch}: {m}")
+
+
+def _mutated(cfgs):
+    """Rank function: ``run_configs(cfgs[0])`` with each token-expert pair sent to the next rank's expert of the
+    same local index (a wrong rank), then ``cfgs[1]`` with the router's combine weights dropped (every chosen
+    expert weighted 1)."""
+    import modeling.experts
+    import parallel.experts
+
+    plan = parallel.experts.plan_dispatch
+
+    def wrong_rank(expert_index, num_experts, group):
+        return plan((expert_index + num_experts // 2) % num_experts, num_experts, group)
+
+    parallel.experts.plan_dispatch = wrong_rank
+    wrong = run_configs(cfgs[:1])
+    parallel.experts.plan_dispatch = plan
+    combine = parallel.experts.expert_parallel
+
+    def unweighted(hidden, top_k_index, top_k_weights, num_experts, group, compute):
+        return combine(hidden, top_k_index, torch.ones_like(top_k_weights), num_experts, group, compute)
+
+    modeling.experts.expert_parallel = unweighted
+    return wrong + run_configs(cfgs[1:])
+
+
+@pytest.mark.multiprocess
+def test_a_wrong_rank_or_dropped_combine_weights_fail_it(tmp_path, corpus, reference):
+    """The negative control of the EP=2 parity check: Mixtral with its pairs dispatched to the wrong rank, and
+    with the router's weights left out of the combine, each misses the reference by far more than the
+    tolerance (the correct run: test_expert_parallel_2_matches_single_process)."""
+    cfgs = [_config(tmp_path / name, corpus, "mixtral", parallel__expert=2) for name in ("rank", "weights")]
+    histories = run_ranks(_mutated, 2, cfgs, timeout=600)[0]
+    ref_loss, ref_norm = reference(cfgs[0])
+    for cfg, history in zip(cfgs, histories):
+        first = step_records(history)[0]
+        loss_off, norm_off = abs(first["loss"] / ref_loss[0] - 1), abs(first["grad_norm"] / ref_norm[0] - 1)
+        print(f"{cfg.train.output_dir}: step 1 loss {loss_off:.1e}, grad norm {norm_off:.1e} off")
+        assert loss_off > 10 * LOSS_TOL and norm_off > 100 * NORM_TOL  # random experts move a fresh loss little
