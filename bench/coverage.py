@@ -45,6 +45,7 @@ LABELS = {"one_process": "one process", "tp2": "TP=2", "tp2_sp": "TP=2 + SP", "p
 # The kinds that train and their layouts; other kinds (hybrid, not built) are refused without running.
 KIND_LAYOUTS = {"dense": ("tp2", "tp2_sp", "pp2", "tp2_pp2"), "moe": ("ep2", "ep2_tp2")}
 EXPORT_LAYOUTS = ("tp2_pp2", "ep2_tp2")  # the first one run writes the export
+KINDS = ("dense", "moe", "hybrid")  # for --kind
 STEPS, MICRO_BATCH, GRAD_ACCUM, SEED = 3, 2, 2, 7
 
 
@@ -60,6 +61,14 @@ def world_size(layout: dict[str, Any]) -> int:
 def layouts_of(kind: str, layouts: list[str]) -> list[str]:
     """The chosen ``layouts`` a type of ``kind`` trains at (every one for a kind that is refused without running)."""
     return [x for x in layouts if x in KIND_LAYOUTS[kind]] if kind in KIND_LAYOUTS else list(layouts)
+
+
+def trained(record: dict[str, Any]) -> bool:
+    """Whether ``record`` is of a kind that trains and ran (a cell at one of its kind's layouts or one process;
+    earlier records of mixtures of experts have only the dense layouts' refusals)."""
+    kind = record.get("kind")
+    cells = record.get("cells", {})
+    return kind in KIND_LAYOUTS and any(x in cells for x in ("one_process", *KIND_LAYOUTS[kind]))
 
 
 def run_config(checkpoint: Path, work: Path, output_dir: Path, layout: dict[str, Any], export: bool) -> dict:
@@ -244,8 +253,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench coverage", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--types", help="comma-separated model types (default: every causal LM whose config "
-                        "declares base_model_tp_plan, and colonnade's hand-planned ones)")
-    parser.add_argument("--layouts", help=f"comma-separated, of {', '.join(LAYOUTS)} (default: all)")
+                        "declares base_model_tp_plan or is a mixture of experts, and colonnade's hand-planned ones)")
+    parser.add_argument("--kind", help=f"only the types of this kind, of {', '.join(KINDS)} (as classified from "
+                        "their default config)")
+    parser.add_argument("--layouts", help=f"comma-separated, of {', '.join(LAYOUTS)} (default: all; each type "
+                        f"trains at those of its kind: {_kinds_help()})")
     parser.add_argument("--out", default=str(RESULTS / "coverage-cpu"), help="where results.jsonl, results.json "
                         "and report.md go (default: this repository's bench/results/coverage-cpu)")
     parser.add_argument("--redo", action="store_true", help="without --types: run the types already in "
@@ -256,6 +268,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _kinds_help() -> str:
+    return "; ".join(f"{kind}: {', '.join(layouts)}" for kind, layouts in KIND_LAYOUTS.items())
+
+
 def chosen(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """(types, layouts) the arguments name; a bad name is one line and exit code 2."""
     from bench.coverage_models import causal_lm_types, enumerate_types
@@ -264,6 +280,8 @@ def chosen(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     unknown = [x for x in layouts if x not in LAYOUTS]
     if unknown or not layouts:
         fail(PROG, f"--layouts {args.layouts!r}: choose from {', '.join(LAYOUTS)}")
+    if args.kind is not None and args.kind not in KINDS:
+        fail(PROG, f"--kind {args.kind!r}: choose from {', '.join(KINDS)}")
     if not args.types:
         return enumerate_types()[0], layouts
     types = [x for x in args.types.split(",") if x]
@@ -285,9 +303,8 @@ def main(argv: list[str] | None = None) -> None:
     types, layouts = chosen(args)
     _quiet_transformers()
     out = Path(args.out)
-    done = load_records(out / "results.jsonl")
-    if not args.types and not args.redo:
-        types = [t for t in types if not set(layouts) <= set(done.get(t, {}).get("cells", {}))]
+    done = load_records(out / "results.jsonl") if not args.types and not args.redo else {}
+    types = to_cover(types, layouts, args.kind, done)
     print(f"{PROG}: {len(types)} model types at {', '.join(layouts)}; outputs in {out.resolve()}", file=sys.stderr)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="coverage-"))
     try:
@@ -296,6 +313,21 @@ def main(argv: list[str] | None = None) -> None:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
     print(write_outputs(out))
+
+
+def to_cover(types: list[str], layouts: list[str], kind: str | None, done: dict[str, dict]) -> list[str]:
+    """Of ``types``: those of ``kind`` (any where None), less those of a kind that trains at none of ``layouts``
+    and those whose record in ``done`` has a cell at each of the ``layouts`` of its kind."""
+    keep = []
+    for model_type in types:
+        classified = classify(model_type)["kind"]
+        if kind is not None and classified != kind or not layouts_of(classified, layouts):
+            continue
+        old = done.get(model_type)
+        if old is not None and set(layouts_of(old["kind"], layouts)) <= set(old.get("cells", {})):
+            continue
+        keep.append(model_type)
+    return keep
 
 
 def _quiet_transformers() -> None:
@@ -314,8 +346,8 @@ def _cover_all(types: list[str], layouts: list[str], work: Path, out: Path, time
     write_corpus(work / "corpus")
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    dense = [t for t in types if classify(t)["kind"] == "dense"]
-    start_server([m for m in map(modeling_module, dense) if m])
+    trained = [t for t in types if classify(t)["kind"] in KIND_LAYOUTS]
+    start_server([m for m in map(modeling_module, trained) if m])
     for index, model_type in enumerate(types, 1):
         record = cover(model_type, layouts, work, logs, timeout)
         _keep_logs(record, logs, out)
@@ -326,7 +358,7 @@ def _cover_all(types: list[str], layouts: list[str], work: Path, out: Path, time
 def progress_line(record: dict[str, Any]) -> str:
     """One type's outcome on one line."""
     head = f"{record['model_type']} ({record['seconds']:.0f} s): "
-    if record["kind"] != "dense":
+    if not trained(record):
         return head + f"not run ({record['kind']}): {record['reason']}"
     cells = ", ".join(f"{LABELS[k]}: {v}" for k, v in record["cells"].items())
     export = record.get("export")

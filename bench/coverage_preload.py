@@ -9,7 +9,8 @@ import io
 import sys
 
 for _name in ("training", "deepspeed", "transformers", "datasets", "training.loop", "training.assembly",
-              "training.pipeline", "modeling.tensor_parallel", "modeling.pipeline", "bench.coverage_ranks"):
+              "training.pipeline", "modeling.tensor_parallel", "modeling.pipeline", "modeling.experts",
+              "parallel.experts", "deepspeed.moe.layer", "bench.coverage_ranks"):
     try:
         importlib.import_module(_name)
     except Exception:  # a module being rewritten: the rank imports it itself and reports the error

@@ -1,6 +1,7 @@
 """``bench coverage``'s files: ``results.jsonl`` (a record per model type, appended as each finishes; a later
-record of a type replaces the earlier one, cell by cell for a dense type), ``results.json`` and ``report.md``
-(the model type x layout table and the summary)."""
+record of a type replaces the earlier one, cell by cell for a type that trained both times as the same kind),
+``results.json`` and ``report.md`` (the model type x layout tables, dense decoders and mixtures of experts, and
+the summary)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench.coverage import LABELS, LAYOUTS
+from bench.coverage import KIND_LAYOUTS, LABELS, trained
+
+DENSE, MOE = KIND_LAYOUTS["dense"], KIND_LAYOUTS["moe"]
 
 
 def save_record(path: Path, record: dict[str, Any]) -> None:
@@ -18,9 +21,9 @@ def save_record(path: Path, record: dict[str, Any]) -> None:
 
 
 def _merged(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
-    """``new`` over ``old``: a dense type's cells and steps layout by layout (a rerun of some layouts keeps the
+    """``new`` over ``old``: a trained type's cells and steps layout by layout (a rerun of some layouts keeps the
     others'), its export check where the rerun made none; any other record whole."""
-    if old is None or old.get("kind") != "dense" or new.get("kind") != "dense":
+    if old is None or not trained(old) or not trained(new) or old["kind"] != new["kind"]:
         return new
     merged = {**old, **new, "cells": {**old.get("cells", {}), **new.get("cells", {})},
               "steps": {**old.get("steps", {}), **new.get("steps", {})}}
@@ -41,39 +44,63 @@ def load_records(path: Path) -> dict[str, dict[str, Any]]:
     return records
 
 
-def _equal_everywhere(record: dict[str, Any]) -> bool:
+def _equal_everywhere(record: dict[str, Any], layouts: tuple[str, ...] = DENSE) -> bool:
     cells = record.get("cells", {})
-    return all(cells.get(layout) == "equal" for layout in LAYOUTS)
+    return all(cells.get(layout) == "equal" for layout in layouts)
+
+
+def _per_layout(records: list[dict[str, Any]], layouts: tuple[str, ...]) -> dict[str, dict[str, int]]:
+    return {layout: {status: sum(1 for r in records if r.get("cells", {}).get(layout, "").startswith(status))
+                     for status in ("equal", "refused", "failed")} for layout in layouts}
 
 
 def summary(records: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Counts: the dense decoders that declare a plan and those equal at all four layouts; colonnade's
-    hand-planned ones; each layout's equal / refused / failed; the types not run by kind; the export checks."""
-    dense = [r for r in records.values() if r["kind"] == "dense"]
+    hand-planned ones; each dense layout's equal / refused / failed; where mixtures of experts ran, their number,
+    those equal at both expert-parallel layouts and each of those layouts' counts; the types not run by kind; the
+    export checks."""
+    ran = [r for r in records.values() if trained(r)]
+    dense, moe = [r for r in ran if r["kind"] == "dense"], [r for r in ran if r["kind"] == "moe"]
     declared = [r for r in dense if r.get("declares_tp_plan")]
-    per_layout = {layout: {status: sum(1 for r in dense if r.get("cells", {}).get(layout, "").startswith(status))
-                           for status in ("equal", "refused", "failed")} for layout in LAYOUTS}
     kinds: dict[str, list[str]] = {}
     for record in records.values():
-        if record["kind"] != "dense":
+        if not trained(record):
             kinds.setdefault(record["kind"], []).append(record["model_type"])
-    exports = [r["export"]["status"] for r in dense if "export" in r]
-    return {"dense_declaring_plan": len(declared),
-            "equal_at_all_four": sorted(r["model_type"] for r in declared if _equal_everywhere(r)),
-            "hand_planned": {r["model_type"]: _equal_everywhere(r) for r in dense if not r.get("declares_tp_plan")},
-            "per_layout": per_layout, "not_run": {k: sorted(v) for k, v in kinds.items()},
-            "export_checked": len(exports), "export_equal": sum(1 for s in exports if s == "equal")}
+    exports = [r["export"]["status"] for r in ran if "export" in r]
+    counts = {"dense_declaring_plan": len(declared),
+              "equal_at_all_four": sorted(r["model_type"] for r in declared if _equal_everywhere(r)),
+              "hand_planned": {r["model_type"]: _equal_everywhere(r) for r in dense if not r.get("declares_tp_plan")},
+              "per_layout": _per_layout(dense, DENSE), "not_run": {k: sorted(v) for k, v in kinds.items()},
+              "export_checked": len(exports), "export_equal": sum(1 for s in exports if s == "equal")}
+    if moe:
+        counts.update(moe_run=len(moe), moe_equal_at_both=sorted(r["model_type"] for r in moe
+                                                                 if _equal_everywhere(r, MOE)),
+                      moe_per_layout=_per_layout(moe, MOE))
+    return counts
+
+
+def _layout_lines(per_layout: dict[str, dict[str, int]]) -> list[str]:
+    return [f"{LABELS[layout]}: " + ", ".join(f"{n} {status}" for status, n in by.items())
+            for layout, by in per_layout.items()]
 
 
 def summary_text(counts: dict[str, Any]) -> str:
-    equal = counts["equal_at_all_four"]
-    lines = [f"dense attention + MLP decoders declaring base_model_tp_plan: {counts['dense_declaring_plan']}; equal "
-             f"at all four layouts: {len(equal)}" + (f" ({', '.join(equal)})" if equal else "")]
-    for name, ok in counts["hand_planned"].items():
-        verdict = "equal at all four layouts" if ok else "not equal at all four layouts"
-        lines.append(f"colonnade's hand-planned {name}: {verdict}")
-    lines += [f"{LABELS[layout]}: " + ", ".join(f"{n} {status}" for status, n in by.items())
-              for layout, by in counts["per_layout"].items()]
+    """The summary's lines: the dense decoders' (left out where none ran but mixtures of experts did), the
+    mixtures of experts' (where any ran), the types not run, the export checks."""
+    lines = []
+    if counts["dense_declaring_plan"] or counts["hand_planned"] or not counts.get("moe_run"):
+        equal = counts["equal_at_all_four"]
+        lines.append(f"dense attention + MLP decoders declaring base_model_tp_plan: {counts['dense_declaring_plan']}"
+                     f"; equal at all four layouts: {len(equal)}" + (f" ({', '.join(equal)})" if equal else ""))
+        for name, ok in counts["hand_planned"].items():
+            verdict = "equal at all four layouts" if ok else "not equal at all four layouts"
+            lines.append(f"colonnade's hand-planned {name}: {verdict}")
+        lines += _layout_lines(counts["per_layout"])
+    if counts.get("moe_run"):
+        equal = counts["moe_equal_at_both"]
+        lines.append(f"mixtures of experts run at expert parallelism: {counts['moe_run']}; equal at both layouts: "
+                     f"{len(equal)}" + (f" ({', '.join(equal)})" if equal else ""))
+        lines += _layout_lines(counts["moe_per_layout"])
     lines.append("not run: " + ("; ".join(f"{len(v)} {k}" for k, v in counts["not_run"].items()) or "none"))
     lines.append(f"Hugging Face export reloaded equal: {counts['export_equal']} of {counts['export_checked']}")
     return "\n".join(lines)
@@ -83,25 +110,36 @@ def _cell(text: str | None) -> str:
     return (text or "").replace("|", "\\|").replace("\n", " ")
 
 
-def markdown(records: dict[str, dict[str, Any]], machine: dict[str, Any], counts: dict[str, Any]) -> str:
-    """The report: the summary, the dense types' table (one process and each layout), the types not run."""
-    columns = ["one_process", *LAYOUTS]
-    versions = sorted({r.get("transformers", "?") for r in records.values()})
-    lines = [f"# bench coverage ({machine.get('date')}, {machine.get('cores')} cores {machine.get('cpu')}, "
-             f"torch {machine.get('torch')}, transformers {', '.join(versions)}, colonnade "
-             f"{machine.get('colonnade') or 'outside git'})", "", summary_text(counts), "",
-             "| model type | " + " | ".join(LABELS[c] for c in columns) + " | export | s |",
+def _table(records: dict[str, dict[str, Any]], kind: str) -> list[str]:
+    """The table of the types of ``kind`` that ran: one process, each of the kind's layouts, the export, seconds."""
+    columns = ["one_process", *KIND_LAYOUTS[kind]]
+    lines = ["| model type | " + " | ".join(LABELS[c] for c in columns) + " | export | s |",
              "|---|" + "---|" * (len(columns) + 2)]
     for name, record in sorted(records.items()):
-        if record["kind"] == "dense":
+        if trained(record) and record["kind"] == kind:
             export = record.get("export")
             where = f"{_cell(export['status'])} (from {LABELS[export['from']]})" if export else ""
             cells = [_cell(record.get("cells", {}).get(c, "not run")) for c in columns]
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {where} | {record.get('seconds', '')} |")
+    return lines
+
+
+def markdown(records: dict[str, dict[str, Any]], machine: dict[str, Any], counts: dict[str, Any]) -> str:
+    """The report: the summary, the dense types' table (one process and each layout; left out where none ran but
+    mixtures of experts did), the mixtures of experts' table (where any ran), the types not run."""
+    versions = sorted({r.get("transformers", "?") for r in records.values()})
+    lines = [f"# bench coverage ({machine.get('date')}, {machine.get('cores')} cores {machine.get('cpu')}, "
+             f"torch {machine.get('torch')}, transformers {', '.join(versions)}, colonnade "
+             f"{machine.get('colonnade') or 'outside git'})", "", summary_text(counts)]
+    if counts["dense_declaring_plan"] or counts["hand_planned"] or not counts.get("moe_run"):
+        lines += ["", *_table(records, "dense")]
+    if counts.get("moe_run"):
+        lines += ["", "Mixtures of experts (4 routed experts, top-2 or fewer; EP=2 on 2 data-parallel ranks):", "",
+                  *_table(records, "moe")]
     lines += ["", "Not run (every layout refused without running):", "", "| model type | kind | reason |",
               "|---|---|---|"]
     lines += [f"| {name} | {r['kind']} | refused: {_cell(r['reason'])} |" for name, r in sorted(records.items())
-              if r["kind"] != "dense"]
+              if not trained(r)]
     return "\n".join(lines) + "\n"
 
 

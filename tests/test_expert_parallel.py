@@ -66,21 +66,42 @@ def _config(tmp, corpus, arch: str, steps: int = 10, router_loss: bool = True, *
     return tiny_config(tmp / arch, corpus, model={"arch": arch, "tokenizer": "byte", "config": config}, **settings)
 
 
-def reference_moe_training(cfg, global_batch: int) -> tuple[list[float], list[float], torch.nn.Module]:
-    """Per-step loss (the mean of the micro-batches' HF losses), pre-clip gradient norm, and the trained model
-    of the reference."""
+def _reference_model(cfg) -> torch.nn.Module:
+    """transformers' model of ``cfg`` with colonnade's seeded step-0 weights (the only thing taken from it)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from modeling.build import build_model, byte_level_tokenizer
 
-    blocks = reference_blocks(cfg.data.train_files, cfg.data.seq_len)
     config = AutoConfig.for_model(cfg.model.arch, **cfg.model.config, vocab_size=BYTE_VOCAB, **BYTE_SPECIALS)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     initial = build_model(pretrained=None, arch=cfg.model.arch, config={**BYTE_SPECIALS, **cfg.model.config},
                           vocab_size=len(byte_level_tokenizer()), seed=cfg.train.seed)
     model.load_state_dict(initial.state_dict())
-    del initial
-    model.train()
+    return model.train()
+
+
+def reference_first_step_load(cfg, global_batch: int) -> dict[str, torch.Tensor]:
+    """Tokens per expert of each MoE layer (``layer_<i>``) over the first step's global batch, counted from the
+    experts each HF router chose (every layer's experts module called with the router's choice)."""
+    model = _reference_model(cfg)
+    blocks = reference_blocks(cfg.data.train_files, cfg.data.seq_len)
+    ids = blocks[reference_order(len(blocks), cfg.train.seed, global_batch)]
+    counts: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        if type(module).__name__.endswith("Experts"):
+            layer = "layer_" + name.split(".")[2]
+            module.register_forward_pre_hook(lambda m, args, layer=layer: counts.__setitem__(
+                layer, counts.get(layer, 0) + torch.bincount(args[1].reshape(-1), minlength=m.num_experts)))
+    with torch.no_grad():
+        model(input_ids=ids)
+    return counts
+
+
+def reference_moe_training(cfg, global_batch: int) -> tuple[list[float], list[float], torch.nn.Module]:
+    """Per-step loss (the mean of the micro-batches' HF losses), pre-clip gradient norm, and the trained model
+    of the reference."""
+    blocks = reference_blocks(cfg.data.train_files, cfg.data.seq_len)
+    model = _reference_model(cfg)
     opt = torch.optim.AdamW(reference_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                             betas=cfg.optim.betas, eps=cfg.optim.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: reference_lr_multiplier(cfg.optim, step,
@@ -132,6 +153,20 @@ def test_expert_parallel_2_matches_single_process(tmp_path, corpus):
             references[arch] = reference_moe_training(cfg, global_batch=MICRO * 2 * 2)[:2]
             assert max(references[arch][1]) > cfg.optim.grad_clip, f"{arch}: clipping must be active"
         _check(f"{arch} EP2 ZeRO-{cfg.parallel.zero_stage}", history, references[arch])
+        _check_expert_load(cfg, step_records(history)[0])
+
+
+def _check_expert_load(cfg, first_step: dict) -> None:
+    """The step's tokens per expert, as logged (``training.expert_load``), are the reference router's counts."""
+    loads = reference_first_step_load(cfg, global_batch=MICRO * 2 * 2)
+    logged = {key.split("/")[1] for key in first_step if key.startswith("moe/")}
+    assert logged == set(loads) and len(loads) == (4 if cfg.model.arch == "mixtral" else 3)  # others: a dense first
+    for layer, counts in loads.items():
+        counts = counts.double()
+        assert first_step[f"moe/{layer}/tokens_min"] == float(counts.min()), layer
+        assert first_step[f"moe/{layer}/tokens_max"] == float(counts.max()), layer
+        cv = float(counts.std(unbiased=False) / counts.mean())
+        assert first_step[f"moe/{layer}/tokens_cv"] == pytest.approx(cv, rel=1e-12), layer
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +201,7 @@ def test_expert_parallel_with_tensor_and_pipeline_parallelism(tmp_path, corpus, 
         par = cfg.parallel
         _check(f"{cfg.model.arch} EP2 TP{par.tensor}{'+SP' if par.sequence_parallel else ''} PP{par.pipeline}",
                history, reference(cfg))
+        _check_expert_load(cfg, step_records(history)[0])
 
 
 @pytest.mark.multiprocess

@@ -19,6 +19,7 @@ from training import checkpoint, elastic, host_memory
 from training.assembly import Assembly, EditConfig, assemble
 from training.config import RunConfig, for_world
 from training.events import BuiltRun, Observer, Observers
+from training.expert_load import ExpertLoad
 from training.faults import (
     NonFiniteSteps,
     StopSignals,
@@ -105,6 +106,7 @@ class Loop:
         self.operation = "setup"
         self.last_saved: Path | None = None
         self.background = checkpoint.BackgroundSave() if cfg.train.async_save else None
+        self.expert_load = ExpertLoad(self.model, groups, cfg.parallel.sequence_parallel)
 
     def run(self, start_step: int) -> None:
         """Train, export, and say where the results are; a collective timeout names what was running."""
@@ -167,9 +169,11 @@ class Loop:
         self.events.start("step", step + 1)
         started = time.perf_counter()
         lr = self.engine.get_lr()[0]
+        self.expert_load.start_step()
         mean_loss, grad_norm = self.step_impl.train(self.batches, step)
         elapsed = time.perf_counter() - started
-        record = {"step": step + 1, "loss": mean_loss, "lr": lr, "grad_norm": grad_norm, "step_time_s": elapsed}
+        record = {"step": step + 1, "loss": mean_loss, "lr": lr, "grad_norm": grad_norm, "step_time_s": elapsed,
+                  **self.expert_load.summary()}
         if self.tokens_per_step is not None:
             record["tokens_per_s"] = self.tokens_per_step / elapsed
         if not self.engine.was_step_applied():
