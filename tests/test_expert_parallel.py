@@ -171,11 +171,12 @@ def _check_expert_load(cfg, first_step: dict) -> None:
 
 @pytest.fixture(scope="module")
 def reference():
-    """The reference's (losses, grad norms) per family and load-balancing setting, computed once."""
+    """The reference's (losses, grad norms) per family, load-balancing setting and micro-batch size (the
+    load-balancing loss is one per micro-batch), computed once."""
     cache: dict[tuple, tuple[list[float], list[float]]] = {}
 
     def of(cfg):
-        key = (cfg.model.arch, cfg.model.config.get("output_router_logits", False))
+        key = (cfg.model.arch, cfg.model.config.get("output_router_logits", False), cfg.train.micro_batch_size)
         if key not in cache:
             cache[key] = reference_moe_training(cfg, global_batch=MICRO * 2 * 2)[:2]
             assert max(cache[key][1]) > cfg.optim.grad_clip, f"{key}: clipping must be active"
@@ -276,3 +277,22 @@ def test_a_wrong_rank_or_dropped_combine_weights_fail_it(tmp_path, corpus, refer
         loss_off, norm_off = abs(first["loss"] / ref_loss[0] - 1), abs(first["grad_norm"] / ref_norm[0] - 1)
         print(f"{cfg.train.output_dir}: step 1 loss {loss_off:.1e}, grad norm {norm_off:.1e} off")
         assert loss_off > 10 * LOSS_TOL and norm_off > 100 * NORM_TOL  # random experts move a fresh loss little
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_expert_parallel_with_every_schedule_and_recomputation(tmp_path, corpus, reference):
+    """Qwen3-MoE (a dense first layer, q/k norms) at EP=2 x PP=2 under GPipe, interleaved 1F1B (one layer per
+    chunk) and ZB-H1 (weight gradients deferred), and at EP=2 x DP=2 with full and selective recomputation
+    (the dispatch recomputed in the backward), one launch of 4 ranks: equal to the reference for 10 steps."""
+    pipelines = [dict(parallel__schedule="gpipe"), dict(parallel__schedule="interleaved", parallel__virtual_stages=2),
+                 dict(parallel__schedule="zb-h1")]
+    cfgs = [_config(tmp_path / f"pp{index}", corpus, "qwen3_moe", router_loss=False, parallel__expert=2,
+                    parallel__pipeline=2, **schedule) for index, schedule in enumerate(pipelines)]
+    cfgs += [_config(tmp_path / mode, corpus, "qwen3_moe", parallel__expert=2, train__micro_batch_size=1,
+                     train__grad_accum=2, parallel__activation_checkpointing=mode) for mode in ("full", "selective")]
+    histories = run_ranks(run_configs, 4, cfgs, timeout=900)[0]
+    for cfg, history in zip(cfgs, histories):
+        par = cfg.parallel
+        _check(f"qwen3_moe EP2 PP{par.pipeline} {par.schedule} recompute {par.activation_checkpointing}", history,
+               reference(cfg))
