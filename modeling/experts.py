@@ -52,15 +52,16 @@ def check_expert_parallel_fits(model: nn.Module, expert: int) -> None:
                              f"which expert parallelism does not split; set parallel.expert=1")
 
 
-def check_router_loss_fits(hf_config: Any, pipeline: int, sequence_parallel: bool) -> None:
+def check_router_loss_fits(hf_config: Any, pipeline: int, sequence_parallel: bool, precision: str) -> None:
     """ValueError when the model's own load-balancing loss (``output_router_logits``) cannot be computed as it
     computes it: over every layer's router logits of a micro-batch at once."""
     if not getattr(hf_config, "output_router_logits", False):
         return
-    if pipeline > 1:
-        raise ValueError(f"model.config.output_router_logits=true with parallel.pipeline={pipeline}: the model's "
-                         f"load-balancing loss is one function of every layer's router logits, which the stages "
-                         f"hold apart; set model.config.output_router_logits=false or parallel.pipeline=1")
+    if pipeline > 1 and precision != "fp32":
+        raise ValueError(f"model.config.output_router_logits=true with parallel.pipeline={pipeline} and "
+                         f"precision={precision}: the load-balancing totals (tokens per expert) travel between "
+                         f"stages in the activations' dtype, exact only in fp32; use precision=fp32 or set "
+                         f"model.config.output_router_logits=false")
     if sequence_parallel:
         raise ValueError("model.config.output_router_logits=true with parallel.sequence_parallel=true: each tensor "
                          "rank's routers see only its part of the sequence, the loss needs all of it; set "
@@ -114,3 +115,46 @@ def _expert_parallel_class(experts_class: type) -> type:
 
     return type(f"ExpertParallel{experts_class.__name__}", (experts_class, MoE),
                 {"forward": forward, "set_deepspeed_parallelism": set_deepspeed_parallelism})
+
+
+class PipelinedRouterLoss:
+    """transformers' load-balancing loss (``load_balancing_loss_func``: E x sum over experts of the fraction of
+    routed rows and the mean router probability, both over every MoE layer's rows) taken over pipeline stages.
+    Each stage adds its layers' tokens per expert and router-probability sums, in layer order as the function
+    does, to running totals that travel with the hidden states; the last stage takes the loss of the totals.
+    The probability sums travel in the differentiable message, so every stage's routers get the whole loss's
+    gradient. ``size``: the totals' length (counts, then probability sums)."""
+
+    def __init__(self, model: nn.Module):
+        self.experts, self.top_k = model.num_experts, model.num_experts_per_tok
+        self.coefficient = model.router_aux_loss_coef
+        self.layers = len(experts_modules(model))
+        self.size = 2 * self.experts
+
+    @staticmethod
+    def applies(model: nn.Module) -> bool:
+        """Whether ``model`` adds transformers' standard load-balancing loss (Mixtral's function, which 31 of the
+        34 MoE models defining one share) to its loss."""
+        import sys
+
+        from transformers.models.mixtral import modeling_mixtral
+
+        own = getattr(sys.modules[type(model).__module__], "load_balancing_loss_func", None)
+        standard = modeling_mixtral.load_balancing_loss_func.__code__
+        return (getattr(model.config, "output_router_logits", False) and own is not None
+                and (own.__code__.co_code, own.__code__.co_consts) == (standard.co_code, standard.co_consts))
+
+    def add(self, totals: torch.Tensor, router_logits: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        counts, probabilities = totals[:self.experts], totals[self.experts:]
+        for logits in router_logits:
+            weights = torch.softmax(logits.float(), dim=-1)
+            chosen = torch.topk(weights, self.top_k, dim=-1)[1]
+            counts = counts + torch.bincount(chosen.reshape(-1), minlength=self.experts).to(counts)
+            probabilities = probabilities + weights.sum(dim=0)
+        return torch.cat([counts.detach(), probabilities])
+
+    def loss(self, totals: torch.Tensor, tokens: int) -> torch.Tensor:
+        """``router_aux_loss_coef`` x the load-balancing loss of a micro-batch of ``tokens`` tokens."""
+        rows = tokens * self.layers
+        fraction, probability = totals[:self.experts] / rows, totals[self.experts:] / rows
+        return self.coefficient * torch.sum(fraction * probability.unsqueeze(0)) * self.experts

@@ -4,9 +4,10 @@ Ranks are laid out as ``arange(world).view(pp, dp, tp)``: tensor-parallel ranks 
 most, so they share a node), data-parallel ranks come next and pipeline stages are furthest apart, as in
 Megatron-LM's default order. Expert parallelism splits each data-parallel group into groups of ``expert``
 adjacent ranks (EP: they exchange tokens by all-to-all) and the ranks at the same place in each of them (EDP:
-they hold the same experts and reduce their gradients), as Megatron-Core carves EP from DP. One ``ProcessGroups`` object holds every group of this rank; it is passed
-explicitly and also answers the ``mpu`` calls DeepSpeed makes, so ZeRO shards and reduces over the
-data-parallel group only and gradient norms are taken over the model-parallel group.
+they hold the same experts and reduce their gradients), as Megatron-Core carves EP from DP. One
+``ProcessGroups`` object holds every group of this rank; it is passed explicitly and also answers the ``mpu``
+calls DeepSpeed makes, so ZeRO shards and reduces over the data-parallel group only and gradient norms are
+taken over the model-parallel group.
 """
 
 from __future__ import annotations

@@ -189,14 +189,14 @@ def reference():
 @pytest.mark.slow
 def test_expert_parallel_with_tensor_and_pipeline_parallelism(tmp_path, corpus, reference):
     """EP=2 x TP=2 (experts whole per tensor rank, attention split), EP=2 x TP=2 with sequence parallelism and
-    EP=2 x PP=2 (1F1B), 10 steps of each family, one launch of 4 ranks."""
+    EP=2 x PP=2 (1F1B; the load-balancing loss's totals carried between the stages), 10 steps of each family,
+    one launch of 4 ranks."""
     cfgs = []
     for arch in FAMILIES:
         cfgs.append(_config(tmp_path / "tp", corpus, arch, parallel__expert=2, parallel__tensor=2))
         cfgs.append(_config(tmp_path / "sp", corpus, arch, parallel__expert=2, parallel__tensor=2,
                             parallel__sequence_parallel=True, router_loss=False))
-        cfgs.append(_config(tmp_path / "pp", corpus, arch, parallel__expert=2, parallel__pipeline=2,
-                            router_loss=False))
+        cfgs.append(_config(tmp_path / "pp", corpus, arch, parallel__expert=2, parallel__pipeline=2))
     histories = run_ranks(run_configs, 4, cfgs, timeout=900)[0]
     for cfg, history in zip(cfgs, histories):
         par = cfg.parallel
@@ -282,13 +282,15 @@ def test_a_wrong_rank_or_dropped_combine_weights_fail_it(tmp_path, corpus, refer
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_expert_parallel_with_every_schedule_and_recomputation(tmp_path, corpus, reference):
-    """Qwen3-MoE (a dense first layer, q/k norms) at EP=2 x PP=2 under GPipe, interleaved 1F1B (one layer per
-    chunk) and ZB-H1 (weight gradients deferred), and at EP=2 x DP=2 with full and selective recomputation
-    (the dispatch recomputed in the backward), one launch of 4 ranks: equal to the reference for 10 steps."""
+    """Qwen3-MoE (a dense first layer, q/k norms, its load-balancing loss) at EP=2 x PP=2 under GPipe,
+    interleaved 1F1B (one layer per chunk: the loss's totals pass through every chunk) and ZB-H1 (weight
+    gradients deferred), and at EP=2 x DP=2 with full and selective recomputation (the dispatch recomputed in
+    the backward), one launch of 4 ranks: equal to the reference for 10 steps. The load-balancing loss matters
+    here: the reference without it is far from the one with it."""
     pipelines = [dict(parallel__schedule="gpipe"), dict(parallel__schedule="interleaved", parallel__virtual_stages=2),
                  dict(parallel__schedule="zb-h1")]
-    cfgs = [_config(tmp_path / f"pp{index}", corpus, "qwen3_moe", router_loss=False, parallel__expert=2,
-                    parallel__pipeline=2, **schedule) for index, schedule in enumerate(pipelines)]
+    cfgs = [_config(tmp_path / f"pp{index}", corpus, "qwen3_moe", parallel__expert=2, parallel__pipeline=2,
+                    **schedule) for index, schedule in enumerate(pipelines)]
     cfgs += [_config(tmp_path / mode, corpus, "qwen3_moe", parallel__expert=2, train__micro_batch_size=1,
                      train__grad_accum=2, parallel__activation_checkpointing=mode) for mode in ("full", "selective")]
     histories = run_ranks(run_configs, 4, cfgs, timeout=900)[0]
@@ -296,3 +298,7 @@ def test_expert_parallel_with_every_schedule_and_recomputation(tmp_path, corpus,
         par = cfg.parallel
         _check(f"qwen3_moe EP2 PP{par.pipeline} {par.schedule} recompute {par.activation_checkpointing}", history,
                reference(cfg))
+    without = reference(_config(tmp_path / "plain", corpus, "qwen3_moe", router_loss=False))
+    off = _relative(without[1], reference(cfgs[0])[1])
+    print(f"qwen3_moe reference without its load-balancing loss: grad norm {off:.1e} relative off")
+    assert off > 100 * NORM_TOL

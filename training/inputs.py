@@ -47,7 +47,7 @@ def check_inputs(cfg: RunConfig, task: Task, deepspeed_config_file: str | None) 
     task.check_fits(model_config)
     check_tensor_parallel_fits(model_config, cfg.parallel.tensor)
     check_pipeline_fits(model_config, cfg.parallel.pipeline, cfg.parallel.virtual_stages, cfg.parallel.partition)
-    check_router_loss_fits(model_config, cfg.parallel.pipeline, cfg.parallel.sequence_parallel)
+    check_router_loss_fits(model_config, cfg.parallel.pipeline, cfg.parallel.sequence_parallel, cfg.precision)
     resume_from, start_over = _resume_point(cfg, world)
     _check_writable(Path(cfg.train.output_dir))
     if cfg.train.export_hf:

@@ -5,6 +5,7 @@ DeepSpeed engine (ZeRO 1-3 over the data-parallel group, unmanaged gradient accu
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from contextlib import nullcontext
 from pathlib import Path
@@ -83,7 +84,10 @@ class PipelineRunner(Step):
         self.p, self.v = groups.pipeline, cfg.parallel.virtual_stages
         # With sequence parallelism the hidden state between blocks is this rank's part of the sequence.
         sequence = cfg.data.seq_len // (groups.tensor if cfg.parallel.sequence_parallel else 1)
-        self.shape = (cfg.train.micro_batch_size, sequence, hidden_size)
+        self.shape: tuple[int, ...] = (cfg.train.micro_batch_size, sequence, hidden_size)
+        router_loss = engine.module[0].router_loss  # the model's load-balancing totals travel after the states
+        if router_loss is not None:
+            self.shape = (math.prod(self.shape) + router_loss.size,)
         self.dtype = next(engine.module.parameters()).dtype
         self.zero3 = cfg.parallel.zero_stage == 3
         self._tied_grad = None  # this stage's gradient of the tied embedding, summed over the step
@@ -174,6 +178,8 @@ class PipelineRunner(Step):
                 return out
             start, valid = vocab_slice(module.head)
             loss = causal_lm_loss(out, batch["labels"].to(device), self.groups.tp_group, start, valid)
+            if module.aux_loss is not None:
+                loss, module.aux_loss = loss + module.aux_loss, None
             losses.append(loss.detach())  # stays on the device: no host wait per micro-batch
             return loss / m  # the gradient of the mean over micro-batches
 
