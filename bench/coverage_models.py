@@ -16,18 +16,19 @@ SMALL = {"num_hidden_layers": 4, "hidden_size": 64, "intermediate_size": 128, "n
 SEQ_LEN = 32
 SLIDING_WINDOW = 8  # under SEQ_LEN, so a sliding-window mask differs from the causal one
 BYTE_SPECIALS = {"bos_token_id": 256, "eos_token_id": 257, "pad_token_id": 258}  # modeling.build's byte tokenizer
+# A mixture of experts' tiny config: 4 routed experts (2 per rank at expert=2; a default under 4 or unset raised
+# to it), top-2 (a smaller default kept, an unset one set), 2 expert groups of which 1 is chosen where the router
+# groups them; router noise off, as dropout.
+EXPERTS, TOP_K = 4, 2
+TOP_K_FIELDS = re.compile(r"^num_experts_per_tok(en)?$|^moe_topk$|^moe_k$")
 # Other size fields, by name: (pattern, the tiny value; only ever lowered)
 SHRINK = [(re.compile(r"vocab_size"), 260), (re.compile(r"intermediate|ffn_dim|ffn_hidden|^n_inner$"), 128),
           (re.compile(r"lora_rank"), 32), (re.compile(r"rope_head_dim"), 8), (re.compile(r"head_dim$"), 16),
           (re.compile(r"^rotary_dim$"), 16), (re.compile(r"hidden_size_per_layer"), 16),
           (re.compile(r"(^|_)window(_size)?$"), SLIDING_WINDOW),  # Doge's keep_window_size: its dynamic mask's
-          (re.compile(r"^(num_experts|num_local_experts|n_routed_experts|moe_num_experts)$"), 4),
-          (re.compile(r"^num_experts_per_tok(en)?$|^moe_topk$|^moe_k$"), 2), (re.compile(r"num_kv_shared_layers"), 0),
+          (re.compile(r"^(num_experts|num_local_experts|n_routed_experts|moe_num_experts)$"), EXPERTS),
+          (TOP_K_FIELDS, TOP_K), (re.compile(r"num_kv_shared_layers"), 0),
           (re.compile(r"^(n_group|num_expert_group)$"), 2), (re.compile(r"^topk_group$"), 1)]
-# A mixture of experts' tiny config: 4 routed experts (2 per rank at expert=2; a default under 4 raised to it),
-# top-2 (a smaller default kept), 2 expert groups of which 1 is chosen where the router groups them; router
-# noise off, as dropout.
-EXPERTS = 4
 ROUTER_NOISE = re.compile(r"jitter|router_noise")
 DENSE_KINDS = {"full_attention", "sliding_attention"}
 EXPERT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
@@ -129,11 +130,21 @@ def _size_fields(default: Any) -> dict[str, Any]:
         if tiny is not None and value > tiny:
             sizes[name] = tiny
     if moe_reason(default):
-        sizes.update({f: EXPERTS for f in EXPERT_FIELDS if _is_int(fields.get(f)) and 1 <= fields[f] < EXPERTS})
+        sizes.update(_expert_counts(fields))
     if "sliding_window" in fields:
         sizes["sliding_window"] = SLIDING_WINDOW
     sizes.update({k: v for k, v in BYTE_SPECIALS.items() if k in fields})
     return {**sizes, **_latent_attention_sizes(fields, sizes)}
+
+
+def _expert_counts(fields: dict[str, Any]) -> dict[str, int]:
+    """A mixture of experts' expert counts under ``EXPERTS`` raised to it (unset ones too where none is set), its
+    unset top-k at ``TOP_K``: transformers' model cannot route with None (DeepSeek-V2's default top-k)."""
+    counts = [f for f in EXPERT_FIELDS if _is_int(fields.get(f))]
+    raised = {f: EXPERTS for f in counts if 1 <= fields[f] < EXPERTS}
+    if not counts:
+        raised.update({f: EXPERTS for f in EXPERT_FIELDS if f in fields and fields[f] is None})
+    return {**raised, **{f: TOP_K for f, v in fields.items() if v is None and TOP_K_FIELDS.search(f)}}
 
 
 def _latent_attention_sizes(fields: dict[str, Any], sizes: dict[str, Any]) -> dict[str, int]:
@@ -169,7 +180,8 @@ def _resized_lists(config: Any, default: Any) -> dict[str, list]:
             out[name] = [SMALL["intermediate_size"]] * layers if "intermediate" in name else list(value[:layers])
     kinds = list(dict.fromkeys(getattr(default, "layer_types", None) or []))
     current = list(getattr(config, "layer_types", None) or [])
-    if kinds:
+    derived = getattr(type(config), "layer_types", None)  # Jamba's: a property of its layer periods, not a field
+    if kinds and not (isinstance(derived, property) and derived.fset is None):
         cut = current if len(current) == layers else list(default.layer_types[:layers])
         missing = [kind for kind in kinds if kind not in cut]
         cut = cut[:layers - len(missing)] + missing

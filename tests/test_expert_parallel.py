@@ -302,3 +302,53 @@ def test_expert_parallel_with_every_schedule_and_recomputation(tmp_path, corpus,
     off = _relative(without[1], reference(cfgs[0])[1])
     print(f"qwen3_moe reference without its load-balancing loss: grad norm {off:.1e} relative off")
     assert off > 100 * NORM_TOL
+
+
+def _wandb_logged(cfg):
+    """Rank function: train with W&B offline; the records given to the W&B run's ``log``."""
+    import wandb
+
+    logged: list[dict] = []
+    original = wandb.init
+
+    def recording_init(**kwargs):
+        run = original(**kwargs)
+        log = run.log
+
+        def recording_log(data, *args, **more):
+            logged.append(dict(data))
+            return log(data, *args, **more)
+
+        run.log = recording_log
+        return run
+
+    wandb.init = recording_init
+    from training import run
+
+    run(cfg)
+    return logged
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_moe_quickstart_logs_tokens_per_expert_to_metrics_and_wandb(tmp_path):
+    """configs/moe_quickstart.yaml (its model, tokenizer, data and EP=2 layout; 3 steps here) writes each MoE
+    layer's tokens per expert into metrics.jsonl and the offline W&B run, every step."""
+    import json
+    from pathlib import Path
+
+    from training.config import load
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load(root / "configs/moe_quickstart.yaml", [f"train.output_dir={tmp_path / 'run'}", "train.steps=3",
+                                                      "optim.warmup_steps=0", "train.eval_every=0",
+                                                      "train.save_final=false", "train.log_every=1"])
+    logged = run_ranks(_wandb_logged, 2, cfg, timeout=600)[0]
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in metrics if "loss" in r]
+    keys = {f"moe/layer_{i}/tokens_{s}" for i in range(4) for s in ("min", "max", "cv")}
+    assert len(steps) == 3 and all(keys <= r.keys() for r in steps)
+    in_wandb = [r for r in logged if "loss" in r]
+    assert len(in_wandb) == 3 and all(keys <= r.keys() for r in in_wandb)
+    for record in steps:  # the step's tokens: 2 ranks x 8 sequences x 128 tokens, each routed to its top 2
+        assert 0 <= record["moe/layer_0/tokens_min"] <= 2 * 8 * 128 * 2 / 8 <= record["moe/layer_0/tokens_max"]
