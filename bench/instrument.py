@@ -1,5 +1,6 @@
 """Measurements taken inside a training process: communication time and bytes per parallel group, and the
-forward / backward / optimizer split of each step.
+forward / backward / optimizer split of each step. Expert parallelism's token exchanges (``all_to_all_single``)
+are their own category, ``ep``.
 
 Collectives are timed by wrapping the ``torch.distributed`` functions (our layers, DeepSpeed and the loop all
 call them through that module, so nothing is missed the way DeepSpeed's own comms logger misses direct
@@ -14,7 +15,7 @@ import time
 from collections import defaultdict
 
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_gather_into_tensor", "reduce_scatter_tensor",
-               "broadcast")
+               "broadcast", "all_to_all_single")
 
 
 # the ``bench comm`` fit each wrapped function is predicted with, and the factor from the bytes of the
@@ -104,7 +105,8 @@ def install(probe: StepProbe) -> None:
         def timed(*args, _original=original, _name=name, **kwargs):
             group = kwargs.get("group")
             ranks = probe.ranks_of(group)
-            category = "comm_" + probe.classify(ranks)
+            # only expert parallelism exchanges by all-to-all (its group may be the data-parallel ranks)
+            category = "comm_" + ("ep" if _name == "all_to_all_single" else probe.classify(ranks))
             nbytes = _nbytes(args[0] if args else next((kwargs[k] for k in TENSOR_KWARGS if k in kwargs), None))
             wait = 0.0
             if probe.barrier and len(ranks) > 1 and not kwargs.get("async_op"):

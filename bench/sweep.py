@@ -102,6 +102,9 @@ def point_overrides(spec: dict, point: dict) -> tuple[list[str], int]:
     return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in sets.items()], nproc
 
 
+COMM = ("comm_tp", "comm_dp", "comm_pp", "comm_ep")
+
+
 def _full_params(config_path: str, sets: list[str]) -> tuple[int, dict]:
     from modeling.build import hf_config
     from training.config import load
@@ -124,12 +127,12 @@ def summarize(point: dict, nproc: int, raw: dict, config_path: str, sets: list[s
     cfg = info["cfg"]
     tokens = _tokens_per_step(cfg, nproc)
     step_s = max(r["step_s"] for r in ranks)
-    comm = {k: max(r[f"{k}_s"] for r in ranks) for k in ("comm_tp", "comm_dp", "comm_pp")}
+    comm = {k: max(r.get(f"{k}_s", 0.0) for r in ranks) for k in COMM}
     record = {**point, "nproc": nproc, "status": "ok", "tokens_per_step": tokens, "step_s": step_s,
               "tokens_per_s": tokens / step_s,
               **{k: statistics.mean(r[f"{k}_s"] for r in ranks) for k in ("forward", "backward", "optimizer")},
               **{f"{k}_s": v for k, v in comm.items()},
-              **{f"{k}_bytes": max(r[f"{k}_bytes"] for r in ranks) for k in ("comm_tp", "comm_dp", "comm_pp")},
+              **{f"{k}_bytes": max(r.get(f"{k}_bytes", 0) for r in ranks) for k in COMM},
               "comm_share": sum(comm.values()) / step_s,
               "param_bytes_rank0": ranks[0]["param_bytes"], "gradient_bytes_rank0": ranks[0]["gradient_bytes"],
               "optimizer_state_bytes_rank0": ranks[0]["optimizer_state_bytes"],
@@ -160,9 +163,28 @@ def summarize(point: dict, nproc: int, raw: dict, config_path: str, sets: list[s
         record["comm_predicted_s"] = slowest["comm_tp_predicted_s"] + slowest["comm_dp_predicted_s"]
         record["comm_measured_s"] = slowest["comm_tp_transfer_s"] + slowest["comm_dp_transfer_s"]
         record["comm_wait_s"] = slowest["comm_tp_wait_s"] + slowest["comm_dp_wait_s"]
+    record.update(_expert_shares(ranks, cfg, dp))
     record.update(_utilization(record["tokens_per_s"], (params, info["layers"], info["hidden"], cfg.data.seq_len),
                                cfg.parallel.activation_checkpointing, nproc))
     return record
+
+
+def _expert_shares(ranks: list[dict], cfg, dp: int) -> dict:
+    """Expert parameter and optimizer bytes per rank against the expert-parallel share: all experts' fp32
+    weights / EP, and AdamW's two fp32 moments of those, partitioned over the expert-data-parallel ranks."""
+    if cfg.parallel.expert == 1:
+        return {}
+    from modeling.build import hf_config, meta_model
+    from modeling.experts import experts_modules
+
+    model = meta_model(hf_config(pretrained=cfg.model.pretrained, arch=cfg.model.arch, config=cfg.model.config))
+    experts = sum(p.numel() for m in experts_modules(model).values() for p in m.parameters())
+    share = 4 * experts / cfg.parallel.expert
+    optimizer_share = 2 * share / (dp // cfg.parallel.expert)
+    return {"expert_params": experts, "expert_param_bytes_rank0": ranks[0]["expert_param_bytes"],
+            "expert_param_vs_share": ranks[0]["expert_param_bytes"] / share,
+            "expert_optimizer_bytes_rank0": ranks[0]["expert_optimizer_state_bytes"],
+            "expert_optimizer_vs_share": ranks[0]["expert_optimizer_state_bytes"] / optimizer_share}
 
 
 def _utilization(tokens_per_s: float, shape: tuple, recompute: str, nproc: int) -> dict:

@@ -18,9 +18,12 @@ from pathlib import Path
 from training.events import Observer
 
 
-def _optimizer_state_bytes(optimizer) -> int:
+def _optimizer_state_bytes(optimizer, experts_only: bool = False) -> int:
+    """Bytes of the optimizer's state tensors (``experts_only``: of DeepSpeed's MoE parameter groups)."""
     inner = getattr(optimizer, "optimizer", optimizer)
-    return sum(t.numel() * t.element_size() for state in inner.state.values() for t in state.values()
+    return sum(t.numel() * t.element_size() for group in inner.param_groups
+               if group.get("moe", False) or not experts_only
+               for p in group["params"] for t in inner.state.get(p, {}).values()
                if hasattr(t, "numel") and t.dim() > 0)
 
 
@@ -129,14 +132,14 @@ def _step_medians(per_step: list[dict], warmup: int, timed: int) -> dict:
     """Medians over the timed steps (and, for the barrier-separated transfer and wait, the probe steps)."""
     timed_steps = per_step[warmup:warmup + timed]
     probed = per_step[warmup + timed:] or timed_steps
-    groups = ("comm_tp", "comm_dp", "comm_pp")
+    groups = ("comm_tp", "comm_dp", "comm_pp", "comm_ep")
 
     def median(steps, kind, key, default=0.0):
         return statistics.median(s[kind].get(key, default) for s in steps)
 
     return {"step_s": statistics.median(s["wall_s"] for s in timed_steps),
             **{f"{k}_s": median(timed_steps, "seconds", k)
-               for k in ("forward", "backward", "optimizer", "comm_tp", "comm_dp", "comm_pp", "comm_other")},
+               for k in ("forward", "backward", "optimizer", "comm_tp", "comm_dp", "comm_pp", "comm_ep", "comm_other")},
             **{f"{k}_bytes": median(timed_steps, "bytes", k, 0) for k in groups},
             **{f"{k}_calls": median(timed_steps, "calls", k, 0) for k in groups},
             **{f"{k}_transfer_s": median(probed, "seconds", k) for k in groups},
@@ -154,6 +157,9 @@ def _rank_memory(engine, cfg, gradient_bytes: list[int]) -> dict:
         "model_params_local": local_params,
         "param_bytes": _param_bytes(engine.module),
         "optimizer_state_bytes": _optimizer_state_bytes(engine.optimizer),
+        "expert_param_bytes": sum(p.numel() * p.element_size() for p in engine.module.parameters()
+                                  if hasattr(p, "expert_range")),
+        "expert_optimizer_state_bytes": _optimizer_state_bytes(engine.optimizer, experts_only=True),
         # None where no gradient storage was found (ZeRO-2 under unmanaged accumulation, i.e. our pipelines,
         # keeps it in DeepSpeed buffers this probe does not know)
         "gradient_bytes": max(gradient_bytes) if gradient_bytes and max(gradient_bytes) else None,
