@@ -28,7 +28,8 @@ SHRINK = [(re.compile(r"vocab_size"), 260), (re.compile(r"intermediate|ffn_dim|f
           (re.compile(r"(^|_)window(_size)?$"), SLIDING_WINDOW),  # Doge's keep_window_size: its dynamic mask's
           (re.compile(r"^(num_experts|num_local_experts|n_routed_experts|moe_num_experts)$"), EXPERTS),
           (TOP_K_FIELDS, TOP_K), (re.compile(r"num_kv_shared_layers"), 0),
-          (re.compile(r"^(n_group|num_expert_group)$"), 2), (re.compile(r"^topk_group$"), 1)]
+          (re.compile(r"^(n_group|num_expert_group)$"), 2), (re.compile(r"^topk_group$"), 1),
+          (re.compile(r"^attn_layer_offset$"), SMALL["num_hidden_layers"] - 1)]  # Jamba's 1 attention in 8: kept
 ROUTER_NOISE = re.compile(r"jitter|router_noise")
 DENSE_KINDS = {"full_attention", "sliding_attention"}
 EXPERT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")

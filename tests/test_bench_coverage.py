@@ -90,11 +90,14 @@ def test_classification():
     ("deepseek_v3", "n_routed_experts", "num_experts_per_tok"), ("bailing_hybrid", "num_experts",
                                                                  "num_experts_per_token"),
     ("aria_text", "moe_num_experts", "moe_topk"), ("hunyuan_v1_moe", "num_experts", "moe_topk"),
-    ("phimoe", "num_local_experts", "num_experts_per_tok")])
+    ("phimoe", "num_local_experts", "num_experts_per_tok"), ("deepseek_v2", "n_routed_experts",
+                                                             "num_experts_per_tok"),
+    ("jamba", "num_experts", "num_experts_per_tok")])
 def test_tiny_moe_config_has_4_experts(model_type, experts, top_k):
-    """4 routed experts (hunyuan_v1_moe's default 1 raised), top-2 at most (its 1 kept), 2 expert groups of which
-    1 is chosen (DeepSeek-V3's 8 of 4 would leave no expert in a group), router noise off (phimoe's jitter), no
-    load-balancing loss; the built model's experts modules hold the 4, the model is tiny."""
+    """4 routed experts (hunyuan_v1_moe's default 1 raised), top-2 at most (its 1 kept, DeepSeek-V2's unset one
+    set), 2 expert groups of which 1 is chosen (DeepSeek-V3's 8 of 4 would leave no expert in a group), router
+    noise off (phimoe's jitter), no load-balancing loss; the built model's experts modules hold the 4, the model
+    is tiny."""
     config = tiny_config(model_type)
     fields = config.to_dict()
     assert fields[experts] == 4 and 1 <= fields[top_k] <= 2
@@ -108,6 +111,8 @@ def test_tiny_moe_config_has_4_experts(model_type, experts, top_k):
     assert counts == {4}
     assert sum(p.numel() for p in model.parameters()) < 1_500_000
     assert tiny_config("doge").num_experts == 4  # a dense config's expert field: lowered only, as before
+    if model_type == "jamba":  # its layer kinds follow from periods: the attention one in 8 kept in the 4 layers
+        assert config.layer_types == ["linear_attention"] * 3 + ["full_attention"]
 
 
 @pytest.mark.unit
