@@ -39,6 +39,18 @@ def model_state_bytes(params: int, zero_stage: int, dp: int, largest_layer: int 
     return state
 
 
+def expert_layout_state_bytes(params: int, zero_stage: int, dp: int, largest_layer: int = 0,
+                              precision: str = "fp32", expert_params: int = 0, expert: int = 1) -> dict:
+    """``model_state_bytes`` of a rank whose ``params`` include ``expert_params`` of routed experts under
+    expert parallelism ``expert``: ZeRO partitions those over their own data-parallel group (dp / expert
+    ranks), the rest over all ``dp``."""
+    state = model_state_bytes(params - expert_params, zero_stage, dp, largest_layer, precision)
+    if expert_params:
+        experts = model_state_bytes(expert_params, zero_stage, dp // expert, 0, precision)
+        state = {key: value + experts[key] for key, value in state.items()}
+    return state
+
+
 def step_partition_bytes(params: int, zero_stage: int, dp: int) -> float:
     """What the optimizer step adds under ZeRO 1-2: the fp32 gradient partition DeepSpeed flattens for its
     optimizer (4 bytes per parameter / data-parallel degree)."""

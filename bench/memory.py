@@ -13,8 +13,9 @@ DeepSpeed engine), ``resume`` (a resumed run's restore: the optimizer state writ
 ``engine.step``: gradient reduction at the boundary, clipping, AdamW), ``save`` (the checkpoint), ``export``
 (``output_dir/hf``). On CPU the peak is anonymous resident memory (what the process allocated; pages of
 memory-mapped safetensors files are page cache the kernel can drop, and are in results.json's ``rss`` peaks
-only). The formula is the ZeRO paper's model state per rank for this rank's parameters
-(``bench.formulas.model_state_bytes``, at the run's precision: bf16/fp16 runs get the mixed-precision terms
+only). The formula is the ZeRO paper's model state per rank for this rank's parameters (routed experts under
+expert parallelism partitioned over their own data-parallel group: ``bench.formulas.expert_layout_state_bytes``),
+at the run's precision: bf16/fp16 runs get the mixed-precision terms
 ``bench plan`` uses; results written before 2026-12-06 used the fp32 terms whatever the precision): weights,
 gradients, AdamW moments and, under ZeRO, the fp32 master
 partition and, under ZeRO-3, the largest layer gathered in full with its gradient (DeepSpeed's own estimate), plus
@@ -41,7 +42,7 @@ import time
 from pathlib import Path
 
 from bench.cli import RESULTS
-from bench.formulas import largest_layer_params, model_state_bytes
+from bench.formulas import expert_layout_state_bytes, largest_layer_params
 from bench.variant import Variant, parse_variant
 from training.events import Observer
 
@@ -226,7 +227,9 @@ def worker(args) -> None:
     # unpartitioned (ZeRO-3 keeps the size in ds_numel); the formula divides by the data-parallel degree
     local = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
     dp = dist.get_world_size() // (cfg.parallel.tensor * cfg.parallel.pipeline)
-    formula = model_state_bytes(local, cfg.parallel.zero_stage, dp, largest_layer_params(module), cfg.precision)
+    experts = sum(p.numel() for p in module.parameters() if hasattr(p, "expert_range"))
+    formula = expert_layout_state_bytes(local, cfg.parallel.zero_stage, dp, largest_layer_params(module),
+                                        cfg.precision, experts, cfg.parallel.expert)
     formula["activation_bytes"] = activations.peak
     record = {"rank": dist.get_rank(), "runtime_bytes": peaks.runtime, "local_params": local,
               "malloc_mmap_threshold": _mmap_threshold(result.model),

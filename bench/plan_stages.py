@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from bench.formulas import largest_layer_params, model_state_bytes, step_partition_bytes
+from bench.formulas import expert_layout_state_bytes, largest_layer_params, step_partition_bytes
 from bench.plan_trace import ChunkTrace, fake_world, full_meta_model, trace_chunk
 
 
@@ -38,6 +38,7 @@ class StageShape:
     largest_layer: int
     tied: int
     traces: list[ChunkTrace]
+    expert_params: int = 0  # of ``params``, this rank's block of routed experts (ZeRO partitions them over EDP)
 
 
 def stage_shape(cfg, full, stage: int, device: str = "cpu", traced: dict | None = None) -> StageShape:
@@ -47,11 +48,11 @@ def stage_shape(cfg, full, stage: int, device: str = "cpu", traced: dict | None 
     from parallel.groups import ProcessGroups, rank_grid
     from training.assembly import rank_model
 
-    t, p = cfg.parallel.tensor, cfg.parallel.pipeline
+    t, p, e = cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.expert
     if cfg.parallel.partition == "measured":  # no probe under the fake world: parameter counts stand in for times
         cfg = cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={"partition": "parameters"})})
-    fake_world(t * p, int(rank_grid(t, p, 1)[stage, 0, 0]))
-    groups = ProcessGroups.from_degrees(tensor=t, pipeline=p)
+    fake_world(t * p * e, int(rank_grid(t, p, e)[stage, 0, 0]))
+    groups = ProcessGroups.from_degrees(tensor=t, pipeline=p, expert=e)
     model, pipeline = rank_model(cfg, full, groups)
     modules = [module.to("meta") for module in (pipeline[0] if pipeline else [model])]  # buffers made on the host too
     traced = {} if traced is None else traced
@@ -65,7 +66,8 @@ def stage_shape(cfg, full, stage: int, device: str = "cpu", traced: dict | None 
     tied = pipeline[1].numel() if pipeline and pipeline[1] is not None else 0
     return StageShape(stage=stage, params=sum(x.numel() for module in modules for x in module.parameters()),
                       largest_layer=max(largest_layer_params(module) for module in modules), tied=tied,
-                      traces=traces)
+                      traces=traces, expert_params=sum(x.numel() for module in modules for x in module.parameters()
+                                                       if hasattr(x, "expert_range")))
 
 
 def block_kinds(chunk) -> tuple:
@@ -77,7 +79,8 @@ def block_kinds(chunk) -> tuple:
 
 def stage_memory(shape: StageShape, cfg, data: int, zero_stage: int, micro_batches: int) -> StagePlan:
     """The planned memory of the stage at ``data`` data-parallel ranks, ``zero_stage`` and ``micro_batches``."""
-    state = model_state_bytes(shape.params, zero_stage, data, shape.largest_layer, cfg.precision)
+    state = expert_layout_state_bytes(shape.params, zero_stage, data, shape.largest_layer, cfg.precision,
+                                      shape.expert_params, cfg.parallel.expert)
     schedule = (shape.traces, cfg.parallel.schedule, cfg.parallel.pipeline, micro_batches, shape.stage,
                 cfg.parallel.virtual_stages)
     kept, in_place = in_flight_peak(*schedule)
@@ -87,7 +90,8 @@ def stage_memory(shape: StageShape, cfg, data: int, zero_stage: int, micro_batch
     gradients = shape.params * (2 if cfg.precision != "fp32" else 4)
     running = fresh if zero_stage >= 2 else max(in_place, fresh - gradients)
     state_bytes, tied = sum(state.values()), 4 * shape.tied
-    step_partition = step_partition_bytes(shape.params, zero_stage, data)
+    step_partition = (step_partition_bytes(shape.params - shape.expert_params, zero_stage, data)
+                      + step_partition_bytes(shape.expert_params, zero_stage, data // cfg.parallel.expert))
     return StagePlan(stage=shape.stage, params=shape.params, model_state=state, activations=kept,
                      traces=shape.traces, steps=state_bytes + tied + max(running, 2 * tied),
                      optimizer=state_bytes + step_partition)

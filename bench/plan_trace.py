@@ -99,6 +99,21 @@ def attention_as_on(device: str):
     return attention
 
 
+def experts_as_grouped(self, hidden_states, top_k_index, top_k_weights):
+    """A transformers experts module's forward for meta tensors, making the tensors its grouped kernels make
+    (``grouped_mm_experts_forward``) for its tokens x top-k rows: gathered inputs, the gate|up output, the
+    activation, the down output and its weighted copy. (The kernels themselves have no meta implementation in
+    fp32, and the eager loop's ``nonzero`` needs values.)"""
+    top_k = top_k_index.shape[-1]
+    rows = hidden_states.repeat_interleave(top_k, dim=0)
+    first = self.gate_up_proj[0] if self.has_gate else self.up_proj[0]
+    up = rows @ (first if self.is_transposed else first.t())
+    up = self._apply_gate(up) if self.has_gate else self.act_fn(up)
+    down = up @ (self.down_proj[0] if self.is_transposed else self.down_proj[0].t())
+    weighted = down * top_k_weights.reshape(-1, 1).to(down.dtype)
+    return weighted.view(-1, top_k, weighted.shape[-1]).sum(dim=1)
+
+
 @dataclass
 class ChunkTrace:
     """One micro-batch through one model chunk: bytes kept from its forward to its backward (with its output),
@@ -165,6 +180,7 @@ def _traced_pass(module, cfg, groups, spec, device: str) -> tuple[int, int, int]
     from unittest import mock
 
     from transformers import PreTrainedModel, masking_utils
+    from transformers.integrations.moe import ExpertsInterface
 
     live = LiveBytes()
     causal_skip = masking_utils._ignore_causal_mask_sdpa
@@ -178,7 +194,8 @@ def _traced_pass(module, cfg, groups, spec, device: str) -> tuple[int, int, int]
           mock.patch.object(masking_utils, "_ignore_causal_mask_sdpa",
                             lambda padding_mask, *args, **kwargs: causal_skip(None, *args, **kwargs)),
           mock.patch.object(masking_utils, "_ignore_bidirectional_mask_sdpa", return_value=False),
-          mock.patch("torch.nn.functional.scaled_dot_product_attention", attention_as_on(device)), live):
+          mock.patch("torch.nn.functional.scaled_dot_product_attention", attention_as_on(device)),
+          mock.patch.object(ExpertsInterface, "get_interface", lambda *args: experts_as_grouped), live):
         start = live.reset_peak()
         out, loss = _forward(module, cfg, groups, spec)
         kept, forward_peak = live.live - start, live.peak - start

@@ -38,6 +38,7 @@ def report_markdown(records: list[dict], spec: dict, machine: dict, figures: lis
     if baselines:
         lines += _baselines_table(baselines, spec.get("baseline_rounds", 1))
     lines += _prediction_table(records)
+    lines += _experts_table(records)
     if spec.get("comm_fit") and Path(spec["comm_fit"]).is_file():
         import json
 
@@ -74,6 +75,24 @@ def _points_table(records: list[dict]) -> list[str]:
             f"{bubble} | {_fmt(r.get('param_vs_formula'), 4)} | {_fmt(r.get('gradient_vs_formula'), 4)} | "
             f"{r['optimizer_state_vs_formula']:.3f} | "
             f"{r['peak_rss_bytes_max'] / 2**20:.0f} |")
+    return lines
+
+
+def _experts_table(records: list[dict]) -> list[str]:
+    """Expert parallelism's points: the all-to-all per step and the expert bytes per rank against the EP share
+    (all experts' fp32 weights / EP; AdamW's two moments of those over the expert-data-parallel ranks)."""
+    experts = [r for r in records if r.get("status") == "ok" and "expert_params" in r]
+    if not experts:
+        return []
+    mib = 2**20
+    lines = ["", "Expert parallelism (all-to-all = the token exchanges; expert bytes of rank 0 / the EP share):", "",
+             "| point | procs | all-to-all s | all-to-all MiB | DP reduction MiB | expert params MiB / share | "
+             "expert optimizer MiB / share |", "|---|---|---|---|---|---|---|"]
+    for r in experts:
+        lines.append(f"| {point_label(r)} | {r['nproc']} | {r['comm_ep_s']:.3f} | {r['comm_ep_bytes'] / mib:.1f} | "
+                     f"{r['comm_dp_bytes'] / mib:.1f} | {r['expert_param_bytes_rank0'] / mib:.1f} / "
+                     f"{r['expert_param_vs_share']:.3f} | {r['expert_optimizer_bytes_rank0'] / mib:.1f} / "
+                     f"{r['expert_optimizer_vs_share']:.3f} |")
     return lines
 
 
@@ -159,8 +178,8 @@ def _throughput(ax, ok: list[dict]) -> None:
 
 def _comm_share(ax, ok: list[dict]) -> None:
     bottom = [0.0] * len(ok)
-    for group in ("comm_tp_s", "comm_dp_s", "comm_pp_s"):
-        share = [r[group] / r["step_s"] for r in ok]
+    for group in ("comm_tp_s", "comm_dp_s", "comm_pp_s", "comm_ep_s"):
+        share = [r.get(group, 0.0) / r["step_s"] for r in ok]
         ax.bar(range(len(ok)), share, bottom=bottom, label=group.split("_")[1].upper())
         bottom = [b + s for b, s in zip(bottom, share)]
     ax.set_xticks(range(len(ok)), [point_label(r) for r in ok], rotation=60, ha="right", fontsize=6)

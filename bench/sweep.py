@@ -139,7 +139,11 @@ def summarize(point: dict, nproc: int, raw: dict, config_path: str, sets: list[s
               "peak_rss_bytes_max": max(r["peak_rss_bytes"] for r in ranks), "model_params": params}
     dp = nproc // (cfg.parallel.tensor * cfg.parallel.pipeline)
     local = ranks[0]["model_params_local"]  # rank 0's stage and tensor shard, unpartitioned (ZeRO-3: ds_numel)
-    formula = zero_formula_bytes(local, cfg.parallel.zero_stage, dp)
+    experts = ranks[0].get("expert_param_bytes", 0) // 4  # its experts (fp32), partitioned over the EDP ranks
+    formula = zero_formula_bytes(local - experts, cfg.parallel.zero_stage, dp)
+    if experts:
+        expert_formula = zero_formula_bytes(experts, cfg.parallel.zero_stage, dp // cfg.parallel.expert)
+        formula = {k: v + expert_formula[k] for k, v in formula.items()}
     record.update({f"formula_{k}": v for k, v in formula.items()})
     record["param_vs_formula"] = record["param_bytes_rank0"] / formula["param_bytes"]
     record["optimizer_state_vs_formula"] = record["optimizer_state_bytes_rank0"] / formula["optimizer_state_bytes"]

@@ -1,14 +1,15 @@
 """A variant: one labelled set of config overrides and the number of processes it runs on, what a
 ``--layout tensor=2,pipeline=2,data=2,zero=1`` argument of ``bench memory``, ``bench plan`` and ``bench
-diverge`` names. Its parallel layout (tensor x pipeline x data) gives the processes; the ZeRO stage and, for
-``bench diverge``, any dotted config key ride along as overrides."""
+diverge`` names. Its parallel layout (tensor x pipeline x data) gives the processes; the ZeRO stage, the expert
+degree (carved from data) and, for ``bench diverge``, any dotted config key ride along as overrides."""
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
 # the variant keys that are config keys; ``data`` is not one: the data-parallel degree follows from the processes
-CONFIG_KEYS = {"tensor": "parallel.tensor", "pipeline": "parallel.pipeline", "zero": "parallel.zero_stage"}
+CONFIG_KEYS = {"tensor": "parallel.tensor", "pipeline": "parallel.pipeline", "zero": "parallel.zero_stage",
+               "expert": "parallel.expert"}
 DEGREES = ("tensor", "pipeline", "data")
 
 
@@ -29,7 +30,7 @@ def parse_variant(text: str, prog: str = "bench memory") -> Variant:
             from bench.cli import fail
 
             fail(prog, f"--layout {text!r}: {item!r} is not one of "
-                       f"{', '.join(k + '=N' for k in (*DEGREES, 'zero'))}")
+                       f"{', '.join(k + '=N' for k in (*DEGREES, 'zero', 'expert'))}")
         if key in degrees:
             degrees[key] = int(value)
         if key in CONFIG_KEYS:

@@ -59,6 +59,8 @@ def plan_dispatch(expert_index: torch.Tensor, num_experts: int, group: ProcessGr
     ``group``: each rank learns how many rows it receives per source rank and local expert."""
     world = dist.get_world_size(group)
     local = num_experts // world
+    if expert_index.is_meta:  # bench plan traces shapes only: an even exchange, every rank receiving what it sends
+        return _even_dispatch(expert_index, local, world)
     order = torch.argsort(expert_index, stable=True)
     per_expert = torch.bincount(expert_index, minlength=num_experts)
     received = torch.empty_like(per_expert)
@@ -67,6 +69,13 @@ def plan_dispatch(expert_index: torch.Tensor, num_experts: int, group: ProcessGr
     send, receive = counts.tolist()  # the one host read: split sizes of the variable all-to-all
     experts = torch.arange(local, device=expert_index.device).repeat(world)
     return Dispatch(order, send, receive, torch.repeat_interleave(experts, received))
+
+
+def _even_dispatch(expert_index: torch.Tensor, local: int, world: int) -> Dispatch:
+    pairs = expert_index.numel()
+    send = [pairs // world + (rank < pairs % world) for rank in range(world)]
+    rows = torch.arange(pairs, device=expert_index.device)
+    return Dispatch(rows, send, send, rows % local)
 
 
 def expert_parallel(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
