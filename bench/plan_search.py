@@ -20,6 +20,7 @@ def _divisors(n: int) -> list[int]:
 def candidates(args, world: int, global_batch: int):
     """(label, config, data degree) of every layout of ``world`` ranks the run's own checks accept, with the
     global batch of ``global_batch`` sequences split into micro-batches of the config's size."""
+    from modeling.experts import check_expert_parallel_fits, experts_modules
     from modeling.pipeline import check_pipeline_fits
     from modeling.tp_plans import check_tensor_parallel_fits
     from training.config import load
@@ -27,38 +28,50 @@ def candidates(args, world: int, global_batch: int):
     base = load(args.config, args.set)
     micro = base.train.micro_batch_size
     modes = ("none", "selective", "full") if args.recompute == "all" else (base.parallel.activation_checkpointing,)
-    hf = full_meta_model(base).config
+    full = full_meta_model(base)
+    hf, moe = full.config, bool(experts_modules(full))
     pairs = [(tensor, pipeline) for tensor in _divisors(world) if tensor <= args.max_tensor
              for pipeline in _divisors(world // tensor)]
     for t, p in pairs:
         data = world // (t * p)
         if global_batch % (micro * data):
             continue
-        for zero, mode in itertools.product((0, 1, 2, 3), modes):
+        for zero, mode, expert in itertools.product((0, 1, 2, 3), modes, _divisors(data) if moe else [1]):
             sets = [f"parallel.tensor={t}", f"parallel.pipeline={p}", f"parallel.zero_stage={zero}",
-                    f"parallel.activation_checkpointing={mode}", f"train.grad_accum={global_batch // (micro * data)}"]
+                    f"parallel.activation_checkpointing={mode}", f"train.grad_accum={global_batch // (micro * data)}",
+                    f"parallel.expert={expert}"]
             try:
                 check_tensor_parallel_fits(hf, t)
                 check_pipeline_fits(hf, p, base.parallel.virtual_stages, base.parallel.partition)
+                check_expert_parallel_fits(full, expert)
                 cfg = load(args.config, args.set + sets)
             except ValueError:
                 continue
-            yield f"tensor={t},pipeline={p},data={data}", cfg, data
+            yield f"tensor={t},pipeline={p},data={data}" + (f",expert={expert}" if expert > 1 else ""), cfg, data
 
 
-def step_seconds(cfg, hf, data: int, stages: list[StagePlan], fits: dict, device_flops: float) -> dict:
-    """A step-time estimate: the step's FLOPs (``flops_per_token``, recomputation included) at
+def step_seconds(cfg, full, data: int, stages: list[StagePlan], fits: dict, device_flops: float) -> dict:
+    """A step-time estimate: the step's FLOPs (``flops_per_token``, recomputation included; of a
+    mixture-of-experts model its active parameters: the dense ones and top-k of every layer's experts) at
     ``device_flops`` per rank, stretched by the pipeline bubble (p - 1) / (v m), plus the communication the
     fits predict, not overlapped: per micro-batch and block 4 tensor-parallel all-reduces of the hidden states
     (forward 2, backward 2), per step the data-parallel reduction of the gradients (ZeRO-3: the parameters
     gathered in the forward and the backward too, per micro-batch), per micro-batch and chunk boundary a send
-    of the hidden states each way."""
+    of the hidden states each way, and with expert parallelism per micro-batch and MoE layer 4 all-to-alls of
+    the token-expert pairs (dispatch and combine, forward and backward; the all-gather fit of the same bytes)."""
     from bench.comm import predict_seconds
+    from modeling.experts import experts_modules
 
-    par, m = cfg.parallel, cfg.train.grad_accum
+    par, m, hf = cfg.parallel, cfg.train.grad_accum, full.config
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len
     width = 2 if cfg.precision != "fp32" else 4
+    experts = experts_modules(full)
     params = sum(s.params for s in stages) * par.tensor
+    if experts:
+        routed = sum(p.numel() for module in experts.values() for p in module.parameters())
+        top_k = getattr(hf, "num_experts_per_tok", 1)
+        total = sum(p.numel() for p in full.parameters())
+        params = total - routed + routed * top_k // next(iter(experts.values())).num_experts
     shape = decoder_shape(hf)
     per_token = flops_per_token(par.activation_checkpointing, params, shape.layers, shape.hidden, cfg.data.seq_len,
                                 shape.attention_width)
@@ -74,9 +87,13 @@ def step_seconds(cfg, hf, data: int, stages: list[StagePlan], fits: dict, device
         if par.zero_stage == 3:
             dp += 2 * m * predict_seconds(fits["all_gather"], grads)
     pp = 2 * m * par.virtual_stages * predict_seconds(fits["send_recv"], hidden_bytes) if par.pipeline > 1 else 0.0
-    total = compute * (1 + bubble) + tp + dp + pp
+    ep = 0.0
+    if par.expert > 1:
+        pair_bytes = hidden_bytes * getattr(hf, "num_experts_per_tok", 1)
+        ep = 4 * len(experts) / par.pipeline * m * predict_seconds(fits["all_gather"], pair_bytes)
+    total = compute * (1 + bubble) + tp + dp + pp + ep
     return {"step_s": total, "compute_s": compute, "bubble": bubble, "tp_s": tp, "dp_s": dp, "pp_s": pp,
-            "tokens_per_s": tokens * m * data / total}
+            "ep_s": ep, "tokens_per_s": tokens * m * data / total}
 
 
 def search(args) -> list[dict]:
@@ -86,25 +103,27 @@ def search(args) -> list[dict]:
     for label, cfg, data in candidates(args, args.world_size, args.global_batch or 0):
         full = full if full is not None else full_meta_model(cfg)
         par = cfg.parallel
-        key = (par.tensor, par.pipeline, par.activation_checkpointing)
+        key = (par.tensor, par.pipeline, par.activation_checkpointing, par.expert)
         if key not in shapes:  # the traces do not depend on ZeRO or the data-parallel degree
             shapes[key] = layout_shapes(cfg, full, args.device)
         stages = [stage_memory(s, cfg, data, par.zero_stage, cfg.train.grad_accum) for s in shapes[key]]
         row = {**plan_row(label, cfg, data, stages), "micro_batches": cfg.train.grad_accum,
-               **step_seconds(cfg, full.config, data, stages, fits, args.device_tflops * 1e12)}
+               **step_seconds(cfg, full, data, stages, fits, args.device_tflops * 1e12)}
         row["fits"] = row["peak_bytes"] <= args.device_memory
         rows.append(row)
     return sorted(rows, key=lambda r: (not r["fits"], -r["tokens_per_s"], r["peak_bytes"]))
 
 
 def search_table(rows: list[dict], top: int) -> str:
+    experts = any(r.get("ep_s") for r in rows)  # an expert-parallel column for models with experts only
     lines = ["| layout | ZeRO | recompute | micro-batches | planned peak GiB | fits | est. tokens/s | compute s | "
-             "bubble | TP comm s | DP comm s | PP comm s |", "|" + "---|" * 12]
+             "bubble | TP comm s | DP comm s | PP comm s |" + (" EP comm s |" if experts else ""),
+             "|" + "---|" * (13 if experts else 12)]
     for r in rows[:top]:
         lines.append(f"| {r['layout']} | {r['zero']} | {r['recompute']} | {r['micro_batches']} | "
                      f"{r['peak_bytes'] / 2**30:.1f} | {'yes' if r['fits'] else 'no'} | {r['tokens_per_s']:,.0f} | "
                      f"{r['compute_s']:.3f} | {r['bubble']:.0%} | {r['tp_s']:.3f} | {r['dp_s']:.3f} | "
-                     f"{r['pp_s']:.3f} |")
+                     f"{r['pp_s']:.3f} |" + (f" {r['ep_s']:.3f} |" if experts else ""))
     return "\n".join(lines) + "\n"
 
 

@@ -238,3 +238,46 @@ def test_encoder_decoder_models_are_planned_with_their_sequence_to_sequence_loss
 def test_bad_input_is_one_line_naming_it(argv, message):
     with pytest.raises(SystemExit, match=message):
         plan.main(argv)
+
+
+TINY_MIXTRAL = {**DECODER, "num_hidden_layers": 2, "num_local_experts": 4, "head_dim": 8}
+
+
+@pytest.mark.unit
+def test_expert_parallel_plan_holds_half_the_experts_and_partitions_them_over_their_own_ranks(tmp_path):
+    """At EP=2 a rank holds every dense parameter and half of every expert tensor (the run's own
+    ``expert_parallelize`` under the fake world), traced through the expert-parallel forward on the meta device;
+    the model state partitions the experts over data / expert ranks, the rest over data."""
+    from bench.formulas import expert_layout_state_bytes, model_state_bytes
+    from modeling.experts import experts_modules
+
+    one = plan_stages.layout_shapes(_config(tmp_path, "mixtral", TINY_MIXTRAL))[0]
+    cfg = _config(tmp_path, "mixtral", TINY_MIXTRAL, expert=2)
+    (planned,) = plan_stages.layout_shapes(cfg)
+    model = plan_stages.full_meta_model(cfg)
+    experts = sum(p.numel() for m in experts_modules(model).values() for p in m.parameters())
+    assert planned.expert_params == experts // 2 and planned.params == one.params - experts // 2
+    assert planned.traces[0].kept > 0
+    state = expert_layout_state_bytes(planned.params, 1, 4, 0, "fp32", planned.expert_params, 2)
+    dense, expert = model_state_bytes(one.params - experts, 1, 4), model_state_bytes(experts // 2, 1, 2)
+    assert state == {key: dense[key] + expert[key] for key in dense}
+    assert plan_stages.stage_memory(planned, cfg, 4, 1, 2).model_state == state
+
+
+@pytest.mark.unit
+def test_search_ranks_expert_parallel_layouts_of_a_moe_model(tmp_path, capsys):
+    """A mixture-of-experts model's search adds every expert degree the data-parallel ranks and the experts
+    allow (ZeRO 1/2), with the all-to-all priced; an expert-parallel layout holds less than the same layout
+    without it."""
+    cfg = _config(tmp_path, "mixtral", TINY_MIXTRAL)
+    config_file = tmp_path / "run.json"
+    config_file.write_text(cfg.model_dump_json())
+    rows = plan.main(["--config", str(config_file), "--world-size", "4", "--set", "train.grad_accum=2",
+                      "--device-memory", "1TiB"])
+    by_layout = {(r["layout"], r["zero"]): r for r in rows}
+    assert {"tensor=1,pipeline=1,data=4,expert=2", "tensor=1,pipeline=1,data=4,expert=4"} <= {r["layout"]
+                                                                                              for r in rows}
+    assert not [r for r in rows if "expert" in r["layout"] and r["zero"] in (0, 3)]
+    split, whole = by_layout[("tensor=1,pipeline=1,data=4,expert=4", 1)], by_layout[("tensor=1,pipeline=1,data=4", 1)]
+    assert split["ep_s"] > 0 == whole["ep_s"] and split["peak_bytes"] < whole["peak_bytes"]
+    assert "EP comm s" in capsys.readouterr().out
