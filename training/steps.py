@@ -77,7 +77,7 @@ class DataParallelStep(Step):
         total_nll, total_tokens = torch.zeros((), dtype=torch.float64, device=device), 0.0
         for batch, weight in eval_batches:
             input_ids = batch["input_ids"].to(device)
-            logits = self.engine(input_ids=input_ids).logits
+            logits = self.engine(input_ids=input_ids, use_cache=False).logits
             nll = next_token_losses(self.engine.module, logits, input_ids, self.groups.tp_group).sum(dim=1)
             total_nll += (nll.double() * weight.to(device)).sum()
             total_tokens += float(weight.sum()) * (input_ids.shape[1] - 1)  # weight is the data's, on the host
