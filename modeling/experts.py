@@ -9,8 +9,8 @@ tensor) and gives the module a forward that sends each token-expert pair to the 
 implementation (eager, grouped_mm, ...). Routers, shared experts, dense layers and the losses stay the model's.
 
 DeepSpeed reduces and partitions expert parameters over the expert-data-parallel group when they carry its marks
-(``allreduce=False``, ``group_name``), they sit in optimizer groups marked ``moe``, and the model holds a module
-of its MoE class (how its engine decides the model has expert layers): the modules here derive from it.
+(``allreduce=False``, ``group_name``, set here), they sit in optimizer groups marked ``moe`` and the model holds a
+module of its MoE class (``training.engine`` sees to the last two).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from parallel.experts import expert_parallel
 from parallel.groups import ProcessGroups
 
 
-def experts_modules(model: nn.Module) -> dict[str, nn.Module]:
+def experts_modules(model: nn.Module) -> dict[str, Any]:
     """The experts modules of ``model`` by name (transformers marks them ``_is_expert_parallel``)."""
     return {name: module for name, module in model.named_modules() if hasattr(module, "_is_expert_parallel")}
 
@@ -35,7 +35,7 @@ def expert_group_name(expert: int) -> str:
     return f"ep_size_{expert}"
 
 
-def check_expert_parallel_fits(model: nn.Module, expert: int) -> None:
+def check_expert_parallel_fits(model: Any, expert: int) -> None:
     """ValueError naming the model or the layer when ``model``'s experts cannot be split ``expert`` ways."""
     if expert == 1:
         return
@@ -93,9 +93,7 @@ def expert_parallelize(model: nn.Module, groups: ProcessGroups) -> None:
 
 
 @functools.cache
-def _expert_parallel_class(experts_class: type) -> type:
-    from deepspeed.moe.layer import MoE
-
+def _expert_parallel_class(experts_class: Any) -> type:
     own_forward = experts_class.forward
 
     def forward(self: Any, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -109,12 +107,7 @@ def _expert_parallel_class(experts_class: type) -> type:
         return expert_parallel(hidden_states, top_k_index, top_k_weights, self.total_experts, self.expert_group,
                                compute)
 
-    def set_deepspeed_parallelism(self: Any, *args: Any, **kwargs: Any) -> None:
-        """DeepSpeed's engine asks its MoE layers to create their groups: colonnade's are registered already
-        (``training.engine.register_expert_groups``)."""
-
-    return type(f"ExpertParallel{experts_class.__name__}", (experts_class, MoE),
-                {"forward": forward, "set_deepspeed_parallelism": set_deepspeed_parallelism})
+    return type(f"ExpertParallel{experts_class.__name__}", (experts_class,), {"forward": forward})
 
 
 class PipelinedRouterLoss:
@@ -125,14 +118,15 @@ class PipelinedRouterLoss:
     The probability sums travel in the differentiable message, so every stage's routers get the whole loss's
     gradient. ``size``: the totals' length (counts, then probability sums)."""
 
-    def __init__(self, model: nn.Module):
-        self.experts, self.top_k = model.num_experts, model.num_experts_per_tok
-        self.coefficient = model.router_aux_loss_coef
+    def __init__(self, model: Any):
+        self.experts: int = model.num_experts
+        self.top_k: int = model.num_experts_per_tok
+        self.coefficient: float = model.router_aux_loss_coef
         self.layers = len(experts_modules(model))
         self.size = 2 * self.experts
 
     @staticmethod
-    def applies(model: nn.Module) -> bool:
+    def applies(model: Any) -> bool:
         """Whether ``model`` adds transformers' standard load-balancing loss (Mixtral's function, which 31 of the
         34 MoE models defining one share) to its loss."""
         import sys

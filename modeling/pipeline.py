@@ -237,7 +237,8 @@ class PipelineChunk(nn.Module):
         self.spec, self.seq_len, self.state = spec, seq_len, StageState()
         # With the model's load-balancing loss the message is the hidden states, flat, then the router totals;
         # the head chunk leaves the micro-batch's loss in ``aux_loss``.
-        self.router_loss, self.aux_loss = router_loss, None
+        self.router_loss = router_loss
+        self.aux_loss: torch.Tensor | None = None
         base = _base(model, plan)
         children = self._stand_ins(base, plan)
         children[plan.blocks] = nn.ModuleList(self._blocks(model, plan, children))
@@ -288,10 +289,10 @@ class PipelineChunk(nn.Module):
                 self.state.received = x
                 shape = x.new_zeros(()).expand(x.shape[0], self.seq_len, self.hidden_size)
                 out = self.model(inputs_embeds=shape, use_cache=False)
-            if self.router_loss is not None:
+            if self.router_loss is not None and totals is not None:
                 totals = self.router_loss.add(totals, out.router_logits or ())
             if self.spec.head:
-                if self.router_loss is not None:
+                if self.router_loss is not None and totals is not None:
                     self.aux_loss = self.router_loss.loss(totals, out.logits.shape[0] * out.logits.shape[1])
                 return out.logits
             hidden = self.state.sent if self.state.sent is not None else out.last_hidden_state

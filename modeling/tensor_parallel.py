@@ -125,11 +125,6 @@ def _replace_hidden_states(args: tuple, kwargs: dict[str, Any],
     return args, kwargs
 
 
-def _holds_split_layer(module: nn.Module, name: str, plan: TPPlan) -> bool:
-    return any(style != "region" for child, _ in module.named_children()
-               for style in _matches(plan.styles, f"{name}.{child}"))
-
-
 def _enter_region_at_input(module: nn.Module, group: ProcessGroup | None, sequence_parallel: bool,
                            async_grad_reduce: bool) -> None:
     """``module``'s input enters the region once for the column layers inside it (q|k|v, gate|up)."""
@@ -183,8 +178,9 @@ def apply_tp_plan(model: PreTrainedModel, plan: TPPlan, group: ProcessGroup | No
             _keep_embedding_scale(module, embedding)
             tied[name] = module.weight
             swaps.append((aliases[id(module)], embedding))
-        elif style == "region" and _holds_split_layer(module, name, plan):  # not a MoE block beside dense MLPs
-            regions.append(module)
+        elif style == "region" and any(inner != "region" for child, _ in module.named_children()
+                                       for inner in _matches(plan.styles, f"{name}.{child}")):
+            regions.append(module)  # it holds a split layer: a MoE block that ``layers.*.mlp`` names does not
         elif style == "heads_embedding":
             _shard_heads_embedding(cast(nn.Embedding, module), group)
     for names, new in swaps:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -47,16 +48,22 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
              **({"moe": True, "name": key[1]} if key[1] else {})} for key in order]
 
 
-def register_expert_groups(groups: ProcessGroups) -> None:
-    """Give DeepSpeed colonnade's expert-parallel and expert-data-parallel groups under its name for them
-    (``ep_size_N``), before its engine looks them up. DeepSpeed keeps these in module-level registries that its
-    MoE layers fill with groups of its own rank layout; registered first, they are ours."""
+def register_expert_layers(model: torch.nn.Module, groups: ProcessGroups) -> None:
+    """Make DeepSpeed treat ``model``'s expert-parallel modules (``modeling.experts``) as its MoE layers, before
+    its engine is built: the engine decides that a model has expert layers, and its ZeRO optimizer gives their
+    parameter groups the expert-data-parallel group, by the class of the modules, and it looks the groups up by
+    name (``ep_size_N``) in module-level registries its own MoE layers fill with groups of DeepSpeed's rank
+    layout. Each expert-parallel module's class also derives from DeepSpeed's ``MoE`` (no group creation of
+    its own), and colonnade's groups are registered first under that name."""
     if groups.expert == 1:
         return
     from deepspeed.utils import groups as deepspeed_groups
 
     from modeling.experts import expert_group_name
 
+    for module in model.modules():
+        if hasattr(module, "expert_group"):
+            module.__class__ = _as_deepspeed_moe(type(module))
     name = expert_group_name(groups.expert)
     deepspeed_groups._EXPERT_PARALLEL_GROUP[name] = groups.ep_group
     deepspeed_groups._EXPERT_PARALLEL_GROUP_RANKS[name] = list(groups.ep_ranks)
@@ -112,6 +119,16 @@ def _not_untested_optimizer(record) -> bool:
     return "untested optimizer" not in record.getMessage()
 
 
+@functools.cache
+def _as_deepspeed_moe(experts_class: Any) -> type:
+    from deepspeed.moe.layer import MoE
+
+    def set_deepspeed_parallelism(self: Any, *args: Any, **kwargs: Any) -> None:
+        """DeepSpeed's engine asks its MoE layers to create their groups: colonnade's are registered."""
+
+    return type(experts_class.__name__, (experts_class, MoE), {"set_deepspeed_parallelism": set_deepspeed_parallelism})
+
+
 def hidden_size_of(model: torch.nn.Module) -> int | None:
     """``modeling.build.hidden_size`` of the first module with an HF config (a pipeline chunk's layers carry the
     model's)."""
@@ -139,7 +156,7 @@ def build(model: torch.nn.Module, optim: OptimConfig, total_steps: int, ds_confi
         deepspeed_logger.addFilter(_not_untested_optimizer)
 
     fill_model_sized_buckets(ds_config, model)
-    register_expert_groups(groups)
+    register_expert_layers(model, groups)
     optimizer, scheduler = build_optimizer(model, optim, total_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, mpu=groups, dist_init_required=False)

@@ -59,7 +59,7 @@ def _streamed_weights(engine: DeepSpeedEngine, model: PreTrainedModel, groups: P
         if groups.pp_rank == stage:
             held = _gathered_partitions(local[name]) if zero3 and name in parameters else local[name].detach()
             if hasattr(local[name], "expert_range") and groups.dp_rank < groups.expert:  # rank 0's expert group
-                held = _gathered_experts(held, groups.ep_group)
+                held = _gathered_experts(local[name].detach(), groups.ep_group)  # (no ZeRO-3 with experts)
         if groups.dp_rank != 0:
             return None
         if groups.pp_rank == stage:
