@@ -89,7 +89,7 @@ def expert_parallelize(model: nn.Module, groups: ProcessGroups) -> None:
         module.num_experts = local
         module.total_experts = total
         module.expert_group = groups.ep_group
-        module.__class__ = _expert_parallel_class(type(module))
+        module.__class__ = _expert_parallel_class(module.__class__)
 
 
 @functools.cache

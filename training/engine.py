@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -63,7 +63,7 @@ def register_expert_layers(model: torch.nn.Module, groups: ProcessGroups) -> Non
 
     for module in model.modules():
         if hasattr(module, "expert_group"):
-            module.__class__ = _as_deepspeed_moe(type(module))
+            module.__class__ = _as_deepspeed_moe(cast(Any, module).__class__)
     name = expert_group_name(groups.expert)
     deepspeed_groups._EXPERT_PARALLEL_GROUP[name] = groups.ep_group
     deepspeed_groups._EXPERT_PARALLEL_GROUP_RANKS[name] = list(groups.ep_ranks)
