@@ -55,6 +55,24 @@ def _llama_demo_rows(demo: dict) -> list[str]:
     return lines
 
 
+def _moe_memory_rows(memory: dict) -> list[str]:
+    """docs/benchmarks.md's expert-parallel memory table: MB above the runtime (× the formula, worst rank)."""
+    names = {"data=2,zero=2": "DP=2, ZeRO-2", "data=2,zero=2,expert=2": "DP=2 = EP=2, ZeRO-2",
+             "data=2,zero=1,expert=2": "DP=2 = EP=2, ZeRO-1"}
+    return [f"| {names[row['layout']]} | {row['params_per_rank'] / 1e6:.1f} M | {row['formula_bytes'] / 2**20:,.0f} | "
+            + " | ".join(f"{row[f'{phase}_above_runtime_bytes'] / 2**20:,.0f} ({row[f'{phase}_vs_formula']:.2f})"
+                         for phase in ("load", "steps", "optimizer", "save", "export")) + " |"
+            for row in memory["rows"]]
+
+
+def _moe_memory_claim(memory: dict) -> str:
+    """The README's sentence on the EP=2 run (ZeRO-2) against plain data parallelism."""
+    plain, split = memory["rows"][0], memory["rows"][1]
+    worst = max(split[f"{phase}_vs_formula"] for phase in ("load", "steps", "optimizer", "save", "export"))
+    return (f"holds {split['params_per_rank'] / 1e6:.0f} M parameters per rank instead of "
+            f"{plain['params_per_rank'] / 1e6:.0f} M, its peak within {worst:.2f}× the formula")
+
+
 def claims() -> dict[str, list[str]]:
     """Document -> the texts it must contain, each computed from a committed results file."""
     save, adam = _load("async-save-cpu/results.json"), _load("cpu-adam-cpu/results.json")
@@ -70,11 +88,13 @@ def claims() -> dict[str, list[str]]:
             f"steps {adam['params'] / 1e6:.0f} M fp32 parameters in {fused:.3f} s fused, {ds:.3f} s with "
             f"`DeepSpeedCPUAdam` ({ds / fused:.2f}× slower) and {foreach:.3f} s with torch's foreach AdamW "
             f"({foreach / fused:.1f}×)",
-            *_llama_demo_rows(_load("llama-demo-cpu/summary.json"))],
+            *_llama_demo_rows(_load("llama-demo-cpu/summary.json")),
+            _moe_memory_claim(_load("memory-moe-cpu/results.json"))],
         "docs/benchmarks.md": [
             f"| {overhead['plain_tokens_per_s']:,.0f} tok/s | {overhead['colonnade_tokens_per_s']:,.0f} tok/s | "
             f"**{overhead['throughput_ratio']:.2f}** |",
-            *_plan_claims(_load("plan-search-llama7b/results.json"))],
+            *_plan_claims(_load("plan-search-llama7b/results.json")),
+            *_moe_memory_rows(_load("memory-moe-cpu/results.json"))],
     }
 
 
