@@ -83,7 +83,7 @@ def _save_reference(model: Any, path: str, seq_len: int) -> None:
 
     model.eval()
     with torch.no_grad():
-        logits = model(input_ids=logit_batch(model.config.vocab_size, seq_len)).logits
+        logits = model(input_ids=logit_batch(model.config.vocab_size, seq_len), use_cache=False).logits
     state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
     torch.save({"state": state, "logits": logits}, path)
 

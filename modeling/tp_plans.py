@@ -177,6 +177,12 @@ SUPPLEMENTS = {
     # declare only their MLPs: the latent attention split as MiniCPM3 and DeepSeek-V2 declare it
     "youtu": _LATENT_ATTENTION,
     "deepseek_v3": _LATENT_ATTENTION,
+    # mixtures of experts whose declarations split only the routed experts, which colonnade leaves to
+    # parallel.expert: Llama's attention (GPT-OSS's per-head sinks with it, as Granite SWA declares them)
+    "granitemoe": _ATTENTION,
+    "granitemoeshared": _ATTENTION,
+    "phimoe": _ATTENTION,
+    "gpt_oss": {**_ATTENTION, "layers.*.self_attn.sinks": "colwise"},
 }
 
 
