@@ -33,7 +33,8 @@ class StepProbe:
 
     KINDS = ("seconds", "bytes", "calls", "predicted", "wait")
 
-    def __init__(self, tensor: int, pipeline: int, world: int, rank: int, fits: dict | None = None):
+    def __init__(self, tensor: int, pipeline: int, world: int, rank: int, fits: dict | None = None,
+                 expert: int = 1):
         import torch.distributed as dist
 
         from parallel.groups import rank_grid
@@ -43,7 +44,9 @@ class StepProbe:
         p, d, t = where
         self.sets = {"tp": frozenset(grid[p, d, :].tolist()), "dp": frozenset(grid[p, :, t].tolist()),
                      "pp": frozenset(grid[:, d, t].tolist()),
-                     "pp_embed": frozenset({grid[0, d, t].item(), grid[-1, d, t].item()})}
+                     "pp_embed": frozenset({grid[0, d, t].item(), grid[-1, d, t].item()}),
+                     # the ranks holding the same experts, which reduce their gradients: data-parallel traffic
+                     "edp": frozenset(grid[p, d % expert::expert, t].tolist())}
         self.dist = dist
         self.fits = fits or {}
         self.barrier = False  # separate waiting for the slowest rank from the transfer (Megatron's barrier timers)
@@ -55,9 +58,9 @@ class StepProbe:
     def classify(self, ranks: frozenset) -> str:
         if len(ranks) == 1:
             return "local"
-        for name in ("tp", "dp", "pp", "pp_embed"):
+        for name in ("tp", "dp", "pp", "pp_embed", "edp"):
             if ranks == self.sets[name]:
-                return "pp" if name == "pp_embed" else name
+                return {"pp_embed": "pp", "edp": "dp"}.get(name, name)
         return "other"
 
     def predict(self, function: str, nbytes: int, group_size: int) -> float:

@@ -60,18 +60,13 @@ def step_seconds(cfg, full, data: int, stages: list[StagePlan], fits: dict, devi
     of the hidden states each way, and with expert parallelism per micro-batch and MoE layer 4 all-to-alls of
     the token-expert pairs (dispatch and combine, forward and backward; the all-gather fit of the same bytes)."""
     from bench.comm import predict_seconds
-    from modeling.experts import experts_modules
+    from modeling.experts import active_parameters, experts_modules
 
     par, m, hf = cfg.parallel, cfg.train.grad_accum, full.config
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len
     width = 2 if cfg.precision != "fp32" else 4
     experts = experts_modules(full)
-    params = sum(s.params for s in stages) * par.tensor
-    if experts:
-        routed = sum(p.numel() for module in experts.values() for p in module.parameters())
-        top_k = getattr(hf, "num_experts_per_tok", 1)
-        total = sum(p.numel() for p in full.parameters())
-        params = total - routed + routed * top_k // next(iter(experts.values())).num_experts
+    params = active_parameters(full) if experts else sum(s.params for s in stages) * par.tensor
     shape = decoder_shape(hf)
     per_token = flops_per_token(par.activation_checkpointing, params, shape.layers, shape.hidden, cfg.data.seq_len,
                                 shape.attention_width)

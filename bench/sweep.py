@@ -106,13 +106,16 @@ COMM = ("comm_tp", "comm_dp", "comm_pp", "comm_ep")
 
 
 def _full_params(config_path: str, sets: list[str]) -> tuple[int, dict]:
-    from modeling.build import hf_config
+    from modeling.build import hf_config, meta_model
+    from modeling.experts import active_parameters, experts_modules
     from training.config import load
 
     cfg = load(config_path, sets)
     model_cfg = hf_config(pretrained=cfg.model.pretrained, arch=cfg.model.arch, config=cfg.model.config)
     shape = decoder_shape(model_cfg)  # gated MLPs, GQA and untied heads counted (GPT-2: PaLM's 12 h^2 + V h)
-    return decoder_params(shape)["total"], {"cfg": cfg, "layers": shape.layers, "hidden": shape.hidden}
+    model = meta_model(model_cfg, cfg.model.trust_remote_code)  # a mixture of experts: its active parameters
+    params = active_parameters(model) if experts_modules(model) else decoder_params(shape)["total"]
+    return params, {"cfg": cfg, "layers": shape.layers, "hidden": shape.hidden}
 
 
 def _tokens_per_step(cfg, nproc: int) -> int:

@@ -114,7 +114,7 @@ def worker(args) -> None:
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     fits = json.loads(Path(args.comm_fit).read_text())["fit"] if args.comm_fit else None
-    probe = StepProbe(cfg.parallel.tensor, cfg.parallel.pipeline, world, rank, fits)
+    probe = StepProbe(cfg.parallel.tensor, cfg.parallel.pipeline, world, rank, fits, cfg.parallel.expert)
     install(probe)
     observer = StepObserver(probe, barrier_after=args.warmup + args.timed)
     _count_backward_gradient_bytes(observer.gradient_bytes)

@@ -30,6 +30,17 @@ def experts_modules(model: nn.Module) -> dict[str, Any]:
     return {name: module for name, module in model.named_modules() if hasattr(module, "_is_expert_parallel")}
 
 
+def active_parameters(model: nn.Module) -> int:
+    """Parameters one token's forward multiplies with: every one outside the routed experts, and of each layer's
+    experts the ``num_experts_per_tok`` it is routed to (the model's total for a dense model)."""
+    total = sum(p.numel() for p in model.parameters())
+    top_k = getattr(getattr(model, "config", None), "num_experts_per_tok", 1) or 1
+    for module in experts_modules(model).values():
+        routed = sum(p.numel() for p in module.parameters())
+        total += routed * top_k // getattr(module, "total_experts", module.num_experts) - routed
+    return total
+
+
 def expert_group_name(expert: int) -> str:
     """DeepSpeed's name of the expert-parallel group of size ``expert`` (its ``ep_size_N``)."""
     return f"ep_size_{expert}"

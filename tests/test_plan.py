@@ -262,6 +262,9 @@ def test_expert_parallel_plan_holds_half_the_experts_and_partitions_them_over_th
     dense, expert = model_state_bytes(one.params - experts, 1, 4), model_state_bytes(experts // 2, 1, 2)
     assert state == {key: dense[key] + expert[key] for key in dense}
     assert plan_stages.stage_memory(planned, cfg, 4, 1, 2).model_state == state
+    from modeling.experts import active_parameters  # a token's parameters: the dense ones and top-2 of 4 experts
+
+    assert active_parameters(model) == sum(p.numel() for p in model.parameters()) - experts + experts * 2 // 4
 
 
 @pytest.mark.unit
