@@ -164,6 +164,24 @@ def assert_gradients_match(tp_model, dense, group, tol: dict) -> int:
     return len(grads)
 
 
+def relative_error(got: list[float], expected: list[float]) -> float:
+    return max(abs(a / b - 1) for a, b in zip(got, expected))
+
+
+def assert_matches_reference(name: str, history: list[dict], ref: tuple[list[float], list[float]],
+                             loss_tol: float, norm_tol: float) -> None:
+    """Every step's loss and gradient norm of the run's ``history`` within the relative tolerances of the
+    reference's; the worst of each printed."""
+    steps = step_records(history)
+    ref_loss, ref_norm = ref
+    assert len(steps) == len(ref_loss), name
+    losses, norms = [r["loss"] for r in steps], [r["grad_norm"] for r in steps]
+    print(f"{name}: loss {relative_error(losses, ref_loss):.1e}, grad norm {relative_error(norms, ref_norm):.1e} "
+          f"relative")
+    assert losses == pytest.approx(ref_loss, rel=loss_tol), name
+    assert norms == pytest.approx(ref_norm, rel=norm_tol), name
+
+
 def assert_resumes_continue(full_history, resumed_histories) -> None:
     """Each resumed run's steps 6-10 equal the uninterrupted run's: only the fp32 summation order differs
     between layouts (as in test_checkpoint), 1e-5 relative."""
@@ -185,21 +203,30 @@ def assert_exports_agree(run_a: Path, run_b: Path) -> None:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
 
 
-def reference_training(cfg, global_batch: int) -> tuple[list[float], list[float], torch.nn.Module]:
-    """The independent reference run (``reference_losses``): per-step loss, pre-clip gradient norm, and the
-    trained transformers model, for comparing an export's logits with it."""
+def reference_model(cfg) -> torch.nn.Module:
+    """transformers' model of ``cfg`` (eager attention) with colonnade's seeded step-0 weights, the only thing
+    the reference takes from colonnade."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from modeling.build import build_model, byte_level_tokenizer
 
-    blocks = reference_blocks(cfg.data.train_files, cfg.data.seq_len)
     config = AutoConfig.for_model(cfg.model.arch, **cfg.model.config, vocab_size=BYTE_VOCAB, **BYTE_SPECIALS)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     initial = build_model(pretrained=None, arch=cfg.model.arch, config={**BYTE_SPECIALS, **cfg.model.config},
                           vocab_size=len(byte_level_tokenizer()), seed=cfg.train.seed)
     model.load_state_dict(initial.state_dict())
-    del initial
-    model.train()
+    return model.train()
+
+
+def reference_training(cfg, global_batch: int,
+                       micro_batch: int | None = None) -> tuple[list[float], list[float], torch.nn.Module]:
+    """The independent reference run (``reference_losses``): per-step loss, pre-clip gradient norm, and the
+    trained transformers model, for comparing an export's logits with it. ``micro_batch``: one forward per run
+    of that many blocks of the global batch and the mean of their HF losses, as HF Trainer accumulates
+    gradients (a mixture of experts' load-balancing loss is a function of a forward's tokens); else one
+    forward over the global batch."""
+    blocks = reference_blocks(cfg.data.train_files, cfg.data.seq_len)
+    model = reference_model(cfg)
     opt = torch.optim.AdamW(reference_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                             betas=cfg.optim.betas, eps=cfg.optim.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: reference_lr_multiplier(cfg.optim, step,
@@ -208,7 +235,9 @@ def reference_training(cfg, global_batch: int) -> tuple[list[float], list[float]
     losses, norms = [], []
     for step in range(cfg.train.steps):
         ids = blocks[order[step * global_batch:(step + 1) * global_batch]]
-        loss, norm = reference_update(model, opt, sched, model(input_ids=ids, labels=ids).loss, cfg.optim.grad_clip)
+        parts = ids.split(micro_batch) if micro_batch else [ids]
+        loss = torch.stack([model(input_ids=part, labels=part).loss for part in parts]).mean()
+        loss, norm = reference_update(model, opt, sched, loss, cfg.optim.grad_clip)
         losses.append(loss)
         norms.append(norm)
     model.eval()

@@ -24,6 +24,7 @@ from tests.helpers import (
     TINY_GPT2,
     TINY_LLAMA,
     assert_exports_agree,
+    assert_matches_reference,
     assert_resumes_continue,
     reference_losses,
     reference_training,
@@ -136,18 +137,8 @@ def reference():
     return of
 
 
-def _relative(got: list[float], expected: list[float]) -> float:
-    return max(abs(a / b - 1) for a, b in zip(got, expected))
-
-
 def _check(name: str, history: list[dict], ref: tuple[list[float], list[float]]):
-    steps = step_records(history)
-    ref_loss, ref_norm = ref
-    assert len(steps) == len(ref_loss), name
-    losses, norms = [r["loss"] for r in steps], [r["grad_norm"] for r in steps]
-    print(f"{name}: loss {_relative(losses, ref_loss):.1e}, grad norm {_relative(norms, ref_norm):.1e} relative")
-    assert losses == pytest.approx(ref_loss, rel=LOSS_TOL), name
-    assert norms == pytest.approx(ref_norm, rel=NORM_TOL), name
+    assert_matches_reference(name, history, ref, LOSS_TOL, NORM_TOL)
 
 
 def _launch(world: int, cfgs: list) -> list[list[dict]]:

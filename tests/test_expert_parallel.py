@@ -19,14 +19,14 @@ import torch
 
 from tests.dist import run_ranks
 from tests.helpers import (
-    BYTE_SPECIALS,
-    BYTE_VOCAB,
     assert_exports_agree,
+    assert_matches_reference,
     assert_resumes_continue,
     reference_blocks,
-    reference_lr_multiplier,
+    reference_model,
     reference_order,
-    reference_param_groups,
+    reference_training,
+    relative_error,
     run_configs,
     step_records,
     tiny_config,
@@ -66,24 +66,10 @@ def _config(tmp, corpus, arch: str, steps: int = 10, router_loss: bool = True, *
     return tiny_config(tmp / arch, corpus, model={"arch": arch, "tokenizer": "byte", "config": config}, **settings)
 
 
-def _reference_model(cfg) -> torch.nn.Module:
-    """transformers' model of ``cfg`` with colonnade's seeded step-0 weights (the only thing taken from it)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from modeling.build import build_model, byte_level_tokenizer
-
-    config = AutoConfig.for_model(cfg.model.arch, **cfg.model.config, vocab_size=BYTE_VOCAB, **BYTE_SPECIALS)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    initial = build_model(pretrained=None, arch=cfg.model.arch, config={**BYTE_SPECIALS, **cfg.model.config},
-                          vocab_size=len(byte_level_tokenizer()), seed=cfg.train.seed)
-    model.load_state_dict(initial.state_dict())
-    return model.train()
-
-
 def reference_first_step_load(cfg, global_batch: int) -> dict[str, torch.Tensor]:
     """Tokens per expert of each MoE layer (``layer_<i>``) over the first step's global batch, counted from the
     experts each HF router chose (every layer's experts module called with the router's choice)."""
-    model = _reference_model(cfg)
+    model = reference_model(cfg)
     blocks = reference_blocks(cfg.data.train_files, cfg.data.seq_len)
     ids = blocks[reference_order(len(blocks), cfg.train.seed, global_batch)]
     counts: dict[str, torch.Tensor] = {}
@@ -98,27 +84,8 @@ def reference_first_step_load(cfg, global_batch: int) -> dict[str, torch.Tensor]
 
 
 def reference_moe_training(cfg, global_batch: int) -> tuple[list[float], list[float], torch.nn.Module]:
-    """Per-step loss (the mean of the micro-batches' HF losses), pre-clip gradient norm, and the trained model
-    of the reference."""
-    blocks = reference_blocks(cfg.data.train_files, cfg.data.seq_len)
-    model = _reference_model(cfg)
-    opt = torch.optim.AdamW(reference_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                            betas=cfg.optim.betas, eps=cfg.optim.eps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: reference_lr_multiplier(cfg.optim, step,
-                                                                                        cfg.train.steps))
-    order = reference_order(len(blocks), cfg.train.seed, cfg.train.steps * global_batch)
-    losses, norms = [], []
-    for step in range(cfg.train.steps):
-        ids = blocks[order[step * global_batch:(step + 1) * global_batch]]
-        micro = [model(input_ids=part, labels=part).loss for part in ids.split(cfg.train.micro_batch_size)]
-        loss = torch.stack(micro).mean()
-        loss.backward()
-        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)))
-        losses.append(float(loss.detach()))
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-    return losses, norms, model.eval()
+    """The reference run with one forward per micro-batch (``tests.helpers.reference_training``)."""
+    return reference_training(cfg, global_batch, micro_batch=cfg.train.micro_batch_size)
 
 
 @pytest.fixture(scope="module")
@@ -126,18 +93,8 @@ def corpus(tmp_path_factory):
     return write_corpus(tmp_path_factory.mktemp("experts") / "corpus")
 
 
-def _relative(got: list[float], expected: list[float]) -> float:
-    return max(abs(a / b - 1) for a, b in zip(got, expected))
-
-
 def _check(name: str, history: list[dict], ref: tuple[list[float], list[float]]):
-    steps = step_records(history)
-    ref_loss, ref_norm = ref
-    assert len(steps) == len(ref_loss), name
-    losses, norms = [r["loss"] for r in steps], [r["grad_norm"] for r in steps]
-    print(f"{name}: loss {_relative(losses, ref_loss):.1e}, grad norm {_relative(norms, ref_norm):.1e} relative")
-    assert losses == pytest.approx(ref_loss, rel=LOSS_TOL), name
-    assert norms == pytest.approx(ref_norm, rel=NORM_TOL), name
+    assert_matches_reference(name, history, ref, LOSS_TOL, NORM_TOL)
 
 
 @pytest.mark.multiprocess
@@ -299,7 +256,7 @@ def test_expert_parallel_with_every_schedule_and_recomputation(tmp_path, corpus,
         _check(f"qwen3_moe EP2 PP{par.pipeline} {par.schedule} recompute {par.activation_checkpointing}", history,
                reference(cfg))
     without = reference(_config(tmp_path / "plain", corpus, "qwen3_moe", router_loss=False))
-    off = _relative(without[1], reference(cfgs[0])[1])
+    off = relative_error(without[1], reference(cfgs[0])[1])
     print(f"qwen3_moe reference without its load-balancing loss: grad norm {off:.1e} relative off")
     assert off > 100 * NORM_TOL
 
