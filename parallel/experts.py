@@ -90,5 +90,6 @@ def expert_parallel(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weigh
     computed = compute(received, dispatch.local_expert)
     returned = _AllToAll.apply(computed, dispatch.send, dispatch.receive, group)
     unsorted = returned[torch.argsort(dispatch.order)]
-    weighted = unsorted.view(tokens, top_k, -1) * top_k_weights.unsqueeze(-1).to(unsorted.dtype)
+    # in the router weights' dtype (fp32 for Mixtral's router, whatever the activations): as the grouped kernels
+    weighted = unsorted.view(tokens, top_k, -1) * top_k_weights.unsqueeze(-1)
     return weighted.sum(dim=1).to(hidden.dtype)
