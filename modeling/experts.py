@@ -20,7 +20,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed import ProcessGroup
 
+from parallel.comm import reduce_from_tensor_parallel_region
 from parallel.experts import expert_parallel
 from parallel.groups import ProcessGroups
 
@@ -63,20 +65,21 @@ def check_expert_parallel_fits(model: Any, expert: int) -> None:
                              f"which expert parallelism does not split; set parallel.expert=1")
 
 
-def check_router_loss_fits(hf_config: Any, pipeline: int, sequence_parallel: bool, precision: str) -> None:
-    """ValueError when the model's own load-balancing loss (``output_router_logits``) cannot be computed as it
-    computes it: over every layer's router logits of a micro-batch at once."""
-    if not getattr(hf_config, "output_router_logits", False):
+def check_router_loss_fits(model: Any, pipeline: int, sequence_parallel: bool, precision: str) -> None:
+    """ValueError when the model's own load-balancing loss (``output_router_logits``) cannot be taken over a
+    forward split across stages or sequence shards (``SplitRouterLoss``)."""
+    split = [f"parallel.pipeline={pipeline}"] * (pipeline > 1) + ["parallel.sequence_parallel=true"] * sequence_parallel
+    if not getattr(model.config, "output_router_logits", False) or not split:
         return
+    if not SplitRouterLoss.applies(model):
+        raise ValueError(f"model.config.output_router_logits=true with {' and '.join(split)}: model_type "
+                         f"{model.config.model_type!r}'s load-balancing loss is not transformers' standard one, "
+                         f"which colonnade splits; set model.config.output_router_logits=false or undo the split")
     if pipeline > 1 and precision != "fp32":
         raise ValueError(f"model.config.output_router_logits=true with parallel.pipeline={pipeline} and "
                          f"precision={precision}: the load-balancing totals (tokens per expert) travel between "
                          f"stages in the activations' dtype, exact only in fp32; use precision=fp32 or set "
                          f"model.config.output_router_logits=false")
-    if sequence_parallel:
-        raise ValueError("model.config.output_router_logits=true with parallel.sequence_parallel=true: each tensor "
-                         "rank's routers see only its part of the sequence, the loss needs all of it; set "
-                         "model.config.output_router_logits=false or parallel.sequence_parallel=false")
 
 
 def expert_parallelize(model: nn.Module, groups: ProcessGroups) -> None:
@@ -121,13 +124,15 @@ def _expert_parallel_class(experts_class: Any) -> type:
     return type(f"ExpertParallel{experts_class.__name__}", (experts_class,), {"forward": forward})
 
 
-class PipelinedRouterLoss:
+class SplitRouterLoss:
     """transformers' load-balancing loss (``load_balancing_loss_func``: E x sum over experts of the fraction of
-    routed rows and the mean router probability, both over every MoE layer's rows) taken over pipeline stages.
-    Each stage adds its layers' tokens per expert and router-probability sums, in layer order as the function
-    does, to running totals that travel with the hidden states; the last stage takes the loss of the totals.
-    The probability sums travel in the differentiable message, so every stage's routers get the whole loss's
-    gradient. ``size``: the totals' length (counts, then probability sums)."""
+    routed rows and the mean router probability, both over every MoE layer's rows) of a forward split over
+    pipeline stages or sequence shards. Each stage adds its layers' tokens per expert and router-probability
+    sums, in layer order as the function does, to running totals that travel with the hidden states
+    (differentiably: every stage's routers get the whole loss's gradient); under sequence parallelism the last
+    stage sums the totals over the tensor group (all-reduce forward, identity backward: each rank's routers get
+    the gradient of its own tokens, which sequence parallelism sums over the group like every replicated
+    parameter's) and takes the loss of them. ``size``: the totals' length (counts, then probability sums)."""
 
     def __init__(self, model: Any):
         self.experts: int = model.num_experts
@@ -158,8 +163,15 @@ class PipelinedRouterLoss:
             probabilities = probabilities + weights.sum(dim=0)
         return torch.cat([counts.detach(), probabilities])
 
-    def loss(self, totals: torch.Tensor, tokens: int) -> torch.Tensor:
-        """``router_aux_loss_coef`` x the load-balancing loss of a micro-batch of ``tokens`` tokens."""
+    def start(self, like: torch.Tensor) -> torch.Tensor:
+        """Totals before the first layer, on ``like``'s device."""
+        return torch.zeros(self.size, dtype=torch.float32, device=like.device)
+
+    def loss(self, totals: torch.Tensor, tokens: int, sequence_group: ProcessGroup | None = None) -> torch.Tensor:
+        """``router_aux_loss_coef`` x the load-balancing loss of a micro-batch of ``tokens`` tokens (all of its
+        sequence), from this rank's totals (``sequence_group``: summed over it first)."""
+        if sequence_group is not None:
+            totals = reduce_from_tensor_parallel_region(totals, sequence_group)
         rows = tokens * self.layers
         fraction, probability = totals[:self.experts] / rows, totals[self.experts:] / rows
         return self.coefficient * torch.sum(fraction * probability.unsqueeze(0)) * self.experts

@@ -4,11 +4,14 @@ slice of this rank from the model's output layer and reduces over the tensor gro
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.distributed import ProcessGroup
 from transformers import PreTrainedModel
 
+from modeling.experts import SplitRouterLoss
 from parallel.cross_entropy import causal_lm_loss, token_loss, vocab_parallel_cross_entropy
 from parallel.layers import VocabParallelHead
 
@@ -27,13 +30,19 @@ def lm_loss(model: PreTrainedModel, logits: torch.Tensor, labels: torch.Tensor,
     return causal_lm_loss(logits, labels, tp_group if valid is not None else None, start, valid)
 
 
-def router_aux_loss(model: PreTrainedModel, output: object) -> torch.Tensor | float:
+def router_aux_loss(model: PreTrainedModel, output: Any, sequence_group: ProcessGroup | None = None
+                    ) -> torch.Tensor | float:
     """The model's auxiliary load-balancing loss (``output_router_logits``) times its coefficient, as its forward
-    adds it to the loss when given labels; 0 when the model computes none."""
-    aux = getattr(output, "aux_loss", None)
-    if aux is None:
+    adds it to the loss when given labels; 0 when the model computes none. Under sequence parallelism
+    (``sequence_group``) its routers saw this rank's part of the sequence: the loss is taken over every part
+    (``modeling.experts.SplitRouterLoss``)."""
+    if getattr(output, "aux_loss", None) is None:
         return 0.0
-    return getattr(model, "router_aux_loss_coef", model.config.router_aux_loss_coef) * aux
+    if sequence_group is None:
+        return getattr(model, "router_aux_loss_coef", model.config.router_aux_loss_coef) * output.aux_loss
+    split = SplitRouterLoss(model)
+    totals = split.add(split.start(output.logits), output.router_logits)
+    return split.loss(totals, output.logits.shape[0] * output.logits.shape[1], sequence_group)
 
 
 def seq2seq_loss(model: PreTrainedModel, logits: torch.Tensor, labels: torch.Tensor,

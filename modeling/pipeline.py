@@ -24,7 +24,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from modeling.experts import PipelinedRouterLoss
+from modeling.experts import SplitRouterLoss
 from parallel.partition import StageSpec, stage_specs
 from parallel.weight_grad import WeightGradStore, linear
 
@@ -231,14 +231,14 @@ class PipelineChunk(nn.Module):
     hidden states, or the (vocabulary-sharded) logits on the last chunk."""
 
     def __init__(self, model: PreTrainedModel, spec: StageSpec, seq_len: int,
-                 router_loss: PipelinedRouterLoss | None = None):
+                 router_loss: SplitRouterLoss | None = None):
         super().__init__()
         plan = stage_plan(model)
         self.spec, self.seq_len, self.state = spec, seq_len, StageState()
-        # With the model's load-balancing loss the message is the hidden states, flat, then the router totals;
-        # the head chunk leaves the micro-batch's loss in ``aux_loss``.
+        # With the model's load-balancing loss a forward also takes the router totals of the stages before and
+        # leaves them, this chunk's layers added, in ``router_totals``.
         self.router_loss = router_loss
-        self.aux_loss: torch.Tensor | None = None
+        self.router_totals: torch.Tensor | None = None
         base = _base(model, plan)
         children = self._stand_ins(base, plan)
         children[plan.blocks] = nn.ModuleList(self._blocks(model, plan, children))
@@ -276,12 +276,7 @@ class PipelineChunk(nn.Module):
     def head(self) -> nn.Module | None:
         return cast(PreTrainedModel, self.model).get_output_embeddings() if self.spec.head else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        totals = None
-        if self.router_loss is not None:
-            size = self.router_loss.size
-            x, totals = (x, x.new_zeros(size)) if self.spec.embed else (x[:-size].view(-1, self.seq_len,
-                                                                                       self.hidden_size), x[-size:])
+    def forward(self, x: torch.Tensor, router_totals: torch.Tensor | None = None) -> torch.Tensor:
         try:
             if self.spec.embed:
                 out = self.model(input_ids=x, use_cache=False)
@@ -289,14 +284,12 @@ class PipelineChunk(nn.Module):
                 self.state.received = x
                 shape = x.new_zeros(()).expand(x.shape[0], self.seq_len, self.hidden_size)
                 out = self.model(inputs_embeds=shape, use_cache=False)
-            if self.router_loss is not None and totals is not None:
-                totals = self.router_loss.add(totals, out.router_logits or ())
+            if self.router_loss is not None:
+                totals = router_totals if router_totals is not None else self.router_loss.start(x)
+                self.router_totals = self.router_loss.add(totals, out.router_logits or ())
             if self.spec.head:
-                if self.router_loss is not None and totals is not None:
-                    self.aux_loss = self.router_loss.loss(totals, out.logits.shape[0] * out.logits.shape[1])
                 return out.logits
-            hidden = self.state.sent if self.state.sent is not None else out.last_hidden_state
-            return hidden if totals is None else torch.cat([hidden.reshape(-1), totals.to(hidden.dtype)])
+            return self.state.sent if self.state.sent is not None else out.last_hidden_state
         finally:
             self.state.received = self.state.sent = None
 
@@ -304,7 +297,7 @@ class PipelineChunk(nn.Module):
 def split_chunks(model: PreTrainedModel, specs: list[StageSpec], seq_len: int) -> nn.ModuleList:
     """This rank's chunks (in local order) as one module, ready to be wrapped by DeepSpeed."""
     check_stage_modules(model, "parallel.pipeline")
-    router_loss = PipelinedRouterLoss(model) if PipelinedRouterLoss.applies(model) else None
+    router_loss = SplitRouterLoss(model) if SplitRouterLoss.applies(model) else None
     return nn.ModuleList(PipelineChunk(model, spec, seq_len, router_loss) for spec in specs)
 
 

@@ -84,10 +84,11 @@ class PipelineRunner(Step):
         self.p, self.v = groups.pipeline, cfg.parallel.virtual_stages
         # With sequence parallelism the hidden state between blocks is this rank's part of the sequence.
         sequence = cfg.data.seq_len // (groups.tensor if cfg.parallel.sequence_parallel else 1)
-        self.shape: tuple[int, ...] = (cfg.train.micro_batch_size, sequence, hidden_size)
-        router_loss = engine.module[0].router_loss  # the model's load-balancing totals travel after the states
-        if router_loss is not None:
-            self.shape = (math.prod(self.shape) + router_loss.size,)
+        self.hidden_shape = (cfg.train.micro_batch_size, sequence, hidden_size)
+        # the model's load-balancing totals (modeling.experts.SplitRouterLoss) travel after the hidden states
+        self.router_loss = engine.module[0].router_loss
+        self.shape = ((math.prod(self.hidden_shape) + self.router_loss.size,) if self.router_loss is not None
+                      else self.hidden_shape)
         self.dtype = next(engine.module.parameters()).dtype
         self.zero3 = cfg.parallel.zero_stage == 3
         self._tied_grad = None  # this stage's gradient of the tied embedding, summed over the step
@@ -159,6 +160,20 @@ class PipelineRunner(Step):
             self.engine.optimizer.grad_partitions_flat_buffer.zero_()
             self.engine.optimizer.micro_step_id = 1
 
+    def _forward_chunk(self, module: Any, x: Any) -> torch.Tensor:
+        """``module``'s forward on ``x`` (token ids, or the previous chunk's message), returning what it sends
+        (or its logits): with the load-balancing totals, the message is the hidden states, flat, then them."""
+        if self.router_loss is None:
+            return module(x)
+        size = self.router_loss.size
+        if module.spec.embed:
+            out = module(x)
+        else:
+            out = module(x[:-size].view(self.hidden_shape), x[-size:].float())
+        if module.spec.head:
+            return out
+        return torch.cat([out.reshape(-1), module.router_totals.to(out.dtype)])
+
     def _comm(self) -> PipeComm:
         return PipeComm(self.groups.pp_ranks, self.groups.pp_rank, self.shape, self.dtype,
                         comm_device(self.groups.pp_group), timeout_s=self.cfg.parallel.p2p_timeout_s)
@@ -173,13 +188,14 @@ class PipelineRunner(Step):
             self._new_pass()
             module = chunks[chunk]
             batch: Any = batches.batch(step, microbatch) if (module.spec.embed or module.spec.head) else None
-            out = module(batch["input_ids"].to(device) if module.spec.embed else x)
+            out = self._forward_chunk(module, batch["input_ids"].to(device) if module.spec.embed else x)
             if not module.spec.head:
                 return out
             start, valid = vocab_slice(module.head)
             loss = causal_lm_loss(out, batch["labels"].to(device), self.groups.tp_group, start, valid)
-            if module.aux_loss is not None:
-                loss, module.aux_loss = loss + module.aux_loss, None
+            if self.router_loss is not None:
+                sequence_group = self.groups.tp_group if self.cfg.parallel.sequence_parallel else None
+                loss = loss + self.router_loss.loss(module.router_totals, out.shape[0] * out.shape[1], sequence_group)
             losses.append(loss.detach())  # stays on the device: no host wait per micro-batch
             return loss / m  # the gradient of the mean over micro-batches
 
@@ -217,7 +233,7 @@ class PipelineRunner(Step):
         def forward_step(chunk: int, microbatch: int, x):
             module = chunks[chunk]
             batch, weight = batches[microbatch]
-            out = module(batch["input_ids"].to(device) if module.spec.embed else x)
+            out = self._forward_chunk(module, batch["input_ids"].to(device) if module.spec.embed else x)
             if module.spec.head:
                 start, valid = vocab_slice(module.head)
                 ids = batch["input_ids"].to(device)

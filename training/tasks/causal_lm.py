@@ -42,7 +42,8 @@ class CausalLM(Task):
     def loss(self, engine: Any, batch: dict[str, torch.Tensor], groups: ProcessGroups) -> torch.Tensor:
         output = engine(input_ids=batch["input_ids"], use_cache=False)  # no KV cache in training (a hybrid's fails)
         loss = lm_loss(engine.module, output.logits, batch["labels"], groups.tp_group)
-        return loss + router_aux_loss(engine.module, output)
+        sequence_group = groups.tp_group if self.cfg.parallel.sequence_parallel else None
+        return loss + router_aux_loss(engine.module, output, sequence_group)
 
     @torch.no_grad()
     def evaluate(self, step: Step, engine: Any, blocks: Any, groups: ProcessGroups,
