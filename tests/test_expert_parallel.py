@@ -318,3 +318,31 @@ def test_moe_quickstart_logs_tokens_per_expert_to_metrics_and_wandb(tmp_path):
     assert len(in_wandb) == 3 and all(keys <= r.keys() for r in in_wandb)
     for record in steps:  # the step's tokens: 2 ranks x 8 sequences x 128 tokens, each routed to its top 2
         assert 0 <= record["moe/layer_0/tokens_min"] <= 2 * 8 * 128 * 2 / 8 <= record["moe/layer_0/tokens_max"]
+
+
+@pytest.mark.unit
+def test_a_load_balancing_loss_colonnade_cannot_split_is_refused_by_name():
+    """Mixtral's load-balancing loss (transformers' standard one) splits over stages and sequence shards, in fp32
+    pipelines; Doge's own kind of loss is refused split either way, one line naming the keys; without a split
+    both run as the model computes it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from modeling.experts import check_router_loss_fits
+
+    def meta(model_type, **fields):
+        config = AutoConfig.for_model(model_type, output_router_logits=True, **fields)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+
+    mixtral = meta("mixtral", **_ATTENTION, intermediate_size=48, num_local_experts=4)
+    doge = meta("doge", hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=64)
+    for model in (mixtral, doge):
+        check_router_loss_fits(model, 1, False, "bf16")
+    check_router_loss_fits(mixtral, 2, True, "fp32")
+    with pytest.raises(ValueError, match="parallel.pipeline=2 and precision=bf16: .*exact only in fp32"):
+        check_router_loss_fits(mixtral, 2, False, "bf16")
+    for pipeline, sequence_parallel, named in ((2, False, "parallel.pipeline=2"),
+                                               (1, True, "parallel.sequence_parallel=true")):
+        with pytest.raises(ValueError, match=f"output_router_logits=true with {named}: model_type 'doge'"):
+            check_router_loss_fits(doge, pipeline, sequence_parallel, "fp32")
