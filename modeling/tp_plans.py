@@ -165,6 +165,8 @@ DECLARED_DIVISIBLE = [("num_attention_heads", "attention heads"), ("num_key_valu
 _ATTENTION = {"layers.*.self_attn.q_proj": "colwise", "layers.*.self_attn.k_proj": "colwise",
               "layers.*.self_attn.v_proj": "colwise", "layers.*.self_attn.o_proj": "rowwise"}
 _MLP = {"layers.*.mlp.gate_proj": "colwise", "layers.*.mlp.up_proj": "colwise", "layers.*.mlp.down_proj": "rowwise"}
+_HEAD_NORMS = {"layers.*.self_attn.query_layernorm": "replicated_with_grad_allreduce",
+               "layers.*.self_attn.key_layernorm": "replicated_with_grad_allreduce"}
 # Where a declaration leaves the blocks' attention (or all of them) whole, what Megatron would split, in
 # transformers' styles, added to it and read by the same translation.
 _LATENT_ATTENTION = {"layers.*.self_attn.q_proj": "colwise", "layers.*.self_attn.q_b_proj": "colwise",
@@ -172,8 +174,7 @@ _LATENT_ATTENTION = {"layers.*.self_attn.q_proj": "colwise", "layers.*.self_attn
                      "layers.*.self_attn.kv_b_proj": "colwise", "layers.*.self_attn.o_proj": "rowwise"}
 SUPPLEMENTS = {
     # declares only its embedding: Llama's projections, per-head q/k norms
-    "hunyuan_v1_dense": {**_ATTENTION, **_MLP, "layers.*.self_attn.query_layernorm": "replicated_with_grad_allreduce",
-                         "layers.*.self_attn.key_layernorm": "replicated_with_grad_allreduce"},
+    "hunyuan_v1_dense": {**_ATTENTION, **_MLP, **_HEAD_NORMS},
     # declare only their MLPs: the latent attention split as MiniCPM3 and DeepSeek-V2 declare it
     "youtu": _LATENT_ATTENTION,
     "deepseek_v3": _LATENT_ATTENTION,
@@ -183,6 +184,7 @@ SUPPLEMENTS = {
     "granitemoeshared": _ATTENTION,
     "phimoe": _ATTENTION,
     "gpt_oss": {**_ATTENTION, "layers.*.self_attn.sinks": "colwise"},
+    "hunyuan_v1_moe": {**_ATTENTION, **_HEAD_NORMS},
 }
 
 

@@ -75,7 +75,7 @@ def test_routed_experts_stay_whole_under_tensor_parallelism():
         styles = declared_styles(AutoConfig.for_model(model_type))
         assert not [path for path in styles if ".experts" in path], model_type
         check_tensor_parallel_fits(AutoConfig.for_model(model_type), 2)
-    for model_type in ("granitemoe", "phimoe", "gpt_oss"):  # declared: only the experts; supplemented attention
+    for model_type in ("granitemoe", "phimoe", "gpt_oss", "hunyuan_v1_moe"):  # declared: only the experts
         assert declared_styles(AutoConfig.for_model(model_type))["layers.*.self_attn.o_proj"] == "rowwise"
     assert declared_styles(AutoConfig.for_model("gpt_oss"))["layers.*.self_attn.sinks"] == "colwise"
     assert declared_styles(AutoConfig.for_model("deepseek_v3"))["layers.*.mlp.shared_experts.down_proj"] == "rowwise"
