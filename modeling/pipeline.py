@@ -277,19 +277,24 @@ class PipelineChunk(nn.Module):
         return cast(PreTrainedModel, self.model).get_output_embeddings() if self.spec.head else None
 
     def forward(self, x: torch.Tensor, router_totals: torch.Tensor | None = None) -> torch.Tensor:
+        out, hidden = self.run(x, self.seq_len, use_cache=False)
+        if self.router_loss is not None:
+            totals = router_totals if router_totals is not None else self.router_loss.start(x)
+            self.router_totals = self.router_loss.add(totals, out.router_logits or ())
+        return out.logits if self.spec.head else hidden
+
+    def run(self, x: torch.Tensor, seq_len: int, **model_inputs: Any) -> tuple[Any, torch.Tensor]:
+        """The shell's forward on ``x`` (``seq_len`` positions of the whole sequence) with ``model_inputs`` (a
+        decoding cache, masks, positions): (the model's output, the hidden states to send on)."""
         try:
             if self.spec.embed:
-                out = self.model(input_ids=x, use_cache=False)
+                out = self.model(input_ids=x, **model_inputs)
             else:
                 self.state.received = x
-                shape = x.new_zeros(()).expand(x.shape[0], self.seq_len, self.hidden_size)
-                out = self.model(inputs_embeds=shape, use_cache=False)
-            if self.router_loss is not None:
-                totals = router_totals if router_totals is not None else self.router_loss.start(x)
-                self.router_totals = self.router_loss.add(totals, out.router_logits or ())
-            if self.spec.head:
-                return out.logits
-            return self.state.sent if self.state.sent is not None else out.last_hidden_state
+                shape = x.new_zeros(()).expand(x.shape[0], seq_len, self.hidden_size)
+                out = self.model(inputs_embeds=shape, **model_inputs)
+            sent = self.state.sent
+            return out, sent if sent is not None or self.spec.head else out.last_hidden_state
         finally:
             self.state.received = self.state.sent = None
 

@@ -76,3 +76,41 @@ class PipeComm:
         for work, _ in self._sends:
             work.wait(self.timeout)
         self._sends.clear()
+
+
+class StageLink:
+    """Messages between pipeline stages at decoding, whose shapes change from one to the next (rows finish,
+    prompts differ): the receiver knows each shape from what came before it, so none carries metadata.
+    Sends are asynchronous (their tensors are kept until they complete); a receive waits at most
+    ``timeout_s``."""
+
+    def __init__(self, pp_ranks: list[int], pp_rank: int, device: torch.device, timeout_s: float = 600.0):
+        self.pp_ranks, self.pp_rank, self.p, self.device = pp_ranks, pp_rank, len(pp_ranks), device
+        self.timeout = datetime.timedelta(seconds=timeout_s)
+        self._sends: list[tuple[dist.Work, torch.Tensor]] = []
+
+    def peer(self, offset: int) -> int:
+        return self.pp_ranks[(self.pp_rank + offset) % self.p]
+
+    def send(self, tensor: torch.Tensor, offset: int) -> None:
+        """Send ``tensor`` to the stage ``offset`` away (cyclic: the last stage's +1 is the first)."""
+        tensor = tensor.detach().to(self.device).contiguous()
+        self._sends = [(work, kept) for work, kept in self._sends if not work.is_completed()]
+        self._sends.append((dist.isend(tensor, self.peer(offset)), tensor))
+
+    def receive(self, shape: tuple[int, ...], dtype: torch.dtype, offset: int) -> torch.Tensor:
+        """The next message from the stage ``offset`` away (-1: the previous one)."""
+        buffer = torch.empty(shape, dtype=dtype, device=self.device)
+        work = dist.irecv(buffer, self.peer(offset))
+        try:
+            work.wait(self.timeout)
+        except RuntimeError as exc:
+            raise PipelineTimeout(f"pipeline rank {self.pp_rank}: no message from global rank "
+                                  f"{self.peer(offset)} within {self.timeout.total_seconds():.0f}s; another rank "
+                                  f"has probably failed ({exc})") from None
+        return buffer
+
+    def flush(self) -> None:
+        for work, _ in self._sends:
+            work.wait(self.timeout)
+        self._sends.clear()
