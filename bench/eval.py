@@ -8,6 +8,10 @@ tokens advanced by ``stride``; only the tokens new to a window are scored, each 
 sources against one or more references, reported with its signature.
 
     python -m bench eval --model runs/quickstart/hf --text '{stdlib}/[t-z]*.py' --tensor 2
+
+``--int8`` scores the model with weight-only int8 (``modeling.quantize``). The result's ``weight_bytes`` is the
+bytes of parameters and persistent buffers summed over the ranks (a tensor every rank holds whole, a norm or a
+row-parallel bias, counted on each), ``weight_bytes_per_rank`` each rank's.
 """
 
 from __future__ import annotations
@@ -45,12 +49,13 @@ def bleu(hypotheses: list[str], references: list[list[str]]) -> dict:
 class ParallelLM:
     """An HF causal LM sharded over tensor and pipeline groups, for scoring and greedy generation."""
 
-    def __init__(self, model_dir: str, groups, max_length: int):
+    def __init__(self, model_dir: str, groups, max_length: int, int8: bool = False):
         import torch
         from transformers import AutoModelForCausalLM
 
         from modeling.build import load_tokenizer
         from modeling.pipeline import split_chunks
+        from modeling.quantize import quantize_int8, weight_bytes
         from modeling.tensor_parallel import tensor_parallelize
         from parallel.partition import chunks_of_rank, stage_specs
 
@@ -64,6 +69,10 @@ class ParallelLM:
             layers = model.config.num_hidden_layers
             specs = chunks_of_rank(stage_specs(layers, groups.pipeline), groups.pipeline, groups.pp_rank)
             self.chunks = split_chunks(self.model, specs, max_length)
+        # after the split (the chunks hold the same modules): a stage that does not embed gets stand-ins for the
+        # embeddings that have parameters, which an int8 embedding has not
+        self.quantized = quantize_int8(self.model) if int8 else 0
+        self.weight_bytes = weight_bytes(self.model if self.chunks is None else self.chunks)
 
     def _stage_forward(self, ids):
         """Run the pipeline for one sequence batch; the last stage returns local logits, others None."""
@@ -161,8 +170,10 @@ def worker(args) -> None:
 
     init_distributed()
     groups = ProcessGroups.from_degrees(args.tensor, args.pipeline)
-    lm = ParallelLM(args.model, groups, args.max_length)
-    result = {"model": args.model, "tensor": args.tensor, "pipeline": args.pipeline}
+    lm = ParallelLM(args.model, groups, args.max_length, int8=args.int8)
+    per_rank = _per_rank(lm.weight_bytes)
+    result = {"model": args.model, "tensor": args.tensor, "pipeline": args.pipeline, "int8": args.int8,
+              "weight_bytes": sum(per_rank), "weight_bytes_per_rank": per_rank}
     if args.text:
         files = expand_files(args.text, "--text")
         text = "\n\n".join(Path(f).read_text() for f in files)
@@ -175,6 +186,19 @@ def worker(args) -> None:
         result.update(bleu(hyps, refs), hypotheses=hyps)
     if dist.get_rank() == 0:
         Path(args.out_file).write_text(json.dumps(result))
+
+
+def _per_rank(value: int) -> list[int]:
+    """``value`` of every rank, in rank order (on the collectives' device)."""
+    import torch
+    import torch.distributed as dist
+
+    from parallel.comm import comm_device
+
+    mine = torch.tensor([value], dtype=torch.int64, device=comm_device())
+    everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, mine)
+    return [int(v) for v in everyone]
 
 
 def _num_refs(rows, field) -> int:
@@ -195,6 +219,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--tensor", type=int, default=1)
     parser.add_argument("--pipeline", type=int, default=1)
+    parser.add_argument("--int8", action="store_true",
+                        help="weight-only int8 (modeling.quantize): every linear and embedding weight int8 with "
+                             "per-output-channel scales, dequantised in the forward")
     parser.add_argument("--out", help="write the result JSON here")
     add_worker_arguments(parser)
     args = parser.parse_args(argv)
@@ -212,7 +239,7 @@ def main(argv=None) -> dict:
         result = json.loads(out_file.read_text())
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
-    for key in ("perplexity", "nll", "tokens", "bleu", "signature"):
+    for key in ("perplexity", "nll", "tokens", "bleu", "signature", "weight_bytes"):
         if key in result:
             print(f"{key}: {result[key]}")
     return result

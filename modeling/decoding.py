@@ -52,6 +52,8 @@ class DecoderStage:
     ``forward`` takes token ids (the stage that embeds) or the previous stage's hidden states, and gives hidden
     states, or on the stage with the head the vocabulary shard's logits of each row's last position."""
 
+    pads_left = True
+
     def __init__(self, model: PreTrainedModel, chunk: PipelineChunk | None = None):
         self.model, self.chunk = model, chunk
         self.embeds = chunk is None or chunk.spec.embed
@@ -91,7 +93,9 @@ class DecoderStage:
 class Seq2SeqStage(DecoderStage):
     """An encoder-decoder model (pipeline=1): the encoder runs once per batch at the prefill; every step runs
     the decoder on the last token with the self-attention cache and the cross-attention keys and values cached
-    at the first step."""
+    at the first step. Prompts (the encoder's input) are padded on the right."""
+
+    pads_left = False
 
     def __init__(self, model: PreTrainedModel):
         super().__init__(model)
@@ -108,7 +112,7 @@ class Seq2SeqStage(DecoderStage):
         hidden = encoder(input_ids=batch.ids, attention_mask=batch.mask).last_hidden_state
         batch.encoder = (hidden, batch.mask)
         start = torch.full((len(batch.rows), 1), self.start_token, dtype=torch.long, device=batch.ids.device)
-        batch.ids, batch.mask, batch.padded = start, torch.ones_like(start), False
+        batch.ids, batch.mask, batch.padded, batch.prompt_width = start, torch.ones_like(start), False, 1
         return start
 
     def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:

@@ -43,13 +43,17 @@ class Batch:
     pending: Any = None               # one stage: the tokens chosen last, for the next step
 
     @classmethod
-    def left_padded(cls, requests: list[int], prompts: list[list[int]], pad: int, device: torch.device) -> Batch:
+    def padded(cls, requests: list[int], prompts: list[list[int]], pad: int, device: torch.device,
+               left: bool = True) -> Batch:
+        """The prompts padded to one width: on the left for a decoder (new tokens follow every row's last),
+        on the right for an encoder's input."""
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), pad, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for row, prompt in enumerate(prompts):
-            ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-            mask[row, width - len(prompt):] = 1
+            where = slice(width - len(prompt), width) if left else slice(0, len(prompt))
+            ids[row, where] = torch.tensor(prompt, dtype=torch.long)
+            mask[row, where] = 1
         padded = any(len(p) < width for p in prompts)
         return cls(torch.tensor(requests, device=device), ids.to(device), mask.to(device), padded,
                    rows=list(range(len(prompts))), prompt_width=width)
@@ -89,6 +93,7 @@ class Batch:
 
 
 class Stage(Protocol):
+    pads_left: bool
     embeds: bool
     has_head: bool
     hidden_size: int

@@ -132,8 +132,8 @@ def replica_batches(loaded: LoadedModel, prompts: list[list[int]], options: Gene
     slots = options.batches or options.pipeline
     size = options.batch_size or max(1, -(-len(mine) // slots))
     pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
-    return [Batch.left_padded(mine[i:i + size], [prompts[r] for r in mine[i:i + size]], pad, loaded.device)
-            for i in range(0, len(mine), size)]
+    return [Batch.padded(mine[i:i + size], [prompts[r] for r in mine[i:i + size]], pad, loaded.device,
+                         loaded.stage.pads_left) for i in range(0, len(mine), size)]
 
 
 def decode(loaded: LoadedModel, prompts: list[list[int]], options: GenerateOptions) -> list[Output]:
