@@ -1,4 +1,6 @@
-"""``generate`` through a tensor-parallel Hugging Face model: every rank scores the whole vocabulary."""
+"""Generation through a tensor-parallel Hugging Face model: greedy decoding on the vocabulary shards
+(``greedy_seq2seq``: no rank gathers the vocabulary), or HF's own ``generate`` with gathered logits (beam search,
+and ZeRO-3 where every rank must keep calling the forward)."""
 
 from __future__ import annotations
 
@@ -8,8 +10,11 @@ import torch
 from torch.distributed import ProcessGroup
 from transformers import GenerationMixin, PreTrainedModel
 
+from modeling.decoding import Seq2SeqStage
 from parallel.comm import gather_from_tensor_parallel_region
+from parallel.decode_schedule import Batch, DecodeSchedule, Limits
 from parallel.layers import VocabParallelHead
+from parallel.sampling import Decoding
 
 
 def full_logits(model: PreTrainedModel, logits: torch.Tensor, tp_group: ProcessGroup | None) -> torch.Tensor:
@@ -34,3 +39,22 @@ def generate(model: PreTrainedModel, tp_group: ProcessGroup | None, **kwargs: An
         return cast(GenerationMixin, model).generate(**kwargs)
     finally:
         handle.remove()
+
+
+@torch.no_grad()
+def greedy_seq2seq(model: PreTrainedModel, tp_group: ProcessGroup | None, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor, max_new_tokens: int) -> list[list[int]]:
+    """Greedy continuations of an encoder-decoder model for a padded batch of sources, as HF's ``generate``
+    gives them (end-of-sequence included, forced at the budget where the model says so), through the
+    vocabulary-parallel decoder of ``parallel.decode_schedule``: the encoder runs once, the decoder's self- and
+    cross-attention caches are reused. Collective over ``tp_group``."""
+    stage = Seq2SeqStage(model)
+    eos = model.generation_config.eos_token_id
+    limits = Limits(max_new_tokens, frozenset([eos] if isinstance(eos, int) else eos or []),
+                    getattr(model.generation_config, "forced_eos_token_id", None))
+    schedule = DecodeSchedule(stage, None, stage.vocab_shard(tp_group), Decoding(), limits, torch.float32)
+    rows = input_ids.shape[0]
+    batch = Batch(torch.arange(rows, device=input_ids.device), input_ids, attention_mask, True,
+                  rows=list(range(rows)), prompt_width=input_ids.shape[1])
+    outputs = sorted(schedule.run([batch], 1), key=lambda o: o.request)
+    return [o.tokens for o in outputs]

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from modeling.generation import generate
+from modeling.generation import generate, greedy_seq2seq
 from modeling.losses import seq2seq_loss, vocab_slice
 from parallel.cross_entropy import vocab_parallel_cross_entropy
 from parallel.groups import ProcessGroups
@@ -103,10 +103,7 @@ def evaluate(model_engine: Any, examples: Any, cfg: RunConfig, groups: ProcessGr
         nll += (losses.double() * keep).sum()
         tokens += keep.sum()
         if cfg.eval.bleu and round_index * per_round < bleu_limit:  # every rank alike: generate may be collective
-            out = generate(module, groups.tp_group, input_ids=batch["input_ids"],
-                           attention_mask=batch["attention_mask"], num_beams=cfg.eval.num_beams,
-                           max_new_tokens=cfg.eval.max_new_tokens, do_sample=False, synced_gpus=synced)
-            texts = tokenizer.batch_decode(out, skip_special_tokens=True)
+            texts = tokenizer.batch_decode(_translate(module, groups, batch, cfg, synced), skip_special_tokens=True)
             for row, (text, position, is_real) in enumerate(zip(texts, positions, real)):
                 if is_real and position < bleu_limit:
                     hypotheses.append(text.strip())
@@ -125,3 +122,14 @@ def evaluate(model_engine: Any, examples: Any, cfg: RunConfig, groups: ProcessGr
     score = bleu.corpus_score(hypotheses, [references])
     metrics["bleu"] = score.score
     return metrics, str(bleu.get_signature())
+
+
+def _translate(module: Any, groups: Any, batch: dict, cfg: Any, synced: bool) -> Any:
+    """Greedy: on the vocabulary shards with reused caches; beam search and ZeRO-3 (every rank keeps calling the
+    forward): HF's ``generate`` on gathered logits."""
+    if cfg.eval.num_beams == 1 and not synced:
+        return greedy_seq2seq(module, groups.tp_group, batch["input_ids"], batch["attention_mask"],
+                              cfg.eval.max_new_tokens)
+    return generate(module, groups.tp_group, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    num_beams=cfg.eval.num_beams, max_new_tokens=cfg.eval.max_new_tokens, do_sample=False,
+                    synced_gpus=synced)
