@@ -75,6 +75,9 @@ class DecoderStage:
     def prefill_input(self, batch: Batch) -> torch.Tensor:
         return batch.ids
 
+    def cache_bytes(self, batch: Batch) -> int:
+        return cache_bytes(batch.cache)
+
     def step_input(self, batch: Batch) -> torch.Tensor:
         return batch.ids[batch.rows, -1:]
 

@@ -102,6 +102,7 @@ class Stage(Protocol):
     def prefill_input(self, batch: Batch) -> torch.Tensor: ...
     def step_input(self, batch: Batch) -> torch.Tensor: ...
     def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor: ...
+    def cache_bytes(self, batch: Batch) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,8 @@ class DecodeSchedule:
         self.first, self.last = stage.embeds, stage.has_head
         self.outputs: list[Output] = []
         self.start = 0.0
+        self.peak_cache_bytes = 0                 # the most the caches of the batches in flight held at once
+        self._cache_bytes: dict[int, int] = {}
 
     def run(self, batches: list[Batch], slots: int) -> list[Output]:
         """Decode every batch, ``slots`` of them in flight; the finished requests (on the last stage)."""
@@ -163,6 +166,7 @@ class DecodeSchedule:
             self._send(tokens, 1)
         self._apply(batch, tokens)
         if not batch.rows:
+            self._cache_bytes.pop(id(batch), None)
             if self.last:
                 self._finish(batch)
             if not queue:
@@ -176,6 +180,8 @@ class DecodeSchedule:
 
     def _forward(self, x: torch.Tensor, batch: Batch) -> None:
         out = self.stage.forward(x, batch)
+        self._cache_bytes[id(batch)] = self.stage.cache_bytes(batch)
+        self.peak_cache_bytes = max(self.peak_cache_bytes, sum(self._cache_bytes.values()))
         if not self.last:
             self._send(out, 1)
             return

@@ -16,6 +16,7 @@ import argparse
 import copy
 import json
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,8 +137,16 @@ def replica_batches(loaded: LoadedModel, prompts: list[list[int]], options: Gene
                          loaded.stage.pads_left) for i in range(0, len(mine), size)]
 
 
-def decode(loaded: LoadedModel, prompts: list[list[int]], options: GenerateOptions) -> list[Output]:
-    """Every request's output, on every rank (sorted by request). Collective."""
+@dataclass
+class Decoded:
+    """Every request's output (sorted by request) and, per rank, what it held and how long it took."""
+
+    outputs: list[Output]
+    ranks: list[dict]
+
+
+def decode(loaded: LoadedModel, prompts: list[list[int]], options: GenerateOptions) -> Decoded:
+    """Decode token-id prompts; the result on every rank. Collective."""
     groups, model = loaded.groups, loaded.model
     check_lengths(model.config, prompts, options.max_new_tokens)
     link = None
@@ -145,23 +154,25 @@ def decode(loaded: LoadedModel, prompts: list[list[int]], options: GenerateOptio
         link = StageLink(groups.pp_ranks, groups.pp_rank, comm_device(groups.pp_group))
     forced = getattr(model.generation_config, "forced_eos_token_id", None)
     limits = Limits(options.max_new_tokens, stop_tokens(model, options.stop), forced)
-    dtype = DTYPES[options.dtype]
     schedule = DecodeSchedule(loaded.stage, link, loaded.stage.vocab_shard(groups.tp_group), options.decoding,
-                              limits, dtype)
+                              limits, DTYPES[options.dtype])
+    dist.barrier()
     with torch.no_grad():
         mine = schedule.run(replica_batches(loaded, prompts, options), options.batches or options.pipeline)
-    held = mine if groups.tp_rank == 0 else []
-    everyone: list[list[Output]] = [[] for _ in range(dist.get_world_size())]
-    dist.all_gather_object(everyone, held)
-    return sorted((o for part in everyone for o in part), key=lambda o: o.request)
+    stats = {"rank": groups.rank, "tp_rank": groups.tp_rank, "pp_rank": groups.pp_rank, "dp_rank": groups.dp_rank,
+             "cache_bytes": schedule.peak_cache_bytes, "seconds": time.perf_counter() - schedule.start}
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (mine if groups.tp_rank == 0 else [], stats))
+    outputs = sorted((o for held, _ in everyone for o in held), key=lambda o: o.request)
+    return Decoded(outputs, [rank_stats for _, rank_stats in everyone])
 
 
 def generate(prompts: list[str], options: GenerateOptions, loaded: LoadedModel | None = None) -> list[dict]:
     """The JSON records of ``prompts`` (text) under ``options``: on every rank. Collective."""
     loaded = loaded or load(options)
     ids = [loaded.tokenizer(p)["input_ids"] for p in prompts]
-    outputs = decode(loaded, ids, options)
-    return [record(o, prompts[o.request], loaded.tokenizer) for o in outputs]
+    decoded = decode(loaded, ids, options)
+    return [record(o, prompts[o.request], loaded.tokenizer) for o in decoded.outputs]
 
 
 def record(output: Output, prompt: str, tokenizer: Any) -> dict:
