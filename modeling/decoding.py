@@ -59,8 +59,8 @@ class DecoderStage:
         self.embeds = chunk is None or chunk.spec.embed
         self.has_head = chunk is None or chunk.spec.head
         self.first_layer = chunk.spec.blocks.start if chunk is not None else 0
-        self.config = chunk.model.config if chunk is not None else model.config
-        self.hidden_size = int(model.get_input_embeddings().embedding_dim)
+        self.config = cast(PretrainedConfig, chunk.model.config if chunk is not None else model.config)
+        self.hidden_size = int(cast(Any, model.get_input_embeddings()).embedding_dim)
 
     def vocab_shard(self, tp_group: Any) -> VocabShard:
         head = cast(nn.Module, self.model.get_output_embeddings())
@@ -90,7 +90,7 @@ class DecoderStage:
         if self.chunk is None:
             return self.model(input_ids=x, **inputs).logits[:, -1]
         out, hidden = self.chunk.run(x, new, **inputs)
-        return out.logits[:, -1] if self.has_head else hidden
+        return out.logits[:, -1] if hidden is None else hidden
 
 
 class Seq2SeqStage(DecoderStage):

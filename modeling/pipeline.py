@@ -281,9 +281,9 @@ class PipelineChunk(nn.Module):
         if self.router_loss is not None:
             totals = router_totals if router_totals is not None else self.router_loss.start(x)
             self.router_totals = self.router_loss.add(totals, out.router_logits or ())
-        return out.logits if self.spec.head else hidden
+        return out.logits if hidden is None else hidden
 
-    def run(self, x: torch.Tensor, seq_len: int, **model_inputs: Any) -> tuple[Any, torch.Tensor]:
+    def run(self, x: torch.Tensor, seq_len: int, **model_inputs: Any) -> tuple[Any, torch.Tensor | None]:
         """The shell's forward on ``x`` (``seq_len`` positions of the whole sequence) with ``model_inputs`` (a
         decoding cache, masks, positions): (the model's output, the hidden states to send on)."""
         try:

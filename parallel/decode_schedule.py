@@ -43,7 +43,7 @@ class Batch:
     pending: Any = None               # one stage: the tokens chosen last, for the next step
 
     @classmethod
-    def padded(cls, requests: list[int], prompts: list[list[int]], pad: int, device: torch.device,
+    def from_prompts(cls, requests: list[int], prompts: list[list[int]], pad: int, device: torch.device,
                left: bool = True) -> Batch:
         """The prompts padded to one width: on the left for a decoder (new tokens follow every row's last),
         on the right for an encoder's input."""

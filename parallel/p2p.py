@@ -96,12 +96,15 @@ class StageLink:
         """Send ``tensor`` to the stage ``offset`` away (cyclic: the last stage's +1 is the first)."""
         tensor = tensor.detach().to(self.device).contiguous()
         self._sends = [(work, kept) for work, kept in self._sends if not work.is_completed()]
-        self._sends.append((dist.isend(tensor, self.peer(offset)), tensor))
+        work = dist.isend(tensor, self.peer(offset))
+        assert work is not None
+        self._sends.append((work, tensor))
 
     def receive(self, shape: tuple[int, ...], dtype: torch.dtype, offset: int) -> torch.Tensor:
         """The next message from the stage ``offset`` away (-1: the previous one)."""
         buffer = torch.empty(shape, dtype=dtype, device=self.device)
         work = dist.irecv(buffer, self.peer(offset))
+        assert work is not None
         try:
             work.wait(self.timeout)
         except RuntimeError as exc:

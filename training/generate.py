@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -27,7 +27,7 @@ import torch.distributed as dist
 from modeling.build import auto_class, load_tokenizer
 from modeling.decoding import DecoderStage, Seq2SeqStage
 from modeling.materialize import StoredWeights, WeightsError, empty_model, materialize
-from modeling.pipeline import split_chunks
+from modeling.pipeline import PipelineChunk, split_chunks
 from modeling.tensor_parallel import tensor_parallelize
 from parallel.comm import comm_device
 from parallel.decode_schedule import Batch, DecodeSchedule, Limits, Output
@@ -95,10 +95,10 @@ def load(options: GenerateOptions) -> LoadedModel:
     if options.pipeline > 1:
         specs = chunks_of_rank(stage_specs(hf.num_hidden_layers, options.pipeline), options.pipeline,
                                groups.pp_rank)
-        chunk = split_chunks(model, specs, seq_len=1)[0]
+        chunk = cast(PipelineChunk, split_chunks(model, specs, seq_len=1)[0])
     source = CheckpointWeights(path) if checkpoint else StoredWeights(path, "--model")
     materialize(full, model, chunk if chunk is not None else model, source, groups.tp_group)
-    model.to(dtype=DTYPES[options.dtype]).eval()
+    cast(Any, model).to(dtype=DTYPES[options.dtype]).eval()
     if options.int8:
         from modeling.quantize import quantize_int8
 
@@ -133,7 +133,7 @@ def replica_batches(loaded: LoadedModel, prompts: list[list[int]], options: Gene
     slots = options.batches or options.pipeline
     size = options.batch_size or max(1, -(-len(mine) // slots))
     pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
-    return [Batch.padded(mine[i:i + size], [prompts[r] for r in mine[i:i + size]], pad, loaded.device,
+    return [Batch.from_prompts(mine[i:i + size], [prompts[r] for r in mine[i:i + size]], pad, loaded.device,
                          loaded.stage.pads_left) for i in range(0, len(mine), size)]
 
 
