@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -80,6 +81,10 @@ def load(options: GenerateOptions) -> LoadedModel:
     """This rank's part of the model at the options' layout, with its decoding stage. Collective."""
     from transformers import AutoConfig
 
+    world, ranks = dist.get_world_size(), options.tensor * options.pipeline
+    if world % ranks:
+        raise ValueError(f"--tensor {options.tensor} x --pipeline {options.pipeline} = {ranks} ranks do not divide the "
+                         f"{world} launched; launch a multiple of {ranks} (torchrun --nproc_per_node {ranks})")
     groups = ProcessGroups.from_degrees(options.tensor, options.pipeline)
     path = model_files(Path(options.model))
     hf = AutoConfig.from_pretrained(str(path))
@@ -244,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         init_distributed()
         records = generate(prompts, options)
     except (ValueError, FileNotFoundError, CheckpointError, WeightsError) as error:
-        print(f"generate: {error}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank meets the same error: say it once
+            print(f"generate: {error}", file=sys.stderr)
         return 2
     if dist.get_rank() == 0:
         text = "".join(json.dumps(r) + "\n" for r in records)
