@@ -1,6 +1,7 @@
 """Generate from a model at any tensor x pipeline layout, from an HF directory or a colonnade checkpoint:
 
     python -m training.generate --model runs/quickstart --prompts prompts.txt --max-new-tokens 64
+    deepspeed --num_gpus 2 --module training.generate --model runs/quickstart --pipeline 2 --prompts prompts.txt
     torchrun --nproc_per_node 4 -m training.generate --model runs/quickstart --tensor 2 --pipeline 2 \\
         --prompts prompts.jsonl --temperature 0.8 --top-p 0.9 --seed 1 --out out.jsonl
 
@@ -227,6 +228,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--int8", action="store_true", help="weight-only int8 linear and embedding layers")
     parser.add_argument("--out", help="write the JSON lines here (default: stdout)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help="set by the deepspeed launcher; the LOCAL_RANK environment variable is used")
     return parser.parse_args(argv)
 
 
