@@ -25,6 +25,7 @@ from typing import Any, cast
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from modeling.build import auto_class, load_tokenizer
 from modeling.decoding import DecoderStage, Seq2SeqStage
@@ -103,14 +104,16 @@ def load(options: GenerateOptions) -> LoadedModel:
                                groups.pp_rank)
         chunk = cast(PipelineChunk, split_chunks(model, specs, seq_len=1)[0])
     source = CheckpointWeights(path) if checkpoint else StoredWeights(path, "--model")
-    materialize(full, model, chunk if chunk is not None else model, source, groups.tp_group)
-    cast(Any, model).to(dtype=DTYPES[options.dtype]).eval()
+    kept: nn.Module = chunk if chunk is not None else model  # the rest stays on the meta device
+    materialize(full, model, kept, source, groups.tp_group)
+    device = comm_device()                                  # the GPU of this rank under NCCL
+    kept.to(device=device, dtype=DTYPES[options.dtype])
+    model.eval()
     if options.int8:
         from modeling.quantize import quantize_int8
 
-        quantize_int8(chunk if chunk is not None else model)
+        quantize_int8(kept)
     stage = Seq2SeqStage(model) if hf.is_encoder_decoder else DecoderStage(model, chunk)
-    device = next((chunk if chunk is not None else model).parameters()).device
     return LoadedModel(model, stage, load_tokenizer(path), groups, device)
 
 
