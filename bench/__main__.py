@@ -7,7 +7,8 @@ import sys
 COMMANDS = {"overhead": "bench.overhead", "plan": "bench.plan", "tp": "bench.tp", "schedule": "bench.schedule",
             "comm": "bench.comm", "eval": "bench.eval", "sweep": "bench.sweep",
             "memory": "bench.memory", "llama-demo": "bench.llama_demo", "diverge": "bench.diverge",
-            "cpu_adam": "bench.cpu_adam", "async_save": "bench.async_save", "coverage": "bench.coverage"}
+            "cpu_adam": "bench.cpu_adam", "async_save": "bench.async_save", "coverage": "bench.coverage",
+            "generate": "bench.generate"}
 
 
 def main() -> int:
