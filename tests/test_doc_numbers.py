@@ -73,6 +73,23 @@ def _moe_memory_claim(memory: dict) -> str:
             f"{plain['params_per_rank'] / 1e6:.0f} M, its peak within {worst:.2f}× the formula")
 
 
+def _generate_rows(result: dict) -> list[str]:
+    """The README's generation table: one row per layout (the largest rank's cache / the one-process cache)."""
+    rows = []
+    for layout in result["layouts"]:
+        cache = max(r["cache_vs_one_process"] for r in layout["ranks"])
+        rows.append(f"| {layout['layout']} | {layout['world']} | {layout['batches']} | {layout['ttft_s']:.2f} | "
+                    f"{layout['tpot_s'] * 1000:.1f} | {layout['tokens_per_s']:.1f} | {layout['equal_to_hf']} | "
+                    f"{cache:.4f} |")
+    return rows
+
+
+def _pipelining_claim(result: dict) -> str:
+    pipelined = result["pipelining"]["pipelined"]
+    return (f"{pipelined['tokens_per_s_batches_2']:.1f} tokens/s with 2 batches in flight against "
+            f"{pipelined['tokens_per_s_batches_1']:.1f} with 1, **{pipelined['ratio']:.2f}×**")
+
+
 def claims() -> dict[str, list[str]]:
     """Document -> the texts it must contain, each computed from a committed results file."""
     save, adam = _load("async-save-cpu/results.json"), _load("cpu-adam-cpu/results.json")
@@ -89,7 +106,10 @@ def claims() -> dict[str, list[str]]:
             f"`DeepSpeedCPUAdam` ({ds / fused:.2f}× slower) and {foreach:.3f} s with torch's foreach AdamW "
             f"({foreach / fused:.1f}×)",
             *_llama_demo_rows(_load("llama-demo-cpu/summary.json")),
-            _moe_memory_claim(_load("memory-moe-cpu/results.json"))],
+            _moe_memory_claim(_load("memory-moe-cpu/results.json")),
+            *_generate_rows(_load("generate-cpu/result.json")),
+            _pipelining_claim(_load("generate-cpu/result.json")),
+            _pipelining_claim(_load("generate-cpu/requests128/result.json"))],
         "docs/benchmarks.md": [
             f"| {overhead['plain_tokens_per_s']:,.0f} tok/s | {overhead['colonnade_tokens_per_s']:,.0f} tok/s | "
             f"**{overhead['throughput_ratio']:.2f}** |",
