@@ -23,6 +23,15 @@ class PipelineTimeout(RuntimeError):
     pass
 
 
+def wait_for(work: dist.Work, timeout: datetime.timedelta, pp_rank: int, peer: int, what: str) -> None:
+    """Wait for a receive; a peer that sends nothing within ``timeout`` is an error naming it."""
+    try:
+        work.wait(timeout)
+    except RuntimeError as exc:
+        raise PipelineTimeout(f"pipeline rank {pp_rank}: no {what} from global rank {peer} within "
+                              f"{timeout.total_seconds():.0f}s; another rank has probably failed ({exc})") from None
+
+
 class PipeComm:
     def __init__(self, pp_ranks: list[int], pp_rank: int, shape: tuple[int, ...], dtype: torch.dtype,
                  device: torch.device, timeout_s: float = 600.0):
@@ -62,13 +71,7 @@ class PipeComm:
             raise RuntimeError("receive() without a receive posted by exchange()")
         work, buffer, offset = self._posted
         self._posted = None
-        try:
-            work.wait(self.timeout)
-        except RuntimeError as exc:
-            what = "activation" if offset < 0 else "gradient"
-            raise PipelineTimeout(f"pipeline rank {self.pp_rank}: no {what} from global rank {self.peer(offset)} "
-                                  f"within {self.timeout.total_seconds():.0f}s; another rank has probably failed "
-                                  f"({exc})") from None
+        wait_for(work, self.timeout, self.pp_rank, self.peer(offset), "activation" if offset < 0 else "gradient")
         return buffer
 
     def flush(self) -> None:
@@ -105,12 +108,7 @@ class StageLink:
         buffer = torch.empty(shape, dtype=dtype, device=self.device)
         work = dist.irecv(buffer, self.peer(offset))
         assert work is not None
-        try:
-            work.wait(self.timeout)
-        except RuntimeError as exc:
-            raise PipelineTimeout(f"pipeline rank {self.pp_rank}: no message from global rank "
-                                  f"{self.peer(offset)} within {self.timeout.total_seconds():.0f}s; another rank "
-                                  f"has probably failed ({exc})") from None
+        wait_for(work, self.timeout, self.pp_rank, self.peer(offset), "message")
         return buffer
 
     def flush(self) -> None:
