@@ -30,7 +30,7 @@ from modeling.materialize import empty_model, materialize
 from modeling.pipeline_partition import build_chunks
 from modeling.tensor_parallel import tensor_parallelize
 from parallel.groups import ProcessGroups
-from training import checkpoint, data, run_dir
+from training import checkpoint, compressed_reduce, data, run_dir
 from training import engine as engine_lib
 from training.config import ConfigError, RunConfig
 from training.describe import layout
@@ -182,9 +182,11 @@ def build_engine(cfg: RunConfig, model: Any, pipeline: Any, ds_config: dict[str,
     """(the DeepSpeed engine over this rank's shard / pipeline chunks, the run's step): chosen here, once."""
     if pipeline is None:
         engine = engine_lib.build(model, cfg.optim, cfg.train.steps, ds_config, groups)
+        compressed_reduce.attach(cfg.parallel, engine, groups, engine_lib.hidden_size_of(model))
         return engine, DataParallelStep(cfg, engine, groups, task, events)
     chunks, tied_weight = pipeline
     engine = engine_lib.build(chunks, cfg.optim, cfg.train.steps, ds_config, groups)
+    compressed_reduce.attach(cfg.parallel, engine, groups, model.config.hidden_size)
     return engine, PipelineRunner(engine, cfg, groups, tied_weight, model.config.hidden_size, events)
 
 

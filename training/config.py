@@ -52,6 +52,7 @@ class RunConfig(Section):
             raise ValueError(f"optim.warmup_steps={self.optim.warmup_steps} exceeds train.steps="
                              f"{self.train.steps}: lower the warm-up or train longer")
         self._check_zero_rules()
+        self._check_compression_rules()
         self._check_pipeline_rules()
         self._check_model_kind_rules()
         return self
@@ -84,6 +85,24 @@ class RunConfig(Section):
                              "supported: DeepSpeed's ZeRO-3 gradient norm ignores ds_pipe_replicated, so the last "
                              "stage's vocabulary-parallel copy of a tied embedding would be counted twice; use "
                              "zero_stage 1 or 2 for 3D layouts, or ZeRO-3 with only one of tensor / pipeline")
+
+    def _check_compression_rules(self) -> None:
+        par = self.parallel
+        if par.grad_compression == "none":
+            return
+        setting = f"parallel.grad_compression={par.grad_compression}"
+        if par.zero_stage == 3:
+            raise ValueError(f"{setting} with parallel.zero_stage=3: ZeRO-3 reduce-scatters gradients in its own "
+                             f"hooks, which colonnade does not compress; use parallel.zero_stage 0, 1 or 2")
+        if par.offload != "none":
+            raise ValueError(f"{setting} with parallel.offload={par.offload}: DeepSpeed's offload path reduces "
+                             f"gradients on its own; set parallel.offload=none or parallel.grad_compression=none")
+        if par.expert > 1:
+            raise ValueError(f"{setting} with parallel.expert={par.expert}: expert gradients are reduced over their "
+                             f"own group by DeepSpeed; set parallel.expert=1 or parallel.grad_compression=none")
+        if par.overlap_comm:
+            raise ValueError(f"{setting} with parallel.overlap_comm=true: the compressed reduction runs on the "
+                             f"compute stream; leave parallel.overlap_comm unset")
 
     def _check_pipeline_rules(self) -> None:
         par = self.parallel

@@ -208,6 +208,14 @@ class ParallelConfig(Section):
     sequence_parallel: bool = Field(default=False, description="Megatron sequence parallelism (needs tensor > 1): "
                                     "norms and dropout work on a sequence shard; all-gather/reduce-scatter "
                                     "replace the all-reduces.")
+    grad_compression: Literal["none", "bf16", "int8", "int4"] = Field(
+        default="none", description="Data-parallel gradient averaging on the wire (parallel.compression): 'none' is "
+        "DeepSpeed's full-precision all-reduce; 'bf16' sends bf16 and sums the received pieces in fp32; 'int8' / "
+        "'int4' send block-wise scaled integers (one fp32 scale per 128 values). Model-parallel reductions stay "
+        "exact. ZeRO 0-2 (not ZeRO-3, offload or expert parallelism); turns DeepSpeed's overlap_comm off.")
+    error_feedback: bool = Field(default=True, description="With grad_compression: each rank adds what its last "
+                                 "encodings lost to its next gradients (one fp32 residual of its gradients' size, "
+                                 "saved in its checkpoint file). false: the loss is dropped.")
     tp_async_grad_reduce: bool = Field(default=True, description="Tensor parallelism: launch the input-gradient "
                                        "all-reduce (reduce-scatter with sequence_parallel) asynchronously and "
                                        "compute the weight gradients while it runs (Megatron's asynchronous "

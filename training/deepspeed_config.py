@@ -39,6 +39,9 @@ def deepspeed_config(cfg: RunConfig, world_size: int, hidden_size: int | None = 
     overlap = cfg.parallel.overlap_comm
     if cfg.parallel.zero_stage > 0:
         zero["overlap_comm"] = cfg.parallel.zero_stage >= 2 if overlap is None else overlap
+    if cfg.parallel.zero_stage > 0 and cfg.parallel.grad_compression != "none":
+        # the compressed mean replaces average_tensor, which DeepSpeed calls on contiguous buckets
+        zero.update(overlap_comm=False, contiguous_gradients=True)
     if hidden_size is not None:
         zero.update(model_sized_buckets(hidden_size, cfg.parallel.zero_stage))
     if cfg.parallel.zero_stage > 0 and cfg.parallel.bucket_size is not None:
@@ -199,6 +202,10 @@ def _disagreements(user: dict[str, Any], ours: dict[str, Any], cfg: RunConfig, m
     compare("gradient_clipping", user.get("gradient_clipping"), "optim.grad_clip", cfg.optim.grad_clip)
     compare("zero_optimization.stage", _lookup(user, ("zero_optimization", "stage")), "parallel.zero_stage",
             cfg.parallel.zero_stage)
+    if cfg.parallel.grad_compression != "none":
+        for key, needed in (("overlap_comm", False), ("contiguous_gradients", True)):
+            compare(f"zero_optimization.{key}", _lookup(user, ("zero_optimization", key)),
+                    "parallel.grad_compression", needed, shown=cfg.parallel.grad_compression)
     for name in ("bf16", "fp16"):
         compare(f"{name}.enabled", _lookup(user, (name, "enabled")), "precision", cfg.precision == name,
                 shown=cfg.precision)

@@ -59,6 +59,9 @@ class DataParallelStep(Step):
             loss = self.task.loss(engine, batch, groups)
             engine.backward(loss)
             if micro_index == last:
+                compression = getattr(engine, "gradient_compression", None)
+                if compression is not None:
+                    compression.before_step(engine)  # ZeRO-0: the data-parallel mean
                 if self.cfg.parallel.zero_stage == 0:
                     norm = grad_norm(engine, groups)  # before step() clips in place
                 with self.events.phase("optimizer", step + 1):
