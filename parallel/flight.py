@@ -41,6 +41,8 @@ class FlightRecorder:
         self.calls: collections.deque[Call] = collections.deque(maxlen=capacity)
         self.counts: dict[str, int] = collections.Counter()
         self._names: dict[int, str] = {}
+        self._sizes: dict[int, int] = {}
+        self.sent: dict[str, int] = collections.Counter()  # bytes this rank sent, per group (``bytes_sent``)
         self.reporters: list[int] = []   # the ranks whose report ``exchange`` received
 
     def install(self) -> "FlightRecorder":
@@ -75,18 +77,38 @@ class FlightRecorder:
         tensor = arguments.get("tensor", arguments.get("output_tensor", arguments.get("output")))
         shape = tuple(getattr(tensor, "shape", ()))
         self.calls.append(Call(group, self.counts[group], name, shape))
+        if hasattr(tensor, "element_size"):
+            self.sent[group] += bytes_sent(name, tensor.numel() * tensor.element_size(),
+                                           self._sizes[id(arguments.get("group"))])
 
     def _group_name(self, group) -> str:
         key = id(group)
         if key not in self._names:
             pg: Any = group if group is not None else dist.group.WORLD
             self._names[key] = f"group {pg.group_name} of ranks {dist.get_process_group_ranks(pg)}"
+            self._sizes[key] = dist.get_world_size(pg)
         return self._names[key]
 
     def report(self) -> dict:
         """What this rank publishes: its count per group and its last calls (the last one it is waiting in)."""
         return {"counts": [[g, n] for g, n in self.counts.items()],
                 "calls": [[c.group, c.seq, c.operation, list(c.shape)] for c in self.calls]}
+
+
+# Bytes one rank sends in an operation, as a multiple of the bytes of the tensor ``record`` sees (the tensor of
+# an all-reduce, broadcast or send, the output of a gather, reduce-scatter or all-to-all) among ``n`` ranks, as
+# bandwidth-optimal (ring) algorithms send: what the α-β model of a link charges, the same for gloo and NCCL.
+_SENT_FRACTION = {"all_reduce": lambda n: 2 * (n - 1) / n, "reduce_scatter_tensor": lambda n: n - 1,
+                  "all_gather_into_tensor": lambda n: (n - 1) / n, "all_to_all_single": lambda n: (n - 1) / n,
+                  "broadcast": lambda n: 1.0 if n > 1 else 0.0, "reduce": lambda n: 1.0 if n > 1 else 0.0,
+                  "send": lambda n: 1.0, "isend": lambda n: 1.0}
+
+
+def bytes_sent(operation: str, tensor_bytes: int, n: int) -> int:
+    """What one rank sends for ``operation`` on a ``tensor_bytes`` tensor among ``n`` ranks (0 for receives and
+    for operations on lists of tensors, which colonnade's hot paths do not use)."""
+    fraction = _SENT_FRACTION.get(operation)
+    return round(fraction(n) * tensor_bytes) if fraction is not None else 0
 
 
 def exchange(recorder: FlightRecorder, wait_s: float) -> dict[int, dict]:

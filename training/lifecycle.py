@@ -43,10 +43,12 @@ def init_distributed(timeout_s: float | None = None) -> None:
     renamed = r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"
     warnings.filterwarnings("ignore", category=FutureWarning, message=renamed)
     elastic.init_process_group(accel.communication_backend_name(), timeout.get("timeout"))
+    # before DeepSpeed's backend binds the functions it calls (all_gather_into_tensor, ...): names the rank that
+    # is behind when a collective times out, and counts the bytes each group sends
+    FlightRecorder().install()
     with contextlib.redirect_stdout(io.StringIO()):  # "DeepSpeed ... shm_comm_op built successfully", per rank
         deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), auto_mpi_discovery=False,
                                    **timeout)
-    FlightRecorder().install()  # names the rank that is behind when a collective times out
 
 
 def shutdown_distributed() -> None:
