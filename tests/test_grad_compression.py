@@ -4,6 +4,8 @@ transformers + torch reference that compresses the two ranks' gradients the docu
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -44,7 +46,7 @@ def ref_mean(inputs: list[torch.Tensor], residuals: list[torch.Tensor] | None, c
     and decoded by all. Error feedback: a rank's new residual is what its encoding lost, plus on its own chunk
     n times what the second encoding lost. Returns (the mean every rank gets, the new residuals)."""
     n, numel = len(inputs), inputs[0].numel()
-    chunk = -(-(-(-numel // n)) // BLOCK) * BLOCK
+    chunk = math.ceil(math.ceil(numel / n) / BLOCK) * BLOCK
     padded = [torch.nn.functional.pad(x, (0, n * chunk - numel)) for x in inputs]
     if residuals is not None:
         padded = [x + torch.nn.functional.pad(r, (0, n * chunk - numel)) for x, r in zip(padded, residuals)]
