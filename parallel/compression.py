@@ -46,6 +46,8 @@ class Codec:
 
     def encode(self, rows: torch.Tensor) -> torch.Tensor:
         """[r, m] fp32 -> [r, payload_bytes(m)] uint8."""
+        if rows.shape[1] == 0:  # a rank that owns nothing of a bucket
+            return torch.empty((rows.shape[0], 0), dtype=torch.uint8, device=rows.device)
         if self.name == "bf16":
             return rows.to(torch.bfloat16).view(torch.uint8)
         r, m = rows.shape
@@ -62,6 +64,8 @@ class Codec:
 
     def decode(self, payload: torch.Tensor, values: int) -> torch.Tensor:
         """[r, payload_bytes(values)] uint8 -> [r, values] fp32."""
+        if values == 0:
+            return torch.empty((payload.shape[0], 0), dtype=torch.float32, device=payload.device)
         if self.name == "bf16":
             return payload.contiguous().view(torch.bfloat16).float()
         r = payload.shape[0]
@@ -105,3 +109,46 @@ def compressed_mean_(flat: torch.Tensor, group: dist.ProcessGroup, codec: Codec,
     gathered = torch.empty((ranks, own.shape[1]), dtype=torch.uint8, device=flat.device)
     dist.all_gather_into_tensor(gathered, own, group=group)
     flat.copy_(codec.decode(gathered, chunk).view(-1)[:numel])
+
+
+def compressed_scatter_mean_(flat: torch.Tensor, owned: list[list[tuple[int, int]]], group: dist.ProcessGroup,
+                             codec: Codec, residual: torch.Tensor | None = None) -> None:
+    """The reduce-scatter half alone, as ZeRO needs it: ``owned[r]`` lists the (offset, length) ranges of ``flat``
+    (the same on every rank) that rank ``r`` keeps; each rank's own ranges of ``flat`` become the mean over
+    ``group``, the rest keep this rank's values. Every value is encoded once (for its owner, in the owner's
+    ranges concatenated and padded to whole blocks) and the owner sums the decoded pieces in fp32, in rank
+    order. With ``residual`` (fp32, ``flat``'s size) error feedback as in ``compressed_mean_``. Collective."""
+    ranks, rank = dist.get_world_size(group), dist.get_rank(group)
+    values = flat.to(torch.float32, copy=True).view(-1)
+    if residual is not None:
+        values += residual
+    lengths = [-(-sum(n for _, n in ranges) // BLOCK) * BLOCK for ranges in owned]
+    pieces = [_gathered(values, ranges, length) for ranges, length in zip(owned, lengths)]
+    encoded = [codec.encode(piece.unsqueeze(0)) for piece in pieces]
+    received = torch.empty(ranks * codec.payload_bytes(lengths[rank]), dtype=torch.uint8, device=flat.device)
+    dist.all_to_all_single(received, torch.cat([e.view(-1) for e in encoded]), group=group,
+                           output_split_sizes=[codec.payload_bytes(lengths[rank])] * ranks,
+                           input_split_sizes=[e.numel() for e in encoded])
+    mean = codec.decode(received.view(ranks, codec.payload_bytes(lengths[rank])), lengths[rank]).sum(dim=0) / ranks
+    if residual is not None:
+        for ranges, piece, payload, length in zip(owned, pieces, encoded, lengths):
+            _scatter(residual, ranges, piece - codec.decode(payload, length)[0])
+    _scatter(flat.view(-1), owned[rank], mean)
+
+
+def _gathered(values: torch.Tensor, ranges: list[tuple[int, int]], length: int) -> torch.Tensor:
+    """The ``ranges`` of ``values`` one after another, zero-padded to ``length``."""
+    out = torch.zeros(length, dtype=values.dtype, device=values.device)
+    position = 0
+    for offset, n in ranges:
+        out[position:position + n] = values[offset:offset + n]
+        position += n
+    return out
+
+
+def _scatter(target: torch.Tensor, ranges: list[tuple[int, int]], source: torch.Tensor) -> None:
+    """Write ``source`` (the ranges one after another, maybe padded) back into ``target``'s ``ranges``."""
+    position = 0
+    for offset, n in ranges:
+        target[offset:offset + n] = source[position:position + n]
+        position += n

@@ -111,6 +111,13 @@ def bytes_sent(operation: str, tensor_bytes: int, n: int) -> int:
     return round(fraction(n) * tensor_bytes) if fraction is not None else 0
 
 
+def sent_over(recorder: FlightRecorder | None, ranks: list[int]) -> int:
+    """Bytes this rank has sent so far on the groups made of exactly ``ranks`` (0 without a recorder)."""
+    if recorder is None:
+        return 0
+    return sum(n for group, n in recorder.sent.items() if ":pair" not in group and _members(group) == sorted(ranks))
+
+
 def exchange(recorder: FlightRecorder, wait_s: float) -> dict[int, dict]:
     """Publish this rank's report on the rendezvous store and collect every rank's that arrives within
     ``wait_s`` (a rank stalled outside any collective, or gone, sends none)."""

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from parallel.compression import Codec, compressed_mean_
+from parallel.compression import Codec, compressed_mean_, compressed_scatter_mean_
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -55,7 +55,7 @@ class GradientCompression:
             params = [optimizer.bit16_groups[group][index] for group, index, _ in bucket.params]
             if not params:  # an empty bucket at the epilogue: the same on every rank
                 return
-            self.mean_(tensor, params)
+            self.mean_(tensor, params, owned_ranges(optimizer, bucket.params, dist.get_world_size(self.group)))
             optimizer._add_full_reduction_to_compact_grad_partition(tensor, communication_data_type)
 
         optimizer.average_tensor = average_tensor
@@ -85,14 +85,19 @@ class GradientCompression:
             grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
             offset += grad.numel()
 
-    def mean_(self, flat: torch.Tensor, params: list[torch.nn.Parameter]) -> None:
-        """``flat`` (the gradients of ``params``, concatenated) replaced by their compressed mean."""
+    def mean_(self, flat: torch.Tensor, params: list[torch.nn.Parameter],
+              owned: list[list[tuple[int, int]]] | None = None) -> None:
+        """``flat`` (the gradients of ``params``, concatenated) replaced by their compressed mean; with ``owned``
+        (each rank's ranges of ``flat``: ZeRO's partitions) only each rank's own ranges."""
         if dist.get_world_size(self.group) == 1:
             return
         residual = None
         if self.error_feedback:
             residual = torch.cat([self._residual(p) for p in params])
-        compressed_mean_(flat.view(-1), self.group, self.codec, residual)
+        if owned is None:
+            compressed_mean_(flat.view(-1), self.group, self.codec, residual)
+        else:
+            compressed_scatter_mean_(flat, owned, self.group, self.codec, residual)
         if residual is not None:
             offset = 0
             for param in params:
@@ -115,6 +120,27 @@ class GradientCompression:
         for key, value in saved.items():
             param = by_name[key.removeprefix("residual/")]
             self.residuals[id(param)] = value.to(param.device, torch.float32).reshape(-1).clone()
+
+
+def owned_ranges(optimizer: Any, bucket_params: list[tuple[int, int, int]], ranks: int) -> list[list[tuple[int, int]]]:
+    """For a ZeRO-1/2 gradient bucket (``bucket_params``: its parameters as (group, index, id), their gradients
+    one after another): the (offset, length) ranges each data-parallel rank's partition holds, from DeepSpeed's
+    own partition maps (a parameter may straddle partitions)."""
+    owned: list[list[tuple[int, int]]] = [[] for _ in range(ranks)]
+    base = 0
+    for group, index, param_id in bucket_params:
+        numel = optimizer.bit16_groups[group][index].numel()
+        starts = sorted((int(optimizer.grad_start_offset[group][owner][param_id]), owner)
+                        for owner in optimizer.param_to_partition_ids[group][param_id])
+        for k, (start, owner) in enumerate(starts):
+            end = starts[k + 1][0] if k + 1 < len(starts) else numel
+            ranges = owned[owner]
+            if ranges and sum(ranges[-1]) == base + start:  # continues the owner's last range
+                ranges[-1] = (ranges[-1][0], ranges[-1][1] + end - start)
+            else:
+                ranges.append((base + start, end - start))
+        base += numel
+    return owned
 
 
 def attach(par: ParallelConfig, engine: DeepSpeedEngine, groups: ProcessGroups,

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from parallel import flight
 from parallel.comm import comm_device
 from parallel.groups import ProcessGroups
 from training import checkpoint, elastic, host_memory
@@ -170,10 +171,13 @@ class Loop:
         started = time.perf_counter()
         lr = self.engine.get_lr()[0]
         self.expert_load.start_step()
+        sent_before = flight.sent_over(flight.installed(), self.groups.dp_ranks)
         mean_loss, grad_norm = self.step_impl.train(self.batches, step)
         elapsed = time.perf_counter() - started
         record = {"step": step + 1, "loss": mean_loss, "lr": lr, "grad_norm": grad_norm, "step_time_s": elapsed,
                   **self.expert_load.summary()}
+        if self.groups.data > 1:  # bytes this rank sent over its data-parallel group in the step (host counters)
+            record["dp_bytes_sent"] = flight.sent_over(flight.installed(), self.groups.dp_ranks) - sent_before
         if self.tokens_per_step is not None:
             record["tokens_per_s"] = self.tokens_per_step / elapsed
         if not self.engine.was_step_applied():
