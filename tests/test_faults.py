@@ -40,7 +40,9 @@ def _write_config(tmp: Path, corpus: Path, name: str, **train) -> Path:
            "train": {"steps": STEPS, "micro_batch_size": 2, "output_dir": str(tmp / name), "progress": False,
                      "save_every": SAVE_EVERY, "export_hf": False, **train},
            "optim": {"warmup_steps": 5},
-           "parallel": {"zero_stage": 1, "timeout_s": 60}, "logging": {"wandb": {"mode": "disabled"}}}
+           # int4 gradient compression with error feedback: "resumes exactly" includes every rank's residual
+           "parallel": {"zero_stage": 1, "timeout_s": 60, "grad_compression": "int4"},
+           "logging": {"wandb": {"mode": "disabled"}}}
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path

@@ -306,3 +306,70 @@ def test_zero12_tp_pp_compressed_training_matches_the_reference(tmp_path):
         loss_gap = max(abs(g[0] - m[0]) / m[0] for g, m in zip(got, expected)) / LOSS_TOL
         norm_gap = max(abs(g[1] - m[1]) / m[1] for g, m in zip(got, expected)) / NORM_TOL["bf16"]
         assert max(loss_gap, norm_gap) > 10, f"{what}: within {max(loss_gap, norm_gap):.1f} x the tolerance"
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_residuals_are_saved_and_restart_at_zero_on_another_layout(tmp_path, capfd):
+    """Every rank's file holds its residual of every parameter; a resume at another layout (DP=2 -> TP=2 x DP=2)
+    says on the console that they start at zero, and trains. (Exact resume at the same layout, after a kill -9:
+    tests/test_faults.py, whose runs compress with int4.)"""
+    from safetensors import safe_open
+
+    corpus = write_corpus(tmp_path / "corpus")
+    par = {"zero_stage": 1, "grad_compression": "int8"}
+    first = tiny_config(tmp_path / "a", corpus, train__steps=4, train__save_every=2, parallel=par)
+    run_ranks(run_configs, 2, [first])
+    saved = tmp_path / "a" / "run" / "checkpoints" / "step_0000002"
+    for rank in range(2):
+        with safe_open(str(saved / f"rank-{rank:05d}-of-00002.safetensors"), framework="pt") as handle:
+            names = {k.removeprefix("residual/") for k in handle.keys() if k.startswith("residual/")}
+        assert "transformer.wte.weight" in names and len(names) == 4 + 12 * 2  # wte, wpe, ln_f (2), 2 blocks of 12
+    capfd.readouterr()
+    moved = tiny_config(tmp_path / "b", corpus, train__steps=4, train__resume=str(saved),
+                        parallel={**par, "tensor": 2})
+    history = run_ranks(run_configs, 4, [moved])[0][0]
+    assert [r["step"] for r in step_records(history)] == [3, 4]
+    assert "the error-feedback residuals start at zero: the checkpoint's layout (world 2" in capfd.readouterr().out
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("parallel, message", [
+    ({"zero_stage": 3}, "parallel.grad_compression=int8 with parallel.zero_stage=3: ZeRO-3 reduce-scatters"),
+    ({"zero_stage": 1, "offload": "optimizer"}, "with parallel.offload=optimizer: DeepSpeed's offload path"),
+    ({"zero_stage": 1, "expert": 2}, "with parallel.expert=2: expert gradients are reduced over their own group"),
+    ({"zero_stage": 2, "overlap_comm": True}, "with parallel.overlap_comm=true: the compressed reduction runs"),
+])
+def test_what_compression_cannot_carry_is_refused_by_name(parallel, message):
+    from training.config import ConfigError, validate
+
+    raw = {"model": {"arch": "gpt2"}, "data": {"train_files": ["x.txt"], "seq_len": 16}, "train": {"steps": 5},
+           "parallel": {**parallel, "grad_compression": "int8"}}
+    with pytest.raises(ConfigError, match=message):
+        validate(raw)
+
+
+@pytest.mark.unit
+def test_deepspeed_json_turns_overlap_off_and_a_users_overlap_is_refused():
+    from training.config import ConfigError, validate
+    from training.deepspeed_config import check_user_deepspeed_config, deepspeed_config
+
+    cfg = validate({"model": {"arch": "gpt2"}, "data": {"train_files": ["x.txt"], "seq_len": 16},
+                    "train": {"steps": 5}, "parallel": {"zero_stage": 2, "grad_compression": "bf16"}})
+    zero = deepspeed_config(cfg, 2)["zero_optimization"]
+    assert (zero["overlap_comm"], zero["contiguous_gradients"]) == (False, True)
+    with pytest.raises(ConfigError, match="zero_optimization.overlap_comm=True .* parallel.grad_compression"):
+        check_user_deepspeed_config({"zero_optimization": {"overlap_comm": True}}, cfg, 2)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("codec", ["bf16", "int8", "int4"])
+def test_payload_is_the_documented_size_and_decodes_to_the_reference_rounding(codec):
+    from parallel.compression import Codec
+
+    x = _gradient(0, 0, 4 * BLOCK).view(2, 2 * BLOCK)
+    payload = Codec(codec).encode(x)
+    assert payload.dtype == torch.uint8
+    assert payload.shape == (2, {"bf16": 4, "int8": 2 + 8 / BLOCK, "int4": 1 + 8 / BLOCK}[codec] * BLOCK)
+    decoded = Codec(codec).decode(payload, 2 * BLOCK)
+    torch.testing.assert_close(decoded.view(-1), ref_round_trip(x.reshape(-1), codec), rtol=0, atol=0)

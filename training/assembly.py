@@ -206,6 +206,8 @@ def save_run_files(cfg: RunConfig, ds_config: dict[str, Any], tokenizer: Any, st
 def announce_resume(cfg: RunConfig, path: Path, resumed: Any) -> None:
     """What the run continues from, and every setting that changed since that checkpoint was written."""
     console(f"resuming from {path}: step {resumed.step}, {resumed.consumed_samples} samples consumed")
+    if resumed.residuals_restarted:
+        console(f"parallel.grad_compression: the error-feedback residuals start at zero: {resumed.residuals_restarted}")
     changed = checkpoint.changed_settings(path, cfg.to_dict())
     if changed:
         console("changed since that checkpoint, in effect from step "

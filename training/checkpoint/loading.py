@@ -35,6 +35,7 @@ class TrainerState:
     step: int
     consumed_samples: int
     skipped_steps: int
+    residuals_restarted: str | None = None  # why the error-feedback residuals start at zero, if they do
 
 
 def check_weights(model: torch.nn.Module, path: Path) -> None:
@@ -99,7 +100,28 @@ def restore(engine: DeepSpeedEngine, model: torch.nn.Module, groups: ProcessGrou
     engine.global_samples = trainer["consumed_samples"]
     engine.skipped_steps = trainer["skipped_steps"]
     _restore_rng(path, trainer["layout"], groups, getattr(model, "tensor_parallel_rng", None))
-    return TrainerState(trainer["step"], trainer["consumed_samples"], trainer["skipped_steps"])
+    restarted = _restore_residuals(engine, path, trainer["layout"], groups)
+    return TrainerState(trainer["step"], trainer["consumed_samples"], trainer["skipped_steps"], restarted)
+
+
+def _restore_residuals(engine, path: Path, saved_layout: dict[str, Any], groups) -> str | None:
+    """``parallel.grad_compression``'s error-feedback residuals, from this rank's file when the checkpoint was
+    written by the same (world, tensor, pipeline) layout (each rank's residual belongs to its place in the data
+    order); else they start at zero and the reason is returned."""
+    compression = getattr(engine, "gradient_compression", None)
+    if compression is None or not compression.error_feedback:
+        return None
+    same = (saved_layout["world_size"], saved_layout.get("tensor"), saved_layout.get("pipeline")) == (
+        dist.get_world_size(), groups.tensor, groups.pipeline)
+    if not same:
+        return (f"the checkpoint's layout (world {saved_layout['world_size']}, tensor {saved_layout.get('tensor')}, "
+                f"pipeline {saved_layout.get('pipeline')}) differs from this run's")
+    with safe_open(str(path / rank_file(dist.get_rank(), dist.get_world_size())), framework="pt") as handle:
+        keys = [k for k in handle.keys() if k.startswith("residual/")]
+        if not keys:
+            return "the checkpoint holds no residuals (written without error feedback)"
+        compression.load_state({key: handle.get_tensor(key) for key in keys}, engine)
+    return None
 
 
 def _restore_lr_schedule(engine, saved: dict[str, Any] | None) -> None:

@@ -108,6 +108,9 @@ def _rank_values(engine, model, groups, kinds, local, owner) -> tuple[str, dict,
     file = rank_file(dist.get_rank(), dist.get_world_size())
     layout = shards(model, groups.tp_group)
     values, metadata = _rng_state(model)
+    compression = getattr(engine, "gradient_compression", None)
+    if compression is not None:  # this rank's error-feedback residuals: read back by the same layout only
+        values.update(compression.state())
     for name, tensor in local.items():
         if owner[name] != groups.pp_rank or (not getattr(tensor, "tensor_model_parallel", False)
                                               and groups.tp_rank != 0):
