@@ -31,6 +31,11 @@ ranked by a step-time estimate: the step's FLOPs with recomputation (``bench.for
 (``--comm-fit``) predicts for the tensor-parallel all-reduces, the data-parallel gradient reduction and the
 pipeline sends.
 
+With ``--link-gbps X``, each planned layout's data-parallel gradients (fp32, of its largest stage) are priced per
+``parallel.grad_compression`` mode at X Gbit/s with the ``bench slow-link`` fit (``--slow-link-fit``: codec
+seconds per gradient byte, bytes on the wire and their efficiency per mode), and the fastest mode is named
+(``bench.slow_link.choose_mode``).
+
 The modules: ``bench.plan_trace`` (the meta-device traces), ``bench.plan_stages`` (each stage's planned memory),
 ``bench.plan_search`` (the layouts that fit), ``bench.formulas`` (model state, transients, FLOPs), this one (the
 command, ``--check``).
@@ -119,6 +124,10 @@ def main(argv=None) -> list[dict]:
                         help="the devices the run trains on: which attention kernel the activations follow "
                         "(default: this machine's)")
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--link-gbps", type=float, help="data-parallel link rate: say which "
+                        "parallel.grad_compression mode the `bench slow-link` fit predicts fastest per layout")
+    parser.add_argument("--slow-link-fit", default="bench/results/slow-link-cpu/results.json",
+                        help="a `bench slow-link` results file (its per-mode fit)")
     parser.add_argument("--out", help="a directory for results.json (the rows) and report.md")
     args = parser.parse_args(argv)
     if not args.config and not args.check:
@@ -126,8 +135,14 @@ def main(argv=None) -> list[dict]:
     if (args.device_memory is None) != (args.world_size is None):
         parser.error("--device-memory and --world-size go together")
     check_search_args(args)
+    if args.link_gbps is not None and args.link_gbps <= 0:
+        fail("bench plan", f"--link-gbps {args.link_gbps}: must be positive")
     try:
         rows, text = search_text(args) if args.device_memory is not None else _plan_text(args)
+        if args.link_gbps is not None:
+            from bench.slow_link import compression_advice
+
+            text += "\n" + compression_advice(rows, args.link_gbps, args.slow_link_fit)
     except (ValueError, OSError, KeyError) as exc:  # a bad config, layout or file: one line, no traceback
         fail("bench plan", str(exc))
     print(text)

@@ -1,0 +1,451 @@
+"""Gradient compression on a slow link: the same 2-node data-parallel training with each
+``parallel.grad_compression`` mode, over two network namespaces joined by a veth pair whose rate ``tc`` limits.
+
+    python -m bench slow-link --out bench/results/slow-link-cpu
+
+Per link (``--links``: ``fast`` is the plain veth, ``1gbit`` / ``100mbit`` a token bucket on both ends) the
+rate is measured first (a TCP transfer from one namespace to the other), then each mode trains GPT-2
+(12 x 768 x 12, byte tokens, seq 128, micro-batch 1) at DP=2, one ``torchrun`` process per namespace, ZeRO-0:
+the step record's ``dp_bytes_sent``, the median ``step_time_s`` and ``tokens_per_s`` of the steps after
+``--warmup``, the last loss.
+
+The fit, per mode: ``step_s = compute_s + wire_factor * bytes_sent / link_rate`` (least squares over the links;
+``compute_s`` holds the forward/backward/optimizer, the codec's encode/decode and the fixed latencies,
+``wire_factor`` how much slower than the measured TCP rate the collective moves its bytes). A mode beats ``none``
+below the bandwidth where the wire time it saves equals its extra ``compute_s`` (the crossover). The codec's cost
+per fp32 gradient byte, ``(compute_s - compute_s[none]) / gradient bytes``, is what ``bench plan --link-gbps``
+prices a layout's data-parallel gradients with (``choose_mode``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+PROG = "bench slow-link"
+MODES = ("none", "bf16", "int8", "int4")
+RATES = {"fast": None, "10gbit": 10_000, "1gbit": 1000, "500mbit": 500, "100mbit": 100, "50mbit": 50}
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_FIT = ROOT / "bench" / "results" / "slow-link-cpu" / "results.json"
+PROBE = """import socket, sys, time
+role, host, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if role == "server":
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind((host, 29555)); s.listen(1)
+    c, _ = s.accept(); got = 0
+    while got < n:
+        got += len(c.recv(1 << 20))
+    c.sendall(b"x")
+else:
+    for _ in range(100):
+        try:
+            s = socket.create_connection((host, 29555)); break
+        except OSError:
+            time.sleep(0.1)
+    buf, sent, t = bytes(1 << 20), 0, time.perf_counter()
+    while sent < n:
+        s.sendall(buf); sent += len(buf)
+    s.recv(1); print(sent / (time.perf_counter() - t))
+"""
+
+
+def _ip(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], capture_output=True, text=True)
+
+
+class TwoHosts:
+    """Namespaces A (10.214.0.1) and B (10.214.0.2) joined by a veth pair; ``close`` deletes them."""
+
+    def __init__(self):
+        tag = os.getpid() % 100000
+        self.names, self.links = (f"colslA{tag}", f"colslB{tag}"), (f"csla{tag}", f"cslb{tag}")
+        self.addresses = ("10.214.0.1", "10.214.0.2")
+        self.made: list[str] = []
+        try:
+            for ns in self.names:
+                self._do("netns", "add", ns)
+                self.made.append(ns)
+            self._do("link", "add", self.links[0], "type", "veth", "peer", "name", self.links[1])
+            for ns, link, address in zip(self.names, self.links, self.addresses):
+                self._do("link", "set", link, "netns", ns)
+                self._do("-n", ns, "addr", "add", f"{address}/24", "dev", link)
+                self._do("-n", ns, "link", "set", link, "up")
+                self._do("-n", ns, "link", "set", "lo", "up")
+        except RuntimeError:
+            self.close()
+            raise
+
+    @staticmethod
+    def _do(*args: str) -> None:
+        done = _ip(*args)
+        if done.returncode != 0:
+            raise RuntimeError(f"`ip {' '.join(args)}`: {done.stderr.strip()}")
+
+    def shape(self, mbit: int | None) -> None:
+        """A token bucket of ``mbit`` Mbit/s on both ends' egress (None: none). netem (delay) is not used: this
+        machine's kernel is built without it (CONFIG_NET_SCH_NETEM), tbf is there."""
+        for ns, link in zip(self.names, self.links):
+            subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", link, "root"],
+                           capture_output=True)
+            if mbit is not None:
+                burst = f"{max(64, mbit // 2)}kb"
+                self._do("netns", "exec", ns, "tc", "qdisc", "add", "dev", link, "root", "tbf", "rate",
+                         f"{mbit}mbit", "burst", burst, "latency", "100ms")
+
+    def exec(self, i: int, cmd: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.names[i], *cmd]
+
+    def close(self) -> None:
+        for ns in self.made:
+            _ip("netns", "del", ns)
+        self.made = []
+
+
+def measure_rate(hosts: TwoHosts, nbytes: int) -> float:
+    """Bytes per second of one TCP transfer of ``nbytes`` from A to B."""
+    server = subprocess.Popen(hosts.exec(1, [sys.executable, "-c", PROBE, "server", hosts.addresses[1], str(nbytes)]))
+    try:
+        client = subprocess.run(hosts.exec(0, [sys.executable, "-c", PROBE, "client", hosts.addresses[1],
+                                               str(nbytes)]), capture_output=True, text=True, timeout=300)
+        server.wait(timeout=30)
+    finally:
+        server.kill()
+    if client.returncode != 0:
+        raise RuntimeError(f"rate probe failed: {client.stderr.strip()[-500:]}")
+    return float(client.stdout.strip().splitlines()[-1])
+
+
+def run_config(args, out: Path, mode: str, zero: int) -> dict:
+    return {"model": {"arch": "gpt2", "tokenizer": "byte",
+                      "config": {"n_layer": args.layers, "n_embd": args.hidden, "n_head": args.heads,
+                                 "n_positions": 256}},
+            "data": {"train_files": [args.files], "seq_len": args.seq_len},
+            "train": {"steps": args.warmup + args.steps, "micro_batch_size": 1, "output_dir": str(out),
+                      "progress": False, "export_hf": False, "save_final": False, "eval_every": 0, "log_every": 1},
+            "parallel": {"zero_stage": zero, "grad_compression": mode, "timeout_s": 900},
+            "logging": {"wandb": {"mode": "disabled"}}}
+
+
+def _env(link: str) -> dict[str, str]:
+    env = dict(os.environ, WANDB_SILENT="true", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
+               HF_DATASETS_DISABLE_PROGRESS_BARS="1", GLOO_SOCKET_IFNAME=link)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def train_pair(hosts: TwoHosts, config: Path, port: int, timeout: float) -> None:
+    """One ``torchrun`` node per namespace (c10d rendezvous on A's address), waited for."""
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    master = hosts.addresses[0]
+    nodes = [subprocess.Popen(hosts.exec(i, [torchrun, "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend",
+                                             "c10d", "--rdzv_endpoint", f"{master}:{port}", "--rdzv_id", "slowlink",
+                                             "--rdzv_conf", f"is_host={int(i == 0)}", "--local_addr",
+                                             hosts.addresses[i], "train.py", "--config", str(config)]),
+                              cwd=ROOT, env=_env(hosts.links[i]), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    try:
+        outputs = [node.communicate(timeout=timeout)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    for node, out in zip(nodes, outputs):
+        if node.returncode != 0:
+            from bench.launch import first_error
+
+            raise RuntimeError(f"training failed: {first_error(out)}")
+
+
+def summarize(records: list[dict], warmup: int) -> dict:
+    """Median step time, tokens/s and bytes sent of the steps after ``warmup``; the last loss."""
+    timed = [r for r in records if "loss" in r and r["step"] > warmup]
+    return {"steps": len(timed), "step_s": statistics.median(r["step_time_s"] for r in timed),
+            "step_s_all": [r["step_time_s"] for r in timed],
+            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
+            "bytes_sent": int(statistics.median(r["dp_bytes_sent"] for r in timed)),
+            "loss": timed[-1]["loss"], "losses": [r["loss"] for r in records if "loss" in r]}
+
+
+def measure(args) -> dict:
+    """Every link x mode trained; the raw measurements (written to ``--out`` after each run)."""
+    from bench.machine import describe
+
+    result = {"machine": describe(), "model": {"layers": args.layers, "hidden": args.hidden, "heads": args.heads,
+                                               "seq_len": args.seq_len, "micro_batch": 1, "data_parallel": 2},
+              "warmup": args.warmup, "steps": args.steps, "zero": args.zero, "links": {}, "runs": [],
+              "grad_bytes": grad_bytes(args)}
+    started, port = time.monotonic(), 29700
+    hosts = TwoHosts()
+    try:
+        for link in args.links.split(","):
+            hosts.shape(RATES[link])
+            probe = 2 * 10**9 if RATES[link] is None else RATES[link] * 10**6 // 8 * 2
+            rate = measure_rate(hosts, probe)
+            result["links"][link] = {"set_mbit": RATES[link], "measured_Bps": rate}
+            print(f"{PROG}: {link}: measured {rate * 8 / 1e6:,.0f} Mbit/s", flush=True)
+            for mode in args.modes.split(","):
+                port += 1
+                result["runs"].append(_one_run(args, hosts, link, mode, port))
+                result["wall_s"] = time.monotonic() - started
+                if args.out:
+                    Path(args.out).mkdir(parents=True, exist_ok=True)
+                    (Path(args.out) / "results.json").write_text(json.dumps(result, indent=1))
+    finally:
+        hosts.close()
+    result["wall_s"] = time.monotonic() - started
+    return result
+
+
+def _one_run(args, hosts: TwoHosts, link: str, mode: str, port: int) -> dict:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=args.scratch) as tmp:
+        out, config = Path(tmp) / "run", Path(tmp) / "run.yaml"
+        config.write_text(yaml.safe_dump(run_config(args, out, mode, args.zero)))
+        began = time.monotonic()
+        train_pair(hosts, config, port, args.timeout)
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    row = {"link": link, "mode": mode, "zero": args.zero, "run_wall_s": time.monotonic() - began,
+           **summarize(records, args.warmup)}
+    print(f"{PROG}: {link} {mode}: {row['bytes_sent'] / 1e6:,.1f} MB/step, {row['step_s']:.2f} s/step, "
+          f"loss {row['loss']:.3f} ({row['run_wall_s']:.0f} s)", flush=True)
+    return row
+
+
+def grad_bytes(args) -> int:
+    """fp32 bytes of the model's gradients (its parameter count x 4), counted on the meta device."""
+    from bench.plan_trace import full_meta_model
+    from training.config import validate
+
+    model = full_meta_model(validate(run_config(args, Path("unused"), "none", args.zero)))
+    return 4 * sum(p.numel() for p in model.parameters())
+
+
+
+def fit_mode(points: list[tuple[float, float]]) -> dict:
+    """Least squares of ``step_s = compute_s + wire_factor * x`` over (x = bytes sent / link rate, step_s)
+    points; with one distinct x, ``wire_factor`` 1."""
+    xs, ts = [x for x, _ in points], [t for _, t in points]
+    mx, mt = statistics.fmean(xs), statistics.fmean(ts)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    factor = sum((x - mx) * (t - mt) for x, t in zip(xs, ts)) / sxx if sxx > 0 else 1.0
+    return {"compute_s": mt - factor * mx, "wire_factor": factor}
+
+
+def predict(fit: dict, nbytes: float, rate_Bps: float) -> float:
+    return fit["compute_s"] + fit["wire_factor"] * nbytes / rate_Bps
+
+
+def crossover_Bps(fit: dict, nbytes: float, none_fit: dict, none_bytes: float) -> float | None:
+    """The link rate below which ``fit`` (sending ``nbytes``) is faster than ``none`` (``none_bytes``): where
+    the wire seconds it saves equal the compute seconds it adds. ``inf``: faster at every rate (no extra cost);
+    None: never faster (it saves no wire time)."""
+    saved = none_fit["wire_factor"] * none_bytes - fit["wire_factor"] * nbytes  # byte-seconds per (byte/s)
+    extra = fit["compute_s"] - none_fit["compute_s"]
+    if saved <= 0:
+        return None
+    return float("inf") if extra <= 0 else saved / extra
+
+
+def analyse(result: dict) -> dict:
+    """Per mode (ZeRO as run): the fit over the links, the codec cost per gradient byte, the wire ratio to none,
+    the crossover; per link: each mode's step time over none's; the bar (100 Mbit/s: int8 <= 0.6 x none)."""
+    runs, links = result["runs"], result["links"]
+    by = {(r["link"], r["mode"]): r for r in runs}
+    modes = list(dict.fromkeys(r["mode"] for r in runs))
+    fits = {}
+    for mode in modes:
+        points = [(r["bytes_sent"] / links[r["link"]]["measured_Bps"], r["step_s"]) for r in runs if r["mode"] == mode]
+        fits[mode] = fit_mode(points)
+    wire = {m: statistics.median(r["bytes_sent"] for r in runs if r["mode"] == m) for m in modes}
+    for mode, fit in fits.items():
+        fit["bytes_sent"] = wire[mode]
+        fit["wire_ratio"] = wire[mode] / wire["none"]
+        fit["codec_s_per_grad_byte"] = max(0.0, fit["compute_s"] - fits["none"]["compute_s"]) / result["grad_bytes"]
+        fit["crossover_Bps"] = (None if mode == "none" else
+                                crossover_Bps(fit, wire[mode], fits["none"], wire["none"]))
+    for r in runs:
+        r["over_none"] = r["step_s"] / by[(r["link"], "none")]["step_s"] if (r["link"], "none") in by else None
+    bar = by.get(("100mbit", "int8"))
+    best = min((r for r in runs if r["link"] == "100mbit" and r["mode"] != "none"), key=lambda r: r["over_none"],
+               default=None)
+    result.update(fit=fits, bar={"int8_over_none_100mbit": bar and bar["over_none"], "threshold": 0.6,
+                                 "pass": bool(bar and bar["over_none"] <= 0.6),
+                                 "best_mode": best and best["mode"], "best_over_none": best and best["over_none"]})
+    return result
+
+
+def choose_mode(grad_bytes: float, data: int, rate_Bps: float, fit: dict) -> tuple[str, dict[str, float]]:
+    """The ``parallel.grad_compression`` mode the slow-link fit predicts fastest for ``grad_bytes`` of fp32
+    gradients averaged over ``data`` ranks on links of ``rate_Bps``: per mode, seconds per step of codec
+    (``codec_s_per_grad_byte`` x grad_bytes) plus wire (a ring all-reduce's 2 (d-1)/d x grad_bytes, times the
+    mode's measured wire ratio and wire factor); with one rank, ``none`` (nothing is sent)."""
+    if data < 2:
+        return "none", {"none": 0.0}
+    wire = 2 * (data - 1) / data * grad_bytes
+    seconds = {mode: f["codec_s_per_grad_byte"] * grad_bytes + f["wire_factor"] * f["wire_ratio"] * wire / rate_Bps
+               for mode, f in fit.items()}
+    return min(seconds, key=seconds.get), seconds
+
+
+def compression_advice(rows: list[dict], link_gbps: float, fit_path: str | Path = DEFAULT_FIT) -> str:
+    """``bench plan --link-gbps``: per planned layout, the mode ``choose_mode`` predicts fastest (fp32 gradient
+    bytes of its largest stage, its data-parallel degree), from the fit in ``fit_path``."""
+    fit = json.loads(Path(fit_path).read_text())["fit"]
+    lines = [f"Data-parallel gradient compression at {link_gbps:g} Gbit/s (fit: {fit_path}; ZeRO-0 ring all-reduce "
+             f"model, seconds per step of codec + wire):", "",
+             "| layout | ZeRO | data | gradient MB | fastest | " + " | ".join(f"{m} s" for m in fit) + " |",
+             "|" + "---|" * (5 + len(fit))]
+    for r in rows:
+        grads = 4 * r["params"]
+        best, seconds = choose_mode(grads, r["data"], link_gbps * 1e9 / 8, fit)
+        cells = [f"{seconds[m]:.3f}" if m in seconds else "" for m in fit]
+        lines.append(f"| {r['layout']} | {r['zero']} | {r['data']} | {grads / 1e6:,.0f} | "
+                     f"parallel.grad_compression={best} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+
+def _mbit(rate_Bps: float | None) -> str:
+    if rate_Bps is None:
+        return "never"
+    return "any" if rate_Bps == float("inf") else f"{rate_Bps * 8 / 1e6:,.0f} Mbit/s"
+
+
+def report(result: dict) -> str:
+    m, model, links, bar = result["machine"], result["model"], result["links"], result["bar"]
+    rates = ", ".join(f"{k}: {v['measured_Bps'] * 8 / 1e6:,.0f} Mbit/s" for k, v in links.items())
+    lines = [f"# Gradient compression on a slow link: GPT-2 {model['layers']} x {model['hidden']} at DP=2, "
+             f"ZeRO-{result['zero']}", "",
+             f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['date']}. Two network namespaces joined by a "
+             f"veth pair, one torchrun process each (gloo, fp32, 1 thread each), byte tokens, seq "
+             f"{model['seq_len']}, micro-batch 1; {result['warmup']} warm-up steps, then the median of "
+             f"{result['steps']} timed steps. Links: a tbf token bucket on both ends' egress (`fast`: none); the "
+             f"rate measured by a TCP transfer between the namespaces: {rates}. No added delay: this kernel has no "
+             f"netem (CONFIG_NET_SCH_NETEM is not set), so the 1 ms of the issue is absent (gloo's few round trips "
+             f"per step would add milliseconds next to seconds of transfer).", "",
+             "Compute times are noisy: other CPU-heavy jobs shared the 2 cores during the run. The link-bound "
+             "parts (bytes on the wire, their seconds at 100 Mbit/s) are what this measures.", "",
+             "| link | mode | MB sent/step/rank | step s | / none | tokens/s | last loss |", "|" + "---|" * 7]
+    for r in result["runs"]:
+        ratio = f"{r['over_none']:.2f}" if r.get("over_none") is not None else ""
+        lines.append(f"| {r['link']} | {r['mode']} | {r['bytes_sent'] / 1e6:,.1f} | {r['step_s']:.2f} | {ratio} | "
+                     f"{r['tokens_per_s']:.1f} | {r['loss']:.3f} |")
+    lines += ["", "Fit per mode over the links: step_s = compute_s + wire_factor x bytes_sent / measured rate. "
+              "codec = compute_s - compute_s[none] per fp32 gradient byte (negative values, noise, count as 0); "
+              "crossover: the rate below which the mode beats none.", "",
+              "| mode | compute s | wire factor | wire / none | codec ns per gradient byte | beats none below |",
+              "|---|---|---|---|---|---|"]
+    for mode, f in result["fit"].items():
+        crossover = "" if mode == "none" else _mbit(f["crossover_Bps"])
+        lines.append(f"| {mode} | {f['compute_s']:.2f} | {f['wire_factor']:.2f} | {f['wire_ratio']:.3f} | "
+                     f"{f['codec_s_per_grad_byte'] * 1e9:.2f} | {crossover} |")
+    value = bar["int8_over_none_100mbit"]
+    verdict = "not measured" if value is None else f"{value:.3f} -> **{'PASS' if bar['pass'] else 'FAIL'}**"
+    lines += ["", f"Bar (issue 35, point 4): on the 100 Mbit/s link int8 step time <= {bar['threshold']} x none: "
+              f"{verdict}" + (f"; best mode there: {bar['best_mode']} at {bar['best_over_none']:.3f} x none"
+                              if bar["best_mode"] else ""),
+              "", f"Gradient: {result['grad_bytes'] / 1e6:,.1f} MB fp32; bench wall time "
+              f"{result.get('wall_s', 0) / 60:.1f} min."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    """Step time against link rate: the measured points and each mode's fitted line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    links = result["links"]
+    rates = [v["measured_Bps"] for v in links.values()]
+    grid = [min(rates) / 2 * (max(rates) * 2 / (min(rates) / 2)) ** (i / 99) for i in range(100)]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (mode, fit) in enumerate(result["fit"].items()):
+        color = f"C{i}"
+        ax.plot([g * 8 / 1e6 for g in grid], [predict(fit, fit["bytes_sent"], g) for g in grid], color=color,
+                label=f"{mode} (fit)")
+        points = [(links[r["link"]]["measured_Bps"] * 8 / 1e6, r["step_s"]) for r in result["runs"]
+                  if r["mode"] == mode]
+        ax.scatter(*zip(*points), color=color, zorder=3)
+    ax.set(xscale="log", yscale="log", xlabel="link rate (Mbit/s, measured)", ylabel="step time (s, median)",
+           title=f"GPT-2 {result['model']['layers']}x{result['model']['hidden']}, DP=2, ZeRO-{result['zero']} "
+                 f"({result['machine']['date']})")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _check(args) -> None:
+    from bench.cli import fail
+    from training.config import ConfigError, validate
+    from training.data import expand_files
+
+    for link in args.links.split(","):
+        if link not in RATES:
+            fail(PROG, f"--links: unknown link {link!r}; choose from {', '.join(RATES)}")
+    for mode in args.modes.split(","):
+        if mode not in MODES:
+            fail(PROG, f"--modes: unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    if "none" not in args.modes.split(","):
+        fail(PROG, f"--modes {args.modes}: must include none (every ratio and crossover is against it)")
+    for flag in ("steps", "layers", "hidden", "heads", "seq_len"):
+        if getattr(args, flag) < 1:
+            fail(PROG, f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
+    if args.warmup < 0:
+        fail(PROG, f"--warmup {args.warmup}: must be at least 0")
+    if args.from_results is None and shutil.which("ip") is None:
+        fail(PROG, "iproute2's `ip` is not installed: no network namespaces can be made")
+    try:
+        expand_files([args.files], "--files")
+        validate(run_config(args, Path("unused"), "int8", args.zero))
+    except (ConfigError, OSError, ValueError) as exc:
+        fail(PROG, str(exc))
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m bench slow-link", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--links", default="fast,1gbit,100mbit", help=f"comma-separated, of {', '.join(RATES)}")
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--zero", type=int, choices=(0, 1, 2), default=0)
+    parser.add_argument("--files", default="{stdlib}/[a-s]*.py", help="training text (the quickstart's)")
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=2, help="steps before the timed ones")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per run (median)")
+    parser.add_argument("--timeout", type=float, default=1200, help="seconds one run may take")
+    parser.add_argument("--scratch", default=None, help="directory for the runs' output (default: the system's)")
+    parser.add_argument("--from-results", help="a results.json of this command: redo the fit, report and plot")
+    parser.add_argument("--out", help="directory for results.json, report.md and step_time.png")
+    args = parser.parse_args(argv)
+    _check(args)
+    if args.from_results:
+        result = json.loads(Path(args.from_results).read_text())
+    else:
+        try:
+            result = measure(args)
+        except RuntimeError as exc:
+            from bench.cli import fail
+
+            fail(PROG, str(exc))
+    result = analyse(result)
+    from bench.machine import publish
+
+    publish(result, report(result), args.out)
+    if args.out:
+        plot(result, Path(args.out) / "step_time.png")
+    return result
