@@ -116,3 +116,27 @@ def test_plan_names_the_fastest_compression_mode(tmp_path, capsys):
 def test_bad_input_is_one_line(argv, message):
     with pytest.raises(SystemExit, match=message):
         slow_link.main(argv)
+
+
+@pytest.mark.subprocess
+@pytest.mark.slow
+def test_the_token_bucket_holds_the_rate_and_the_namespaces_go():
+    import shutil
+    import subprocess
+
+    if shutil.which("ip") is None or shutil.which("tc") is None:
+        pytest.skip("iproute2's `ip` / `tc` are not installed")
+    try:
+        hosts = slow_link.TwoHosts()
+    except RuntimeError as exc:
+        pytest.skip(f"this machine does not allow network namespaces ({exc})")
+    try:
+        hosts.shape(50)
+        rate = slow_link.measure_rate(hosts, 50 * MB // 8)  # one second's worth
+        assert 0.85 * 50e6 / 8 < rate < 1.1 * 50e6 / 8, rate * 8 / 1e6
+        hosts.shape(None)
+        assert slow_link.measure_rate(hosts, 200 * MB) > 2 * 50e6 / 8  # the bucket is gone
+    finally:
+        hosts.close()
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not any(name in listed for name in hosts.names)
