@@ -284,30 +284,36 @@ def analyse(result: dict) -> dict:
     return result
 
 
-def choose_mode(grad_bytes: float, data: int, rate_Bps: float, fit: dict) -> tuple[str, dict[str, float]]:
+def choose_mode(grad_bytes: float, data: int, rate_Bps: float, fit: dict,
+                zero: int = 0) -> tuple[str, dict[str, float]]:
     """The ``parallel.grad_compression`` mode the slow-link fit predicts fastest for ``grad_bytes`` of fp32
     gradients averaged over ``data`` ranks on links of ``rate_Bps``: per mode, seconds per step of codec
-    (``codec_s_per_grad_byte`` x grad_bytes) plus wire (a ring all-reduce's 2 (d-1)/d x grad_bytes, times the
-    mode's measured wire ratio and wire factor); with one rank, ``none`` (nothing is sent)."""
+    (``codec_s_per_grad_byte`` x grad_bytes) plus wire (times the mode's wire factor). On the wire: ZeRO-0, the
+    all-reduce's 2 (d-1)/d x grad_bytes times the mode's measured ratio; ZeRO-1/2, the compressed reduce-scatter
+    ((d-1)/d x grad_bytes x ratio) plus DeepSpeed's fp32 parameter all-gather ((d-1)/d x grad_bytes), unchanged;
+    ZeRO-3 refuses compression: none only. With one rank, ``none`` (nothing is sent)."""
     if data < 2:
         return "none", {"none": 0.0}
-    wire = 2 * (data - 1) / data * grad_bytes
-    seconds = {mode: f["codec_s_per_grad_byte"] * grad_bytes + f["wire_factor"] * f["wire_ratio"] * wire / rate_Bps
-               for mode, f in fit.items()}
+    half = (data - 1) / data * grad_bytes
+    modes = {m: f for m, f in fit.items() if zero < 3 or m == "none"}
+    wire = {m: 2 * half if m == "none" else half * (2 * f["wire_ratio"] if zero == 0 else f["wire_ratio"] + 1)
+            for m, f in modes.items()}
+    seconds = {m: f["codec_s_per_grad_byte"] * grad_bytes + f["wire_factor"] * wire[m] / rate_Bps
+               for m, f in modes.items()}
     return min(seconds, key=seconds.get), seconds
 
 
 def compression_advice(rows: list[dict], link_gbps: float, fit_path: str | Path = DEFAULT_FIT) -> str:
     """``bench plan --link-gbps``: per planned layout, the mode ``choose_mode`` predicts fastest (fp32 gradient
-    bytes of its largest stage, its data-parallel degree), from the fit in ``fit_path``."""
+    bytes of its largest stage, its data-parallel degree and ZeRO stage), from the fit in ``fit_path``."""
     fit = json.loads(Path(fit_path).read_text())["fit"]
-    lines = [f"Data-parallel gradient compression at {link_gbps:g} Gbit/s (fit: {fit_path}; ZeRO-0 ring all-reduce "
-             f"model, seconds per step of codec + wire):", "",
+    lines = [f"Data-parallel gradient compression at {link_gbps:g} Gbit/s (fit: {fit_path}; predicted seconds per "
+             f"step of codec + data-parallel wire; ZeRO-3: no compression):", "",
              "| layout | ZeRO | data | gradient MB | fastest | " + " | ".join(f"{m} s" for m in fit) + " |",
              "|" + "---|" * (5 + len(fit))]
     for r in rows:
         grads = 4 * r["params"]
-        best, seconds = choose_mode(grads, r["data"], link_gbps * 1e9 / 8, fit)
+        best, seconds = choose_mode(grads, r["data"], link_gbps * 1e9 / 8, fit, r["zero"])
         cells = [f"{seconds[m]:.3f}" if m in seconds else "" for m in fit]
         lines.append(f"| {r['layout']} | {r['zero']} | {r['data']} | {grads / 1e6:,.0f} | "
                      f"parallel.grad_compression={best} | " + " | ".join(cells) + " |")

@@ -78,6 +78,11 @@ def test_choose_mode_follows_the_link_rate():
     assert slow_link.choose_mode(GRAD, 1, 1e6, fit) == ("none", {"none": 0.0})
     # more ranks: a ring all-reduce's 2 (d-1)/d of the gradient on the wire
     assert slow_link.choose_mode(GRAD, 8, 100e6 / 8, fit)[1]["none"] == pytest.approx(1.2 * GRAD * 1.75 / 12.5e6)
+    # ZeRO-1/2: the parameter all-gather stays fp32; ZeRO-3: no compression
+    zero1 = slow_link.choose_mode(GRAD, 2, 100e6 / 8, fit, zero=1)[1]
+    assert zero1["none"] == seconds["none"]
+    assert zero1["int8"] == pytest.approx(fit["int8"]["codec_s_per_grad_byte"] * GRAD + 1.2 * GRAD / 2 * 1.258 / 12.5e6)
+    assert slow_link.choose_mode(GRAD, 2, 1e6, fit, zero=3)[0] == "none"
 
 
 @pytest.mark.unit
