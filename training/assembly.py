@@ -30,7 +30,7 @@ from modeling.materialize import empty_model, materialize
 from modeling.pipeline_partition import build_chunks
 from modeling.tensor_parallel import tensor_parallelize
 from parallel.groups import ProcessGroups
-from training import checkpoint, compressed_reduce, data, run_dir
+from training import checkpoint, compressed_reduce, data, outer_sync, run_dir
 from training import engine as engine_lib
 from training.config import ConfigError, RunConfig
 from training.describe import layout
@@ -183,6 +183,7 @@ def build_engine(cfg: RunConfig, model: Any, pipeline: Any, ds_config: dict[str,
     if pipeline is None:
         engine = engine_lib.build(model, cfg.optim, cfg.train.steps, ds_config, groups)
         compressed_reduce.attach(cfg.parallel, engine, groups, engine_lib.hidden_size_of(model))
+        outer_sync.attach(cfg.parallel, engine, groups)
         return engine, DataParallelStep(cfg, engine, groups, task, events)
     chunks, tied_weight = pipeline
     engine = engine_lib.build(chunks, cfg.optim, cfg.train.steps, ds_config, groups)
@@ -207,7 +208,8 @@ def announce_resume(cfg: RunConfig, path: Path, resumed: Any) -> None:
     """What the run continues from, and every setting that changed since that checkpoint was written."""
     console(f"resuming from {path}: step {resumed.step}, {resumed.consumed_samples} samples consumed")
     if resumed.residuals_restarted:
-        console(f"parallel.grad_compression: the error-feedback residuals start at zero: {resumed.residuals_restarted}")
+        console(f"parallel.grad_compression / sync_every: the error-feedback residuals and the outer loop start "
+                f"afresh: {resumed.residuals_restarted}")
     changed = checkpoint.changed_settings(path, cfg.to_dict())
     if changed:
         console("changed since that checkpoint, in effect from step "

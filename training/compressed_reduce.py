@@ -148,7 +148,7 @@ def attach(par: ParallelConfig, engine: DeepSpeedEngine, groups: ProcessGroups,
     """``par.grad_compression`` over ``engine``'s data-parallel group, attached to it (also as
     ``engine.gradient_compression``, read by the step and the checkpoint); None when it is "none"."""
     engine.gradient_compression = None
-    if par.grad_compression == "none":
+    if par.grad_compression == "none" or par.sync_every > 1:  # with sync_every the codec carries the deltas
         return None
     bucket = par.bucket_size or (hidden_size**2 if hidden_size else DEFAULT_BUCKET)
     compression = GradientCompression(par.grad_compression, groups.dp_group, par.error_feedback, bucket)

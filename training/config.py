@@ -53,6 +53,7 @@ class RunConfig(Section):
                              f"{self.train.steps}: lower the warm-up or train longer")
         self._check_zero_rules()
         self._check_compression_rules()
+        self._check_sync_rules()
         self._check_pipeline_rules()
         self._check_model_kind_rules()
         return self
@@ -103,6 +104,19 @@ class RunConfig(Section):
         if par.overlap_comm:
             raise ValueError(f"{setting} with parallel.overlap_comm=true: the compressed reduction runs on the "
                              f"compute stream; leave parallel.overlap_comm unset")
+
+    def _check_sync_rules(self) -> None:
+        every, train = self.parallel.sync_every, self.train
+        if every == 1:
+            return
+        if self.parallel.zero_stage != 0:
+            raise ValueError(f"parallel.sync_every={every} with parallel.zero_stage={self.parallel.zero_stage}: each "
+                             f"data-parallel rank is a replica stepping on its own, which ZeRO's shared partitions "
+                             f"cannot do; set parallel.zero_stage=0")
+        for key, value in (("train.save_every", train.save_every), ("train.eval_every", train.eval_every)):
+            if value % every:
+                raise ValueError(f"{key}={value} with parallel.sync_every={every}: checkpoints and evals see the "
+                                 f"synchronised model; set {key} to a multiple of {every}")
 
     def _check_pipeline_rules(self) -> None:
         par = self.parallel

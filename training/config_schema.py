@@ -216,6 +216,15 @@ class ParallelConfig(Section):
     error_feedback: bool = Field(default=True, description="With grad_compression: each rank adds what its last "
                                  "encodings lost to its next gradients (one fp32 residual of its gradients' size, "
                                  "saved in its checkpoint file). false: the loss is dropped.")
+    sync_every: int = Field(default=1, ge=1, description="DiLoCo (training.outer_sync): each data-parallel rank "
+                            "takes this many AdamW steps on its own, then the ranks average their parameter "
+                            "deltas (through grad_compression's codec when set) and an outer Nesterov step applies "
+                            "them. 1: every step's gradients are averaged (no outer loop). ZeRO-0; save_every and "
+                            "eval_every must be multiples of it.")
+    outer_lr: float = Field(default=0.7, gt=0, description="sync_every > 1: the outer Nesterov step's learning rate "
+                            "(DiLoCo's 0.7).")
+    outer_momentum: float = Field(default=0.9, ge=0, lt=1, description="sync_every > 1: the outer Nesterov "
+                                  "momentum (DiLoCo's 0.9).")
     tp_async_grad_reduce: bool = Field(default=True, description="Tensor parallelism: launch the input-gradient "
                                        "all-reduce (reduce-scatter with sequence_parallel) asynchronously and "
                                        "compute the weight gradients while it runs (Megatron's asynchronous "

@@ -162,6 +162,7 @@ class Loop:
                     name = signal.Signals(signum).name
                     raise TrainingStopped(f"stopped by {name} after step {step + 1}; complete checkpoint in {saved}; "
                                           f"continue with --set train.resume=auto", exit_code=128 + signum)
+        self.synchronise(cfg.train.steps)
         progress.close()
 
     def step(self, step: int) -> dict[str, Any]:
@@ -201,6 +202,7 @@ class Loop:
         the whole save, or with ``train.async_save`` the copy to host memory and any wait for the previous)."""
         self.operation = f"the checkpoint save of step {step}"
         started = time.perf_counter()
+        self.synchronise(step)
         consumed = self.sample_offset + step * self.batches.plan.global_batch
         with self.events.phase("save", step):
             self.last_saved = checkpoint.save(self.engine, self.model, self.tokenizer, self.groups,
@@ -215,8 +217,14 @@ class Loop:
             self.operation = f"the background write of the checkpoint of step {self.background.in_flight}"
             self.background.wait()
 
+    def synchronise(self, step: int) -> None:
+        """``parallel.sync_every``: the replicas agree before the model is evaluated, saved or exported."""
+        if getattr(self.engine, "outer_sync", None) is not None:
+            self.engine.outer_sync.before_save(step)
+
     def evaluate(self, progress: Any, step: int) -> None:
         self.operation = f"the evaluation at step {step}"
+        self.synchronise(step)
         self.events.start("eval", step)
         scores = self.task.evaluate(self.step_impl, self.engine, self.valid_blocks, self.groups, self.tokenizer)
         metrics = {"step": step, **scores}

@@ -66,6 +66,8 @@ class DataParallelStep(Step):
                     norm = grad_norm(engine, groups)  # before step() clips in place
                 with self.events.phase("optimizer", step + 1):
                     engine.step()
+                    if getattr(engine, "outer_sync", None) is not None:
+                        engine.outer_sync.after_step(step + 1)
             else:
                 engine.step()  # DeepSpeed counts micro-batches; it applies nothing before the boundary
             micro_losses.append(loss.detach())  # stays on the device: no host wait per micro-batch

@@ -100,16 +100,20 @@ def restore(engine: DeepSpeedEngine, model: torch.nn.Module, groups: ProcessGrou
     engine.global_samples = trainer["consumed_samples"]
     engine.skipped_steps = trainer["skipped_steps"]
     _restore_rng(path, trainer["layout"], groups, getattr(model, "tensor_parallel_rng", None))
-    restarted = _restore_residuals(engine, path, trainer["layout"], groups)
+    restarted = _restore_rank_state(engine, path, trainer["layout"], groups, trainer["step"])
     return TrainerState(trainer["step"], trainer["consumed_samples"], trainer["skipped_steps"], restarted)
 
 
-def _restore_residuals(engine, path: Path, saved_layout: dict[str, Any], groups) -> str | None:
-    """``parallel.grad_compression``'s error-feedback residuals, from this rank's file when the checkpoint was
-    written by the same (world, tensor, pipeline) layout (each rank's residual belongs to its place in the data
-    order); else they start at zero and the reason is returned."""
+def _restore_rank_state(engine, path: Path, saved_layout: dict[str, Any], groups, step: int) -> str | None:
+    """What each rank alone holds of ``parallel.grad_compression`` (error-feedback residuals) and of
+    ``parallel.sync_every`` (the outer loop's anchor, momentum and residuals), from this rank's file when the
+    checkpoint was written by the same (world, tensor, pipeline) layout (each rank's state belongs to its place in
+    the data order); else they start afresh (residuals and momentum zero, the anchor the loaded weights) and
+    the reason is returned."""
     compression = getattr(engine, "gradient_compression", None)
-    if compression is None or not compression.error_feedback:
+    compression = compression if compression is not None and compression.error_feedback else None
+    outer = getattr(engine, "outer_sync", None)
+    if compression is None and outer is None:
         return None
     same = (saved_layout["world_size"], saved_layout.get("tensor"), saved_layout.get("pipeline")) == (
         dist.get_world_size(), groups.tensor, groups.pipeline)
@@ -117,11 +121,15 @@ def _restore_residuals(engine, path: Path, saved_layout: dict[str, Any], groups)
         return (f"the checkpoint's layout (world {saved_layout['world_size']}, tensor {saved_layout.get('tensor')}, "
                 f"pipeline {saved_layout.get('pipeline')}) differs from this run's")
     with safe_open(str(path / rank_file(dist.get_rank(), dist.get_world_size())), framework="pt") as handle:
-        keys = [k for k in handle.keys() if k.startswith("residual/")]
-        if not keys:
-            return "the checkpoint holds no residuals (written without error feedback)"
-        compression.load_state({key: handle.get_tensor(key) for key in keys}, engine)
-    return None
+        saved = {prefix: {k: handle.get_tensor(k) for k in handle.keys() if k.startswith(prefix)}
+                 for prefix in ("residual/", "outer/")}
+    if compression is not None and saved["residual/"]:
+        compression.load_state(saved["residual/"], engine)
+    if outer is not None and saved["outer/"]:
+        outer.load_state_dict(saved["outer/"], step)
+    missing = [what for what, part, prefix in (("residuals", compression, "residual/"), ("outer state", outer, "outer/"))
+               if part is not None and not saved[prefix]]
+    return f"the checkpoint holds no {' or '.join(missing)}" if missing else None
 
 
 def _restore_lr_schedule(engine, saved: dict[str, Any] | None) -> None:

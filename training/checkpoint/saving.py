@@ -18,6 +18,7 @@ import yaml
 from safetensors import safe_open
 
 from modeling.shards import full_shape, shards
+from training import outer_sync
 from training.checkpoint import files, hf_files, optimizer_state
 from training.checkpoint.background import await_ranks, report_failed, report_written
 from training.checkpoint.files import tag_for
@@ -111,6 +112,7 @@ def _rank_values(engine, model, groups, kinds, local, owner) -> tuple[str, dict,
     compression = getattr(engine, "gradient_compression", None)
     if compression is not None:  # this rank's error-feedback residuals: read back by the same layout only
         values.update(compression.state())
+    values.update(outer_sync.replica_values(engine))  # this rank's outer loop (parallel.sync_every), likewise
     for name, tensor in local.items():
         if owner[name] != groups.pp_rank or (not getattr(tensor, "tensor_model_parallel", False)
                                               and groups.tp_rank != 0):
