@@ -72,7 +72,7 @@ COMMON = ["train.resume=null", "train.save_final=false", "train.export_hf=false"
 
 
 # --- the worker: every run of one world size, one after another in the same process group ---------------------
-def worker(args) -> None:
+def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from training import run
@@ -89,7 +89,7 @@ def worker(args) -> None:
 
 
 # --- the plan ----------------------------------------------------------------------------------------------------
-def part_steps(args, part: str) -> tuple[int, int]:
+def part_steps(args: argparse.Namespace, part: str) -> tuple[int, int]:
     """(steps, eval_every) of ``part``'s runs."""
     if part.startswith("zero0"):
         return args.zero0_steps, args.zero0_steps
@@ -98,7 +98,7 @@ def part_steps(args, part: str) -> tuple[int, int]:
     return args.steps, args.eval_every
 
 
-def plan(args, scratch: Path) -> list[dict]:
+def plan(args: argparse.Namespace, scratch: Path) -> list[dict]:
     """Every run: its name, part, mode, config, processes and ``--set`` overrides, in launch order."""
     from training.config import load
 
@@ -324,7 +324,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def checked(args) -> None:
+def checked(args: argparse.Namespace) -> None:
     """Bad input as one line (exit code 2) before the first launch."""
     from bench.cli import fail
 
@@ -344,7 +344,7 @@ def checked(args) -> None:
         fail(PROG, f"--scratch {args.scratch}: not a directory; create it or leave --scratch out")
 
 
-def measure(args, scratch: Path) -> dict:
+def measure(args: argparse.Namespace, scratch: Path) -> dict:
     from bench.cli import check_config
 
     items = plan(args, scratch)
