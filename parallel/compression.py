@@ -85,7 +85,7 @@ def padded_chunk(numel: int, ranks: int) -> int:
     return -(-per_rank // BLOCK) * BLOCK
 
 
-def compressed_mean_(flat: torch.Tensor, group: dist.ProcessGroup, codec: Codec,
+def compressed_mean_(flat: torch.Tensor, group: dist.ProcessGroup | None, codec: Codec,
                      residual: torch.Tensor | None = None) -> None:
     """Replace ``flat`` (1-D fp32, the same size on every rank of ``group``) by the mean over ``group`` through
     ``codec``; with ``residual`` (fp32, ``flat``'s size, this rank's), error feedback: it is added first and
@@ -111,7 +111,7 @@ def compressed_mean_(flat: torch.Tensor, group: dist.ProcessGroup, codec: Codec,
     flat.copy_(codec.decode(gathered, chunk).view(-1)[:numel])
 
 
-def compressed_scatter_mean_(flat: torch.Tensor, owned: list[list[tuple[int, int]]], group: dist.ProcessGroup,
+def compressed_scatter_mean_(flat: torch.Tensor, owned: list[list[tuple[int, int]]], group: dist.ProcessGroup | None,
                              codec: Codec, residual: torch.Tensor | None = None) -> None:
     """The reduce-scatter half alone, as ZeRO needs it: ``owned[r]`` lists the (offset, length) ranges of ``flat``
     (the same on every rank) that rank ``r`` keeps; each rank's own ranges of ``flat`` become the mean over

@@ -77,7 +77,7 @@ class FlightRecorder:
         tensor = arguments.get("tensor", arguments.get("output_tensor", arguments.get("output")))
         shape = tuple(getattr(tensor, "shape", ()))
         self.calls.append(Call(group, self.counts[group], name, shape))
-        if hasattr(tensor, "element_size"):
+        if tensor is not None and hasattr(tensor, "element_size"):
             self.sent[group] += bytes_sent(name, tensor.numel() * tensor.element_size(),
                                            self._sizes[id(arguments.get("group"))])
 

@@ -34,7 +34,7 @@ DEFAULT_BUCKET = 25_000_000  # ZeRO-0 bucket when neither parallel.bucket_size n
 class GradientCompression:
     """The compressed reduction of one engine's data-parallel gradients, over ``group`` (its ZeRO group)."""
 
-    def __init__(self, codec: str, group: dist.ProcessGroup, error_feedback: bool, bucket_elements: int):
+    def __init__(self, codec: str, group: dist.ProcessGroup | None, error_feedback: bool, bucket_elements: int):
         self.codec, self.group = Codec(codec), group
         self.error_feedback, self.bucket_elements = error_feedback, bucket_elements
         self.residuals: dict[int, torch.Tensor] = {}  # id(parameter) -> its residual, flat fp32

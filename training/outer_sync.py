@@ -36,7 +36,7 @@ INNER_MOMENTS = ("exp_avg", "exp_avg_sq")
 class OuterSync:
     """The outer loop of one engine's replicas over ``group`` (the data-parallel group)."""
 
-    def __init__(self, engine: DeepSpeedEngine, group: dist.ProcessGroup, every: int, lr: float, momentum: float,
+    def __init__(self, engine: DeepSpeedEngine, group: dist.ProcessGroup | None, every: int, lr: float, momentum: float,
                  codec: str, error_feedback: bool):
         self.engine, self.group, self.every, self.lr, self.momentum = engine, group, every, lr, momentum
         self.codec = Codec(codec) if codec != "none" else None

@@ -127,8 +127,8 @@ def _restore_rank_state(engine, path: Path, saved_layout: dict[str, Any], groups
         compression.load_state(saved["residual/"], engine)
     if outer is not None and saved["outer/"]:
         outer.load_state_dict(saved["outer/"], step)
-    missing = [what for what, part, prefix in (("residuals", compression, "residual/"), ("outer state", outer, "outer/"))
-               if part is not None and not saved[prefix]]
+    parts = (("residuals", compression, "residual/"), ("outer state", outer, "outer/"))
+    missing = [what for what, part, prefix in parts if part is not None and not saved[prefix]]
     return f"the checkpoint holds no {' or '.join(missing)}" if missing else None
 
 
