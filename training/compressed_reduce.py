@@ -66,18 +66,22 @@ class GradientCompression:
         if self.zero_stage != 0:
             return
         bucket: list[torch.nn.Parameter] = []
+        size = 0
         for param in engine.module.parameters():
-            if param.grad is None:
+            if not param.requires_grad:
                 continue
+            if param.grad is None:  # unused on this rank: the buckets must be the same on every rank
+                param.grad = torch.zeros_like(param)
             bucket.append(param)
-            if sum(p.numel() for p in bucket) >= self.bucket_elements:
+            size += param.numel()
+            if size >= self.bucket_elements:
                 self._mean_of_grads(bucket)
-                bucket = []
+                bucket, size = [], 0
         if bucket:
             self._mean_of_grads(bucket)
 
     def _mean_of_grads(self, params: list[torch.nn.Parameter]) -> None:
-        grads = [p.grad for p in params if p.grad is not None]
+        grads = [p.grad for p in params if p.grad is not None]  # all of them: before_step gives each one
         flat = torch.cat([g.reshape(-1) for g in grads])
         self.mean_(flat, params)
         offset = 0
