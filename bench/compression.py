@@ -112,8 +112,9 @@ def plan(args: argparse.Namespace, scratch: Path) -> list[dict]:
             codec, feedback = MODES[mode]
             name = f"{part}-{mode}"
             items.append({"name": name, "part": part, "mode": mode, "config": config, "world": world,
-                          "sets": [*sets, *extra, *COMMON, f"train.steps={steps}", f"train.eval_every={eval_every}",
-                                   f"optim.warmup_steps={warmup}", f"train.output_dir={scratch / name}",
+                          "sets": [*sets, *extra, *args.sets, *COMMON, f"train.steps={steps}",
+                                   f"train.eval_every={eval_every}", f"optim.warmup_steps={warmup}",
+                                   f"train.output_dir={scratch / name}",
                                    f"parallel.grad_compression={codec}", f"parallel.error_feedback={feedback}"]})
     return items
 
@@ -310,6 +311,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--translation-steps", type=int, default=None, help="default 600 (quick 4)")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)}")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from {', '.join(PARTS)}")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override added to every run, e.g. --set train.seed=1 (repeatable)")
     parser.add_argument("--quick", action="store_true", help="a tiny GPT-2 (2 layers x 64, byte-level), few steps")
     parser.add_argument("--scratch", default=None, help="directory for the runs (default: the system's temporary)")
     parser.add_argument("--from-results", default=None, help="rewrite report and PNGs from a results.json, no runs")
@@ -379,7 +382,7 @@ def main(argv: list[str] | None = None) -> dict:
         measured = measure(args, Path(name))
     result = {"machine": describe(), "command": " ".join([PROG, *(argv if argv is not None else sys.argv[1:])]),
               "settings": {k: getattr(args, k) for k in ("steps", "eval_every", "zero0_steps", "translation_steps",
-                                                         "modes", "parts", "quick")},
+                                                         "modes", "parts", "quick", "sets")},
               "wall_s": time.perf_counter() - started, **measured}
     result["allgather_bytes"] = add_ratios(result["parts"])
     result["bars"] = bars(result["parts"])
