@@ -341,11 +341,15 @@ def report(result: dict) -> str:
              f"per step would add milliseconds next to seconds of transfer).", "",
              "Compute times are noisy: other CPU-heavy jobs shared the 2 cores during the run. The link-bound "
              "parts (bytes on the wire, their seconds at 100 Mbit/s) are what this measures.", "",
-             "| link | mode | MB sent/step/rank | step s | / none | tokens/s | last loss |", "|" + "---|" * 7]
+             "wire s: the bytes at the link's measured TCP rate (the link-bound part); rest s: step - wire (compute, "
+             "codec, and what the collective loses to the link beyond that rate).", "",
+             "| link | mode | MB sent/step/rank | step s | / none | wire s | rest s | tokens/s | last loss |",
+             "|" + "---|" * 9]
     for r in result["runs"]:
         ratio = f"{r['over_none']:.2f}" if r.get("over_none") is not None else ""
+        wire = r["bytes_sent"] / links[r["link"]]["measured_Bps"]
         lines.append(f"| {r['link']} | {r['mode']} | {r['bytes_sent'] / 1e6:,.1f} | {r['step_s']:.2f} | {ratio} | "
-                     f"{r['tokens_per_s']:.1f} | {r['loss']:.3f} |")
+                     f"{wire:.2f} | {r['step_s'] - wire:.2f} | {r['tokens_per_s']:.1f} | {r['loss']:.3f} |")
     lines += ["", "Fit per mode over the links: step_s = compute_s + wire_factor x bytes_sent / measured rate. "
               "codec = compute_s - compute_s[none] per fp32 gradient byte (negative values, noise, count as 0); "
               "crossover: the rate below which the mode beats none.", "",
