@@ -184,6 +184,7 @@ def measure(args) -> dict:
               "warmup": args.warmup, "steps": args.steps, "zero": args.zero, "links": {}, "runs": [],
               "grad_bytes": grad_bytes(args)}
     started, port = time.monotonic(), 29700
+    result["cpu"] = cpu_costs(args)
     hosts = TwoHosts()
     try:
         for link in args.links.split(","):
@@ -229,6 +230,74 @@ def grad_bytes(args) -> int:
     model = full_meta_model(validate(run_config(args, Path("unused"), "none", args.zero)))
     return 4 * sum(p.numel() for p in model.parameters())
 
+
+
+def _cpu_seconds(fn, repeats: int) -> float:
+    """Median process CPU seconds of ``fn`` (after one untimed call): what the other jobs sharing the cores do
+    not inflate, as they inflate wall time."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        started = time.process_time()
+        fn()
+        times.append(time.process_time() - started)
+    return statistics.median(times)
+
+
+def cpu_costs(args, repeats: int = 2) -> dict:
+    """One thread's CPU seconds of one training step's forward + backward + AdamW (one process, the run's
+    model and micro-batch) and of each codec's encode/decode passes over the gradient as ``compressed_mean_``
+    makes them at DP=2 (the collectives left out)."""
+    import functools
+
+    import torch
+
+    from parallel.compression import Codec, padded_chunk
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        compute, numel = _step_cpu(args, repeats)
+        out = {"compute_cpu_s": compute, "codec_cpu_s": {"none": 0.0}}
+        flat = torch.randn(2 * padded_chunk(numel, 2))
+        for name in ("bf16", "int8", "int4"):
+            out["codec_cpu_s"][name] = _cpu_seconds(functools.partial(_codec_passes, Codec(name), flat), repeats)
+        return out
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _step_cpu(args, repeats: int) -> tuple[float, int]:
+    """(CPU seconds of a forward + backward + AdamW step, parameters) of the run's model, one process."""
+    import torch
+
+    from modeling.build import auto_class, byte_level_tokenizer, model_config
+
+    shape = run_config(args, Path("unused"), "none", 0)["model"]["config"]
+    hf = model_config(pretrained=None, arch="gpt2", config=shape, vocab_size=len(byte_level_tokenizer()))
+    model = auto_class(hf).from_config(hf)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, hf.vocab_size, (1, args.seq_len))
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return _cpu_seconds(step, repeats), sum(p.numel() for p in model.parameters())
+
+
+def _codec_passes(codec, values) -> None:
+    """``compressed_mean_``'s encodes and decodes at 2 ranks with error feedback, without sending anything."""
+    import torch
+
+    chunk = values.numel() // 2
+    sent = codec.encode(values.view(2, chunk))
+    mean = codec.decode(sent, chunk).sum(dim=0) / 2
+    own = codec.encode(mean.unsqueeze(0))
+    lost = values.view(2, chunk) - codec.decode(sent, chunk)
+    lost[0] += 2 * (mean - codec.decode(own, chunk)[0])
+    codec.decode(torch.cat([own, own]), chunk)
 
 
 def fit_mode(points: list[tuple[float, float]]) -> dict:
@@ -359,6 +428,7 @@ def report(result: dict) -> str:
         crossover = "" if mode == "none" else _mbit(f["crossover_Bps"])
         lines.append(f"| {mode} | {f['compute_s']:.2f} | {f['wire_factor']:.2f} | {f['wire_ratio']:.3f} | "
                      f"{f['codec_s_per_grad_byte'] * 1e9:.2f} | {crossover} |")
+    lines += _cpu_lines(result)
     value = bar["int8_over_none_100mbit"]
     verdict = "not measured" if value is None else f"{value:.3f} -> **{'PASS' if bar['pass'] else 'FAIL'}**"
     lines += ["", f"Bar (issue 35, point 4): on the 100 Mbit/s link int8 step time <= {bar['threshold']} x none: "
@@ -367,6 +437,28 @@ def report(result: dict) -> str:
               "", f"Gradient: {result['grad_bytes'] / 1e6:,.1f} MB fp32; bench wall time "
               f"{result.get('wall_s', 0) / 60:.1f} min."]
     return "\n".join(lines) + "\n"
+
+
+def _cpu_lines(result: dict) -> list[str]:
+    """The step without the other jobs, estimated: one thread's CPU seconds of the step and of the codec
+    (``cpu_costs``) plus the bytes at each link's measured rate."""
+    cpu = result.get("cpu")
+    if not cpu:
+        return []
+    links = result["links"]
+    lines = ["", f"Without the other jobs (an estimate, not a measurement): one thread's CPU seconds of a step's "
+             f"forward + backward + AdamW, {cpu['compute_cpu_s']:.2f} s, plus each codec's encode/decode passes "
+             f"(CPU seconds, the collectives left out), plus the bytes sent at the link's measured rate:", "",
+             "| mode | codec CPU s | " + " | ".join(f"{k} s | / none" for k in links) + " |",
+             "|" + "---|" * (2 + 2 * len(links))]
+    def est(mode: str, rate: float) -> float:
+        return cpu["compute_cpu_s"] + cpu["codec_cpu_s"][mode] + result["fit"][mode]["bytes_sent"] / rate
+
+    for mode in result["fit"]:
+        rates = [v["measured_Bps"] for v in links.values()]
+        cells = [f"{est(mode, r):.2f} | {est(mode, r) / est('none', r):.2f}" for r in rates]
+        lines.append(f"| {mode} | {cpu['codec_cpu_s'][mode]:.2f} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot(result: dict, path: Path) -> None:
@@ -445,6 +537,7 @@ def main(argv=None) -> dict:
     _check(args)
     if args.from_results:
         result = json.loads(Path(args.from_results).read_text())
+        result.setdefault("cpu", cpu_costs(args))
     else:
         try:
             result = measure(args)

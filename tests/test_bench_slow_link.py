@@ -62,9 +62,24 @@ def test_analyse_report_and_plot(tmp_path):
     text = slow_link.report(result)
     assert f"| 100mbit | int8 | {GRAD * 0.258 / MB:,.1f} |" in text and "Bar (issue 35" in text
     assert ("PASS" if at_100 <= 0.6 else "FAIL") in text and "Compute times are noisy" in text
+    assert "Without the other jobs" not in text
+    result["cpu"] = {"compute_cpu_s": 2.0, "codec_cpu_s": {"none": 0.0, "bf16": 1.0, "int8": 1.0, "int4": 2.0}}
+    none_100, int8_100 = 2.0 + GRAD / 1.2e7, 3.0 + GRAD * 0.258 / 1.2e7
+    assert "| int8 | 1.00 | " in slow_link.report(result)
+    assert f"{int8_100:.2f} | {int8_100 / none_100:.2f} |" in slow_link.report(result)
     slow_link.plot(result, tmp_path / "step_time.png")
     assert (tmp_path / "step_time.png").stat().st_size > 10_000
     json.dumps(result)  # storable as results.json
+
+
+@pytest.mark.unit
+def test_cpu_costs_time_the_step_and_each_codec():
+    import argparse
+
+    args = argparse.Namespace(layers=1, hidden=32, heads=4, seq_len=16, files="x", warmup=1, steps=1, zero=0)
+    costs = slow_link.cpu_costs(args, repeats=1)
+    assert costs["compute_cpu_s"] > 0 and set(costs["codec_cpu_s"]) == set(slow_link.MODES)
+    assert costs["codec_cpu_s"]["none"] == 0 and all(v > 0 for k, v in costs["codec_cpu_s"].items() if k != "none")
 
 
 @pytest.mark.unit
