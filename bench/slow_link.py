@@ -449,15 +449,18 @@ def _cpu_lines(result: dict) -> list[str]:
     lines = ["", f"Without the other jobs (an estimate, not a measurement): one thread's CPU seconds of a step's "
              f"forward + backward + AdamW, {cpu['compute_cpu_s']:.2f} s, plus each codec's encode/decode passes "
              f"(CPU seconds, the collectives left out), plus the bytes sent at the link's measured rate:", "",
-             "| mode | codec CPU s | " + " | ".join(f"{k} s | / none" for k in links) + " |",
-             "|" + "---|" * (2 + 2 * len(links))]
+             "| mode | codec CPU s | " + " | ".join(f"{k} s | / none" for k in links) + " | beats none below |",
+             "|" + "---|" * (3 + 2 * len(links))]
     def est(mode: str, rate: float) -> float:
         return cpu["compute_cpu_s"] + cpu["codec_cpu_s"][mode] + result["fit"][mode]["bytes_sent"] / rate
 
     for mode in result["fit"]:
         rates = [v["measured_Bps"] for v in links.values()]
         cells = [f"{est(mode, r):.2f} | {est(mode, r) / est('none', r):.2f}" for r in rates]
-        lines.append(f"| {mode} | {cpu['codec_cpu_s'][mode]:.2f} | " + " | ".join(cells) + " |")
+        crossover = "" if mode == "none" else _mbit(crossover_Bps(
+            {"compute_s": cpu["codec_cpu_s"][mode], "wire_factor": 1.0}, result["fit"][mode]["bytes_sent"],
+            {"compute_s": 0.0, "wire_factor": 1.0}, result["fit"]["none"]["bytes_sent"]))
+        lines.append(f"| {mode} | {cpu['codec_cpu_s'][mode]:.2f} | " + " | ".join(cells) + f" | {crossover} |")
     return lines
 
 
