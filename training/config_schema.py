@@ -221,10 +221,12 @@ class ParallelConfig(Section):
                             "deltas (through grad_compression's codec when set) and an outer Nesterov step applies "
                             "them. 1: every step's gradients are averaged (no outer loop). ZeRO-0; save_every and "
                             "eval_every must be multiples of it.")
-    outer_lr: float = Field(default=0.7, gt=0, description="sync_every > 1: the outer Nesterov step's learning rate "
-                            "(DiLoCo's 0.7).")
-    outer_momentum: float = Field(default=0.9, ge=0, lt=1, description="sync_every > 1: the outer Nesterov "
-                                  "momentum (DiLoCo's 0.9).")
+    outer_lr: float = Field(default=1.0, gt=0, description="sync_every > 1: the outer Nesterov step's learning rate. "
+                            "1.0 with outer_momentum 0: the replicas' mean (periodic averaging), what short intervals "
+                            "need; DiLoCo's 0.7 with momentum 0.9 is for intervals of hundreds of steps (at "
+                            "sync_every 8 it multiplies the step about 7-fold and the quickstart stalls).")
+    outer_momentum: float = Field(default=0.0, ge=0, lt=1, description="sync_every > 1: the outer Nesterov "
+                                  "momentum (DiLoCo's 0.9 for long intervals, see outer_lr).")
     tp_async_grad_reduce: bool = Field(default=True, description="Tensor parallelism: launch the input-gradient "
                                        "all-reduce (reduce-scatter with sequence_parallel) asynchronously and "
                                        "compute the weight gradients while it runs (Megatron's asynchronous "
