@@ -77,8 +77,9 @@ class FlightRecorder:
         tensor = arguments.get("tensor", arguments.get("output_tensor", arguments.get("output")))
         shape = tuple(getattr(tensor, "shape", ()))
         self.calls.append(Call(group, self.counts[group], name, shape))
-        if tensor is not None and hasattr(tensor, "element_size"):
-            self.sent[group] += bytes_sent(name, tensor.numel() * tensor.element_size(),
+        counted = arguments.get("input") if name in _COUNTED_BY_INPUT else tensor
+        if counted is not None and hasattr(counted, "element_size"):
+            self.sent[group] += bytes_sent(name, counted.numel() * counted.element_size(),
                                            self._sizes[id(arguments.get("group"))])
 
     def _group_name(self, group) -> str:
@@ -95,10 +96,12 @@ class FlightRecorder:
                 "calls": [[c.group, c.seq, c.operation, list(c.shape)] for c in self.calls]}
 
 
-# Bytes one rank sends in an operation, as a multiple of the bytes of the tensor ``record`` sees (the tensor of
-# an all-reduce, broadcast or send, the output of a gather, reduce-scatter or all-to-all) among ``n`` ranks, as
-# bandwidth-optimal (ring) algorithms send: what the α-β model of a link charges, the same for gloo and NCCL.
-_SENT_FRACTION = {"all_reduce": lambda n: 2 * (n - 1) / n, "reduce_scatter_tensor": lambda n: n - 1,
+# Bytes one rank sends in an operation, as a multiple of the bytes of the tensor counted (the tensor of an
+# all-reduce, broadcast or send, the output of an all-gather, the input of a reduce-scatter or all-to-all, whose
+# splits may be uneven) among ``n`` ranks, as bandwidth-optimal (ring) algorithms send: what the α-β model of a
+# link charges, the same for gloo and NCCL.
+_COUNTED_BY_INPUT = ("all_to_all_single", "reduce_scatter_tensor")
+_SENT_FRACTION = {"all_reduce": lambda n: 2 * (n - 1) / n, "reduce_scatter_tensor": lambda n: (n - 1) / n,
                   "all_gather_into_tensor": lambda n: (n - 1) / n, "all_to_all_single": lambda n: (n - 1) / n,
                   "broadcast": lambda n: 1.0 if n > 1 else 0.0, "reduce": lambda n: 1.0 if n > 1 else 0.0,
                   "send": lambda n: 1.0, "isend": lambda n: 1.0}
