@@ -34,3 +34,15 @@ def test_a_silent_rank_is_named_with_the_call_the_others_wait_in():
 def test_no_rank_behind_is_a_slow_collective():
     reports = {r: _report(2, (2, "all_reduce", [1])) for r in range(3)}
     assert verdict(reports, 3) == "every rank entered the same calls (a slow collective, not a missing one)"
+
+
+@pytest.mark.unit
+def test_bytes_sent_are_what_ring_algorithms_send():
+    """Per rank, for a 400-byte tensor: an all-reduce sends 2(n-1)/n of it, an all-gather (n-1)/n of its output,
+    a reduce-scatter and an all-to-all (n-1)/n of their input, a send all of it, a receive nothing."""
+    from parallel.flight import bytes_sent
+
+    assert [bytes_sent("all_reduce", 400, n) for n in (1, 2, 4)] == [0, 400, 600]
+    assert bytes_sent("all_gather_into_tensor", 400, 4) == 300
+    assert bytes_sent("reduce_scatter_tensor", 400, 4) == bytes_sent("all_to_all_single", 400, 4) == 300
+    assert (bytes_sent("send", 400, 2), bytes_sent("recv", 400, 2)) == (400, 0)
