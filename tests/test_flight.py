@@ -36,7 +36,6 @@ def test_no_rank_behind_is_a_slow_collective():
     assert verdict(reports, 3) == "every rank entered the same calls (a slow collective, not a missing one)"
 
 
-@pytest.mark.unit
 def test_bytes_sent_are_what_ring_algorithms_send():
     """Per rank, for a 400-byte tensor: an all-reduce sends 2(n-1)/n of it, an all-gather (n-1)/n of its output,
     a reduce-scatter and an all-to-all (n-1)/n of their input, a send all of it, a receive nothing."""
