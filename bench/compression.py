@@ -53,18 +53,18 @@ QUICK_MODEL = ["model.tokenizer=byte", "model.config={n_layer: 2, n_head: 2, n_e
                'data.train_files=["{stdlib}/a*.py"]', 'data.valid_files=["{stdlib}/z*.py"]', "train.eval_batches=2"]
 QUICK_TRANSLATION = ["eval.bleu_samples=4", "eval.max_new_tokens=4"]
 BYTES_NOTE = (
-    "`dp_bytes_sent` is what one rank sent over its data-parallel group in a step, counted by the flight recorder "
-    "as ring algorithms send (an all-reduce of N bytes over n ranks sends 2 (n-1)/n N, a reduce-scatter or "
-    "all-gather (n-1)/n N); the tables give the median over the logged steps (it is the same every step). At "
-    "ZeRO-0 it is the gradient mean alone: a ring all-reduce of fp32 for none, the compressed reduce-scatter + "
-    "all-gather otherwise, whose payload per value is 2 bytes (bf16), 1 byte (int8) or half a byte (int4) plus a "
-    "4-byte fp32 scale per block of 128 values: 0.5, 0.258 and 0.133 of fp32. At ZeRO-1/2 compression replaces "
-    "the gradient all-reduce by a compressed reduce-scatter only (each rank keeps the fp32 mean of its own "
-    "partition), so the gradient part is a quarter of the above; but the step's bytes also hold DeepSpeed's "
-    "all-gather of the updated fp32 parameters after the optimizer step, which compression does not touch (1/3 of "
-    "none's bytes). It is measured on the same model and layout as allgather = bytes(ZeRO-1 none) - bytes(ZeRO-0 "
-    "none), and the gradient-only ratio is (bytes(mode) - allgather) / (bytes(none) - allgather). At ZeRO-0 the "
-    "gradient-only ratio is the total ratio.")
+    "`dp_bytes_sent` is what one rank sent over its data-parallel group in a step, counted by the flight recorder as "
+    "ring algorithms send (an all-reduce of N bytes over n ranks sends 2 (n-1)/n N, a reduce-scatter or all-gather "
+    "(n-1)/n N); the tables give the median over the logged steps (it is the same every step). At ZeRO-0 it is the "
+    "gradient mean alone: a ring all-reduce of fp32 for none, the compressed reduce-scatter + all-gather otherwise, "
+    "whose payload per value is 2 bytes (bf16), 1 byte (int8) or half a byte (int4) plus a 4-byte fp32 scale per block"
+    " of 128 values: 0.5, 0.258 and 0.133 of fp32. At ZeRO-1/2 compression replaces the gradient all-reduce by a "
+    "compressed reduce-scatter only (each rank keeps the fp32 mean of its own partition), so the gradient part is half"
+    " the above (0.25, 0.129, 0.066 of none's all-reduce); but the step's bytes also hold DeepSpeed's all-gather of "
+    "the updated fp32 parameters after the optimizer step, which compression does not touch (1/3 of none's bytes). It "
+    "is measured on the same model and layout as allgather = bytes(ZeRO-1 none) - bytes(ZeRO-0 none), and the "
+    "gradient-only ratio is (bytes(mode) - allgather) / (bytes(none) - allgather). At ZeRO-0 the gradient-only ratio "
+    "is the total ratio.")
 FEWER_STEPS = (" (issue 35 asks for 600 GPT-2 steps; fewer here so that the whole bench fits in about 45 minutes of "
                "wall time on the shared box)")
 COMMON = ["train.resume=null", "train.save_final=false", "train.export_hf=false", "train.progress=false",
