@@ -302,11 +302,13 @@ def _codec_passes(codec, values) -> None:
 
 def fit_mode(points: list[tuple[float, float]]) -> dict:
     """Least squares of ``step_s = compute_s + wire_factor * x`` over (x = bytes sent / link rate, step_s)
-    points; with one distinct x, ``wire_factor`` 1."""
+    points, with ``wire_factor`` at least 1 (no collective moves its bytes faster than the measured TCP rate;
+    a smaller slope is compute that other jobs slowed more on the faster links): then 1 and ``compute_s`` the
+    mean of step_s - x. With one distinct x, ``wire_factor`` 1."""
     xs, ts = [x for x, _ in points], [t for _, t in points]
     mx, mt = statistics.fmean(xs), statistics.fmean(ts)
     sxx = sum((x - mx) ** 2 for x in xs)
-    factor = sum((x - mx) * (t - mt) for x, t in zip(xs, ts)) / sxx if sxx > 0 else 1.0
+    factor = max(1.0, sum((x - mx) * (t - mt) for x, t in zip(xs, ts)) / sxx) if sxx > 0 else 1.0
     return {"compute_s": mt - factor * mx, "wire_factor": factor}
 
 
@@ -339,7 +341,10 @@ def analyse(result: dict) -> dict:
     for mode, fit in fits.items():
         fit["bytes_sent"] = wire[mode]
         fit["wire_ratio"] = wire[mode] / wire["none"]
-        fit["codec_s_per_grad_byte"] = max(0.0, fit["compute_s"] - fits["none"]["compute_s"]) / result["grad_bytes"]
+        fit["codec_fit_s_per_grad_byte"] = max(0.0, fit["compute_s"] - fits["none"]["compute_s"]) / result["grad_bytes"]
+        cpu = result.get("cpu", {}).get("codec_cpu_s", {})
+        fit["codec_s_per_grad_byte"] = (cpu[mode] / result["grad_bytes"] if mode in cpu
+                                        else fit["codec_fit_s_per_grad_byte"])
         fit["crossover_Bps"] = (None if mode == "none" else
                                 crossover_Bps(fit, wire[mode], fits["none"], wire["none"]))
     for r in runs:
@@ -419,15 +424,17 @@ def report(result: dict) -> str:
         wire = r["bytes_sent"] / links[r["link"]]["measured_Bps"]
         lines.append(f"| {r['link']} | {r['mode']} | {r['bytes_sent'] / 1e6:,.1f} | {r['step_s']:.2f} | {ratio} | "
                      f"{wire:.2f} | {r['step_s'] - wire:.2f} | {r['tokens_per_s']:.1f} | {r['loss']:.3f} |")
-    lines += ["", "Fit per mode over the links: step_s = compute_s + wire_factor x bytes_sent / measured rate. "
-              "codec = compute_s - compute_s[none] per fp32 gradient byte (negative values, noise, count as 0); "
-              "crossover: the rate below which the mode beats none.", "",
+    lines += ["", "Fit per mode over the links: step_s = compute_s + wire_factor x bytes_sent / measured rate "
+              "(wire_factor at least 1). codec = compute_s - compute_s[none] per fp32 gradient byte (negative: 0); "
+              "crossover: the rate below which the mode beats none. The other jobs' load changed between the runs, "
+              "so compute_s, and with it the crossover, carries that load: read the CPU-time estimate below for "
+              "the codec's own cost (`bench plan --link-gbps` prices the codec with it).", "",
               "| mode | compute s | wire factor | wire / none | codec ns per gradient byte | beats none below |",
               "|---|---|---|---|---|---|"]
     for mode, f in result["fit"].items():
         crossover = "" if mode == "none" else _mbit(f["crossover_Bps"])
         lines.append(f"| {mode} | {f['compute_s']:.2f} | {f['wire_factor']:.2f} | {f['wire_ratio']:.3f} | "
-                     f"{f['codec_s_per_grad_byte'] * 1e9:.2f} | {crossover} |")
+                     f"{f['codec_fit_s_per_grad_byte'] * 1e9:.2f} | {crossover} |")
     lines += _cpu_lines(result)
     value = bar["int8_over_none_100mbit"]
     verdict = "not measured" if value is None else f"{value:.3f} -> **{'PASS' if bar['pass'] else 'FAIL'}**"
@@ -482,11 +489,15 @@ def plot(result: dict, path: Path) -> None:
         points = [(links[r["link"]]["measured_Bps"] * 8 / 1e6, r["step_s"]) for r in result["runs"]
                   if r["mode"] == mode]
         ax.scatter(*zip(*points), color=color, zorder=3)
+        if result.get("cpu"):  # the CPU-time estimate without the other jobs
+            cpu = result["cpu"]["compute_cpu_s"] + result["cpu"]["codec_cpu_s"][mode]
+            ax.plot([g * 8 / 1e6 for g in grid], [cpu + fit["bytes_sent"] / g for g in grid], color=color, ls="--",
+                    label=f"{mode} (CPU-time estimate)")
     ax.set(xscale="log", yscale="log", xlabel="link rate (Mbit/s, measured)", ylabel="step time (s, median)",
            title=f"GPT-2 {result['model']['layers']}x{result['model']['hidden']}, DP=2, ZeRO-{result['zero']} "
                  f"({result['machine']['date']})")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -33,6 +33,8 @@ def test_fit_recovers_compute_and_wire_factor():
     assert fit["compute_s"] == pytest.approx(3.0) and fit["wire_factor"] == pytest.approx(1.5)
     assert slow_link.predict(fit, 100, 10) == pytest.approx(3.0 + 1.5 * 10)
     assert slow_link.fit_mode([(1.0, 4.0), (1.0, 6.0)]) == {"compute_s": 4.0, "wire_factor": 1.0}
+    # a slope under 1 (compute slowed more on the fast link) is held at 1: no wire beats the measured rate
+    assert slow_link.fit_mode([(0.0, 10.0), (10.0, 12.0)]) == {"compute_s": 6.0, "wire_factor": 1.0}
 
 
 @pytest.mark.unit
@@ -63,10 +65,12 @@ def test_analyse_report_and_plot(tmp_path):
     assert f"| 100mbit | int8 | {GRAD * 0.258 / MB:,.1f} |" in text and "Bar (issue 35" in text
     assert ("PASS" if at_100 <= 0.6 else "FAIL") in text and "Compute times are noisy" in text
     assert "Without the other jobs" not in text
-    result["cpu"] = {"compute_cpu_s": 2.0, "codec_cpu_s": {"none": 0.0, "bf16": 1.0, "int8": 1.0, "int4": 2.0}}
-    none_100, int8_100 = 2.0 + GRAD / 1.2e7, 3.0 + GRAD * 0.258 / 1.2e7
-    assert "| int8 | 1.00 | " in slow_link.report(result)
+    result["cpu"] = {"compute_cpu_s": 2.0, "codec_cpu_s": {"none": 0.0, "bf16": 1.0, "int8": 0.5, "int4": 2.0}}
+    none_100, int8_100 = 2.0 + GRAD / 1.2e7, 2.5 + GRAD * 0.258 / 1.2e7
+    assert "| int8 | 0.50 | " in slow_link.report(result)
     assert f"{int8_100:.2f} | {int8_100 / none_100:.2f} |" in slow_link.report(result)
+    assert slow_link.analyse(result)["fit"]["int8"]["codec_s_per_grad_byte"] == 0.5 / GRAD  # the CPU seconds
+    assert result["fit"]["int8"]["codec_fit_s_per_grad_byte"] == pytest.approx(1.0 / GRAD)
     slow_link.plot(result, tmp_path / "step_time.png")
     assert (tmp_path / "step_time.png").stat().st_size > 10_000
     json.dumps(result)  # storable as results.json
