@@ -343,8 +343,11 @@ def analyse(result: dict) -> dict:
         fit["wire_ratio"] = wire[mode] / wire["none"]
         fit["codec_fit_s_per_grad_byte"] = max(0.0, fit["compute_s"] - fits["none"]["compute_s"]) / result["grad_bytes"]
         cpu = result.get("cpu", {}).get("codec_cpu_s", {})
+        # what `bench plan --link-gbps` prices with: the CPU-time model where there is one (the fit's compute_s and
+        # wire factors carry the other jobs' changing load), else the fit
         fit["codec_s_per_grad_byte"] = (cpu[mode] / result["grad_bytes"] if mode in cpu
                                         else fit["codec_fit_s_per_grad_byte"])
+        fit["plan_wire_factor"] = 1.0 if mode in cpu else fit["wire_factor"]
         fit["crossover_Bps"] = (None if mode == "none" else
                                 crossover_Bps(fit, wire[mode], fits["none"], wire["none"]))
     for r in runs:
@@ -362,17 +365,17 @@ def choose_mode(grad_bytes: float, data: int, rate_Bps: float, fit: dict,
                 zero: int = 0) -> tuple[str, dict[str, float]]:
     """The ``parallel.grad_compression`` mode the slow-link fit predicts fastest for ``grad_bytes`` of fp32
     gradients averaged over ``data`` ranks on links of ``rate_Bps``: per mode, seconds per step of codec
-    (``codec_s_per_grad_byte`` x grad_bytes) plus wire (times the mode's wire factor). On the wire: ZeRO-0, the
-    all-reduce's 2 (d-1)/d x grad_bytes times the mode's measured ratio; ZeRO-1/2, the compressed reduce-scatter
-    ((d-1)/d x grad_bytes x ratio) plus DeepSpeed's fp32 parameter all-gather ((d-1)/d x grad_bytes), unchanged;
-    ZeRO-3 refuses compression: none only. With one rank, ``none`` (nothing is sent)."""
+    (``codec_s_per_grad_byte`` x grad_bytes) plus wire (times ``analyse``'s ``plan_wire_factor``). On the wire:
+    ZeRO-0, the all-reduce's 2 (d-1)/d x grad_bytes times the mode's measured ratio; ZeRO-1/2, the compressed
+    reduce-scatter ((d-1)/d x grad_bytes x ratio) plus DeepSpeed's fp32 parameter all-gather ((d-1)/d x
+    grad_bytes), unchanged; ZeRO-3 refuses compression: none only. With one rank, ``none`` (nothing is sent)."""
     if data < 2:
         return "none", {"none": 0.0}
     half = (data - 1) / data * grad_bytes
     modes = {m: f for m, f in fit.items() if zero < 3 or m == "none"}
     wire = {m: 2 * half if m == "none" else half * (2 * f["wire_ratio"] if zero == 0 else f["wire_ratio"] + 1)
             for m, f in modes.items()}
-    seconds = {m: f["codec_s_per_grad_byte"] * grad_bytes + f["wire_factor"] * wire[m] / rate_Bps
+    seconds = {m: f["codec_s_per_grad_byte"] * grad_bytes + f["plan_wire_factor"] * wire[m] / rate_Bps
                for m, f in modes.items()}
     return min(seconds, key=seconds.get), seconds
 
@@ -428,19 +431,20 @@ def report(result: dict) -> str:
               "(wire_factor at least 1). codec = compute_s - compute_s[none] per fp32 gradient byte (negative: 0); "
               "crossover: the rate below which the mode beats none. The other jobs' load changed between the runs, "
               "so compute_s, and with it the crossover, carries that load: read the CPU-time estimate below for "
-              "the codec's own cost (`bench plan --link-gbps` prices the codec with it).", "",
+              "the codec's own cost (`bench plan --link-gbps` prices with that model).", "",
               "| mode | compute s | wire factor | wire / none | codec ns per gradient byte | beats none below |",
               "|---|---|---|---|---|---|"]
     for mode, f in result["fit"].items():
         crossover = "" if mode == "none" else _mbit(f["crossover_Bps"])
         lines.append(f"| {mode} | {f['compute_s']:.2f} | {f['wire_factor']:.2f} | {f['wire_ratio']:.3f} | "
                      f"{f['codec_fit_s_per_grad_byte'] * 1e9:.2f} | {crossover} |")
-    lines += _cpu_lines(result)
+    lines += _cpu_lines(result) + _repeat_lines(result)
     value = bar["int8_over_none_100mbit"]
     verdict = "not measured" if value is None else f"{value:.3f} -> **{'PASS' if bar['pass'] else 'FAIL'}**"
     lines += ["", f"Bar (issue 35, point 4): on the 100 Mbit/s link int8 step time <= {bar['threshold']} x none: "
               f"{verdict}" + (f"; best mode there: {bar['best_mode']} at {bar['best_over_none']:.3f} x none"
                               if bar["best_mode"] else ""),
+              *_repeat_bar(result),
               "", f"Gradient: {result['grad_bytes'] / 1e6:,.1f} MB fp32; bench wall time "
               f"{result.get('wall_s', 0) / 60:.1f} min."]
     return "\n".join(lines) + "\n"
@@ -468,6 +472,40 @@ def _cpu_lines(result: dict) -> list[str]:
             {"compute_s": cpu["codec_cpu_s"][mode], "wire_factor": 1.0}, result["fit"][mode]["bytes_sent"],
             {"compute_s": 0.0, "wire_factor": 1.0}, result["fit"]["none"]["bytes_sent"]))
         lines.append(f"| {mode} | {cpu['codec_cpu_s'][mode]:.2f} | " + " | ".join(cells) + f" | {crossover} |")
+    return lines
+
+
+def _repeat_lines(result: dict) -> list[str]:
+    """The ``--repeat`` runs (not fitted): the same link x mode at another time, under the other jobs' load then."""
+    lines = []
+    for repeat in result.get("repeats", []):
+        none = {r["link"]: r["step_s"] for r in repeat["runs"] if r["mode"] == "none"}
+        lines += ["", f"Repeated later ({repeat['machine']['date']}; not in the fit), the other jobs' load different:",
+                  "", "| link | measured Mbit/s | mode | MB sent/step/rank | step s (each timed step) | / none |",
+                  "|" + "---|" * 6]
+        for r in repeat["runs"]:
+            ratio = f"{r['step_s'] / none[r['link']]:.3f}" if r["link"] in none else ""
+            each = ", ".join(f"{t:.1f}" for t in r["step_s_all"])
+            lines.append(f"| {r['link']} | {repeat['links'][r['link']]['measured_Bps'] * 8 / 1e6:.0f} | {r['mode']} | "
+                         f"{r['bytes_sent'] / 1e6:,.1f} | {r['step_s']:.2f} ({each}) | {ratio} |")
+    return lines
+
+
+def _repeat_bar(result: dict) -> list[str]:
+    """The bar's ratio in each ``--repeat`` that ran both modes on the 100 Mbit/s link."""
+    lines = []
+    for repeat in result.get("repeats", []):
+        by = {(r["link"], r["mode"]): r["step_s"] for r in repeat["runs"]}
+        if ("100mbit", "int8") in by and ("100mbit", "none") in by:
+            value = by[("100mbit", "int8")] / by[("100mbit", "none")]
+            passed = value <= result["bar"]["threshold"]
+            verdict = "PASS" if passed else "FAIL"
+            lines.append(f"Repeated: int8 / none on the 100 Mbit/s link {value:.3f} -> **{verdict}**"
+                         + ("." if passed == result["bar"]["pass"] else
+                            ": the two disagree. The bytes and their wire seconds are the same in both; the compute "
+                            "and codec seconds, slowed by the other jobs by different amounts, decide the verdict: "
+                            "not established on this shared machine (the CPU-time estimate above says where it "
+                            "would be without them)."))
     return lines
 
 
@@ -546,12 +584,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--timeout", type=float, default=1200, help="seconds one run may take")
     parser.add_argument("--scratch", default=None, help="directory for the runs' output (default: the system's)")
     parser.add_argument("--from-results", help="a results.json of this command: redo the fit, report and plot")
+    parser.add_argument("--repeat", action="append", default=[], help="with --from-results: another results.json "
+                        "of this command (a repeat of some link x mode runs) reported next to it, not fitted")
     parser.add_argument("--out", help="directory for results.json, report.md and step_time.png")
     args = parser.parse_args(argv)
     _check(args)
     if args.from_results:
         result = json.loads(Path(args.from_results).read_text())
         result.setdefault("cpu", cpu_costs(args))
+        result["repeats"] = [{key: json.loads(Path(path).read_text())[key] for key in ("links", "runs", "machine")}
+                             for path in args.repeat] or result.get("repeats", [])
     else:
         try:
             result = measure(args)

@@ -71,6 +71,15 @@ def test_analyse_report_and_plot(tmp_path):
     assert f"{int8_100:.2f} | {int8_100 / none_100:.2f} |" in slow_link.report(result)
     assert slow_link.analyse(result)["fit"]["int8"]["codec_s_per_grad_byte"] == 0.5 / GRAD  # the CPU seconds
     assert result["fit"]["int8"]["codec_fit_s_per_grad_byte"] == pytest.approx(1.0 / GRAD)
+    int8 = result["fit"]["int8"]
+    assert int8["plan_wire_factor"] == 1.0 and int8["wire_factor"] == pytest.approx(1.2)
+    repeat = {"machine": result["machine"], "links": {"100mbit": {"measured_Bps": 1.2e7}},
+              "runs": [{"link": "100mbit", "mode": m, "bytes_sent": 10**8, "step_s": t, "step_s_all": [t]}
+                       for m, t in (("none", 40.0), ("int8", 30.0))]}
+    text = slow_link.report({**result, "repeats": [repeat]})
+    assert "| 100mbit | 96 | int8 | 100.0 | 30.00 (30.0) | 0.750 |" in text
+    assert "Repeated: int8 / none on the 100 Mbit/s link 0.750 -> **FAIL**" in text
+    assert ("the two disagree" in text) is result["bar"]["pass"]
     slow_link.plot(result, tmp_path / "step_time.png")
     assert (tmp_path / "step_time.png").stat().st_size > 10_000
     json.dumps(result)  # storable as results.json
