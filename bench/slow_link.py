@@ -13,8 +13,14 @@ The fit, per mode: ``step_s = compute_s + wire_factor * bytes_sent / link_rate``
 ``compute_s`` holds the forward/backward/optimizer, the codec's encode/decode and the fixed latencies,
 ``wire_factor`` how much slower than the measured TCP rate the collective moves its bytes). A mode beats ``none``
 below the bandwidth where the wire time it saves equals its extra ``compute_s`` (the crossover). The codec's cost
-per fp32 gradient byte, ``(compute_s - compute_s[none]) / gradient bytes``, is what ``bench plan --link-gbps``
+per fp32 gradient byte, ``(compute_s - compute_s[none]) / gradient bytes``, carries the load of whatever else
+runs on the cores, so the command also takes one thread's CPU seconds of a step and of each codec's passes
+(``cpu_costs``): the step estimated without that load, its crossovers, and what ``bench plan --link-gbps``
 prices a layout's data-parallel gradients with (``choose_mode``).
+
+    python -m bench slow-link --from-results R/results.json --repeat R/repeat-100mbit.json --out R
+
+redoes the fit, report and plot of a stored run, with another run of some link x mode next to it (not fitted).
 """
 
 from __future__ import annotations
