@@ -34,7 +34,7 @@ pipeline sends.
 With ``--link-gbps X``, each planned layout's data-parallel gradients (fp32, of its largest stage) are priced per
 ``parallel.grad_compression`` mode at X Gbit/s with the ``bench slow-link`` fit (``--slow-link-fit``: codec
 seconds per gradient byte, bytes on the wire and their efficiency per mode), and the fastest mode is named
-(``bench.slow_link.choose_mode``).
+(``bench.slow_link_fit.choose_mode``).
 
 The modules: ``bench.plan_trace`` (the meta-device traces), ``bench.plan_stages`` (each stage's planned memory),
 ``bench.plan_search`` (the layouts that fit), ``bench.formulas`` (model state, transients, FLOPs), this one (the
@@ -140,7 +140,7 @@ def main(argv=None) -> list[dict]:
     try:
         rows, text = search_text(args) if args.device_memory is not None else _plan_text(args)
         if args.link_gbps is not None:
-            from bench.slow_link import compression_advice
+            from bench.slow_link_fit import compression_advice
 
             text += "\n" + compression_advice(rows, args.link_gbps, args.slow_link_fit)
     except (ValueError, OSError, KeyError) as exc:  # a bad config, layout or file: one line, no traceback

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from bench import slow_link
+from bench import slow_link, slow_link_fit
 
 MB = 10**6
 GRAD = 340 * MB
@@ -29,29 +29,29 @@ def _result() -> dict:
 
 @pytest.mark.unit
 def test_fit_recovers_compute_and_wire_factor():
-    fit = slow_link.fit_mode([(x, 3.0 + 1.5 * x) for x in (0.01, 2.0, 20.0)])
+    fit = slow_link_fit.fit_mode([(x, 3.0 + 1.5 * x) for x in (0.01, 2.0, 20.0)])
     assert fit["compute_s"] == pytest.approx(3.0) and fit["wire_factor"] == pytest.approx(1.5)
-    assert slow_link.predict(fit, 100, 10) == pytest.approx(3.0 + 1.5 * 10)
-    assert slow_link.fit_mode([(1.0, 4.0), (1.0, 6.0)]) == {"compute_s": 4.0, "wire_factor": 1.0}
+    assert slow_link_fit.predict(fit, 100, 10) == pytest.approx(3.0 + 1.5 * 10)
+    assert slow_link_fit.fit_mode([(1.0, 4.0), (1.0, 6.0)]) == {"compute_s": 4.0, "wire_factor": 1.0}
     # a slope under 1 (compute slowed more on the fast link) is held at 1: no wire beats the measured rate
-    assert slow_link.fit_mode([(0.0, 10.0), (10.0, 12.0)]) == {"compute_s": 6.0, "wire_factor": 1.0}
+    assert slow_link_fit.fit_mode([(0.0, 10.0), (10.0, 12.0)]) == {"compute_s": 6.0, "wire_factor": 1.0}
 
 
 @pytest.mark.unit
 def test_crossover_is_where_the_mode_and_none_take_equal_time():
     none, int8 = {"compute_s": 2.0, "wire_factor": 1.0}, {"compute_s": 3.0, "wire_factor": 1.0}
-    rate = slow_link.crossover_Bps(int8, 25, none, 100)
+    rate = slow_link_fit.crossover_Bps(int8, 25, none, 100)
     assert rate == pytest.approx(75.0)
-    assert slow_link.predict(int8, 25, rate) == pytest.approx(slow_link.predict(none, 100, rate))
-    assert slow_link.predict(int8, 25, rate / 2) < slow_link.predict(none, 100, rate / 2)  # slower link: int8 wins
-    assert slow_link.predict(int8, 25, rate * 2) > slow_link.predict(none, 100, rate * 2)
-    assert slow_link.crossover_Bps({"compute_s": 1.5, "wire_factor": 1.0}, 25, none, 100) == math.inf
-    assert slow_link.crossover_Bps(int8, 100, none, 100) is None  # saves no bytes: never faster
+    assert slow_link_fit.predict(int8, 25, rate) == pytest.approx(slow_link_fit.predict(none, 100, rate))
+    assert slow_link_fit.predict(int8, 25, rate / 2) < slow_link_fit.predict(none, 100, rate / 2)  # int8 wins
+    assert slow_link_fit.predict(int8, 25, rate * 2) > slow_link_fit.predict(none, 100, rate * 2)
+    assert slow_link_fit.crossover_Bps({"compute_s": 1.5, "wire_factor": 1.0}, 25, none, 100) == math.inf
+    assert slow_link_fit.crossover_Bps(int8, 100, none, 100) is None  # saves no bytes: never faster
 
 
 @pytest.mark.unit
 def test_analyse_report_and_plot(tmp_path):
-    result = slow_link.analyse(_result())
+    result = slow_link_fit.analyse(_result())
     fit = result["fit"]
     for mode, (compute, _) in TRUTH.items():
         assert fit[mode]["compute_s"] == pytest.approx(compute) and fit[mode]["wire_factor"] == pytest.approx(1.2)
@@ -61,26 +61,26 @@ def test_analyse_report_and_plot(tmp_path):
     at_100 = (6.0 + 1.2 * GRAD * 0.258 / 1.2e7) / (5.0 + 1.2 * GRAD / 1.2e7)
     assert result["bar"]["int8_over_none_100mbit"] == pytest.approx(at_100) and result["bar"]["pass"] is (at_100 <= 0.6)
     assert result["bar"]["best_mode"] == "int4"
-    text = slow_link.report(result)
+    text = slow_link_fit.report(result)
     assert f"| 100mbit | int8 | {GRAD * 0.258 / MB:,.1f} |" in text and "Bar (issue 35" in text
     assert ("PASS" if at_100 <= 0.6 else "FAIL") in text and "Compute times are noisy" in text
     assert "Without the other jobs" not in text
     result["cpu"] = {"compute_cpu_s": 2.0, "codec_cpu_s": {"none": 0.0, "bf16": 1.0, "int8": 0.5, "int4": 2.0}}
     none_100, int8_100 = 2.0 + GRAD / 1.2e7, 2.5 + GRAD * 0.258 / 1.2e7
-    assert "| int8 | 0.50 | " in slow_link.report(result)
-    assert f"{int8_100:.2f} | {int8_100 / none_100:.2f} |" in slow_link.report(result)
-    assert slow_link.analyse(result)["fit"]["int8"]["codec_s_per_grad_byte"] == 0.5 / GRAD  # the CPU seconds
+    assert "| int8 | 0.50 | " in slow_link_fit.report(result)
+    assert f"{int8_100:.2f} | {int8_100 / none_100:.2f} |" in slow_link_fit.report(result)
+    assert slow_link_fit.analyse(result)["fit"]["int8"]["codec_s_per_grad_byte"] == 0.5 / GRAD  # the CPU seconds
     assert result["fit"]["int8"]["codec_fit_s_per_grad_byte"] == pytest.approx(1.0 / GRAD)
     int8 = result["fit"]["int8"]
     assert int8["plan_wire_factor"] == 1.0 and int8["wire_factor"] == pytest.approx(1.2)
     repeat = {"machine": result["machine"], "links": {"100mbit": {"measured_Bps": 1.2e7}},
               "runs": [{"link": "100mbit", "mode": m, "bytes_sent": 10**8, "step_s": t, "step_s_all": [t]}
                        for m, t in (("none", 40.0), ("int8", 30.0))]}
-    text = slow_link.report({**result, "repeats": [repeat]})
+    text = slow_link_fit.report({**result, "repeats": [repeat]})
     assert "| 100mbit | 96 | int8 | 100.0 | 30.00 (30.0) | 0.750 |" in text
     assert "Repeated: int8 / none on the 100 Mbit/s link 0.750 -> **FAIL**" in text
     assert ("the two disagree" in text) is result["bar"]["pass"]
-    slow_link.plot(result, tmp_path / "step_time.png")
+    slow_link_fit.plot(result, tmp_path / "step_time.png")
     assert (tmp_path / "step_time.png").stat().st_size > 10_000
     json.dumps(result)  # storable as results.json
 
@@ -97,20 +97,20 @@ def test_cpu_costs_time_the_step_and_each_codec():
 
 @pytest.mark.unit
 def test_choose_mode_follows_the_link_rate():
-    fit = slow_link.analyse(_result())["fit"]
-    assert slow_link.choose_mode(GRAD, 2, 10e9 / 8, fit)[0] == "none"  # 10 Gbit/s: no codec pays for itself
-    best, seconds = slow_link.choose_mode(GRAD, 2, 100e6 / 8, fit)
+    fit = slow_link_fit.analyse(_result())["fit"]
+    assert slow_link_fit.choose_mode(GRAD, 2, 10e9 / 8, fit)[0] == "none"  # 10 Gbit/s: no codec pays for itself
+    best, seconds = slow_link_fit.choose_mode(GRAD, 2, 100e6 / 8, fit)
     assert best == "int4" and seconds["int4"] < seconds["int8"] < seconds["bf16"] < seconds["none"]
     # at DP=2 the model's none time is its wire time for the gradient's bytes
     assert seconds["none"] == pytest.approx(1.2 * GRAD / (100e6 / 8))
-    assert slow_link.choose_mode(GRAD, 1, 1e6, fit) == ("none", {"none": 0.0})
+    assert slow_link_fit.choose_mode(GRAD, 1, 1e6, fit) == ("none", {"none": 0.0})
     # more ranks: a ring all-reduce's 2 (d-1)/d of the gradient on the wire
-    assert slow_link.choose_mode(GRAD, 8, 100e6 / 8, fit)[1]["none"] == pytest.approx(1.2 * GRAD * 1.75 / 12.5e6)
+    assert slow_link_fit.choose_mode(GRAD, 8, 100e6 / 8, fit)[1]["none"] == pytest.approx(1.2 * GRAD * 1.75 / 12.5e6)
     # ZeRO-1/2: the parameter all-gather stays fp32; ZeRO-3: no compression
-    zero1 = slow_link.choose_mode(GRAD, 2, 100e6 / 8, fit, zero=1)[1]
+    zero1 = slow_link_fit.choose_mode(GRAD, 2, 100e6 / 8, fit, zero=1)[1]
     assert zero1["none"] == seconds["none"]
     assert zero1["int8"] == pytest.approx(fit["int8"]["codec_s_per_grad_byte"] * GRAD + 1.2 * GRAD / 2 * 1.258 / 12.5e6)
-    assert slow_link.choose_mode(GRAD, 2, 1e6, fit, zero=3)[0] == "none"
+    assert slow_link_fit.choose_mode(GRAD, 2, 1e6, fit, zero=3)[0] == "none"
 
 
 @pytest.mark.unit
@@ -119,7 +119,7 @@ def test_plan_names_the_fastest_compression_mode(tmp_path, capsys):
     from tests.helpers import TINY_GPT2, tiny_config, write_corpus
 
     fit_file = tmp_path / "fit.json"
-    fit_file.write_text(json.dumps(slow_link.analyse(_result())))
+    fit_file.write_text(json.dumps(slow_link_fit.analyse(_result())))
     cfg = tiny_config(tmp_path, write_corpus(tmp_path / "corpus"),
                       model={"arch": "gpt2", "tokenizer": "byte", "config": TINY_GPT2})
     config_file = tmp_path / "run.json"
