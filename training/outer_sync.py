@@ -10,8 +10,9 @@ Nesterov SGD step moves the anchor:
 
 and every replica continues from the new anchor (``outer_lr`` 1 and ``momentum`` 0, the defaults: the mean).
 The outer state (anchor, momentum, the codec's residuals) is fp32, two to three copies of the rank's parameters;
-it goes into the rank's checkpoint file with the replica's own inner AdamW moments (which differ between replicas), read back at the same layout. Evals, checkpoints and
-the export see the synchronised model (``before_save`` synchronises first where a run is not at such a point).
+it goes into the rank's checkpoint file with the replica's own inner AdamW moments (which differ between
+replicas), read back at the same layout. Evals, checkpoints and the export see the synchronised model
+(``before_save`` synchronises first where a run is not at such a point).
 """
 
 from __future__ import annotations
