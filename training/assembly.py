@@ -15,6 +15,7 @@ import torch.distributed as dist
 import yaml
 from transformers import set_seed
 
+from modeling import context as context_parallel
 from modeling import recompute
 from modeling.build import (
     auto_class,
@@ -65,7 +66,7 @@ def assemble(cfg: RunConfig, task: Task, inputs: Inputs, groups: ProcessGroups, 
     tokenizer = build_tokenizer(cfg, task, inputs.train_files, inputs.resume_from, inputs.start_over)
     train_blocks, valid_blocks = build_data(cfg, task, tokenizer, inputs.train_files, inputs.valid_files,
                                             fresh_start=inputs.resume_from is None)
-    plan = data.BatchPlan(cfg.train.micro_batch_size, cfg.train.grad_accum, groups.data)
+    plan = data.BatchPlan(cfg.train.micro_batch_size, cfg.train.grad_accum, groups.replicas)
     data.check_enough_for_one_step(train_blocks, plan, "data.train_files")
     with events.phase("load", 0):
         full, model, pipeline = build_model(cfg, tokenizer, {"data.train_files": train_blocks,
@@ -169,6 +170,8 @@ def rank_model(cfg: RunConfig, full: Any, groups: ProcessGroups) -> tuple[Any, A
     expert_parallelize(model, groups)  # first: the tensor-parallel plan hooks the parameters it keeps
     model = tensor_parallelize(model, groups.tp_group, cfg.parallel.sequence_parallel,
                                cfg.parallel.tp_async_grad_reduce, dropout_seed=cfg.train.seed)
+    if groups.context > 1:
+        context_parallel.apply(model, groups.cp_group, cfg.parallel.context_attention, groups.tensor)
     recompute.apply(model, cfg.parallel.activation_checkpointing)
     if groups.pipeline == 1:
         return model, None

@@ -56,6 +56,7 @@ class RunConfig(Section):
         self._check_sync_rules()
         self._check_pipeline_rules()
         self._check_model_kind_rules()
+        self._check_context_rules()
         return self
 
     def _check_zero_rules(self) -> None:
@@ -155,6 +156,23 @@ class RunConfig(Section):
         if self.parallel.sequence_parallel and self.data.seq_len % self.parallel.tensor:
             raise ValueError(f"parallel.sequence_parallel: data.seq_len={self.data.seq_len} must be divisible "
                              f"by parallel.tensor={self.parallel.tensor}")
+
+    def _check_context_rules(self) -> None:
+        par, seq_len = self.parallel, self.data.seq_len
+        if par.context == 1:
+            return
+        setting = f"parallel.context={par.context}"
+        if self.data.source_field is not None:
+            raise ValueError(f"{setting} with an encoder-decoder run (data.source_field set): context parallelism "
+                             f"is implemented for decoder-only models; set parallel.context=1")
+        for key, value, fix in (("parallel.expert", par.expert, 1), ("parallel.sync_every", par.sync_every, 1)):
+            if value != fix:
+                raise ValueError(f"{setting} with {key}={value} is not supported; set {key}={fix} or "
+                                 f"parallel.context=1")
+        split = 2 * par.context * (par.tensor if par.sequence_parallel else 1)
+        if seq_len % split:
+            raise ValueError(f"{setting}: data.seq_len={seq_len} must be divisible by {split} (2 chunks per context "
+                             f"rank{' x parallel.tensor with sequence_parallel' if par.sequence_parallel else ''})")
 
     def to_dict(self) -> dict[str, Any]:
         """The config as YAML would hold it; with train.global_batch_size, train.grad_accum (derived for each
@@ -270,7 +288,8 @@ def load(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
 def data_parallel_size(cfg: RunConfig, world_size: int) -> int:
     """The data-parallel degree of ``world_size`` processes (``parallel.groups.check_degrees``' rule)."""
     try:
-        return check_degrees(cfg.parallel.tensor, cfg.parallel.pipeline, world_size, cfg.parallel.expert)
+        return check_degrees(cfg.parallel.tensor, cfg.parallel.pipeline, world_size, cfg.parallel.expert,
+                             cfg.parallel.context)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
@@ -282,9 +301,11 @@ def for_world(cfg: RunConfig, world_size: int, first_start: bool = True) -> RunC
     size derives it as every start does."""
     if cfg.train.global_batch_size is None:
         return cfg
-    dp, micro, total = data_parallel_size(cfg, world_size), cfg.train.micro_batch_size, cfg.train.global_batch_size
+    context = cfg.parallel.context
+    dp, micro, total = data_parallel_size(cfg, world_size) // context, cfg.train.micro_batch_size, \
+        cfg.train.global_batch_size
     where = (f"train.micro_batch_size={micro} x data-parallel size {dp} (world size {world_size} / tensor "
-             f"{cfg.parallel.tensor} x pipeline {cfg.parallel.pipeline})")
+             f"{cfg.parallel.tensor} x pipeline {cfg.parallel.pipeline}{f' x context {context}' * (context > 1)})")
     if total % (micro * dp):
         raise ConfigError(f"train.global_batch_size={total} is not divisible by {where}; choose a global batch "
                           f"that every data-parallel size the job may run at divides, or another micro_batch_size")

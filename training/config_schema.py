@@ -208,6 +208,16 @@ class ParallelConfig(Section):
     sequence_parallel: bool = Field(default=False, description="Megatron sequence parallelism (needs tensor > 1): "
                                     "norms and dropout work on a sequence shard; all-gather/reduce-scatter "
                                     "replace the all-reduces.")
+    context: int = Field(default=1, ge=1, description="Context-parallel degree (modeling.context): each sequence is "
+                         "split over this many data-parallel ranks, each holding 1/context of every sequence through "
+                         "the whole model (load-balanced: chunks r and 2N-1-r of 2N); attention crosses the group "
+                         "(context_attention); gradients are reduced over data x context, as Megatron's CP. Must "
+                         "divide the data-parallel degree; data.seq_len divisible by 2 x context (x tensor with "
+                         "sequence_parallel).")
+    context_attention: Literal["auto", "ulysses", "ring"] = Field(
+        default="auto", description="context > 1: 'ulysses' (all-to-all over heads, then the model's own attention "
+        "on the whole sequence; needs the heads per tensor rank divisible by context), 'ring' (key/value chunks "
+        "pass round the group, any head count, no attention dropout), 'auto' Ulysses where the heads divide.")
     grad_compression: Literal["none", "bf16", "int8", "int4"] = Field(
         default="none", description="Data-parallel gradient averaging on the wire (parallel.compression): 'none' is "
         "DeepSpeed's full-precision all-reduce; 'bf16' sends bf16 and sums the received pieces in fp32; 'int8' / "

@@ -35,8 +35,9 @@ def planned_hidden_size(cfg: RunConfig) -> int | None:
 
 
 def layout(cfg: RunConfig, world_size: int) -> str:
-    data = data_parallel_size(cfg, world_size)
+    data = data_parallel_size(cfg, world_size) // cfg.parallel.context
+    context = f" x context {cfg.parallel.context}" if cfg.parallel.context > 1 else ""
     virtual = f", {cfg.parallel.virtual_stages} virtual stages" if cfg.parallel.virtual_stages > 1 else ""
     pipeline = f" ({cfg.parallel.schedule}{virtual})" if cfg.parallel.pipeline > 1 else ""
     return (f"world {world_size} = tensor {cfg.parallel.tensor} x pipeline {cfg.parallel.pipeline}{pipeline} x "
-            f"data {data}; ZeRO-{cfg.parallel.zero_stage}; {cfg.precision}")
+            f"data {data}{context}; ZeRO-{cfg.parallel.zero_stage}; {cfg.precision}")

@@ -63,7 +63,7 @@ def run(cfg: RunConfig, deepspeed_config_file: str | None = None, *, observers: 
     inputs = check_inputs(cfg, task, deepspeed_config_file)
     host_memory.release_freed_tensors(comm_device().type, inputs.shard_bytes)  # before the model's tensors exist
     groups = ProcessGroups.from_degrees(cfg.parallel.tensor, cfg.parallel.pipeline, timeout_s=cfg.parallel.timeout_s,
-                                        expert=cfg.parallel.expert)
+                                        expert=cfg.parallel.expert, context=cfg.parallel.context)
     events = Observers(observers)
     parts = assemble(cfg, task, inputs, groups, events, edit_model_config)
     sink = MetricsSink(cfg.train.output_dir, dist.get_rank() == 0, cfg.logging.wandb,
@@ -86,7 +86,8 @@ def _sample_log(cfg: RunConfig, groups: ProcessGroups, start_step: int) -> Sampl
     if not cfg.train.log_sample_ids:
         return None
     on_rank0(lambda: SampleLog.prepare(cfg.train.output_dir, start_step), "preparing the sample-id log")
-    return SampleLog(cfg.train.output_dir, groups.dp_rank, groups.tp_rank == 0 and groups.pp_rank == 0)
+    return SampleLog(cfg.train.output_dir, groups.sample_rank,
+                     groups.tp_rank == 0 and groups.pp_rank == 0 and groups.cp_rank == 0)
 
 
 class Loop:
@@ -240,5 +241,5 @@ def data_batches(cfg: RunConfig, task: Task, parts: Assembly, groups: ProcessGro
     """This data-parallel rank's training micro-batches, continuing the data order after ``sample_offset``."""
     from training.data import TrainBatches
 
-    return TrainBatches(parts.train_blocks, parts.plan, groups.dp_rank, cfg.train.seed,
+    return TrainBatches(parts.train_blocks, parts.plan, groups.sample_rank, cfg.train.seed,
                         pad_id=task.pad_id(parts.tokenizer), sample_offset=sample_offset)

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from modeling.losses import next_token_losses
+from modeling.losses import next_token_losses, target_losses
+from parallel.context import local_tokens
 from parallel.grad_norm import global_grad_norm
 from parallel.groups import ProcessGroups
 from training.events import Observers
@@ -81,9 +82,18 @@ class DataParallelStep(Step):
         device = self.engine.device
         total_nll, total_tokens = torch.zeros((), dtype=torch.float64, device=device), 0.0
         for batch, weight in eval_batches:
-            input_ids = batch["input_ids"].to(device)
-            logits = self.engine(input_ids=input_ids, use_cache=False).logits
-            nll = next_token_losses(self.engine.module, logits, input_ids, self.groups.tp_group).sum(dim=1)
+            nll, targets = self._row_nll(batch["input_ids"].to(device))
             total_nll += (nll.double() * weight.to(device)).sum()
-            total_tokens += float(weight.sum()) * (input_ids.shape[1] - 1)  # weight is the data's, on the host
+            total_tokens += float(weight.sum()) * targets  # weight is the data's, on the host
         return total_nll, total_tokens
+
+    def _row_nll(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(each row's summed next-token NLL over this rank's tokens, the targets per row it counts)."""
+        groups, model = self.groups, self.engine.module
+        if groups.context == 1:
+            logits = self.engine(input_ids=input_ids, use_cache=False).logits
+            return next_token_losses(model, logits, input_ids, groups.tp_group).sum(dim=1), input_ids.shape[1] - 1
+        ids, positions, targets = local_tokens(input_ids, input_ids, groups.cp_group)
+        logits = self.engine(input_ids=ids, position_ids=positions, use_cache=False).logits
+        # context rank 0 holds the last chunk, whose last token has no target
+        return target_losses(model, logits, targets, groups.tp_group).sum(dim=1), ids.shape[1] - (groups.cp_rank == 0)

@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from modeling.losses import lm_loss, router_aux_loss
+from modeling.losses import context_lm_loss, lm_loss, router_aux_loss
+from parallel.context import local_tokens
 from parallel.groups import ProcessGroups
 from training import data
 from training.config import ConfigError
@@ -27,6 +28,10 @@ class CausalLM(Task):
                               f"data.source_field and data.target_field to the columns of the source and target "
                               f"text")
         check_sequence_fits(model_config, self.cfg.data.seq_len)
+        if self.cfg.parallel.context > 1 and getattr(model_config, "router_aux_loss_coef", None):
+            raise ConfigError(f"parallel.context={self.cfg.parallel.context} with the mixture-of-experts model "
+                              f"{model_config.model_type!r}: its load-balancing loss over split sequences is not "
+                              f"implemented; set parallel.context=1")
 
     def texts(self, files: list[str]) -> Iterable[str]:
         texts = data.load_texts(files, "data.train_files", self.cfg.data.text_field, self.cfg.data.cache_dir)
@@ -40,6 +45,10 @@ class CausalLM(Task):
         return plan.global_batch * self.cfg.data.seq_len
 
     def loss(self, engine: Any, batch: dict[str, torch.Tensor], groups: ProcessGroups) -> torch.Tensor:
+        if groups.context > 1:
+            ids, positions, targets = local_tokens(batch["input_ids"], batch["labels"], groups.cp_group)
+            logits = engine(input_ids=ids, position_ids=positions, use_cache=False).logits
+            return context_lm_loss(engine.module, logits, targets, groups.tp_group, groups.context)
         output = engine(input_ids=batch["input_ids"], use_cache=False)  # no KV cache in training (a hybrid's fails)
         loss = lm_loss(engine.module, output.logits, batch["labels"], groups.tp_group)
         sequence_group = groups.tp_group if self.cfg.parallel.sequence_parallel else None
@@ -50,7 +59,7 @@ class CausalLM(Task):
                  tokenizer: Any) -> dict[str, Any]:
         """Token-weighted mean NLL over the validation blocks, sharded over data-parallel ranks."""
         engine.eval()
-        batches = data.eval_batches(blocks, self.cfg.train.micro_batch_size, groups.dp_rank, groups.data,
+        batches = data.eval_batches(blocks, self.cfg.train.micro_batch_size, groups.sample_rank, groups.replicas,
                                     self.cfg.train.eval_batches)
         total_nll, total_tokens = step.eval_sums(batches)
         engine.train()
