@@ -116,6 +116,34 @@ def choose_method(method: str, heads: int, kv_heads: int, size: int) -> str:
     return method if method != "auto" else ("ulysses" if splits else "ring")
 
 
+DROPOUT_KEYS = ("attn_pdrop", "attention_dropout", "attention_probs_dropout_prob")
+
+
+def check_context_fits(model: PreTrainedModel, context: int, method: str, tensor: int) -> None:
+    """ValueError naming the setting and the fix when ``model`` cannot run at ``parallel.context`` with
+    ``method``: heads that do not split for Ulysses, attention dropout or logit soft-capping for ring, no
+    attention module transformers' interface calls."""
+    if context == 1:
+        return
+    config = model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    chosen = choose_method(method, heads // tensor, max(1, kv_heads // tensor), context)
+    if not any(type(m).__name__.endswith("Attention") for m in model.modules()):
+        raise ValueError(f"parallel.context={context}: model_type {config.model_type!r} has no attention module "
+                         f"colonnade can make attend across the context group; set parallel.context=1")
+    if chosen != "ring":
+        return
+    for key in DROPOUT_KEYS:
+        if getattr(config, key, 0.0):
+            raise ValueError(f"parallel.context={context} with ring attention (the heads do not split for Ulysses "
+                             f"or parallel.context_attention=ring): the model's {key}={getattr(config, key)} has no "
+                             f"ring implementation; set model.config.{key}: 0.0")
+    if getattr(config, "attn_logit_softcapping", None):
+        raise ValueError(f"parallel.context={context}: ring attention has no logit soft-capping "
+                         f"(model.config.attn_logit_softcapping); use parallel.context_attention=ulysses")
+
+
 def apply(model: PreTrainedModel, group: ProcessGroup | None, method: str, tensor: int = 1) -> str:
     """Make ``model`` (its heads split over ``tensor`` ranks) attend across ``group``; returns the method used
     (``choose_method``)."""

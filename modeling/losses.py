@@ -30,24 +30,25 @@ def lm_loss(model: PreTrainedModel, logits: torch.Tensor, labels: torch.Tensor,
     return causal_lm_loss(logits, labels, tp_group if valid is not None else None, start, valid)
 
 
-def target_losses(model: PreTrainedModel, logits: torch.Tensor, targets: torch.Tensor,
+def target_losses(head: nn.Module, logits: torch.Tensor, targets: torch.Tensor,
                   tp_group: ProcessGroup | None) -> torch.Tensor:
-    """Per-token NLL of ``targets`` under the logits at the same positions, 0 where a target is -100."""
-    start, valid = vocab_slice(model.get_output_embeddings())
+    """Per-token NLL of ``targets`` under the logits (of output layer ``head``) at the same positions, 0 where a
+    target is -100."""
+    start, valid = vocab_slice(head)
     keep = targets != -100
     losses = vocab_parallel_cross_entropy(logits, targets.masked_fill(~keep, 0),
                                           tp_group if valid is not None else None, start, valid)
     return losses * keep
 
 
-def context_lm_loss(model: PreTrainedModel, logits: torch.Tensor, targets: torch.Tensor,
+def context_lm_loss(head: nn.Module, logits: torch.Tensor, targets: torch.Tensor,
                     tp_group: ProcessGroup | None, context: int) -> torch.Tensor:
     """This context rank's share of the mean next-token loss of whole sequences, times ``context``: its targets'
     summed loss over the whole sequences' target count (``parallel.context.local_tokens``; each sequence has one
     target fewer than tokens). The data-parallel gradient mean over data x context then gives the mean loss's
     gradient."""
     whole = targets.shape[0] * (targets.shape[1] * context - 1)
-    return target_losses(model, logits, targets, tp_group).sum() * (context / whole)
+    return target_losses(head, logits, targets, tp_group).sum() * (context / whole)
 
 
 def router_aux_loss(model: PreTrainedModel, output: Any, sequence_group: ProcessGroup | None = None

@@ -231,8 +231,10 @@ class PipelineChunk(nn.Module):
     hidden states, or the (vocabulary-sharded) logits on the last chunk."""
 
     def __init__(self, model: PreTrainedModel, spec: StageSpec, seq_len: int,
-                 router_loss: SplitRouterLoss | None = None):
+                 router_loss: SplitRouterLoss | None = None, positions: torch.Tensor | None = None):
         super().__init__()
+        # a context-parallel rank's tokens are not the first seq_len of the sequence: their position ids
+        self.register_buffer("positions", positions, persistent=False)
         plan = stage_plan(model)
         self.spec, self.seq_len, self.state = spec, seq_len, StageState()
         # With the model's load-balancing loss a forward also takes the router totals of the stages before and
@@ -277,7 +279,11 @@ class PipelineChunk(nn.Module):
         return cast(PreTrainedModel, self.model).get_output_embeddings() if self.spec.head else None
 
     def forward(self, x: torch.Tensor, router_totals: torch.Tensor | None = None) -> torch.Tensor:
-        out, hidden = self.run(x, self.seq_len, use_cache=False)
+        inputs: dict[str, Any] = {"use_cache": False}
+        positions = cast(torch.Tensor | None, self.positions)
+        if positions is not None:
+            inputs["position_ids"] = positions.expand(x.shape[0], -1)
+        out, hidden = self.run(x, self.seq_len, **inputs)
         if self.router_loss is not None:
             totals = router_totals if router_totals is not None else self.router_loss.start(x)
             self.router_totals = self.router_loss.add(totals, out.router_logits or ())
@@ -299,11 +305,13 @@ class PipelineChunk(nn.Module):
             self.state.received = self.state.sent = None
 
 
-def split_chunks(model: PreTrainedModel, specs: list[StageSpec], seq_len: int) -> nn.ModuleList:
-    """This rank's chunks (in local order) as one module, ready to be wrapped by DeepSpeed."""
+def split_chunks(model: PreTrainedModel, specs: list[StageSpec], seq_len: int,
+                 positions: torch.Tensor | None = None) -> nn.ModuleList:
+    """This rank's chunks (in local order) as one module, ready to be wrapped by DeepSpeed; ``positions``: the
+    position ids of a context-parallel rank's tokens."""
     check_stage_modules(model, "parallel.pipeline")
     router_loss = SplitRouterLoss(model) if SplitRouterLoss.applies(model) else None
-    return nn.ModuleList(PipelineChunk(model, spec, seq_len, router_loss) for spec in specs)
+    return nn.ModuleList(PipelineChunk(model, spec, seq_len, router_loss, positions) for spec in specs)
 
 
 def defer_weight_grads(module: nn.Module, store: WeightGradStore) -> None:

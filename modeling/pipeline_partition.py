@@ -29,6 +29,7 @@ from transformers import PreTrainedModel
 from modeling.losses import vocab_slice
 from modeling.pipeline import PipelineChunk, blocks_of, num_blocks, split_chunks
 from parallel.comm import comm_device
+from parallel.context import token_indices
 from parallel.cross_entropy import causal_lm_loss
 from parallel.groups import ProcessGroups
 from parallel.partition import StageSpec, chunks_of_rank, partition_string, stage_specs
@@ -89,7 +90,9 @@ def build_chunks(model: PreTrainedModel, groups: ProcessGroups, settings: Pipeli
     embeddings = cast(nn.Parameter, model.get_input_embeddings().weight)
     output = model.get_output_embeddings()
     tied = output is not None and embeddings is output.weight
-    chunks = split_chunks(model, chunks_of_rank(specs, groups.pipeline, groups.pp_rank), settings.seq_len)
+    positions = (token_indices(settings.seq_len * groups.context, groups.cp_rank, groups.context)
+                 if groups.context > 1 else None)
+    chunks = split_chunks(model, chunks_of_rank(specs, groups.pipeline, groups.pp_rank), settings.seq_len, positions)
     tied_weight = None
     if tied and groups.pipeline > 1 and (groups.is_first_stage or groups.is_last_stage):
         tied_weight = embeddings

@@ -16,8 +16,6 @@ from tests.helpers import (
     write_corpus,
 )
 
-pytestmark = pytest.mark.multiprocess
-
 # fp32: the reference's one attention over the whole sequence vs per-rank chunks (Ulysses: the same kernel on
 # gathered heads; ring: a blockwise softmax merged by log-sum-exp) and a mean over ranks of partial losses;
 # observed <= 3e-7 relative over 10 steps. A token at the wrong position, a key outside the window or a loss
@@ -48,6 +46,7 @@ def _cfgs(tmp_path, corpus):
             for name, overrides in cases.items()}
 
 
+@pytest.mark.multiprocess
 @pytest.mark.slow
 def test_context2_matches_single_process(tmp_path):
     """GPT-2, Llama (GQA) and Qwen2 (sliding windows smaller and larger than a rank's chunk of 8 tokens) at
@@ -57,6 +56,42 @@ def test_context2_matches_single_process(tmp_path):
     histories = run_ranks(run_configs, 2, list(cfgs.values()), timeout=600)[0]
     for (name, cfg), history in zip(cfgs.items(), histories):
         ref_loss, ref_norm = reference_losses(cfg, global_batch=2)
+        steps = step_records(history)
+        assert len(steps) == 10, name
+        assert [r["loss"] for r in steps] == pytest.approx(ref_loss, rel=LOSS_TOL), name
+        assert [r["grad_norm"] for r in steps] == pytest.approx(ref_norm, rel=NORM_TOL), name
+
+
+def _composed_cfgs(tmp_path, corpus):
+    gpt2 = dict(model__config=dict(TINY_GPT2, n_head=4))
+    llama = {"arch": "llama", "tokenizer": "byte", "config": TINY_LLAMA}
+    cases = {  # name: (global batch, overrides)
+        "tp2 ulysses": (2, dict(parallel__tensor=2, **gpt2)),
+        "tp2+sp ring": (2, dict(parallel__tensor=2, parallel__sequence_parallel=True,
+                                parallel__context_attention="ring", **gpt2)),
+        "tp2 llama ulysses (kv repeated)": (2, dict(parallel__tensor=2, model=llama)),
+        "pp2 1f1b ring": (4, dict(parallel__pipeline=2, parallel__zero_stage=1, train__grad_accum=2,
+                                  parallel__context_attention="ring", **gpt2)),
+        "pp2 zb-h1 llama ulysses": (4, dict(parallel__pipeline=2, parallel__zero_stage=1, train__grad_accum=2,
+                                            parallel__schedule="zb-h1", model=llama)),
+        "dp2 zero3 ulysses": (4, dict(parallel__zero_stage=3, **gpt2)),
+        "dp2 zero3 llama ring": (4, dict(parallel__zero_stage=3, parallel__context_attention="ring", model=llama)),
+    }
+    return {name: (batch, tiny_config(tmp_path / f"run{i}", corpus, parallel__context=2, **overrides))
+            for i, (name, (batch, overrides)) in enumerate(cases.items())}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_context2_composes_with_tp_pp_and_zero3(tmp_path):
+    """context=2 x TP=2 (with and without SP; Llama's 2 key/value heads leave one per tensor rank, repeated for
+    Ulysses), context=2 x PP=2 (1F1B, ZB-H1: the stage messages carry the rank's chunk) and context=2 x DP=2
+    under ZeRO-3 (parameters partitioned over data x context) equal the reference for 10 steps."""
+    corpus = write_corpus(tmp_path / "corpus")
+    cfgs = _composed_cfgs(tmp_path, corpus)
+    histories = run_ranks(run_configs, 4, [cfg for _, cfg in cfgs.values()], timeout=900)[0]
+    for (name, (batch, cfg)), history in zip(cfgs.items(), histories):
+        ref_loss, ref_norm = reference_losses(cfg, global_batch=batch)
         steps = step_records(history)
         assert len(steps) == 10, name
         assert [r["loss"] for r in steps] == pytest.approx(ref_loss, rel=LOSS_TOL), name
@@ -94,7 +129,8 @@ def _one_pass(arch: str, method: str, mutation: str | None) -> list[float]:
             if hasattr(module, "sliding_window"):
                 module.sliding_window = None
     logits = model(input_ids=local, position_ids=positions).logits
-    loss = context_lm_loss(model, logits, targets, None, 1 if mutation == "loss per rank" else size)
+    divide = 1 if mutation == "loss per rank" else size
+    loss = context_lm_loss(model.get_output_embeddings(), logits, targets, None, divide)
     loss.backward()
     index = local_tokens(torch.arange(32)[None], torch.arange(32)[None], group)[0][0]
     errors = [((logits - out.logits[:, index]).abs().max() / out.logits.abs().max()).item()]
@@ -122,6 +158,7 @@ PASSES = [("gpt2", "ulysses", None), ("gpt2", "ring", None), ("qwen2", "ulysses"
           ("gpt2", "ulysses", "loss per rank")]
 
 
+@pytest.mark.multiprocess
 def test_one_pass_and_mutations():
     """One forward/backward at context=2: this rank's logits, the loss and every parameter's gradient (the mean
     over the group, as the data-parallel reduction takes it) equal the whole model's on one process (fp32: 1e-5,
@@ -133,3 +170,43 @@ def test_one_pass_and_mutations():
             assert max(errors) < 1e-5, (case, errors)
         else:
             assert max(errors) > 1e-3, (case, errors)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_resume_at_another_context_size(tmp_path):
+    """A context=2 run's step-5 checkpoint resumes at context=1 (DP=2) and at context=4 (GPT-2's 2 heads do not
+    split over 4: auto falls to ring) to the uninterrupted run's steps 6-10 (1e-5: summation order only)."""
+    from tests.helpers import assert_resumes_continue
+
+    corpus = write_corpus(tmp_path / "corpus")
+    full = tiny_config(tmp_path / "full", corpus, parallel__context=2, train__save_every=5)
+    saved = str(tmp_path / "full" / "run" / "checkpoints" / "step_0000005")
+    at_dp2 = tiny_config(tmp_path / "dp2", corpus, train__resume=saved, train__micro_batch_size=1)
+    at_context4 = tiny_config(tmp_path / "cp4", corpus, train__resume=saved, parallel__context=4)
+    full_history, dp2_history = run_ranks(run_configs, 2, [full, at_dp2], timeout=600)[0]
+    (context4_history,) = run_ranks(run_configs, 4, [at_context4], timeout=600)[0]
+    assert_resumes_continue(full_history, [dp2_history, context4_history])
+
+
+@pytest.mark.unit
+def test_refusals_name_the_setting(tmp_path):
+    """Bad layouts are refused before anything runs, naming the key and the fix."""
+    from transformers import AutoConfig
+
+    from modeling.build import meta_model
+    from modeling.context import check_context_fits
+    from training.config import ConfigError
+
+    corpus = write_corpus(tmp_path / "corpus", n_files=4, words=10)
+    with pytest.raises(ConfigError, match=r"data.seq_len=32 must be divisible by 64"):
+        tiny_config(tmp_path, corpus, parallel__context=32)
+    with pytest.raises(ConfigError, match=r"parallel.context=2 with parallel.expert=2"):
+        tiny_config(tmp_path, corpus, parallel__context=2, parallel__expert=2, parallel__zero_stage=1)
+    gpt2 = meta_model(AutoConfig.for_model("gpt2", **TINY_GPT2), False)
+    with pytest.raises(ValueError, match=r"context_attention=ulysses: 2 query / 2 key-value heads .* use ring"):
+        check_context_fits(gpt2, 4, "ulysses", 1)
+    dropout = meta_model(AutoConfig.for_model("gpt2", **{**TINY_GPT2, "attn_pdrop": 0.1}), False)
+    with pytest.raises(ValueError, match=r"attn_pdrop=0.1 has no ring implementation; set model.config.attn_pdrop"):
+        check_context_fits(dropout, 4, "auto", 1)
+    check_context_fits(dropout, 2, "auto", 1)  # Ulysses runs the model's own attention, dropout included

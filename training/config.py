@@ -169,6 +169,9 @@ class RunConfig(Section):
             if value != fix:
                 raise ValueError(f"{setting} with {key}={value} is not supported; set {key}={fix} or "
                                  f"parallel.context=1")
+        if par.pipeline > 1 and par.partition == "measured":
+            raise ValueError(f"{setting} with parallel.partition=measured: the stage-cost probes run each block "
+                             f"alone, without the context group; use 'uniform', 'parameters' or a partition string")
         split = 2 * par.context * (par.tensor if par.sequence_parallel else 1)
         if seq_len % split:
             raise ValueError(f"{setting}: data.seq_len={seq_len} must be divisible by {split} (2 chunks per context "

@@ -11,6 +11,7 @@ from typing import Any
 import torch.distributed as dist
 
 from modeling.build import hf_config, meta_model
+from modeling.context import check_context_fits
 from modeling.experts import check_expert_parallel_fits, check_router_loss_fits
 from modeling.pipeline import check_pipeline_fits, check_stage_modules
 from modeling.tensor_parallel import check_sequence_parallel_fits
@@ -58,6 +59,7 @@ def check_inputs(cfg: RunConfig, task: Task, deepspeed_config_file: str | None) 
         check_stage_modules(model, "parallel.sequence_parallel=true", needs_plan=False)
         check_sequence_parallel_fits(model)
     check_expert_parallel_fits(model, cfg.parallel.expert)
+    check_context_fits(model, cfg.parallel.context, cfg.parallel.context_attention, cfg.parallel.tensor)
     check_router_loss_fits(model, cfg.parallel.pipeline, cfg.parallel.sequence_parallel, cfg.precision)
     shard = sum(p.numel() for p in model.parameters()) * 4 // (cfg.parallel.tensor * cfg.parallel.pipeline)
     return Inputs(ds_config, train_files, valid_files, resume_from, start_over, shard)

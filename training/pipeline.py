@@ -9,16 +9,17 @@ import math
 from collections.abc import Iterable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import deepspeed
 import torch
 import torch.distributed as dist
 
-from modeling.losses import vocab_slice
+from modeling.losses import context_lm_loss, target_losses, vocab_slice
 from modeling.pipeline import defer_weight_grads
 from modeling.pipeline_partition import PipelineSettings, RankChunks
 from parallel.comm import comm_device
+from parallel.context import local_tokens
 from parallel.cross_entropy import causal_lm_loss, vocab_parallel_cross_entropy
 from parallel.groups import ProcessGroups
 from parallel.p2p import PipeComm
@@ -34,7 +35,8 @@ if TYPE_CHECKING:
 
 def pipeline_settings(cfg: RunConfig) -> PipelineSettings:
     """What ``modeling.pipeline_partition.build_chunks`` reads from the run's config."""
-    return PipelineSettings(seq_len=cfg.data.seq_len, micro_batch_size=cfg.train.micro_batch_size,
+    return PipelineSettings(seq_len=cfg.data.seq_len // cfg.parallel.context,  # a context rank's tokens
+                            micro_batch_size=cfg.train.micro_batch_size,
                             partition=cfg.parallel.partition, virtual_stages=cfg.parallel.virtual_stages,
                             sequence_parallel=cfg.parallel.sequence_parallel, seed=cfg.train.seed,
                             zero_stage=cfg.parallel.zero_stage)
@@ -82,8 +84,8 @@ class PipelineRunner(Step):
         self.engine, self.cfg, self.groups, self.tied_weight = engine, cfg, groups, tied_weight
         self.events = events
         self.p, self.v = groups.pipeline, cfg.parallel.virtual_stages
-        # With sequence parallelism the hidden state between blocks is this rank's part of the sequence.
-        sequence = cfg.data.seq_len // (groups.tensor if cfg.parallel.sequence_parallel else 1)
+        # With context and sequence parallelism the hidden state between blocks is this rank's part of the sequence.
+        sequence = cfg.data.seq_len // groups.context // (groups.tensor if cfg.parallel.sequence_parallel else 1)
         self.hidden_shape = (cfg.train.micro_batch_size, sequence, hidden_size)
         # the model's load-balancing totals (modeling.experts.SplitRouterLoss) travel after the hidden states
         self.router_loss = engine.module[0].router_loss
@@ -174,6 +176,24 @@ class PipelineRunner(Step):
             return out
         return torch.cat([out.reshape(-1), module.router_totals.to(out.dtype)])
 
+    def _tokens(self, batch: Any, device: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(the input ids this rank embeds, the next-token targets of its tokens) under context parallelism
+        (``parallel.context.local_tokens``); (the input ids, None) without it."""
+        if batch is None:
+            return None, None
+        ids = batch["input_ids"].to(device)
+        if self.groups.context == 1:
+            return ids, None
+        local, _, targets = local_tokens(ids, batch.get("labels", batch["input_ids"]).to(device), self.groups.cp_group)
+        return local, targets
+
+    def _loss(self, head: Any, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The mean next-token loss of a micro-batch (this context rank's share of it: ``labels`` are targets)."""
+        if self.groups.context > 1:
+            return context_lm_loss(head, logits, labels, self.groups.tp_group, self.groups.context)
+        start, valid = vocab_slice(head)
+        return causal_lm_loss(logits, labels, self.groups.tp_group, start, valid)
+
     def _comm(self) -> PipeComm:
         return PipeComm(self.groups.pp_ranks, self.groups.pp_rank, self.shape, self.dtype,
                         comm_device(self.groups.pp_group), timeout_s=self.cfg.parallel.p2p_timeout_s)
@@ -188,11 +208,11 @@ class PipelineRunner(Step):
             self._new_pass()
             module = chunks[chunk]
             batch: Any = batches.batch(step, microbatch) if (module.spec.embed or module.spec.head) else None
-            out = self._forward_chunk(module, batch["input_ids"].to(device) if module.spec.embed else x)
+            ids, targets = self._tokens(batch, device)
+            out = self._forward_chunk(module, ids if module.spec.embed else x)
             if not module.spec.head:
                 return out
-            start, valid = vocab_slice(module.head)
-            loss = causal_lm_loss(out, batch["labels"].to(device), self.groups.tp_group, start, valid)
+            loss = self._loss(module.head, out, batch["labels"].to(device) if targets is None else targets)
             if self.router_loss is not None:
                 sequence_group = self.groups.tp_group if self.cfg.parallel.sequence_parallel else None
                 loss = loss + self.router_loss.loss(module.router_totals, out.shape[0] * out.shape[1], sequence_group)
@@ -221,6 +241,16 @@ class PipelineRunner(Step):
         dist.all_reduce(values, group=self.groups.pp_group)  # only the last stage contributes
         return float(values[0] / values[1])
 
+    def _row_nll(self, head: Any, logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> tuple[torch.Tensor, int]:
+        """(each row's summed NLL, targets per row): of the input ids (``shift``) or of context targets."""
+        if shift:
+            start, valid = vocab_slice(head)
+            nll = vocab_parallel_cross_entropy(logits[:, :-1], labels[:, 1:], self.groups.tp_group, start, valid)
+            return nll.sum(dim=1), labels.shape[1] - 1
+        # context rank 0 holds the last chunk, whose last token has no target
+        return target_losses(head, logits, labels, self.groups.tp_group).sum(dim=1), \
+            labels.shape[1] - (self.groups.cp_rank == 0)
+
     @torch.no_grad()
     def eval_sums(self, eval_batches: Iterable[tuple[dict[str, torch.Tensor], torch.Tensor]]
                   ) -> tuple[torch.Tensor | float, float]:
@@ -233,13 +263,13 @@ class PipelineRunner(Step):
         def forward_step(chunk: int, microbatch: int, x):
             module = chunks[chunk]
             batch, weight = batches[microbatch]
-            out = self._forward_chunk(module, batch["input_ids"].to(device) if module.spec.embed else x)
+            ids, targets = self._tokens(batch, device)
+            out = self._forward_chunk(module, ids if module.spec.embed else x)
             if module.spec.head:
-                start, valid = vocab_slice(module.head)
-                ids = batch["input_ids"].to(device)
-                nll = vocab_parallel_cross_entropy(out[:, :-1], ids[:, 1:], self.groups.tp_group, start, valid)
-                sums[0] += (nll.sum(dim=1).double() * weight.to(nll.device)).sum().to(sums.device)
-                sums[1] += float(weight.sum()) * (ids.shape[1] - 1)  # weight is the data's, on the host
+                labels = cast(torch.Tensor, ids if targets is None else targets)
+                nll, count = self._row_nll(module.head, out, labels, targets is None)
+                sums[0] += (nll.double() * weight.to(nll.device)).sum().to(sums.device)
+                sums[1] += float(weight.sum()) * count  # weight is the data's, on the host
             return out
 
         ops = [Op("F", c, k) for c in range(self.v) for k in range(m)]

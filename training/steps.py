@@ -96,4 +96,5 @@ class DataParallelStep(Step):
         ids, positions, targets = local_tokens(input_ids, input_ids, groups.cp_group)
         logits = self.engine(input_ids=ids, position_ids=positions, use_cache=False).logits
         # context rank 0 holds the last chunk, whose last token has no target
-        return target_losses(model, logits, targets, groups.tp_group).sum(dim=1), ids.shape[1] - (groups.cp_rank == 0)
+        nll = target_losses(model.get_output_embeddings(), logits, targets, groups.tp_group).sum(dim=1)
+        return nll, ids.shape[1] - (groups.cp_rank == 0)

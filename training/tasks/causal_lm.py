@@ -48,7 +48,8 @@ class CausalLM(Task):
         if groups.context > 1:
             ids, positions, targets = local_tokens(batch["input_ids"], batch["labels"], groups.cp_group)
             logits = engine(input_ids=ids, position_ids=positions, use_cache=False).logits
-            return context_lm_loss(engine.module, logits, targets, groups.tp_group, groups.context)
+            head = engine.module.get_output_embeddings()
+            return context_lm_loss(head, logits, targets, groups.tp_group, groups.context)
         output = engine(input_ids=batch["input_ids"], use_cache=False)  # no KV cache in training (a hybrid's fails)
         loss = lm_loss(engine.module, output.logits, batch["labels"], groups.tp_group)
         sequence_group = groups.tp_group if self.cfg.parallel.sequence_parallel else None
