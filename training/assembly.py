@@ -170,9 +170,9 @@ def rank_model(cfg: RunConfig, full: Any, groups: ProcessGroups) -> tuple[Any, A
     expert_parallelize(model, groups)  # first: the tensor-parallel plan hooks the parameters it keeps
     model = tensor_parallelize(model, groups.tp_group, cfg.parallel.sequence_parallel,
                                cfg.parallel.tp_async_grad_reduce, dropout_seed=cfg.train.seed)
-    if groups.context > 1:
-        context_parallel.apply(model, groups.cp_group, cfg.parallel.context_attention, groups.tensor)
     recompute.apply(model, cfg.parallel.activation_checkpointing)
+    if groups.context > 1:  # after: Ulysses runs the (selectively recomputed) attention function on all tokens
+        context_parallel.apply(model, groups.cp_group, cfg.parallel.context_attention, groups.tensor)
     if groups.pipeline == 1:
         return model, None
     built = build_chunks(model, groups, pipeline_settings(cfg))
