@@ -21,7 +21,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 from transformers import PreTrainedModel
 
-from parallel.context import group_size, token_indices, ulysses_attention
+from parallel.context import gather_sequence, group_size, token_indices, ulysses_attention
 from parallel.ring_attention import ring_attention
 
 METHODS = ("auto", "ulysses", "ring")
@@ -36,6 +36,7 @@ class ContextAttention:
     group: ProcessGroup | None
     method: str
     inner: str
+    documents: bool = False  # data.separate_documents: the position ids restart per document
 
 
 def _inner_attention(module: nn.Module, implementation: str):
@@ -63,20 +64,33 @@ def visible(q_index: torch.Tensor, k_index: torch.Tensor, window: int | None) ->
     return allowed & (distance < window) if window else allowed
 
 
+def _document_starts(index: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    """Each token's document as the index of its first token: equal for the tokens of one document."""
+    if positions is None:
+        raise ValueError("data.separate_documents with context parallelism: this model does not pass position ids "
+                         "to its attention; set data.separate_documents=false or parallel.context=1")
+    return index - positions
+
+
 def _ulysses(module: nn.Module, setting: ContextAttention, query, key, value, kwargs: dict) -> torch.Tensor:
     inner = _inner_attention(module, setting.inner)
     window = kwargs.pop("sliding_window", None)
+    local_positions = kwargs.pop("position_ids", None)  # this rank's; the inner function sees every token
+    whole = gather_sequence(local_positions, setting.group) if setting.documents else None
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         view = module if q.shape[1] // k.shape[1] == getattr(module, "num_key_value_groups", 1) else \
             _HeadsView(module, q.shape[1] // k.shape[1])
-        if setting.inner.startswith("flash"):  # flash kernels take the window, not a mask
-            return inner(view, q, k, v, None, sliding_window=window, **kwargs)[0]
+        if setting.inner.startswith("flash"):  # flash kernels take the window and packed position ids, no mask
+            return inner(view, q, k, v, None, sliding_window=window, position_ids=whole, **kwargs)[0]
         mask = None
-        if window or setting.inner != "sdpa":  # sdpa alone is causal without a mask
+        if window or whole is not None or setting.inner != "sdpa":  # sdpa alone is causal without a mask
             index = torch.arange(q.shape[2], device=q.device)
-            mask = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(
-                ~visible(index, index, window), torch.finfo(q.dtype).min)[None, None]
+            allowed = visible(index, index, window)[None, None]
+            if whole is not None:
+                starts = _document_starts(index, whole)
+                allowed = allowed & (starts[:, :, None] == starts[:, None, :])[:, None]
+            mask = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(~allowed, torch.finfo(q.dtype).min)
         return inner(view, q, k, v, mask, **kwargs)[0]
 
     return ulysses_attention(query, key, value, setting.group, attend)
@@ -91,7 +105,9 @@ def _ring(query, key, value, setting: ContextAttention, kwargs: dict) -> torch.T
     size, rank = group_size(setting.group), torch.distributed.get_rank(setting.group)
     index = token_indices(query.shape[2] * size, rank, size, query.device).expand(query.shape[0], -1)
     scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
-    out = ring_attention(query, key, value, index, index, setting.group, scaling, kwargs.get("sliding_window"))
+    docs = _document_starts(index, kwargs.get("position_ids")) if setting.documents else None
+    out = ring_attention(query, key, value, index, index, setting.group, scaling, kwargs.get("sliding_window"),
+                         docs, docs)
     return out.transpose(1, 2)
 
 
@@ -144,16 +160,17 @@ def check_context_fits(model: PreTrainedModel, context: int, method: str, tensor
                          f"(model.config.attn_logit_softcapping); use parallel.context_attention=ulysses")
 
 
-def apply(model: PreTrainedModel, group: ProcessGroup | None, method: str, tensor: int = 1) -> str:
-    """Make ``model`` (its heads split over ``tensor`` ranks) attend across ``group``; returns the method used
-    (``choose_method``)."""
+def apply(model: PreTrainedModel, group: ProcessGroup | None, method: str, tensor: int = 1,
+          documents: bool = False) -> str:
+    """Make ``model`` (its heads split over ``tensor`` ranks) attend across ``group``, within the documents the
+    position ids mark when ``documents``; returns the method used (``choose_method``)."""
     from transformers import AttentionInterface
 
     heads = model.config.num_attention_heads
     kv_heads = getattr(model.config, "num_key_value_heads", None) or heads
     chosen = choose_method(method, heads // tensor, max(1, kv_heads // tensor), group_size(group))
     implementation = model.config._attn_implementation or "eager"
-    setting = ContextAttention(group, chosen, implementation)
+    setting = ContextAttention(group, chosen, implementation, documents)
     for module in model.modules():
         if type(module).__name__.endswith("Attention"):
             setattr(module, "context_attention", setting)  # noqa: B010 (a plain attribute, not a submodule)

@@ -104,12 +104,31 @@ def ulysses_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     return sequence_to_heads(attend(q, k, v), group)
 
 
-def local_tokens(input_ids: torch.Tensor, labels: torch.Tensor, group: ProcessGroup | None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """This rank's part of a batch of whole sequences: (its input ids, their position ids, the next-token target
-    of each: ``labels`` shifted by one in the whole sequence, -100 after the last token), each [b, s/N]."""
+def local_tokens(input_ids: torch.Tensor, labels: torch.Tensor, group: ProcessGroup | None,
+                 positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This rank's part of a batch of whole sequences: (its input ids, their position ids — ``positions``' or
+    their places in the sequence —, the next-token target of each: ``labels`` shifted by one in the whole
+    sequence, -100 after the last token), each [b, s/N]."""
     size = group_size(group)
     rank = 0 if group is None else dist.get_rank(group)
     index = token_indices(input_ids.shape[1], rank, size, input_ids.device)
     targets = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
-    return input_ids[:, index], index.expand(input_ids.shape[0], -1), targets[:, index]
+    local_positions = index.expand(input_ids.shape[0], -1) if positions is None else positions[:, index]
+    return input_ids[:, index], local_positions, targets[:, index]
+
+
+def document_positions(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Position ids that restart after every ``eos_id`` (each packed document counted from 0), [b, s]."""
+    index = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    starts = torch.zeros_like(input_ids, dtype=torch.bool)
+    starts[:, 1:] = input_ids[:, :-1] == eos_id
+    return index - torch.where(starts, index, 0).cummax(dim=1).values
+
+
+def gather_sequence(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    """[b, s/N] values of this rank's tokens (no gradient) -> [b, s], every token's, in natural order."""
+    size = group_size(group)
+    parts = [torch.empty_like(x) for _ in range(size)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    natural = rank_order(x.shape[1], size, x.device).argsort()
+    return torch.cat(parts, dim=1).index_select(1, natural)

@@ -96,6 +96,18 @@ def reference_blocks(patterns: list[str], seq_len: int) -> torch.Tensor:
     return torch.tensor(stream[:usable]).view(-1, seq_len)
 
 
+def reference_document_positions(ids: torch.Tensor) -> torch.Tensor:
+    """Position ids counting from 0 in each document of the blocks (a document ends with EOS), written out."""
+    rows = []
+    for row in ids.tolist():
+        positions, position = [], 0
+        for token in row:
+            positions.append(position)
+            position = 0 if token == BYTE_SPECIALS["eos_token_id"] else position + 1
+        rows.append(positions)
+    return torch.tensor(rows)
+
+
 def reference_order(num_blocks: int, seed: int, count: int) -> list[int]:
     """The documented order: a fresh permutation of the blocks every epoch, torch.randperm seeded with
     seed * 1_000_003 + epoch; the first ``count`` positions."""
@@ -218,6 +230,12 @@ def reference_model(cfg) -> torch.nn.Module:
     return model.train()
 
 
+def _documents(cfg, ids: torch.Tensor) -> dict:
+    """data.separate_documents: transformers' packed-sequence position ids (its masks then keep documents apart)."""
+    return {"position_ids": reference_document_positions(ids), "use_cache": False} if cfg.data.separate_documents \
+        else {}  # with a cache transformers builds no packed-sequence mask
+
+
 def reference_training(cfg, global_batch: int,
                        micro_batch: int | None = None) -> tuple[list[float], list[float], torch.nn.Module]:
     """The independent reference run (``reference_losses``): per-step loss, pre-clip gradient norm, and the
@@ -236,7 +254,7 @@ def reference_training(cfg, global_batch: int,
     for step in range(cfg.train.steps):
         ids = blocks[order[step * global_batch:(step + 1) * global_batch]]
         parts = ids.split(micro_batch) if micro_batch else [ids]
-        loss = torch.stack([model(input_ids=part, labels=part).loss for part in parts]).mean()
+        loss = torch.stack([model(input_ids=part, labels=part, **_documents(cfg, part)).loss for part in parts]).mean()
         loss, norm = reference_update(model, opt, sched, loss, cfg.optim.grad_clip)
         losses.append(loss)
         norms.append(norm)

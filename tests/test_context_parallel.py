@@ -12,6 +12,7 @@ from tests.helpers import (
     TINY_GPT2,
     TINY_LLAMA,
     reference_losses,
+    relative_error,
     run_configs,
     step_records,
     tiny_config,
@@ -45,6 +46,32 @@ def _corpus(tmp_path):
     return write_corpus(tmp_path / "corpus", words=1500 * max(1, SEQ_LEN // 128))
 
 
+def _write_documents(directory, count: int = 60):
+    """Many short documents (one per file, each ends with EOS in the packed blocks): 1-3 boundaries per block."""
+    import random
+
+    rng = random.Random(3)
+    words = ["the", "cat", "sat", "on", "mat", "a", "dog", "ran", "to", "park"]
+    directory.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        (directory / f"doc{i:03d}.txt").write_text(" ".join(rng.choice(words) for _ in range(rng.randint(2, 6))))
+    return directory
+
+
+def _document_cfgs(tmp_path):
+    """data.separate_documents: (global batch, config) at context=1 x DP=2 and at context=2."""
+    docs = _write_documents(tmp_path / "docs")
+    files = {"train_files": [str(docs / "doc0[0-4]*.txt")], "valid_files": [str(docs / "doc05*.txt")],
+             "seq_len": SEQ_LEN, "separate_documents": True}
+    llama = {"arch": "llama", "tokenizer": "byte", "config": _long(TINY_LLAMA)}
+    gpt2 = {"arch": "gpt2", "tokenizer": "byte", "config": _long(TINY_GPT2)}
+    cases = {"documents llama DP=2": (4, dict(model=llama)),
+             "documents llama ulysses": (2, dict(model=llama, parallel__context=2)),
+             "documents gpt2 ring": (2, dict(model=gpt2, parallel__context=2, parallel__context_attention="ring"))}
+    return {name: (batch, tiny_config(tmp_path / f"doc{i}", docs, data=files, **overrides))
+            for i, (name, (batch, overrides)) in enumerate(cases.items())}
+
+
 def _cfgs(tmp_path, corpus):
     gpt2 = {"arch": "gpt2", "tokenizer": "byte", "config": _long(TINY_GPT2)}
     llama = {"arch": "llama", "tokenizer": "byte", "config": _long(TINY_LLAMA)}
@@ -70,13 +97,16 @@ def _cfgs(tmp_path, corpus):
 @pytest.mark.slow
 def test_context2_matches_single_process(tmp_path):
     """GPT-2, Llama (GQA) and Qwen2 (sliding windows smaller and larger than a rank's chunk) at context=2,
-    Ulysses and ring, with and without activation recomputation, equal the reference's losses and gradient norms
-    for 10 steps."""
+    Ulysses and ring, with and without activation recomputation, and packed documents kept apart
+    (data.separate_documents, at context=1 and 2) equal the reference's losses and gradient norms for 10 steps."""
     corpus = _corpus(tmp_path)
-    cfgs = _cfgs(tmp_path, corpus)
-    histories = run_ranks(run_configs, 2, list(cfgs.values()), timeout=600)[0]
-    for (name, cfg), history in zip(cfgs.items(), histories):
-        ref_loss, ref_norm = reference_losses(cfg, global_batch=2)
+    cfgs = {name: (2, cfg) for name, cfg in _cfgs(tmp_path, corpus).items()} | _document_cfgs(tmp_path)
+    histories = run_ranks(run_configs, 2, [cfg for _, cfg in cfgs.values()], timeout=600)[0]
+    for (name, (batch, cfg)), history in zip(cfgs.items(), histories):
+        ref_loss, ref_norm = reference_losses(cfg, global_batch=batch)
+        if cfg.data.separate_documents:  # the documents matter here: attending across them misses by > 10 x LOSS_TOL
+            together = cfg.model_copy(update={"data": cfg.data.model_copy(update={"separate_documents": False})})
+            assert relative_error(reference_losses(together, global_batch=batch)[0], ref_loss) > 10 * LOSS_TOL
         steps = step_records(history)
         assert len(steps) == 10, name
         assert [r["loss"] for r in steps] == pytest.approx(ref_loss, rel=LOSS_TOL), name

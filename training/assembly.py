@@ -172,7 +172,8 @@ def rank_model(cfg: RunConfig, full: Any, groups: ProcessGroups) -> tuple[Any, A
                                cfg.parallel.tp_async_grad_reduce, dropout_seed=cfg.train.seed)
     recompute.apply(model, cfg.parallel.activation_checkpointing)
     if groups.context > 1:  # after: Ulysses runs the (selectively recomputed) attention function on all tokens
-        context_parallel.apply(model, groups.cp_group, cfg.parallel.context_attention, groups.tensor)
+        context_parallel.apply(model, groups.cp_group, cfg.parallel.context_attention, groups.tensor,
+                               cfg.data.separate_documents)
     if groups.pipeline == 1:
         return model, None
     built = build_chunks(model, groups, pipeline_settings(cfg))

@@ -57,6 +57,7 @@ class RunConfig(Section):
         self._check_pipeline_rules()
         self._check_model_kind_rules()
         self._check_context_rules()
+        self._check_document_rules()
         return self
 
     def _check_zero_rules(self) -> None:
@@ -156,6 +157,17 @@ class RunConfig(Section):
         if self.parallel.sequence_parallel and self.data.seq_len % self.parallel.tensor:
             raise ValueError(f"parallel.sequence_parallel: data.seq_len={self.data.seq_len} must be divisible "
                              f"by parallel.tensor={self.parallel.tensor}")
+
+    def _check_document_rules(self) -> None:
+        if not self.data.separate_documents:
+            return
+        if self.data.source_field is not None:
+            raise ValueError("data.separate_documents is for decoder-only runs (packed blocks); turn it off for "
+                             "encoder-decoder runs (data.source_field is set)")
+        if self.parallel.pipeline > 1:
+            raise ValueError(f"data.separate_documents with parallel.pipeline={self.parallel.pipeline}: the stages "
+                             f"after the first do not receive each micro-batch's position ids; set "
+                             f"parallel.pipeline=1 or data.separate_documents=false")
 
     def _check_context_rules(self) -> None:
         par, seq_len = self.parallel, self.data.seq_len

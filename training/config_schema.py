@@ -46,6 +46,11 @@ class DataConfig(Section):
     seq_len: int = Field(gt=1, description="Tokens per packed training block (decoder-only models); the "
                          "longest source, in tokens, for encoder-decoder models (longer ones are truncated).")
     text_field: str = Field(default="text", description="Column holding the text in jsonl/parquet files.")
+    separate_documents: bool = Field(default=False, description="Decoder-only: the documents packed into a block "
+                                     "(each ends with EOS) stay apart: position ids restart after every EOS and "
+                                     "attention does not cross a document boundary (Megatron's --reset-position-ids "
+                                     "--reset-attention-mask; transformers' packed position ids). Every token keeps "
+                                     "its next-token target. Not with pipelines.")
     source_field: str | None = Field(default=None, description="Encoder-decoder models: column of the source text "
                                      "(jsonl/csv/parquet); setting it makes the run sequence-to-sequence.")
     target_field: str | None = Field(default=None, description="Encoder-decoder models: column of the target text.")

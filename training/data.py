@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from parallel.context import document_positions
+
 if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import PreTrainedTokenizerBase
@@ -261,16 +263,18 @@ class GlobalOrder:
 
 class TrainBatches:
     """Micro-batches for one data-parallel rank: ``batch(step, micro_index)`` -> {input_ids, labels} (packed
-    blocks), or with ``pad_id`` the padded {input_ids, attention_mask, labels} of source/target pairs."""
+    blocks; with ``document_eos`` also the position_ids of the documents in them, restarting after that token),
+    or with ``pad_id`` the padded {input_ids, attention_mask, labels} of source/target pairs."""
 
     def __init__(self, blocks: Dataset, plan: BatchPlan, dp_rank: int, seed: int, pad_id: int | None = None,
-                 sample_offset: int = 0):
+                 sample_offset: int = 0, document_eos: int | None = None):
         self.blocks = blocks
         self.sample_offset = sample_offset  # samples seen before step 0 of this plan (a resumed run)
         self.plan = plan
         self.dp_rank = dp_rank
         self.order = GlobalOrder(len(blocks), seed)
         self.pad_id = pad_id
+        self.document_eos = document_eos
 
     def ids(self, step: int, micro_index: int) -> list[int]:
         """The blocks (indices into the packed training set) of this rank's micro-batch."""
@@ -280,8 +284,15 @@ class TrainBatches:
         idx = self.ids(step, micro_index)
         if self.pad_id is not None:
             return pad_pairs(self.blocks.select(idx)[:], self.pad_id)
-        input_ids = self.blocks[idx]["input_ids"]
-        return {"input_ids": input_ids, "labels": input_ids.clone()}
+        return block_batch(self.blocks[idx]["input_ids"], self.document_eos)
+
+
+def block_batch(input_ids: torch.Tensor, document_eos: int | None) -> dict[str, torch.Tensor]:
+    """A micro-batch of packed blocks: {input_ids, labels} and, with ``document_eos``, the documents' position_ids."""
+    batch = {"input_ids": input_ids, "labels": input_ids.clone()}
+    if document_eos is not None:
+        batch["position_ids"] = document_positions(input_ids, document_eos)
+    return batch
 
 
 def check_enough_for_one_step(blocks: Dataset, plan: BatchPlan, key: str) -> None:
@@ -318,9 +329,9 @@ def eval_rounds(num_examples: int, micro_batch_size: int, dp_rank: int, dp_size:
         yield [p if p < scored else 0 for p in positions], [p < scored for p in positions]
 
 
-def eval_batches(blocks: Dataset, micro_batch_size: int, dp_rank: int, dp_size: int, limit: int | None):
+def eval_batches(blocks: Dataset, micro_batch_size: int, dp_rank: int, dp_size: int, limit: int | None,
+                 document_eos: int | None = None):
     """Deterministic eval micro-batches for one rank, in file order (see ``eval_rounds``); padding rows carry
     ``weight`` 0."""
     for positions, real in eval_rounds(len(blocks), micro_batch_size, dp_rank, dp_size, limit):
-        input_ids = blocks[positions]["input_ids"]
-        yield {"input_ids": input_ids, "labels": input_ids.clone()}, torch.tensor(real, dtype=torch.float32)
+        yield block_batch(blocks[positions]["input_ids"], document_eos), torch.tensor(real, dtype=torch.float32)

@@ -242,4 +242,5 @@ def data_batches(cfg: RunConfig, task: Task, parts: Assembly, groups: ProcessGro
     from training.data import TrainBatches
 
     return TrainBatches(parts.train_blocks, parts.plan, groups.sample_rank, cfg.train.seed,
-                        pad_id=task.pad_id(parts.tokenizer), sample_offset=sample_offset)
+                        pad_id=task.pad_id(parts.tokenizer), sample_offset=sample_offset,
+                        document_eos=parts.tokenizer.eos_token_id if cfg.data.separate_documents else None)

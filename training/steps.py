@@ -82,18 +82,20 @@ class DataParallelStep(Step):
         device = self.engine.device
         total_nll, total_tokens = torch.zeros((), dtype=torch.float64, device=device), 0.0
         for batch, weight in eval_batches:
-            nll, targets = self._row_nll(batch["input_ids"].to(device))
+            nll, targets = self._row_nll({k: v.to(device) for k, v in batch.items()})
             total_nll += (nll.double() * weight.to(device)).sum()
             total_tokens += float(weight.sum()) * targets  # weight is the data's, on the host
         return total_nll, total_tokens
 
-    def _row_nll(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def _row_nll(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         """(each row's summed next-token NLL over this rank's tokens, the targets per row it counts)."""
-        groups, model = self.groups, self.engine.module
+        groups, model, input_ids, documents = self.groups, self.engine.module, batch["input_ids"], \
+            batch.get("position_ids")
         if groups.context == 1:
-            logits = self.engine(input_ids=input_ids, use_cache=False).logits
+            extra = {} if documents is None else {"position_ids": documents}
+            logits = self.engine(input_ids=input_ids, use_cache=False, **extra).logits
             return next_token_losses(model, logits, input_ids, groups.tp_group).sum(dim=1), input_ids.shape[1] - 1
-        ids, positions, targets = local_tokens(input_ids, input_ids, groups.cp_group)
+        ids, positions, targets = local_tokens(input_ids, input_ids, groups.cp_group, documents)
         logits = self.engine(input_ids=ids, position_ids=positions, use_cache=False).logits
         # context rank 0 holds the last chunk, whose last token has no target
         nll = target_losses(model.get_output_embeddings(), logits, targets, groups.tp_group).sum(dim=1)

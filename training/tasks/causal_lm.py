@@ -45,12 +45,14 @@ class CausalLM(Task):
         return plan.global_batch * self.cfg.data.seq_len
 
     def loss(self, engine: Any, batch: dict[str, torch.Tensor], groups: ProcessGroups) -> torch.Tensor:
+        documents = batch.get("position_ids")  # data.separate_documents
         if groups.context > 1:
-            ids, positions, targets = local_tokens(batch["input_ids"], batch["labels"], groups.cp_group)
+            ids, positions, targets = local_tokens(batch["input_ids"], batch["labels"], groups.cp_group, documents)
             logits = engine(input_ids=ids, position_ids=positions, use_cache=False).logits
             head = engine.module.get_output_embeddings()
             return context_lm_loss(head, logits, targets, groups.tp_group, groups.context)
-        output = engine(input_ids=batch["input_ids"], use_cache=False)  # no KV cache in training (a hybrid's fails)
+        extra = {} if documents is None else {"position_ids": documents}
+        output = engine(input_ids=batch["input_ids"], use_cache=False, **extra)  # no KV cache in training
         loss = lm_loss(engine.module, output.logits, batch["labels"], groups.tp_group)
         sequence_group = groups.tp_group if self.cfg.parallel.sequence_parallel else None
         return loss + router_aux_loss(engine.module, output, sequence_group)
@@ -61,7 +63,8 @@ class CausalLM(Task):
         """Token-weighted mean NLL over the validation blocks, sharded over data-parallel ranks."""
         engine.eval()
         batches = data.eval_batches(blocks, self.cfg.train.micro_batch_size, groups.sample_rank, groups.replicas,
-                                    self.cfg.train.eval_batches)
+                                    self.cfg.train.eval_batches,
+                                    tokenizer.eos_token_id if self.cfg.data.separate_documents else None)
         total_nll, total_tokens = step.eval_sums(batches)
         engine.train()
         total_nll, total_tokens = sum_over(groups.dp_group, total_nll, total_tokens)
