@@ -1,6 +1,7 @@
 """No host tensor reaches a collective from our code (what NCCL would reject at step 1), checked on the CPU box
 with tests/strict_device.py over the data-parallel (ZeRO-1 and ZeRO-3), tensor-parallel (ZeRO-0 gradient norm,
-sequence parallelism), pipeline (1F1B and interleaved) and sequence-to-sequence paths: training steps,
+sequence parallelism), pipeline (1F1B and interleaved), context-parallel (Ulysses with packed documents, ring
+under TP) and sequence-to-sequence paths: training steps,
 evaluation, checkpoint save and export."""
 
 from __future__ import annotations
@@ -62,6 +63,12 @@ def test_no_host_tensor_reaches_a_collective(tmp_path):
             tiny_config(tmp_path / "sp", corpus, parallel__tensor=2, parallel__sequence_parallel=True,
                         parallel__zero_stage=1, **common),
             tiny_config(tmp_path / "z3", corpus, parallel__zero_stage=3, **common),
+            tiny_config(tmp_path / "cp", corpus, parallel__context=2, **common,
+                        data={"train_files": [str(corpus / "part[0-2].txt")], "valid_files": [str(corpus / "part3.txt")],
+                              "seq_len": 32, "separate_documents": True}),
+            tiny_config(tmp_path / "cp-ring", corpus, parallel__context=2, parallel__context_attention="ring",
+                        parallel__tensor=2, parallel__zero_stage=1, model__config=dict(TINY_GPT2, n_head=4),
+                        **common),
             seq2seq_config(tmp_path / "s2s", toy_task(tmp_path / "task", train=32, valid=4), parallel__tensor=2,
                            parallel__zero_stage=2, train__steps=2, eval__max_new_tokens=4)]
     violations, checked = run_ranks(_strict_runs, 4, cfgs, timeout=600)[0]
