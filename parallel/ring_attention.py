@@ -18,6 +18,8 @@ normalised output Y_b and L_b = log sum_j exp(S_j) over its visible keys merges 
     L = log(exp(L_a) + exp(L_b)),   Y = exp(L_a - L) Y_a + exp(L_b - L) Y_b
 
 A row that sees no key of a block has L_b = -inf and weight 0 (never NaN). The forward keeps Q, K, V, Y and L.
+Each block is computed for ``tile`` query rows at a time, so the score matrix held at once is at most
+batch x heads x tile x (the block's keys), whatever the sequence length.
 
 Backward, with D = rowsum(dY * Y) and per block P = exp(scaling * Q K^T - L) (0 where masked)::
 
@@ -36,6 +38,7 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 _NEG_INF = float("-inf")
+QUERY_TILE = 1024  # query rows per score matrix: a block's scores never exceed batch x heads x 1024 x its keys
 
 
 class _Transfer:
@@ -125,9 +128,17 @@ def _grouped(x: torch.Tensor, kv_heads: int, dtype: torch.dtype) -> torch.Tensor
     return x.to(dtype).reshape(b, kv_heads, h // kv_heads, s, d)
 
 
+def _tiles(length: int, tile: int) -> list[slice]:
+    return [slice(start, min(start + tile, length)) for start in range(0, length, tile)]
+
+
+def _rows(doc: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    return None if doc is None else doc[:, rows]
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, query, key, value, q_index, k_index, group, scaling, window, q_doc, k_doc):
+    def forward(ctx, query, key, value, q_index, k_index, group, scaling, window, q_doc, k_doc, tile):
         ring, dtype = _Ring(group), torch.promote_types(query.dtype, torch.float32)
         q5 = _grouped(query, key.shape[1], dtype)
         block = [key, value, k_index] + ([k_doc] if k_doc is not None else [])
@@ -135,12 +146,15 @@ class _RingAttention(torch.autograd.Function):
         lse = torch.full(q5.shape[:-1], _NEG_INF, dtype=dtype, device=query.device)
         for step in range(ring.size):
             transfer = ring.start(block) if step + 1 < ring.size else None
-            out, lse = _merge(out, lse, *_block_forward(q5, block, q_index, q_doc, scaling, window))
+            for t in _tiles(q5.shape[3], tile):
+                blk_out, blk_lse = _block_forward(q5[..., t, :], block, q_index[:, t], _rows(q_doc, t), scaling,
+                                                  window)
+                out[..., t, :], lse[..., t] = _merge(out[..., t, :], lse[..., t], blk_out, blk_lse)
             if transfer is not None:
                 block = transfer.wait()
         out = out.reshape(query.shape).to(query.dtype)
         ctx.save_for_backward(query, key, value, out, lse, q_index, k_index, q_doc, k_doc)
-        ctx.ring, ctx.scaling, ctx.window = ring, scaling, window
+        ctx.ring, ctx.scaling, ctx.window, ctx.tile = ring, scaling, window, tile
         return out
 
     @staticmethod
@@ -154,8 +168,13 @@ class _RingAttention(torch.autograd.Function):
         grads: _Transfer | None = None  # the dk/dv accumulators of the block held next
         for step in range(ring.size):
             transfer = ring.start(block) if step + 1 < ring.size else None
-            dq_blk, dk, dv = _block_backward(q5, do5, delta, lse, block, q_index, q_doc, ctx.scaling, ctx.window)
-            dq += dq_blk
+            dk, dv = torch.zeros_like(block[0], dtype=dtype), torch.zeros_like(block[1], dtype=dtype)
+            for t in _tiles(q5.shape[3], ctx.tile):
+                dq_blk, dk_blk, dv_blk = _block_backward(q5[..., t, :], do5[..., t, :], delta[..., t], lse[..., t],
+                                                         block, q_index[:, t], _rows(q_doc, t), ctx.scaling,
+                                                         ctx.window)
+                dq[..., t, :] += dq_blk
+                dk, dv = dk + dk_blk, dv + dv_blk
             if grads is not None:
                 dk_in, dv_in = grads.wait()
                 dk, dv = dk + dk_in, dv + dv_in
@@ -166,25 +185,28 @@ class _RingAttention(torch.autograd.Function):
         if grads is not None:
             dk, dv = grads.wait()
         return (dq.reshape(query.shape).to(query.dtype), dk.to(key.dtype), dv.to(value.dtype),
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
 def ring_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    q_index: torch.Tensor, k_index: torch.Tensor, group: ProcessGroup | None,
                    scaling: float, sliding_window: int | None = None,
-                   q_doc: torch.Tensor | None = None, k_doc: torch.Tensor | None = None) -> torch.Tensor:
+                   q_doc: torch.Tensor | None = None, k_doc: torch.Tensor | None = None,
+                   tile: int = QUERY_TILE) -> torch.Tensor:
     """Causal attention of this rank's queries over the keys/values of every rank of ``group`` (module doc).
 
     ``query`` [batch, q_heads, s, head_dim]; ``key``, ``value`` [batch, kv_heads, s, head_dim] with q_heads a
     multiple of kv_heads; ``q_index``, ``k_index`` int64 [batch, s]: each token's position in the full sequence;
     ``group``: the context-parallel group (None or one rank: local attention); ``scaling`` multiplies q k^T;
     ``sliding_window``: a key is visible while q_index - k_index < sliding_window; ``q_doc``, ``k_doc``: int64
-    [batch, s] document ids, a key visible only within its document (both or neither). Every rank of the group
+    [batch, s] document ids, a key visible only within its document (both or neither); ``tile``: query rows
+    per score matrix. Every rank of the group
     calls this with the same shapes. Returns [batch, q_heads, s, head_dim] in ``query``'s dtype."""
     if query.shape[1] % key.shape[1]:
         raise ValueError(f"{query.shape[1]} query heads are not a multiple of {key.shape[1]} key/value heads")
     if (q_doc is None) != (k_doc is None):
         raise ValueError("q_doc and k_doc are given together or not at all")
-    out = _RingAttention.apply(query, key, value, q_index, k_index, group, scaling, sliding_window, q_doc, k_doc)
+    out = _RingAttention.apply(query, key, value, q_index, k_index, group, scaling, sliding_window, q_doc, k_doc,
+                               tile)
     assert isinstance(out, torch.Tensor)
     return out

@@ -86,7 +86,8 @@ def _error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want).abs().max() / want.abs().max()).item()
 
 
-def _compare(case: dict, pos: torch.Tensor, group, seed: int, window_shift: int = 0) -> dict[str, float]:
+def _compare(case: dict, pos: torch.Tensor, group, seed: int, window_shift: int = 0,
+             tile: int = 1024) -> dict[str, float]:
     """Errors (max |ring - ref| / max |ref|) of out, dq, dk, dv for this rank's tokens; ``window_shift``
     passes the function a window that differs from the reference's (the mutation)."""
     from parallel.ring_attention import ring_attention
@@ -97,7 +98,7 @@ def _compare(case: dict, pos: torch.Tensor, group, seed: int, window_shift: int 
     ql, kl, vl = (_take(t, pos).float().requires_grad_() for t in (q, k, v))
     doc_local = None if docs is None else docs.gather(1, pos)
     window = None if case["window"] is None else case["window"] + window_shift
-    out = ring_attention(ql, kl, vl, pos, pos.clone(), group, SCALING, window, doc_local, doc_local)
+    out = ring_attention(ql, kl, vl, pos, pos.clone(), group, SCALING, window, doc_local, doc_local, tile)
     (out * _take(weights, pos).float()).sum().backward()
     got = [out, ql.grad, kl.grad, vl.grad]
     return {name: _error(g, _take(w, pos)) for name, g, w in zip(("out", "dq", "dk", "dv"), got, want)}
@@ -116,6 +117,9 @@ def _ring_cases() -> dict[str, dict[str, float]]:
         sub = subgroups[rank % 2]
         case = _cases(SEQ // 4)["gqa 4/2"]
         errors["subgroup of 2"] = _compare(case, _positions(dist.get_rank(sub), 2, False), sub, 11)
+    for name in ("gqa 4/2", "documents"):  # query tiles of 3 rows: the blocks computed in several uneven pieces
+        case = _cases(SEQ // (2 * world))[name]
+        errors[f"{name}, tiles of 3"] = _compare(case, _positions(rank, world, False), group, 20, tile=3)
     mutated = _cases(SEQ // (2 * world))["window < chunk"]
     errors["mutation: window + 1"] = _compare(mutated, _positions(rank, world, False), group, 0, window_shift=1)
     return errors
