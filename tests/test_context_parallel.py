@@ -88,6 +88,7 @@ def _cfgs(tmp_path, corpus):
         "gpt2 ulysses selective recomputation": dict(model=gpt2, parallel__activation_checkpointing="selective"),
         "llama ring full recomputation": dict(model=llama, parallel__context_attention="ring",
                                               parallel__activation_checkpointing="full"),
+        "llama ulysses mlp in 3 tiles": dict(model=llama, parallel__mlp_tiles=3),
     }
     return {name: tiny_config(tmp_path / f"run{i}", corpus, parallel__context=2, **LONG, **overrides)
             for i, (name, overrides) in enumerate(cases.items())}
@@ -97,7 +98,7 @@ def _cfgs(tmp_path, corpus):
 @pytest.mark.slow
 def test_context2_matches_single_process(tmp_path):
     """GPT-2, Llama (GQA) and Qwen2 (sliding windows smaller and larger than a rank's chunk) at context=2,
-    Ulysses and ring, with and without activation recomputation, and packed documents kept apart
+    Ulysses and ring, with and without activation recomputation, with tiled MLPs, and packed documents kept apart
     (data.separate_documents, at context=1 and 2) equal the reference's losses and gradient norms for 10 steps."""
     corpus = _corpus(tmp_path)
     cfgs = {name: (2, cfg) for name, cfg in _cfgs(tmp_path, corpus).items()} | _document_cfgs(tmp_path)
@@ -125,7 +126,8 @@ def _composed_cfgs(tmp_path, corpus):
                                   parallel__context_attention="ring", **gpt2)),
         "pp2 zb-h1 llama ulysses": (4, dict(parallel__pipeline=2, parallel__zero_stage=1, train__grad_accum=2,
                                             parallel__schedule="zb-h1", model=llama)),
-        "dp2 zero3 ulysses": (4, dict(parallel__zero_stage=3, **gpt2)),
+        "dp2 zero3 ulysses, mlp in 2 tiles": (4, dict(parallel__zero_stage=3, parallel__mlp_tiles=2, **gpt2)),
+        "tp2 llama mlp in 2 tiles": (2, dict(parallel__tensor=2, parallel__mlp_tiles=2, model=llama)),
         "dp2 zero3 llama ring": (4, dict(parallel__zero_stage=3, parallel__context_attention="ring", model=llama)),
     }
     return {name: (batch, tiny_config(tmp_path / f"run{i}", corpus, parallel__context=2, **LONG, **overrides))
@@ -254,6 +256,8 @@ def test_refusals_name_the_setting(tmp_path):
         tiny_config(tmp_path, corpus, parallel__context=32)
     with pytest.raises(ConfigError, match=r"parallel.context=2 with parallel.expert=2"):
         tiny_config(tmp_path, corpus, parallel__context=2, parallel__expert=2, parallel__zero_stage=1)
+    with pytest.raises(ConfigError, match=r"parallel.mlp_tiles with parallel.sequence_parallel"):
+        tiny_config(tmp_path, corpus, parallel__mlp_tiles=2, parallel__tensor=2, parallel__sequence_parallel=True)
     gpt2 = meta_model(AutoConfig.for_model("gpt2", **TINY_GPT2), False)
     with pytest.raises(ValueError, match=r"context_attention=ulysses: 2 query / 2 key-value heads .* use ring"):
         check_context_fits(gpt2, 4, "ulysses", 1)
@@ -261,3 +265,39 @@ def test_refusals_name_the_setting(tmp_path):
     with pytest.raises(ValueError, match=r"attn_pdrop=0.1 has no ring implementation; set model.config.attn_pdrop"):
         check_context_fits(dropout, 4, "auto", 1)
     check_context_fits(dropout, 2, "auto", 1)  # Ulysses runs the model's own attention, dropout included
+
+
+@pytest.mark.unit
+def test_tiled_mlp_keeps_only_its_input():
+    """parallel.mlp_tiles: a Llama block's MLP keeps only its input for the backward (h values per token)
+    instead of its input twice (gate and up projections), the gate and up outputs, the activation, its product
+    with up (2h + 4i per token) and the three weights (3hi), with the same loss and gradients as untiled (fp32:
+    per-token math, 1e-6)."""
+    import copy
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from training.tiling import tile_mlps
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", **TINY_LLAMA, vocab_size=64, bos_token_id=0, eos_token_id=0)
+    plain = AutoModelForCausalLM.from_config(config)
+    tiled = copy.deepcopy(plain)
+    tile_mlps(tiled, 4)
+    ids = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(1))
+
+    def run(model):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.item(), sum(saved), [p.grad for p in model.parameters()]
+
+    (plain_loss, plain_saved, plain_grads), (tiled_loss, tiled_saved, tiled_grads) = run(plain), run(tiled)
+    assert tiled_loss == pytest.approx(plain_loss, rel=1e-6)
+    for a, b in zip(plain_grads, tiled_grads):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    h, i, tokens = TINY_LLAMA["hidden_size"], TINY_LLAMA["intermediate_size"], ids.numel()
+    per_block = tokens * (2 * h + 4 * i - h) + 3 * h * i
+    assert plain_saved - tiled_saved == TINY_LLAMA["num_hidden_layers"] * per_block, (plain_saved, tiled_saved)

@@ -41,6 +41,7 @@ from training.pipeline import PipelineRunner, pipeline_settings, write_measured_
 from training.rank0 import on_rank0, rank0_first
 from training.steps import DataParallelStep, Step
 from training.tasks import Task, task_for
+from training.tiling import tile_mlps
 
 EditConfig = Callable[[Any], Any]
 
@@ -171,6 +172,7 @@ def rank_model(cfg: RunConfig, full: Any, groups: ProcessGroups) -> tuple[Any, A
     model = tensor_parallelize(model, groups.tp_group, cfg.parallel.sequence_parallel,
                                cfg.parallel.tp_async_grad_reduce, dropout_seed=cfg.train.seed)
     recompute.apply(model, cfg.parallel.activation_checkpointing)
+    tile_mlps(model, cfg.parallel.mlp_tiles)
     if groups.context > 1:  # after: Ulysses runs the (selectively recomputed) attention function on all tokens
         context_parallel.apply(model, groups.cp_group, cfg.parallel.context_attention, groups.tensor,
                                cfg.data.separate_documents)

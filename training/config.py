@@ -58,6 +58,7 @@ class RunConfig(Section):
         self._check_model_kind_rules()
         self._check_context_rules()
         self._check_document_rules()
+        self._check_tiling_rules()
         return self
 
     def _check_zero_rules(self) -> None:
@@ -157,6 +158,12 @@ class RunConfig(Section):
         if self.parallel.sequence_parallel and self.data.seq_len % self.parallel.tensor:
             raise ValueError(f"parallel.sequence_parallel: data.seq_len={self.data.seq_len} must be divisible "
                              f"by parallel.tensor={self.parallel.tensor}")
+
+    def _check_tiling_rules(self) -> None:
+        if self.parallel.mlp_tiles > 1 and self.parallel.sequence_parallel:
+            raise ValueError("parallel.mlp_tiles with parallel.sequence_parallel: DeepSpeed's TiledMLP recomputes "
+                             "its tiles flattened to [tokens, hidden], which the sequence-parallel layers cannot "
+                             "gather; use one of them")
 
     def _check_document_rules(self) -> None:
         if not self.data.separate_documents:

@@ -219,6 +219,10 @@ class ParallelConfig(Section):
                          "(context_attention); gradients are reduced over data x context, as Megatron's CP. Must "
                          "divide the data-parallel degree; data.seq_len divisible by 2 x context (x tensor with "
                          "sequence_parallel).")
+    mlp_tiles: int = Field(default=1, ge=1, description="Compute each block's MLP over this many tiles of the "
+                           "sequence with DeepSpeed's TiledMLP (training.tiling): the MLP keeps only its input for "
+                           "the backward, which recomputes one tile at a time; for long sequences. 1: off. Dense "
+                           "MLPs only (not mixture-of-experts blocks); not with sequence_parallel.")
     context_attention: Literal["auto", "ulysses", "ring"] = Field(
         default="auto", description="context > 1: 'ulysses' (all-to-all over heads, then the model's own attention "
         "on the whole sequence; needs the heads per tensor rank divisible by context), 'ring' (key/value chunks "

@@ -21,6 +21,7 @@ from training import engine as engine_lib
 from training.config import ConfigError, RunConfig
 from training.deepspeed_config import deepspeed_config, load_user_deepspeed_config
 from training.tasks import Task
+from training.tiling import block_mlps
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ def check_inputs(cfg: RunConfig, task: Task, deepspeed_config_file: str | None) 
         check_sequence_parallel_fits(model)
     check_expert_parallel_fits(model, cfg.parallel.expert)
     check_context_fits(model, cfg.parallel.context, cfg.parallel.context_attention, cfg.parallel.tensor)
+    if cfg.parallel.mlp_tiles > 1:
+        block_mlps(model)
     check_router_loss_fits(model, cfg.parallel.pipeline, cfg.parallel.sequence_parallel, cfg.precision)
     shard = sum(p.numel() for p in model.parameters()) * 4 // (cfg.parallel.tensor * cfg.parallel.pipeline)
     return Inputs(ds_config, train_files, valid_files, resume_from, start_over, shard)
