@@ -107,7 +107,7 @@ def _ring(query, key, value, setting: ContextAttention, kwargs: dict) -> torch.T
     scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
     docs = _document_starts(index, kwargs.get("position_ids")) if setting.documents else None
     out = ring_attention(query, key, value, index, index, setting.group, scaling, kwargs.get("sliding_window"),
-                         docs, docs)
+                         docs, docs, balanced=rank)
     return out.transpose(1, 2)
 
 

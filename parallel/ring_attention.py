@@ -128,8 +128,25 @@ def _grouped(x: torch.Tensor, kv_heads: int, dtype: torch.dtype) -> torch.Tensor
     return x.to(dtype).reshape(b, kv_heads, h // kv_heads, s, d)
 
 
-def _tiles(length: int, tile: int) -> list[slice]:
-    return [slice(start, min(start + tile, length)) for start in range(0, length, tile)]
+def _tiles(rows: slice, tile: int) -> list[slice]:
+    return [slice(start, min(start + tile, rows.stop)) for start in range(rows.start, rows.stop, tile)]
+
+
+def _live(balanced: int | None, ring: _Ring, step: int, length: int) -> tuple[slice, slice]:
+    """(query rows, key columns) of the block held at ``step`` that a causal mask leaves visible. With
+    ``balanced`` (this rank's index r in the group, tokens in the balanced layout: chunks r and 2N-1-r), the
+    block of rank j < r is seen only through its first chunk, and that of j > r only by the second query chunk;
+    otherwise everything is computed."""
+    every = slice(0, length)
+    if balanced is None or step == 0:
+        return every, every
+    source, half = (balanced - step) % ring.size, length // 2
+    return (every, slice(0, half)) if source < balanced else (slice(half, length), every)
+
+
+def _part(block: list[torch.Tensor], cols: slice) -> list[torch.Tensor]:
+    """The key columns ``cols`` of a block [key, value, k_index, (k_doc)]."""
+    return [t[:, :, cols] for t in block[:2]] + [t[:, cols] for t in block[2:]]
 
 
 def _rows(doc: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
@@ -138,7 +155,7 @@ def _rows(doc: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, query, key, value, q_index, k_index, group, scaling, window, q_doc, k_doc, tile):
+    def forward(ctx, query, key, value, q_index, k_index, group, scaling, window, q_doc, k_doc, tile, balanced):
         ring, dtype = _Ring(group), torch.promote_types(query.dtype, torch.float32)
         q5 = _grouped(query, key.shape[1], dtype)
         block = [key, value, k_index] + ([k_doc] if k_doc is not None else [])
@@ -146,15 +163,16 @@ class _RingAttention(torch.autograd.Function):
         lse = torch.full(q5.shape[:-1], _NEG_INF, dtype=dtype, device=query.device)
         for step in range(ring.size):
             transfer = ring.start(block) if step + 1 < ring.size else None
-            for t in _tiles(q5.shape[3], tile):
-                blk_out, blk_lse = _block_forward(q5[..., t, :], block, q_index[:, t], _rows(q_doc, t), scaling,
-                                                  window)
+            rows, cols = _live(balanced, ring, step, q5.shape[3])
+            for t in _tiles(rows, tile):
+                blk_out, blk_lse = _block_forward(q5[..., t, :], _part(block, cols), q_index[:, t], _rows(q_doc, t),
+                                                  scaling, window)
                 out[..., t, :], lse[..., t] = _merge(out[..., t, :], lse[..., t], blk_out, blk_lse)
             if transfer is not None:
                 block = transfer.wait()
         out = out.reshape(query.shape).to(query.dtype)
         ctx.save_for_backward(query, key, value, out, lse, q_index, k_index, q_doc, k_doc)
-        ctx.ring, ctx.scaling, ctx.window, ctx.tile = ring, scaling, window, tile
+        ctx.ring, ctx.scaling, ctx.window, ctx.tile, ctx.balanced = ring, scaling, window, tile, balanced
         return out
 
     @staticmethod
@@ -169,12 +187,14 @@ class _RingAttention(torch.autograd.Function):
         for step in range(ring.size):
             transfer = ring.start(block) if step + 1 < ring.size else None
             dk, dv = torch.zeros_like(block[0], dtype=dtype), torch.zeros_like(block[1], dtype=dtype)
-            for t in _tiles(q5.shape[3], ctx.tile):
+            rows, cols = _live(ctx.balanced, ring, step, q5.shape[3])
+            for t in _tiles(rows, ctx.tile):
                 dq_blk, dk_blk, dv_blk = _block_backward(q5[..., t, :], do5[..., t, :], delta[..., t], lse[..., t],
-                                                         block, q_index[:, t], _rows(q_doc, t), ctx.scaling,
-                                                         ctx.window)
+                                                         _part(block, cols), q_index[:, t], _rows(q_doc, t),
+                                                         ctx.scaling, ctx.window)
                 dq[..., t, :] += dq_blk
-                dk, dv = dk + dk_blk, dv + dv_blk
+                dk[:, :, cols] += dk_blk
+                dv[:, :, cols] += dv_blk
             if grads is not None:
                 dk_in, dv_in = grads.wait()
                 dk, dv = dk + dk_in, dv + dv_in
@@ -185,14 +205,14 @@ class _RingAttention(torch.autograd.Function):
         if grads is not None:
             dk, dv = grads.wait()
         return (dq.reshape(query.shape).to(query.dtype), dk.to(key.dtype), dv.to(value.dtype),
-                None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None)
 
 
 def ring_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    q_index: torch.Tensor, k_index: torch.Tensor, group: ProcessGroup | None,
                    scaling: float, sliding_window: int | None = None,
                    q_doc: torch.Tensor | None = None, k_doc: torch.Tensor | None = None,
-                   tile: int = QUERY_TILE) -> torch.Tensor:
+                   tile: int = QUERY_TILE, balanced: int | None = None) -> torch.Tensor:
     """Causal attention of this rank's queries over the keys/values of every rank of ``group`` (module doc).
 
     ``query`` [batch, q_heads, s, head_dim]; ``key``, ``value`` [batch, kv_heads, s, head_dim] with q_heads a
@@ -200,13 +220,15 @@ def ring_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     ``group``: the context-parallel group (None or one rank: local attention); ``scaling`` multiplies q k^T;
     ``sliding_window``: a key is visible while q_index - k_index < sliding_window; ``q_doc``, ``k_doc``: int64
     [batch, s] document ids, a key visible only within its document (both or neither); ``tile``: query rows
-    per score matrix. Every rank of the group
+    per score matrix; ``balanced``: this rank's index in ``group`` when its tokens are the balanced layout's
+    (chunks r and 2N-1-r of 2N, ``parallel.context.token_indices``): the blocks' causally masked halves are then
+    not computed (about half the score work). Every rank of the group
     calls this with the same shapes. Returns [batch, q_heads, s, head_dim] in ``query``'s dtype."""
     if query.shape[1] % key.shape[1]:
         raise ValueError(f"{query.shape[1]} query heads are not a multiple of {key.shape[1]} key/value heads")
     if (q_doc is None) != (k_doc is None):
         raise ValueError("q_doc and k_doc are given together or not at all")
     out = _RingAttention.apply(query, key, value, q_index, k_index, group, scaling, sliding_window, q_doc, k_doc,
-                               tile)
+                               tile, balanced)
     assert isinstance(out, torch.Tensor)
     return out

@@ -87,7 +87,7 @@ def _error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def _compare(case: dict, pos: torch.Tensor, group, seed: int, window_shift: int = 0,
-             tile: int = 1024) -> dict[str, float]:
+             tile: int = 1024, balanced: int | None = None) -> dict[str, float]:
     """Errors (max |ring - ref| / max |ref|) of out, dq, dk, dv for this rank's tokens; ``window_shift``
     passes the function a window that differs from the reference's (the mutation)."""
     from parallel.ring_attention import ring_attention
@@ -98,7 +98,7 @@ def _compare(case: dict, pos: torch.Tensor, group, seed: int, window_shift: int 
     ql, kl, vl = (_take(t, pos).float().requires_grad_() for t in (q, k, v))
     doc_local = None if docs is None else docs.gather(1, pos)
     window = None if case["window"] is None else case["window"] + window_shift
-    out = ring_attention(ql, kl, vl, pos, pos.clone(), group, SCALING, window, doc_local, doc_local, tile)
+    out = ring_attention(ql, kl, vl, pos, pos.clone(), group, SCALING, window, doc_local, doc_local, tile, balanced)
     (out * _take(weights, pos).float()).sum().backward()
     got = [out, ql.grad, kl.grad, vl.grad]
     return {name: _error(g, _take(w, pos)) for name, g, w in zip(("out", "dq", "dk", "dv"), got, want)}
@@ -120,6 +120,10 @@ def _ring_cases() -> dict[str, dict[str, float]]:
     for name in ("gqa 4/2", "documents"):  # query tiles of 3 rows: the blocks computed in several uneven pieces
         case = _cases(SEQ // (2 * world))[name]
         errors[f"{name}, tiles of 3"] = _compare(case, _positions(rank, world, False), group, 20, tile=3)
+    for name, case in _cases(SEQ // (2 * world)).items():  # the balanced layout's masked halves skipped
+        if not case["shuffle"]:
+            errors[f"{name}, balanced"] = _compare(case, _positions(rank, world, False), group, 30, tile=5,
+                                                   balanced=rank)
     mutated = _cases(SEQ // (2 * world))["window < chunk"]
     errors["mutation: window + 1"] = _compare(mutated, _positions(rank, world, False), group, 0, window_shift=1)
     return errors
