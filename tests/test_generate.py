@@ -84,7 +84,8 @@ def _train_quickstart(out: str) -> int:
     import train
 
     return train.main(["--config", "configs/quickstart.yaml", "--set", f"train.output_dir={out}",
-                       "--set", "train.steps=40", "--set", "train.eval_every=40", "--set", "train.eval_batches=2",
+                       "--set", "train.steps=20", "--set", "optim.warmup_steps=5", "--set", "train.eval_every=20",
+                       "--set", "train.eval_batches=2",
                        "--set", "data.train_files=['{stdlib}/[a-f]*.py']", "--set", "logging.wandb.mode=disabled",
                        "--set", "train.progress=false"])
 
