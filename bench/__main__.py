@@ -8,7 +8,8 @@ COMMANDS = {"overhead": "bench.overhead", "plan": "bench.plan", "tp": "bench.tp"
             "comm": "bench.comm", "eval": "bench.eval", "sweep": "bench.sweep",
             "memory": "bench.memory", "llama-demo": "bench.llama_demo", "diverge": "bench.diverge",
             "cpu_adam": "bench.cpu_adam", "async_save": "bench.async_save", "coverage": "bench.coverage",
-            "generate": "bench.generate", "compression": "bench.compression", "slow-link": "bench.slow_link"}
+            "generate": "bench.generate", "compression": "bench.compression", "slow-link": "bench.slow_link",
+            "context": "bench.context"}
 
 
 def main() -> int:

@@ -125,3 +125,28 @@ def flops_per_token(recompute: str, params: int, layers: int, hidden: int, seq_l
     attention_forward = 4 * layers * (attention_width or hidden) * seq_len
     again = {"none": 0, "selective": attention_forward, "full": 2 * params + attention_forward}[recompute]
     return 6 * params + 3 * attention_forward + again
+
+
+def context_attention_bytes(method: str, micro: int, seq_len: int, heads: int, kv_heads: int, head_dim: int,
+                            context: int, width: int = 4) -> dict[str, float]:
+    """Bytes one rank of a context group of ``context`` sends for one attention layer and one micro-batch of
+    ``micro`` sequences of ``seq_len`` tokens (``parallel.context``), forward and backward, its ``heads`` and
+    ``kv_heads`` of ``head_dim`` (per tensor-parallel rank) at ``width`` bytes per value, counted as the flight
+    recorder counts them (``parallel.flight.bytes_sent``: an all-to-all sends (N-1)/N of its input, a send all
+    of its tensor). ``ulysses``: four all-to-alls in the forward, of q, k, v (this rank's s/N tokens, every head;
+    key/value heads fewer than N are repeated to N) and of the output (s tokens of heads/N, as many values as
+    q), the same four of their gradients in the backward. ``ring``: N-1 sends of this rank's key/value block (and
+    its int64 token positions) in the forward, the same in the backward plus N sends of the block's dk/dv
+    accumulators, kept in fp32 or wider."""
+    if context == 1:
+        return {"forward": 0.0, "backward": 0.0}
+    local = micro * seq_len // context  # this rank's tokens
+    if method == "ulysses":
+        kv = kv_heads if kv_heads % context == 0 else context
+        moved = (context - 1) / context * local * (2 * heads + 2 * kv) * head_dim * width
+        return {"forward": moved, "backward": moved}
+    if method != "ring":
+        raise ValueError(f"context attention {method!r}: ulysses or ring")
+    block = 2 * local * kv_heads * head_dim * width + 8 * local
+    accumulators = 2 * local * kv_heads * head_dim * max(width, 4)
+    return {"forward": float((context - 1) * block), "backward": float((context - 1) * block + context * accumulators)}

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -336,7 +337,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--config", required=True)
     parser.add_argument("--set", action="append", default=[], help="config override key=value (repeatable)")
     parser.add_argument("--layout", action="append", default=[],
-                        help="tensor=N,pipeline=N,data=N,zero=N (repeatable; default: the config's own, 1 process)")
+                        help="tensor=N,pipeline=N,data=N,context=N,zero=N (repeatable; default: the config's own, "
+                        "1 process)")
     parser.add_argument("--out", default=str(RESULTS / "memory"), help="where results.json and report.md go "
                         "(default: this repository's bench/results/memory, whatever the current directory)")
     parser.add_argument("--work", help="where the runs (checkpoints, exports) go and stay; default: a temporary "
@@ -370,7 +372,8 @@ def main(argv=None) -> list[dict]:
             shutil.rmtree(work, ignore_errors=True)  # made by mkdtemp above: ours alone
     rows = [summarize(r) if r["status"] == "ok" else r for r in records]
     machine = describe()
-    command = "python -m bench memory " + " ".join(argv if argv is not None else sys.argv[1:])
+    # quoted: ``bench plan --check`` reads the config and overrides back (an override may hold spaces)
+    command = "python -m bench memory " + shlex.join(argv if argv is not None else sys.argv[1:])
     (out / "results.json").write_text(json.dumps({"machine": machine, "command": command, "rows": rows,
                                                   "ranks": records}, indent=1))
     (out / "report.md").write_text(report(rows, machine, command, args.malloc_mmap_threshold))

@@ -103,7 +103,7 @@ def main(argv=None) -> list[dict]:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="the run config (YAML); with --check, each results file's own")
     parser.add_argument("--set", action="append", default=[], help="config override key=value (repeatable)")
-    parser.add_argument("--layout", action="append", default=[], help="tensor=N,pipeline=N,data=N,zero=N "
+    parser.add_argument("--layout", action="append", default=[], help="tensor=N,pipeline=N,data=N,context=N,zero=N "
                         "(repeatable; default: the config's own at one data-parallel rank)")
     parser.add_argument("--check", action="append", default=[], help="a `bench memory` results.json (repeatable): "
                         "plan its layouts with its own config and overrides and compare with the measured peaks")

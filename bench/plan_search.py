@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from bench.cli import fail
-from bench.formulas import decoder_shape, flops_per_token
+from bench.formulas import context_attention_bytes, decoder_shape, flops_per_token
 from bench.plan_stages import StagePlan, layout_shapes, plan_row, stage_memory
 from bench.plan_trace import full_meta_model
 
@@ -34,11 +34,12 @@ def candidates(args, world: int, global_batch: int):
              for pipeline in _divisors(world // tensor)]
     for t, p in pairs:
         data = world // (t * p)
-        if global_batch % (micro * data):
+        if data % base.parallel.context or global_batch % (micro * data // base.parallel.context):
             continue
         for zero, mode, expert in itertools.product((0, 1, 2, 3), modes, _divisors(data) if moe else [1]):
             sets = [f"parallel.tensor={t}", f"parallel.pipeline={p}", f"parallel.zero_stage={zero}",
-                    f"parallel.activation_checkpointing={mode}", f"train.grad_accum={global_batch // (micro * data)}",
+                    f"parallel.activation_checkpointing={mode}",
+                    f"train.grad_accum={global_batch * base.parallel.context // (micro * data)}",
                     f"parallel.expert={expert}"]
             try:
                 check_tensor_parallel_fits(hf, t)
@@ -47,7 +48,9 @@ def candidates(args, world: int, global_batch: int):
                 cfg = load(args.config, args.set + sets)
             except ValueError:
                 continue
-            yield f"tensor={t},pipeline={p},data={data}" + (f",expert={expert}" if expert > 1 else ""), cfg, data
+            context = base.parallel.context
+            label = f"tensor={t},pipeline={p},data={data // context}" + (f",context={context}" if context > 1 else "")
+            yield label + (f",expert={expert}" if expert > 1 else ""), cfg, data
 
 
 def step_seconds(cfg, full, data: int, stages: list[StagePlan], fits: dict, device_flops: float) -> dict:
@@ -63,6 +66,7 @@ def step_seconds(cfg, full, data: int, stages: list[StagePlan], fits: dict, devi
     from modeling.experts import active_parameters, experts_modules
 
     par, m, hf = cfg.parallel, cfg.train.grad_accum, full.config
+    replicas = data // par.context  # context ranks share their samples: the tokens of a step are the replicas'
     tokens = cfg.train.micro_batch_size * cfg.data.seq_len
     width = 2 if cfg.precision != "fp32" else 4
     experts = experts_modules(full)
@@ -70,9 +74,9 @@ def step_seconds(cfg, full, data: int, stages: list[StagePlan], fits: dict, devi
     shape = decoder_shape(hf)
     per_token = flops_per_token(par.activation_checkpointing, params, shape.layers, shape.hidden, cfg.data.seq_len,
                                 shape.attention_width)
-    compute = per_token * tokens * m * data / (par.tensor * par.pipeline * data * device_flops)
+    compute = per_token * tokens * m * replicas / (par.tensor * par.pipeline * data * device_flops)
     bubble = (par.pipeline - 1) / (par.virtual_stages * m)
-    hidden_bytes = tokens * width * shape.hidden
+    hidden_bytes = tokens // par.context * width * shape.hidden  # a rank's part of the sequence
     layers = shape.layers / par.pipeline
     tp = 4 * layers * m * predict_seconds(fits["all_reduce"], hidden_bytes) if par.tensor > 1 else 0.0
     grads = width * max(s.params for s in stages)
@@ -86,9 +90,33 @@ def step_seconds(cfg, full, data: int, stages: list[StagePlan], fits: dict, devi
     if par.expert > 1:
         pair_bytes = hidden_bytes * getattr(hf, "num_experts_per_tok", 1)
         ep = 4 * len(experts) / par.pipeline * m * predict_seconds(fits["all_gather"], pair_bytes)
-    total = compute * (1 + bubble) + tp + dp + pp + ep
+    cp = context_seconds(cfg, shape, fits) * layers * m
+    total = compute * (1 + bubble) + tp + dp + pp + ep + cp
     return {"step_s": total, "compute_s": compute, "bubble": bubble, "tp_s": tp, "dp_s": dp, "pp_s": pp,
-            "ep_s": ep, "tokens_per_s": tokens * m * data / total}
+            "ep_s": ep, "cp_s": cp, "tokens_per_s": tokens * m * replicas / total}
+
+
+def context_seconds(cfg, shape, fits: dict) -> float:
+    """Seconds of one layer's context-parallel attention traffic per micro-batch, forward and backward
+    (``bench.formulas.context_attention_bytes`` of the method the run picks, ``modeling.context.choose_method``):
+    Ulysses 8 all-to-alls (priced by the all-gather fit of the same bytes, as the expert exchange), ring its
+    block sends (the send fit: 2 (N-1) block sends and N accumulator sends)."""
+    from bench.comm import predict_seconds
+    from modeling.context import choose_method
+
+    par = cfg.parallel
+    if par.context == 1:
+        return 0.0
+    heads, kv = shape.heads // par.tensor, max(1, shape.kv_heads // par.tensor)
+    method = choose_method(par.context_attention, heads, kv, par.context)
+    width = 2 if cfg.precision != "fp32" else 4
+    sent = context_attention_bytes(method, cfg.train.micro_batch_size, cfg.data.seq_len, heads, kv, shape.head_dim,
+                                   par.context, width)
+    if method == "ulysses":  # per all-to-all: its input, of which (N-1)/N leaves the rank
+        per_call = (sent["forward"] + sent["backward"]) / 8 * par.context / (par.context - 1)
+        return 8 * predict_seconds(fits["all_gather"], per_call)
+    sends = 3 * par.context - 2
+    return sends * predict_seconds(fits["send_recv"], (sent["forward"] + sent["backward"]) / sends)
 
 
 def search(args) -> list[dict]:
@@ -98,7 +126,7 @@ def search(args) -> list[dict]:
     for label, cfg, data in candidates(args, args.world_size, args.global_batch or 0):
         full = full if full is not None else full_meta_model(cfg)
         par = cfg.parallel
-        key = (par.tensor, par.pipeline, par.activation_checkpointing, par.expert)
+        key = (par.tensor, par.pipeline, par.activation_checkpointing, par.expert, par.context)
         if key not in shapes:  # the traces do not depend on ZeRO or the data-parallel degree
             shapes[key] = layout_shapes(cfg, full, args.device)
         stages = [stage_memory(s, cfg, data, par.zero_stage, cfg.train.grad_accum) for s in shapes[key]]
@@ -110,15 +138,16 @@ def search(args) -> list[dict]:
 
 
 def search_table(rows: list[dict], top: int) -> str:
-    experts = any(r.get("ep_s") for r in rows)  # an expert-parallel column for models with experts only
+    # expert- and context-parallel columns for the runs that have them only
+    extra = [(key, name) for key, name in (("ep_s", "EP"), ("cp_s", "CP")) if any(r.get(key) for r in rows)]
     lines = ["| layout | ZeRO | recompute | micro-batches | planned peak GiB | fits | est. tokens/s | compute s | "
-             "bubble | TP comm s | DP comm s | PP comm s |" + (" EP comm s |" if experts else ""),
-             "|" + "---|" * (13 if experts else 12)]
+             "bubble | TP comm s | DP comm s | PP comm s |" + "".join(f" {name} comm s |" for _, name in extra),
+             "|" + "---|" * (12 + len(extra))]
     for r in rows[:top]:
         lines.append(f"| {r['layout']} | {r['zero']} | {r['recompute']} | {r['micro_batches']} | "
                      f"{r['peak_bytes'] / 2**30:.1f} | {'yes' if r['fits'] else 'no'} | {r['tokens_per_s']:,.0f} | "
                      f"{r['compute_s']:.3f} | {r['bubble']:.0%} | {r['tp_s']:.3f} | {r['dp_s']:.3f} | "
-                     f"{r['pp_s']:.3f} |" + (f" {r['ep_s']:.3f} |" if experts else ""))
+                     f"{r['pp_s']:.3f} |" + "".join(f" {r[key]:.3f} |" for key, _ in extra))
     return "\n".join(lines) + "\n"
 
 

@@ -48,11 +48,12 @@ def stage_shape(cfg, full, stage: int, device: str = "cpu", traced: dict | None 
     from parallel.groups import ProcessGroups, rank_grid
     from training.assembly import rank_model
 
-    t, p, e = cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.expert
+    t, p, e, c = cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.expert, cfg.parallel.context
     if cfg.parallel.partition == "measured":  # no probe under the fake world: parameter counts stand in for times
         cfg = cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={"partition": "parameters"})})
-    fake_world(t * p * e, int(rank_grid(t, p, e)[stage, 0, 0]))
-    groups = ProcessGroups.from_degrees(tensor=t, pipeline=p, expert=e)
+    # the smallest data-parallel degree with the layout's expert and context groups (each carved from data)
+    fake_world(t * p * e * c, int(rank_grid(t, p, e * c)[stage, 0, 0]))
+    groups = ProcessGroups.from_degrees(tensor=t, pipeline=p, expert=e, context=c)
     model, pipeline = rank_model(cfg, full, groups)
     modules = [module.to("meta") for module in (pipeline[0] if pipeline else [model])]  # buffers made on the host too
     traced = {} if traced is None else traced

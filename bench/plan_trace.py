@@ -152,6 +152,8 @@ def _forward(module, cfg, groups, spec):
     from training.tasks.seq2seq import Seq2Seq
 
     batch = _batch(cfg)
+    if groups.context > 1:
+        return _context_forward(module, cfg, groups, spec, batch)
     if spec is None:  # the whole model, no pipeline
         if cfg.data.source_field:
             return None, Seq2Seq(cfg).loss(_Bare(module), batch, groups)
@@ -165,11 +167,35 @@ def _forward(module, cfg, groups, spec):
     return out, causal_lm_loss(out, batch["labels"], groups.tp_group, start, valid)
 
 
+def _context_forward(module, cfg, groups, spec, batch):
+    """``_forward`` under context parallelism, as ``training.tasks.causal_lm`` runs it: this context rank's
+    tokens (``parallel.context.local_tokens``: 1/N of every sequence, with their positions and next-token
+    targets), attention across the (fake) context group by the run's own function, and the rank's share of the
+    loss: every sequence-proportional tensor is the rank's 1/N, the attention's own ones are the kernel's."""
+    from modeling.losses import context_lm_loss, vocab_slice
+    from parallel.context import local_tokens
+    from parallel.cross_entropy import vocab_parallel_cross_entropy
+
+    ids, positions, targets = local_tokens(batch["input_ids"], batch["labels"], groups.cp_group)
+    if spec is None:
+        logits = module(input_ids=ids, position_ids=positions, use_cache=False).logits
+        return logits, context_lm_loss(module, logits, targets, groups.tp_group, groups.context)
+    out = module(ids if spec.embed else _received(module, cfg, groups))
+    if not spec.head:
+        return out, None
+    start, valid = vocab_slice(module.head)
+    keep = targets != -100
+    losses = vocab_parallel_cross_entropy(out, targets.masked_fill(~keep, 0),
+                                          groups.tp_group if valid is not None else None, start, valid)
+    whole = targets.shape[0] * (targets.shape[1] * groups.context - 1)
+    return out, (losses * keep).sum() * (groups.context / whole)
+
+
 def _received(chunk, cfg, groups) -> torch.Tensor:
     """The hidden states a chunk that does not embed receives from the previous stage, as
-    ``training.pipeline`` sends them: (micro-batch, sequence (1/TP of it under sequence parallelism), the
-    chunk's hidden size), in the chunk's dtype."""
-    sequence = cfg.data.seq_len // (groups.tensor if cfg.parallel.sequence_parallel else 1)
+    ``training.pipeline`` sends them: (micro-batch, sequence (1/context of it under context parallelism, 1/TP
+    of that under sequence parallelism), the chunk's hidden size), in the chunk's dtype."""
+    sequence = cfg.data.seq_len // groups.context // (groups.tensor if cfg.parallel.sequence_parallel else 1)
     dtype = next((p.dtype for p in chunk.parameters() if p.is_floating_point()), torch.float32)
     return torch.zeros(cfg.train.micro_batch_size, sequence, chunk.hidden_size, dtype=dtype, device="meta")
 
@@ -231,7 +257,8 @@ def fake_world(world: int, rank: int) -> None:
 
     if dist.is_initialized():
         dist.destroy_process_group()
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+    # meta too: point-to-point calls (ring attention's batch_isend_irecv) look up the tensors' device's backend
+    dist.init_process_group("cpu:fake,cuda:fake,meta:fake", store=FakeStore(), rank=rank, world_size=world)
 
 
 def full_meta_model(cfg):

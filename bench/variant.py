@@ -1,7 +1,9 @@
 """A variant: one labelled set of config overrides and the number of processes it runs on, what a
 ``--layout tensor=2,pipeline=2,data=2,zero=1`` argument of ``bench memory``, ``bench plan`` and ``bench
-diverge`` names. Its parallel layout (tensor x pipeline x data) gives the processes; the ZeRO stage, the expert
-degree (carved from data) and, for ``bench diverge``, any dotted config key ride along as overrides."""
+diverge`` names. Its parallel layout (tensor x pipeline x data x context) gives the processes; the ZeRO stage, the
+expert degree (carved from data) and, for ``bench diverge``, any dotted config key ride along as overrides.
+``context=N`` is ``parallel.context=N`` and N times the processes: ``data`` counts the replicas (different
+samples), the run's data-parallel group (ZeRO, the gradient reduction) their ranks times N."""
 
 from __future__ import annotations
 
@@ -9,14 +11,14 @@ from typing import NamedTuple
 
 # the variant keys that are config keys; ``data`` is not one: the data-parallel degree follows from the processes
 CONFIG_KEYS = {"tensor": "parallel.tensor", "pipeline": "parallel.pipeline", "zero": "parallel.zero_stage",
-               "expert": "parallel.expert"}
-DEGREES = ("tensor", "pipeline", "data")
+               "expert": "parallel.expert", "context": "parallel.context"}
+DEGREES = ("tensor", "pipeline", "data", "context")
 
 
 class Variant(NamedTuple):
     label: str  # as given: 'tensor=2,pipeline=2,data=1,zero=1'
     sets: list[str]  # config overrides: ['parallel.tensor=2', 'parallel.pipeline=2', 'parallel.zero_stage=1']
-    nproc: int  # tensor x pipeline x data
+    nproc: int  # tensor x pipeline x data x context
 
 
 def parse_variant(text: str, prog: str = "bench memory") -> Variant:
@@ -35,4 +37,4 @@ def parse_variant(text: str, prog: str = "bench memory") -> Variant:
             degrees[key] = int(value)
         if key in CONFIG_KEYS:
             sets.append(f"{CONFIG_KEYS[key]}={value}")
-    return Variant(text, sets, degrees["tensor"] * degrees["pipeline"] * degrees["data"])
+    return Variant(text, sets, degrees["tensor"] * degrees["pipeline"] * degrees["data"] * degrees["context"])
