@@ -260,5 +260,7 @@ def test_fusing_experts_holds_the_fused_tensors_plus_one_stored_tensor(tmp_path)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     kept, mib = 48 * 2**20, 2**20
     placed, whole = run_ranks(_anonymous_peak, 2, tmp_path)  # two fresh processes, each measuring itself
-    assert kept - mib < placed < kept + 8 * mib, placed / mib
+    # the lower bound only checks that the measurement sees the kept tensors: the process may give back a few MiB
+    # it held before (the allocator trimming its arenas) while placing them (a fresh-clone CI run measured 46.2)
+    assert kept - 4 * mib < placed < kept + 8 * mib, placed / mib
     assert whole > kept + 24 * mib, whole / mib
