@@ -117,6 +117,10 @@ def test_context2_matches_single_process(tmp_path):
 def _composed_cfgs(tmp_path, corpus):
     gpt2 = dict(model__config=_long(dict(TINY_GPT2, n_head=4)))
     llama = {"arch": "llama", "tokenizer": "byte", "config": _long(TINY_LLAMA)}
+    small, large = ({"arch": "qwen2", "tokenizer": "byte", "config": _long({**TINY_QWEN2, "sliding_window": w})}
+                    for w in (CHUNK * 5 // 8, CHUNK * 3 // 2))
+    four = {"arch": "gpt2", "tokenizer": "byte", "config": _long(dict(TINY_GPT2, n_head=4, n_layer=4))}
+    pp2 = dict(parallel__pipeline=2, parallel__zero_stage=1, train__grad_accum=2)
     cases = {  # name: (global batch, overrides)
         "tp2 ulysses": (2, dict(parallel__tensor=2, **gpt2)),
         "tp2+sp ring": (2, dict(parallel__tensor=2, parallel__sequence_parallel=True,
@@ -128,6 +132,13 @@ def _composed_cfgs(tmp_path, corpus):
                                             parallel__schedule="zb-h1", model=llama)),
         "dp2 zero3 ulysses, mlp in 2 tiles": (4, dict(parallel__zero_stage=3, parallel__mlp_tiles=2, **gpt2)),
         "tp2 llama mlp in 2 tiles": (2, dict(parallel__tensor=2, parallel__mlp_tiles=2, model=llama)),
+        "tp2 qwen2 window < chunk ulysses": (2, dict(parallel__tensor=2, model=small)),
+        "pp2 gpipe qwen2 window > chunk ring": (4, dict(**pp2, parallel__schedule="gpipe", model=large,
+                                                        parallel__context_attention="ring")),
+        "pp2 interleaved ulysses": (4, dict(**pp2, parallel__schedule="interleaved", parallel__virtual_stages=2,
+                                            model=four)),
+        "dp2 zero3 qwen2 window < chunk ring": (4, dict(parallel__zero_stage=3, model=small,
+                                                        parallel__context_attention="ring")),
         "dp2 zero3 llama ring": (4, dict(parallel__zero_stage=3, parallel__context_attention="ring", model=llama)),
     }
     return {name: (batch, tiny_config(tmp_path / f"run{i}", corpus, parallel__context=2, **LONG, **overrides))
@@ -138,8 +149,9 @@ def _composed_cfgs(tmp_path, corpus):
 @pytest.mark.slow
 def test_context2_composes_with_tp_pp_and_zero3(tmp_path):
     """context=2 x TP=2 (with and without SP; Llama's 2 key/value heads leave one per tensor rank, repeated for
-    Ulysses), context=2 x PP=2 (1F1B, ZB-H1: the stage messages carry the rank's chunk) and context=2 x DP=2
-    under ZeRO-3 (parameters partitioned over data x context) equal the reference for 10 steps."""
+    Ulysses), context=2 x PP=2 (every schedule: the stage messages carry the rank's chunk) and context=2 x DP=2
+    under ZeRO-3 (parameters partitioned over data x context), GPT-2, Llama and Qwen2 with sliding windows, equal
+    the reference for 10 steps."""
     corpus = _corpus(tmp_path)
     cfgs = _composed_cfgs(tmp_path, corpus)
     histories = run_ranks(run_configs, 4, [cfg for _, cfg in cfgs.values()], timeout=900)[0]
