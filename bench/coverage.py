@@ -39,19 +39,25 @@ from bench.cli import RESULTS, fail
 
 PROG = "bench coverage"
 LAYOUTS = {"tp2": {"tensor": 2}, "tp2_sp": {"tensor": 2, "sequence_parallel": True}, "pp2": {"pipeline": 2},
-           "tp2_pp2": {"tensor": 2, "pipeline": 2}, "ep2": {"expert": 2}, "ep2_tp2": {"expert": 2, "tensor": 2}}
+           "tp2_pp2": {"tensor": 2, "pipeline": 2}, "ep2": {"expert": 2}, "ep2_tp2": {"expert": 2, "tensor": 2},
+           "cp2": {"context": 2}}
 LABELS = {"one_process": "one process", "tp2": "TP=2", "tp2_sp": "TP=2 + SP", "pp2": "PP=2 (1F1B)",
-          "tp2_pp2": "TP=2 × PP=2", "ep2": "EP=2", "ep2_tp2": "EP=2 × TP=2"}
+          "tp2_pp2": "TP=2 × PP=2", "ep2": "EP=2", "ep2_tp2": "EP=2 × TP=2", "cp2": "CP=2"}
 # The kinds that train and their layouts; other kinds (hybrid, not built) are refused without running.
-KIND_LAYOUTS = {"dense": ("tp2", "tp2_sp", "pp2", "tp2_pp2"), "moe": ("ep2", "ep2_tp2")}
+KIND_LAYOUTS = {"dense": ("tp2", "tp2_sp", "pp2", "tp2_pp2", "cp2"), "moe": ("ep2", "ep2_tp2")}
 EXPORT_LAYOUTS = ("tp2_pp2", "ep2_tp2")  # the first one run writes the export
 KINDS = ("dense", "moe", "hybrid")  # for --kind
 STEPS, MICRO_BATCH, GRAD_ACCUM, SEED = 3, 2, 2, 7
 
 
 def data_parallel(layout: dict[str, Any]) -> int:
-    """The data-parallel degree of a layout: the expert-parallel degree (EP is carved from DP), else 1."""
-    return int(layout.get("expert", 1))
+    """The data-parallel degree of a layout: the expert- or context-parallel degree (both carved from DP), else 1."""
+    return int(layout.get("expert", 1)) * int(layout.get("context", 1))
+
+
+def replicas(layout: dict[str, Any]) -> int:
+    """The data-parallel ranks that read different samples (a context group reads the same ones)."""
+    return data_parallel(layout) // int(layout.get("context", 1))
 
 
 def world_size(layout: dict[str, Any]) -> int:
@@ -78,12 +84,12 @@ def run_config(checkpoint: Path, work: Path, output_dir: Path, layout: dict[str,
 
     parallel = {"tensor": 1, "pipeline": 1, "sequence_parallel": False, "schedule": "1f1b", "zero_stage": 1,
                 "timeout_s": 180.0, "p2p_timeout_s": 180.0, **layout}
-    if MICRO_BATCH % data_parallel(layout):
-        raise ValueError(f"{data_parallel(layout)} data-parallel ranks do not divide the micro-batch {MICRO_BATCH}")
+    if MICRO_BATCH % replicas(layout):
+        raise ValueError(f"{replicas(layout)} data-parallel ranks do not divide the micro-batch {MICRO_BATCH}")
     return {"model": {"pretrained": str(checkpoint)},
             "data": {"train_files": [str(work / "corpus" / "*.txt")], "seq_len": SEQ_LEN,
                      "cache_dir": str(work / "datasets")},
-            "train": {"steps": STEPS, "micro_batch_size": MICRO_BATCH // data_parallel(layout),
+            "train": {"steps": STEPS, "micro_batch_size": MICRO_BATCH // replicas(layout),
                       "grad_accum": GRAD_ACCUM, "seed": SEED,
                       "output_dir": str(output_dir), "progress": False, "export_hf": export, "save_final": False},
             "optim": {"lr": 1e-3, "warmup_steps": 0, "grad_clip": 1.0, "weight_decay": 0.1, "eps": 1e-4},

@@ -12,6 +12,7 @@ from typing import Any
 from bench.coverage import KIND_LAYOUTS, LABELS, trained
 
 DENSE, MOE = KIND_LAYOUTS["dense"], KIND_LAYOUTS["moe"]
+FOUR = ("tp2", "tp2_sp", "pp2", "tp2_pp2")  # "equal at all four layouts": tensor and pipeline (CP=2 counted apart)
 
 
 def save_record(path: Path, record: dict[str, Any]) -> None:
@@ -44,7 +45,7 @@ def load_records(path: Path) -> dict[str, dict[str, Any]]:
     return records
 
 
-def _equal_everywhere(record: dict[str, Any], layouts: tuple[str, ...] = DENSE) -> bool:
+def _equal_everywhere(record: dict[str, Any], layouts: tuple[str, ...] = FOUR) -> bool:
     cells = record.get("cells", {})
     return all(cells.get(layout) == "equal" for layout in layouts)
 

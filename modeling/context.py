@@ -48,10 +48,13 @@ def _inner_attention(module: nn.Module, implementation: str):
 
 
 class _HeadsView:
-    """The attention module as the inner function sees it after key/value heads were repeated for Ulysses."""
+    """The attention module as the inner function sees it on this rank's group of heads: its key/value groups
+    (after Ulysses repeated too few key/value heads) and its per-head attention sinks."""
 
-    def __init__(self, module: nn.Module, kv_groups: int):
+    def __init__(self, module: nn.Module, kv_groups: int, sinks: torch.Tensor | None):
         self._module, self.num_key_value_groups = module, kv_groups
+        if sinks is not None:
+            self.sinks = sinks
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._module, name)
@@ -77,10 +80,15 @@ def _ulysses(module: nn.Module, setting: ContextAttention, query, key, value, kw
     window = kwargs.pop("sliding_window", None)
     local_positions = kwargs.pop("position_ids", None)  # this rank's; the inner function sees every token
     whole = gather_sequence(local_positions, setting.group) if setting.documents else None
+    sinks = kwargs.pop("s_aux", None)
+    if sinks is not None:  # one per head: this rank's head group's (Ulysses gives rank r heads r h/N .. (r+1) h/N)
+        sinks = sinks.chunk(group_size(setting.group))[torch.distributed.get_rank(setting.group)]
+        kwargs["s_aux"] = sinks
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        view = module if q.shape[1] // k.shape[1] == getattr(module, "num_key_value_groups", 1) else \
-            _HeadsView(module, q.shape[1] // k.shape[1])
+        groups = q.shape[1] // k.shape[1]
+        view = module if groups == getattr(module, "num_key_value_groups", 1) and sinks is None else \
+            _HeadsView(module, groups, sinks)
         if setting.inner.startswith("flash"):  # flash kernels take the window and packed position ids, no mask
             return inner(view, q, k, v, None, sliding_window=window, position_ids=whole, **kwargs)[0]
         mask = None
@@ -117,6 +125,9 @@ def context_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     setting: ContextAttention | None = getattr(module, "context_attention", None)
     if setting is None:
         raise RuntimeError(f"{type(module).__name__} runs context-parallel attention but was not set up for it")
+    if attention_mask is not None:  # transformers builds none for this function: the module made its own
+        raise ValueError(f"parallel.context: {type(module).__name__} makes its own attention mask from its tokens, "
+                         f"which a split sequence cannot; set parallel.context=1")
     if setting.method == "ulysses":
         return _ulysses(module, setting, query, key, value, kwargs), None
     return _ring(query, key, value, setting, kwargs), None
@@ -155,6 +166,9 @@ def check_context_fits(model: PreTrainedModel, context: int, method: str, tensor
             raise ValueError(f"parallel.context={context} with ring attention (the heads do not split for Ulysses "
                              f"or parallel.context_attention=ring): the model's {key}={getattr(config, key)} has no "
                              f"ring implementation; set model.config.{key}: 0.0")
+    if any(isinstance(getattr(m, "sinks", None), nn.Parameter) for m in model.modules()):
+        raise ValueError(f"parallel.context={context}: ring attention has no attention sinks (model_type "
+                         f"{config.model_type!r}); use parallel.context_attention=ulysses")
     if getattr(config, "attn_logit_softcapping", None):
         raise ValueError(f"parallel.context={context}: ring attention has no logit soft-capping "
                          f"(model.config.attn_logit_softcapping); use parallel.context_attention=ulysses")

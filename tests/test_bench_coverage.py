@@ -124,18 +124,19 @@ def test_layouts_of_each_kind_and_their_run_configs(tmp_path):
     from training.config import validate
 
     everything = list(LAYOUTS)
-    assert layouts_of("dense", everything) == ["tp2", "tp2_sp", "pp2", "tp2_pp2"]
+    assert layouts_of("dense", everything) == ["tp2", "tp2_sp", "pp2", "tp2_pp2", "cp2"]
     assert layouts_of("moe", everything) == ["ep2", "ep2_tp2"] and layouts_of("moe", ["tp2"]) == []
     assert layouts_of("hybrid", ["tp2", "ep2"]) == ["tp2", "ep2"]
-    assert [world_size(LAYOUTS[x]) for x in everything] == [2, 2, 2, 4, 2, 4]
+    assert [world_size(LAYOUTS[x]) for x in everything] == [2, 2, 2, 4, 2, 4, 2]
     write_corpus(tmp_path / "corpus")
-    for layout, micro in (("ep2", 1), ("ep2_tp2", 1), ("tp2", 2)):
+    for layout, micro in (("ep2", 1), ("ep2_tp2", 1), ("tp2", 2), ("cp2", 2)):
         raw = run_config(tmp_path / "model", tmp_path, tmp_path / layout, LAYOUTS[layout], export=False)
         cfg = validate(raw)
         assert cfg.train.micro_batch_size == micro and cfg.train.grad_accum == 2
         assert cfg.parallel.expert == LAYOUTS[layout].get("expert", 1) and cfg.parallel.zero_stage == 1
         assert cfg.parallel.tensor == LAYOUTS[layout].get("tensor", 1)
-        assert micro * cfg.train.grad_accum * (world_size(LAYOUTS[layout]) // cfg.parallel.tensor) == 4
+        replicas = world_size(LAYOUTS[layout]) // cfg.parallel.tensor // cfg.parallel.context
+        assert micro * cfg.train.grad_accum * replicas == 4
     assert trained({"kind": "moe", "cells": {"ep2": "equal", "one_process": "trains"}})
     assert not trained({"kind": "moe", "cells": {"tp2": "refused: mixture of experts (num_experts=8)"}})
     assert not trained({"kind": "hybrid", "cells": {"tp2": "refused: hybrid"}})
@@ -232,7 +233,8 @@ def test_moe_records_merge_and_summarise(tmp_path):
 @pytest.mark.unit
 @pytest.mark.parametrize("argv, message", [
     (["--types", "lama"], "--types: lama is not a causal-LM model type of transformers; did you mean llama?"),
-    (["--types", "llama", "--layouts", "tp4"], "--layouts 'tp4': choose from tp2, tp2_sp, pp2, tp2_pp2, ep2, ep2_tp2"),
+    (["--types", "llama", "--layouts", "tp4"],
+     "--layouts 'tp4': choose from tp2, tp2_sp, pp2, tp2_pp2, ep2, ep2_tp2, cp2"),
     (["--kind", "sparse"], "--kind 'sparse': choose from dense, moe, hybrid")])
 def test_bad_input_is_one_line(argv, message, capsys):
     from bench.coverage import main

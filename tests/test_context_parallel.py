@@ -47,14 +47,16 @@ def _corpus(tmp_path):
 
 
 def _write_documents(directory, count: int = 60):
-    """Many short documents (one per file, each ends with EOS in the packed blocks): 1-3 boundaries per block."""
+    """Many short documents (one per file, each ends with EOS in the packed blocks): 1-3 boundaries per block of
+    32 tokens."""
     import random
 
     rng = random.Random(3)
     words = ["the", "cat", "sat", "on", "mat", "a", "dog", "ran", "to", "park"]
     directory.mkdir(parents=True, exist_ok=True)
     for i in range(count):
-        (directory / f"doc{i:03d}.txt").write_text(" ".join(rng.choice(words) for _ in range(rng.randint(2, 6))))
+        length = rng.randint(2, 6) * max(1, SEQ_LEN // 128)  # enough blocks at longer sequences
+        (directory / f"doc{i:03d}.txt").write_text(" ".join(rng.choice(words) for _ in range(length)))
     return directory
 
 

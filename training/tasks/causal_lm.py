@@ -28,10 +28,10 @@ class CausalLM(Task):
                               f"data.source_field and data.target_field to the columns of the source and target "
                               f"text")
         check_sequence_fits(model_config, self.cfg.data.seq_len)
-        if self.cfg.parallel.context > 1 and getattr(model_config, "router_aux_loss_coef", None):
-            raise ConfigError(f"parallel.context={self.cfg.parallel.context} with the mixture-of-experts model "
-                              f"{model_config.model_type!r}: its load-balancing loss over split sequences is not "
-                              f"implemented; set parallel.context=1")
+        if self.cfg.parallel.context > 1 and getattr(model_config, "output_router_logits", False):
+            raise ConfigError(f"parallel.context={self.cfg.parallel.context} with model.config.output_router_logits="
+                              f"true: {model_config.model_type!r}'s load-balancing loss over split sequences is not "
+                              f"implemented; set model.config.output_router_logits=false or parallel.context=1")
 
     def texts(self, files: list[str]) -> Iterable[str]:
         texts = data.load_texts(files, "data.train_files", self.cfg.data.text_field, self.cfg.data.cache_dir)
