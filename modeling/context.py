@@ -12,7 +12,6 @@ indices (causal, and the sliding window a layer passes).
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +20,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 from transformers import PreTrainedModel
 
+from modeling.recompute import inner_attention
 from parallel.context import gather_sequence, group_size, token_indices, ulysses_attention
 from parallel.ring_attention import ring_attention
 
@@ -37,14 +37,6 @@ class ContextAttention:
     method: str
     inner: str
     documents: bool = False  # data.separate_documents: the position ids restart per document
-
-
-def _inner_attention(module: nn.Module, implementation: str):
-    if implementation == "eager":
-        return sys.modules[type(module).__module__].eager_attention_forward
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    return ALL_ATTENTION_FUNCTIONS[implementation]
 
 
 class _HeadsView:
@@ -76,7 +68,7 @@ def _document_starts(index: torch.Tensor, positions: torch.Tensor | None) -> tor
 
 
 def _ulysses(module: nn.Module, setting: ContextAttention, query, key, value, kwargs: dict) -> torch.Tensor:
-    inner = _inner_attention(module, setting.inner)
+    inner = inner_attention(module, setting.inner)
     window = kwargs.pop("sliding_window", None)
     local_positions = kwargs.pop("position_ids", None)  # this rank's; the inner function sees every token
     whole = gather_sequence(local_positions, setting.group) if setting.documents else None

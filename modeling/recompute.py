@@ -24,7 +24,7 @@ MODES = ("none", "full", "selective")
 SELECTIVE_PREFIX = "colonnade_selective_"
 
 
-def _inner_attention(module: nn.Module, implementation: str):
+def inner_attention(module: nn.Module, implementation: str):
     """The attention function the model would call: its own module's ``eager_attention_forward`` or a
     registered implementation."""
     if implementation == "eager":
@@ -36,7 +36,7 @@ def _inner_attention(module: nn.Module, implementation: str):
 
 def _selective(implementation: str):
     def core_attention(module, query, key, value, attention_mask, **kwargs):
-        inner = _inner_attention(module, implementation)
+        inner = inner_attention(module, implementation)
         if not module.training:
             return inner(module, query, key, value, attention_mask, **kwargs)
         return checkpoint(inner, module, query, key, value, attention_mask, use_reentrant=False, **kwargs)
