@@ -34,7 +34,7 @@ def _config(tmp_path, arch="gpt2", model_config=None, **parallel):
 def _real_saved_bytes(cfg, tp_group=None) -> tuple[int, int, int]:
     """(parameters, bytes autograd saved, bytes of the logits) of one micro-batch on a real CPU model: the
     reference, measured by ``saved_tensors_hooks`` rather than by the planner's dispatch-level counter."""
-    from modeling import recompute
+    from modeling import lean, recompute
     from modeling.build import auto_class, byte_level_tokenizer, model_config
     from modeling.losses import lm_loss
     from modeling.tensor_parallel import tensor_parallelize
@@ -45,6 +45,7 @@ def _real_saved_bytes(cfg, tp_group=None) -> tuple[int, int, int]:
     model = tensor_parallelize(auto_class(hf).from_config(hf), tp_group, cfg.parallel.sequence_parallel,
                                cfg.parallel.tp_async_grad_reduce, dropout_seed=1)  # as training builds it
     recompute.apply(model, cfg.parallel.activation_checkpointing)
+    lean.apply(model, cfg.parallel.lean_activations, cfg.parallel.activation_checkpointing)
     model.train()
     ids = torch.randint(0, hf.vocab_size, (cfg.train.micro_batch_size, cfg.data.seq_len))
     saved = SavedActivations()

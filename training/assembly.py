@@ -16,7 +16,7 @@ import yaml
 from transformers import set_seed
 
 from modeling import context as context_parallel
-from modeling import recompute
+from modeling import lean, recompute
 from modeling.build import (
     auto_class,
     byte_level_tokenizer,
@@ -33,6 +33,7 @@ from modeling.tensor_parallel import tensor_parallelize
 from parallel.groups import ProcessGroups
 from training import checkpoint, compressed_reduce, data, outer_sync, run_dir
 from training import engine as engine_lib
+from training.compile import compile_blocks
 from training.config import ConfigError, RunConfig
 from training.describe import layout
 from training.events import Observers
@@ -172,10 +173,12 @@ def rank_model(cfg: RunConfig, full: Any, groups: ProcessGroups) -> tuple[Any, A
     model = tensor_parallelize(model, groups.tp_group, cfg.parallel.sequence_parallel,
                                cfg.parallel.tp_async_grad_reduce, dropout_seed=cfg.train.seed)
     recompute.apply(model, cfg.parallel.activation_checkpointing)
+    lean.apply(model, cfg.parallel.lean_activations, cfg.parallel.activation_checkpointing)
     tile_mlps(model, cfg.parallel.mlp_tiles)
     if groups.context > 1:  # after: Ulysses runs the (selectively recomputed) attention function on all tokens
         context_parallel.apply(model, groups.cp_group, cfg.parallel.context_attention, groups.tensor,
                                cfg.data.separate_documents)
+    compile_blocks(model, cfg, groups)  # last on the blocks, before the pipeline chunks that call them
     if groups.pipeline == 1:
         return model, None
     built = build_chunks(model, groups, pipeline_settings(cfg))

@@ -104,6 +104,10 @@ class TrainConfig(Section):
                                  "(indices into the packed training set) of the sequences of every step to "
                                  "output_dir/samples/rank-NNNNN.jsonl, with the elastic restart attempt: an audit "
                                  "that restarts skip and repeat no sample.")
+    compile: bool = Field(default=False, description="Compile each transformer block with torch.compile "
+                          "(training.compile; per block, as TorchTitan and Megatron do), composed with tensor, "
+                          "sequence and pipeline parallelism, ZeRO and recomputation. The first steps pay the "
+                          "compilation.")
     max_consecutive_skips: int = Field(default=10, gt=0, description="Steps with a non-finite loss or gradient are "
                                        "skipped on every rank (logged, counted in skipped_steps); this many in a "
                                        "row stop the run.")
@@ -223,6 +227,17 @@ class ParallelConfig(Section):
                            "sequence with DeepSpeed's TiledMLP (training.tiling): the MLP keeps only its input for "
                            "the backward, which recomputes one tile at a time; for long sequences. 1: off. Dense "
                            "MLPs only (not mixture-of-experts blocks); not with sequence_parallel.")
+    lean_activations: bool = Field(default=True, description="Keep for the backward only what Megatron's "
+                                   "accounting keeps (modeling.lean): composite activations (tanh-GELU, the gated "
+                                   "act(gate) x up), norms built of several operations and dropout masks are "
+                                   "replaced by equal computations that save their inputs (and a 1-byte mask); "
+                                   "chosen from the module types. Same numbers; false: transformers' modules as "
+                                   "they are.")
+    loss_chunk_tokens: int = Field(default=1024, ge=0, description="Compute the output layer and the cross "
+                                   "entropy over chunks of this many tokens (modeling.losses), recomputing each "
+                                   "chunk's logits in the backward: the full (tokens x vocabulary) fp32 logits are "
+                                   "never held. Also under the vocabulary-parallel head and in evals. 0: full logits "
+                                   "as transformers computes them.")
     context_attention: Literal["auto", "ulysses", "ring"] = Field(
         default="auto", description="context > 1: 'ulysses' (all-to-all over heads, then the model's own attention "
         "on the whole sequence; needs the heads per tensor rank divisible by context), 'ring' (key/value chunks "
