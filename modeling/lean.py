@@ -61,17 +61,19 @@ def probe(module: nn.Module) -> tuple[int, bool] | None:
 
 
 class _Recipe:
-    """A kept tensor not kept: ``function(argument)`` computes it again (``argument`` unchanged since)."""
+    """A kept tensor (``kept``, the output of ``function(argument)`` or a view of it) not kept: computed again
+    from ``argument`` (unchanged since)."""
 
-    def __init__(self, function, argument: torch.Tensor):
+    def __init__(self, function, argument: torch.Tensor, kept: torch.Tensor):
         self.function, self.argument, self.version = function, argument, argument._version
+        self.view = (kept.size(), kept.stride(), kept.storage_offset())
 
     def compute(self) -> torch.Tensor:
         if self.argument._version != self.version:
             raise RuntimeError("parallel.lean_activations: an activation's input changed in place after the "
                                "forward; set parallel.lean_activations=false for this model")
         with torch.no_grad():
-            return self.function(self.argument)
+            return self.function(self.argument).as_strided(*self.view)
 
 
 class _OuterPacked:
@@ -89,8 +91,9 @@ class ActivationOutputs:
         self.open = False
 
     def remember(self, output: torch.Tensor, function, argument: torch.Tensor) -> None:
-        if self.open and output is not argument:
-            self._made[id(output)] = (output, function, argument)
+        if self.open and output.untyped_storage()._cdata != argument.untyped_storage()._cdata:
+            # the output is held until the forward ends: its storage's address is not reused meanwhile
+            self._made[output.untyped_storage()._cdata] = (output, function, argument)
 
     @contextmanager
     def recording(self):
@@ -100,9 +103,9 @@ class ActivationOutputs:
         outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
 
         def pack(tensor):
-            made = self._made.get(id(tensor))
-            if made is not None and made[0] is tensor:
-                return _Recipe(made[1], made[2])
+            made = self._made.get(tensor.untyped_storage()._cdata)  # the output or a view of it (a reshape)
+            if made is not None and made[0].dtype == tensor.dtype:
+                return _Recipe(made[1], made[2], tensor)
             return tensor if outer is None else _OuterPacked(outer[1], outer[0](tensor))
 
         self.open = True

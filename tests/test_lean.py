@@ -189,7 +189,8 @@ def test_an_undetected_composite_keeps_what_transformers_keeps(monkeypatch):
 
 
 def test_an_activation_input_changed_in_place_is_refused():
-    recipe = lean._Recipe(torch.sigmoid, torch.randn(TOKENS))
+    argument = torch.randn(TOKENS)
+    recipe = lean._Recipe(torch.sigmoid, argument, argument)
     recipe.argument.add_(1)  # the recomputation would not give the forward's output
     with pytest.raises(RuntimeError, match="in place"):
         recipe.compute()
