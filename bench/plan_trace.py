@@ -99,6 +99,21 @@ def attention_as_on(device: str):
     return attention
 
 
+def dropout_as_on(device: str):
+    """``F.dropout`` for meta tensors as ``device`` runs it: CUDA's fused kernel (``native_dropout``) keeps a
+    boolean mask, the CPU path a mask of the input's dtype (meta tensors alone take the CPU path)."""
+    import torch.nn.functional as F
+
+    original = F.dropout
+
+    def dropout(input, p=0.5, training=True, inplace=False):
+        if device == "cuda" and input.device.type == "meta" and training and 0 < p < 1 and not inplace:
+            return torch.native_dropout(input, p, True)[0]
+        return original(input, p, training, inplace)
+
+    return dropout
+
+
 def experts_as_grouped(self, hidden_states, top_k_index, top_k_weights):
     """A transformers experts module's forward for meta tensors, making the tensors its grouped kernels make
     (``grouped_mm_experts_forward``) for its tokens x top-k rows: gathered inputs, the gate|up output, the
@@ -146,49 +161,30 @@ class _Bare:
 
 
 def _forward(module, cfg, groups, spec):
-    """(output, loss or None) of one micro-batch as the training step computes it."""
-    from modeling.losses import lm_loss, vocab_slice
-    from parallel.cross_entropy import causal_lm_loss
+    """(output, loss or None) of one micro-batch as the training step computes it (the output layer and loss in
+    chunks of ``parallel.loss_chunk_tokens`` tokens, as ``modeling.losses.token_losses`` runs them)."""
+    from modeling.losses import context_share, mean_loss, next_token_targets, token_losses
+    from parallel.context import local_tokens
     from training.tasks.seq2seq import Seq2Seq
 
-    batch = _batch(cfg)
-    if groups.context > 1:
-        return _context_forward(module, cfg, groups, spec, batch)
-    if spec is None:  # the whole model, no pipeline
-        if cfg.data.source_field:
-            return None, Seq2Seq(cfg).loss(_Bare(module), batch, groups)
-        logits = module(input_ids=batch["input_ids"]).logits
-        return logits, lm_loss(module, logits, batch["labels"], groups.tp_group)
-    hidden = batch["input_ids"] if spec.embed else _received(module, cfg, groups)
-    out = module(hidden)
-    if not spec.head:
-        return out, None
-    start, valid = vocab_slice(module.head)
-    return out, causal_lm_loss(out, batch["labels"], groups.tp_group, start, valid)
-
-
-def _context_forward(module, cfg, groups, spec, batch):
-    """``_forward`` under context parallelism, as ``training.tasks.causal_lm`` runs it: this context rank's
-    tokens (``parallel.context.local_tokens``: 1/N of every sequence, with their positions and next-token
-    targets), attention across the (fake) context group by the run's own function, and the rank's share of the
-    loss: every sequence-proportional tensor is the rank's 1/N, the attention's own ones are the kernel's."""
-    from modeling.losses import context_lm_loss, vocab_slice
-    from parallel.context import local_tokens
-    from parallel.cross_entropy import vocab_parallel_cross_entropy
-
-    ids, positions, targets = local_tokens(batch["input_ids"], batch["labels"], groups.cp_group)
+    batch, chunk = _batch(cfg), cfg.parallel.loss_chunk_tokens
+    if spec is None and cfg.data.source_field:  # the whole model, no pipeline
+        return None, Seq2Seq(cfg).loss(_Bare(module), batch, groups)
+    ids, positions = batch["input_ids"], None
+    targets = next_token_targets(batch["labels"])
+    if groups.context > 1:  # this context rank's tokens and targets, attention across the (fake) context group
+        ids, positions, targets = local_tokens(batch["input_ids"], batch["labels"], groups.cp_group)
     if spec is None:
-        logits = module(input_ids=ids, position_ids=positions, use_cache=False).logits
-        return logits, context_lm_loss(module, logits, targets, groups.tp_group, groups.context)
-    out = module(ids if spec.embed else _received(module, cfg, groups))
-    if not spec.head:
-        return out, None
-    start, valid = vocab_slice(module.head)
-    keep = targets != -100
-    losses = vocab_parallel_cross_entropy(out, targets.masked_fill(~keep, 0),
-                                          groups.tp_group if valid is not None else None, start, valid)
-    whole = targets.shape[0] * (targets.shape[1] * groups.context - 1)
-    return out, (losses * keep).sum() * (groups.context / whole)
+        forward = lambda: module(input_ids=ids, position_ids=positions, use_cache=False)  # noqa: E731
+    else:
+        hidden = ids if spec.embed else _received(module, cfg, groups)
+        if not spec.head:
+            return module(hidden), None
+        chunk_module = module
+        forward, module = (lambda: chunk_module(hidden)), module.model
+    losses, out = token_losses(module, forward, targets, chunk)
+    loss = context_share(losses, targets, groups.context) if groups.context > 1 else mean_loss(losses, targets)
+    return out if isinstance(out, torch.Tensor) else out.logits, loss
 
 
 def _received(chunk, cfg, groups) -> torch.Tensor:
@@ -221,6 +217,7 @@ def _traced_pass(module, cfg, groups, spec, device: str) -> tuple[int, int, int]
                             lambda padding_mask, *args, **kwargs: causal_skip(None, *args, **kwargs)),
           mock.patch.object(masking_utils, "_ignore_bidirectional_mask_sdpa", return_value=False),
           mock.patch("torch.nn.functional.scaled_dot_product_attention", attention_as_on(device)),
+          mock.patch("torch.nn.functional.dropout", dropout_as_on(device)),
           mock.patch.object(ExpertsInterface, "get_interface", lambda *args: experts_as_grouped), live):
         start = live.reset_peak()
         out, loss = _forward(module, cfg, groups, spec)

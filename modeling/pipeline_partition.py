@@ -26,11 +26,10 @@ import torch.distributed as dist
 from torch import nn
 from transformers import PreTrainedModel
 
-from modeling.losses import vocab_slice
+from modeling.losses import mean_loss, next_token_targets, token_losses
 from modeling.pipeline import PipelineChunk, blocks_of, num_blocks, split_chunks
 from parallel.comm import comm_device
 from parallel.context import token_indices
-from parallel.cross_entropy import causal_lm_loss
 from parallel.groups import ProcessGroups
 from parallel.partition import StageSpec, chunks_of_rank, partition_string, stage_specs
 
@@ -41,7 +40,8 @@ WARMUP, TIMED = 1, 3  # probe runs per item: untimed, timed (the median counts)
 class PipelineSettings:
     """What the stage split reads from the run's settings: the sequence length and micro-batch size (the chunks'
     and the probes' input shape), ``parallel.partition`` and ``parallel.virtual_stages``, sequence parallelism
-    (the blocks' input is a sequence shard), the seed of the probes' inputs, and the ZeRO stage."""
+    (the blocks' input is a sequence shard), the seed of the probes' inputs, the ZeRO stage, and the loss's
+    chunks (``parallel.loss_chunk_tokens``: the head's probe runs the loss as training does)."""
 
     seq_len: int
     micro_batch_size: int
@@ -50,6 +50,7 @@ class PipelineSettings:
     sequence_parallel: bool = False
     seed: int = 0
     zero_stage: int = 0
+    loss_chunk_tokens: int = 0
 
 
 @dataclass
@@ -116,6 +117,18 @@ def _count_once_in_zero3_norm(chunks: nn.Module, groups: ProcessGroups) -> None:
             marked.model_parallel = True
 
 
+class _HeadLoss(nn.Module):
+    """The last chunk and its mean next-token loss of ``labels``, as one module for ``_probe``."""
+
+    def __init__(self, chunk: PipelineChunk, labels: torch.Tensor, chunk_tokens: int):
+        super().__init__()
+        self.chunk, self.targets, self.chunk_tokens = chunk, next_token_targets(labels), chunk_tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        losses, _ = token_losses(self.chunk.model, lambda: self.chunk(x), self.targets, self.chunk_tokens)
+        return mean_loss(losses, self.targets)
+
+
 def _probe(chunk: nn.Module, make_input: Callable[[], torch.Tensor], loss_of: Callable[[torch.Tensor], torch.Tensor],
            device: torch.device) -> float:
     """Median seconds of forward + backward of ``chunk``, run with random stand-ins for its (meta) parameters
@@ -167,16 +180,12 @@ def _probe_items(model: PreTrainedModel, groups: ProcessGroups, device: torch.de
     def mean_of(out):
         return out.float().mean()
 
-    head_chunk, labels = PipelineChunk(model, StageSpec(range(0), head=True), seq), tokens()
-
-    def loss_of(logits):
-        start, valid = vocab_slice(head_chunk.head)
-        return causal_lm_loss(logits, labels, groups.tp_group, start, valid)
-
+    head_loss = _HeadLoss(PipelineChunk(model, StageSpec(range(0), head=True), seq), tokens(),
+                          settings.loss_chunk_tokens)
     embed = _probe(PipelineChunk(model, StageSpec(range(0), embed=True), seq), tokens, mean_of, device)
     blocks = [_probe(PipelineChunk(model, StageSpec(range(i, i + 1)), seq),
                      hidden_state(seq if i == 0 else seq // split), mean_of, device) for i in range(num_blocks(model))]
-    return [embed, *blocks, _probe(head_chunk, hidden_state(seq), loss_of, device)]
+    return [embed, *blocks, _probe(head_loss, hidden_state(seq), lambda loss: loss, device)]
 
 
 def block_weights(costs: dict[str, Any]) -> list[int]:

@@ -257,17 +257,17 @@ def _train_with_nan(cases):
     import training.tasks.causal_lm as causal_lm
     from training import run
 
-    original = causal_lm.lm_loss
+    original = causal_lm.mean_loss
     calls = {"n": 0, "nan_steps": ()}
 
-    def poisoned(model, logits, labels, group):
+    def poisoned(losses, targets):
         calls["n"] += 1
-        loss = original(model, logits, labels, group)
+        loss = original(losses, targets)
         if dist.get_rank() == 1 and calls["n"] in calls["nan_steps"]:
             loss = loss * float("nan")
         return loss
 
-    causal_lm.lm_loss = poisoned
+    causal_lm.mean_loss = poisoned
     out = []
     for cfg, nan_steps in cases:
         calls.update(n=0, nan_steps=nan_steps)

@@ -36,7 +36,7 @@ def _real_saved_bytes(cfg, tp_group=None) -> tuple[int, int, int]:
     reference, measured by ``saved_tensors_hooks`` rather than by the planner's dispatch-level counter."""
     from modeling import lean, recompute
     from modeling.build import auto_class, byte_level_tokenizer, model_config
-    from modeling.losses import lm_loss
+    from modeling.losses import mean_loss, next_token_targets, token_losses
     from modeling.tensor_parallel import tensor_parallelize
 
     hf = model_config(pretrained=None, arch=cfg.model.arch, config=cfg.model.config,
@@ -51,8 +51,9 @@ def _real_saved_bytes(cfg, tp_group=None) -> tuple[int, int, int]:
     saved = SavedActivations()
     saved.reset(model)
     with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
-        logits = model(input_ids=ids).logits
-        loss = lm_loss(model, logits, ids, tp_group)
+        targets = next_token_targets(ids)  # the loss as training computes it (chunked output layer)
+        losses, output = token_losses(model, lambda: model(input_ids=ids), targets, cfg.parallel.loss_chunk_tokens)
+        logits, loss = output.logits, mean_loss(losses, targets)
     loss.backward()
     return sum(p.numel() for p in model.parameters()), saved.peak, logits.nbytes
 

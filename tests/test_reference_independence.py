@@ -27,11 +27,11 @@ def _warmup_from_zero(optim, total_steps):
     return lambda step: step / optim.warmup_steps if step < optim.warmup_steps else correct(step)
 
 
-def _mean_over_all_positions(model, logits, labels, tp_group):
+def _mean_over_all_positions(losses, targets):
     """Loss-reduction bug: the summed next-token loss divided by every position, the last (unpredicted) one
     included."""
-    seq_len = labels.shape[1]
-    return _ORIGINALS["lm_loss"](model, logits, labels, tp_group) * (seq_len - 1) / seq_len
+    seq_len = targets.shape[1]
+    return _ORIGINALS["mean_loss"](losses, targets) * (seq_len - 1) / seq_len
 
 
 _ORIGINALS = {}
@@ -43,13 +43,13 @@ def _train_with(cfg, mutation: str | None):
     import training.engine as engine
     import training.tasks.causal_lm as causal_lm
 
-    _ORIGINALS.update(lr_lambda=engine.lr_lambda, lm_loss=causal_lm.lm_loss)
+    _ORIGINALS.update(lr_lambda=engine.lr_lambda, mean_loss=causal_lm.mean_loss)
     if mutation == "data order":
         data.GlobalOrder.__getitem__ = _shifted_epoch_seed
     elif mutation == "lr schedule":
         engine.lr_lambda = _warmup_from_zero
     elif mutation == "loss reduction":
-        causal_lm.lm_loss = _mean_over_all_positions
+        causal_lm.mean_loss = _mean_over_all_positions
     return run_config(cfg)
 
 

@@ -15,12 +15,11 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from modeling.losses import context_lm_loss, target_losses, vocab_slice
+from modeling.losses import context_share, mean_loss, next_token_targets, token_losses
 from modeling.pipeline import defer_weight_grads
 from modeling.pipeline_partition import PipelineSettings, RankChunks
 from parallel.comm import comm_device
 from parallel.context import local_tokens
-from parallel.cross_entropy import causal_lm_loss, vocab_parallel_cross_entropy
 from parallel.groups import ProcessGroups
 from parallel.p2p import PipeComm
 from parallel.schedules import ORDERS, SPLIT_BACKWARD, Op, run_schedule
@@ -39,7 +38,7 @@ def pipeline_settings(cfg: RunConfig) -> PipelineSettings:
                             micro_batch_size=cfg.train.micro_batch_size,
                             partition=cfg.parallel.partition, virtual_stages=cfg.parallel.virtual_stages,
                             sequence_parallel=cfg.parallel.sequence_parallel, seed=cfg.train.seed,
-                            zero_stage=cfg.parallel.zero_stage)
+                            zero_stage=cfg.parallel.zero_stage, loss_chunk_tokens=cfg.parallel.loss_chunk_tokens)
 
 
 def write_measured_partition(output_dir: str, built: RankChunks) -> None:
@@ -187,12 +186,14 @@ class PipelineRunner(Step):
         local, _, targets = local_tokens(ids, batch.get("labels", batch["input_ids"]).to(device), self.groups.cp_group)
         return local, targets
 
-    def _loss(self, head: Any, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The mean next-token loss of a micro-batch (this context rank's share of it: ``labels`` are targets)."""
-        if self.groups.context > 1:
-            return context_lm_loss(head, logits, labels, self.groups.tp_group, self.groups.context)
-        start, valid = vocab_slice(head)
-        return causal_lm_loss(logits, labels, self.groups.tp_group, start, valid)
+    def _head_losses(self, module: Any, x: Any, labels: torch.Tensor,
+                     shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last chunk's forward on ``x`` and the per-token NLL of its targets (the next ids of ``labels`` with
+        ``shift``, else ``labels`` themselves: context targets): (losses, targets)."""
+        targets = next_token_targets(labels) if shift else labels
+        losses, _ = token_losses(module.model, lambda: self._forward_chunk(module, x), targets,
+                                 self.cfg.parallel.loss_chunk_tokens)
+        return losses, targets
 
     def _comm(self) -> PipeComm:
         return PipeComm(self.groups.pp_ranks, self.groups.pp_rank, self.shape, self.dtype,
@@ -209,13 +210,18 @@ class PipelineRunner(Step):
             module = chunks[chunk]
             batch: Any = batches.batch(step, microbatch) if (module.spec.embed or module.spec.head) else None
             ids, targets = self._tokens(batch, device)
-            out = self._forward_chunk(module, ids if module.spec.embed else x)
+            x = ids if module.spec.embed else x
             if not module.spec.head:
-                return out
-            loss = self._loss(module.head, out, batch["labels"].to(device) if targets is None else targets)
+                return self._forward_chunk(module, x)
+            labels = batch["labels"].to(device) if targets is None else targets
+            nll, targets = self._head_losses(module, x, labels, shift=self.groups.context == 1)
+            if self.groups.context > 1:  # this context rank's share of the mean
+                loss = context_share(nll, targets, self.groups.context)
+            else:
+                loss = mean_loss(nll, targets)
             if self.router_loss is not None:
                 sequence_group = self.groups.tp_group if self.cfg.parallel.sequence_parallel else None
-                loss = loss + self.router_loss.loss(module.router_totals, out.shape[0] * out.shape[1], sequence_group)
+                loss = loss + self.router_loss.loss(module.router_totals, targets.numel(), sequence_group)
             losses.append(loss.detach())  # stays on the device: no host wait per micro-batch
             return loss / m  # the gradient of the mean over micro-batches
 
@@ -241,16 +247,6 @@ class PipelineRunner(Step):
         dist.all_reduce(values, group=self.groups.pp_group)  # only the last stage contributes
         return float(values[0] / values[1])
 
-    def _row_nll(self, head: Any, logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> tuple[torch.Tensor, int]:
-        """(each row's summed NLL, targets per row): of the input ids (``shift``) or of context targets."""
-        if shift:
-            start, valid = vocab_slice(head)
-            nll = vocab_parallel_cross_entropy(logits[:, :-1], labels[:, 1:], self.groups.tp_group, start, valid)
-            return nll.sum(dim=1), labels.shape[1] - 1
-        # context rank 0 holds the last chunk, whose last token has no target
-        return target_losses(head, logits, labels, self.groups.tp_group).sum(dim=1), \
-            labels.shape[1] - (self.groups.cp_rank == 0)
-
     @torch.no_grad()
     def eval_sums(self, eval_batches: Iterable[tuple[dict[str, torch.Tensor], torch.Tensor]]
                   ) -> tuple[torch.Tensor | float, float]:
@@ -264,13 +260,15 @@ class PipelineRunner(Step):
             module = chunks[chunk]
             batch, weight = batches[microbatch]
             ids, targets = self._tokens(batch, device)
-            out = self._forward_chunk(module, ids if module.spec.embed else x)
-            if module.spec.head:
-                labels = cast(torch.Tensor, ids if targets is None else targets)
-                nll, count = self._row_nll(module.head, out, labels, targets is None)
-                sums[0] += (nll.double() * weight.to(nll.device)).sum().to(sums.device)
-                sums[1] += float(weight.sum()) * count  # weight is the data's, on the host
-            return out
+            x = ids if module.spec.embed else x
+            if not module.spec.head:
+                return self._forward_chunk(module, x)
+            shift = targets is None  # context targets: rank 0's last token has none
+            nll, _ = self._head_losses(module, x, cast(torch.Tensor, ids if shift else targets), shift)
+            count = nll.shape[1] - 1 if shift else nll.shape[1] - (self.groups.cp_rank == 0)
+            sums[0] += (nll.sum(dim=1).double() * weight.to(nll.device)).sum().to(sums.device)
+            sums[1] += float(weight.sum()) * count  # weight is the data's, on the host
+            return nll
 
         ops = [Op("F", c, k) for c in range(self.v) for k in range(m)]
         run_schedule(ops, p=self.p, v=self.v, rank=self.groups.pp_rank, comm=self._comm(),

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from modeling.losses import next_token_losses, target_losses
+from modeling.losses import next_token_targets, token_losses
 from parallel.context import local_tokens
 from parallel.grad_norm import global_grad_norm
 from parallel.groups import ProcessGroups
@@ -89,14 +89,15 @@ class DataParallelStep(Step):
 
     def _row_nll(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         """(each row's summed next-token NLL over this rank's tokens, the targets per row it counts)."""
-        groups, model, input_ids, documents = self.groups, self.engine.module, batch["input_ids"], \
-            batch.get("position_ids")
+        groups, engine, input_ids, documents = self.groups, self.engine, batch["input_ids"], batch.get("position_ids")
         if groups.context == 1:
             extra = {} if documents is None else {"position_ids": documents}
-            logits = self.engine(input_ids=input_ids, use_cache=False, **extra).logits
-            return next_token_losses(model, logits, input_ids, groups.tp_group).sum(dim=1), input_ids.shape[1] - 1
-        ids, positions, targets = local_tokens(input_ids, input_ids, groups.cp_group, documents)
-        logits = self.engine(input_ids=ids, position_ids=positions, use_cache=False).logits
-        # context rank 0 holds the last chunk, whose last token has no target
-        nll = target_losses(model.get_output_embeddings(), logits, targets, groups.tp_group).sum(dim=1)
-        return nll, ids.shape[1] - (groups.cp_rank == 0)
+            targets, count = next_token_targets(input_ids), input_ids.shape[1] - 1
+            forward = lambda: engine(input_ids=input_ids, use_cache=False, **extra)  # noqa: E731
+        else:
+            ids, positions, targets = local_tokens(input_ids, input_ids, groups.cp_group, documents)
+            # context rank 0 holds the last chunk, whose last token has no target
+            count = ids.shape[1] - (groups.cp_rank == 0)
+            forward = lambda: engine(input_ids=ids, position_ids=positions, use_cache=False)  # noqa: E731
+        nll, _ = token_losses(engine.module, forward, targets, self.cfg.parallel.loss_chunk_tokens)
+        return nll.sum(dim=1), count

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from modeling.losses import context_lm_loss, lm_loss, router_aux_loss
+from modeling.losses import context_share, mean_loss, next_token_targets, router_aux_loss, token_losses
 from parallel.context import local_tokens
 from parallel.groups import ProcessGroups
 from training import data
@@ -45,17 +45,18 @@ class CausalLM(Task):
         return plan.global_batch * self.cfg.data.seq_len
 
     def loss(self, engine: Any, batch: dict[str, torch.Tensor], groups: ProcessGroups) -> torch.Tensor:
-        documents = batch.get("position_ids")  # data.separate_documents
+        documents, chunk = batch.get("position_ids"), self.cfg.parallel.loss_chunk_tokens  # data.separate_documents
         if groups.context > 1:
             ids, positions, targets = local_tokens(batch["input_ids"], batch["labels"], groups.cp_group, documents)
-            logits = engine(input_ids=ids, position_ids=positions, use_cache=False).logits
-            head = engine.module.get_output_embeddings()
-            return context_lm_loss(head, logits, targets, groups.tp_group, groups.context)
+            losses, _ = token_losses(engine.module, lambda: engine(input_ids=ids, position_ids=positions,
+                                                                  use_cache=False), targets, chunk)
+            return context_share(losses, targets, groups.context)
         extra = {} if documents is None else {"position_ids": documents}
-        output = engine(input_ids=batch["input_ids"], use_cache=False, **extra)  # no KV cache in training
-        loss = lm_loss(engine.module, output.logits, batch["labels"], groups.tp_group)
+        targets = next_token_targets(batch["labels"])
+        losses, output = token_losses(engine.module, lambda: engine(input_ids=batch["input_ids"], use_cache=False,
+                                                                    **extra), targets, chunk)  # no KV cache
         sequence_group = groups.tp_group if self.cfg.parallel.sequence_parallel else None
-        return loss + router_aux_loss(engine.module, output, sequence_group)
+        return mean_loss(losses, targets) + router_aux_loss(engine.module, output, targets.numel(), sequence_group)
 
     @torch.no_grad()
     def evaluate(self, step: Step, engine: Any, blocks: Any, groups: ProcessGroups,

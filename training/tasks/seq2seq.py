@@ -11,8 +11,7 @@ import torch
 import torch.distributed as dist
 
 from modeling.generation import generate, greedy_seq2seq
-from modeling.losses import seq2seq_loss, vocab_slice
-from parallel.cross_entropy import vocab_parallel_cross_entropy
+from modeling.losses import mean_loss, token_losses
 from parallel.groups import ProcessGroups
 from training import data
 from training.config import ConfigError, RunConfig
@@ -59,7 +58,7 @@ class Seq2Seq(Task):
 
     def loss(self, engine: Any, batch: dict[str, torch.Tensor], groups: ProcessGroups) -> torch.Tensor:
         """Mean loss over the micro-batch's target tokens (padding excluded), as transformers computes it."""
-        return seq2seq_loss(engine.module, _logits(engine, batch), batch["labels"], groups.tp_group)
+        return mean_loss(_losses(engine, batch, self.cfg.parallel.loss_chunk_tokens), batch["labels"])
 
     def evaluate(self, step: Step, engine: Any, blocks: Any, groups: ProcessGroups,
                  tokenizer: Any) -> dict[str, Any]:
@@ -67,11 +66,14 @@ class Seq2Seq(Task):
         return {**metrics, **({"bleu_signature": signature} if signature else {})}
 
 
-def _logits(model_engine: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Decoder inputs are the labels shifted right (the model's own rule: start token, -100 -> padding)."""
+def _losses(model_engine: Any, batch: dict[str, torch.Tensor], chunk_tokens: int) -> torch.Tensor:
+    """Per-token NLL of the labels (0 at padding). Decoder inputs are the labels shifted right (the model's own
+    rule: start token, -100 -> padding)."""
     decoder_input_ids = model_engine.module.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
-    return model_engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        decoder_input_ids=decoder_input_ids).logits
+    losses, _ = token_losses(model_engine.module, lambda: model_engine(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=decoder_input_ids),
+        batch["labels"], chunk_tokens)
+    return losses
 
 
 @torch.no_grad()
@@ -83,8 +85,6 @@ def evaluate(model_engine: Any, examples: Any, cfg: RunConfig, groups: ProcessGr
 
     model_engine.eval()
     module, device = model_engine.module, model_engine.device
-    start, valid = vocab_slice(module.get_output_embeddings())
-    tp_group = groups.tp_group if valid is not None else None
     pad_id = tokenizer.pad_token_id
     bleu_limit = min(len(examples), cfg.eval.bleu_samples or len(examples))
     synced = cfg.parallel.zero_stage == 3 and groups.data > 1  # every rank must keep calling forward
@@ -97,11 +97,9 @@ def evaluate(model_engine: Any, examples: Any, cfg: RunConfig, groups: ProcessGr
         rows = examples.select(positions)[:]
         batch = {k: v.to(device) for k, v in data.pad_pairs(rows, pad_id).items()}
         labels = batch["labels"].masked_fill(~torch.tensor(real, device=device).unsqueeze(1), -100)
-        keep = labels != -100
-        losses = vocab_parallel_cross_entropy(_logits(model_engine, {**batch, "labels": labels}),
-                                              labels.masked_fill(~keep, 0), tp_group, start, valid)
-        nll += (losses.double() * keep).sum()
-        tokens += keep.sum()
+        losses = _losses(model_engine, {**batch, "labels": labels}, cfg.parallel.loss_chunk_tokens)
+        nll += losses.double().sum()
+        tokens += (labels != -100).sum()
         if cfg.eval.bleu and round_index * per_round < bleu_limit:  # every rank alike: generate may be collective
             texts = tokenizer.batch_decode(_translate(module, groups, batch, cfg, synced), skip_special_tokens=True)
             for row, (text, position, is_real) in enumerate(zip(texts, positions, real)):
