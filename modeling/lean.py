@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any, cast
 
@@ -90,7 +91,8 @@ class ActivationOutputs:
         self._made: dict[int, tuple[torch.Tensor, Any, torch.Tensor]] = {}
         self.open = False
 
-    def remember(self, output: torch.Tensor, function, argument: torch.Tensor) -> None:
+    def remember(self, output: torch.Tensor, function: Callable[[torch.Tensor], torch.Tensor],
+                 argument: torch.Tensor) -> None:
         if self.open and output.untyped_storage()._cdata != argument.untyped_storage()._cdata:
             # the output is held until the forward ends: its storage's address is not reused meanwhile
             self._made[output.untyped_storage()._cdata] = (output, function, argument)
