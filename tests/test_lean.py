@@ -194,3 +194,9 @@ def test_an_activation_input_changed_in_place_is_refused():
     recipe.argument.add_(1)  # the recomputation would not give the forward's output
     with pytest.raises(RuntimeError, match="in place"):
         recipe.compute()
+
+
+def test_a_dropout_left_to_torch_keeps_a_mask_of_the_inputs_dtype(monkeypatch):
+    monkeypatch.setattr(lean.LeanDropout, "forward", nn.Dropout.forward)
+    kept, lean_kept = _compare(nn.Dropout(0.1), torch.randn(TOKENS, HIDDEN))
+    assert lean_kept == kept == TOKENS * HIDDEN * 4  # not the 1-byte mask test_dropout_keeps_a_one_byte_mask sees
