@@ -46,6 +46,13 @@ def bleu(hypotheses: list[str], references: list[list[str]]) -> dict:
     return {"bleu": score.score, "signature": str(metric.get_signature())}
 
 
+
+def _loss_chunk_tokens() -> int:
+    """``parallel.loss_chunk_tokens`` as a run's default: the output layer and loss in chunks, as training."""
+    from training.config_schema import ParallelConfig
+
+    return int(ParallelConfig.model_fields["loss_chunk_tokens"].default)
+
 class ParallelLM:
     """An HF causal LM sharded over tensor and pipeline groups, for scoring and greedy generation."""
 
@@ -74,10 +81,11 @@ class ParallelLM:
         self.quantized = quantize_int8(self.model) if int8 else 0
         self.weight_bytes = weight_bytes(self.model if self.chunks is None else self.chunks)
 
-    def _stage_forward(self, ids):
-        """Run the pipeline for one sequence batch; the last stage returns local logits, others None."""
+    def _stage_forward(self, ids, targets):
+        """Run the pipeline for one sequence batch; the last stage returns the per-token losses, others None."""
         import torch
 
+        from modeling.losses import token_losses
         from parallel.comm import comm_device
         from parallel.p2p import PipeComm
         from parallel.schedules import Op, run_schedule
@@ -90,36 +98,34 @@ class ParallelLM:
         out = {}
 
         def forward_step(c, k, x):
-            y = self.chunks[c](ids if self.chunks[c].spec.embed else x)
-            if self.chunks[c].spec.head:
-                out["logits"] = y
-            return y
+            chunk = self.chunks[c]
+            x = ids if chunk.spec.embed else x
+            if not chunk.spec.head:
+                return chunk(x)
+            out["losses"], _ = token_losses(chunk.model, lambda: chunk(x), targets, _loss_chunk_tokens())
+            return out["losses"]
 
         run_schedule([Op("F", 0, 0)], p=self.groups.pipeline, v=1, rank=self.groups.pp_rank, comm=comm,
                      forward_step=forward_step, backward_step=None, forward_only=True)
-        return out.get("logits")
+        return out.get("losses")
 
     def nll(self, ids, scored_from: int) -> tuple[float, int]:
         """Summed NLL of ``ids[:, scored_from + 1:]`` given what precedes them, and their count."""
         import torch
         import torch.distributed as dist
 
-        from modeling.losses import vocab_slice
-        from parallel.cross_entropy import vocab_parallel_cross_entropy
+        from modeling.losses import next_token_targets, token_losses
 
+        targets = next_token_targets(ids)
         with torch.no_grad():
             if self.chunks is None:
-                logits = self.model(input_ids=ids).logits
-                head = self.model.get_output_embeddings()
+                losses, _ = token_losses(self.model, lambda: self.model(input_ids=ids), targets,
+                                         _loss_chunk_tokens())
             else:
-                logits = self._stage_forward(ids)
-                head = self.chunks[-1].head if self.groups.is_last_stage else None
+                losses = self._stage_forward(ids, targets)
             values = torch.zeros(2, dtype=torch.float64)
-            if logits is not None:
-                start, valid = vocab_slice(head)
-                group = self.groups.tp_group if valid is not None else None
-                losses = vocab_parallel_cross_entropy(logits[:, :-1], ids[:, 1:], group, start, valid)
-                scored = losses[:, scored_from:]
+            if losses is not None:
+                scored = losses[:, scored_from:-1]  # the last position has no target
                 values += torch.tensor([float(scored.sum()), scored.numel()], dtype=torch.float64)
             if self.groups.pipeline > 1:
                 dist.all_reduce(values, group=self.groups.pp_group)

@@ -225,13 +225,10 @@ def _train_then_train_unshifted(cfg, mutated):
 
     correct = run_configs([cfg])[0]
 
-    def unshifted_logits(model_engine, batch):
-        labels = batch["labels"]
-        decoder_input_ids = labels.masked_fill(labels == -100, model_engine.module.config.pad_token_id)
-        return model_engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            decoder_input_ids=decoder_input_ids).logits
+    def unshifted(model_engine, labels):
+        return labels.masked_fill(labels == -100, model_engine.module.config.pad_token_id)
 
-    seq2seq._logits = unshifted_logits
+    seq2seq._decoder_input_ids = unshifted
     return correct, run_configs([mutated])[0]
 
 

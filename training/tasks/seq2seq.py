@@ -66,10 +66,14 @@ class Seq2Seq(Task):
         return {**metrics, **({"bleu_signature": signature} if signature else {})}
 
 
+def _decoder_input_ids(model_engine: Any, labels: torch.Tensor) -> torch.Tensor:
+    """The labels shifted right (the model's own rule: start token, -100 -> padding)."""
+    return model_engine.module.prepare_decoder_input_ids_from_labels(labels=labels)
+
+
 def _losses(model_engine: Any, batch: dict[str, torch.Tensor], chunk_tokens: int) -> torch.Tensor:
-    """Per-token NLL of the labels (0 at padding). Decoder inputs are the labels shifted right (the model's own
-    rule: start token, -100 -> padding)."""
-    decoder_input_ids = model_engine.module.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
+    """Per-token NLL of the labels (0 at padding), the decoder fed ``_decoder_input_ids``."""
+    decoder_input_ids = _decoder_input_ids(model_engine, batch["labels"])
     losses, _ = token_losses(model_engine.module, lambda: model_engine(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=decoder_input_ids),
         batch["labels"], chunk_tokens)
