@@ -150,3 +150,63 @@ def context_attention_bytes(method: str, micro: int, seq_len: int, heads: int, k
     block = 2 * local * kv_heads * head_dim * width + 8 * local
     accumulators = 2 * local * kv_heads * head_dim * max(width, 4)
     return {"forward": float((context - 1) * block), "backward": float((context - 1) * block + context * accumulators)}
+
+
+def layer_activation_bytes(seq: int, micro: int, hidden: int, heads: int, *, tensor: int = 1,
+                           sequence_parallel: bool = False, recompute: str = "none", element: int = 2,
+                           attention_dropout: bool = True, hidden_dropout: bool = True, fused_attention: bool = False,
+                           ffn: int | None = None, gated: bool = False, kv_heads: int | None = None,
+                           head_dim: int | None = None) -> dict[str, float]:
+    """Bytes one transformer block keeps for its backward, per tensor-parallel rank, term by term, as Megatron
+    counts them; ``total`` is their sum.
+
+    Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", section 4 and
+    Table 2: per block of a GPT (LayerNorm, unfused attention with dropout, 4h GeLU MLP), 16-bit elements and
+    1-byte dropout masks, s tokens x b sequences of width h, a heads, TP degree t: no recomputation
+    sbh(10 + 24/t + 5as/(ht)), with sequence parallelism sbh/t (34 + 5as/h); selective recomputation (the
+    core attention recomputed) sbh(10 + 24/t), with SP 34sbh/t; full recomputation 2sbh (the block's input; 2sbh/t
+    under SP). The terms, in bytes per sbh at ``element`` bytes per value (``e``) and masks of 1 byte:
+
+    - ``norms``: the inputs of the two norms, 2e (1/t under SP);
+    - ``replicated``: what the tensor-parallel region's inputs keep whole on every rank (1/t under SP): the QKV
+      projection's input e, the MLP's first projection's input e, the two dropout masks after the attention and
+      the MLP, 1 each;
+    - ``sharded`` (1/t): Q, K (the scores' inputs) and V (the weighted sum's), e x (heads + 2 kv_heads) x
+      head_dim / h; the output projection's input, e x heads x head_dim / h; the MLP's activation input and its
+      second projection's input, 2e x ffn / h (4h GeLU: 8e; 24 bytes per sbh in all with the attention's, the
+      paper's 24/t);
+    - ``attention`` (1/t, none without recomputation only): the softmax output e, its dropout mask 1 and the
+      dropout output e per a s b s element: 5as/h bytes per sbh. A fused kernel (flash, memory-efficient:
+      ``fused_attention``) keeps no s x s tensor; its output is the output projection's input, already counted
+      (Megatron's ``compute_activation_memory_without_sp`` counts sbh(10 + 24/t) for the no-recomputation case
+      too, for that reason); without attention dropout the softmax output alone is kept, e.
+
+    Adjustments, each a parameter: fp32 training, ``element=4`` (masks stay 1 byte: torch's fused dropout and
+    ``parallel.lean_activations``' keep bool masks); no dropout (Llama, ``attention_dropout`` /
+    ``hidden_dropout`` False): its masks and outputs are not there.
+
+    Llama-style blocks (Megatron's accounting, ``megatron/training/theoretical_memory_usage.py``,
+    ``compute_activation_memory``, Megatron-LM d98e8a6, 2026-08): per layer sbh(18 + 4 ffn/h)/t under SP with
+    selective recomputation, the paper's 34 with ``ffn_hidden_size`` for 4h; it has no term for SwiGLU or grouped
+    queries (its own TODO: the query projection's width is taken as h). Derived here from the same terms: with
+    grouped queries K and V are kv_heads x head_dim wide; with SwiGLU (``gated``) the first projection's output
+    is gate|up, 2 ffn wide, which Megatron's own ``SwiGLUFunction`` keeps (``save_for_backward(input)``,
+    ``megatron/core/fusions/fused_bias_swiglu.py``), and its ffn-wide product is the second projection's input:
+    6e x ffn / h instead of 4e x ffn / h. For a 4h GeLU MLP with a heads of h / a every term is the paper's."""
+    ffn = ffn or 4 * hidden
+    kv_heads, head_dim = kv_heads or heads, head_dim or hidden // heads
+    sbh, t = seq * micro * hidden, tensor
+    split = t if sequence_parallel else 1
+    if recompute == "full":
+        return {"input": element * sbh / split, "total": element * sbh / split}
+    masks = 2 if hidden_dropout else 0
+    terms = {"norms": 2 * element * sbh / split, "replicated": (2 * element + masks) * sbh / split,
+             "sharded": element * seq * micro * ((2 * heads + 2 * kv_heads) * head_dim + (3 if gated else 2) * ffn) / t,
+             "attention": 0.0}
+    if recompute == "none" and not fused_attention:
+        per_score = 2 * element + 1 if attention_dropout else element
+        terms["attention"] = per_score * heads * seq * seq * micro / t
+    elif recompute not in ("none", "selective"):
+        raise ValueError(f"recompute {recompute!r}: none, selective or full")
+    terms["total"] = sum(terms.values())
+    return terms

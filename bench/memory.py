@@ -20,12 +20,14 @@ at the run's precision: bf16/fp16 runs get the mixed-precision terms
 gradients, AdamW moments and, under ZeRO, the fp32 master
 partition and, under ZeRO-3, the largest layer gathered in full with its gradient (DeepSpeed's own estimate), plus
 the activations, measured (``SavedActivations``: the most bytes of tensors autograd held for the backward at once
-during the steps). CPU ranks holding >= 256 MiB of parameters fix glibc's mmap threshold at 256 KB themselves
-(``training/host_memory.py``; ``--malloc-mmap-threshold N`` passes ``MALLOC_MMAP_THRESHOLD_=N`` instead), so that
-resident memory follows the live tensors: with glibc's default, memory of freed tensors under 32 MB stays in the
-heap and a phase's peak carries the previous phase's high-water mark. For the save and export phases the
-report also gives what the phase itself added above what the rank held when it began (``+added``), and the slowest
-rank's save time.
+during the steps) and, of those, the most one transformer block saved (``layer_bytes``: from the start of the
+rank's first block to the start of its second, ``bench.plan_layers.BlockWindow``; ``bench plan --check`` sets the
+traced per-layer bytes against it). CPU ranks holding >= 256 MiB of parameters fix glibc's mmap threshold at
+256 KB themselves (``training/host_memory.py``; ``--malloc-mmap-threshold N`` passes ``MALLOC_MMAP_THRESHOLD_=N``
+instead), so that resident memory follows the live tensors: with glibc's default, memory of freed tensors under
+32 MB stays in the heap and a phase's peak carries the previous phase's high-water mark. For the save and export
+phases the report also gives what the phase itself added above what the rank held when it began (``+added``), and
+the slowest rank's save time.
 Outputs in ``--out``: results.json and report.md.
 """
 
@@ -187,9 +189,17 @@ class MemoryObserver(Observer):
         self.peaks, self.activations = peaks, activations
         self._module = None
         self._hooks = None
+        self.window = None
 
     def on_built(self, run) -> None:
         self._module = run.engine.module
+        self.window = _block_window(getattr(run, "model", None), self.activations)
+
+    @property
+    def layer_bytes(self) -> int:
+        """The most bytes one transformer block saved for the backward (``bench.plan_layers.BlockWindow``: from
+        the start of this rank's first block to the start of its second), 0 where it has fewer than two."""
+        return self.window.bytes if self.window is not None else 0
 
     def on_phase_start(self, phase: str, step: int) -> None:
         if phase in self.OWN or phase == "optimizer":
@@ -213,6 +223,21 @@ class MemoryObserver(Observer):
             self._hooks = None
 
 
+def _block_window(model, activations):
+    """A ``BlockWindow`` over the first two consecutive blocks of ``model`` that this rank holds (with
+    pipelines, the blocks of its stage), or None."""
+    from bench.plan_layers import BlockWindow
+    from modeling.pipeline import blocks_of
+
+    try:
+        blocks = blocks_of(model)
+    except (TypeError, ValueError, AttributeError):  # an encoder-decoder, a model without a block list
+        return None
+    held = [i for i, block in enumerate(blocks) if any(p.device.type != "meta" for p in block.parameters())]
+    first = next((i for i in held if i + 1 in held), None)
+    return None if first is None else BlockWindow(blocks[first:first + 2], activations)
+
+
 def worker(args) -> None:
     import torch.distributed as dist
 
@@ -222,7 +247,8 @@ def worker(args) -> None:
 
     cfg = load(args.config, args.set)
     peaks, activations = PhasePeaks(), SavedActivations()
-    result = run(cfg, observers=[MemoryObserver(peaks, activations)])
+    observer = MemoryObserver(peaks, activations)
+    result = run(cfg, observers=[observer])
     peaks.end()
     module = result.engine.module
     # unpartitioned (ZeRO-3 keeps the size in ds_numel); the formula divides by the data-parallel degree
@@ -235,6 +261,7 @@ def worker(args) -> None:
     record = {"rank": dist.get_rank(), "runtime_bytes": peaks.runtime, "local_params": local,
               "malloc_mmap_threshold": _mmap_threshold(result.model),
               "formula_bytes": sum(formula.values()), "activation_bytes": activations.peak,
+              "layer_bytes": observer.layer_bytes,
               **{f"{k}_peak_bytes": v for k, v in peaks.peaks.items()},
               **{f"{k}_rss_peak_bytes": v for k, v in peaks.rss_peaks.items()},
               **{f"{k}_seconds": v for k, v in peaks.seconds.items()},
@@ -286,6 +313,7 @@ def summarize(record: dict) -> dict:
            "params_per_rank": max(r["local_params"] for r in ranks),
            "formula_bytes": max(r["formula_bytes"] for r in ranks),
            "activation_bytes": max(r.get("activation_bytes", 0) for r in ranks),
+           "layer_bytes": max(r.get("layer_bytes", 0) for r in ranks),
            "runtime_bytes": max(r["runtime_bytes"] for r in ranks)}
     for phase in PHASES:
         above = [(r[f"{phase}_peak_bytes"] - r["runtime_bytes"], r["formula_bytes"]) for r in ranks
@@ -301,7 +329,7 @@ def summarize(record: dict) -> dict:
 
 def report(rows: list[dict], machine: dict, command: str, threshold: int) -> str:
     mb = lambda b: f"{b / 2**20:,.0f}"  # noqa: E731
-    head = (["layout", "ranks", "params/rank", "formula MB", "activations MB", "runtime MB"]
+    head = (["layout", "ranks", "params/rank", "formula MB", "activations MB", "per-layer MB", "runtime MB"]
             + [f"{p} MB (x formula)" for p in PHASES] + ["save s"])
     lines = [f"# Memory per rank ({machine['date']}, {machine['cpu']}, {machine['cores']} cores, torch "
              f"{machine['torch']})", "", f"`{command}`", "",
@@ -309,7 +337,9 @@ def report(rows: list[dict], machine: dict, command: str, threshold: int) -> str
              "peak above its runtime to its formula: model state (weights + gradients + AdamW moments under its "
              "ZeRO stage, plus the fp32 master partition DeepSpeed keeps under ZeRO and, under ZeRO-3, the largest "
              "layer gathered with its gradient) + activations (the most bytes autograd held for the backward at "
-             "once, measured; their own column); resume: a resumed run's restore of the optimizer state; +N: what "
+             "once, measured; their own column); per-layer: the most bytes one transformer block saved "
+             "(bench/plan_layers.py, from the start of the rank's first block to the start of its second); resume: "
+             "a resumed run's restore of the optimizer state; +N: what "
              "the resume, optimizer step, save or export added above what the rank held when it began. save s: the "
              "slowest rank's wall time in the checkpoint saves. "
              + (f"Ranks ran with MALLOC_MMAP_THRESHOLD_={threshold} (freed tensors go back to the system)."
@@ -322,7 +352,8 @@ def report(rows: list[dict], machine: dict, command: str, threshold: int) -> str
             lines.append(f"| {r['layout']} | {r['nproc']} | failed |")
             continue
         cells = [r["layout"], str(r["nproc"]), f"{r['params_per_rank'] / 1e6:.1f} M", mb(r["formula_bytes"]),
-                 mb(r["activation_bytes"]), mb(r["runtime_bytes"])]
+                 mb(r["activation_bytes"]), f"{r['layer_bytes'] / 2**20:,.2f}" if r.get("layer_bytes") else "-",
+                 mb(r["runtime_bytes"])]
         cells += [f"{mb(r[f'{p}_above_runtime_bytes'])} ({r[f'{p}_vs_formula']:.2f})"
                   + (f" +{mb(r[f'{p}_added_bytes'])}" if p in ("resume", "optimizer", "save", "export") else "")
                   if f"{p}_vs_formula" in r else "-" for p in PHASES]

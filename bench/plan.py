@@ -87,6 +87,13 @@ def measured_peaks(results: Path) -> dict[str, int]:
     return out
 
 
+def measured_layers(results: Path) -> dict[str, int]:
+    """Layout label -> the most bytes one transformer block kept on a rank (``bench memory``'s
+    ``layer_bytes``; absent in results written before it measured them)."""
+    return {record["layout"]: max(r.get("layer_bytes", 0) for r in record["ranks"])
+            for record in json.loads(results.read_text())["ranks"] if record.get("status") == "ok"}
+
+
 def parse_bytes(text: str) -> int:
     """'80GiB', '80GB', '512MiB', '1e9' -> bytes."""
     units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9,
@@ -154,8 +161,10 @@ def main(argv=None) -> list[dict]:
 
 
 def _plan_text(args) -> tuple[list[dict], str]:
+    from bench.plan_layers import layer_table
+
     rows = plan_rows(args)
-    return rows, plan_table(rows)
+    return rows, plan_table(rows) + layer_table(rows)
 
 
 def _write(out: Path, rows: list[dict], text: str, argv) -> None:
@@ -177,16 +186,24 @@ def plan_rows(args) -> list[dict]:
     rows = []
     for results in map(Path, args.check):
         config, overrides = memory_run(results)
+        layers = measured_layers(results)
         for text, measured in measured_peaks(results).items():
             row = _planned_row(config, overrides + args.set, text, args.device)
             row.update(run=results.parent.name, measured_bytes=measured, error=row["peak_bytes"] / measured - 1)
+            if layers.get(text):
+                row["measured_layer_bytes"] = layers[text]
             rows.append(row)
     return rows
 
 
 def _planned_row(config: str, overrides: list[str], text: str, device: str) -> dict:
+    from bench.plan_layers import layer_fields
+    from bench.plan_trace import full_meta_model
+
     cfg, data = _variant_config(config, overrides, text)
-    return plan_row(text or _describe(cfg), cfg, data, plan_layout(cfg, data, device=device))
+    full = full_meta_model(cfg)
+    row = plan_row(text or _describe(cfg), cfg, data, plan_layout(cfg, data, full=full, device=device))
+    return {**row, **layer_fields(cfg, full, device)}
 
 
 def _describe(cfg) -> str:

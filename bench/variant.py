@@ -3,7 +3,10 @@
 diverge`` names. Its parallel layout (tensor x pipeline x data x context) gives the processes; the ZeRO stage, the
 expert degree (carved from data) and, for ``bench diverge``, any dotted config key ride along as overrides.
 ``context=N`` is ``parallel.context=N`` and N times the processes: ``data`` counts the replicas (different
-samples), the run's data-parallel group (ZeRO, the gradient reduction) their ranks times N."""
+samples), the run's data-parallel group (ZeRO, the gradient reduction) their ranks times N. Three words name
+settings that change what a layout keeps, not its processes: ``sequence_parallel`` (``parallel.sequence_parallel``),
+``recompute=none|selective|full`` (``parallel.activation_checkpointing``) and ``lean=0|1``
+(``parallel.lean_activations``)."""
 
 from __future__ import annotations
 
@@ -13,6 +16,9 @@ from typing import NamedTuple
 CONFIG_KEYS = {"tensor": "parallel.tensor", "pipeline": "parallel.pipeline", "zero": "parallel.zero_stage",
                "expert": "parallel.expert", "context": "parallel.context"}
 DEGREES = ("tensor", "pipeline", "data", "context")
+SETTINGS = {"sequence_parallel": ("parallel.sequence_parallel", ("",)),
+            "recompute": ("parallel.activation_checkpointing", ("none", "selective", "full")),
+            "lean": ("parallel.lean_activations", ("0", "1"))}
 
 
 class Variant(NamedTuple):
@@ -28,11 +34,16 @@ def parse_variant(text: str, prog: str = "bench memory") -> Variant:
     sets = []
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
+        if key in SETTINGS and value in SETTINGS[key][1]:
+            name = SETTINGS[key][0]
+            sets.append(f"{name}={ {'': 'true', '0': 'false', '1': 'true'}.get(value, value)}")
+            continue
         if key not in {*degrees, *CONFIG_KEYS} or not value.isdigit():
             from bench.cli import fail
 
             fail(prog, f"--layout {text!r}: {item!r} is not one of "
-                       f"{', '.join(k + '=N' for k in (*DEGREES, 'zero', 'expert'))}")
+                       f"{', '.join(k + '=N' for k in (*DEGREES, 'zero', 'expert'))}, sequence_parallel, "
+                       f"recompute=none|selective|full, lean=0|1")
         if key in degrees:
             degrees[key] = int(value)
         if key in CONFIG_KEYS:
