@@ -178,7 +178,7 @@ def rank_model(cfg: RunConfig, full: Any, groups: ProcessGroups) -> tuple[Any, A
     if groups.context > 1:  # after: Ulysses runs the (selectively recomputed) attention function on all tokens
         context_parallel.apply(model, groups.cp_group, cfg.parallel.context_attention, groups.tensor,
                                cfg.data.separate_documents)
-    compile_blocks(model, cfg, groups)  # last on the blocks, before the pipeline chunks that call them
+    compile_blocks(model, cfg)  # last on the blocks, before the pipeline chunks that call them
     if groups.pipeline == 1:
         return model, None
     built = build_chunks(model, groups, pipeline_settings(cfg))
