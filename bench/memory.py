@@ -224,8 +224,8 @@ class MemoryObserver(Observer):
 
 
 def _block_window(model, activations):
-    """A ``BlockWindow`` over the first two consecutive blocks of ``model`` that this rank holds (with
-    pipelines, the blocks of its stage), or None."""
+    """A ``BlockWindow`` over the first consecutive blocks of ``model`` that this rank holds (with pipelines,
+    the blocks of its stage), or None."""
     from bench.plan_layers import BlockWindow
     from modeling.pipeline import blocks_of
 
@@ -235,7 +235,10 @@ def _block_window(model, activations):
         return None
     held = [i for i, block in enumerate(blocks) if any(p.device.type != "meta" for p in block.parameters())]
     first = next((i for i in held if i + 1 in held), None)
-    return None if first is None else BlockWindow(blocks[first:first + 2], activations)
+    if first is None:
+        return None
+    last = first + 1 + (first + 2 in held)
+    return BlockWindow(list(blocks[first:last + 1]), activations)
 
 
 def worker(args) -> None:

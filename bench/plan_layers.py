@@ -3,15 +3,18 @@ the meta device (``trace_layer``, ``bench plan``) or measured in a run (``BlockW
 saved tensors), next to Megatron's accounting (``bench.formulas.layer_activation_bytes``: Korthikanti et al.
 2022 for a GPT block, its SwiGLU / grouped-query form for Llama-style blocks).
 
-What "one block's activations" is here: whatever is counted between the start of the model's first block and
-the start of its second. That is the first block's kept tensors with its input (the first operation that saves
-it is in the block) and without its output (first saved by the second block), as the paper counts a layer; with
-full recomputation, the checkpoint keeps the next block's input instead, of the same size. Tensors made once per
-model and shared by every block (the causal mask, RoPE's cos / sin) are made before the first block and are not
-counted, nor by the formula. The difference of whole-model traces at two layer counts is the same quantity
-provided the model runs without a KV cache, as training does (``use_cache=False``): with transformers' default
-cache every block also keeps a copy of its keys and values (GPT-2 12 x 768, bf16: 4 bytes per token and hidden
-unit more)."""
+What "one block's activations" is here: whatever is counted between the start of the model's second block and
+the start of its third (``BlockWindow``). That is the second block's kept tensors with its input (the first
+operation that saves it is in the block) and without its output (first saved by the third block), as the paper
+counts a layer; with full recomputation, the checkpoint keeps the next block's input instead, of the same size.
+Tensors made once per model and shared by every block (the causal mask, RoPE's cos / sin) are not a layer's, nor
+in the formula: the meta trace counts tensors from when they are made (before the first block), the run's
+measurement counts saved tensors from their first saving, which can be in the first block (selective
+recomputation's checkpoint saves the attention function's inputs, the s x s causal mask among them: 2.7 bytes
+per token and hidden unit at GPT-2 12 x 768, 1,024 tokens, bf16), hence the second block. The difference of
+whole-model traces at two layer counts is the same quantity provided the model runs without a KV cache, as
+training does (``use_cache=False``): with transformers' default cache every block also keeps a copy of its keys
+and values (GPT-2 12 x 768, bf16: 4 bytes per token and hidden unit more)."""
 
 from __future__ import annotations
 
@@ -29,13 +32,15 @@ class _Reached(Exception):
 
 class BlockWindow:
     """The most that ``meter.live`` (``LiveBytes`` or ``bench.memory.SavedActivations``) grew from the start of
-    ``blocks[0]`` to the start of ``blocks[1]``, over the forwards in training mode with gradients on (not a
-    full recomputation's second forward, which runs in the backward). ``stop``: end the forward there."""
+    the second of ``blocks`` (consecutive blocks) to the start of the third (with two blocks: of the first to the
+    second), over the forwards in training mode with gradients on (not a full recomputation's second forward,
+    which runs in the backward). ``stop``: end the forward there."""
 
     def __init__(self, blocks, meter, stop: bool = False):
         self.meter, self.stop, self.bytes, self._start = meter, stop, 0, None
-        self._handles = [blocks[0].register_forward_pre_hook(self._enter),
-                         blocks[1].register_forward_pre_hook(self._leave)]
+        first = 1 if len(blocks) >= 3 else 0
+        self._handles = [blocks[first].register_forward_pre_hook(self._enter),
+                         blocks[first + 1].register_forward_pre_hook(self._leave)]
 
     def _enter(self, module, args) -> None:
         backward = torch._C._current_graph_task_id() != -1  # a recomputation inside the backward
@@ -135,7 +140,7 @@ def trace_layer(cfg, full=None, device: str = "cpu") -> LayerTrace | None:
         groups = ProcessGroups.from_degrees(tensor=par.tensor, expert=par.expert, context=par.context)
         model, _ = rank_model(cfg, full, groups)
         model = model.to("meta").train()
-        blocks = blocks_of(model)
+        blocks = list(blocks_of(model))
         if len(blocks) < 2:
             return None
         ids = torch.zeros(cfg.train.micro_batch_size, cfg.data.seq_len, dtype=torch.long, device="meta")

@@ -40,7 +40,10 @@ def check_keys(arch: str, fields: dict) -> None:
     """``ValueError`` for a key of ``model.config`` that the ``arch`` config class does not know (a typo such as
     ``n_layers`` would otherwise be stored as an unused attribute and the default used), with "did you mean"."""
     default = build_config(arch, {})
-    known = {f.name for f in dataclasses.fields(default)} | set(getattr(default, "attribute_map", {}))
+    # attn_implementation: every config takes it (transformers keeps it as ``_attn_implementation``, outside the
+    # fields and ``to_dict``): which attention function the model runs, e.g. "eager" or "sdpa"
+    known = ({f.name for f in dataclasses.fields(default)} | set(getattr(default, "attribute_map", {}))
+             | {"attn_implementation"})
     for key in fields:
         if key in known or _changes_a_field(arch, default, key, fields[key]) or _read_by_model(default, key):
             continue  # a legacy name the class translates (Llama's rope_scaling), an attribute the model reads
