@@ -104,6 +104,7 @@ def _tensor_parallel(vocab: int, bias: bool) -> list[float]:
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     x, w, b, t, grad = _problem(tokens=130, vocab=vocab, hidden=24)
+    b = b if bias else torch.zeros_like(b)
     ref = _reference(x, w, b, t, grad)
     local = -(-vocab // world)  # rows per rank, the last rank's padded
     start, valid = rank * local, max(0, min(local, vocab - rank * local))
