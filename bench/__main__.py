@@ -9,7 +9,7 @@ COMMANDS = {"overhead": "bench.overhead", "plan": "bench.plan", "tp": "bench.tp"
             "memory": "bench.memory", "llama-demo": "bench.llama_demo", "diverge": "bench.diverge",
             "cpu_adam": "bench.cpu_adam", "async_save": "bench.async_save", "coverage": "bench.coverage",
             "generate": "bench.generate", "compression": "bench.compression", "slow-link": "bench.slow_link",
-            "context": "bench.context", "loss": "bench.loss"}
+            "context": "bench.context", "loss": "bench.loss", "compile": "bench.compile"}
 
 
 def main() -> int:
