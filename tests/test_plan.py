@@ -52,7 +52,8 @@ def _real_saved_bytes(cfg, tp_group=None) -> tuple[int, int, int]:
     saved.reset(model)
     with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
         targets = next_token_targets(ids)  # the loss as training computes it (chunked output layer)
-        losses, output = token_losses(model, lambda: model(input_ids=ids), targets, cfg.parallel.loss_chunk_tokens)
+        losses, output = token_losses(model, lambda: model(input_ids=ids, use_cache=False), targets,  # as training
+                                      cfg.parallel.loss_chunk_tokens)
         logits, loss = output.logits, mean_loss(losses, targets)
     loss.backward()
     return sum(p.numel() for p in model.parameters()), saved.peak, logits.nbytes
