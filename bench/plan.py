@@ -36,9 +36,12 @@ With ``--link-gbps X``, each planned layout's data-parallel gradients (fp32, of 
 seconds per gradient byte, bytes on the wire and their efficiency per mode), and the fastest mode is named
 (``bench.slow_link_fit.choose_mode``).
 
-The modules: ``bench.plan_trace`` (the meta-device traces), ``bench.plan_stages`` (each stage's planned memory),
-``bench.plan_search`` (the layouts that fit), ``bench.formulas`` (model state, transients, FLOPs), this one (the
-command, ``--check``).
+After the table, one transformer block's activations per layout next to Megatron's accounting
+(``bench.plan_layers``; with ``--check``, next to the per-layer bytes ``bench memory`` measured).
+
+The modules: ``bench.plan_trace`` (the meta-device traces), ``bench.plan_layers`` (one block's),
+``bench.plan_stages`` (each stage's planned memory), ``bench.plan_search`` (the layouts that fit),
+``bench.formulas`` (model state, transients, FLOPs, a layer's activations), this one (the command, ``--check``).
 """
 
 

@@ -190,6 +190,6 @@ def layer_table(rows: list[dict]) -> str:
             measured = r.get("measured_layer_bytes")
             cells += ([mb(measured), f"{r['layer_bytes'] / measured - 1:+.1%}"] if measured else ["-", "-"])
         lines.append("| " + " | ".join(cells) + " |")
-    return ("\nOne transformer block's activations on the largest rank (bench/plan_layers.py: from the start of "
-            "the first block to the start of the second), next to Megatron's accounting "
+    return ("\nOne transformer block's activations on tensor rank 0 (bench/plan_layers.py: from the start of the "
+            "second block to the start of the third), next to Megatron's accounting "
             "(bench.formulas.layer_activation_bytes):\n\n" + "\n".join(lines) + "\n")
