@@ -191,9 +191,9 @@ class MemoryObserver(Observer):
         self._hooks = None
         self.window = None
 
-    def on_built(self, run) -> None:
-        self._module = run.engine.module
-        self.window = _block_window(getattr(run, "model", None), self.activations)
+    def on_built(self, built) -> None:
+        self._module = built.engine.module
+        self.window = _block_window(getattr(built, "model", None), self.activations)
 
     @property
     def layer_bytes(self) -> int:
