@@ -6,7 +6,7 @@ The quickstart config (``configs/quickstart.yaml``: GPT-2 4 x 128 from scratch, 
 ZeRO-1) on one process for ``--steps`` steps, eager and compiled alternated over ``--rounds`` (eager, compiled,
 compiled, eager, ...). Each compiled run starts from empty dynamo caches and an inductor cache of this command's own
 (a fresh directory), so each compiles as a first run does; the second one finds the first's kernels on disk.
-Reported per variant: tokens/s over the steps after the first ``--warmup`` (median of the runs), the warm-up
+Reported per variant: tokens/s of the median step after the first ``--warmup`` (median of the runs), the warm-up
 steps' seconds (the compilation, against eager's same steps) and the peak resident memory (``RssAnon``, CPU; the
 allocator's peak on a GPU) over the timed steps. The BPE tokenizer is trained by the first run and reused."""
 
@@ -69,8 +69,7 @@ def time_variant(args, variant: str, scratch: Path, tokenizer: Path | None) -> d
     timed = times.records[args.warmup:]
     return {"variant": variant, "tokenizer": str(out / "tokenizer"),
             "warmup_s": sum(r["step_time_s"] for r in times.records[:args.warmup]),
-            "tokens_per_s": sum(r["tokens_per_s"] * r["step_time_s"] for r in timed) / sum(r["step_time_s"]
-                                                                                          for r in timed),
+            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),  # robust to a neighbour's burst
             "peak_mb": times.peaks.peaks["timed"] / 2**20, "added_mb": times.peaks.added["timed"] / 2**20,
             "losses": [r["loss"] for r in times.records]}
 
@@ -140,7 +139,7 @@ def main(argv=None) -> None:
     parser.add_argument("--set", action="append", default=[], help="a config override, as train.py's --set")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=3, help="steps not timed (the compilation: step 1)")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", help="directory for results.json and report.md")
     args = parser.parse_args(argv)
     _check(args)

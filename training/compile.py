@@ -5,9 +5,10 @@ pipeline chunks (which call the same blocks), ZeRO and recomputation see the sam
 - **Where the graphs end.** colonnade's tensor-parallel layers (collectives as autograd functions,
   ``parallel.comm``, recorded by the flight recorder) and the module hooks inside a block (the region entries,
   the per-rank dropout generator's spans, ``parallel.random``) run as written, opaque to dynamo: the graphs end
-  before each and resume after it, in program order. No collective is traced into a graph, reordered or dropped;
-  at TP=1 a block is one graph. Under full recomputation the checkpoint (its ``context_fn`` restores the
-  tensor-parallel generator, which dynamo cannot trace) runs eagerly around the compiled forward.
+  before each and resume after it, in program order. No collective is traced into a graph, reordered or dropped.
+  ``parallel.lean_activations``' substitutes (saved-tensor hooks, which dynamo does not trace) run eagerly too.
+  Under full recomputation the checkpoint (its ``context_fn`` restores the tensor-parallel generator, which dynamo
+  cannot trace) runs eagerly around the compiled forward.
 - **Random numbers.** Inductor's own generator would draw other dropout masks than eager (and ignore the
   per-rank generator states that ``parallel.random`` swaps in between graphs); ``fallback_random`` makes the
   compiled blocks draw through aten's generator, the masks eager draws, so a compiled run is an eager run up to
