@@ -173,7 +173,8 @@ def rank_model(cfg: RunConfig, full: Any, groups: ProcessGroups) -> tuple[Any, A
     model = tensor_parallelize(model, groups.tp_group, cfg.parallel.sequence_parallel,
                                cfg.parallel.tp_async_grad_reduce, dropout_seed=cfg.train.seed)
     recompute.apply(model, cfg.parallel.activation_checkpointing)
-    lean.apply(model, cfg.parallel.lean_activations, cfg.parallel.activation_checkpointing)
+    # compiled blocks: inductor's partitioner chooses what to keep and recompute (lean's hooks would break graphs)
+    lean.apply(model, cfg.parallel.lean_activations and not cfg.train.compile, cfg.parallel.activation_checkpointing)
     tile_mlps(model, cfg.parallel.mlp_tiles)
     if groups.context > 1:  # after: Ulysses runs the (selectively recomputed) attention function on all tokens
         context_parallel.apply(model, groups.cp_group, cfg.parallel.context_attention, groups.tensor,
