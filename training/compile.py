@@ -6,7 +6,8 @@ pipeline chunks (which call the same blocks), ZeRO and recomputation see the sam
   ``parallel.comm``, recorded by the flight recorder) and the module hooks inside a block (the region entries,
   the per-rank dropout generator's spans, ``parallel.random``) run as written, opaque to dynamo: the graphs end
   before each and resume after it, in program order. No collective is traced into a graph, reordered or dropped.
-  ``parallel.lean_activations``' substitutes (saved-tensor hooks, which dynamo does not trace) run eagerly too.
+  ``parallel.lean_activations`` steps aside (``training.assembly.rank_model``): its saved-tensor hooks would
+  break the graphs, and inductor's partitioner chooses what the compiled forward keeps and recomputes.
   Under full recomputation the checkpoint (its ``context_fn`` restores the tensor-parallel generator, which dynamo
   cannot trace) runs eagerly around the compiled forward.
 - **Random numbers.** Inductor's own generator would draw other dropout masks than eager (and ignore the
