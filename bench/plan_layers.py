@@ -18,7 +18,6 @@ and values (GPT-2 12 x 768, bf16: 4 bytes per token and hidden unit more)."""
 
 from __future__ import annotations
 
-from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
@@ -94,29 +93,6 @@ def layer_formula(cfg, hf_config) -> tuple[dict[str, float], str]:
     return formula, "Korthikanti" if plain else "Megatron SwiGLU" if shape.gated else "Megatron"
 
 
-def _meta_patches(device: str) -> ExitStack:
-    """What ``bench.plan_trace``'s traced pass patches for meta tensors (see its comments): transformers'
-    looks at values, attention and dropout as ``device`` runs them, experts as their grouped kernels."""
-    from unittest import mock
-
-    from transformers import PreTrainedModel, masking_utils
-    from transformers.integrations.moe import ExpertsInterface
-
-    from bench.plan_trace import attention_as_on, dropout_as_on, experts_as_grouped
-
-    causal_skip = masking_utils._ignore_causal_mask_sdpa
-    stack = ExitStack()
-    for patch in (mock.patch.object(masking_utils, "find_packed_sequence_indices", return_value=None),
-                  mock.patch.object(PreTrainedModel, "warn_if_padding_and_no_attention_mask", lambda *args: None),
-                  mock.patch.object(masking_utils, "_ignore_causal_mask_sdpa",
-                                    lambda padding_mask, *args, **kwargs: causal_skip(None, *args, **kwargs)),
-                  mock.patch("torch.nn.functional.scaled_dot_product_attention", attention_as_on(device)),
-                  mock.patch("torch.nn.functional.dropout", dropout_as_on(device)),
-                  mock.patch.object(ExpertsInterface, "get_interface", lambda *args: experts_as_grouped)):
-        stack.enter_context(patch)
-    return stack
-
-
 def trace_layer(cfg, full=None, device: str = "cpu") -> LayerTrace | None:
     """One block of the model of ``cfg`` as ``training.assembly.rank_model`` builds it for tensor rank 0 of its
     layout (TP / SP shards, recomputation mode, ``parallel.lean_activations``; one pipeline stage holds the same
@@ -125,7 +101,7 @@ def trace_layer(cfg, full=None, device: str = "cpu") -> LayerTrace | None:
     models and models of one block."""
     import torch.distributed as dist
 
-    from bench.plan_trace import LiveBytes, fake_world, full_meta_model
+    from bench.plan_trace import LiveBytes, fake_world, full_meta_model, meta_patches
     from modeling.pipeline import blocks_of
     from parallel.context import local_tokens
     from parallel.groups import ProcessGroups
@@ -149,7 +125,7 @@ def trace_layer(cfg, full=None, device: str = "cpu") -> LayerTrace | None:
             ids, positions, _ = local_tokens(ids, ids, groups.cp_group)
         live = LiveBytes()
         window = BlockWindow(blocks, live, stop=True)
-        with _meta_patches(device), live:
+        with meta_patches(device), live:
             try:
                 model.base_model(input_ids=ids, position_ids=positions, use_cache=False)
             except _Reached:

@@ -6,6 +6,7 @@ group (``fake_world``) of the layout's size."""
 from __future__ import annotations
 
 import weakref
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
@@ -196,29 +197,37 @@ def _received(chunk, cfg, groups) -> torch.Tensor:
     return torch.zeros(cfg.train.micro_batch_size, sequence, chunk.hidden_size, dtype=dtype, device="meta")
 
 
-def _traced_pass(module, cfg, groups, spec, device: str) -> tuple[int, int, int]:
-    """(bytes kept from the forward, the forward's peak, the backward's peak) of one micro-batch, each above
-    what was alive when it began."""
+def meta_patches(device: str) -> ExitStack:
+    """What a meta-device trace patches (entered together): transformers looks at values that meta tensors do
+    not have: the position ids, for packed sequences (the training blocks' positions are 0..seq_len-1, never
+    packed), and the padding masks, to skip a mask when nothing is padded: decoders never are here (packed
+    blocks; a seq2seq decoder's mask is the model's own ones), an encoder's sources are (the mask is built, as
+    for a batch of sources of several lengths); and the token ids, to warn about padding. Attention and dropout
+    run as on ``device``, experts as their grouped kernels."""
     from unittest import mock
 
     from transformers import PreTrainedModel, masking_utils
     from transformers.integrations.moe import ExpertsInterface
 
-    live = LiveBytes()
     causal_skip = masking_utils._ignore_causal_mask_sdpa
-    # transformers looks at values that meta tensors do not have: the position ids, for packed sequences (the
-    # training blocks' positions are 0..seq_len-1, never packed), and the padding masks, to skip a mask when
-    # nothing is padded: decoders never are here (packed blocks; a seq2seq decoder's mask is the model's own
-    # ones), an encoder's sources are (the mask is built, as for a batch of sources of several lengths); and
-    # the token ids, to warn about padding
-    with (mock.patch.object(masking_utils, "find_packed_sequence_indices", return_value=None),
-          mock.patch.object(PreTrainedModel, "warn_if_padding_and_no_attention_mask", lambda *args: None),
-          mock.patch.object(masking_utils, "_ignore_causal_mask_sdpa",
-                            lambda padding_mask, *args, **kwargs: causal_skip(None, *args, **kwargs)),
-          mock.patch.object(masking_utils, "_ignore_bidirectional_mask_sdpa", return_value=False),
-          mock.patch("torch.nn.functional.scaled_dot_product_attention", attention_as_on(device)),
-          mock.patch("torch.nn.functional.dropout", dropout_as_on(device)),
-          mock.patch.object(ExpertsInterface, "get_interface", lambda *args: experts_as_grouped), live):
+    stack = ExitStack()
+    for patch in (mock.patch.object(masking_utils, "find_packed_sequence_indices", return_value=None),
+                  mock.patch.object(PreTrainedModel, "warn_if_padding_and_no_attention_mask", lambda *args: None),
+                  mock.patch.object(masking_utils, "_ignore_causal_mask_sdpa",
+                                    lambda padding_mask, *args, **kwargs: causal_skip(None, *args, **kwargs)),
+                  mock.patch.object(masking_utils, "_ignore_bidirectional_mask_sdpa", return_value=False),
+                  mock.patch("torch.nn.functional.scaled_dot_product_attention", attention_as_on(device)),
+                  mock.patch("torch.nn.functional.dropout", dropout_as_on(device)),
+                  mock.patch.object(ExpertsInterface, "get_interface", lambda *args: experts_as_grouped)):
+        stack.enter_context(patch)
+    return stack
+
+
+def _traced_pass(module, cfg, groups, spec, device: str) -> tuple[int, int, int]:
+    """(bytes kept from the forward, the forward's peak, the backward's peak) of one micro-batch, each above
+    what was alive when it began."""
+    live = LiveBytes()
+    with meta_patches(device), live:
         start = live.reset_peak()
         out, loss = _forward(module, cfg, groups, spec)
         kept, forward_peak = live.live - start, live.peak - start
