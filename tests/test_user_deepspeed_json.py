@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.dist import run_ranks
 from tests.helpers import tiny_config, write_corpus
@@ -114,7 +113,9 @@ def test_bf16_and_offload_from_a_user_json_train_what_was_asked(tmp_path):
     (fp32, fp32_dtype), (bf16, bf16_dtype), (zero2, _), (offloaded, _) = run_ranks(_train, 1, cases, timeout=600)[0]
     assert fp32_dtype == "torch.float32" and bf16_dtype == "torch.bfloat16"
     assert bf16 != fp32, "bf16 trained exactly like fp32"
-    # The same torch AdamW on the same fp32 partitions, stepped on the CPU either way: the same floats (on a GPU
-    # ZeRO-2 alone would step on the device: rounding may differ there).
-    assert offloaded == zero2 if not torch.cuda.is_available() else offloaded == pytest.approx(zero2, rel=1e-5)
+    # The same torch AdamW on the same fp32 partitions, stepped on the CPU either way. The gradient norm that
+    # clipping divides by (active on every step here) is summed in another order over the offloaded partition: it
+    # differs in the last bits (2.8785880 vs 2.8785875 at step 1), so the losses agree to fp32 rounding, not bit for
+    # bit (on a GPU ZeRO-2 alone would also step on the device).
+    assert offloaded == pytest.approx(zero2, rel=1e-6)
     assert (tmp_path / "offload" / "run" / "checkpoints" / "step_0000003" / "manifest.json").is_file()
