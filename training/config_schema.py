@@ -108,8 +108,8 @@ class TrainConfig(Section):
                           "torch.compile (training.compile; per block, as TorchTitan and Megatron do), composed with "
                           "tensor, sequence and pipeline parallelism, ZeRO 0-2 and recomputation; ZeRO-3, context > 1 "
                           "and expert > 1 are refused. The first steps pay the compilation; lean_activations steps "
-                          "aside (inductor chooses what to keep). Off by default: 1.09x eager's tokens/s on the "
-                          "CPU quickstart (python -m bench compile).")
+                          "aside (inductor chooses what to keep). Off by default: 1.25x eager's tokens/s on the "
+                          "CPU quickstart after a 19 s first compilation (python -m bench compile).")
     max_consecutive_skips: int = Field(default=10, gt=0, description="Steps with a non-finite loss or gradient are "
                                        "skipped on every rank (logged, counted in skipped_steps); this many in a "
                                        "row stop the run.")
