@@ -175,8 +175,8 @@ def _candidate(module: nn.Module) -> bool:
             and all(p.dim() <= 1 for p in module.parameters()))
 
 
-def substitute(parent: nn.Module, name: str, child: nn.Module, decisions: dict[type, Any]) -> None:
-    """Swap ``child`` (``parent.name``) for its lean class, if its type has one."""
+def substitute(parent: nn.Module, child: nn.Module, decisions: dict[type, Any]) -> None:
+    """Swap ``child`` (a child of ``parent``) for its lean class, if its type has one."""
     if type(child) is nn.Dropout:
         child.__class__ = LeanDropout
         return
@@ -199,13 +199,13 @@ def substitute(parent: nn.Module, name: str, child: nn.Module, decisions: dict[t
 
 def apply(model: nn.Module, enabled: bool, recompute_mode: str = "none") -> dict[str, str]:
     """Swap the modules of ``model`` (before pipeline chunks are cut) for their lean classes; returns
-    {class name: what was substituted} for the run's description."""
+    {class name: what was substituted}."""
     if not enabled or recompute_mode == "full":
         return {}
     decisions: dict[type, Any] = {}
     for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            substitute(parent, name, child, decisions)
+        for child in list(parent.children()):
+            substitute(parent, child, decisions)
     done = {cls.__name__: ("recomputed" if d[0] else "") + (" + output recomputed" if d[1] else "")
             for cls, d in decisions.items() if d is not None and d != (False, False)}
     return {name: what.lstrip(" +") for name, what in done.items()}
