@@ -298,13 +298,12 @@ def _codec_passes(codec, values) -> None:
     """``compressed_mean_``'s encodes and decodes at 2 ranks with error feedback, without sending anything."""
     import torch
 
-    chunk = values.numel() // 2
-    sent = codec.encode(values.view(2, chunk))
-    mean = codec.decode(sent, chunk).sum(dim=0) / 2
-    own = codec.encode(mean.unsqueeze(0))
-    lost = values.view(2, chunk) - codec.decode(sent, chunk)
-    lost[0] += 2 * (mean - codec.decode(own, chunk)[0])
-    codec.decode(torch.cat([own, own]), chunk)
+    rows = values.view(2, values.numel() // 2).clone()
+    sent = codec.encode(rows, lost=rows)
+    mean = codec.decode_mean(sent, rows.shape[1])
+    own = codec.encode(mean.unsqueeze(0), lost=mean.unsqueeze(0))
+    rows[0] += mean.mul_(2)
+    codec.decode(torch.cat([own, own]), rows.shape[1], out=rows)
 
 
 def _check(args) -> None:

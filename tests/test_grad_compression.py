@@ -375,6 +375,28 @@ def test_payload_is_the_documented_size_and_decodes_to_the_reference_rounding(co
     torch.testing.assert_close(decoded.view(-1), ref_round_trip(x.reshape(-1), codec), rtol=0, atol=0)
 
 
+@pytest.mark.unit
+@pytest.mark.parametrize("codec", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("slice_values", [BLOCK, 3 * BLOCK])
+def test_sliced_passes_equal_the_reference_rounding(codec, slice_values, monkeypatch):
+    """The CPU codec works in slices of ``CPU_SLICE`` values (a last slice shorter): the payload, the loss
+    written into ``lost`` and the row-order mean equal the reference at slice sizes that cut the rows into 1
+    block and 3 blocks (10 blocks per row)."""
+    import parallel.compression as compression
+
+    monkeypatch.setattr(compression, "CPU_SLICE", slice_values)
+    x = _gradient(1, 2, 20 * BLOCK).view(2, 10 * BLOCK)
+    codec_ = compression.Codec(codec)
+    lost = torch.empty_like(x)
+    payload = codec_.encode(x, lost=lost)
+    rounded = [ref_round_trip(row, codec) for row in x]
+    torch.testing.assert_close(codec_.decode(payload, 10 * BLOCK), torch.stack(rounded), rtol=0, atol=0)
+    torch.testing.assert_close(lost, x - torch.stack(rounded), rtol=0, atol=0)
+    torch.testing.assert_close(codec_.decode_mean(payload, 10 * BLOCK), (rounded[0] + rounded[1]) / 2, rtol=0, atol=0)
+    monkeypatch.setattr(compression, "CPU_SLICE", 1 << 20)  # one pass: the same bytes
+    assert torch.equal(codec_.encode(x), payload)
+
+
 def reference_diloco(cfg, ranks: int, codec: str | None):
     """DiLoCo at one process: ``ranks`` copies of the transformers model, each with its own torch AdamW, schedule
     and gradient clipping, stepping on its part of the global batch; every ``sync_every`` steps the mean of

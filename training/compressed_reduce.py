@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from parallel.compression import Codec, compressed_mean_, compressed_scatter_mean_
+from parallel.compression import Codec, Scratch, compressed_mean_, compressed_scatter_mean_
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -65,6 +65,7 @@ class GradientCompression:
         buckets of ``bucket_elements``; nothing at ZeRO 1/2, whose optimizer reduces them itself."""
         if self.zero_stage != 0:
             return
+        scratch = Scratch()  # the buckets' buffers, reused one bucket after another and dropped after the step
         bucket: list[torch.nn.Parameter] = []
         size = 0
         for param in engine.module.parameters():
@@ -75,31 +76,32 @@ class GradientCompression:
             bucket.append(param)
             size += param.numel()
             if size >= self.bucket_elements:
-                self._mean_of_grads(bucket)
+                self._mean_of_grads(bucket, scratch)
                 bucket, size = [], 0
         if bucket:
-            self._mean_of_grads(bucket)
+            self._mean_of_grads(bucket, scratch)
 
-    def _mean_of_grads(self, params: list[torch.nn.Parameter]) -> None:
+    def _mean_of_grads(self, params: list[torch.nn.Parameter], scratch: Scratch) -> None:
         grads = [p.grad for p in params if p.grad is not None]  # all of them: before_step gives each one
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        self.mean_(flat, params)
+        flat = scratch.take("grads", (sum(g.numel() for g in grads),), grads[0].dtype, grads[0].device)
+        torch.cat([g.reshape(-1) for g in grads], out=flat)
+        self.mean_(flat, params, scratch=scratch)
         offset = 0
         for grad in grads:
             grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
             offset += grad.numel()
 
     def mean_(self, flat: torch.Tensor, params: list[torch.nn.Parameter],
-              owned: list[list[tuple[int, int]]] | None = None) -> None:
+              owned: list[list[tuple[int, int]]] | None = None, scratch: Scratch | None = None) -> None:
         """``flat`` (the gradients of ``params``, concatenated) replaced by their compressed mean; with ``owned``
         (each rank's ranges of ``flat``: ZeRO's partitions) only each rank's own ranges."""
         if dist.get_world_size(self.group) == 1:
             return
         residual = None
         if self.error_feedback:
-            residual = torch.cat([self._residual(p) for p in params])
+            residual = _joined([self._residual(p) for p in params])
         if owned is None:
-            compressed_mean_(flat.view(-1), self.group, self.codec, residual)
+            compressed_mean_(flat.view(-1), self.group, self.codec, residual, scratch)
         else:
             compressed_scatter_mean_(flat, owned, self.group, self.codec, residual)
         if residual is not None:
@@ -124,6 +126,20 @@ class GradientCompression:
         for key, value in saved.items():
             param = by_name[key.removeprefix("residual/")]
             self.residuals[id(param)] = value.to(param.device, torch.float32).reshape(-1).clone()
+
+
+def _joined(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The 1-D ``tensors`` one after another: the tensor they are consecutive views of when they tile one (the
+    residuals of a bucket after its first step), else a new one."""
+    base = tensors[0]._base
+    if base is None or base.dim() != 1:
+        return torch.cat(tensors)
+    end = base.data_ptr()
+    for tensor in tensors:
+        if tensor._base is not base or tensor.data_ptr() != end:
+            return torch.cat(tensors)
+        end += tensor.numel() * tensor.element_size()
+    return base if end == base.data_ptr() + base.numel() * base.element_size() else torch.cat(tensors)
 
 
 def owned_ranges(optimizer: Any, bucket_params: list[tuple[int, int, int]], ranks: int) -> list[list[tuple[int, int]]]:
