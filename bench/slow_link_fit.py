@@ -127,8 +127,9 @@ def report(result: dict) -> str:
              f"rate measured by a TCP transfer between the namespaces: {rates}. No added delay: this kernel has no "
              f"netem (CONFIG_NET_SCH_NETEM is not set), so the 1 ms of the issue is absent (gloo's few round trips "
              f"per step would add milliseconds next to seconds of transfer).", "",
-             "Compute times are noisy: other CPU-heavy jobs shared the 2 cores during the run. The link-bound "
-             "parts (bytes on the wire, their seconds at 100 Mbit/s) are what this measures.", "",
+             "Compute times vary from run to run (the 2 cores are not isolated: whatever else runs slows the "
+             "ranks). The link-bound parts (bytes on the wire, their seconds at 100 Mbit/s) are what this "
+             "measures.", "",
              "wire s: the bytes at the link's measured TCP rate (the link-bound part); rest s: step - wire (compute, "
              "codec, and what the collective loses to the link beyond that rate).", "",
              "| link | mode | MB sent/step/rank | step s | / none | wire s | rest s | tokens/s | last loss |",
@@ -140,9 +141,8 @@ def report(result: dict) -> str:
                      f"{wire:.2f} | {r['step_s'] - wire:.2f} | {r['tokens_per_s']:.1f} | {r['loss']:.3f} |")
     lines += ["", "Fit per mode over the links: step_s = compute_s + wire_factor x bytes_sent / measured rate "
               "(wire_factor at least 1). codec = compute_s - compute_s[none] per fp32 gradient byte (negative: 0); "
-              "crossover: the rate below which the mode beats none. The other jobs' load changed between the runs, "
-              "so compute_s, and with it the crossover, carries that load: read the CPU-time estimate below for "
-              "the codec's own cost (`bench plan --link-gbps` prices with that model).", "",
+              "crossover: the rate below which the mode beats none. compute_s carries whatever else ran on the cores "
+              "during each run, and with it the crossover: read the CPU-time estimate below for the codec's own cost (`bench plan --link-gbps` prices with that model).", "",
               "| mode | compute s | wire factor | wire / none | codec ns per gradient byte | beats none below |",
               "|---|---|---|---|---|---|"]
     for mode, f in result["fit"].items():
@@ -168,7 +168,7 @@ def _cpu_lines(result: dict) -> list[str]:
     if not cpu:
         return []
     links = result["links"]
-    lines = ["", f"Without the other jobs (an estimate, not a measurement): one thread's CPU seconds of a step's "
+    lines = ["", f"From CPU seconds alone (an estimate, not a measurement): one thread's CPU seconds of a step's "
              f"forward + backward + AdamW, {cpu['compute_cpu_s']:.2f} s, plus each codec's encode/decode passes "
              f"(CPU seconds, the collectives left out), plus the bytes sent at the link's measured rate:", "",
              "| mode | codec CPU s | " + " | ".join(f"{k} s | / none" for k in links) + " | beats none below |",
