@@ -142,7 +142,8 @@ def report(result: dict) -> str:
     lines += ["", "Fit per mode over the links: step_s = compute_s + wire_factor x bytes_sent / measured rate "
               "(wire_factor at least 1). codec = compute_s - compute_s[none] per fp32 gradient byte (negative: 0); "
               "crossover: the rate below which the mode beats none. compute_s carries whatever else ran on the cores "
-              "during each run, and with it the crossover: read the CPU-time estimate below for the codec's own cost (`bench plan --link-gbps` prices with that model).", "",
+              "during each run, and with it the crossover: read the CPU-time estimate below for the codec's own "
+              "cost (`bench plan --link-gbps` prices with that model).", "",
               "| mode | compute s | wire factor | wire / none | codec ns per gradient byte | beats none below |",
               "|---|---|---|---|---|---|"]
     for mode, f in result["fit"].items():
